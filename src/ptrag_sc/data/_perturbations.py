@@ -1,0 +1,138 @@
+"""Perturbation labels -> gene-embedding vectors.
+
+Perturbations are encoded against the vocabulary of genes that have an embedding, not against a
+closed list of categories seen at set-up, so a perturbation never measured in training (or a new
+combination of measured genes) can be predicted as long as its genes have vectors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+
+def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
+    """Check a gene-embedding table and return it as a float32 frame with upper-case symbols.
+
+    Raises
+    ------
+    TypeError
+        If ``embeddings`` is not a :class:`~pandas.DataFrame`.
+    ValueError
+        If the table is empty, has duplicated symbols (after upper-casing), non-numeric
+        columns, NaN/inf values or all-zero rows (a zero vector has no direction to retrieve by).
+    """
+    if not isinstance(embeddings, pd.DataFrame):
+        raise TypeError(
+            "`perturbation_embeddings` must be a pandas DataFrame indexed by gene symbol "
+            f"(one row per gene, one column per dimension), got {type(embeddings).__name__}. "
+            "Use `ptrag_sc.pp.read_gene_embeddings` to read GenePT files, CSV/parquet tables "
+            "or dicts."
+        )
+    if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
+        raise ValueError(
+            f"`perturbation_embeddings` has shape {embeddings.shape}: it needs at least one gene "
+            "(row) and one dimension (column)."
+        )
+    try:
+        values = embeddings.to_numpy(dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            "`perturbation_embeddings` must hold numbers only; non-numeric columns: "
+            f"{[c for c in embeddings.columns if not pd.api.types.is_numeric_dtype(embeddings[c])][:5]}"
+        ) from err
+    symbols = pd.Index(embeddings.index.astype(str).str.upper(), name="gene")
+    duplicated = symbols[symbols.duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(
+            f"`perturbation_embeddings` has duplicated gene symbols (case-insensitive): "
+            f"{duplicated[:10]}."
+        )
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"`perturbation_embeddings` has NaN or infinite values for {int(bad.sum())} gene(s), "
+            f"e.g. {symbols[bad][:10].tolist()}."
+        )
+    zero = ~np.any(values != 0, axis=1)
+    if zero.any():
+        raise ValueError(
+            f"`perturbation_embeddings` has all-zero rows for {symbols[zero][:10].tolist()}: a zero "
+            "vector has no direction for cosine retrieval. Drop these rows (GenePT files carry "
+            "such a row for 'ctrl')."
+        )
+    return pd.DataFrame(values, index=symbols, columns=[str(c) for c in embeddings.columns])
+
+
+class PerturbationEncoder:
+    """Map perturbation labels (``"A"``, ``"A+B"``) to embedding vectors.
+
+    A label present in the table (for example a user-supplied vector for ``"A+B"``) uses its
+    own row; otherwise a combination is the sum of its members' rows.
+
+    Parameters
+    ----------
+    embeddings
+        Gene-embedding table, validated by :func:`validate_embedding_table`.
+    sep
+        Separator of combination labels.
+    """
+
+    def __init__(self, embeddings: pd.DataFrame, *, sep: str = "+") -> None:
+        self.table = validate_embedding_table(embeddings)
+        self.sep = sep
+        self._row = pd.Series(np.arange(self.table.shape[0]), index=self.table.index)
+        self._values = self.table.to_numpy()
+
+    @property
+    def n_dims(self) -> int:
+        """Dimension of the embedding vectors."""
+        return self._values.shape[1]
+
+    def members(self, label: str) -> list[str]:
+        """Gene symbols of a perturbation label (upper-cased, stripped)."""
+        return [m.strip().upper() for m in str(label).split(self.sep) if m.strip()]
+
+    def missing(self, labels: Iterable[str]) -> dict[str, list[str]]:
+        """Labels that cannot be embedded, with their genes that lack a vector."""
+        out: dict[str, list[str]] = {}
+        for label in pd.unique(np.asarray(list(labels), dtype=object)):
+            if str(label).upper() in self._row.index:
+                continue
+            absent = [m for m in self.members(label) if m not in self._row.index]
+            if absent or not self.members(label):
+                out[str(label)] = absent or [str(label)]
+        return out
+
+    def check(self, labels: Iterable[str], *, context: str = "") -> None:
+        """Raise a ``ValueError`` naming the perturbations (and genes) without an embedding."""
+        missing = self.missing(labels)
+        if missing:
+            genes = sorted({g for gs in missing.values() for g in gs})
+            examples = ", ".join(f"{k!r} (no vector for {v})" for k, v in list(missing.items())[:5])
+            raise ValueError(
+                f"{len(missing)} perturbation(s){context} have no gene embedding: {examples}"
+                f"{' ...' if len(missing) > 5 else ''}. {len(genes)} gene(s) are missing from "
+                f"`perturbation_embeddings` (e.g. {genes[:10]}). Add their vectors (e.g. with "
+                "`ptrag_sc.pp.embed_gene_text`) or drop those cells; they are never replaced "
+                "by zeros."
+            )
+
+    def embed(self, labels: Sequence[str]) -> np.ndarray:
+        """Embedding of each label, shape ``(len(labels), n_dims)``, float32."""
+        labels = np.asarray(labels, dtype=object)
+        uniques, inverse = np.unique(labels.astype(str), return_inverse=True)
+        self.check(uniques)
+        vectors = np.empty((len(uniques), self.n_dims), dtype=np.float32)
+        for i, label in enumerate(uniques):
+            own = label.upper()
+            if own in self._row.index:
+                vectors[i] = self._values[self._row[own]]
+            else:
+                vectors[i] = self._values[self._row[self.members(label)].to_numpy()].sum(axis=0)
+        return vectors[inverse]

@@ -1,0 +1,132 @@
+"""Building blocks: MLPs, attention and the two set-transformer backbones."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(n_in: int, n_out: int, *, n_hidden: int, n_layers: int = 2, dropout: float = 0.0) -> nn.Sequential:
+    """``n_layers`` linear layers with GELU (and dropout) between them."""
+    dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < n_layers - 1:
+            layers.append(nn.GELU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate query and key/value projections.
+
+    Keeping the projections separate lets a caller project the many cells of a set once and
+    the few set-level tokens once, instead of projecting everything for every role.
+    """
+
+    def __init__(self, n_hidden: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if n_hidden % n_heads:
+            raise ValueError(f"`n_hidden` ({n_hidden}) must be divisible by `n_heads` ({n_heads}).")
+        self.n_heads = n_heads
+        self.query = nn.Linear(n_hidden, n_hidden)
+        self.key_value = nn.Linear(n_hidden, 2 * n_hidden)
+        self.out = nn.Linear(n_hidden, n_hidden)
+        self.dropout = dropout
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        return x.view(b, n, self.n_heads, h // self.n_heads).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``queries`` ``[B, Q, H]`` attend to ``keys`` ``[B, T, H]``; returns ``[B, Q, H]``."""
+        q = self._split(self.query(queries))
+        k, v = self.key_value(keys).chunk(2, dim=-1)
+        attended = F.scaled_dot_product_attention(
+            q, self._split(k), self._split(v), dropout_p=self.dropout if self.training else 0.0
+        )
+        b, _, n, _ = attended.shape
+        return self.out(attended.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    """Pre-norm feed-forward block with a residual connection."""
+
+    def __init__(self, n_hidden: int, expansion: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(n_hidden)
+        self.net = nn.Sequential(
+            nn.Linear(n_hidden, expansion * n_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(expansion * n_hidden, n_hidden),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(self.norm(x))
+
+
+def _encoder_stack(n_hidden: int, n_layers: int, n_heads: int, dropout: float) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(
+        n_hidden,
+        n_heads,
+        dim_feedforward=4 * n_hidden,
+        dropout=dropout,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+
+
+class FullSetTransformer(nn.Module):
+    """STATE's backbone: bidirectional self-attention over all cells of a set, no positions.
+
+    Every layer costs ``O(S * H^2 + S^2 * H)`` per set of ``S`` cells.
+    """
+
+    def __init__(self, n_hidden: int, *, n_layers: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = _encoder_stack(n_hidden, n_layers, n_heads, dropout)
+        self.norm = nn.LayerNorm(n_hidden)
+
+    def forward(self, cells: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``cells`` ``[B, S, H]``; ``context`` ``[B, T, H]`` is already added into the cells."""
+        return self.norm(self.layers(cells))
+
+
+class PooledSetTransformer(nn.Module):
+    """Set transformer that does its deep work once per set instead of once per cell.
+
+    Learned seed tokens pool the set by attention (PMA, Lee et al. 2019), ``n_layers``
+    self-attention layers run over the pooled tokens and the context tokens (the query
+    perturbation), and each cell reads the result back through one cross-attention and one
+    feed-forward block. Per cell this costs about one transformer layer whatever ``n_layers``
+    is; the cells still interact, through the pooled tokens. The output is equivariant to the
+    order of the cells.
+    """
+
+    def __init__(
+        self, n_hidden: int, *, n_layers: int, n_heads: int, n_set_tokens: int = 8, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.seeds = nn.Parameter(torch.randn(n_set_tokens, n_hidden) * n_hidden**-0.5)
+        self.pool_norm = nn.LayerNorm(n_hidden)
+        self.pool = MultiHeadAttention(n_hidden, n_heads, dropout)
+        self.layers = _encoder_stack(n_hidden, n_layers, n_heads, dropout)
+        self.token_norm = nn.LayerNorm(n_hidden)
+        self.read_norm = nn.LayerNorm(n_hidden)
+        self.read = MultiHeadAttention(n_hidden, n_heads, dropout)
+        self.feed_forward = FeedForward(n_hidden, dropout=dropout)
+        self.norm = nn.LayerNorm(n_hidden)
+
+    def forward(self, cells: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``cells`` ``[B, S, H]``, ``context`` ``[B, T, H]`` -> ``[B, S, H]``."""
+        seeds = self.seeds.expand(cells.shape[0], -1, -1)
+        pooled = seeds + self.pool(seeds, self.pool_norm(cells))
+        tokens = self.token_norm(self.layers(torch.cat([pooled, context], dim=1)))
+        cells = cells + self.read(self.read_norm(cells), tokens)
+        return self.norm(self.feed_forward(cells))

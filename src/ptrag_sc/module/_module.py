@@ -1,0 +1,333 @@
+"""The PT-RAG torch module: STATE-style set-to-set generator with two-stage retrieval."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+
+from ._components import FullSetTransformer, PooledSetTransformer, mlp
+from ._losses import energy_distance, pairwise_distances
+from ._retriever import CrossAttentionContext, TwoStageSelector
+
+
+class TENSORS:
+    """Keys of the batch dictionaries passed to :class:`PTRAGModule`."""
+
+    X_CTRL = "x_ctrl"  #: ``[B, S, G]`` control cells, one per generated cell
+    X_PERT = "x_pert"  #: ``[B, S, G]`` observed perturbed cells (training only)
+    PERT_EMBEDDING = "pert_embedding"  #: ``[B, D]`` gene embedding of each set's perturbation
+    CANDIDATES = "candidates"  #: ``[B, K]`` memory entries from stage 1, ``-1`` = padding
+    CANDIDATE_SAME_CELL_TYPE = "candidate_same_cell_type"  #: ``[B, K]`` bool
+    BATCH = "batch"  #: ``[B]`` batch code, ``-1`` = unknown
+
+
+Retrieval = Literal["none", "vanilla", "ptrag"]
+Backbone = Literal["pooled", "full"]
+ContextMode = Literal["add", "replace"]
+
+
+class PTRAGModule(BaseModuleClass):
+    """Set-to-set perturbation response generator with retrieval.
+
+    Per set of ``S`` cells sharing a cell type and a perturbation::
+
+        h_ctrl = BasalEncoder(x_ctrl)                      [B,S,H]
+        h_pert = PertEncoder(e_p)                          [B,H]   once per set
+        z, delta = Retrieval(h_ctrl, h_pert, candidates)   [B,S,H], [B,S,G]
+        x0 = h_ctrl + h_pert + z      (context_mode="add"; "replace" uses z, as the paper)
+        r  = SetTransformer(x0, context=h_pert)            [B,S,H]
+        y  = ReLU(x_ctrl + delta + Decoder(r + h_ctrl))    [B,S,G]
+
+    ``delta`` is the response memory's direct path: the measured shifts of the kept
+    candidates, weighted by their keep probability (zero for embedding memories and for
+    ``retrieval="none"``). The loss is the energy distance between each predicted and
+    observed set, plus ``sparsity_weight`` times the mean keep rate for PT-RAG.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes ``G``.
+    n_embedding_dims
+        Dimension ``D`` of the gene embeddings.
+    n_hidden
+        Width ``H``.
+    n_layers
+        Transformer layers.
+    n_heads
+        Attention heads.
+    backbone
+        ``"pooled"`` (deep layers over pooled set tokens; about one layer of work per cell) or
+        ``"full"`` (STATE: every layer attends over all cells).
+    n_set_tokens
+        Pooled tokens per set for ``backbone="pooled"``.
+    retrieval
+        ``"none"`` (STATE with gene embeddings), ``"vanilla"`` (cross-attention over the
+        candidates) or ``"ptrag"`` (two-stage selection).
+    memory
+        ``"embedding"`` or ``"response"`` (entries also carry measured shifts).
+    context_mode
+        ``"add"``: ``x0 = h_ctrl + h_pert + z``; ``"replace"``: ``x0 = z`` (the paper).
+    n_batch
+        Number of batches for a batch embedding (0 = none).
+    gumbel_tau
+        Gumbel-Softmax temperature.
+    n_scorer_hidden
+        Width of the stage-2 scorer's hidden layer (``None``: ``n_hidden``, as the paper). It
+        runs once per (cell, candidate), so it dominates the cost of stage 2.
+    decoder_rank
+        Rank of the per-cell part of the decoder. ``None`` decodes every cell at full rank
+        (STATE); an integer decodes the set mean of ``r + h_ctrl`` at full rank once per set and
+        each cell's deviation from it through a rank-``decoder_rank`` map, which is most of the
+        saving per cell (the cell's own state also reaches the output through ``x_ctrl``).
+    n_response_components
+        Size of the response codes the candidate encoder reads (the memory's responses
+        projected on their principal directions; see :class:`~ptrag_sc.data.RetrievalMemory`).
+    sparsity_weight
+        Weight of the mean keep rate in the loss.
+    dropout
+        Dropout rate.
+    loss
+        ``"energy"`` or ``"sinkhorn"`` (geomloss' debiased Sinkhorn divergence, blur 0.05).
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_embedding_dims: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 8,
+        backbone: Backbone = "pooled",
+        n_set_tokens: int = 8,
+        retrieval: Retrieval = "ptrag",
+        memory: Literal["embedding", "response"] = "response",
+        context_mode: ContextMode = "add",
+        n_batch: int = 0,
+        gumbel_tau: float = 0.5,
+        n_scorer_hidden: int | None = 32,
+        decoder_rank: int | None = 32,
+        n_response_components: int = 64,
+        sparsity_weight: float = 0.1,
+        dropout: float = 0.0,
+        loss: Literal["energy", "sinkhorn"] = "energy",
+    ) -> None:
+        super().__init__()
+        self.n_genes, self.n_hidden = n_genes, n_hidden
+        self.retrieval, self.memory_kind, self.context_mode = retrieval, memory, context_mode
+        self.sparsity_weight = sparsity_weight
+        if loss not in ("energy", "sinkhorn"):
+            raise ValueError(f"`loss` must be 'energy' or 'sinkhorn', got {loss!r}.")
+        self.loss_name = loss
+        self._sinkhorn = None
+        if loss == "sinkhorn":
+            from geomloss import SamplesLoss
+
+            self._sinkhorn = SamplesLoss("sinkhorn", p=2, blur=0.05, debias=True)
+
+        self.basal_encoder = mlp(n_genes, n_hidden, n_hidden=n_hidden, n_layers=2, dropout=dropout)
+        self.pert_encoder = mlp(n_embedding_dims, n_hidden, n_hidden=n_hidden, n_layers=2, dropout=dropout)
+        self.batch_embedding = nn.Embedding(n_batch, n_hidden) if n_batch > 1 else None
+        if backbone == "pooled":
+            self.backbone = PooledSetTransformer(
+                n_hidden, n_layers=n_layers, n_heads=n_heads, n_set_tokens=n_set_tokens, dropout=dropout
+            )
+        elif backbone == "full":
+            self.backbone = FullSetTransformer(n_hidden, n_layers=n_layers, n_heads=n_heads, dropout=dropout)
+        else:
+            raise ValueError(f"`backbone` must be 'pooled' or 'full', got {backbone!r}.")
+        self.decoder_rank = decoder_rank
+        if decoder_rank is None:
+            self.decoder = mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout)
+            self.set_decoder = None
+        else:
+            # The set mean is decoded once per set at full rank; each cell's deviation from it
+            # through a rank-`decoder_rank` map.
+            self.set_decoder = mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout)
+            self.decoder = nn.Sequential(nn.Linear(n_hidden, decoder_rank), nn.Linear(decoder_rank, n_genes))
+        # Start from "the control cell plus the retrieved shift"; the decoders learn corrections.
+        for last in (self.decoder[-1], self.set_decoder[-1] if self.set_decoder is not None else None):
+            if last is not None:
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+
+        self.selector = TwoStageSelector(n_hidden, n_scorer_hidden=n_scorer_hidden, tau=gumbel_tau) if retrieval == "ptrag" else None
+        self.cross_attention = CrossAttentionContext(n_hidden) if retrieval == "vanilla" else None
+        if retrieval not in ("none", "vanilla", "ptrag"):
+            raise ValueError(f"`retrieval` must be 'none', 'vanilla' or 'ptrag', got {retrieval!r}.")
+        if context_mode not in ("add", "replace"):
+            raise ValueError(f"`context_mode` must be 'add' or 'replace', got {context_mode!r}.")
+        uses_responses = retrieval != "none" and memory == "response"
+        self.n_response_components = n_response_components
+        self.response_encoder = nn.Linear(n_response_components, n_hidden) if uses_responses else None
+        self.same_cell_type = nn.Embedding(2, n_hidden) if uses_responses else None
+        # Filled by `set_memory`; not part of the state dict, since the memory is data saved
+        # with the model, not a parameter.
+        self.register_buffer("memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False)
+        self.register_buffer("memory_responses", torch.zeros(0, n_genes), persistent=False)
+        self.register_buffer("memory_response_codes", torch.zeros(0, n_response_components), persistent=False)
+
+    # ------------------------------------------------------------------ memory
+    def set_memory(self, embeddings, responses=None, response_codes=None) -> None:
+        """Install the retrieval memory.
+
+        Parameters
+        ----------
+        embeddings
+            ``[M, D]`` gene embeddings of the entries.
+        responses
+            ``[M, G]`` measured shifts (response memories), else ``None``.
+        response_codes
+            ``[M, c]`` low-dimensional codes of the responses, ``c <= n_response_components``
+            (zero-padded here).
+        """
+        device = self.memory_embeddings.device
+        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+        self.memory_embeddings = as_tensor(embeddings)
+        n = self.memory_embeddings.shape[0]
+        self.memory_responses = as_tensor(responses) if responses is not None else torch.zeros(n, 0, device=device)
+        codes = torch.zeros(n, self.n_response_components, device=device)
+        if response_codes is not None:
+            response_codes = as_tensor(response_codes)
+            codes[:, : response_codes.shape[1]] = response_codes[:, : self.n_response_components]
+        self.memory_response_codes = codes
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return self.retrieval != "none"
+
+    # --------------------------------------------------------------- inference
+    def _get_inference_input(self, tensors: dict, **kwargs) -> dict:
+        return {
+            "x_ctrl": tensors[TENSORS.X_CTRL],
+            "pert_embedding": tensors[TENSORS.PERT_EMBEDDING],
+            "candidates": tensors.get(TENSORS.CANDIDATES),
+            "candidate_same_cell_type": tensors.get(TENSORS.CANDIDATE_SAME_CELL_TYPE),
+            "batch": tensors.get(TENSORS.BATCH),
+        }
+
+    def _encode_candidates(self, candidates: torch.Tensor, same_cell_type: torch.Tensor | None):
+        valid = candidates >= 0
+        index = candidates.clamp_min(0)
+        h_cand = self.pert_encoder(self.memory_embeddings[index])  # [B,K,H]
+        responses = None
+        if self.response_encoder is not None:
+            responses = self.memory_responses[index]  # [B,K,G]
+            h_cand = h_cand + self.response_encoder(self.memory_response_codes[index])
+            h_cand = h_cand + self.same_cell_type(same_cell_type.long())
+        return h_cand, valid, responses
+
+    @auto_move_data
+    def inference(
+        self,
+        x_ctrl: torch.Tensor,
+        pert_embedding: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+        candidate_same_cell_type: torch.Tensor | None = None,
+        batch: torch.Tensor | None = None,
+        sample_retrieval: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode the control cells and the perturbation, and retrieve context."""
+        h_ctrl = self.basal_encoder(x_ctrl)
+        h_pert = self.pert_encoder(pert_embedding)
+        x0 = h_ctrl + h_pert[:, None, :]
+        out: dict[str, torch.Tensor] = {"h_ctrl": h_ctrl, "h_pert": h_pert}
+        delta = None
+        if self.uses_retrieval:
+            if candidates is None:
+                raise ValueError("This model retrieves: the batch needs `candidates`.")
+            if self.memory_embeddings.shape[0] == 0:
+                raise RuntimeError("The retrieval memory is empty; call `set_memory` first.")
+            h_cand, valid, responses = self._encode_candidates(candidates, candidate_same_cell_type)
+            if self.selector is not None:
+                sample = self.training if sample_retrieval is None else sample_retrieval
+                selected = self.selector(h_ctrl, h_pert, h_cand, valid, sample=sample)
+                weights = selected["keep"] * selected["keep_probability"]
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+                out["keep"] = selected["keep"]
+                out["keep_probability"] = selected["keep_probability"]
+            else:
+                selected = self.cross_attention(x0, h_cand, valid)
+                weights = selected["attention"]
+                out["attention"] = weights
+            out["valid"] = valid
+            context = selected["context"]
+            x0 = x0 + context if self.context_mode == "add" else context
+            if responses is not None:
+                delta = weights @ responses  # [B,S,K] x [B,K,G]
+        if self.batch_embedding is not None and batch is not None:
+            known = (batch >= 0)[:, None, None].to(x0.dtype)
+            x0 = x0 + known * self.batch_embedding(batch.clamp_min(0))[:, None, :]
+        out["x0"] = x0
+        out["delta"] = delta
+        return out
+
+    # -------------------------------------------------------------- generative
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
+        return {
+            "x_ctrl": tensors[TENSORS.X_CTRL],
+            "x0": inference_outputs["x0"],
+            "h_ctrl": inference_outputs["h_ctrl"],
+            "h_pert": inference_outputs["h_pert"],
+            "delta": inference_outputs["delta"],
+        }
+
+    @auto_move_data
+    def generative(
+        self,
+        x_ctrl: torch.Tensor,
+        x0: torch.Tensor,
+        h_ctrl: torch.Tensor,
+        h_pert: torch.Tensor,
+        delta: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run the set transformer and decode gene expression."""
+        latent = self.backbone(x0, h_pert[:, None, :]) + h_ctrl
+        base = x_ctrl if delta is None else x_ctrl + delta
+        if self.set_decoder is None:
+            return {"prediction": torch.relu(base + self.decoder(latent))}
+        set_mean = latent.mean(dim=1, keepdim=True)
+        decoded = self.set_decoder(set_mean) + self.decoder(latent - set_mean)
+        return {"prediction": torch.relu(base + decoded)}
+
+    # -------------------------------------------------------------------- loss
+    def loss(
+        self,
+        tensors: dict,
+        inference_outputs: dict,
+        generative_outputs: dict,
+        include_target_term: bool = True,
+    ) -> LossOutput:
+        """Energy distance per set (mean over sets) plus the sparsity penalty.
+
+        The energy distance's target-target term is constant for the model, so it is computed
+        without gradient, for ``extra_metrics["energy"]`` only (skipped when
+        ``include_target_term`` is False; ``energy`` is then the objective without it).
+        """
+        target = tensors[TENSORS.X_PERT]
+        prediction = generative_outputs["prediction"]
+        if self._sinkhorn is None:
+            objective = energy_distance(prediction, target, include_target_term=False)
+            energy = objective.detach()
+        else:
+            objective = self._sinkhorn(prediction, target)
+            with torch.no_grad():
+                energy = energy_distance(prediction, target, include_target_term=False)
+        loss = objective.mean()
+        if include_target_term:
+            with torch.no_grad():
+                target_term = 0.5 * pairwise_distances(target, target).mean((-1, -2))
+                energy = energy - target_term
+            if self._sinkhorn is None:
+                # A constant: the reported loss becomes the energy distance, gradients unchanged.
+                loss = loss - target_term.mean()
+        extra = {"energy": energy.mean()}
+        if "keep" in inference_outputs:
+            valid = inference_outputs["valid"][:, None, :].expand_as(inference_outputs["keep"])
+            active = inference_outputs["keep"][valid].mean() if valid.any() else loss.new_zeros(())
+            loss = loss + self.sparsity_weight * active
+            extra["active_ratio"] = active.detach()
+        return LossOutput(loss=loss, extra_metrics=extra, n_obs_minibatch=prediction.shape[0])

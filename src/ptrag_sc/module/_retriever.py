@@ -1,0 +1,137 @@
+"""Stage 2 of the retrieval: per-cell differentiable selection (PT-RAG) or cross-attention
+(vanilla RAG) over the candidates stage 1 returned."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConcatLayerNorm(nn.Module):
+    """``LayerNorm(concat(parts))`` followed by linear maps, without building the concatenation.
+
+    The parts broadcast against each other (cell ``[B,S,1,H]``, set ``[B,1,1,H]``, candidate
+    ``[B,1,K,H]``). The norm's statistics are sums of per-part sums, and a linear map of the
+    normalised concatenation is a sum of per-part projections, so each part is projected once at
+    its own size. This is the hot path of stage 2: materialising ``[B,S,K,3H]`` and projecting
+    it would cost ``S*K*3H*n_out`` multiply-adds per set.
+    """
+
+    def __init__(self, part_size: int, n_parts: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.part_size, self.n_parts, self.eps = part_size, n_parts, eps
+        self.weight = nn.Parameter(torch.ones(part_size * n_parts))
+        self.bias = nn.Parameter(torch.zeros(part_size * n_parts))
+
+    def statistics(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and reciprocal standard deviation of the concatenation, shape ``[..., 1]``."""
+        n_in = self.part_size * self.n_parts
+        total = sum(p.sum(-1, keepdim=True) for p in parts)
+        total_sq = sum(p.pow(2).sum(-1, keepdim=True) for p in parts)
+        mean = total / n_in
+        return mean, torch.rsqrt((total_sq / n_in - mean.pow(2)).clamp_min(0) + self.eps)
+
+    def folded(self, linear: nn.Linear) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-part weights, row sums and bias of ``linear`` applied after the norm."""
+        weight = linear.weight * self.weight
+        bias = linear.bias + linear.weight @ self.bias
+        return list(weight.split(self.part_size, dim=1)), weight.sum(dim=1), bias
+
+
+class TwoStageSelector(nn.Module):
+    """PT-RAG stage 2: for each cell and candidate, keep or drop with a hard Gumbel-Softmax.
+
+    ``c_k = LayerNorm([h_ctrl, h_pert, h_cand_k])``, keep/drop logits from an MLP
+    ``3H -> n_scorer_hidden -> 2`` of ``c_k``, ``w_k`` in {0, 1} (straight-through during
+    training; ``p_keep > 0.5`` at inference unless sampling is asked for), and the context
+    ``z = sum_k w_k * Projection(c_k)``.
+
+    The logits are not normalised across the batch (one set's selection never depends on
+    another set); the temperature is fixed. ``z`` is computed from per-part projections and
+    ``[B,S,K]`` weights, so no ``[B,S,K,H]`` tensor is built for it.
+    """
+
+    def __init__(self, n_hidden: int, *, n_scorer_hidden: int | None = None, tau: float = 0.5) -> None:
+        super().__init__()
+        self.tau = tau
+        self.norm = ConcatLayerNorm(n_hidden, 3)
+        self.scorer_hidden = nn.Linear(3 * n_hidden, n_scorer_hidden or n_hidden)
+        self.scorer_out = nn.Linear(n_scorer_hidden or n_hidden, 2)
+        self.projection = nn.Linear(3 * n_hidden, n_hidden)
+
+    def forward(
+        self,
+        h_ctrl: torch.Tensor,
+        h_pert: torch.Tensor,
+        h_cand: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        sample: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Select candidates.
+
+        Parameters
+        ----------
+        h_ctrl
+            ``[B, S, H]`` encoded control cells.
+        h_pert
+            ``[B, H]`` encoded query perturbation.
+        h_cand
+            ``[B, K, H]`` encoded candidates.
+        valid
+            ``[B, K]`` bool, False for padding slots.
+        sample
+            Draw hard Gumbel-Softmax samples (training) instead of thresholding ``p_keep``.
+
+        Returns
+        -------
+        dict with ``context`` ``[B,S,H]``, ``keep`` ``[B,S,K]`` (0/1, straight-through when
+        sampling), ``keep_probability`` ``[B,S,K]``.
+        """
+        cell, pert, cand = h_ctrl.unsqueeze(2), h_pert[:, None, None, :], h_cand.unsqueeze(1)
+        mean, rstd = self.norm.statistics([cell, pert, cand])  # [B,S,K,1]
+
+        (w_cell, w_pert, w_cand), w_sum, bias = self.norm.folded(self.scorer_hidden)
+        hidden = (cell @ w_cell.T + pert @ w_pert.T) + cand @ w_cand.T  # [B,S,K,Hs]
+        hidden = torch.addcmul(bias, rstd, torch.addcmul(hidden, mean, w_sum, value=-1.0))
+        logits = self.scorer_out(F.gelu(hidden))  # [B,S,K,2]: (drop, keep)
+        keep_probability = torch.softmax(logits, dim=-1)[..., 1] * valid[:, None, :]
+        if sample:
+            keep = F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., 1]
+        else:
+            keep = (keep_probability > 0.5).to(h_ctrl.dtype)
+        keep = keep * valid[:, None, :].to(keep.dtype)
+
+        # z = sum_k keep_k * rstd_k * (P_cell + P_pert + P_cand_k - mean_k * w_sum) + bias * sum_k keep_k
+        (p_cell, p_pert, p_cand), p_sum, p_bias = self.norm.folded(self.projection)
+        scaled = keep * rstd.squeeze(-1)  # [B,S,K]
+        context = scaled.sum(-1, keepdim=True) * (h_ctrl @ p_cell.T + (h_pert @ p_pert.T)[:, None, :])
+        context = context + scaled @ (h_cand @ p_cand.T)
+        context = context - (scaled * mean.squeeze(-1)).sum(-1, keepdim=True) * p_sum
+        context = context + keep.sum(-1, keepdim=True) * p_bias
+        return {"context": context, "keep": keep, "keep_probability": keep_probability}
+
+
+class CrossAttentionContext(nn.Module):
+    """Vanilla RAG: single-head cross-attention from each cell to the candidates."""
+
+    def __init__(self, n_hidden: int) -> None:
+        super().__init__()
+        self.norm_query = nn.LayerNorm(n_hidden)
+        self.norm_cand = nn.LayerNorm(n_hidden)
+        self.query = nn.Linear(n_hidden, n_hidden)
+        self.key_value = nn.Linear(n_hidden, 2 * n_hidden)
+        self.out = nn.Linear(n_hidden, n_hidden)
+        self.scale = n_hidden**-0.5
+
+    def forward(self, x0: torch.Tensor, h_cand: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x0`` ``[B,S,H]`` attends to ``h_cand`` ``[B,K,H]``; returns context and weights."""
+        q = self.query(self.norm_query(x0))
+        k, v = self.key_value(self.norm_cand(h_cand)).chunk(2, dim=-1)
+        scores = torch.einsum("bsh,bkh->bsk", q, k) * self.scale
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        # A query without any valid candidate attends to nothing.
+        weights = torch.nan_to_num(weights, nan=0.0)
+        return {"context": self.out(weights @ v), "attention": weights}

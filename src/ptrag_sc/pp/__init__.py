@@ -1,0 +1,27 @@
+"""Preprocessing: gene embeddings, gene texts, symbol resolution and few-shot splits.
+
+Gene embeddings (the perturbation features of PT-RAG) come either from a published table
+(:func:`read_gene_embeddings`, e.g. GenePT's pickle) or are computed locally from gene texts
+(:func:`gene_texts` -> :func:`embed_gene_text`). Perturbation labels are matched to the table
+with :func:`resolve_gene_symbols`. :func:`few_shot_split` writes the paper's held-out cell-type
+split.
+"""
+
+from __future__ import annotations
+
+from ._embeddings import embed_gene_text, read_gene_embeddings
+from ._gene_text import gene_text_from_annotations, gene_texts, read_gene_summaries
+from ._split import few_shot_preset, few_shot_split
+from ._symbols import SymbolResolution, resolve_gene_symbols
+
+__all__ = [
+    "SymbolResolution",
+    "embed_gene_text",
+    "few_shot_preset",
+    "few_shot_split",
+    "gene_text_from_annotations",
+    "gene_texts",
+    "read_gene_embeddings",
+    "read_gene_summaries",
+    "resolve_gene_symbols",
+]

@@ -1,0 +1,17 @@
+"""Tools: evaluation metrics, summaries, cell-eval export and honest baselines."""
+
+from __future__ import annotations
+
+from ._baselines import BASELINES, predict_baseline
+from ._cell_eval import to_cell_eval
+from ._evaluate import METRIC_COLUMNS, evaluate
+from ._summarize import summarize
+
+__all__ = [
+    "BASELINES",
+    "METRIC_COLUMNS",
+    "evaluate",
+    "predict_baseline",
+    "summarize",
+    "to_cell_eval",
+]

@@ -1,0 +1,203 @@
+"""Export a prediction layer as the (predicted, real) AnnData pair read by ``cell-eval``."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .._constants import (
+    DEFAULT_CONTROL_GROUP,
+    DEFAULT_PERTURBATION_KEY,
+    DEFAULT_PRED_LAYER,
+)
+from ._utils import (
+    as_str_tuple,
+    check_obs_key,
+    dense_rows,
+    finite_rows,
+    get_matrix,
+    in_values,
+    labels,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+#: File names written under ``path`` by :func:`to_cell_eval`.
+CELL_EVAL_FILES = ("pred.h5ad", "real.h5ad")
+
+
+def to_cell_eval(
+    adata: AnnData,
+    *,
+    pred_layer: str = DEFAULT_PRED_LAYER,
+    perturbation_key: str = DEFAULT_PERTURBATION_KEY,
+    control_group: str = DEFAULT_CONTROL_GROUP,
+    cell_type_key: str | None = None,
+    cell_types: Sequence[str] | str | None = None,
+    perturbations: Sequence[str] | None = None,
+    split_key: str | None = None,
+    split_values: Sequence[str] | str = ("test",),
+    real_layer: str | None = None,
+    path: str | Path | None = None,
+    pert_col: str = "target_gene",
+    control_pert: str = "non-targeting",
+) -> tuple[AnnData, AnnData]:
+    """Build the ``(adata_pred, adata_real)`` pair that ``cell_eval.MetricsEvaluator`` reads.
+
+    Both objects hold the same cells in the same order and the same genes in the same order
+    (``adata.var``), log1p values as dense float32 ``X``, and the perturbation label in
+    ``obs[pert_col]`` with controls renamed ``control_pert``. Cells: the perturbed cells
+    selected by ``cell_types`` / ``perturbations`` / ``split_key`` whose predicted row is
+    finite, plus every control cell of the selected cell type(s). In ``adata_real``, ``X`` is the
+    real expression (``real_layer`` or ``X``); in ``adata_pred`` the perturbed cells carry
+    ``layers[pred_layer]`` and the control cells carry their own real values, so cell-eval's
+    control means are identical on both sides (as in :func:`ptrag_sc.tl.evaluate`).
+
+    cell-eval compares every perturbation with a single control group. With ``cell_type_key``
+    set, the control cells of every cell type that has selected perturbed cells are exported
+    and ``obs[cell_type_key]`` is kept: a pair holding one cell type can go straight to
+    ``MetricsEvaluator``; a pair holding several must be split per cell type first (cell-eval's
+    CLI does it with ``--celltype-col <cell_type_key>``; in Python use
+    ``cell_eval.utils.split_anndata_on_celltype``), otherwise cell-eval would pool the control
+    cells of all cell types. With ``cell_type_key=None`` all cells are one context.
+
+    Run cell-eval on the pair with
+    ``MetricsEvaluator(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert)``
+    (or ``cell-eval run -ap pred.h5ad -ar real.h5ad --pert-col target_gene ...`` on the files).
+    cell-eval treats data without fractional values as raw counts and re-normalises it, and
+    rejects log1p data with values >= 15 or < 0 (a warning is given here in that case).
+
+    Parameters
+    ----------
+    adata
+        Cells with real expression and ``layers[pred_layer]``. Never modified.
+    pred_layer
+        Layer holding the prediction.
+    perturbation_key
+        obs column with perturbation labels.
+    control_group
+        Label of control cells in ``adata``.
+    cell_type_key
+        obs column with the cell type, or ``None`` (all cells one context).
+    cell_types
+        Cell type(s) to export (needs ``cell_type_key``); default: all.
+    perturbations
+        Perturbations to export (default: all).
+    split_key
+        obs column with the data split; perturbed cells whose value is not in
+        ``split_values`` are left out (controls are kept).
+    split_values
+        Split values to export.
+    real_layer
+        Layer with the real expression; ``None`` uses ``X``.
+    path
+        Optional directory; ``pred.h5ad`` and ``real.h5ad`` are written there.
+    pert_col
+        Name of the perturbation column in the exported objects (cell-eval's ``pert_col``).
+    control_pert
+        Control label in the exported objects (cell-eval's ``control_pert``).
+
+    Returns
+    -------
+    ``(adata_pred, adata_real)``.
+
+    Examples
+    --------
+    >>> import ptrag_sc
+    >>> pred, real = ptrag_sc.tl.to_cell_eval(
+    ...     adata, cell_type_key="cell_line", cell_types="K562", split_key="split"
+    ... )
+    >>> from cell_eval import MetricsEvaluator
+    >>> ev = MetricsEvaluator(pred, real, pert_col="target_gene", control_pert="non-targeting")
+    >>> results, agg = ev.compute(profile="minimal")
+    """
+    import anndata as ad
+
+    pred_mat = get_matrix(adata, pred_layer, "pred_layer")
+    real_mat = get_matrix(adata, real_layer, "real_layer")
+    pert = labels(adata, perturbation_key, "perturbation_key")
+    is_ctrl = pert == control_group
+    if not is_ctrl.any():
+        raise ValueError(
+            f"No control cells: no cell has obs[{perturbation_key!r}] == {control_group!r} "
+            "(`control_group`); cell-eval needs control cells in both objects."
+        )
+    keep_ct = np.ones(adata.n_obs, bool)
+    if cell_types is not None and cell_type_key is None:
+        raise ValueError("`cell_types` needs `cell_type_key` (the obs column of cell types).")
+    if cell_type_key is not None:
+        ct = labels(adata, cell_type_key, "cell_type_key")
+        wanted = as_str_tuple(cell_types)
+        if wanted is not None:
+            unknown = [c for c in wanted if c not in set(ct)]
+            if unknown:
+                raise ValueError(
+                    f"`cell_types` {unknown} not found in obs[{cell_type_key!r}]; existing: "
+                    f"{sorted(set(ct))}."
+                )
+            keep_ct = in_values(ct, wanted)
+    keep = ~is_ctrl & keep_ct
+    if perturbations is not None:
+        keep &= in_values(pert, as_str_tuple(perturbations))
+    if split_key is not None:
+        check_obs_key(adata, split_key, "split_key")
+        keep &= in_values(adata.obs[split_key].astype(str).to_numpy(), as_str_tuple(split_values))
+    pert_idx = np.flatnonzero(keep)
+    finite = finite_rows(pred_mat, pert_idx)
+    if not finite.all():
+        warnings.warn(
+            f"{int((~finite).sum())} selected perturbed cell(s) have non-finite predictions in "
+            f"layers[{pred_layer!r}] and are left out of both objects.",
+            UserWarning,
+            stacklevel=2,
+        )
+    pert_idx = pert_idx[finite]
+    if pert_idx.size == 0:
+        raise ValueError("No perturbed cell with a finite prediction matches the selection.")
+    if cell_type_key is not None:
+        selected = sorted(set(ct[pert_idx]))
+        ctrl_idx = np.flatnonzero(is_ctrl & in_values(ct, selected))
+        lacking = sorted(set(selected) - set(ct[ctrl_idx]))
+        if lacking:
+            raise ValueError(
+                f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell "
+                f"type(s) {lacking} (obs[{cell_type_key!r}]); cell-eval needs them."
+            )
+    else:
+        ctrl_idx = np.flatnonzero(is_ctrl)
+    cells = np.concatenate([ctrl_idx, pert_idx])
+
+    real_x = dense_rows(real_mat, cells, dtype=np.float32)
+    pred_x = real_x.copy()
+    pred_x[ctrl_idx.size :] = dense_rows(pred_mat, pert_idx, dtype=np.float32)
+    for name, x in (("real", real_x), ("pred", pred_x)):
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi >= 15:
+            warnings.warn(
+                f"The {name} values span [{lo:.3g}, {hi:.3g}]; cell-eval expects log1p data in "
+                "[0, 15) and will reject this pair.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    new_labels = np.where(is_ctrl[cells], control_pert, pert[cells]).astype(str)
+    obs = pd.DataFrame(index=pd.Index(np.asarray(adata.obs_names)[cells], dtype=str))
+    obs[pert_col] = pd.Categorical(new_labels)
+    if cell_type_key is not None and cell_type_key != pert_col:
+        obs[cell_type_key] = pd.Categorical(ct[cells])
+    var = pd.DataFrame(index=pd.Index(np.asarray(adata.var_names), dtype=str))
+    adata_real = ad.AnnData(X=real_x, obs=obs.copy(), var=var.copy())
+    adata_pred = ad.AnnData(X=pred_x, obs=obs.copy(), var=var.copy())
+    if path is not None:
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        adata_pred.write_h5ad(out / CELL_EVAL_FILES[0])
+        adata_real.write_h5ad(out / CELL_EVAL_FILES[1])
+    return adata_pred, adata_real

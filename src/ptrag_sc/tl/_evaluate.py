@@ -1,0 +1,425 @@
+"""Per (cell type, perturbation) evaluation of a predicted expression layer."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._constants import (
+    DEFAULT_CELL_TYPE_KEY,
+    DEFAULT_CONTROL_GROUP,
+    DEFAULT_PERTURBATION_KEY,
+    DEFAULT_PRED_LAYER,
+)
+from . import _metrics as M
+from ._utils import (
+    as_str_tuple,
+    check_obs_key,
+    dense_rows,
+    finite_rows,
+    get_matrix,
+    group_means,
+    group_rng,
+    in_values,
+    labels,
+    members,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+#: Metric columns of :func:`evaluate`, in output order.
+METRIC_COLUMNS = (
+    "pearson_delta",
+    "spearman_delta",
+    "pearson_delta_de",
+    "pearson_pert_centred",
+    "mse",
+    "rmse",
+    "mae",
+    "mse_pca",
+    "w1",
+    "w2",
+    "mmd",
+    "energy",
+    "de_overlap",
+    "de_direction",
+    "discrimination_l1",
+    "split_half_pearson",
+)
+
+
+def evaluate(
+    adata: AnnData,
+    *,
+    pred_layer: str = DEFAULT_PRED_LAYER,
+    perturbation_key: str = DEFAULT_PERTURBATION_KEY,
+    control_group: str = DEFAULT_CONTROL_GROUP,
+    cell_type_key: str | None = DEFAULT_CELL_TYPE_KEY,
+    real_layer: str | None = None,
+    reference: AnnData | None = None,
+    perturbations: Sequence[str] | None = None,
+    split_key: str | None = None,
+    split_values: Sequence[str] | str = ("test",),
+    method: str | None = None,
+    n_top_de: int = 20,
+    n_pcs: int = 50,
+    pca_max_cells: int = 20_000,
+    ot_max_cells: int = 1_000,
+    ot_large: Literal["subsample", "sinkhorn"] = "subsample",
+    sinkhorn_reg: float = 0.05,
+    discrimination_reference: Literal["evaluated", "all"] = "evaluated",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Score predicted cells against real cells, per (cell type, perturbation).
+
+    The prediction is ``adata.layers[pred_layer]`` (written by ``PTRAG.predict`` or
+    :func:`ptrag_sc.tl.predict_baseline`); the real expression is ``adata.X`` (or
+    ``real_layer``) of the same cells. Evaluated cells are the perturbed cells (label
+    ``!= control_group``) whose ``split_key`` value is in ``split_values`` (when given), whose
+    label is in ``perturbations`` (when given) and whose predicted row is finite (rows holding
+    NaN count as "not predicted" and are left out on both sides). One row is returned per
+    (cell type, perturbation) with evaluated cells.
+
+    Notation, for cell type ``c`` and perturbation ``p``: ``P`` the predicted cells, ``R`` the
+    real cells (the same cells in counterfactual mode), ``C`` the real control cells of ``c``
+    (all of them, whatever their split), ``mean(.)`` the mean profile over cells, the predicted
+    shift ``dp = mean(P) - mean(C)`` and the observed shift ``dr = mean(R) - mean(C)`` (the same
+    control mean on both sides, as cell-eval does when the control cells are shared). Unless said
+    otherwise a metric uses all genes of ``adata``.
+
+    Output columns:
+
+    - ``method``: ``method`` or, by default, ``pred_layer`` (so concatenated outputs of several
+      layers can be summarised per method);
+    - ``cell_type_key`` (``"cell_type"`` holding ``"all"`` when ``cell_type_key=None``) and
+      ``perturbation_key``: the group;
+    - ``n_cells`` / ``n_cells_real``: number of predicted / real cells of the group;
+    - ``pearson_delta``, ``spearman_delta``: Pearson / Spearman (average ranks) correlation of
+      ``dp`` and ``dr`` over all genes;
+    - ``pearson_delta_de``: Pearson of ``dp`` and ``dr`` over the observed top-``n_top_de``
+      genes ranked by ``|dr|`` (the largest observed absolute shifts, not a test statistic);
+    - ``pearson_pert_centred``: Pearson over all genes of ``mean(P_p) - avg_q mean(P_q)`` and
+      ``mean(R_p) - avg_q mean(R_q)``, ``q`` running over the evaluated perturbations of ``c``
+      (no control cell enters); NaN with a single perturbation or a constant side. A method
+      that predicts one shift for all perturbations still gets a (near-zero, noisy) value when
+      its cells are built on different matched control cells;
+    - ``mse``, ``rmse``, ``mae``: mean squared / root mean squared / mean absolute error between
+      ``mean(P)`` and ``mean(R)`` over genes. The same errors computed on ``dp`` and ``dr`` are
+      identical by construction (same control mean on both sides) and are not repeated;
+    - ``mse_pca``: mean over principal components of the squared difference between ``mean(P)``
+      and ``mean(R)`` projected on a PCA with ``n_pcs`` components fitted on the real cells of
+      ``c`` (controls and every perturbation, any split; a seeded random subset of at most
+      ``pca_max_cells`` cells);
+    - ``w1``: exact 1-Wasserstein distance (``ot.emd2``, cost ``|x - y|``, uniform weights)
+      between ``P`` and ``R`` in that PCA space;
+    - ``w2``: square root of the exact optimal transport cost with cost ``|x - y|²`` (a distance,
+      in the units of ``w1``; ``w2 >= w1``) in that PCA space. When a side holds more than
+      ``ot_max_cells`` cells, ``ot_large="subsample"`` draws ``ot_max_cells`` cells of it
+      (seeded, without replacement) and ``ot_large="sinkhorn"`` uses ``ot.sinkhorn2`` on all
+      cells with regularisation ``sinkhorn_reg`` relative to the largest cost (upper bound);
+    - ``mmd``: biased (V-statistic) MMD² with the RBF kernel ``exp(-|x-y|² / (2 sigma²))``,
+      ``sigma`` the median of the non-zero pairwise distances of the pooled cells, in the PCA
+      space (on at most ``ot_max_cells`` cells per side);
+    - ``energy``: energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (Euclidean, V-statistics:
+      means over all pairs including ``i = j``) in the PCA space (at most ``ot_max_cells`` cells
+      per side). This is twice geomloss' ``SamplesLoss("energy")`` (which carries a 1/2) and the
+      same estimator as cell-eval's ``edistance``;
+    - ``de_overlap``: fraction of the observed top-``n_top_de`` genes by ``|dr|`` found among
+      the predicted top-``n_top_de`` genes by ``|dp|``;
+    - ``de_direction``: fraction of the observed top-``n_top_de`` genes with
+      ``sign(dp) == sign(dr)``;
+    - ``discrimination_l1``: fraction of the other candidate perturbations of ``c`` whose
+      observed shift is strictly closer in L1 distance to ``dp`` than the observed shift of
+      ``p`` itself; 0 is best, 1 worst, NaN with a single candidate. Candidates are the
+      evaluated perturbations of ``c`` (``discrimination_reference="evaluated"``, as cell-eval)
+      or every perturbation with real cells in ``c`` (``"all"``, using all their cells). The
+      target gene(s) of ``p`` are left out of the distance, as in cell-eval. cell-eval's
+      ``discrimination_score_l1`` equals ``1 - discrimination_l1 * (n - 1) / n`` without ties;
+    - ``split_half_pearson``: the data's own ceiling for ``pearson_delta``: Pearson between the
+      shifts (vs ``mean(C)``) of two disjoint random halves of ``R`` (``floor(n/2)`` cells each,
+      seeded); NaN with fewer than 4 real cells.
+
+    Random draws use ``seed`` and the group's name, so a group's values do not depend on
+    which other groups are evaluated (except ``pearson_pert_centred`` and
+    ``discrimination_l1``, which compare perturbations by definition).
+
+    Parameters
+    ----------
+    adata
+        Cells with real expression in ``X`` (or ``real_layer``) and the prediction in
+        ``layers[pred_layer]``. Never modified.
+    pred_layer
+        Layer holding the prediction.
+    perturbation_key
+        obs column with perturbation labels.
+    control_group
+        Label of control cells.
+    cell_type_key
+        obs column with the cell type; ``None`` treats all cells as one cell type.
+    real_layer
+        Layer holding the real expression (log1p); ``None`` uses ``X``.
+    reference
+        Optional AnnData holding the real cells when ``adata`` is not the same cells (e.g. the
+        output of generation-mode ``PTRAG.predict``): real cells, controls, the PCA and the
+        split filter then come from ``reference`` (which must contain every gene of ``adata``),
+        the predicted cells from ``adata``.
+    perturbations
+        Restrict rows to these perturbation labels.
+    split_key
+        obs column with the data split; only cells whose value is in ``split_values`` are
+        evaluated (control cells are always available as controls).
+    split_values
+        Split values to evaluate.
+    method
+        Label written to the ``method`` column; defaults to ``pred_layer``.
+    n_top_de
+        Number of top observed genes (by ``|dr|``) used by ``pearson_delta_de``,
+        ``de_overlap`` and ``de_direction``. Default 20, the usual "top-20 DE genes" of
+        perturbation benchmarks (GEARS and successors).
+    n_pcs
+        Number of principal components of the distributional metrics and ``mse_pca``.
+    pca_max_cells
+        At most this many real cells of a cell type fit its PCA.
+    ot_max_cells
+        Cells per side above which distributional metrics subsample (or use Sinkhorn for W1/W2).
+    ot_large
+        ``"subsample"`` (exact OT on a seeded subsample) or ``"sinkhorn"``.
+    sinkhorn_reg
+        Entropic regularisation of Sinkhorn, relative to the largest transport cost.
+    discrimination_reference
+        Candidate set of ``discrimination_l1``: ``"evaluated"`` or ``"all"``.
+    seed
+        Seed of the subsamples and of the split-half draw.
+
+    Returns
+    -------
+    :class:`pandas.DataFrame`, one row per evaluated (cell type, perturbation), sorted by cell
+    type then perturbation; the settings are in ``DataFrame.attrs["settings"]``.
+
+    Examples
+    --------
+    >>> import ptrag_sc
+    >>> ptrag_sc.tl.predict_baseline(adata, "context_mean", split_key="split", key_added="mean")
+    >>> res = ptrag_sc.tl.evaluate(adata, pred_layer="mean", split_key="split")
+    >>> res[["cell_line", "gene", "pearson_delta", "pearson_pert_centred"]].head()
+    >>> ptrag_sc.tl.summarize(res)
+    """
+    if ot_large not in ("subsample", "sinkhorn"):
+        raise ValueError(f"`ot_large={ot_large!r}` must be 'subsample' or 'sinkhorn'.")
+    if discrimination_reference not in ("evaluated", "all"):
+        raise ValueError(
+            f"`discrimination_reference={discrimination_reference!r}` must be 'evaluated' or 'all'."
+        )
+    if n_top_de < 1 or n_pcs < 1 or ot_max_cells < 2 or pca_max_cells < 2:
+        raise ValueError(
+            "`n_top_de` and `n_pcs` must be >= 1, `ot_max_cells` and `pca_max_cells` >= 2."
+        )
+
+    pred_mat = get_matrix(adata, pred_layer, "pred_layer")
+    ref = adata if reference is None else reference
+    where_ref = "adata" if reference is None else "reference"
+    real_mat = get_matrix(ref, real_layer, "real_layer", where=where_ref)
+    gene_idx = None
+    if reference is not None:
+        idx = reference.var_names.get_indexer(adata.var_names)
+        if np.any(idx < 0):
+            missing = list(adata.var_names[idx < 0][:10])
+            raise ValueError(
+                f"{int(np.sum(idx < 0))} gene(s) of adata are not in reference.var_names, "
+                f"e.g. {missing}."
+            )
+        if not np.array_equal(idx, np.arange(reference.n_vars)):
+            gene_idx = idx
+    var_names = np.asarray(adata.var_names, dtype=str)
+
+    pert_p = labels(adata, perturbation_key, "perturbation_key")
+    ct_p = labels(adata, cell_type_key, "cell_type_key")
+    if reference is None:
+        pert_r, ct_r = pert_p, ct_p
+    else:
+        pert_r = labels(reference, perturbation_key, "perturbation_key", where="reference")
+        ct_r = labels(reference, cell_type_key, "cell_type_key", where="reference")
+    ctrl_r = pert_r == control_group
+    if not ctrl_r.any():
+        raise ValueError(
+            f"No control cells: no cell of {where_ref} has "
+            f"obs[{perturbation_key!r}] == {control_group!r} (`control_group`)."
+        )
+
+    perts_wanted = as_str_tuple(perturbations)
+    pert_ok_p = (
+        np.ones(adata.n_obs, bool) if perts_wanted is None else in_values(pert_p, perts_wanted)
+    )
+    pert_ok_r = (
+        pert_ok_p
+        if reference is None
+        else (
+            np.ones(ref.n_obs, bool) if perts_wanted is None else in_values(pert_r, perts_wanted)
+        )
+    )
+    split_ok_r = np.ones(ref.n_obs, bool)
+    split_values = as_str_tuple(split_values)
+    if split_key is not None:
+        check_obs_key(ref, split_key, "split_key", where=where_ref)
+        split_ok_r = in_values(ref.obs[split_key].astype(str).to_numpy(), split_values)
+    split_ok_p = split_ok_r if reference is None else np.ones(adata.n_obs, bool)
+
+    cand_p = np.flatnonzero((pert_p != control_group) & pert_ok_p & split_ok_p)
+    cand_p = cand_p[finite_rows(pred_mat, cand_p)]
+    sel_p = np.zeros(adata.n_obs, bool)
+    sel_p[cand_p] = True
+    sel_r = sel_p if reference is None else (~ctrl_r & pert_ok_r & split_ok_r)
+
+    pred_groups = pd.DataFrame({"c": ct_p[sel_p], "p": pert_p[sel_p], "i": np.flatnonzero(sel_p)})
+    real_groups = pd.DataFrame({"c": ct_r[sel_r], "p": pert_r[sel_r], "i": np.flatnonzero(sel_r)})
+    pred_index = pred_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
+    real_index = real_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
+    no_real = [k for k in pred_index.index if k not in real_index.index]
+    if no_real:
+        warnings.warn(
+            f"{len(no_real)} (cell type, perturbation) group(s) have predicted cells but no real "
+            f"cell in the selection and are skipped, e.g. {no_real[:5]}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    keys = [k for k in pred_index.index if k in real_index.index]
+    if not keys:
+        raise ValueError(
+            "Nothing to evaluate: no perturbed cell with a finite prediction in "
+            f"layers[{pred_layer!r}] matches the selection (perturbations={perts_wanted}, "
+            f"split_key={split_key!r}, split_values={split_values})."
+        )
+
+    def real_rows(idx: np.ndarray) -> np.ndarray:
+        rows = dense_rows(real_mat, idx)
+        return rows if gene_idx is None else rows[:, gene_idx]
+
+    cell_type_col = cell_type_key or "cell_type"
+    label = method if method is not None else pred_layer
+    records: list[dict] = []
+    by_cell_type: dict[str, list[str]] = {}
+    for c, p in keys:
+        by_cell_type.setdefault(c, []).append(p)
+
+    for c, perts in by_cell_type.items():
+        ctrl_idx = np.flatnonzero(ctrl_r & (ct_r == c))
+        if ctrl_idx.size == 0:
+            raise ValueError(
+                f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell type "
+                f"{c!r} (obs[{cell_type_key!r}]) in {where_ref}; cannot compute shifts."
+            )
+        ctrl_mean = real_rows(ctrl_idx).mean(axis=0)
+
+        # PCA of the cell type, fitted on its real cells (controls + all perturbed, any split).
+        fit_idx = np.flatnonzero(ct_r == c)
+        if fit_idx.size > pca_max_cells:
+            fit_idx = np.sort(
+                group_rng(seed, "pca", c).choice(fit_idx, pca_max_cells, replace=False)
+            )
+        pca_mean, comps = M.fit_pca(real_rows(fit_idx), n_pcs, seed=seed)
+
+        pred_means, real_means, group_rows = [], [], []
+        for p in perts:
+            rng = group_rng(seed, c, p)
+            pi, ri = pred_index[(c, p)], real_index[(c, p)]
+            pred_cells = dense_rows(pred_mat, pi)
+            real_cells = real_rows(ri)
+            pm, rm = pred_cells.mean(axis=0), real_cells.mean(axis=0)
+            dp, dr = pm - ctrl_mean, rm - ctrl_mean
+            err = pm - rm
+            top = M.top_n_genes(dr, n_top_de)
+            proj_err = err @ comps.T
+            ps = _subsample(pred_cells, ot_max_cells, rng)
+            rs = _subsample(real_cells, ot_max_cells, rng)
+            pz = (ps - pca_mean) @ comps.T
+            rz = (rs - pca_mean) @ comps.T
+            dist = M.distribution_metrics(pz, rz)
+            if ot_large == "sinkhorn" and max(len(pi), len(ri)) > ot_max_cells:
+                dist["w1"], dist["w2"] = M.wasserstein(
+                    (pred_cells - pca_mean) @ comps.T,
+                    (real_cells - pca_mean) @ comps.T,
+                    method="sinkhorn",
+                    sinkhorn_reg=sinkhorn_reg,
+                )
+            row = {
+                "method": label,
+                cell_type_col: c,
+                perturbation_key: p,
+                "n_cells": len(pi),
+                "n_cells_real": len(ri),
+                "pearson_delta": M.pearson(dp, dr),
+                "spearman_delta": M.spearman(dp, dr),
+                "pearson_delta_de": M.pearson(dp[top], dr[top]),
+                "pearson_pert_centred": np.nan,
+                "mse": float(np.mean(err**2)),
+                "rmse": float(np.sqrt(np.mean(err**2))),
+                "mae": float(np.mean(np.abs(err))),
+                "mse_pca": float(np.mean(proj_err**2)),
+                "w1": dist["w1"],
+                "w2": dist["w2"],
+                "mmd": dist["mmd"],
+                "energy": dist["energy"],
+                "de_overlap": M.de_overlap(dp, dr, n_top_de),
+                "de_direction": M.de_direction(dp, dr, n_top_de),
+                "discrimination_l1": np.nan,
+                "split_half_pearson": M.split_half_pearson(real_cells, ctrl_mean, rng),
+            }
+            pred_means.append(pm)
+            real_means.append(rm)
+            group_rows.append(row)
+
+        pred_means_arr = np.vstack(pred_means)
+        real_means_arr = np.vstack(real_means)
+        if len(perts) >= 2:
+            pc = pred_means_arr - pred_means_arr.mean(axis=0)
+            rc = real_means_arr - real_means_arr.mean(axis=0)
+            for row, a, b in zip(group_rows, pc, rc, strict=True):
+                row["pearson_pert_centred"] = M.pearson(a, b)
+
+        # Discrimination: observed shifts of the candidate perturbations of this cell type.
+        if discrimination_reference == "evaluated":
+            cand_names = list(perts)
+            cand_shifts = real_means_arr - ctrl_mean
+        else:
+            cidx = np.flatnonzero((ct_r == c) & ~ctrl_r)
+            cand_names = sorted(set(pert_r[cidx]))
+            codes = pd.Categorical(pert_r[cidx], categories=cand_names).codes
+            sub_means = group_means(real_mat[cidx], codes, len(cand_names))
+            if gene_idx is not None:
+                sub_means = sub_means[:, gene_idx]
+            cand_shifts = sub_means - ctrl_mean
+        position = {name: i for i, name in enumerate(cand_names)}
+        for row, pm in zip(group_rows, pred_means, strict=True):
+            p = row[perturbation_key]
+            targets = members(p, control_group)
+            gene_mask = ~np.isin(var_names, targets)
+            row["discrimination_l1"] = M.discrimination_l1(
+                pm - ctrl_mean, cand_shifts, position[p], gene_mask
+            )
+        records.extend(group_rows)
+
+    result = pd.DataFrame.from_records(records)
+    result.attrs["settings"] = {
+        "pred_layer": pred_layer,
+        "real_layer": real_layer,
+        "n_top_de": int(n_top_de),
+        "n_pcs": int(n_pcs),
+        "ot_max_cells": int(ot_max_cells),
+        "ot_large": ot_large,
+        "sinkhorn_reg": float(sinkhorn_reg),
+        "discrimination_reference": discrimination_reference,
+        "seed": int(seed),
+    }
+    return result
+
+
+def _subsample(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    if cells.shape[0] <= max_cells:
+        return cells
+    return cells[np.sort(rng.choice(cells.shape[0], max_cells, replace=False))]

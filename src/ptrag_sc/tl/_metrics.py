@@ -1,0 +1,288 @@
+"""Array-level metrics used by :func:`ptrag_sc.tl.evaluate`.
+
+Every function takes plain numpy arrays, so each estimator can be checked by hand on tiny inputs.
+Conventions (repeated in :func:`ptrag_sc.tl.evaluate`):
+
+- correlations return NaN when a side is constant (zero variance, up to 1e-10 relative);
+- distances between cells are Euclidean;
+- MMD is the biased (V-statistic) estimate of MMD² with an RBF kernel whose bandwidth is the
+  median of the pooled pairwise distances (the median heuristic);
+- the energy distance is ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (V-statistics, all pairs including
+  ``i = j``), i.e. twice geomloss' ``SamplesLoss("energy")`` with uniform weights;
+- W1 is the exact optimal-transport cost with cost ``|x - y|``; W2 is the square root of the
+  exact optimal-transport cost with cost ``|x - y|²`` (a distance, in the same units as W1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from scipy.stats import rankdata
+
+_REL_TOL = 1e-10
+
+
+def _centred_norm(x: np.ndarray) -> tuple[np.ndarray, float, bool]:
+    centred = x - x.mean()
+    norm = float(np.sqrt(np.dot(centred, centred)))
+    scale = float(np.sqrt(np.dot(x, x)))
+    constant = (not np.isfinite(norm)) or norm <= _REL_TOL * max(scale, 1e-300)
+    return centred, norm, constant
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two vectors; NaN if either is constant or shorter than 2."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"pearson: shapes differ, {x.shape} vs {y.shape}.")
+    if x.size < 2:
+        return float("nan")
+    xc, xn, x_const = _centred_norm(x)
+    yc, yn, y_const = _centred_norm(y)
+    if x_const or y_const:
+        return float("nan")
+    return float(np.clip(np.dot(xc, yc) / (xn * yn), -1.0, 1.0))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman correlation: Pearson of average ranks (ties get their mean rank)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.size < 2 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return float("nan")
+    return pearson(rankdata(x), rankdata(y))
+
+
+def top_n_genes(shift: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest ``|shift|`` (ties broken by gene order), largest first."""
+    shift = np.asarray(shift, dtype=np.float64)
+    n = int(min(n, shift.shape[0]))
+    return np.argsort(-np.abs(shift), kind="stable")[:n]
+
+
+def de_overlap(pred_shift: np.ndarray, real_shift: np.ndarray, n: int) -> float:
+    """Fraction of the observed top-``n`` genes (by ``|shift|``) among the predicted top-``n``."""
+    real_top = top_n_genes(real_shift, n)
+    pred_top = top_n_genes(pred_shift, n)
+    if real_top.size == 0:
+        return float("nan")
+    return float(np.isin(real_top, pred_top).mean())
+
+
+def de_direction(pred_shift: np.ndarray, real_shift: np.ndarray, n: int) -> float:
+    """Fraction of the observed top-``n`` genes where ``sign(pred shift) == sign(real shift)``."""
+    real_top = top_n_genes(real_shift, n)
+    if real_top.size == 0:
+        return float("nan")
+    pred = np.sign(np.asarray(pred_shift, dtype=np.float64)[real_top])
+    real = np.sign(np.asarray(real_shift, dtype=np.float64)[real_top])
+    return float((pred == real).mean())
+
+
+def discrimination_l1(
+    pred_shift: np.ndarray,
+    real_shifts: np.ndarray,
+    true_index: int,
+    gene_mask: np.ndarray | None = None,
+) -> float:
+    """Fraction of the other candidates whose observed shift is strictly closer (L1) than the truth.
+
+    ``real_shifts`` is ``[n_candidates, n_genes]`` (observed shifts of the candidate
+    perturbations, the true one at ``true_index``). 0 is best (the true perturbation is the
+    nearest), 1 worst; NaN with fewer than two candidates. ``gene_mask`` restricts the genes.
+    """
+    real_shifts = np.asarray(real_shifts, dtype=np.float64)
+    n_cand = real_shifts.shape[0]
+    if n_cand < 2:
+        return float("nan")
+    pred_shift = np.asarray(pred_shift, dtype=np.float64)
+    if gene_mask is not None:
+        real_shifts = real_shifts[:, gene_mask]
+        pred_shift = pred_shift[gene_mask]
+    dist = np.abs(real_shifts - pred_shift[None, :]).sum(axis=1)
+    others = np.delete(dist, true_index)
+    return float(np.mean(others < dist[true_index]))
+
+
+def split_half_pearson(
+    cells: np.ndarray, control_mean: np.ndarray, rng: np.random.Generator
+) -> float:
+    """Pearson between the shifts (vs ``control_mean``) of two disjoint random halves of cells.
+
+    The cells are permuted with ``rng``; each half has ``floor(n / 2)`` cells (one cell is left
+    out when ``n`` is odd). NaN with fewer than 4 cells.
+    """
+    n = cells.shape[0]
+    if n < 4:
+        return float("nan")
+    perm = rng.permutation(n)
+    half = n // 2
+    first = cells[perm[:half]].mean(axis=0) - control_mean
+    second = cells[perm[half : 2 * half]].mean(axis=0) - control_mean
+    return pearson(first, second)
+
+
+def pairwise_sq_dist(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances ``[len(x), len(y)]`` (from coordinate differences)."""
+    from scipy.spatial.distance import cdist
+
+    return cdist(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), "sqeuclidean")
+
+
+def _sq_dist_blocks(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    dxx = pairwise_sq_dist(x, x)
+    dyy = pairwise_sq_dist(y, y)
+    np.fill_diagonal(dxx, 0.0)
+    np.fill_diagonal(dyy, 0.0)
+    return dxx, dyy, pairwise_sq_dist(x, y)
+
+
+def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
+    """Biased (V-statistic) MMD² between samples ``x`` and ``y`` with an RBF kernel.
+
+    ``k(a, b) = exp(-|a - b|² / (2 sigma²))``; ``MMD² = mean K_xx + mean K_yy - 2 mean K_xy``
+    over all pairs including ``i = j``. ``sigma`` is ``bandwidth`` or, by default, the median of
+    the non-zero pairwise distances of the pooled sample (MMD² = 0 when all points coincide).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        return float("nan")
+    return _mmd_from_blocks(*_sq_dist_blocks(x, y), bandwidth=bandwidth)
+
+
+def _mmd_from_blocks(dxx, dyy, dxy, bandwidth: float | None = None) -> float:
+    if bandwidth is None:
+        n, m = dxx.shape[0], dyy.shape[0]
+        pooled = np.concatenate(
+            [dxx[np.triu_indices(n, 1)], dyy[np.triu_indices(m, 1)], dxy.ravel()]
+        )
+        pooled = np.sqrt(pooled[pooled > 0])
+        if pooled.size == 0:
+            return 0.0
+        bandwidth = float(np.median(pooled))
+    gamma = 1.0 / (2.0 * bandwidth**2)
+    value = (
+        np.exp(-gamma * dxx).mean()
+        + np.exp(-gamma * dyy).mean()
+        - 2.0 * np.exp(-gamma * dxy).mean()
+    )
+    return float(max(value, 0.0))
+
+
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (V-statistics, Euclidean).
+
+    Twice the value of geomloss ``SamplesLoss("energy")`` with uniform weights, and the same
+    estimator as cell-eval's ``edistance`` (means over all pairs, including ``i = j``).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        return float("nan")
+    return _energy_from_blocks(*_sq_dist_blocks(x, y))
+
+
+def _energy_from_blocks(dxx, dyy, dxy) -> float:
+    value = 2.0 * np.sqrt(dxy).mean() - np.sqrt(dxx).mean() - np.sqrt(dyy).mean()
+    return float(max(value, 0.0))
+
+
+def distribution_metrics(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """``w1``, ``w2`` (exact), ``mmd`` and ``energy`` of two samples, sharing one distance pass."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        return dict.fromkeys(("w1", "w2", "mmd", "energy"), float("nan"))
+    dxx, dyy, dxy = _sq_dist_blocks(x, y)
+    w1, w2 = _ot_from_cost(dxy, "exact", 0.0)
+    return {
+        "w1": w1,
+        "w2": w2,
+        "mmd": _mmd_from_blocks(dxx, dyy, dxy),
+        "energy": _energy_from_blocks(dxx, dyy, dxy),
+    }
+
+
+def wasserstein(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    method: Literal["exact", "sinkhorn"] = "exact",
+    sinkhorn_reg: float = 0.05,
+) -> tuple[float, float]:
+    """W1 and W2 between the empirical (uniform-weight) distributions of ``x`` and ``y``.
+
+    ``method="exact"`` solves the transport problem exactly with POT's ``ot.emd2``;
+    ``"sinkhorn"`` uses ``ot.sinkhorn2`` on the cost divided by its maximum with regularisation
+    ``sinkhorn_reg`` (so the value is the transport cost of the entropic plan, an upper bound of
+    the exact one) and rescales. Returns ``(W1, W2)`` with W1 = min E|X - Y| and
+    W2 = sqrt(min E|X - Y|²).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        return float("nan"), float("nan")
+    if method not in ("exact", "sinkhorn"):
+        raise ValueError(f"`method={method!r}` must be 'exact' or 'sinkhorn'.")
+    return _ot_from_cost(pairwise_sq_dist(x, y), method, sinkhorn_reg)
+
+
+def _ot_from_cost(cost2: np.ndarray, method: str, sinkhorn_reg: float) -> tuple[float, float]:
+    import ot
+
+    n, m = cost2.shape
+    a = np.full(n, 1.0 / n)
+    b = np.full(m, 1.0 / m)
+    out = []
+    for cost in (np.sqrt(cost2), cost2):
+        cost = np.ascontiguousarray(cost, dtype=np.float64)
+        scale = float(cost.max())
+        if scale <= 0:
+            out.append(0.0)
+            continue
+        if method == "exact":
+            value = float(ot.emd2(a, b, cost, numItermax=10_000_000))
+        else:
+            value = float(ot.sinkhorn2(a, b, cost / scale, sinkhorn_reg)) * scale
+        out.append(max(value, 0.0))
+    return out[0], float(np.sqrt(out[1]))
+
+
+def fit_pca(cells: np.ndarray, n_pcs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Principal axes of ``cells``: returns ``(mean [G], components [k, G])``.
+
+    ``k = min(n_pcs, n_cells - 1, n_genes)`` (at least 1), fewer if the data has lower rank.
+    Exact when ``min(n_cells, n_genes) <= 2000`` (eigen-decomposition of the smaller Gram
+    matrix), otherwise scikit-learn's randomized SVD seeded with ``seed``. Projection:
+    ``(x - mean) @ components.T``; component signs are arbitrary (distances do not depend on
+    them).
+    """
+    cells = np.asarray(cells, dtype=np.float64)
+    mean = cells.mean(axis=0)
+    centred = cells - mean
+    n, g = centred.shape
+    k = max(1, min(int(n_pcs), n - 1, g))
+    if min(n, g) > 2000:
+        from sklearn.utils.extmath import randomized_svd
+
+        _, _, components = randomized_svd(
+            centred, n_components=k, n_oversamples=20, n_iter=7, random_state=seed
+        )
+        return mean, components
+    if g <= n:
+        evals, evecs = np.linalg.eigh(centred.T @ centred)
+        order = np.argsort(evals)[::-1][:k]
+        keep = evals[order] > 1e-12 * max(float(evals.max()), 1e-300)
+        components = evecs[:, order[keep]].T
+    else:
+        evals, evecs = np.linalg.eigh(centred @ centred.T)
+        order = np.argsort(evals)[::-1][:k]
+        keep = evals[order] > 1e-12 * max(float(evals.max()), 1e-300)
+        order = order[keep]
+        components = (evecs[:, order] / np.sqrt(evals[order])).T @ centred
+    if components.shape[0] == 0:  # all cells identical: no direction of variance
+        components = np.zeros((1, g))
+    return mean, components
