@@ -92,6 +92,9 @@ def _batch(n_sets=2, s=6, g=10, d=4, k=3, m=7, seed=0):
         TENSORS.PERT_EMBEDDING: torch.randn(n_sets, d, generator=gen),
         TENSORS.CANDIDATES: torch.randint(0, m, (n_sets, k), generator=gen),
         TENSORS.CANDIDATE_SAME_CELL_TYPE: torch.rand(n_sets, k, generator=gen) > 0.5,
+        TENSORS.CANDIDATE_RELATION: torch.randint(0, 3, (n_sets, k), generator=gen),
+        TENSORS.CONTEXT_RESPONSE: torch.randn(n_sets, g, generator=gen) * 0.1,
+        TENSORS.CONTEXT_VALID: torch.tensor([True] + [False] * (n_sets - 1)),
         TENSORS.BATCH: torch.full((n_sets,), -1),
     }
 
@@ -102,7 +105,7 @@ def _batch(n_sets=2, s=6, g=10, d=4, k=3, m=7, seed=0):
 def test_prediction_is_equivariant_to_cell_order(backbone, retrieval, decoder_rank):
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=2, n_heads=2, backbone=backbone, retrieval=retrieval, decoder_rank=decoder_rank)
-    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 0.1, torch.randn(7, 5))
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 0.1, torch.randn(7, 5), torch.randn(10, 5))
     # Non-zero decoder weights, so the transformer's output matters.
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
@@ -137,7 +140,8 @@ def test_paper_context_mode_replaces_encodings():
     batch = _batch()
     with torch.no_grad():
         inference = module.inference(**module._get_inference_input(batch))
-        attended = module.cross_attention(inference["h_ctrl"] + inference["h_pert"][:, None], module._encode_candidates(batch[TENSORS.CANDIDATES], None)[0], batch[TENSORS.CANDIDATES] >= 0)
+        h_cand = module._encode_candidates(batch[TENSORS.CANDIDATES], relation=batch[TENSORS.CANDIDATE_RELATION])[0]
+        attended = module.cross_attention(inference["h_ctrl"] + inference["h_pert"][:, None], h_cand, batch[TENSORS.CANDIDATES] >= 0)
     torch.testing.assert_close(inference["x0"], attended["context"])
     assert inference["delta"] is None  # embedding memories carry no measured responses
 

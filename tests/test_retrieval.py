@@ -49,7 +49,8 @@ def test_self_exclusion_embedding_memory(encoder):
     memory = build_memory("embedding", X=X, perturbations=labels, cell_types=cts, is_control=labels == "ctrl", train_mask=np.ones(len(labels), bool), encoder=encoder)
     index = NeighbourIndex(memory, n_candidates=10, backend="exact")
     queries = np.array(["A", "B", "D", "E"])
-    cand, sim, same = index.query(queries, encoder.embed(queries), np.array(["t1"] * 4))
+    cand, sim, same, relation = index.query(queries, encoder.embed(queries), np.array(["t1"] * 4))
+    assert (relation == 0).all()
     for q, row in zip(queries, cand, strict=True):
         names = memory.perturbations[row[row >= 0]]
         assert q not in names  # a perturbation never retrieves itself
@@ -70,7 +71,9 @@ def test_self_exclusion_response_memory_is_per_cell_type(encoder):
     index = NeighbourIndex(memory, n_candidates=3, backend="exact")
     queries = np.array(["A", "A", "D"])
     query_ct = np.array(["t1", "t2", "t2"])
-    cand, sim, same = index.query(queries, encoder.embed(queries), query_ct)
+    cand, sim, same, relation = index.query(queries, encoder.embed(queries), query_ct)
+    assert relation[0, 0] == 1 and relation[1, 0] == 1 and relation[2, 0] == 1
+    assert (relation[:, 1:] == 0).all()
     names = memory.entry_names()
     # The exact entry is excluded; the query measured in the other cell type comes first.
     assert names[cand[0, 0]] == "A@t2" and "A@t1" not in names[cand[0]]
@@ -79,7 +82,7 @@ def test_self_exclusion_response_memory_is_per_cell_type(encoder):
     assert sim[0, 0] == pytest.approx(1.0)
     # Ties in similarity prefer the query's own cell type.
     b = np.array(["B"])
-    c2, _, s2 = index.query(np.array(["E"]), encoder.embed(["B"]), np.array(["t2"]))
+    c2, _, s2, _ = index.query(np.array(["E"]), encoder.embed(["B"]), np.array(["t2"]))
     assert names[c2[0, 0]] == "B@t2" and s2[0, 0]
     assert names[c2[0, 1]] == "B@t1" and not s2[0, 1]
     assert b.size == 1
@@ -100,8 +103,8 @@ def test_faiss_backend_matches_exact():
         memory = build_memory(kind, X=X, perturbations=labels, cell_types=cts, is_control=labels == "ctrl", train_mask=np.ones(len(labels), bool), encoder=encoder)
         queries = np.array(genes[:50] + ["G5+G7"])
         q_ct = np.array(["a"] * 51)
-        exact = NeighbourIndex(memory, n_candidates=8, backend="exact").query(queries, encoder.embed(queries), q_ct)
-        fast = NeighbourIndex(memory, n_candidates=8, backend="faiss").query(queries, encoder.embed(queries), q_ct)
+        exact = NeighbourIndex(memory, n_candidates=8, backend="exact").query(queries, encoder.embed(queries), q_ct)[:2]
+        fast = NeighbourIndex(memory, n_candidates=8, backend="faiss").query(queries, encoder.embed(queries), q_ct)[:2]
         if kind == "embedding":
             np.testing.assert_array_equal(exact[0], fast[0])
         else:  # ties between cell types of one gene may be ordered differently
@@ -128,6 +131,30 @@ def test_training_groups_never_retrieve_their_own_entry(trained):
         # The same perturbation in the other training cell types is among the candidates.
         others = {f"{p}@{c}" for c in memory.cell_types if c != ct} & set(names)
         assert others <= set(names[row[row >= 0]])
+
+
+def test_combination_members_are_flagged(encoder):
+    X, labels, cts = _cells()
+    memory = build_memory("response", X=X, perturbations=labels, cell_types=cts, is_control=labels == "ctrl", train_mask=np.ones(len(labels), bool), encoder=encoder)
+    index = NeighbourIndex(memory, n_candidates=7, backend="exact")
+    cand, _, _, relation = index.query(np.array(["A+B"]), encoder.embed(["A+B"]), np.array(["t1"]))
+    names = memory.entry_names()[cand[0]]
+    members = {n for n, r in zip(names, relation[0], strict=True) if r == 2}
+    assert members == {"A@t1", "A@t2", "B@t1", "B@t2"}
+
+
+def test_context_response_leaves_the_query_out(encoder):
+    from ptrag_sc.data._memory import context_responses
+
+    X, labels, cts = _cells()
+    memory = build_memory("response", X=X, perturbations=labels, cell_types=cts, is_control=labels == "ctrl", train_mask=np.ones(len(labels), bool), encoder=encoder)
+    ctx, valid = context_responses(memory, np.array(["A", "Z", "A"]), np.array(["t1", "t1", "t3"]))
+    names = list(memory.entry_names())
+    others = [names.index(n) for n in ("B@t1", "C@t1", "D@t1")]
+    np.testing.assert_allclose(ctx[0], memory.responses[others].mean(0), rtol=1e-6)
+    every = [names.index(n) for n in ("A@t1", "B@t1", "C@t1", "D@t1")]
+    np.testing.assert_allclose(ctx[1], memory.responses[every].mean(0), rtol=1e-6)
+    assert valid.tolist() == [True, True, False] and not ctx[2].any()
 
 
 def test_combination_embedding_is_sum(encoder):

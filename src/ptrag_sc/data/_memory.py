@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 MemoryKind = Literal["embedding", "response"]
 IndexBackend = Literal["auto", "exact", "faiss"]
 
+#: How a candidate relates to its query (module input; the context entry is added by the model).
+RELATION_OTHER, RELATION_SAME_PERTURBATION, RELATION_MEMBER, RELATION_CONTEXT = 0, 1, 2, 3
+
 #: Memories larger than this use faiss when ``index_backend="auto"`` and faiss is installed.
 FAISS_AUTO_THRESHOLD = 100_000
 
@@ -45,6 +48,8 @@ class RetrievalMemory:
         ``responses`` projected on their top principal directions (sign-fixed, unscaled),
         shape ``(M, c)``; what the candidate encoder reads, so that encoding ``K`` candidates per
         set does not cost ``K * G`` multiply-adds per hidden unit.
+    response_basis
+        The ``(G, c)`` principal directions, to code other responses the same way.
     """
 
     kind: str
@@ -54,6 +59,7 @@ class RetrievalMemory:
     responses: np.ndarray | None
     n_cells: np.ndarray
     response_codes: np.ndarray | None = None
+    response_basis: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.perturbations.shape[0])
@@ -140,6 +146,7 @@ def build_memory(
         )
     control_means = group_means(X, ctrl_codes, len(control_ct))
     responses = entry_means - control_means[control_ct.get_indexer(entry_ct)]
+    basis = principal_basis(responses, n_response_components)
     return RetrievalMemory(
         kind=kind,
         perturbations=entry_pert,
@@ -147,18 +154,61 @@ def build_memory(
         embeddings=encoder.embed(entry_pert),
         responses=responses.astype(np.float32),
         n_cells=np.bincount(codes, minlength=len(uniques)),
-        response_codes=principal_codes(responses, n_response_components),
+        response_codes=(responses @ basis).astype(np.float32),
+        response_basis=basis,
     )
 
 
-def principal_codes(responses: np.ndarray, n_components: int) -> np.ndarray:
-    """Rows of ``responses`` projected on their top principal directions (not centred)."""
+def principal_basis(responses: np.ndarray, n_components: int) -> np.ndarray:
+    """Top principal directions (not centred, sign-fixed) of the rows, as ``(G, c)`` float32."""
     responses = np.asarray(responses, dtype=np.float64)
     k = min(n_components, *responses.shape)
     _, _, vt = np.linalg.svd(responses, full_matrices=False)
     vt = vt[:k]
     signs = np.sign(vt[np.arange(k), np.abs(vt).argmax(axis=1)])
-    return (responses @ (vt * signs[:, None]).T).astype(np.float32)
+    signs[signs == 0] = 1
+    return (vt * signs[:, None]).T.astype(np.float32)
+
+
+def context_responses(
+    memory: RetrievalMemory, perturbations: np.ndarray, cell_types: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean response of the other training perturbations of each query's cell type.
+
+    For a query (q, c) this is the mean of the memory's (p, c) responses over ``p != q``: the
+    cell type's generic response to being perturbed (the "context mean"), with the query's own
+    entry left out so that training sets never see their own answer.
+
+    Returns
+    -------
+    responses
+        ``(n, G)`` float32 (zeros where undefined).
+    valid
+        ``(n,)`` bool, False when the cell type has no other training perturbation.
+    """
+    perturbations = np.asarray(perturbations).astype(str)
+    cell_types = np.asarray(cell_types).astype(str)
+    n, n_genes = perturbations.shape[0], memory.responses.shape[1]
+    mem_ct = pd.Index(memory.cell_types.astype(str))
+    vocab = pd.Index(np.unique(mem_ct))
+    codes = vocab.get_indexer(mem_ct)
+    sums = np.zeros((len(vocab), n_genes))
+    np.add.at(sums, codes, memory.responses)
+    counts = np.bincount(codes, minlength=len(vocab)).astype(np.float64)
+    q_ct = vocab.get_indexer(cell_types)
+    known = q_ct >= 0
+    total = np.zeros((n, n_genes))
+    count = np.zeros(n)
+    total[known] = sums[q_ct[known]]
+    count[known] = counts[q_ct[known]]
+    entry = pd.Index(memory.entry_names()).get_indexer(np.char.add(np.char.add(perturbations, "@"), cell_types))
+    own = entry >= 0
+    total[own] -= memory.responses[entry[own]]
+    count[own] -= 1
+    valid = count > 0
+    out = np.zeros((n, n_genes), dtype=np.float32)
+    out[valid] = total[valid] / count[valid, None]
+    return out, valid
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -188,8 +238,16 @@ class NeighbourIndex:
         installed).
     """
 
-    def __init__(self, memory: RetrievalMemory, *, n_candidates: int, backend: IndexBackend = "auto") -> None:
+    def __init__(
+        self,
+        memory: RetrievalMemory,
+        *,
+        n_candidates: int,
+        backend: IndexBackend = "auto",
+        sep: str = "+",
+    ) -> None:
         self.memory = memory
+        self.sep = sep
         self.n_candidates = int(n_candidates)
         self._keys = _normalise(memory.embeddings)
         self._pert_vocab = pd.Index(np.unique(memory.perturbations.astype(str)))
@@ -230,7 +288,7 @@ class NeighbourIndex:
         cell_types: np.ndarray,
         *,
         chunk_size: int = 2048,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Top-``K`` candidates of each query.
 
         Returns
@@ -241,6 +299,10 @@ class NeighbourIndex:
             ``(n, K)`` float32 cosine similarities (``nan`` for ``-1``).
         same_cell_type
             ``(n, K)`` bool, whether the entry was measured in the query's cell type.
+        relation
+            ``(n, K)`` int64: ``RELATION_SAME_PERTURBATION`` for the query measured in another
+            cell type, ``RELATION_MEMBER`` for a single gene of a combination query (``A`` for
+            ``A+B``), ``RELATION_OTHER`` otherwise.
         """
         perturbations = np.asarray(perturbations).astype(str)
         cell_types = np.asarray(cell_types).astype(str)
@@ -262,7 +324,14 @@ class NeighbourIndex:
         same = np.zeros_like(valid)
         if self.memory.kind == "response":
             same[valid] = self._mem_ct[cand[valid]] == np.repeat(ct_codes, valid.sum(axis=1))
-        return cand, sim, same
+        safe = np.maximum(cand, 0)
+        relation = np.where(valid & (self._mem_pert[safe] == pert_codes[:, None]), RELATION_SAME_PERTURBATION, RELATION_OTHER)
+        mem_labels = self.memory.perturbations.astype(str)
+        for row in np.flatnonzero(np.char.find(perturbations, self.sep) >= 0):
+            members = [m.strip().upper() for m in perturbations[row].split(self.sep)]
+            is_member = valid[row] & np.isin(np.char.upper(mem_labels[safe[row]]), members)
+            relation[row, is_member] = RELATION_MEMBER
+        return cand, sim, same, relation
 
     def _exact(self, q, pert_codes, ct_codes):
         scores = torch.from_numpy(q) @ torch.from_numpy(self._keys).T

@@ -78,10 +78,14 @@ class SetGroups:
         Labels of each group.
     embedding
         ``(n_groups, D)`` gene embedding of each group's perturbation.
-    candidates, candidate_same_cell_type
-        ``(n_groups, K)`` stage-1 candidates (``-1`` padding) and their cell-type match.
+    candidates, candidate_same_cell_type, candidate_relation
+        ``(n_groups, K)`` stage-1 candidates (``-1`` padding), their cell-type match and their
+        relation to the query.
     batch
         ``(n_groups,)`` batch code (``-1`` when unknown or not used).
+    context_response, context_valid
+        ``(n_groups, G)`` mean response of the other training perturbations of the group's cell
+        type and whether it exists (response memories only).
     """
 
     cells: np.ndarray
@@ -94,7 +98,10 @@ class SetGroups:
     embedding: np.ndarray
     candidates: np.ndarray
     candidate_same_cell_type: np.ndarray
+    candidate_relation: np.ndarray
     batch: np.ndarray
+    context_response: np.ndarray | None = None
+    context_valid: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.cell_start.shape[0] - 1)
@@ -192,8 +199,12 @@ def make_batch(
         TENSORS.PERT_EMBEDDING: torch.from_numpy(groups.embedding[group]),
         TENSORS.CANDIDATES: torch.from_numpy(groups.candidates[group]),
         TENSORS.CANDIDATE_SAME_CELL_TYPE: torch.from_numpy(groups.candidate_same_cell_type[group]),
+        TENSORS.CANDIDATE_RELATION: torch.from_numpy(groups.candidate_relation[group]),
         TENSORS.BATCH: torch.from_numpy(groups.batch[group]),
     }
+    if groups.context_response is not None:
+        batch[TENSORS.CONTEXT_RESPONSE] = torch.from_numpy(groups.context_response[group])
+        batch[TENSORS.CONTEXT_VALID] = torch.from_numpy(groups.context_valid[group])
     if cells is not None:
         batch[TENSORS.X_PERT] = expression.rows(cells)
     return batch

@@ -35,12 +35,12 @@ from .._constants import (
 )
 from .._settings import settings
 from ..data._fields import PerturbationField
-from ..data._memory import NeighbourIndex, RetrievalMemory, build_memory
+from ..data._memory import NeighbourIndex, RetrievalMemory, build_memory, context_responses
 from ..data._pairing import match_controls
 from ..data._perturbations import PerturbationEncoder
 from ..data._sets import ExpressionMatrix, SetDataModule, SetGroups, index_groups, make_batch
 from ..module._module import TENSORS, PTRAGModule
-from ..train import PTRAGTrainingPlan
+from ..train import KeepBestWeights, PTRAGTrainingPlan
 from ._validation import (
     check_controls_per_cell_type,
     check_expression,
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _NOT_TRAINED = "Model not trained. Call `model.train()` first."
+#: Name of the context entry (the cell type's mean response) in :meth:`PTRAG.get_retrieval`.
+CONTEXT_CANDIDATE = "<context mean>"
 _NO_CELL_TYPE = "all"
 
 
@@ -218,6 +220,7 @@ class PTRAG(BaseModelClass):
         self._memory_state: dict | None = None
         self._index: NeighbourIndex | None = None
         self.training_perturbations_: np.ndarray | None = None
+        self.best_epoch_: int | None = None
         self.training_cell_types_: np.ndarray | None = None
         self._model_summary_string = (
             f"PTRAG model: retrieval={retrieval!r}, memory={memory!r}, backbone={backbone!r}, "
@@ -349,11 +352,13 @@ class PTRAG(BaseModelClass):
         self._index = None
         if state is not None:
             memory = RetrievalMemory.from_dict(state)
-            self.module.set_memory(memory.embeddings, memory.responses, memory.response_codes)
+            self.module.set_memory(memory.embeddings, memory.responses, memory.response_codes, memory.response_basis)
 
     def _neighbour_index(self) -> NeighbourIndex:
         if self._index is None:
-            self._index = NeighbourIndex(self.memory, n_candidates=self.n_candidates, backend=self.index_backend)
+            self._index = NeighbourIndex(
+                self.memory, n_candidates=self.n_candidates, backend=self.index_backend, sep=self._encoder.sep
+            )
         return self._index
 
     # ----------------------------------------------------------- obs readers
@@ -452,11 +457,15 @@ class PTRAG(BaseModelClass):
         group_labels = labels[first].astype(str)
         group_cts = cell_types[first].astype(str)
         embedding = self._encoder.embed(group_labels) if len(first) else np.zeros((0, self._encoder.n_dims), np.float32)
+        context = context_valid = None
         if self.retrieval != "none" and len(first):
-            candidates, _, same = self._neighbour_index().query(group_labels, embedding, group_cts)
+            candidates, _, same, relation = self._neighbour_index().query(group_labels, embedding, group_cts)
+            if self.memory_kind == "response":
+                context, context_valid = context_responses(self.memory, group_labels, group_cts)
         else:
             candidates = np.full((len(first), self.n_candidates), -1, dtype=np.int64)
             same = np.zeros_like(candidates, dtype=bool)
+            relation = np.zeros_like(candidates)
         return SetGroups(
             cells=cells,
             cell_start=start,
@@ -468,7 +477,10 @@ class PTRAG(BaseModelClass):
             embedding=embedding,
             candidates=candidates,
             candidate_same_cell_type=same,
+            candidate_relation=relation,
             batch=batches[first].astype(np.int64),
+            context_response=context,
+            context_valid=context_valid,
         )
 
     def train(
@@ -481,6 +493,7 @@ class PTRAG(BaseModelClass):
         train_size: float = 0.9,
         validation_size: float | None = None,
         early_stopping: bool = False,
+        keep_best: bool = True,
         check_val_every_n_epoch: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
@@ -514,6 +527,10 @@ class PTRAG(BaseModelClass):
         early_stopping
             Stop when ``validation_energy`` stops improving (see scvi-tools'
             ``early_stopping_patience`` and related trainer arguments).
+        keep_best
+            With a validation split, restore at the end the weights of the validation with the
+            lowest ``validation_energy`` (kept in memory; ``model.best_epoch_`` records when).
+            Small few-shot splits overfit quickly, so this is on by default.
         check_val_every_n_epoch
             Validation frequency; default: about 20 validations per run.
         accelerator, devices
@@ -587,6 +604,10 @@ class PTRAG(BaseModelClass):
         trainer_kwargs.setdefault("gradient_clip_val", 10.0)
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
         trainer_kwargs["use_distributed_sampler"] = False
+        keeper = None
+        if keep_best and val_groups is not None:
+            keeper = KeepBestWeights("validation_energy")
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), keeper]
         plan_kwargs = dict(plan_kwargs or {})
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         runner = self._train_runner_cls(
@@ -600,7 +621,8 @@ class PTRAG(BaseModelClass):
             check_val_every_n_epoch=check_val_every_n_epoch,
             **trainer_kwargs,
         )
-        return runner()
+        runner()
+        self.best_epoch_ = None if keeper is None else keeper.best_epoch
 
     # -------------------------------------------------------------- generation
     def _require_trained(self) -> None:
@@ -639,7 +661,7 @@ class PTRAG(BaseModelClass):
         )
         similarity = None
         if self.retrieval != "none":
-            _, similarity, _ = self._neighbour_index().query(groups.perturbation, groups.embedding, groups.cell_type)
+            _, similarity, _, _ = self._neighbour_index().query(groups.perturbation, groups.embedding, groups.cell_type)
         sizes = groups.sizes
         n_sets = -(-sizes // self.cell_set_size)
         # Near-equal chunks: set j of group g holds rows [g_start + b_j, g_start + b_{j+1}).
@@ -673,7 +695,7 @@ class PTRAG(BaseModelClass):
                     generated = module.generative(**module._get_generative_input(batch, inference))
                     out[out_rows.ravel()] = generated["prediction"].reshape(-1, out.shape[1]).cpu().numpy()
                     if similarity is not None:
-                        weights = _evidence_weights(inference).cpu().numpy()  # [B,S,K]
+                        weights = _evidence_weights(inference, similarity.shape[1]).cpu().numpy()  # [B,S,K]
                         sims = np.nan_to_num(similarity[set_group[chosen]], nan=0.0)[:, None, :]
                         distance[out_rows.ravel()] = (weights * (1.0 - sims)).sum(-1).ravel()
                     bar.update(1)
@@ -957,14 +979,26 @@ class PTRAG(BaseModelClass):
             cells = rng.choice(pool, size=min(n_cells, pool.size), replace=False)
             cts = np.full(len(perturbations), ct, dtype=object)
             emb = self._encoder.embed(perturbations)
-            cand, sim, same = self._neighbour_index().query(np.asarray(perturbations), emb, cts)
+            cand, sim, same, relation = self._neighbour_index().query(np.asarray(perturbations), emb, cts)
             batch = {
                 TENSORS.X_CTRL: expression.rows(np.broadcast_to(cells, (len(perturbations), cells.size))),
                 TENSORS.PERT_EMBEDDING: torch.from_numpy(emb),
                 TENSORS.CANDIDATES: torch.from_numpy(cand),
                 TENSORS.CANDIDATE_SAME_CELL_TYPE: torch.from_numpy(same),
+                TENSORS.CANDIDATE_RELATION: torch.from_numpy(relation),
                 TENSORS.BATCH: torch.full((len(perturbations),), -1, dtype=torch.long),
             }
+            names_k = np.where(cand >= 0, names[np.maximum(cand, 0)], None)
+            cts_k = np.where(cand >= 0, memory.cell_types.astype(str)[np.maximum(cand, 0)], None)
+            valid = cand >= 0
+            if memory.kind == "response":
+                context, context_valid = context_responses(memory, np.asarray(perturbations), cts)
+                batch[TENSORS.CONTEXT_RESPONSE] = torch.from_numpy(context)
+                batch[TENSORS.CONTEXT_VALID] = torch.from_numpy(context_valid)
+                names_k = np.concatenate([names_k, np.full((len(perturbations), 1), CONTEXT_CANDIDATE, dtype=object)], 1)
+                cts_k = np.concatenate([cts_k, np.full((len(perturbations), 1), ct, dtype=object)], 1)
+                sim = np.concatenate([sim, np.full((len(perturbations), 1), np.nan, dtype=np.float32)], 1)
+                valid = np.concatenate([valid, context_valid[:, None]], 1)
             batch = {k: v.to(device) for k, v in batch.items()}
             self.module.eval()
             inference = self.module.inference(**self.module._get_inference_input(batch), sample_retrieval=False)
@@ -974,17 +1008,14 @@ class PTRAG(BaseModelClass):
             else:
                 keep_p = inference["attention"].mean(1).cpu().numpy()
                 selected = np.full_like(keep_p, np.nan)
-            k = cand.shape[1]
-            valid = cand >= 0
+            k = names_k.shape[1]
             frame = pd.DataFrame(
                 {
                     "query": np.repeat(perturbations, k),
                     "cell_type": ct,
                     "rank": np.tile(np.arange(1, k + 1), len(perturbations)),
-                    "candidate": np.where(valid, names[np.maximum(cand, 0)], None).ravel(),
-                    "candidate_cell_type": np.where(valid, memory.cell_types.astype(str)[np.maximum(cand, 0)], None).ravel()
-                    if memory.kind == "response"
-                    else None,
+                    "candidate": names_k.ravel(),
+                    "candidate_cell_type": cts_k.ravel(),
                     "similarity": sim.ravel(),
                     "keep_probability": keep_p.ravel(),
                     "selected_fraction": selected.ravel(),
@@ -1003,13 +1034,13 @@ def _check_choice(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
-def _evidence_weights(inference: dict) -> torch.Tensor:
-    """Per-cell weights over candidates used for the retrieval distance."""
-    valid = inference["valid"][:, None, :].to(inference["x0"].dtype)
+def _evidence_weights(inference: dict, n_candidates: int) -> torch.Tensor:
+    """Per-cell weights over the stage-1 candidates (not the context entry), for the distance."""
+    valid = inference["valid"][:, None, :n_candidates].to(inference["x0"].dtype)
     if "keep" in inference:
-        weights = inference["keep"] * inference["keep_probability"]
+        weights = (inference["keep"] * inference["keep_probability"])[..., :n_candidates]
     else:
-        weights = inference["attention"]
+        weights = inference["attention"][..., :n_candidates]
     total = weights.sum(-1, keepdim=True)
     uniform = valid / valid.sum(-1, keepdim=True).clamp_min(1)
     return torch.where(total > 0, weights / total.clamp_min(1e-12), uniform)

@@ -21,6 +21,9 @@ class TENSORS:
     PERT_EMBEDDING = "pert_embedding"  #: ``[B, D]`` gene embedding of each set's perturbation
     CANDIDATES = "candidates"  #: ``[B, K]`` memory entries from stage 1, ``-1`` = padding
     CANDIDATE_SAME_CELL_TYPE = "candidate_same_cell_type"  #: ``[B, K]`` bool
+    CANDIDATE_RELATION = "candidate_relation"  #: ``[B, K]`` relation code (see ``data._memory``)
+    CONTEXT_RESPONSE = "context_response"  #: ``[B, G]`` mean response of the cell type's other perturbations
+    CONTEXT_VALID = "context_valid"  #: ``[B]`` bool
     BATCH = "batch"  #: ``[B]`` batch code, ``-1`` = unknown
 
 
@@ -164,14 +167,22 @@ class PTRAGModule(BaseModuleClass):
         self.n_response_components = n_response_components
         self.response_encoder = nn.Linear(n_response_components, n_hidden) if uses_responses else None
         self.same_cell_type = nn.Embedding(2, n_hidden) if uses_responses else None
+        # Relation of a candidate to the query: other, same perturbation (other cell type),
+        # member of the query combination, the cell type's context mean.
+        self.relation = nn.Embedding(4, n_hidden) if retrieval != "none" else None
+        self.context_token = nn.Parameter(torch.zeros(n_hidden)) if uses_responses else None
+        # Log-gain of the shift contributed per relation: lets a combination's members add up
+        # (A+B ~ A + B) while other evidence is averaged.
+        self.relation_gain = nn.Parameter(torch.zeros(4)) if uses_responses else None
         # Filled by `set_memory`; not part of the state dict, since the memory is data saved
         # with the model, not a parameter.
         self.register_buffer("memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False)
         self.register_buffer("memory_responses", torch.zeros(0, n_genes), persistent=False)
         self.register_buffer("memory_response_codes", torch.zeros(0, n_response_components), persistent=False)
+        self.register_buffer("memory_response_basis", torch.zeros(n_genes, n_response_components), persistent=False)
 
     # ------------------------------------------------------------------ memory
-    def set_memory(self, embeddings, responses=None, response_codes=None) -> None:
+    def set_memory(self, embeddings, responses=None, response_codes=None, response_basis=None) -> None:
         """Install the retrieval memory.
 
         Parameters
@@ -183,6 +194,8 @@ class PTRAGModule(BaseModuleClass):
         response_codes
             ``[M, c]`` low-dimensional codes of the responses, ``c <= n_response_components``
             (zero-padded here).
+        response_basis
+            ``[G, c]`` directions that map a response to its code.
         """
         device = self.memory_embeddings.device
         as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
@@ -194,6 +207,11 @@ class PTRAGModule(BaseModuleClass):
             response_codes = as_tensor(response_codes)
             codes[:, : response_codes.shape[1]] = response_codes[:, : self.n_response_components]
         self.memory_response_codes = codes
+        basis = torch.zeros(self.n_genes, self.n_response_components, device=device)
+        if response_basis is not None:
+            response_basis = as_tensor(response_basis)
+            basis[:, : response_basis.shape[1]] = response_basis[:, : self.n_response_components]
+        self.memory_response_basis = basis
 
     @property
     def uses_retrieval(self) -> bool:
@@ -206,19 +224,44 @@ class PTRAGModule(BaseModuleClass):
             "pert_embedding": tensors[TENSORS.PERT_EMBEDDING],
             "candidates": tensors.get(TENSORS.CANDIDATES),
             "candidate_same_cell_type": tensors.get(TENSORS.CANDIDATE_SAME_CELL_TYPE),
+            "candidate_relation": tensors.get(TENSORS.CANDIDATE_RELATION),
+            "context_response": tensors.get(TENSORS.CONTEXT_RESPONSE),
+            "context_valid": tensors.get(TENSORS.CONTEXT_VALID),
             "batch": tensors.get(TENSORS.BATCH),
         }
 
-    def _encode_candidates(self, candidates: torch.Tensor, same_cell_type: torch.Tensor | None):
+    def _encode_candidates(self, candidates, same_cell_type=None, relation=None, context_response=None, context_valid=None):
+        """Encode the stage-1 candidates (plus, for response memories, the context entry).
+
+        Returns ``h_cand`` ``[B,K',H]``, ``valid`` ``[B,K']``, the candidates' responses
+        ``[B,K',G]`` (None for embedding memories) and their relation codes ``[B,K']``.
+        """
         valid = candidates >= 0
         index = candidates.clamp_min(0)
-        h_cand = self.pert_encoder(self.memory_embeddings[index])  # [B,K,H]
+        if relation is None:
+            relation = torch.zeros_like(index)
+        h_cand = self.pert_encoder(self.memory_embeddings[index]) + self.relation(relation)  # [B,K,H]
         responses = None
         if self.response_encoder is not None:
             responses = self.memory_responses[index]  # [B,K,G]
             h_cand = h_cand + self.response_encoder(self.memory_response_codes[index])
+            if same_cell_type is None:
+                same_cell_type = torch.zeros_like(valid)
             h_cand = h_cand + self.same_cell_type(same_cell_type.long())
-        return h_cand, valid, responses
+            if context_response is not None:
+                # The context entry: a learned token plus its response, flagged as such.
+                ctx_relation = torch.full_like(relation[:, :1], 3)
+                h_ctx = (
+                    self.context_token
+                    + self.response_encoder(context_response @ self.memory_response_basis)
+                    + self.same_cell_type.weight[1]
+                    + self.relation(ctx_relation[:, 0])
+                )
+                h_cand = torch.cat([h_cand, h_ctx[:, None, :]], dim=1)
+                valid = torch.cat([valid, context_valid[:, None]], dim=1)
+                responses = torch.cat([responses, context_response[:, None, :]], dim=1)
+                relation = torch.cat([relation, ctx_relation], dim=1)
+        return h_cand, valid, responses, relation
 
     @auto_move_data
     def inference(
@@ -227,6 +270,9 @@ class PTRAGModule(BaseModuleClass):
         pert_embedding: torch.Tensor,
         candidates: torch.Tensor | None = None,
         candidate_same_cell_type: torch.Tensor | None = None,
+        candidate_relation: torch.Tensor | None = None,
+        context_response: torch.Tensor | None = None,
+        context_valid: torch.Tensor | None = None,
         batch: torch.Tensor | None = None,
         sample_retrieval: bool | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -241,7 +287,9 @@ class PTRAGModule(BaseModuleClass):
                 raise ValueError("This model retrieves: the batch needs `candidates`.")
             if self.memory_embeddings.shape[0] == 0:
                 raise RuntimeError("The retrieval memory is empty; call `set_memory` first.")
-            h_cand, valid, responses = self._encode_candidates(candidates, candidate_same_cell_type)
+            h_cand, valid, responses, relation = self._encode_candidates(
+                candidates, candidate_same_cell_type, candidate_relation, context_response, context_valid
+            )
             if self.selector is not None:
                 sample = self.training if sample_retrieval is None else sample_retrieval
                 selected = self.selector(h_ctrl, h_pert, h_cand, valid, sample=sample)
@@ -257,7 +305,8 @@ class PTRAGModule(BaseModuleClass):
             context = selected["context"]
             x0 = x0 + context if self.context_mode == "add" else context
             if responses is not None:
-                delta = weights @ responses  # [B,S,K] x [B,K,G]
+                gains = torch.exp(self.relation_gain)[relation]  # [B,K]
+                delta = (weights * gains[:, None, :]) @ responses  # [B,S,K] x [B,K,G]
         if self.batch_embedding is not None and batch is not None:
             known = (batch >= 0)[:, None, None].to(x0.dtype)
             x0 = x0 + known * self.batch_embedding(batch.clamp_min(0))[:, None, :]

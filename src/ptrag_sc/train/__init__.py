@@ -1,5 +1,6 @@
-"""Training plan of PT-RAG."""
+"""Training plan and callbacks of PT-RAG."""
 
+from ._callbacks import KeepBestWeights
 from ._trainingplan import PTRAGTrainingPlan
 
-__all__ = ["PTRAGTrainingPlan"]
+__all__ = ["KeepBestWeights", "PTRAGTrainingPlan"]

@@ -1,0 +1,48 @@
+"""Training callbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+logger = logging.getLogger(__name__)
+
+
+class KeepBestWeights(Callback):
+    """Keep, in memory, the module weights of the best validation epoch and restore them at the end.
+
+    Parameters
+    ----------
+    monitor
+        Logged metric to watch.
+    mode
+        ``"min"`` or ``"max"``.
+    """
+
+    def __init__(self, monitor: str = "validation_energy", mode: str = "min") -> None:
+        super().__init__()
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self._state: dict | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self._state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._state is None:
+            return
+        with torch.no_grad():
+            pl_module.module.load_state_dict(self._state)
+        logger.info("Restored the weights of epoch %s (%s = %.4g).", self.best_epoch, self.monitor, self.best)
