@@ -64,14 +64,26 @@ def test_selector_context_equals_explicit_sum():
     out = selector(h_ctrl, h_pert, h_cand, valid, sample=False)
     full = torch.cat(torch.broadcast_tensors(h_ctrl[:, :, None], h_pert[:, None, None], h_cand[:, None]), dim=-1)
     normed = nn.functional.layer_norm(full, (3 * h,), selector.norm.weight, selector.norm.bias, selector.norm.eps)
-    logits = selector.scorer_out(nn.functional.gelu(selector.scorer_hidden(normed)))
-    p_keep = torch.softmax(logits, -1)[..., 1] * valid[:, None]
+    logit = selector.scorer_out(nn.functional.gelu(selector.scorer_hidden(normed))).squeeze(-1)
+    p_keep = torch.sigmoid(logit) * valid[:, None]
     torch.testing.assert_close(out["keep_probability"], p_keep, rtol=1e-4, atol=1e-5)
     keep = (p_keep > 0.5).float() * valid[:, None]
     expected = (keep[..., None] * selector.projection(normed)).sum(2)
     torch.testing.assert_close(out["context"], expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(out["keep"], keep)
     assert not out["keep"][1, :, 2].any() and not out["keep"][1, :, 4].any()
+
+
+def test_binary_concrete_matches_two_class_gumbel_softmax():
+    from ptrag_sc.module._retriever import hard_binary_concrete
+
+    torch.manual_seed(0)
+    logit = torch.tensor([-1.5, 0.0, 0.8]).repeat(40000, 1)
+    ours = hard_binary_concrete(logit, 0.5).mean(0)
+    reference = torch.nn.functional.gumbel_softmax(torch.stack([torch.zeros_like(logit), logit], -1), tau=0.5, hard=True)[..., 1].mean(0)
+    # Both keep with probability sigmoid(logit).
+    torch.testing.assert_close(ours, torch.sigmoid(logit[0]), atol=0.01, rtol=0)
+    torch.testing.assert_close(reference, torch.sigmoid(logit[0]), atol=0.01, rtol=0)
 
 
 def test_selector_sampling_is_hard_and_differentiable():

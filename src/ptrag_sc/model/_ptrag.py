@@ -34,6 +34,7 @@ from .._constants import (
     UNS_KEY,
 )
 from .._settings import settings
+from .._utils import flush_denormal
 from ..data._fields import PerturbationField
 from ..data._memory import NeighbourIndex, RetrievalMemory, build_memory, context_responses
 from ..data._pairing import match_controls
@@ -621,7 +622,8 @@ class PTRAG(BaseModelClass):
             check_val_every_n_epoch=check_val_every_n_epoch,
             **trainer_kwargs,
         )
-        runner()
+        with flush_denormal():
+            runner()
         self.best_epoch_ = None if keeper is None else keeper.best_epoch
 
     # -------------------------------------------------------------- generation
@@ -684,21 +686,22 @@ class PTRAG(BaseModelClass):
         n_batches = sum(-(-len(idx) // batch_size) for _, idx in work)
         bar = _progress(n_batches, "Predicting", progress)
         try:
-            for size, set_ids in work:
-                for b in range(0, len(set_ids), batch_size):
-                    chosen = set_ids[b : b + batch_size]
-                    rows = lo[chosen][:, None] + np.arange(size)[None, :]  # positions in groups.cells
-                    out_rows = groups.cells[rows]
-                    batch = make_batch(expression, groups, set_group[chosen], control_rows[out_rows])
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    inference = module.inference(**module._get_inference_input(batch), sample_retrieval=sample_retrieval)
-                    generated = module.generative(**module._get_generative_input(batch, inference))
-                    out[out_rows.ravel()] = generated["prediction"].reshape(-1, out.shape[1]).cpu().numpy()
-                    if similarity is not None:
-                        weights = _evidence_weights(inference, similarity.shape[1]).cpu().numpy()  # [B,S,K]
-                        sims = np.nan_to_num(similarity[set_group[chosen]], nan=0.0)[:, None, :]
-                        distance[out_rows.ravel()] = (weights * (1.0 - sims)).sum(-1).ravel()
-                    bar.update(1)
+            with flush_denormal():
+                for size, set_ids in work:
+                    for b in range(0, len(set_ids), batch_size):
+                        chosen = set_ids[b : b + batch_size]
+                        rows = lo[chosen][:, None] + np.arange(size)[None, :]  # positions in groups.cells
+                        out_rows = groups.cells[rows]
+                        batch = make_batch(expression, groups, set_group[chosen], control_rows[out_rows])
+                        batch = {k: v.to(device) for k, v in batch.items()}
+                        inference = module.inference(**module._get_inference_input(batch), sample_retrieval=sample_retrieval)
+                        generated = module.generative(**module._get_generative_input(batch, inference))
+                        out[out_rows.ravel()] = generated["prediction"].reshape(-1, out.shape[1]).cpu().numpy()
+                        if similarity is not None:
+                            weights = _evidence_weights(inference, similarity.shape[1]).cpu().numpy()  # [B,S,K]
+                            sims = np.nan_to_num(similarity[set_group[chosen]], nan=0.0)[:, None, :]
+                            distance[out_rows.ravel()] = (weights * (1.0 - sims)).sum(-1).ravel()
+                        bar.update(1)
         finally:
             bar.close()
             if generator_state is not None:

@@ -8,6 +8,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def hard_binary_concrete(logit: torch.Tensor, tau: float) -> torch.Tensor:
+    """Hard two-class Gumbel-Softmax sample of "keep" with a straight-through gradient.
+
+    Equal in distribution to ``F.gumbel_softmax(stack([0, logit]), tau, hard=True)[..., 1]``:
+    the difference of two Gumbel variables is logistic.
+    """
+    u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + (soft - soft.detach())  # exactly 0/1 forward, gradient of the soft sample
+
+
 class ConcatLayerNorm(nn.Module):
     """``LayerNorm(concat(parts))`` followed by linear maps, without building the concatenation.
 
@@ -57,7 +69,10 @@ class TwoStageSelector(nn.Module):
         self.tau = tau
         self.norm = ConcatLayerNorm(n_hidden, 3)
         self.scorer_hidden = nn.Linear(3 * n_hidden, n_scorer_hidden or n_hidden)
-        self.scorer_out = nn.Linear(n_scorer_hidden or n_hidden, 2)
+        # One logit, keep versus drop: a two-class softmax over (drop, keep) logits only depends
+        # on their difference, and the two-class Gumbel-Softmax is the binary concrete
+        # distribution (logistic noise), which needs half the work on the [B,S,K] hot path.
+        self.scorer_out = nn.Linear(n_scorer_hidden or n_hidden, 1)
         self.projection = nn.Linear(3 * n_hidden, n_hidden)
 
     def forward(
@@ -95,13 +110,13 @@ class TwoStageSelector(nn.Module):
         (w_cell, w_pert, w_cand), w_sum, bias = self.norm.folded(self.scorer_hidden)
         hidden = (cell @ w_cell.T + pert @ w_pert.T) + cand @ w_cand.T  # [B,S,K,Hs]
         hidden = torch.addcmul(bias, rstd, torch.addcmul(hidden, mean, w_sum, value=-1.0))
-        logits = self.scorer_out(F.gelu(hidden))  # [B,S,K,2]: (drop, keep)
-        keep_probability = torch.softmax(logits, dim=-1)[..., 1] * valid[:, None, :]
+        logit = self.scorer_out(F.gelu(hidden)).squeeze(-1)  # [B,S,K], keep minus drop
+        mask = valid[:, None, :].to(logit.dtype)
+        keep_probability = torch.sigmoid(logit) * mask
         if sample:
-            keep = F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., 1]
+            keep = hard_binary_concrete(logit, self.tau) * mask
         else:
-            keep = (keep_probability > 0.5).to(h_ctrl.dtype)
-        keep = keep * valid[:, None, :].to(keep.dtype)
+            keep = (logit > 0).to(logit.dtype) * mask
 
         # z = sum_k keep_k * rstd_k * (P_cell + P_pert + P_cand_k - mean_k * w_sum) + bias * sum_k keep_k
         (p_cell, p_pert, p_cand), p_sum, p_bias = self.norm.folded(self.projection)

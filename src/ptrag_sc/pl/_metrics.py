@@ -1,0 +1,260 @@
+"""Compare methods on one metric, from ``tl.evaluate`` rows or a ``tl.summarize`` table."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ..tl import summarize
+from ._utils import check_save, finish, single_ax
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from matplotlib.axes import Axes
+
+_SUMMARY_COLUMNS = ("metric", "mean", "ci_low", "ci_high")
+#: Direction of the metrics of :func:`ptrag_sc.tl.evaluate` (for the axis label).
+_HIGHER_IS_BETTER = {
+    "pearson_delta",
+    "spearman_delta",
+    "pearson_delta_de",
+    "pearson_pert_centred",
+    "de_overlap",
+    "de_direction",
+    "split_half_pearson",
+}
+_LOWER_IS_BETTER = {
+    "mse",
+    "rmse",
+    "mae",
+    "mse_pca",
+    "w1",
+    "w2",
+    "mmd",
+    "energy",
+    "discrimination_l1",
+}
+
+
+def is_summary(frame: pd.DataFrame) -> bool:
+    """Whether ``frame`` looks like the output of :func:`ptrag_sc.tl.summarize`."""
+    return all(c in frame.columns for c in _SUMMARY_COLUMNS)
+
+
+def metric_comparison(
+    results_or_summary: pd.DataFrame,
+    *,
+    metric: str = "pearson_delta",
+    method_key: str = "method",
+    hue: str | None = None,
+    order: Sequence[str] | None = None,
+    hue_order: Sequence[str] | None = None,
+    show_points: bool = True,
+    ci: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    figsize: tuple[float, float] | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+) -> Axes | None:
+    """Methods compared on one metric: mean with a bootstrap interval, and the per-row values.
+
+    Two inputs are accepted:
+
+    - rows of :func:`ptrag_sc.tl.evaluate` (one per cell type and perturbation; several
+      methods concatenated, told apart by the ``method`` column): each row is drawn as a
+      point (jittered horizontally), and the mean with its percentile bootstrap interval is
+      computed with :func:`ptrag_sc.tl.summarize` (``ci``, ``n_boot``, ``seed``) and drawn as
+      a marker with error bars;
+    - the output of :func:`ptrag_sc.tl.summarize` (columns ``metric``, ``mean``, ``ci_low``,
+      ``ci_high`` and the grouping columns): the mean and the interval ``[ci_low, ci_high]``.
+
+    Parameters
+    ----------
+    results_or_summary
+        ``tl.evaluate`` rows or a ``tl.summarize`` table.
+    metric
+        Metric to compare (a column of ``tl.evaluate``, a value of the summary's ``metric``).
+    method_key
+        Column naming the method (x axis).
+    hue
+        Optional second grouping column (e.g. ``"cell_line"``): one colour per value, side by
+        side. For a summary it must be one of the columns it was grouped by.
+    order
+        Methods to show, in this order (default: order of appearance).
+    hue_order
+        Values of ``hue`` to show, in this order.
+    show_points
+        Draw the per-row values (``tl.evaluate`` input only).
+    ci, n_boot, seed
+        Interval coverage, bootstrap resamples and seed, passed to :func:`ptrag_sc.tl.summarize`
+        (``tl.evaluate`` input only).
+    figsize
+        Figure size when a new figure is made.
+    ax
+        Axes to draw into; default: a new figure.
+    show
+        Show the figure; default: when the function made it.
+    save
+        File path to save the figure to (format from the extension).
+
+    Returns
+    -------
+    ``None`` when the figure is shown; otherwise the Axes. Its error bars are the
+    ``ErrorbarContainer`` objects in ``ax.containers``, one per ``hue`` value (one in all
+    without ``hue``), with the methods in x order.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> import ptrag_sc
+    >>> adata = ptrag_sc.datasets.perturbench_devel(subset="glioblastoma")
+    >>> ptrag_sc.pp.few_shot_split(
+    ...     adata, held_out="U87MG", val=["PLK4"], test=["MAP2K3", "MAPK1", "SGK1", "TGFBR2"]
+    ... )
+    >>> for name in ("control", "context_mean", "other_cell_types"):
+    ...     ptrag_sc.tl.predict_baseline(adata, name, split_key="split", key_added=name)
+    >>> res = pd.concat(
+    ...     [ptrag_sc.tl.evaluate(adata, pred_layer=name, split_key="split")
+    ...      for name in ("control", "context_mean", "other_cell_types")]
+    ... )
+    >>> ax = ptrag_sc.pl.metric_comparison(res, metric="pearson_delta", show=False)
+    >>> [t.get_text() for t in ax.get_xticklabels()]
+    ['control', 'context_mean', 'other_cell_types']
+    >>> table = ptrag_sc.tl.summarize(res, by="method")
+    >>> ax = ptrag_sc.pl.metric_comparison(table, metric="mse", show=False)
+    """
+    check_save(save)
+    frame = results_or_summary
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(
+            "`results_or_summary` must be a DataFrame from `tl.evaluate` or `tl.summarize`, got "
+            f"{type(frame).__name__}."
+        )
+    if frame.empty:
+        raise ValueError("`results_or_summary` is empty.")
+    if method_key not in frame.columns:
+        raise ValueError(
+            f"`method_key={method_key!r}` is not a column; columns: {list(frame.columns)}."
+        )
+    if hue is not None and hue not in frame.columns:
+        raise ValueError(f"`hue={hue!r}` is not a column; columns: {list(frame.columns)}.")
+    by = [method_key] if hue is None else [method_key, hue]
+
+    if is_summary(frame):
+        available = list(dict.fromkeys(frame["metric"].astype(str)))
+        if metric not in available:
+            raise ValueError(
+                f"`metric={metric!r}` is not in the summary; metrics there: {available}."
+            )
+        table = frame[frame["metric"].astype(str) == metric]
+        if table.duplicated(by).any():
+            others = [c for c in frame.columns if c not in (*_SUMMARY_COLUMNS, "n", "std", *by)]
+            raise ValueError(
+                f"The summary has several rows per {by}; it was grouped by more columns "
+                f"({others}): pass one of them as `hue`, or summarise by {by} only."
+            )
+        rows = None
+    else:
+        if metric not in frame.columns:
+            numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+            raise ValueError(
+                f"`metric={metric!r}` is not a column of the results; numeric columns: {numeric}."
+            )
+        if not pd.api.types.is_numeric_dtype(frame[metric]):
+            raise ValueError(f"`metric={metric!r}` is not a numeric column.")
+        rows = frame
+        table = summarize(frame, by=by, metrics=[metric], n_boot=n_boot, ci=ci, seed=seed)
+
+    source = table if rows is None else rows  # order of appearance in the user's frame
+    methods = _levels(source[method_key], order, "order", method_key)
+    hues = [None] if hue is None else _levels(source[hue], hue_order, "hue_order", hue)
+    width = 0.8
+    step = width / len(hues)
+    if figsize is None:
+        figsize = (max(3.0, 0.9 * len(methods) * max(1, len(hues) * 0.6) + 1.5), 3.6)
+    created = ax is None
+    fig, axis = single_ax(ax, figsize)
+    rng = np.random.default_rng(seed)
+    colors = [f"C{i % 10}" for i in range(len(hues))]
+    for h_i, (level, color) in enumerate(zip(hues, colors, strict=True)):
+        offset = -width / 2 + step * (h_i + 0.5) if hue is not None else 0.0
+        sub = table if level is None else table[table[hue].astype(str) == level]
+        means, lows, highs = [], [], []
+        for m in methods:
+            row = sub[sub[method_key].astype(str) == m]
+            means.append(float(row["mean"].iloc[0]) if len(row) else np.nan)
+            lows.append(float(row["ci_low"].iloc[0]) if len(row) else np.nan)
+            highs.append(float(row["ci_high"].iloc[0]) if len(row) else np.nan)
+        x = np.arange(len(methods)) + offset
+        if rows is not None and show_points:
+            for x_i, m in zip(x, methods, strict=True):
+                mask = rows[method_key].astype(str) == m
+                if level is not None:
+                    mask &= rows[hue].astype(str) == level
+                values = pd.to_numeric(rows.loc[mask, metric], errors="coerce").to_numpy(float)
+                values = values[np.isfinite(values)]
+                if values.size:
+                    jitter = rng.uniform(-0.3, 0.3, values.size) * step
+                    axis.scatter(
+                        x_i + jitter, values, s=12, color=color, alpha=0.35, linewidths=0, zorder=2
+                    )
+        means_a, lows_a, highs_a = np.asarray(means), np.asarray(lows), np.asarray(highs)
+        has_ci = np.isfinite(lows_a) & np.isfinite(highs_a)
+        yerr = np.vstack(
+            [np.where(has_ci, means_a - lows_a, 0.0), np.where(has_ci, highs_a - means_a, 0.0)]
+        )
+        axis.errorbar(
+            x,
+            means_a,
+            yerr=yerr,
+            fmt="o",
+            color=color,
+            ecolor=color,
+            capsize=4,
+            markersize=6,
+            zorder=3,
+            label=None if level is None else level,
+        )
+    axis.set_xticks(
+        np.arange(len(methods)),
+        methods,
+        rotation=30 if len(methods) > 3 else 0,
+        ha="right" if len(methods) > 3 else "center",
+    )
+    axis.set_xlim(-0.6, len(methods) - 0.4)
+    axis.set_ylabel(_metric_label(metric))
+    axis.set_xlabel(method_key)
+    what = (
+        f"mean and {100 * ci:g}% bootstrap interval" if rows is not None else "mean and interval"
+    )
+    axis.set_title(f"{metric}: {what}", fontsize="medium")
+    if hue is not None:
+        axis.legend(title=hue, fontsize="small", frameon=False)
+    return finish(fig, axis, show=show, save=save, created=created)
+
+
+def _levels(column: pd.Series, order: Sequence[str] | None, argument: str, name: str) -> list[str]:
+    present = list(dict.fromkeys(column.astype(str)))
+    if order is None:
+        return present
+    order = [str(o) for o in order]
+    unknown = [o for o in order if o not in present]
+    if unknown:
+        raise ValueError(
+            f"`{argument}` {unknown} not found in column {name!r}; values: {present}."
+        )
+    return order
+
+
+def _metric_label(metric: str) -> str:
+    if metric in _HIGHER_IS_BETTER:
+        return f"{metric} (higher is better)"
+    if metric in _LOWER_IS_BETTER:
+        return f"{metric} (lower is better)"
+    return metric

@@ -1,0 +1,269 @@
+"""Heatmap of what the retriever fetched and kept (``PTRAG.get_retrieval`` output)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ._utils import check_save, finish, grid
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from matplotlib.axes import Axes
+
+#: Candidate name of the context entry (the cell type's mean response) in ``get_retrieval``.
+CONTEXT_CANDIDATE = "<context mean>"
+_REQUIRED = ("query", "rank", "candidate")
+_ALL = "all"
+
+
+def retrieval_matrix(
+    retrieval_df: pd.DataFrame,
+    *,
+    value: str = "keep_probability",
+    cell_type: Sequence[str] | str | None = None,
+    queries: Sequence[str] | None = None,
+    max_rank: int | None = None,
+    show_context: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Queries x candidates matrices of ``value``, one per cell type (what the heatmap shows).
+
+    Candidate labels are ``"GENE @ cell type"`` when the frame has ``candidate_cell_type``
+    (response memory), else ``"GENE"``; the context entry keeps its name
+    ``"<context mean>"``. Rows follow the order of first appearance of the queries (or
+    ``queries``), columns the best (lowest) rank a candidate reaches, ties by label, with the
+    context entry last. A candidate not retrieved for a query is NaN.
+    """
+    if not isinstance(retrieval_df, pd.DataFrame):
+        raise TypeError(
+            "`retrieval_df` must be the DataFrame returned by `model.get_retrieval(...)`, got "
+            f"{type(retrieval_df).__name__}."
+        )
+    missing = [c for c in (*_REQUIRED, value) if c not in retrieval_df.columns]
+    if missing:
+        raise ValueError(
+            f"`retrieval_df` lacks column(s) {missing}; expected the output of "
+            f"`model.get_retrieval(...)` (columns: {list(retrieval_df.columns)})."
+        )
+    if not pd.api.types.is_numeric_dtype(retrieval_df[value]):
+        raise ValueError(f"`value={value!r}` must name a numeric column of `retrieval_df`.")
+    if retrieval_df.empty:
+        raise ValueError("`retrieval_df` is empty: nothing was retrieved.")
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"`max_rank` must be >= 1 or None, got {max_rank}.")
+
+    df = retrieval_df.copy()
+    df["_ct"] = df["cell_type"].astype(str) if "cell_type" in df.columns else _ALL
+    candidate = df["candidate"].astype(str)
+    is_context = candidate == CONTEXT_CANDIDATE
+    if "candidate_cell_type" in df.columns:
+        label = candidate + " @ " + df["candidate_cell_type"].astype(str)
+        df["_label"] = label.where(~is_context, CONTEXT_CANDIDATE)
+    else:
+        df["_label"] = candidate
+    df["_query"] = df["query"].astype(str)
+    if not show_context:
+        df = df[~is_context]
+    if max_rank is not None:
+        df = df[(df["rank"] <= max_rank) | (df["_label"] == CONTEXT_CANDIDATE)]
+
+    wanted_ct = (
+        None
+        if cell_type is None
+        else ([cell_type] if isinstance(cell_type, str) else list(cell_type))
+    )
+    cts = list(dict.fromkeys(df["_ct"]))
+    if wanted_ct is not None:
+        unknown = [c for c in wanted_ct if c not in cts]
+        if unknown:
+            raise ValueError(
+                f"`cell_type` {unknown} not in `retrieval_df`; cell types there: {cts}."
+            )
+        cts = wanted_ct
+    all_queries = list(dict.fromkeys(df["_query"]))
+    if queries is not None:
+        queries = [str(q) for q in queries]
+        unknown = [q for q in queries if q not in all_queries]
+        if unknown:
+            raise ValueError(
+                f"`queries` {unknown} not in `retrieval_df`; queries there: {all_queries}."
+            )
+        df = df[df["_query"].isin(queries)]
+        all_queries = queries
+
+    out: dict[str, pd.DataFrame] = {}
+    for ct in cts:
+        sub = df[df["_ct"] == ct]
+        if sub.empty:
+            raise ValueError(f"Nothing left to plot for cell type {ct!r} after the selection.")
+        dup = sub.duplicated(["_query", "_label"])
+        if dup.any():
+            pairs = sub.loc[dup, ["_query", "_label"]].head(5).values.tolist()
+            raise ValueError(
+                f"`retrieval_df` has several rows for the same (query, candidate) in cell type "
+                f"{ct!r}, e.g. {pairs}; pass the output of one `get_retrieval` call."
+            )
+        best = sub.groupby("_label")["rank"].min()
+        context_last = best.index == CONTEXT_CANDIDATE
+        order = (
+            pd.DataFrame({"ctx": context_last, "rank": best.to_numpy(), "label": best.index})
+            .sort_values(["ctx", "rank", "label"])["label"]
+            .tolist()
+        )
+        rows = [q for q in all_queries if q in set(sub["_query"])]
+        matrix = sub.pivot(index="_query", columns="_label", values=value).reindex(
+            index=rows, columns=order
+        )
+        matrix.index.name, matrix.columns.name = "query", "candidate"
+        out[ct] = matrix.astype(float)
+    return out
+
+
+def retrieval_heatmap(
+    retrieval_df: pd.DataFrame,
+    *,
+    value: str = "keep_probability",
+    cell_type: Sequence[str] | str | None = None,
+    queries: Sequence[str] | None = None,
+    max_rank: int | None = None,
+    show_context: bool = True,
+    mark_selected: bool = True,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+) -> Axes | list[Axes] | None:
+    """Queries x retrieved candidates, coloured by keep probability (or another column).
+
+    One heatmap per cell type of ``retrieval_df`` (the output of
+    :meth:`ptrag_sc.PTRAG.get_retrieval`): rows are the query perturbations, columns the
+    stage-1 candidates (``"GENE @ cell type"`` for a response memory, where the same gene
+    measured in different cell types is a different entry), ordered by the best rank they
+    reach; the context entry ``"<context mean>"`` comes last. Blank cells: candidate not
+    retrieved for that query. With ``mark_selected``, a white dot marks the candidates that
+    stage 2 keeps for most cells (``selected``).
+
+    Parameters
+    ----------
+    retrieval_df
+        Long DataFrame from ``model.get_retrieval(...)`` (columns ``query``, ``cell_type``,
+        ``rank``, ``candidate``, ``candidate_cell_type``, ``similarity``,
+        ``keep_probability``, ``selected_fraction``, ``selected``).
+    value
+        Numeric column to colour by: ``"keep_probability"`` (stage 2, mean over cells; the
+        mean attention weight for vanilla RAG), ``"selected_fraction"`` or ``"similarity"``
+        (stage 1 cosine similarity; NaN for the context entry).
+    cell_type
+        Cell type(s) to draw (default: every cell type of the frame).
+    queries
+        Query perturbations to draw, in this order (default: all, in order of appearance).
+    max_rank
+        Keep only candidates of stage-1 rank ``<= max_rank`` (the context entry is kept).
+    show_context
+        Include the context entry column.
+    mark_selected
+        Mark the ``selected`` candidates (needs the ``selected`` column).
+    cmap, vmin, vmax
+        Colour map and range (default range: ``[0, 1]`` for probabilities and fractions, the
+        data range otherwise), shared by all heatmaps.
+    ax
+        Axes to draw into (one cell type only); default: a new figure.
+    show
+        Show the figure; default: when the function made it.
+    save
+        File path to save the figure to (format from the extension).
+
+    Returns
+    -------
+    ``None`` when the figure is shown; otherwise the Axes (one cell type) or a list of Axes,
+    one per cell type.
+
+    Examples
+    --------
+    >>> import ptrag_sc
+    >>> ptrag_sc.settings.progress_bar = False
+    >>> adata = ptrag_sc.datasets.perturbench_devel(subset="glioblastoma")
+    >>> ptrag_sc.pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=["MAPK1", "SGK1"])
+    >>> ptrag_sc.PTRAG.setup_anndata(adata, perturbation_key="gene", cell_type_key="cell_line")
+    >>> model = ptrag_sc.PTRAG(
+    ...     adata, perturbation_embeddings=adata.uns["gene_embeddings"],
+    ...     n_hidden=32, n_layers=1, n_candidates=8,
+    ... )
+    >>> model.train(max_steps=20, split_key="split")
+    >>> df = model.get_retrieval(["MAPK1", "SGK1"], cell_type="U87MG")
+    >>> ax = ptrag_sc.pl.retrieval_heatmap(df, show=False)
+    >>> ax.get_title()
+    'U87MG: keep_probability'
+    """
+    check_save(save)
+    matrices = retrieval_matrix(
+        retrieval_df,
+        value=value,
+        cell_type=cell_type,
+        queries=queries,
+        max_rank=max_rank,
+        show_context=show_context,
+    )
+    if mark_selected and "selected" not in retrieval_df.columns:
+        raise ValueError(
+            "`mark_selected=True` needs a `selected` column; pass `mark_selected=False`."
+        )
+    probability = value in ("keep_probability", "selected_fraction")
+    values = np.concatenate([m.to_numpy().ravel() for m in matrices.values()])
+    finite = values[np.isfinite(values)]
+    if vmin is None:
+        vmin = 0.0 if probability or finite.size == 0 else float(finite.min())
+    if vmax is None:
+        vmax = 1.0 if probability or finite.size == 0 else float(finite.max())
+    n_cols = max(m.shape[1] for m in matrices.values())
+    n_rows = max(m.shape[0] for m in matrices.values())
+    panel = (2.5 + 0.28 * n_cols, 1.6 + 0.3 * n_rows + 0.09 * _longest_label(matrices))
+    created = ax is None
+    fig, axes = grid(len(matrices), 1, panel, ax=ax, what="cell types")
+    selected = _selected(retrieval_df, matrices) if mark_selected else {}
+    for axis, (ct, matrix) in zip(axes, matrices.items(), strict=True):
+        data = np.ma.masked_invalid(matrix.to_numpy())
+        image = axis.imshow(
+            data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest"
+        )
+        axis.set_xticks(np.arange(matrix.shape[1]), matrix.columns, rotation=90, fontsize="small")
+        axis.set_yticks(np.arange(matrix.shape[0]), matrix.index, fontsize="small")
+        axis.set_xlabel("retrieved candidate (best rank first)")
+        axis.set_ylabel("query")
+        axis.set_title(
+            f"{ct}: {value}" if ct != _ALL or "cell_type" in retrieval_df.columns else value
+        )
+        axis.figure.colorbar(image, ax=axis, label=value, shrink=0.8)
+        rows, cols = selected.get(ct, (np.array([], int), np.array([], int)))
+        if rows.size:
+            axis.scatter(
+                cols, rows, s=14, c="white", edgecolors="black", linewidths=0.5, label="selected"
+            )
+    result = axes[0] if len(axes) == 1 else axes
+    return finish(fig, result, show=show, save=save, created=created)
+
+
+def _longest_label(matrices: dict[str, pd.DataFrame]) -> int:
+    return max((len(str(c)) for m in matrices.values() for c in m.columns), default=0)
+
+
+def _selected(retrieval_df: pd.DataFrame, matrices: dict[str, pd.DataFrame]) -> dict:
+    """Positions (rows, cols) of the ``selected`` candidates in each matrix."""
+    flags = retrieval_matrix(
+        retrieval_df.assign(_selected=retrieval_df["selected"].fillna(False).astype(float)),
+        value="_selected",
+        cell_type=list(matrices),
+        queries=None,
+    )
+    out = {}
+    for ct, matrix in matrices.items():
+        flag = flags[ct].reindex(index=matrix.index, columns=matrix.columns).to_numpy()
+        rows, cols = np.nonzero(np.nan_to_num(flag) > 0.5)
+        out[ct] = (rows, cols)
+    return out

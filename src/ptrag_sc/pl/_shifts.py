@@ -1,0 +1,376 @@
+"""Predicted vs observed mean shift from the control mean, per perturbation."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._constants import (
+    DEFAULT_CELL_TYPE_KEY,
+    DEFAULT_CONTROL_GROUP,
+    DEFAULT_PERTURBATION_KEY,
+    DEFAULT_PRED_LAYER,
+)
+from ..tl import _metrics as M
+from ..tl._utils import (
+    as_str_tuple,
+    check_obs_key,
+    dense_rows,
+    finite_rows,
+    get_matrix,
+    in_values,
+    labels,
+)
+from ._utils import check_save, finish, grid, single_ax, symmetric_limits
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+
+
+@dataclass
+class Shift:
+    """Mean shifts of one (cell type, perturbation) group, as :func:`ptrag_sc.tl.evaluate`."""
+
+    cell_type: str
+    perturbation: str
+    predicted: np.ndarray  #: ``mean(P) - mean(C)`` per gene
+    observed: np.ndarray  #: ``mean(R) - mean(C)`` per gene
+    pearson: float  #: ``pearson_delta`` of ``tl.evaluate``
+    n_cells: int
+    n_cells_real: int
+
+
+def compute_shifts(
+    adata: AnnData,
+    *,
+    pred_layer: str = DEFAULT_PRED_LAYER,
+    perturbation_key: str = DEFAULT_PERTURBATION_KEY,
+    control_group: str = DEFAULT_CONTROL_GROUP,
+    cell_type_key: str | None = DEFAULT_CELL_TYPE_KEY,
+    perturbations: Sequence[str] | str | None = None,
+    cell_type: Sequence[str] | str | None = None,
+    split_key: str | None = None,
+    split_values: Sequence[str] | str = ("test",),
+    real_layer: str | None = None,
+    reference: AnnData | None = None,
+) -> tuple[list[Shift], np.ndarray]:
+    """Shifts of every selected group and the gene names.
+
+    The cell selection, control mean and correlation are those of
+    :func:`ptrag_sc.tl.evaluate` (same helpers, same order of operations), so
+    ``Shift.pearson`` equals its ``pearson_delta``.
+    """
+    pred_mat = get_matrix(adata, pred_layer, "pred_layer")
+    ref = adata if reference is None else reference
+    where_ref = "adata" if reference is None else "reference"
+    real_mat = get_matrix(ref, real_layer, "real_layer", where=where_ref)
+    gene_idx = None
+    if reference is not None:
+        idx = reference.var_names.get_indexer(adata.var_names)
+        if np.any(idx < 0):
+            missing = list(adata.var_names[idx < 0][:10])
+            raise ValueError(
+                f"{int(np.sum(idx < 0))} gene(s) of adata are not in reference.var_names, "
+                f"e.g. {missing}."
+            )
+        if not np.array_equal(idx, np.arange(reference.n_vars)):
+            gene_idx = idx
+
+    pert_p = labels(adata, perturbation_key, "perturbation_key")
+    ct_p = labels(adata, cell_type_key, "cell_type_key")
+    if reference is None:
+        pert_r, ct_r = pert_p, ct_p
+    else:
+        pert_r = labels(reference, perturbation_key, "perturbation_key", where="reference")
+        ct_r = labels(reference, cell_type_key, "cell_type_key", where="reference")
+    ctrl_r = pert_r == control_group
+    if not ctrl_r.any():
+        raise ValueError(
+            f"No control cells: no cell of {where_ref} has "
+            f"obs[{perturbation_key!r}] == {control_group!r} (`control_group`)."
+        )
+
+    wanted_ct = as_str_tuple(cell_type)
+    if wanted_ct is not None:
+        unknown = [c for c in wanted_ct if c not in set(ct_p)]
+        if unknown:
+            raise ValueError(
+                f"`cell_type` {unknown} not found in adata.obs[{cell_type_key!r}]; existing: "
+                f"{sorted(set(ct_p))}."
+            )
+    wanted_p = as_str_tuple(perturbations)
+    ok_p = pert_p != control_group
+    ok_r = ~ctrl_r
+    if wanted_p is not None:
+        ok_p &= in_values(pert_p, wanted_p)
+        ok_r &= in_values(pert_r, wanted_p)
+    if wanted_ct is not None:
+        ok_p &= in_values(ct_p, wanted_ct)
+        ok_r &= in_values(ct_r, wanted_ct)
+    split_values = as_str_tuple(split_values)
+    if split_key is not None:
+        check_obs_key(ref, split_key, "split_key", where=where_ref)
+        in_split = in_values(ref.obs[split_key].astype(str).to_numpy(), split_values)
+        ok_r &= in_split
+        if reference is None:
+            ok_p &= in_split
+    cand = np.flatnonzero(ok_p)
+    cand = cand[finite_rows(pred_mat, cand)]
+    if reference is None:
+        sel_r = np.zeros(adata.n_obs, bool)
+        sel_r[cand] = True
+    else:
+        sel_r = ok_r
+
+    pred_groups: dict[tuple[str, str], list[int]] = {}
+    for i in cand:
+        pred_groups.setdefault((ct_p[i], pert_p[i]), []).append(i)
+    real_groups: dict[tuple[str, str], list[int]] = {}
+    for i in np.flatnonzero(sel_r):
+        real_groups.setdefault((ct_r[i], pert_r[i]), []).append(i)
+    no_real = sorted(k for k in pred_groups if k not in real_groups)
+    if no_real:
+        warnings.warn(
+            f"{len(no_real)} (cell type, perturbation) group(s) have predicted cells but no real "
+            f"cell in the selection and are skipped, e.g. {no_real[:5]}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    keys = sorted(k for k in pred_groups if k in real_groups)
+    if wanted_p is not None:
+        found = {p for _, p in keys}
+        absent = [p for p in wanted_p if p not in found]
+        if absent:
+            available = sorted({p for _, p in real_groups} & {p for _, p in pred_groups})
+            raise ValueError(
+                f"No predicted and real cells to compare for perturbation(s) {absent} "
+                f"(pred_layer={pred_layer!r}, split_key={split_key!r}, "
+                f"split_values={split_values}); perturbations with both: {available[:20]}."
+            )
+        order = {p: i for i, p in enumerate(wanted_p)}
+        keys.sort(key=lambda k: (order[k[1]], k[0]))
+    if not keys:
+        raise ValueError(
+            "Nothing to plot: no perturbed cell with a finite prediction in "
+            f"layers[{pred_layer!r}] matches the selection (perturbations={wanted_p}, "
+            f"cell_type={wanted_ct}, split_key={split_key!r}, split_values={split_values})."
+        )
+
+    def real_rows(idx) -> np.ndarray:
+        rows = dense_rows(real_mat, idx)
+        return rows if gene_idx is None else rows[:, gene_idx]
+
+    ctrl_means: dict[str, np.ndarray] = {}
+    shifts = []
+    for c, p in keys:
+        if c not in ctrl_means:
+            ctrl_idx = np.flatnonzero(ctrl_r & (ct_r == c))
+            if ctrl_idx.size == 0:
+                raise ValueError(
+                    f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell "
+                    f"type {c!r} (obs[{cell_type_key!r}]) in {where_ref}; cannot compute shifts."
+                )
+            ctrl_means[c] = real_rows(ctrl_idx).mean(axis=0)
+        pi, ri = np.asarray(pred_groups[(c, p)]), np.asarray(real_groups[(c, p)])
+        dp = dense_rows(pred_mat, pi).mean(axis=0) - ctrl_means[c]
+        dr = real_rows(ri).mean(axis=0) - ctrl_means[c]
+        shifts.append(Shift(c, p, dp, dr, M.pearson(dp, dr), len(pi), len(ri)))
+    return shifts, np.asarray(adata.var_names, dtype=str)
+
+
+def shift_scatter(
+    adata: AnnData,
+    *,
+    pred_layer: str = DEFAULT_PRED_LAYER,
+    perturbation_key: str = DEFAULT_PERTURBATION_KEY,
+    control_group: str = DEFAULT_CONTROL_GROUP,
+    cell_type_key: str | None = DEFAULT_CELL_TYPE_KEY,
+    perturbations: Sequence[str] | str | None = None,
+    cell_type: Sequence[str] | str | None = None,
+    split_key: str | None = None,
+    split_values: Sequence[str] | str = ("test",),
+    real_layer: str | None = None,
+    reference: AnnData | None = None,
+    overlay: bool = False,
+    annotate: int = 0,
+    ncols: int = 4,
+    max_panels: int = 24,
+    point_size: float = 8.0,
+    panel_size: tuple[float, float] = (3.2, 3.0),
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+) -> Axes | list[Axes] | None:
+    """Predicted vs observed mean shift from control, one point per gene.
+
+    For every selected (cell type ``c``, perturbation ``p``) group, the observed shift
+    ``dr = mean(R) - mean(C)`` (x axis) is plotted against the predicted shift
+    ``dp = mean(P) - mean(C)`` (y axis), one point per gene, where ``P`` are the predicted
+    cells (``layers[pred_layer]``), ``R`` the real cells and ``C`` all real control cells of
+    ``c``. The Pearson correlation ``r`` shown in each title (or legend) is
+    :func:`ptrag_sc.tl.evaluate`'s ``pearson_delta``: the cells are selected and the shifts
+    computed exactly as there. The dashed line is ``y = x``.
+
+    Parameters
+    ----------
+    adata
+        Cells with real expression in ``X`` (or ``real_layer``) and the prediction in
+        ``layers[pred_layer]``, e.g. after ``model.predict(adata)`` or
+        :func:`ptrag_sc.tl.predict_baseline`. Never modified.
+    pred_layer
+        Layer holding the prediction.
+    perturbation_key
+        obs column with perturbation labels.
+    control_group
+        Label of control cells.
+    cell_type_key
+        obs column with the cell type; ``None`` treats all cells as one cell type.
+    perturbations
+        Perturbations to plot, in this order (default: every evaluated perturbation). A
+        requested perturbation without predicted and real cells is an error.
+    cell_type
+        Cell type(s) to plot (default: all).
+    split_key
+        obs column with the data split; only cells whose value is in ``split_values`` are
+        plotted (control cells are always used as controls).
+    split_values
+        Split values to plot.
+    real_layer
+        Layer with the real expression; ``None`` uses ``X``.
+    reference
+        AnnData with the real cells when ``adata`` holds only predictions (e.g. the output
+        of generation-mode ``PTRAG.predict``), as in :func:`ptrag_sc.tl.evaluate`.
+    overlay
+        Draw all groups on one Axes (with ``r`` in the legend) instead of one panel each.
+    annotate
+        Label the ``annotate`` genes with the largest observed absolute shift in each panel.
+    ncols
+        Panels per row.
+    max_panels
+        Refuse to draw more panels than this (pass ``perturbations=`` or ``cell_type=`` to
+        choose, or raise it).
+    point_size
+        Marker area of the points.
+    panel_size
+        Width and height of one panel, in inches.
+    ax
+        Axes to draw into (one panel, or ``overlay=True``); default: a new figure.
+    show
+        Show the figure; default: when the function made it.
+    save
+        File path to save the figure to (format from the extension).
+
+    Returns
+    -------
+    ``None`` when the figure is shown; otherwise the Axes (one panel or ``overlay=True``) or
+    a list of Axes, one per (cell type, perturbation) group, sorted by cell type then
+    perturbation (or in the order of ``perturbations``).
+
+    Raises
+    ------
+    ValueError
+        If a layer, obs column, cell type or perturbation does not exist, if nothing matches
+        the selection, or if there are more than ``max_panels`` panels.
+
+    Examples
+    --------
+    >>> import ptrag_sc
+    >>> adata = ptrag_sc.datasets.perturbench_devel(subset="glioblastoma")
+    >>> ptrag_sc.pp.few_shot_split(
+    ...     adata, held_out="U87MG", val=["PLK4"], test=["MAP2K3", "MAPK1", "SGK1", "TGFBR2"]
+    ... )
+    >>> ptrag_sc.tl.predict_baseline(
+    ...     adata, "other_cell_types", split_key="split", key_added="other"
+    ... )
+    >>> axes = ptrag_sc.pl.shift_scatter(adata, pred_layer="other", split_key="split", show=False)
+    >>> len(axes), axes[1].get_title()  # doctest: +ELLIPSIS
+    (4, 'MAPK1 (U87MG)\\nr = ...')
+    >>> ax = ptrag_sc.pl.shift_scatter(
+    ...     adata, pred_layer="other", split_key="split", perturbations=["MAPK1", "SGK1"],
+    ...     overlay=True, show=False,
+    ... )
+    """
+    check_save(save)
+    if annotate < 0:
+        raise ValueError(f"`annotate` must be >= 0, got {annotate}.")
+    shifts, var_names = compute_shifts(
+        adata,
+        pred_layer=pred_layer,
+        perturbation_key=perturbation_key,
+        control_group=control_group,
+        cell_type_key=cell_type_key,
+        perturbations=perturbations,
+        cell_type=cell_type,
+        split_key=split_key,
+        split_values=split_values,
+        real_layer=real_layer,
+        reference=reference,
+    )
+    created = ax is None
+    if overlay:
+        fig, axis = single_ax(ax, (panel_size[0] * 1.6, panel_size[1] * 1.5))
+        for shift in shifts:
+            axis.scatter(
+                shift.observed,
+                shift.predicted,
+                s=point_size,
+                alpha=0.7,
+                linewidths=0,
+                label=f"{_group_name(shift)}, r = {shift.pearson:.2f}",
+            )
+            _annotate(axis, shift, var_names, annotate)
+        _decorate(axis, shifts)
+        axis.set_title("Predicted vs observed shift from control")
+        axis.legend(fontsize="small", frameon=False, loc="best")
+        return finish(fig, axis, show=show, save=save, created=created)
+
+    if len(shifts) > max_panels:
+        raise ValueError(
+            f"{len(shifts)} (cell type, perturbation) groups to plot, more than "
+            f"`max_panels={max_panels}`; choose some with `perturbations=` / `cell_type=`, "
+            "use `overlay=True`, or raise `max_panels`."
+        )
+    fig, axes = grid(
+        len(shifts), ncols, panel_size, ax=ax, what="(cell type, perturbation) groups"
+    )
+    for axis, shift in zip(axes, shifts, strict=True):
+        axis.scatter(shift.observed, shift.predicted, s=point_size, alpha=0.7, linewidths=0)
+        _annotate(axis, shift, var_names, annotate)
+        _decorate(axis, [shift])
+        axis.set_title(f"{_group_name(shift)}\nr = {shift.pearson:.2f}", fontsize="medium")
+    result = axes[0] if len(axes) == 1 else axes
+    return finish(fig, result, show=show, save=save, created=created)
+
+
+def _group_name(shift: Shift) -> str:
+    return f"{shift.perturbation} ({shift.cell_type})"
+
+
+def _decorate(ax: Axes, shifts: list[Shift]) -> None:
+    symmetric_limits(ax, *[s.observed for s in shifts], *[s.predicted for s in shifts])
+    ax.axline((0.0, 0.0), slope=1.0, color="0.5", linestyle="--", linewidth=0.8, zorder=0)
+    ax.axhline(0.0, color="0.85", linewidth=0.6, zorder=0)
+    ax.axvline(0.0, color="0.85", linewidth=0.6, zorder=0)
+    ax.set_xlabel("observed shift")
+    ax.set_ylabel("predicted shift")
+
+
+def _annotate(ax: Axes, shift: Shift, var_names: np.ndarray, n: int) -> None:
+    if n == 0:
+        return
+    top = M.top_n_genes(shift.observed, n)
+    for g in top:
+        ax.annotate(
+            var_names[g],
+            (shift.observed[g], shift.predicted[g]),
+            fontsize="x-small",
+            xytext=(2, 2),
+            textcoords="offset points",
+        )

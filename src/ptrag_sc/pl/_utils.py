@@ -1,0 +1,116 @@
+"""Shared plumbing of the plotting functions: figures, ``show`` / ``save`` handling."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+#: Backends that cannot display a window; ``plt.show()`` would only warn there.
+_NON_INTERACTIVE = ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template")
+
+
+def check_ax(ax) -> None:
+    """Raise a TypeError unless ``ax`` is ``None`` or a matplotlib Axes."""
+    from matplotlib.axes import Axes
+
+    if ax is not None and not isinstance(ax, Axes):
+        raise TypeError(f"`ax` must be a matplotlib Axes or None, got {type(ax).__name__}.")
+
+
+def check_save(save) -> None:
+    """Raise a TypeError unless ``save`` is ``None``, a str or a path."""
+    if save is not None and (isinstance(save, bool) or not isinstance(save, str | os.PathLike)):
+        raise TypeError(
+            f"`save` must be a file path (e.g. 'figure.png') or None, got {save!r}; the file "
+            "format follows the extension."
+        )
+
+
+def single_ax(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """The given Axes and its figure, or a new figure with one Axes."""
+    import matplotlib.pyplot as plt
+
+    check_ax(ax)
+    if ax is not None:
+        return ax.figure, ax
+    fig, new = plt.subplots(figsize=figsize)
+    return fig, new
+
+
+def grid(
+    n_panels: int,
+    ncols: int,
+    panel_size: tuple[float, float],
+    *,
+    ax: Axes | None = None,
+    what: str,
+) -> tuple[Figure, list[Axes]]:
+    """A figure with ``n_panels`` Axes on a grid of ``ncols`` columns (unused cells removed).
+
+    ``ax`` is accepted only for a single panel; several panels need their own figure.
+    """
+    import matplotlib.pyplot as plt
+
+    check_ax(ax)
+    if ax is not None:
+        if n_panels != 1:
+            raise ValueError(
+                f"`ax` holds a single panel but this plot has {n_panels} {what}; pass `ax=None` "
+                "(a new figure is made) or restrict the selection to one panel."
+            )
+        return ax.figure, [ax]
+    if ncols < 1:
+        raise ValueError(f"`ncols` must be at least 1, got {ncols}.")
+    ncols = min(ncols, n_panels)
+    nrows = math.ceil(n_panels / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
+        squeeze=False,
+        layout="constrained",
+    )
+    flat = list(axes.ravel())
+    for extra in flat[n_panels:]:
+        fig.delaxes(extra)
+    return fig, flat[:n_panels]
+
+
+def finish(fig: Figure, axes, *, show: bool | None, save, created: bool):
+    """Save and/or show the figure; return the Axes unless the figure was shown.
+
+    ``show=None`` shows the figure when the function made it (``created``), scanpy-style;
+    a figure drawn into a caller's ``ax`` is left for the caller to finish.
+    """
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    if save is not None:
+        fig.savefig(os.fspath(save), bbox_inches="tight")
+    if show is None:
+        show = created
+    if show:
+        backend = matplotlib.get_backend().lower()
+        if backend not in _NON_INTERACTIVE:
+            plt.show()
+        return None
+    return axes
+
+
+def symmetric_limits(ax: Axes, *values: np.ndarray, margin: float = 0.05) -> None:
+    """Same limits on both axes, covering all ``values`` (for predicted-vs-observed plots)."""
+    finite = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values])
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    pad = (hi - lo) * margin or 1.0
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
