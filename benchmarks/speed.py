@@ -7,7 +7,9 @@ Usage::
 
 Training: one optimisation step (forward, backward, fused AdamW) on 16 sets x 64 cells x 2,000
 genes, H=128, 4 layers, 1,536-d perturbation embeddings (GenePT's size), for a STATE-shaped
-reference network and for ``PTRAGModule`` variants. Timings are interleaved (every model runs a
+reference network and for ``PTRAGModule`` variants. Retrieval uses a response memory of 2,000
+perturbations x 4 cell types (the Replogle–Nadig scale) and the real stage-1 candidates of 16
+random queries. Timings are interleaved (every model runs a
 block of steps in each round) and the median over rounds is reported, so background load
 affects all models alike; FLOPs per cell come from ``torch.utils.flop_counter`` (matrix products
 only). Also measured: the end-to-end ``PTRAG.train`` throughput (data sampling and Lightning
@@ -54,23 +56,55 @@ VARIANTS = {
 }
 
 
-def make_batch(seed: int = 0) -> dict:
+def make_memory(seed: int = 1):
+    """A response memory of 2,000 perturbations x 4 cell types with clustered embeddings."""
+    from ptrag_sc.data import RetrievalMemory
+    from ptrag_sc.data._memory import principal_basis
+
+    gen = np.random.default_rng(seed)
+    n_pert, cell_types = M // 4, np.array(["hepg2", "jurkat", "k562", "rpe1"])
+    centres = gen.normal(size=(40, D))
+    genes = centres[gen.integers(0, 40, n_pert)] + 0.6 * gen.normal(size=(n_pert, D))
+    responses = (gen.normal(size=(M, G)) * 0.05).astype(np.float32)
+    basis = principal_basis(responses[:500], 64)
+    return RetrievalMemory(
+        kind="response",
+        perturbations=np.repeat([f"P{i}" for i in range(n_pert)], 4).astype(object),
+        cell_types=np.tile(cell_types, n_pert).astype(object),
+        embeddings=np.repeat(genes, 4, axis=0).astype(np.float32),
+        responses=responses,
+        n_cells=np.full(M, 100),
+        response_codes=responses @ basis,
+        response_basis=basis,
+    )
+
+
+def make_batch(memory, seed: int = 0) -> dict:
+    """16 sets with their real stage-1 candidates, relations and context entries."""
+    from ptrag_sc.data import NeighbourIndex
+    from ptrag_sc.data._memory import context_responses
+
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    query = rng.choice(M, B, replace=False)
+    perts, cts = memory.perturbations[query].astype(str), memory.cell_types[query].astype(str)
+    cand, _, same, relation = NeighbourIndex(memory, n_candidates=K, backend="exact").query(perts, memory.embeddings[query], cts)
+    context, valid = context_responses(memory, perts, cts)
     x = torch.rand(B, S, G, generator=gen) * (torch.rand(B, S, G, generator=gen) < 0.3)
     return {
         TENSORS.X_CTRL: x,
         TENSORS.X_PERT: torch.roll(x, 1, dims=0),
-        TENSORS.PERT_EMBEDDING: torch.randn(B, D, generator=gen),
-        TENSORS.CANDIDATES: torch.randint(0, M, (B, K), generator=gen),
-        TENSORS.CANDIDATE_SAME_CELL_TYPE: torch.rand(B, K, generator=gen) < 0.25,
-        TENSORS.CANDIDATE_RELATION: (torch.rand(B, K, generator=gen) < 0.1).long(),
-        TENSORS.CONTEXT_RESPONSE: torch.randn(B, G, generator=gen) * 0.05,
-        TENSORS.CONTEXT_VALID: torch.ones(B, dtype=torch.bool),
+        TENSORS.PERT_EMBEDDING: torch.from_numpy(memory.embeddings[query]),
+        TENSORS.CANDIDATES: torch.from_numpy(cand),
+        TENSORS.CANDIDATE_SAME_CELL_TYPE: torch.from_numpy(same),
+        TENSORS.CANDIDATE_RELATION: torch.from_numpy(relation),
+        TENSORS.CONTEXT_RESPONSE: torch.from_numpy(context),
+        TENSORS.CONTEXT_VALID: torch.from_numpy(valid),
         TENSORS.BATCH: torch.full((B,), -1),
     }
 
 
-def build(name: str):
+def build(name: str, memory):
     torch.manual_seed(0)
     options = VARIANTS[name]
     if options is None:
@@ -82,8 +116,7 @@ def build(name: str):
 
     else:
         model = PTRAGModule(G, D, n_hidden=H, n_layers=4, n_heads=8, **options)
-        gen = torch.Generator().manual_seed(1)
-        model.set_memory(torch.randn(M, D, generator=gen), torch.randn(M, G, generator=gen) * 0.05, torch.randn(M, 64, generator=gen), torch.randn(G, 64, generator=gen) / G**0.5)
+        model.set_memory(memory.embeddings, memory.responses, memory.response_codes, memory.response_basis)
 
         def loss(batch):
             return model(batch)[2].loss
@@ -101,8 +134,9 @@ def build(name: str):
 
 
 def training(rounds: int, steps: int) -> pd.DataFrame:
-    batch = make_batch()
-    built = {name: build(name) for name in VARIANTS}
+    memory = make_memory()
+    batch = make_batch(memory)
+    built = {name: build(name, memory) for name in VARIANTS}
     flops = {}
     for name, (_, loss, _) in built.items():
         counter = FlopCounterMode(display=False)

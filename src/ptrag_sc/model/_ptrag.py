@@ -169,7 +169,7 @@ class PTRAG(BaseModelClass):
         context_mode: Literal["add", "replace"] = "add",
         loss: Literal["energy", "sinkhorn"] = "energy",
         backbone: Literal["pooled", "full"] = "pooled",
-        n_set_tokens: int = 8,
+        n_set_tokens: int = 4,
         decoder_rank: int | None = 32,
         n_scorer_hidden: int | None = 32,
         dropout: float = 0.0,

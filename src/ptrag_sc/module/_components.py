@@ -120,7 +120,7 @@ class PooledSetTransformer(nn.Module):
         self.token_norm = nn.LayerNorm(n_hidden)
         self.read_norm = nn.LayerNorm(n_hidden)
         self.read = MultiHeadAttention(n_hidden, n_heads, dropout)
-        self.feed_forward = FeedForward(n_hidden, dropout=dropout)
+        self.feed_forward = FeedForward(n_hidden, expansion=2, dropout=dropout)
         self.norm = nn.LayerNorm(n_hidden)
 
     def forward(self, cells: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances between the rows of two batches of sets, ``[B, N, M]``.
+def _distances_from_gram(gram: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    # |x - y|^2 = |x|^2 + |y|^2 - 2 <x, y>, clamped away from zero before the square root (as
+    # geomloss does) so that identical rows get a zero, finite gradient.
+    return (x2.unsqueeze(-1) + y2.unsqueeze(-2) - 2.0 * gram).clamp_min(1e-8).sqrt()
 
-    Squared distances are clamped away from zero before the square root, as geomloss does,
-    so identical rows give a finite (zero) gradient.
-    """
-    x2 = x.pow(2).sum(-1, keepdim=True)
-    y2 = y.pow(2).sum(-1).unsqueeze(-2)
-    d2 = torch.baddbmm(x2 + y2, x, y.transpose(-1, -2), alpha=-2.0)
-    return d2.clamp_min(1e-8).sqrt()
+
+def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of two batches of sets, ``[B, N, M]``."""
+    x2 = torch.linalg.vecdot(x, x)
+    y2 = torch.linalg.vecdot(y, y)
+    return _distances_from_gram(x @ y.transpose(-1, -2), x2, y2)
 
 
 def energy_distance(
@@ -40,8 +41,18 @@ def energy_distance(
     -------
     ``[B]`` energy distance of each set.
     """
-    value = pairwise_distances(prediction, target).mean((-1, -2))
-    value = value - 0.5 * pairwise_distances(prediction, prediction).mean((-1, -2))
+    # Squared norms are read off the Gram matrices' diagonals: no extra pass over [B, N, G].
+    gram_xx = prediction @ prediction.transpose(-1, -2)
+    x2 = torch.diagonal(gram_xx, dim1=-2, dim2=-1)
+    with torch.no_grad():
+        if include_target_term:
+            gram_yy = target @ target.transpose(-1, -2)
+            y2 = torch.diagonal(gram_yy, dim1=-2, dim2=-1)
+            target_term = 0.5 * _distances_from_gram(gram_yy, y2, y2).mean((-1, -2))
+        else:
+            y2 = torch.linalg.vecdot(target, target)
+    value = _distances_from_gram(prediction @ target.transpose(-1, -2), x2, y2).mean((-1, -2))
+    value = value - 0.5 * _distances_from_gram(gram_xx, x2, x2).mean((-1, -2))
     if include_target_term:
-        value = value - 0.5 * pairwise_distances(target, target).mean((-1, -2))
+        value = value - target_term
     return value

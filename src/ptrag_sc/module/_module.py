@@ -9,7 +9,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from ._components import FullSetTransformer, PooledSetTransformer, mlp
-from ._losses import energy_distance, pairwise_distances
+from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
 
 
@@ -39,14 +39,14 @@ class PTRAGModule(BaseModuleClass):
 
         h_ctrl = BasalEncoder(x_ctrl)                      [B,S,H]
         h_pert = PertEncoder(e_p)                          [B,H]   once per set
-        z, delta = Retrieval(h_ctrl, h_pert, candidates)   [B,S,H], [B,S,G]
+        z, delta = Retrieval(h_ctrl, h_pert, candidates)   [B,S,H], [B,1,G]
         x0 = h_ctrl + h_pert + z      (context_mode="add"; "replace" uses z, as the paper)
         r  = SetTransformer(x0, context=h_pert)            [B,S,H]
         y  = ReLU(x_ctrl + delta + Decoder(r + h_ctrl))    [B,S,G]
 
     ``delta`` is the response memory's direct path: the measured shifts of the kept
-    candidates, weighted by their keep probability (zero for embedding memories and for
-    ``retrieval="none"``). The loss is the energy distance between each predicted and
+    candidates, weighted by their keep probability and averaged over the set's cells (zero
+    for embedding memories and for ``retrieval="none"``). The loss is the energy distance between each predicted and
     observed set, plus ``sparsity_weight`` times the mean keep rate for PT-RAG.
 
     Parameters
@@ -105,7 +105,7 @@ class PTRAGModule(BaseModuleClass):
         n_layers: int = 4,
         n_heads: int = 8,
         backbone: Backbone = "pooled",
-        n_set_tokens: int = 8,
+        n_set_tokens: int = 4,
         retrieval: Retrieval = "ptrag",
         memory: Literal["embedding", "response"] = "response",
         context_mode: ContextMode = "add",
@@ -177,6 +177,7 @@ class PTRAGModule(BaseModuleClass):
         # Filled by `set_memory`; not part of the state dict, since the memory is data saved
         # with the model, not a parameter.
         self.register_buffer("memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False)
+        self.register_buffer("memory_embedding_row", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("memory_responses", torch.zeros(0, n_genes), persistent=False)
         self.register_buffer("memory_response_codes", torch.zeros(0, n_response_components), persistent=False)
         self.register_buffer("memory_response_basis", torch.zeros(n_genes, n_response_components), persistent=False)
@@ -199,8 +200,13 @@ class PTRAGModule(BaseModuleClass):
         """
         device = self.memory_embeddings.device
         as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-        self.memory_embeddings = as_tensor(embeddings)
-        n = self.memory_embeddings.shape[0]
+        embeddings = as_tensor(embeddings)
+        # Entries of one perturbation in several cell types share a row: candidates are encoded
+        # per distinct row (see `_encode_candidates`).
+        unique, inverse = torch.unique(embeddings, dim=0, return_inverse=True)
+        self.memory_embeddings = unique
+        self.memory_embedding_row = inverse
+        n = embeddings.shape[0]
         self.memory_responses = as_tensor(responses) if responses is not None else torch.zeros(n, 0, device=device)
         codes = torch.zeros(n, self.n_response_components, device=device)
         if response_codes is not None:
@@ -240,7 +246,10 @@ class PTRAGModule(BaseModuleClass):
         index = candidates.clamp_min(0)
         if relation is None:
             relation = torch.zeros_like(index)
-        h_cand = self.pert_encoder(self.memory_embeddings[index]) + self.relation(relation)  # [B,K,H]
+        # Stage 1 returns the same gene in several cell types and overlapping neighbours across
+        # sets: encode each distinct embedding of the batch once.
+        rows, where = torch.unique(self.memory_embedding_row[index], return_inverse=True)
+        h_cand = self.pert_encoder(self.memory_embeddings[rows])[where] + self.relation(relation)  # [B,K,H]
         responses = None
         if self.response_encoder is not None:
             responses = self.memory_responses[index]  # [B,K,G]
@@ -285,7 +294,7 @@ class PTRAGModule(BaseModuleClass):
         if self.uses_retrieval:
             if candidates is None:
                 raise ValueError("This model retrieves: the batch needs `candidates`.")
-            if self.memory_embeddings.shape[0] == 0:
+            if self.memory_embedding_row.shape[0] == 0:
                 raise RuntimeError("The retrieval memory is empty; call `set_memory` first.")
             h_cand, valid, responses, relation = self._encode_candidates(
                 candidates, candidate_same_cell_type, candidate_relation, context_response, context_valid
@@ -305,8 +314,11 @@ class PTRAGModule(BaseModuleClass):
             context = selected["context"]
             x0 = x0 + context if self.context_mode == "add" else context
             if responses is not None:
+                # The retrieved shift is a property of the set: the cells' selections are
+                # averaged, so it costs K*G per set rather than per cell.
                 gains = torch.exp(self.relation_gain)[relation]  # [B,K]
-                delta = (weights * gains[:, None, :]) @ responses  # [B,S,K] x [B,K,G]
+                set_weights = weights.mean(dim=1) * gains  # [B,K]
+                delta = torch.bmm(set_weights.unsqueeze(1), responses)  # [B,1,G]
         if self.batch_embedding is not None and batch is not None:
             known = (batch >= 0)[:, None, None].to(x0.dtype)
             x0 = x0 + known * self.batch_embedding(batch.clamp_min(0))[:, None, :]
@@ -333,14 +345,23 @@ class PTRAGModule(BaseModuleClass):
         h_pert: torch.Tensor,
         delta: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Run the set transformer and decode gene expression."""
+        """Run the set transformer and decode gene expression (``delta``: ``[B,1,G]``)."""
         latent = self.backbone(x0, h_pert[:, None, :]) + h_ctrl
-        base = x_ctrl if delta is None else x_ctrl + delta
         if self.set_decoder is None:
+            base = x_ctrl if delta is None else x_ctrl + delta
             return {"prediction": torch.relu(base + self.decoder(latent))}
+        # y = ReLU(x_ctrl + delta + SetDecoder(mean) + LowRank(latent - mean)) as one batched
+        # matmul-add: the per-set vector joins the low-rank map as one more row, with a constant
+        # input of 1, so [B, S, G] is written once.
         set_mean = latent.mean(dim=1, keepdim=True)
-        decoded = self.set_decoder(set_mean) + self.decoder(latent - set_mean)
-        return {"prediction": torch.relu(base + decoded)}
+        first, last = self.decoder
+        set_vector = self.set_decoder(set_mean) + last.bias  # [B,1,G]
+        if delta is not None:
+            set_vector = set_vector + delta
+        low_rank = first(latent - set_mean)
+        inputs = torch.cat([low_rank, torch.ones_like(low_rank[..., :1])], dim=-1)  # [B,S,r+1]
+        rows = torch.cat([last.weight.T.expand(x_ctrl.shape[0], -1, -1), set_vector], dim=1)  # [B,r+1,G]
+        return {"prediction": torch.relu(torch.baddbmm(x_ctrl, inputs, rows))}
 
     # -------------------------------------------------------------------- loss
     def loss(
@@ -359,20 +380,14 @@ class PTRAGModule(BaseModuleClass):
         target = tensors[TENSORS.X_PERT]
         prediction = generative_outputs["prediction"]
         if self._sinkhorn is None:
-            objective = energy_distance(prediction, target, include_target_term=False)
-            energy = objective.detach()
+            # The target-target term carries no gradient: the loss is the energy distance itself.
+            energy = energy_distance(prediction, target, include_target_term=include_target_term)
+            loss = energy.mean()
+            energy = energy.detach()
         else:
-            objective = self._sinkhorn(prediction, target)
+            loss = self._sinkhorn(prediction, target).mean()
             with torch.no_grad():
-                energy = energy_distance(prediction, target, include_target_term=False)
-        loss = objective.mean()
-        if include_target_term:
-            with torch.no_grad():
-                target_term = 0.5 * pairwise_distances(target, target).mean((-1, -2))
-                energy = energy - target_term
-            if self._sinkhorn is None:
-                # A constant: the reported loss becomes the energy distance, gradients unchanged.
-                loss = loss - target_term.mean()
+                energy = energy_distance(prediction, target, include_target_term=include_target_term)
         extra = {"energy": energy.mean()}
         if "keep" in inference_outputs:
             valid = inference_outputs["valid"][:, None, :].expand_as(inference_outputs["keep"])
