@@ -79,16 +79,24 @@ class RetrievalMemory:
         return np.char.add(np.char.add(self.perturbations.astype(str), "@"), self.cell_types.astype(str))
 
 
-def group_means(X, groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """Mean row of ``X`` per group code (``-1`` rows are ignored), as float64 ``(n_groups, G)``."""
-    keep = groups >= 0
-    rows = groups[keep]
-    cols = np.flatnonzero(keep)
-    counts = np.bincount(rows, minlength=n_groups).astype(np.float64)
-    weights = 1.0 / counts[rows]
-    indicator = sp.csr_matrix((weights, (rows, cols)), shape=(n_groups, groups.shape[0]))
-    means = indicator @ X
-    return np.asarray(means.todense() if sp.issparse(means) else means, dtype=np.float64)
+def group_means(matrix, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Mean row of ``matrix`` per group code (codes < 0 are ignored); float64 ``[n_groups, G]``.
+
+    A sparse indicator product, so it works for dense and sparse matrices without looping over
+    cells. Empty groups get NaN rows.
+    """
+    codes = np.asarray(codes)
+    keep = np.flatnonzero(codes >= 0)
+    counts = np.bincount(codes[keep], minlength=n_groups).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        weights = 1.0 / counts[codes[keep]]
+    indicator = sp.csr_matrix((weights, (codes[keep], keep)), shape=(n_groups, codes.shape[0]))
+    means = indicator @ matrix
+    if sp.issparse(means):
+        means = means.toarray()
+    means = np.asarray(means, dtype=np.float64)
+    means[counts == 0] = np.nan
+    return means
 
 
 def build_memory(

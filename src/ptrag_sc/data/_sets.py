@@ -86,6 +86,8 @@ class SetGroups:
     context_response, context_valid
         ``(n_groups, G)`` mean response of the other training perturbations of the group's cell
         type and whether it exists (response memories only).
+    control_mean_table, control_mean_index
+        ``(n_cell_types, G)`` mean control profiles and each group's row (response memories).
     """
 
     cells: np.ndarray
@@ -102,6 +104,8 @@ class SetGroups:
     batch: np.ndarray
     context_response: np.ndarray | None = None
     context_valid: np.ndarray | None = None
+    control_mean_table: np.ndarray | None = None
+    control_mean_index: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.cell_start.shape[0] - 1)
@@ -202,6 +206,8 @@ def make_batch(
         TENSORS.CANDIDATE_RELATION: torch.from_numpy(groups.candidate_relation[group]),
         TENSORS.BATCH: torch.from_numpy(groups.batch[group]),
     }
+    if groups.control_mean_table is not None:
+        batch[TENSORS.CONTROL_MEAN] = torch.from_numpy(groups.control_mean_table[groups.control_mean_index[group]])
     if groups.context_response is not None:
         batch[TENSORS.CONTEXT_RESPONSE] = torch.from_numpy(groups.context_response[group])
         batch[TENSORS.CONTEXT_VALID] = torch.from_numpy(groups.context_valid[group])

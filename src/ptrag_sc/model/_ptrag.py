@@ -36,7 +36,7 @@ from .._constants import (
 from .._settings import settings
 from .._utils import flush_denormal
 from ..data._fields import PerturbationField
-from ..data._memory import NeighbourIndex, RetrievalMemory, build_memory, context_responses
+from ..data._memory import NeighbourIndex, RetrievalMemory, build_memory, context_responses, group_means
 from ..data._pairing import match_controls
 from ..data._perturbations import PerturbationEncoder
 from ..data._sets import ExpressionMatrix, SetDataModule, SetGroups, index_groups, make_batch
@@ -422,11 +422,15 @@ class PTRAG(BaseModelClass):
         cell_types: np.ndarray,
         batches: np.ndarray,
         control_mask: np.ndarray,
+        control_means: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> SetGroups:
         """Groups of ``member`` rows by (cell type, perturbation[, batch]).
 
         Control pools are built from the ``control_mask`` rows of the same cell type (and
         batch), and every group gets its stage-1 candidates, computed once per group.
+        ``control_means`` is ``(context keys, (n, G) means, context key of each row)`` from
+        :meth:`_control_means`: the mean of the controls each group's cells are generated
+        from (response memories only).
         """
         use_batch = self._batch_key is not None and self.match_batch
         ct_codes, ct_uniques = pd.factorize(cell_types, sort=True)
@@ -482,7 +486,28 @@ class PTRAG(BaseModelClass):
             batch=batches[first].astype(np.int64),
             context_response=context,
             context_valid=context_valid,
+            control_mean_table=None if control_means is None else control_means[1],
+            control_mean_index=None if control_means is None else pd.Index(control_means[0]).get_indexer(control_means[2][first]),
         )
+
+    def _control_means(
+        self, X, cell_types: np.ndarray, mask: np.ndarray, batches: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Mean of the controls each cell is generated from, for applying retrieved shifts.
+
+        The context of a cell is its cell type, or (cell type, batch) when matching on batch and
+        that batch has control cells, as for the control pools. Returns the context keys, their
+        mean control profiles and every row's key (``None`` unless the memory has responses).
+        """
+        if self.retrieval == "none" or self.memory_kind != "response":
+            return None
+        keys = np.asarray(cell_types, dtype=object).astype(str)
+        if batches is not None and self._batch_key is not None and self.match_batch:
+            with_batch = np.char.add(np.char.add(keys, "|"), np.asarray(batches).astype(str))
+            has_controls = np.isin(with_batch, np.unique(with_batch[mask]))
+            keys = np.where(has_controls, with_batch, keys)
+        codes, uniques = pd.factorize(np.where(mask, keys, None), sort=True)
+        return np.asarray(uniques, dtype=object), group_means(X, codes, len(uniques)).astype(np.float32), keys
 
     def train(
         self,
@@ -575,7 +600,13 @@ class PTRAG(BaseModelClass):
             )
             self.memory_ = memory.to_dict()
 
-        common = {"labels": labels, "cell_types": cell_types, "batches": batches, "control_mask": is_control}
+        common = {
+            "labels": labels,
+            "cell_types": cell_types,
+            "batches": batches,
+            "control_mask": is_control,
+            "control_means": self._control_means(X, cell_types, is_control, batches),
+        }
         train_groups = self._groups(member=train & ~is_control, **common)
         val_groups = self._groups(member=val & ~is_control, **common) if (val & ~is_control).any() else None
         datamodule = SetDataModule(
@@ -640,6 +671,7 @@ class PTRAG(BaseModelClass):
         cell_types: np.ndarray,
         batches: np.ndarray,
         *,
+        control_means: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         batch_size: int,
         sample_retrieval: bool,
         seed: int | None,
@@ -660,6 +692,7 @@ class PTRAG(BaseModelClass):
             cell_types=cell_types,
             batches=batches,
             control_mask=all_rows,
+            control_means=control_means,
         )
         similarity = None
         if self.retrieval != "none":
@@ -812,6 +845,7 @@ class PTRAG(BaseModelClass):
             labels[rows],
             cell_types[rows],
             batches[rows],
+            control_means=_rows_of(self._control_means(X, cell_types, is_control, context[1] if len(context) > 1 else None), rows),
             batch_size=batch_size,
             sample_retrieval=sample_retrieval,
             seed=seed,
@@ -863,6 +897,7 @@ class PTRAG(BaseModelClass):
             labels,
             cts,
             batches,
+            control_means=_rows_of(self._control_means(X, cell_types, keep), control_rows),
             batch_size=batch_size,
             sample_retrieval=sample_retrieval,
             seed=seed,
@@ -1030,6 +1065,11 @@ class PTRAG(BaseModelClass):
         if memory.kind != "response":
             out = out.drop(columns="candidate_cell_type")
         return out
+
+
+def _rows_of(control_means, rows: np.ndarray):
+    """``control_means`` with its per-row context keys taken at ``rows``."""
+    return None if control_means is None else (*control_means[:2], control_means[2][rows])
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:

@@ -13,6 +13,43 @@ from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
 
 
+#: Genes whose mean in a set of control cells is below this are shifted additively, not scaled.
+EXPRESSED_THRESHOLD = 0.05
+#: Largest factor by which a retrieved shift scales a gene's expression.
+MAX_SCALE = 10.0
+
+
+def apply_shift(x_ctrl: torch.Tensor, delta: torch.Tensor, control_mean: torch.Tensor):
+    """Apply a mean shift to a set of control cells so that the set's mean moves exactly by it.
+
+    Adding a mean shift to every cell of sparse log-normalised data and clipping at zero loses
+    most of a negative shift (a cell at zero cannot go lower) and turns zeros into small
+    positive values for a positive one. Instead, each expressed gene is scaled so that the
+    set's mean becomes ``control_mean + delta`` (zeros stay zeros, values stay non-negative);
+    genes expressed in too few cells, and what clamping the scale leaves over, are shifted
+    additively. ``control_mean`` is the cell type's mean control profile, so the generated
+    mean does not inherit the sampling noise of the set's own controls.
+
+    Parameters
+    ----------
+    x_ctrl
+        ``[B, S, G]`` control cells.
+    delta
+        ``[B, 1, G]`` shift.
+    control_mean
+        ``[B, G]`` mean control profile of each set's cell type.
+
+    Returns
+    -------
+    ``(scaled cells [B, S, G], additive offset [B, 1, G])``.
+    """
+    set_mean = x_ctrl.mean(dim=1, keepdim=True)
+    target = control_mean.unsqueeze(1) + delta
+    expressed = set_mean > EXPRESSED_THRESHOLD
+    scale = torch.where(expressed, (target / set_mean.clamp_min(EXPRESSED_THRESHOLD)).clamp(0.0, MAX_SCALE), 1.0)
+    return x_ctrl * scale, target - set_mean * scale
+
+
 class TENSORS:
     """Keys of the batch dictionaries passed to :class:`PTRAGModule`."""
 
@@ -24,6 +61,7 @@ class TENSORS:
     CANDIDATE_RELATION = "candidate_relation"  #: ``[B, K]`` relation code (see ``data._memory``)
     CONTEXT_RESPONSE = "context_response"  #: ``[B, G]`` mean response of the cell type's other perturbations
     CONTEXT_VALID = "context_valid"  #: ``[B]`` bool
+    CONTROL_MEAN = "control_mean"  #: ``[B, G]`` mean control profile of each set's cell type
     BATCH = "batch"  #: ``[B]`` batch code, ``-1`` = unknown
 
 
@@ -334,6 +372,7 @@ class PTRAGModule(BaseModuleClass):
             "h_ctrl": inference_outputs["h_ctrl"],
             "h_pert": inference_outputs["h_pert"],
             "delta": inference_outputs["delta"],
+            "control_mean": tensors.get(TENSORS.CONTROL_MEAN),
         }
 
     @auto_move_data
@@ -344,11 +383,15 @@ class PTRAGModule(BaseModuleClass):
         h_ctrl: torch.Tensor,
         h_pert: torch.Tensor,
         delta: torch.Tensor | None = None,
+        control_mean: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the set transformer and decode gene expression (``delta``: ``[B,1,G]``)."""
         latent = self.backbone(x0, h_pert[:, None, :]) + h_ctrl
+        base, offset = x_ctrl, delta
+        if delta is not None and control_mean is not None:
+            base, offset = apply_shift(x_ctrl, delta, control_mean)
         if self.set_decoder is None:
-            base = x_ctrl if delta is None else x_ctrl + delta
+            base = base if offset is None else base + offset
             return {"prediction": torch.relu(base + self.decoder(latent))}
         # y = ReLU(x_ctrl + delta + SetDecoder(mean) + LowRank(latent - mean)) as one batched
         # matmul-add: the per-set vector joins the low-rank map as one more row, with a constant
@@ -356,12 +399,12 @@ class PTRAGModule(BaseModuleClass):
         set_mean = latent.mean(dim=1, keepdim=True)
         first, last = self.decoder
         set_vector = self.set_decoder(set_mean) + last.bias  # [B,1,G]
-        if delta is not None:
-            set_vector = set_vector + delta
+        if offset is not None:
+            set_vector = set_vector + offset
         low_rank = first(latent - set_mean)
         inputs = torch.cat([low_rank, torch.ones_like(low_rank[..., :1])], dim=-1)  # [B,S,r+1]
         rows = torch.cat([last.weight.T.expand(x_ctrl.shape[0], -1, -1), set_vector], dim=1)  # [B,r+1,G]
-        return {"prediction": torch.relu(torch.baddbmm(x_ctrl, inputs, rows))}
+        return {"prediction": torch.relu(torch.baddbmm(base, inputs, rows))}
 
     # -------------------------------------------------------------------- loss
     def loss(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import linalg, sparse
 
 from .._constants import (
@@ -15,7 +16,8 @@ from .._constants import (
     DEFAULT_PERTURBATION_KEY,
     DEFAULT_PERTURBATION_SEP,
 )
-from ..data._pairing import match_controls
+from ..data._pairing import context_codes, match_controls
+from ..module._module import apply_shift
 from ._utils import (
     as_str_tuple,
     check_obs_key,
@@ -67,11 +69,16 @@ def predict_baseline(
     """Predict every perturbed cell with a simple baseline, in the model's output format.
 
     Each baseline estimates a mean shift ``delta(c, p)`` of perturbation ``p`` in cell type
-    ``c`` from **training cells only**, then writes, for every perturbed cell ``i`` of
-    ``(c, p)``, ``max(x[m(i)] + delta(c, p), 0)`` into ``adata.layers[key_added]``, where
-    ``m(i)`` is a control cell of the same cell type (and batch, with ``batch_key``) drawn by
+    ``c`` from **training cells only**, then applies it to the matched control cells ``x[m(i)]``
+    of the perturbed cells ``i`` of ``(c, p)`` with the model's rule
+    (:func:`ptrag_sc.module.apply_shift`): each gene expressed in the matched controls is scaled
+    so that their mean becomes ``mu(c) + delta(c, p)``, other genes are shifted additively, and
+    the result is clipped at 0; it goes to ``adata.layers[key_added]``. ``m(i)`` is a control
+    cell of the same cell type (and batch, with ``batch_key``) drawn by
     :func:`ptrag_sc.data._pairing.match_controls` with ``seed`` among all control cells of
     that context, whatever their split (control cells are the model's inputs, not targets).
+    Adding ``delta`` to every cell and clipping at 0 instead would lose most of a negative shift
+    in sparse genes.
     Predicted cells are therefore built on real control cells exactly as the model's
     counterfactual predictions are, so distributional metrics compare like with like. Control
     cells keep their own values.
@@ -285,10 +292,15 @@ def predict_baseline(
     qidx = np.flatnonzero(query)
     cell_target[qidx] = [target_index[(c, p)] for c, p in zip(ct[qidx], pert[qidx], strict=True)]
 
+    # Shifts are applied per (target, control context): the set's mean becomes the mean of the
+    # controls it was matched from plus the shift, as in the model.
     out = _dense_float32(matrix)
-    if qidx.size:
-        ctrl_x = _dense_float32(matrix[paired[qidx]])
-        out[qidx] = np.maximum(ctrl_x + deltas[cell_target[qidx]].astype(np.float32), 0.0)
+    ctx_code = context_codes(*context) if context else np.zeros(adata.n_obs, dtype=np.int64)
+    ctx_means = group_means(matrix, np.where(is_ctrl, ctx_code, -1), int(ctx_code.max()) + 1)
+    chunk = pd.Series(qidx).groupby([cell_target[qidx], ctx_code[qidx]]).indices
+    for (t, code), positions in chunk.items():
+        rows = qidx[positions]
+        out[rows] = _apply(_dense_float32(matrix[paired[rows]]), deltas[t], ctx_means[code])
 
     fell_back = np.zeros(adata.n_obs, dtype=bool)
     fell_back[qidx] = fallback[cell_target[qidx]]
@@ -320,6 +332,16 @@ def predict_baseline(
         info["train_values"] = list(as_str_tuple(train_values))
     target.uns[key_added] = info
     return target if copy else None
+
+
+def _apply(x_ctrl: np.ndarray, delta: np.ndarray, control_mean: np.ndarray) -> np.ndarray:
+    """The model's rule for applying a mean shift to a group's matched control cells."""
+    scaled, offset = apply_shift(
+        torch.from_numpy(x_ctrl)[None],
+        torch.as_tensor(delta, dtype=torch.float32)[None, None],
+        torch.as_tensor(control_mean, dtype=torch.float32)[None],
+    )
+    return torch.relu(scaled + offset)[0].numpy()
 
 
 def _dense_float32(matrix) -> np.ndarray:

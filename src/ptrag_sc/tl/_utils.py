@@ -9,6 +9,7 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import DEFAULT_PERTURBATION_SEP
+from ..data._memory import group_means  # noqa: F401  (re-exported for tl modules)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -79,26 +80,6 @@ def members(
     """Single genes of a perturbation label (``"A+B"`` -> ``["A", "B"]``), control members dropped."""
     parts = [p.strip() for p in str(perturbation).split(sep)]
     return [p for p in parts if p and p != control_group]
-
-
-def group_means(matrix, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Mean row of ``matrix`` per group code (codes < 0 are ignored); float64 ``[n_groups, G]``.
-
-    A sparse indicator product, so it works for dense and sparse matrices without looping over
-    cells. Empty groups get NaN rows.
-    """
-    codes = np.asarray(codes)
-    keep = np.flatnonzero(codes >= 0)
-    counts = np.bincount(codes[keep], minlength=n_groups).astype(np.float64)
-    with np.errstate(divide="ignore"):
-        weights = 1.0 / counts[codes[keep]]
-    indicator = sparse.csr_matrix((weights, (codes[keep], keep)), shape=(n_groups, codes.shape[0]))
-    means = indicator @ matrix
-    if sparse.issparse(means):
-        means = means.toarray()
-    means = np.asarray(means, dtype=np.float64)
-    means[counts == 0] = np.nan
-    return means
 
 
 def group_rng(seed: int, *key: str) -> np.random.Generator:
