@@ -272,3 +272,31 @@ def test_batch_matching_and_sinkhorn_loss():
     assert model.module.batch_embedding is not None
     assert np.isfinite(model.predict(data, inplace=False)).all()
     assert np.isfinite(model.history["train_energy"].astype(float).to_numpy()).all()
+
+
+def test_add_perturbation_embeddings_and_aliases(trained, tmp_path):
+    model, data = trained
+    controls = data[data.obs["gene"] == "non-targeting"].copy()
+    emb = model.perturbation_embeddings
+    extra = pd.DataFrame(emb.iloc[:3].to_numpy().mean(0, keepdims=True), index=["NEWGENE"], columns=emb.columns)
+    with pytest.raises(ValueError, match="'NEWGENE'"):
+        model.predict(controls, perturbations=["NEWGENE"])
+    model.add_perturbation_embeddings(extra)
+    out = model.predict(controls, perturbations=["NEWGENE"])
+    assert out.obs["ptrag_unseen_perturbation"].all()
+    with pytest.raises(ValueError, match="already have a vector"):
+        model.add_perturbation_embeddings(extra)
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = PTRAG.load(tmp_path / "m", adata=data.copy())
+    np.testing.assert_array_equal(loaded.predict(controls, perturbations=["NEWGENE"]).X, out.X)
+
+
+def test_old_gene_symbols_find_their_vectors():
+    from ptrag_sc.data import PerturbationEncoder
+
+    table = pd.DataFrame(np.eye(3, dtype=np.float32), index=["MAP3K21", "AARS1", "MAPK1"])
+    encoder = PerturbationEncoder(table)
+    np.testing.assert_array_equal(encoder.embed(["KIAA1804", "AARS+MAPK1"]), [[1, 0, 0], [0, 1, 1]])
+    with pytest.raises(ValueError, match="NOTAGENE"):
+        encoder.embed(["NOTAGENE"])
+    assert PerturbationEncoder(table, aliases=False).missing(["KIAA1804"]) == {"KIAA1804": ["KIAA1804"]}

@@ -165,3 +165,53 @@ def test_invalid_options_raise():
         PTRAGModule(10, 4, backbone="lstm")
     with pytest.raises(ValueError, match="context_mode"):
         PTRAGModule(10, 4, context_mode="concat")
+
+
+def test_apply_shift_moves_the_set_mean_exactly():
+    from ptrag_sc.module._module import apply_shift
+
+    gen = torch.Generator().manual_seed(0)
+    # 3 genes: expressed in half the cells, expressed everywhere, almost never expressed.
+    x = torch.zeros(1, 200, 3)
+    x[0, :100, 0] = torch.rand(100, generator=gen) + 0.5
+    x[0, :, 1] = torch.rand(200, generator=gen) + 1.0
+    x[0, :2, 2] = 0.5
+    control_mean = torch.tensor([[0.4, 1.4, 0.01]])
+    delta = torch.tensor([[[-0.2, 0.3, 0.2]]])
+    scaled, offset = apply_shift(x, delta, control_mean)
+    y = torch.relu(scaled + offset)
+    torch.testing.assert_close(y.mean(1), (control_mean + delta[:, 0]), rtol=1e-5, atol=1e-6)
+    # Expressed genes are scaled: zeros stay zeros and values stay non-negative.
+    assert (y[0, 100:, 0] == 0).all() and (y >= 0).all()
+    assert torch.allclose(offset[0, 0, :2], torch.zeros(2), atol=1e-6)
+    # The rarely expressed gene is shifted additively.
+    assert offset[0, 0, 2] > 0
+    # Clipping at zero after an additive shift would have lost most of the negative shift.
+    clipped = torch.relu(x + delta).mean(1) - x.mean(1)
+    assert clipped[0, 0] > -0.12
+
+
+def test_apply_shift_clamps_the_scale_and_keeps_the_mean():
+    from ptrag_sc.module._module import MAX_SCALE, apply_shift
+
+    x = torch.full((1, 10, 1), 0.1)
+    scaled, offset = apply_shift(x, torch.tensor([[[5.0]]]), torch.tensor([[0.1]]))
+    assert torch.allclose(scaled, x * MAX_SCALE)
+    torch.testing.assert_close((scaled + offset).mean(1), torch.tensor([[5.1]]))
+
+
+def test_combination_members_add_up_in_the_retrieved_shift():
+    torch.manual_seed(0)
+    module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag")
+    responses = torch.randn(7, 10)
+    module.set_memory(torch.randn(7, 4), responses, torch.randn(7, 5), torch.randn(10, 5))
+    module.eval()
+    batch = _batch(n_sets=2, k=3)
+    batch[TENSORS.CANDIDATES] = torch.tensor([[2, 5, 6], [2, 5, 6]])
+    # Set 0 is a combination whose single genes (entries 2 and 5) were measured in its cell type.
+    batch[TENSORS.CANDIDATE_RELATION] = torch.tensor([[2, 2, 0], [0, 0, 0]])
+    batch[TENSORS.CANDIDATE_SAME_CELL_TYPE] = torch.tensor([[True, True, True], [True, True, True]])
+    with torch.no_grad():
+        inference = module.inference(**module._get_inference_input(batch))
+    torch.testing.assert_close(inference["delta"][0, 0], responses[2] + responses[5])
+    assert not torch.allclose(inference["delta"][1, 0], responses[2] + responses[5])

@@ -11,7 +11,8 @@ class PTRAGSettings:
     progress_bar
         Show progress bars during training, text embedding and prediction over many
         perturbations. Set ``ptrag_sc.settings.progress_bar = False`` to silence them
-        (for example in scripts and CI logs).
+        (for example in scripts and CI logs); this also silences Lightning's informational
+        messages during training.
     """
 
     def __init__(self) -> None:

@@ -73,7 +73,9 @@ class PerturbationEncoder:
     """Map perturbation labels (``"A"``, ``"A+B"``) to embedding vectors.
 
     A label present in the table (for example a user-supplied vector for ``"A+B"``) uses its
-    own row; otherwise a combination is the sum of its members' rows.
+    own row; otherwise a combination is the sum of its members' rows. A gene missing from the
+    table is looked up under its aliases (:func:`ptrag_sc.pp.resolve_gene_symbols`), so an old
+    label such as ``KIAA1804`` finds ``MAP3K21``'s vector.
 
     Parameters
     ----------
@@ -81,13 +83,31 @@ class PerturbationEncoder:
         Gene-embedding table, validated by :func:`validate_embedding_table`.
     sep
         Separator of combination labels.
+    aliases
+        Resolve missing genes through the shipped alias table.
     """
 
-    def __init__(self, embeddings: pd.DataFrame, *, sep: str = "+") -> None:
+    def __init__(self, embeddings: pd.DataFrame, *, sep: str = "+", aliases: bool = True) -> None:
         self.table = validate_embedding_table(embeddings)
         self.sep = sep
+        self.aliases = aliases
         self._row = pd.Series(np.arange(self.table.shape[0]), index=self.table.index)
         self._values = self.table.to_numpy()
+        self._resolved: dict[str, str | None] = {}
+
+    def _symbol(self, gene: str) -> str | None:
+        """The table's symbol for ``gene``: itself, or its current name through the alias table
+        (e.g. ``KIAA1804`` -> ``MAP3K21``); ``None`` when it has no vector."""
+        if gene in self._row.index:
+            return gene
+        if not self.aliases:
+            return None
+        if gene not in self._resolved:
+            from ..pp import resolve_gene_symbols
+
+            mapping = resolve_gene_symbols([gene], self.table.index, warn=False).mapping
+            self._resolved[gene] = mapping.get(gene)
+        return self._resolved[gene]
 
     @property
     def n_dims(self) -> int:
@@ -104,7 +124,7 @@ class PerturbationEncoder:
         for label in pd.unique(np.asarray(list(labels), dtype=object)):
             if str(label).upper() in self._row.index:
                 continue
-            absent = [m for m in self.members(label) if m not in self._row.index]
+            absent = [m for m in self.members(label) if self._symbol(m) is None]
             if absent or not self.members(label):
                 out[str(label)] = absent or [str(label)]
         return out
@@ -118,9 +138,10 @@ class PerturbationEncoder:
             raise ValueError(
                 f"{len(missing)} perturbation(s){context} have no gene embedding: {examples}"
                 f"{' ...' if len(missing) > 5 else ''}. {len(genes)} gene(s) are missing from "
-                f"`perturbation_embeddings` (e.g. {genes[:10]}). Add their vectors (e.g. with "
-                "`ptrag_sc.pp.embed_gene_text`) or drop those cells; they are never replaced "
-                "by zeros."
+                f"`perturbation_embeddings` (e.g. {genes[:10]}), also under their aliases. Add "
+                "their vectors (e.g. with `ptrag_sc.pp.embed_gene_text`, then "
+                "`model.add_perturbation_embeddings`) or drop those cells; they are never "
+                "replaced by zeros."
             )
 
     def embed(self, labels: Sequence[str]) -> np.ndarray:
@@ -134,5 +155,6 @@ class PerturbationEncoder:
             if own in self._row.index:
                 vectors[i] = self._values[self._row[own]]
             else:
-                vectors[i] = self._values[self._row[self.members(label)].to_numpy()].sum(axis=0)
+                symbols = [self._symbol(m) for m in self.members(label)]
+                vectors[i] = self._values[self._row[symbols].to_numpy()].sum(axis=0)
         return vectors[inverse]

@@ -170,8 +170,9 @@ def synthetic(
 
     Returns
     -------
-    :class:`anndata.AnnData` with ``n_obs = C * (n_control_cells + (P + n_combinations) *
-    n_cells_per_perturbation)`` cells, ordered by cell line, then group (controls first), and
+    :class:`anndata.AnnData` with
+    ``n_obs = C * (n_control_cells + (P + n_combinations) * n_cells_per_perturbation)``
+    cells, ordered by cell line, then group (controls first), and
 
     ``X``
         ``log1p`` of the library-size-normalised counts (target sum ``1e4``), ``float32``,

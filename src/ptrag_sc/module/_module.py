@@ -12,6 +12,8 @@ from ._components import FullSetTransformer, PooledSetTransformer, mlp
 from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
 
+RELATION_MEMBER = 2  # see ptrag_sc.data._memory
+
 
 #: Genes whose mean in a set of control cells is below this are shifted additively, not scaled.
 EXPRESSED_THRESHOLD = 0.05
@@ -84,7 +86,9 @@ class PTRAGModule(BaseModuleClass):
 
     ``delta`` is the response memory's direct path: the measured shifts of the kept
     candidates, weighted by their keep probability and averaged over the set's cells (zero
-    for embedding memories and for ``retrieval="none"``). The loss is the energy distance between each predicted and
+    for embedding memories and for ``retrieval="none"``). For a combination ``A+B`` whose
+    single genes were measured in the query's cell type, ``delta`` is the sum of their shifts
+    (the additive model); the network shapes the cells around it. The loss is the energy distance between each predicted and
     observed set, plus ``sparsity_weight`` times the mean keep rate for PT-RAG.
 
     Parameters
@@ -132,6 +136,11 @@ class PTRAGModule(BaseModuleClass):
         Dropout rate.
     loss
         ``"energy"`` or ``"sinkhorn"`` (geomloss' debiased Sinkhorn divergence, blur 0.05).
+    learned_shift
+        With a rank-limited decoder, let the network add a learned mean shift per set (the set
+        decoder). ``False``: the set's mean moves only by the retrieved shift ``delta``; the
+        network shapes the cells around it. ``None``: ``False`` with a response memory, else
+        ``True`` (without measured responses the shift must be learned).
     """
 
     def __init__(
@@ -155,6 +164,7 @@ class PTRAGModule(BaseModuleClass):
         sparsity_weight: float = 0.1,
         dropout: float = 0.0,
         loss: Literal["energy", "sinkhorn"] = "energy",
+        learned_shift: bool | None = None,
     ) -> None:
         super().__init__()
         self.n_genes, self.n_hidden = n_genes, n_hidden
@@ -181,6 +191,7 @@ class PTRAGModule(BaseModuleClass):
         else:
             raise ValueError(f"`backbone` must be 'pooled' or 'full', got {backbone!r}.")
         self.decoder_rank = decoder_rank
+        self.learned_shift = learned_shift if learned_shift is not None else not (retrieval != "none" and memory == "response")
         if decoder_rank is None:
             self.decoder = mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout)
             self.set_decoder = None
@@ -209,8 +220,8 @@ class PTRAGModule(BaseModuleClass):
         # member of the query combination, the cell type's context mean.
         self.relation = nn.Embedding(4, n_hidden) if retrieval != "none" else None
         self.context_token = nn.Parameter(torch.zeros(n_hidden)) if uses_responses else None
-        # Log-gain of the shift contributed per relation: lets a combination's members add up
-        # (A+B ~ A + B) while other evidence is averaged.
+        # Log-gain of the shift contributed per relation (other, same perturbation, member,
+        # context entry).
         self.relation_gain = nn.Parameter(torch.zeros(4)) if uses_responses else None
         # Filled by `set_memory`; not part of the state dict, since the memory is data saved
         # with the model, not a parameter.
@@ -356,6 +367,14 @@ class PTRAGModule(BaseModuleClass):
                 # averaged, so it costs K*G per set rather than per cell.
                 gains = torch.exp(self.relation_gain)[relation]  # [B,K]
                 set_weights = weights.mean(dim=1) * gains  # [B,K]
+                # A combination whose single genes were measured in the query's cell type adds
+                # their shifts up (the additive model), instead of averaging the evidence.
+                same = candidate_same_cell_type if candidate_same_cell_type is not None else torch.zeros_like(candidates, dtype=torch.bool)
+                same = torch.cat([same, torch.zeros_like(valid[:, same.shape[1] :])], dim=1)
+                additive = (relation == RELATION_MEMBER) & same & valid
+                has_additive = additive.any(dim=-1, keepdim=True)
+                set_weights = torch.where(has_additive, additive.to(set_weights.dtype) * gains, set_weights)
+                out["additive"] = additive
                 delta = torch.bmm(set_weights.unsqueeze(1), responses)  # [B,1,G]
         if self.batch_embedding is not None and batch is not None:
             known = (batch >= 0)[:, None, None].to(x0.dtype)
@@ -398,7 +417,9 @@ class PTRAGModule(BaseModuleClass):
         # input of 1, so [B, S, G] is written once.
         set_mean = latent.mean(dim=1, keepdim=True)
         first, last = self.decoder
-        set_vector = self.set_decoder(set_mean) + last.bias  # [B,1,G]
+        set_vector = last.bias.expand(set_mean.shape[0], 1, -1)  # [B,1,G]
+        if self.learned_shift:
+            set_vector = set_vector + self.set_decoder(set_mean)
         if offset is not None:
             set_vector = set_vector + offset
         low_rank = first(latent - set_mean)
