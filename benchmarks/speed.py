@@ -40,9 +40,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _state_reference import StateReference  # noqa: E402
+from _state_reference import StateReference
 
-from ptrag_sc.module import TENSORS, PTRAGModule  # noqa: E402
+from ptrag_sc.module import TENSORS, PTRAGModule
 
 B, S, G, D, K, H, M = 16, 64, 2000, 1536, 32, 128, 8000
 

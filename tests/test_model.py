@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import scvi
+from conftest import SMALL_MODEL, few_shot_split, make_small_adata
 
 import ptrag_sc
 from ptrag_sc import PTRAG
-
-from conftest import SMALL_MODEL, few_shot_split, make_small_adata
 
 
 def _fit(data, steps=40, split_key=None, seed=0, **kwargs):
@@ -95,11 +94,13 @@ def test_counterfactual_prediction_keeps_controls_and_input(trained):
     model, data = trained
     before = data.X.copy()
     layer = model.predict(data, inplace=False)
-    assert layer.shape == data.shape and layer.dtype == np.float32
+    assert layer.shape == data.shape
+    assert layer.dtype == np.float32
     control = (data.obs["gene"] == "non-targeting").to_numpy()
     np.testing.assert_array_equal(layer[control], before[control])
     np.testing.assert_array_equal(data.X, before)
-    assert (layer >= 0).all() and np.isfinite(layer).all()
+    assert (layer >= 0).all()
+    assert np.isfinite(layer).all()
     assert not np.allclose(layer[~control], before[~control])
     # Only the requested cells change.
     some = np.flatnonzero(~control)[:5]
@@ -131,7 +132,7 @@ def test_generation_of_unseen_perturbation_and_combination(trained):
     # A perturbation of a gene never seen anywhere: only its embedding is needed.
     extra = pd.DataFrame(emb.iloc[:2].to_numpy().mean(0, keepdims=True), index=["NOVELGENE"], columns=emb.columns)
     model_emb = pd.concat([emb, extra])
-    novel = PTRAG.load.__self__  # noqa: B018  (class still importable)
+    novel = PTRAG.load.__self__
     assert novel is PTRAG
     model._encoder = ptrag_sc.data.PerturbationEncoder(model_emb)
     out2 = model.predict(controls, perturbations=["NOVELGENE"], cell_type=str(controls.obs["cell_line"].iloc[0]))
@@ -160,12 +161,14 @@ def test_get_retrieval_table(trained):
     assert len(table) == model.n_candidates + 1
     assert table["rank"].tolist() == list(range(1, model.n_candidates + 2))
     assert table["similarity"].iloc[:-1].is_monotonic_decreasing
-    assert table.iloc[-1]["candidate"] == "<context mean>" and np.isnan(table.iloc[-1]["similarity"])
+    assert table.iloc[-1]["candidate"] == "<context mean>"
+    assert np.isnan(table.iloc[-1]["similarity"])
     assert table["keep_probability"].between(0, 1).all()
     # The exact (query, cell type) entry is never retrieved (it is held out anyway), but the
     # query measured in other cell types is, first.
     assert not ((table["candidate"] == query) & (table["candidate_cell_type"] == "cell_line_0")).any()
-    assert table.iloc[0]["candidate"] == query and table.iloc[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert table.iloc[0]["candidate"] == query
+    assert table.iloc[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_memory_holds_training_cells_only(trained):

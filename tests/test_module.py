@@ -71,7 +71,8 @@ def test_selector_context_equals_explicit_sum():
     expected = (keep[..., None] * selector.projection(normed)).sum(2)
     torch.testing.assert_close(out["context"], expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(out["keep"], keep)
-    assert not out["keep"][1, :, 2].any() and not out["keep"][1, :, 4].any()
+    assert not out["keep"][1, :, 2].any()
+    assert not out["keep"][1, :, 4].any()
 
 
 def test_binary_concrete_matches_two_class_gumbel_softmax():
@@ -93,7 +94,8 @@ def test_selector_sampling_is_hard_and_differentiable():
     out = selector(torch.randn(2, 3, 8), torch.randn(2, 8), h_cand, torch.ones(2, 4, dtype=torch.bool), sample=True)
     assert set(out["keep"].detach().unique().tolist()) <= {0.0, 1.0}
     (out["keep"].sum() + out["context"].sum()).backward()
-    assert h_cand.grad is not None and h_cand.grad.abs().sum() > 0
+    assert h_cand.grad is not None
+    assert h_cand.grad.abs().sum() > 0
 
 
 def _batch(n_sets=2, s=6, g=10, d=4, k=3, m=7, seed=0):
@@ -182,7 +184,8 @@ def test_apply_shift_moves_the_set_mean_exactly():
     y = torch.relu(scaled + offset)
     torch.testing.assert_close(y.mean(1), (control_mean + delta[:, 0]), rtol=1e-5, atol=1e-6)
     # Expressed genes are scaled: zeros stay zeros and values stay non-negative.
-    assert (y[0, 100:, 0] == 0).all() and (y >= 0).all()
+    assert (y[0, 100:, 0] == 0).all()
+    assert (y >= 0).all()
     assert torch.allclose(offset[0, 0, :2], torch.zeros(2), atol=1e-6)
     # The rarely expressed gene is shifted additively.
     assert offset[0, 0, 2] > 0

@@ -55,8 +55,10 @@ def test_self_exclusion_embedding_memory(encoder):
         names = memory.perturbations[row[row >= 0]]
         assert q not in names  # a perturbation never retrieves itself
     # 4 entries, one excluded for a measured query: 3 candidates, then padding.
-    assert (cand[0] >= 0).sum() == 3 and (cand[3] >= 0).sum() == 4
-    assert np.isnan(sim[0, 3]) and not same.any()
+    assert (cand[0] >= 0).sum() == 3
+    assert (cand[3] >= 0).sum() == 4
+    assert np.isnan(sim[0, 3])
+    assert not same.any()
     # Sorted by decreasing similarity, and the similarity is the cosine.
     valid = sim[3][cand[3] >= 0]
     assert np.all(np.diff(valid) <= 1e-6)
@@ -71,20 +73,26 @@ def test_self_exclusion_response_memory_is_per_cell_type(encoder):
     index = NeighbourIndex(memory, n_candidates=3, backend="exact")
     queries = np.array(["A", "A", "D"])
     query_ct = np.array(["t1", "t2", "t2"])
-    cand, sim, same, relation = index.query(queries, encoder.embed(queries), query_ct)
-    assert relation[0, 0] == 1 and relation[1, 0] == 1 and relation[2, 0] == 1
+    cand, sim, _, relation = index.query(queries, encoder.embed(queries), query_ct)
+    assert relation[0, 0] == 1
+    assert relation[1, 0] == 1
+    assert relation[2, 0] == 1
     assert (relation[:, 1:] == 0).all()
     names = memory.entry_names()
     # The exact entry is excluded; the query measured in the other cell type comes first.
-    assert names[cand[0, 0]] == "A@t2" and "A@t1" not in names[cand[0]]
-    assert names[cand[1, 0]] == "A@t1" and "A@t2" not in names[cand[1]]
+    assert names[cand[0, 0]] == "A@t2"
+    assert "A@t1" not in names[cand[0]]
+    assert names[cand[1, 0]] == "A@t1"
+    assert "A@t2" not in names[cand[1]]
     assert names[cand[2, 0]] == "D@t1"  # D was never measured in t2: its t1 entry is evidence
     assert sim[0, 0] == pytest.approx(1.0)
     # Ties in similarity prefer the query's own cell type.
     b = np.array(["B"])
     c2, _, s2, _ = index.query(np.array(["E"]), encoder.embed(["B"]), np.array(["t2"]))
-    assert names[c2[0, 0]] == "B@t2" and s2[0, 0]
-    assert names[c2[0, 1]] == "B@t1" and not s2[0, 1]
+    assert names[c2[0, 0]] == "B@t2"
+    assert s2[0, 0]
+    assert names[c2[0, 1]] == "B@t1"
+    assert not s2[0, 1]
     assert b.size == 1
 
 
@@ -101,14 +109,14 @@ def test_faiss_backend_matches_exact():
     X = np.concatenate([X, rng.random((4, 5))])
     for kind in ("embedding", "response"):
         memory = build_memory(kind, X=X, perturbations=labels, cell_types=cts, is_control=labels == "ctrl", train_mask=np.ones(len(labels), bool), encoder=encoder)
-        queries = np.array(genes[:50] + ["G5+G7"])
+        queries = np.array([*genes[:50], "G5+G7"])
         q_ct = np.array(["a"] * 51)
         exact = NeighbourIndex(memory, n_candidates=8, backend="exact").query(queries, encoder.embed(queries), q_ct)[:2]
         fast = NeighbourIndex(memory, n_candidates=8, backend="faiss").query(queries, encoder.embed(queries), q_ct)[:2]
         if kind == "embedding":
             np.testing.assert_array_equal(exact[0], fast[0])
         else:  # ties between cell types of one gene may be ordered differently
-            genes_of = lambda c: [sorted(memory.perturbations[r]) for r in c]  # noqa: E731
+            genes_of = lambda c, m=memory: [sorted(m.perturbations[r]) for r in c]  # noqa: E731
             assert genes_of(exact[0]) == genes_of(fast[0])
         np.testing.assert_allclose(np.sort(exact[1], 1), np.sort(fast[1], 1), rtol=1e-5)
 
@@ -154,7 +162,8 @@ def test_context_response_leaves_the_query_out(encoder):
     np.testing.assert_allclose(ctx[0], memory.responses[others].mean(0), rtol=1e-6)
     every = [names.index(n) for n in ("A@t1", "B@t1", "C@t1", "D@t1")]
     np.testing.assert_allclose(ctx[1], memory.responses[every].mean(0), rtol=1e-6)
-    assert valid.tolist() == [True, True, False] and not ctx[2].any()
+    assert valid.tolist() == [True, True, False]
+    assert not ctx[2].any()
 
 
 def test_combination_embedding_is_sum(encoder):

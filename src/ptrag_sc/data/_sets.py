@@ -52,7 +52,7 @@ class ExpressionMatrix:
 
     def rows(self, index: np.ndarray) -> torch.Tensor:
         """Rows ``index`` (any shape) as a float32 tensor of shape ``index.shape + (G,)``."""
-        flat = np.asarray(index, dtype=np.int64).ravel()
+        flat = np.array(index, dtype=np.int64).ravel()  # a writable copy: torch needs one
         if self._dense is not None:
             out = self._dense.index_select(0, torch.from_numpy(flat))
         else:

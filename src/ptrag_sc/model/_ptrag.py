@@ -36,7 +36,13 @@ from .._constants import (
 from .._settings import settings
 from .._utils import flush_denormal, quiet_lightning
 from ..data._fields import PerturbationField
-from ..data._memory import NeighbourIndex, RetrievalMemory, build_memory, context_responses, group_means
+from ..data._memory import (
+    NeighbourIndex,
+    RetrievalMemory,
+    build_memory,
+    context_responses,
+    group_means,
+)
 from ..data._pairing import match_controls
 from ..data._perturbations import PerturbationEncoder
 from ..data._sets import ExpressionMatrix, SetDataModule, SetGroups, index_groups, make_batch
@@ -140,11 +146,23 @@ class PTRAG(BaseModelClass):
     Examples
     --------
     >>> import ptrag_sc
-    >>> adata = ptrag_sc.datasets.synthetic(seed=0)
+    >>> ptrag_sc.settings.progress_bar = False
+    >>> adata = ptrag_sc.datasets.perturbench_devel()
+    >>> ptrag_sc.pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=["MAPK1", "SGK1"])
     >>> ptrag_sc.PTRAG.setup_anndata(adata, perturbation_key="gene", cell_type_key="cell_line")
     >>> model = ptrag_sc.PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"])
-    >>> model.train(max_steps=20)  # doctest: +SKIP
-    >>> model.predict(adata)  # writes adata.layers["ptrag"]  # doctest: +SKIP
+    >>> model.train(max_steps=20, split_key="split")  # a real run trains for thousands of steps
+    >>> model.predict(adata)  # counterfactual: writes adata.layers["ptrag"]
+    >>> adata.layers["ptrag"].shape == adata.shape
+    True
+    >>> controls = adata[(adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] == "U87MG")]
+    >>> generated = model.predict(controls, perturbations=["MAPK1", "MAPK1+SGK1"])  # generation
+    >>> generated.n_obs == 2 * controls.n_obs
+    True
+    >>> table = model.get_retrieval(["MAPK1"], cell_type="U87MG")
+    >>> first = table.iloc[0]
+    >>> first["candidate"], first["candidate_cell_type"], round(float(first["similarity"]), 3)
+    ('MAPK1', 'A172', 1.0)
 
     Notes
     -----
@@ -441,8 +459,8 @@ class PTRAG(BaseModelClass):
         from (response memories only).
         """
         use_batch = self._batch_key is not None and self.match_batch
-        ct_codes, ct_uniques = pd.factorize(cell_types, sort=True)
-        pert_codes, pert_uniques = pd.factorize(labels, sort=True)
+        ct_codes, _ = pd.factorize(cell_types, sort=True)
+        pert_codes, _ = pd.factorize(labels, sort=True)
         batch_key = batches if use_batch else np.zeros_like(batches)
         cells, start, first = index_groups([ct_codes, pert_codes, batch_key], member)
         # Control pools per (cell type, batch), falling back to the cell type when a batch has none.
@@ -585,7 +603,8 @@ class PTRAG(BaseModelClass):
         adata = self.adata
         if adata is None:
             raise ValueError("This model has no AnnData attached: load it with `PTRAG.load(dir, adata=...)` to train.")
-        seed = int(scvi_settings.seed)
+        # scvi-tools leaves the seed unset (None) until a user sets one: then sampling is random.
+        seed = int(scvi_settings.seed) if scvi_settings.seed is not None else int(np.random.default_rng().integers(2**31))
         X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         labels = self._labels(adata)
         is_control = labels == self.control_group
@@ -650,18 +669,18 @@ class PTRAG(BaseModelClass):
             trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), keeper]
         plan_kwargs = dict(plan_kwargs or {})
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        runner = self._train_runner_cls(
-            self,
-            training_plan=training_plan,
-            data_splitter=datamodule,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping,
-            check_val_every_n_epoch=check_val_every_n_epoch,
-            **trainer_kwargs,
-        )
         with flush_denormal(), quiet_lightning(not trainer_kwargs["enable_progress_bar"]):
+            runner = self._train_runner_cls(
+                self,
+                training_plan=training_plan,
+                data_splitter=datamodule,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                early_stopping=early_stopping,
+                check_val_every_n_epoch=check_val_every_n_epoch,
+                **trainer_kwargs,
+            )
             runner()
         self.best_epoch_ = None if keeper is None else keeper.best_epoch
 
@@ -1093,7 +1112,7 @@ class PTRAG(BaseModelClass):
                     "rank": np.tile(np.arange(1, k + 1), len(perturbations)),
                     "candidate": names_k.ravel(),
                     "candidate_cell_type": cts_k.ravel(),
-                    "similarity": sim.ravel(),
+                    "similarity": sim.ravel().astype(np.float64),
                     "keep_probability": keep_p.ravel(),
                     "selected_fraction": selected.ravel(),
                 }

@@ -1,6 +1,6 @@
 """Torch modules of PT-RAG."""
 
 from ._losses import energy_distance, pairwise_distances
-from ._module import TENSORS, PTRAGModule
+from ._module import TENSORS, PTRAGModule, apply_shift
 
-__all__ = ["TENSORS", "PTRAGModule", "energy_distance", "pairwise_distances"]
+__all__ = ["TENSORS", "PTRAGModule", "apply_shift", "energy_distance", "pairwise_distances"]

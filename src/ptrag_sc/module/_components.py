@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,7 +13,7 @@ def mlp(n_in: int, n_out: int, *, n_hidden: int, n_layers: int = 2, dropout: flo
     """``n_layers`` linear layers with GELU (and dropout) between them."""
     dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         layers.append(nn.Linear(a, b))
         if i < n_layers - 1:
             layers.append(nn.GELU())

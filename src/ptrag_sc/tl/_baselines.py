@@ -174,11 +174,16 @@ def predict_baseline(
     Examples
     --------
     >>> import ptrag_sc
+    >>> adata = ptrag_sc.datasets.perturbench_devel(subset="glioblastoma")
+    >>> ptrag_sc.pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=["MAPK1", "SGK1"])
+    >>> emb = adata.uns["gene_embeddings"]
     >>> for name in ptrag_sc.tl.BASELINES:
-    ...     if name not in ("linear", "knn"):
-    ...         ptrag_sc.tl.predict_baseline(adata, name, split_key="split")
-    >>> ptrag_sc.tl.predict_baseline(adata, "knn", split_key="split", gene_embeddings=emb, k=10)
+    ...     ptrag_sc.tl.predict_baseline(adata, name, split_key="split", gene_embeddings=emb)
+    >>> sorted(k for k in adata.layers if k.startswith("baseline_"))
+    ['baseline_additive', 'baseline_context_mean', 'baseline_control', 'baseline_knn', 'baseline_linear', 'baseline_other_cell_types']
     >>> res = ptrag_sc.tl.evaluate(adata, pred_layer="baseline_knn", split_key="split")
+    >>> len(res)
+    2
     """
     if method not in BASELINES:
         raise ValueError(

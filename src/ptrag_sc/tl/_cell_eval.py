@@ -111,12 +111,18 @@ def to_cell_eval(
     Examples
     --------
     >>> import ptrag_sc
-    >>> pred, real = ptrag_sc.tl.to_cell_eval(
-    ...     adata, cell_type_key="cell_line", cell_types="K562", split_key="split"
-    ... )
-    >>> from cell_eval import MetricsEvaluator
-    >>> ev = MetricsEvaluator(pred, real, pert_col="target_gene", control_pert="non-targeting")
-    >>> results, agg = ev.compute(profile="minimal")
+    >>> adata = ptrag_sc.datasets.perturbench_devel(subset="glioblastoma")
+    >>> ptrag_sc.pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=["MAPK1", "SGK1"])
+    >>> ptrag_sc.tl.predict_baseline(adata, "context_mean", split_key="split", key_added="ptrag")
+    >>> pred, real = ptrag_sc.tl.to_cell_eval(adata, cell_type_key="cell_line", cell_types="U87MG", split_key="split")
+    >>> sorted(set(pred.obs["target_gene"])), pred.shape == real.shape
+    (['MAPK1', 'SGK1', 'non-targeting'], True)
+
+    With cell-eval installed (``pip install "ptrag-sc[cell-eval]"``)::
+
+        from cell_eval import MetricsEvaluator
+        ev = MetricsEvaluator(pred, real, pert_col="target_gene", control_pert="non-targeting")
+        results, agg = ev.compute(profile="minimal")
     """
     import anndata as ad
 

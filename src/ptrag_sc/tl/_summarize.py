@@ -59,9 +59,14 @@ def summarize(
     --------
     >>> import pandas as pd
     >>> import ptrag_sc
-    >>> res = pd.concat([ptrag_sc.tl.evaluate(adata, pred_layer=k) for k in ("ptrag", "mean")])
-    >>> table = ptrag_sc.tl.summarize(res, by="method")
-    >>> table.pivot(index="metric", columns="method", values="mean")
+    >>> adata = ptrag_sc.datasets.perturbench_devel(subset="glioblastoma")
+    >>> ptrag_sc.pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=["MAPK1", "SGK1"])
+    >>> for name in ("control", "context_mean"):
+    ...     ptrag_sc.tl.predict_baseline(adata, name, split_key="split", key_added=name)
+    >>> res = pd.concat([ptrag_sc.tl.evaluate(adata, pred_layer=k, split_key="split") for k in ("control", "context_mean")])
+    >>> table = ptrag_sc.tl.summarize(res, by="method", metrics=["pearson_delta", "energy"], n_boot=200)
+    >>> table.pivot(index="method", columns="metric", values="mean").shape
+    (2, 2)
     """
     if not isinstance(results, pd.DataFrame):
         raise TypeError(f"`results` must be a pandas DataFrame, got {type(results).__name__}.")
