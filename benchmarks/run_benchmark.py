@@ -66,6 +66,8 @@ VARIANTS: dict[str, dict] = {
     "response, no keep_best": {"_train": {"keep_best": False}},
     "response, no learned shift": {"learned_shift": False},
     "response, 600 steps": {"_train": {"max_steps": 600}},
+    "response, sparsity 1": {"sparsity_weight": 1.0},
+    "response, K=8": {"n_candidates": 8},
     "STATE+GenePT, no keep_best": {"retrieval": "none", "backbone": "full", "decoder_rank": None, "_train": {"keep_best": False}},
 }
 BASELINES = ("control", "context_mean", "other_cell_types", "linear", "knn")

@@ -215,6 +215,16 @@ def prediction() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -224,7 +234,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    machine = f"{_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     train_table = training(args.rounds, args.steps)
     train_table.to_csv(args.out / "training.csv", index=False)
     print(train_table.round(3).to_string(index=False), flush=True)
