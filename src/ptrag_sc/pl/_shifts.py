@@ -15,14 +15,13 @@ from .._constants import (
     DEFAULT_PRED_LAYER,
 )
 from ..tl import _metrics as M
+from ..tl._evaluate import resolve_inputs
 from ..tl._utils import (
     as_str_tuple,
     check_obs_key,
     dense_rows,
     finite_rows,
-    get_matrix,
     in_values,
-    labels,
 )
 from ._utils import check_save, finish, grid, single_ax, symmetric_limits
 
@@ -67,35 +66,11 @@ def compute_shifts(
     :func:`ptrag_sc.tl.evaluate` (same helpers, same order of operations), so
     ``Shift.pearson`` equals its ``pearson_delta``.
     """
-    pred_mat = get_matrix(adata, pred_layer, "pred_layer")
-    ref = adata if reference is None else reference
-    where_ref = "adata" if reference is None else "reference"
-    real_mat = get_matrix(ref, real_layer, "real_layer", where=where_ref)
-    gene_idx = None
-    if reference is not None:
-        idx = reference.var_names.get_indexer(adata.var_names)
-        if np.any(idx < 0):
-            missing = list(adata.var_names[idx < 0][:10])
-            raise ValueError(
-                f"{int(np.sum(idx < 0))} gene(s) of adata are not in reference.var_names, "
-                f"e.g. {missing}."
-            )
-        if not np.array_equal(idx, np.arange(reference.n_vars)):
-            gene_idx = idx
-
-    pert_p = labels(adata, perturbation_key, "perturbation_key")
-    ct_p = labels(adata, cell_type_key, "cell_type_key")
-    if reference is None:
-        pert_r, ct_r = pert_p, ct_p
-    else:
-        pert_r = labels(reference, perturbation_key, "perturbation_key", where="reference")
-        ct_r = labels(reference, cell_type_key, "cell_type_key", where="reference")
-    ctrl_r = pert_r == control_group
-    if not ctrl_r.any():
-        raise ValueError(
-            f"No control cells: no cell of {where_ref} has "
-            f"obs[{perturbation_key!r}] == {control_group!r} (`control_group`)."
-        )
+    inputs = resolve_inputs(
+        adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group
+    )
+    pred_mat, real_mat, ref, where_ref, gene_idx = inputs[:5]
+    pert_p, ct_p, pert_r, ct_r, ctrl_r = inputs[5:]
 
     wanted_ct = as_str_tuple(cell_type)
     if wanted_ct is not None:

@@ -54,6 +54,44 @@ METRIC_COLUMNS = (
 )
 
 
+def resolve_inputs(adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group):
+    """Matrices and labels shared by :func:`evaluate` and :func:`ptrag_sc.pl.shift_scatter`.
+
+    Returns ``(pred matrix, real matrix, reference AnnData, its name in messages, gene index
+    into the reference or None, perturbation and cell-type labels of adata, the same of the
+    reference, control mask of the reference)``.
+    """
+    pred_mat = get_matrix(adata, pred_layer, "pred_layer")
+    ref = adata if reference is None else reference
+    where_ref = "adata" if reference is None else "reference"
+    real_mat = get_matrix(ref, real_layer, "real_layer", where=where_ref)
+    gene_idx = None
+    if reference is not None:
+        idx = reference.var_names.get_indexer(adata.var_names)
+        if np.any(idx < 0):
+            missing = list(adata.var_names[idx < 0][:10])
+            raise ValueError(
+                f"{int(np.sum(idx < 0))} gene(s) of adata are not in reference.var_names, "
+                f"e.g. {missing}."
+            )
+        if not np.array_equal(idx, np.arange(reference.n_vars)):
+            gene_idx = idx
+    pert_p = labels(adata, perturbation_key, "perturbation_key")
+    ct_p = labels(adata, cell_type_key, "cell_type_key")
+    if reference is None:
+        pert_r, ct_r = pert_p, ct_p
+    else:
+        pert_r = labels(reference, perturbation_key, "perturbation_key", where="reference")
+        ct_r = labels(reference, cell_type_key, "cell_type_key", where="reference")
+    ctrl_r = pert_r == control_group
+    if not ctrl_r.any():
+        raise ValueError(
+            f"No control cells: no cell of {where_ref} has "
+            f"obs[{perturbation_key!r}] == {control_group!r} (`control_group`)."
+        )
+    return pred_mat, real_mat, ref, where_ref, gene_idx, pert_p, ct_p, pert_r, ct_r, ctrl_r
+
+
 def evaluate(
     adata: AnnData,
     *,
@@ -225,36 +263,12 @@ def evaluate(
             "`n_top_de` and `n_pcs` must be >= 1, `ot_max_cells` and `pca_max_cells` >= 2."
         )
 
-    pred_mat = get_matrix(adata, pred_layer, "pred_layer")
-    ref = adata if reference is None else reference
-    where_ref = "adata" if reference is None else "reference"
-    real_mat = get_matrix(ref, real_layer, "real_layer", where=where_ref)
-    gene_idx = None
-    if reference is not None:
-        idx = reference.var_names.get_indexer(adata.var_names)
-        if np.any(idx < 0):
-            missing = list(adata.var_names[idx < 0][:10])
-            raise ValueError(
-                f"{int(np.sum(idx < 0))} gene(s) of adata are not in reference.var_names, "
-                f"e.g. {missing}."
-            )
-        if not np.array_equal(idx, np.arange(reference.n_vars)):
-            gene_idx = idx
+    inputs = resolve_inputs(
+        adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group
+    )
+    pred_mat, real_mat, ref, where_ref, gene_idx = inputs[:5]
+    pert_p, ct_p, pert_r, ct_r, ctrl_r = inputs[5:]
     var_names = np.asarray(adata.var_names, dtype=str)
-
-    pert_p = labels(adata, perturbation_key, "perturbation_key")
-    ct_p = labels(adata, cell_type_key, "cell_type_key")
-    if reference is None:
-        pert_r, ct_r = pert_p, ct_p
-    else:
-        pert_r = labels(reference, perturbation_key, "perturbation_key", where="reference")
-        ct_r = labels(reference, cell_type_key, "cell_type_key", where="reference")
-    ctrl_r = pert_r == control_group
-    if not ctrl_r.any():
-        raise ValueError(
-            f"No control cells: no cell of {where_ref} has "
-            f"obs[{perturbation_key!r}] == {control_group!r} (`control_group`)."
-        )
 
     perts_wanted = as_str_tuple(perturbations)
     pert_ok_p = (
