@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..tl import summarize
+from ..tl import LOWER_IS_BETTER, METRIC_COLUMNS, summarize
 from ._utils import check_save, finish, single_ax
 
 if TYPE_CHECKING:
@@ -17,27 +17,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 _SUMMARY_COLUMNS = ("metric", "mean", "ci_low", "ci_high")
-#: Direction of the metrics of :func:`ptrag_sc.tl.evaluate` (for the axis label).
-_HIGHER_IS_BETTER = {
-    "pearson_delta",
-    "spearman_delta",
-    "pearson_delta_de",
-    "pearson_pert_centred",
-    "de_overlap",
-    "de_direction",
-    "split_half_pearson",
-}
-_LOWER_IS_BETTER = {
-    "mse",
-    "rmse",
-    "mae",
-    "mse_pca",
-    "w1",
-    "w2",
-    "mmd",
-    "energy",
-    "discrimination_l1",
-}
 
 
 def is_summary(frame: pd.DataFrame) -> bool:
@@ -253,8 +232,8 @@ def _levels(column: pd.Series, order: Sequence[str] | None, argument: str, name:
 
 
 def _metric_label(metric: str) -> str:
-    if metric in _HIGHER_IS_BETTER:
+    if metric in METRIC_COLUMNS and metric not in LOWER_IS_BETTER:
         return f"{metric} (higher is better)"
-    if metric in _LOWER_IS_BETTER:
+    if metric in LOWER_IS_BETTER:
         return f"{metric} (lower is better)"
     return metric

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ._baselines import BASELINES, predict_baseline
 from ._cell_eval import to_cell_eval
-from ._evaluate import METRIC_COLUMNS, evaluate
+from ._evaluate import LOWER_IS_BETTER, METRIC_COLUMNS, evaluate
 from ._summarize import summarize
 
 __all__ = [
     "BASELINES",
+    "LOWER_IS_BETTER",
     "METRIC_COLUMNS",
     "evaluate",
     "predict_baseline",

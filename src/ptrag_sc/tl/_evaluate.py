@@ -52,6 +52,8 @@ METRIC_COLUMNS = (
     "discrimination_l1",
     "split_half_pearson",
 )
+#: Metrics of :data:`METRIC_COLUMNS` where lower is better (the others: higher is better).
+LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "mse_pca", "w1", "w2", "mmd", "energy", "discrimination_l1"})
 
 
 def resolve_inputs(adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group):
