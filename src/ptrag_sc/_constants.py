@@ -1,8 +1,13 @@
-"""Keys shared across the package: registry keys, obs/uns/layer names written to AnnData."""
+"""Contracts shared across the package (the ground floor: nothing here imports the package).
+
+Registry keys, obs/uns/layer names written to AnnData, the tensor keys of the batches the data
+layer builds and the module reads, the module's output keys, candidate relation codes and the
+option literals.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 
 class _RegistryKeys(NamedTuple):
@@ -30,3 +35,56 @@ OBS_RETRIEVAL_DISTANCE = "ptrag_retrieval_distance"
 
 #: uns key holding prediction settings.
 UNS_KEY = "ptrag"
+
+
+class TENSORS:
+    """Keys of the batch dictionaries the data layer builds and :class:`~ptrag_sc.module.PTRAGModule` reads.
+
+    One batch holds ``B`` sets of ``S`` cells; ``G`` genes, ``D`` embedding dimensions, ``K``
+    stage-1 candidates.
+    """
+
+    X_CTRL = "x_ctrl"  #: ``[B, S, G]`` control cells, one per generated cell
+    X_PERT = "x_pert"  #: ``[B, S, G]`` observed perturbed cells (training and validation)
+    PERT_EMBEDDING = "pert_embedding"  #: ``[B, D]`` gene embedding of each set's perturbation
+    CANDIDATES = "candidates"  #: ``[B, K]`` memory entries from stage 1, ``-1`` = padding
+    CANDIDATE_SAME_CELL_TYPE = "candidate_same_cell_type"  #: ``[B, K]`` bool
+    CANDIDATE_RELATION = "candidate_relation"  #: ``[B, K]`` relation code (``RELATION_*``)
+    CONTEXT_RESPONSE = "context_response"  #: ``[B, G]`` mean response of the cell type's *other* perturbations
+    CONTEXT_FULL = "context_full"  #: ``[B, G]`` mean response of all the cell type's memory entries
+    LINEAR_SHIFT = "linear_shift"  #: ``[B, G]`` embedding-ridge estimate of the perturbation-specific shift
+    CONTROL_MEAN = "control_mean"  #: ``[B, G]`` mean control profile of each set's context
+    TARGET_SHIFT = "target_shift"  #: ``[B, G]`` the group's observed mean shift (all its cells), training and validation
+    BATCH = "batch"  #: ``[B]`` batch code, ``-1`` = unknown
+
+
+class OUTPUTS:
+    """Keys of the module's inference and generative outputs."""
+
+    PREDICTION = "prediction"  #: ``[B, S, G]`` generated cells
+    DELTA = "delta"  #: ``[B, G]`` mean shift from the evidence (response memories), else absent
+    MEAN_SHIFT = "mean_shift"  #: ``[B, G]`` the generated set's mean minus the control mean
+    KEEP = "keep"  #: ``[B, S, K]`` stage-2 decisions (0/1)
+    KEEP_PROBABILITY = "keep_probability"  #: ``[B, S, K]``
+    ATTENTION = "attention"  #: ``[B, S, K]`` vanilla RAG weights
+    SET_WEIGHTS = "set_weights"  #: ``[B, K]`` each candidate's weight in the retrieved shift
+    VALID = "valid"  #: ``[B, K]`` bool, False for padding
+
+
+#: How a candidate relates to its query.
+RELATION_OTHER, RELATION_SAME_PERTURBATION, RELATION_MEMBER = 0, 1, 2
+N_RELATIONS = 3
+
+Retrieval = Literal["ptrag", "vanilla", "none"]
+MemoryKind = Literal["response", "embedding"]
+ContextMode = Literal["add", "replace"]
+Backbone = Literal["pooled", "full"]
+LossKind = Literal["energy", "sinkhorn"]
+IndexBackend = Literal["auto", "exact", "faiss"]
+
+RETRIEVALS: tuple[str, ...] = ("ptrag", "vanilla", "none")
+MEMORY_KINDS: tuple[str, ...] = ("response", "embedding")
+CONTEXT_MODES: tuple[str, ...] = ("add", "replace")
+BACKBONES: tuple[str, ...] = ("pooled", "full")
+LOSSES: tuple[str, ...] = ("energy", "sinkhorn")
+INDEX_BACKENDS: tuple[str, ...] = ("auto", "exact", "faiss")

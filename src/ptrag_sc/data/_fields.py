@@ -59,7 +59,7 @@ class PerturbationField(BaseAnnDataField):
     def is_empty(self) -> bool:
         return False
 
-    def _labels(self, adata) -> pd.Series:
+    def _labels(self, adata) -> np.ndarray:
         if self.attr_key not in adata.obs.columns:
             raise missing_obs_key_error(adata, self.attr_key, "perturbation_key")
         labels = adata.obs[self.attr_key]
@@ -69,12 +69,14 @@ class PerturbationField(BaseAnnDataField):
                 f"`adata.obs[{self.attr_key!r}]` has missing values in {int(labels.isna().sum())} "
                 f"cell(s), e.g. {bad}. Label every cell (controls as {self.control_group!r})."
             )
-        return labels.astype(str)
+        from ._perturbations import normalise_labels
+
+        return normalise_labels(labels.astype(str).to_numpy(), control_group=self.control_group, sep=self.sep)
 
     def validate_field(self, adata) -> None:
         labels = self._labels(adata)
         if not (labels == self.control_group).any():
-            values = pd.unique(labels.to_numpy())
+            values = pd.unique(labels)
             raise ValueError(
                 f"No control cells: `control_group={self.control_group!r}` does not occur in "
                 f"`adata.obs[{self.attr_key!r}]`. Values present include "
@@ -83,7 +85,7 @@ class PerturbationField(BaseAnnDataField):
 
     def _state(self, adata) -> dict:
         labels = self._labels(adata)
-        perturbations = np.sort(labels[labels != self.control_group].unique())
+        perturbations = np.unique(labels[labels != self.control_group]).astype(str)
         return {
             "control_group": self.control_group,
             "sep": self.sep,

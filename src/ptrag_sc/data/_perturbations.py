@@ -158,3 +158,35 @@ class PerturbationEncoder:
                 symbols = [self._symbol(m) for m in self.members(label)]
                 vectors[i] = self._values[self._row[symbols].to_numpy()].sum(axis=0)
         return vectors[inverse]
+
+
+def normalise_label(label: str, *, control_group: str, sep: str = "+") -> str:
+    """The canonical form of one perturbation label (see :func:`normalise_labels`)."""
+    text = str(label).strip()
+    if text == str(control_group).strip():
+        return control_group
+    members = [m.strip().upper() for m in text.split(sep) if m.strip()]
+    genes = [m for m in members if m != str(control_group).strip().upper()]
+    if not genes:
+        return control_group if members else text
+    return sep.join(sorted(dict.fromkeys(genes)))
+
+
+def normalise_labels(labels, *, control_group: str, sep: str = "+") -> np.ndarray:
+    """Canonical perturbation labels, as the model groups and embeds them.
+
+    One rule: surrounding whitespace is removed (also around the members of a combination);
+    the control label (compared without surrounding whitespace) becomes ``control_group``;
+    gene symbols are upper-cased, as the embedding table's are (aliases such as ``KIAA1804``
+    are resolved when embedding, not here); control members of a combination are dropped
+    (``"A+non-targeting"`` is ``"A"``); the members of a combination are de-duplicated and
+    sorted, so ``"B+A"`` is ``"A+B"``.
+
+    Returns
+    -------
+    Object array of the labels' canonical forms.
+    """
+    values = np.asarray(labels, dtype=object).astype(str)
+    uniques, inverse = np.unique(values, return_inverse=True)
+    canonical = np.array([normalise_label(u, control_group=control_group, sep=sep) for u in uniques], dtype=object)
+    return canonical[inverse.ravel()].reshape(values.shape)

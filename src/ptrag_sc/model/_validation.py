@@ -1,12 +1,88 @@
-"""Early checks on user input, with errors that name the key or value at fault."""
+"""Early checks on user input, with errors that name the argument or value at fault."""
 
 from __future__ import annotations
+
+import math
+import numbers
+import warnings
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._constants import BACKBONES, CONTEXT_MODES, INDEX_BACKENDS, LOSSES, MEMORY_KINDS, RETRIEVALS
+from ..data._cells import expression_matrix
 from ..data._fields import missing_obs_key_error
+from ..data._matrix import iter_row_chunks
+from ..data._perturbations import normalise_labels
+
+__all__ = [
+    "check_choice",
+    "check_controls_per_cell_type",
+    "check_expression",
+    "check_model_options",
+    "check_obs_key",
+    "check_setup",
+    "expression_matrix",
+    "positive_int",
+]
+
+
+def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False):
+    """``value`` as an int ``>= minimum`` (booleans and fractions are refused)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral | float) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    if int(value) < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def finite_float(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None) -> float:
+    """``value`` as a finite float within bounds (``strict``: ``> minimum``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    value = float(value)
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"`{name}` must be {'>' if strict else '>='} {minimum}, got {value!r}.")
+    if maximum is not None and value >= maximum:
+        raise ValueError(f"`{name}` must be < {maximum}, got {value!r}.")
+    return value
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def check_model_options(options: dict) -> None:
+    """Validate the constructor options of :class:`~ptrag_sc.PTRAG` in one place, one style."""
+    for name, allowed in (
+        ("retrieval", RETRIEVALS),
+        ("memory", MEMORY_KINDS),
+        ("context_mode", CONTEXT_MODES),
+        ("loss", LOSSES),
+        ("backbone", BACKBONES),
+        ("index_backend", INDEX_BACKENDS),
+    ):
+        check_choice(name, options[name], allowed)
+    for name in ("n_hidden", "n_layers", "n_heads", "n_candidates", "n_set_tokens"):
+        positive_int(name, options[name])
+    positive_int("cell_set_size", options["cell_set_size"], minimum=2)
+    positive_int("decoder_rank", options["decoder_rank"], allow_none=True)
+    positive_int("n_scorer_hidden", options["n_scorer_hidden"], allow_none=True)
+    if int(options["n_hidden"]) % int(options["n_heads"]):
+        raise ValueError(f"`n_hidden` ({options['n_hidden']}) must be divisible by `n_heads` ({options['n_heads']}).")
+    finite_float("sparsity_weight", options["sparsity_weight"], minimum=0.0)
+    finite_float("pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0)
+    finite_float("gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True)
+    finite_float("dropout", options["dropout"], minimum=0.0, maximum=1.0)
+    for name in ("match_batch",):
+        if not isinstance(options[name], bool | np.bool_):
+            raise ValueError(f"`{name}` must be True or False, got {options[name]!r}.")
+    if options["learned_shift"] is not None and not isinstance(options["learned_shift"], bool | np.bool_):
+        raise ValueError(f"`learned_shift` must be True, False or None, got {options['learned_shift']!r}.")
 
 
 def check_obs_key(adata, key: str | None, argument: str) -> None:
@@ -15,28 +91,17 @@ def check_obs_key(adata, key: str | None, argument: str) -> None:
         raise missing_obs_key_error(adata, key, argument)
 
 
-def expression_matrix(adata, layer: str | None):
-    """``adata.X`` or ``adata.layers[layer]``, with an error listing the layers if absent."""
-    if layer is None:
-        if adata.X is None:
-            raise ValueError("`adata.X` is empty; pass `layer=` naming the expression layer.")
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(f"`layer={layer!r}` is not in `adata.layers`. Existing layers: {list(adata.layers.keys())}.")
-    return adata.layers[layer]
-
-
-def check_expression(X, *, where: str, chunk_rows: int = 65536) -> None:
-    """Reject NaN, infinite and negative expression values, naming the first bad cells.
+def check_expression(X, *, where: str, warn_counts: bool = False) -> None:
+    """Reject NaN, infinite and negative expression values (streamed by chunks), naming the first bad cells.
 
     The model generates non-negative log-normalised expression; raw counts must be normalised
-    (``sc.pp.normalize_total`` then ``sc.pp.log1p``) and z-scored data is not supported.
+    (``sc.pp.normalize_total`` then ``sc.pp.log1p``) and z-scored data is not supported. With
+    ``warn_counts``, integer-valued data (raw counts) gets a warning saying so.
     """
-    n_obs = X.shape[0]
-    for start in range(0, n_obs, chunk_rows):
-        block = X[start : start + chunk_rows]
+    all_integer = True
+    largest = 0.0
+    for start, block in iter_row_chunks(X):
         if sp.issparse(block):
-            block = block.tocsr()
             values = block.data
             rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
         else:
@@ -58,6 +123,23 @@ def check_expression(X, *, where: str, chunk_rows: int = 65536) -> None:
                 "log-normalised expression: keep raw counts in a layer and run "
                 "`sc.pp.normalize_total` + `sc.pp.log1p`, not `sc.pp.scale`."
             )
+        if values.size:
+            largest = max(largest, float(values.max()))
+            if all_integer:
+                all_integer = bool(np.all(np.mod(values, 1) == 0))
+    if largest > 1e4:
+        raise ValueError(
+            f"{where} holds values up to {largest:.3g}: PTRAG models log-normalised expression "
+            "(typically below 15). Run `sc.pp.normalize_total` + `sc.pp.log1p` first."
+        )
+    if warn_counts and all_integer and largest > 0:
+        warnings.warn(
+            f"{where} holds only integer values, which look like raw counts. PTRAG models "
+            "log-normalised expression: run `sc.pp.normalize_total(adata)` and `sc.pp.log1p(adata)` "
+            "(keep the counts in a layer) before `setup_anndata`.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def check_controls_per_cell_type(is_control: np.ndarray, cell_types: np.ndarray, *, where: str) -> None:
@@ -73,21 +155,48 @@ def check_controls_per_cell_type(is_control: np.ndarray, cell_types: np.ndarray,
         )
 
 
-def check_same_genes(var_names: pd.Index, reference: np.ndarray) -> None:
-    """The AnnData must have the genes the model was trained on, in the same order."""
-    reference = pd.Index(np.asarray(reference).astype(str))
-    var_names = pd.Index(np.asarray(var_names).astype(str))
-    if var_names.equals(reference):
-        return
-    missing = reference.difference(var_names)
-    extra = var_names.difference(reference)
-    if len(missing) == 0 and len(extra) == 0:
+def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, transfer: bool) -> None:
+    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
+    if getattr(adata, "is_view", False):
         raise ValueError(
-            "The AnnData has the model's genes in a different order. Reorder it with "
-            "`adata = adata[:, model.var_names].copy()`."
+            "`adata` is a view of another AnnData; registration writes keys into it. Pass a copy: "
+            "`adata = adata[mask].copy()`."
         )
-    raise ValueError(
-        f"The AnnData's genes differ from the {len(reference)} genes the model was trained on: "
-        f"{len(missing)} missing (e.g. {missing[:5].tolist()}), {len(extra)} extra (e.g. "
-        f"{extra[:5].tolist()}). Subset it with `adata[:, model.var_names]` if it holds all of them."
-    )
+    if adata.n_vars == 0:
+        raise ValueError("`adata` has no genes (n_vars = 0).")
+    if adata.n_obs == 0:
+        raise ValueError("`adata` has no cells (n_obs = 0).")
+    if adata.var_names.has_duplicates:
+        dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"`adata.var_names` has duplicated genes (e.g. {dup}); run `adata.var_names_make_unique()`.")
+    if not isinstance(control_group, str) or not control_group.strip():
+        raise ValueError(f"`control_group` must be a non-empty string, got {control_group!r}.")
+    if not isinstance(sep, str) or not sep or sep.isspace():
+        raise ValueError(f"`perturbation_sep` must be a non-empty string, got {sep!r}.")
+    check_obs_key(adata, perturbation_key, "perturbation_key")
+    for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
+        check_obs_key(adata, key, argument)
+        if key is not None and adata.obs[key].isna().any():
+            bad = adata.obs_names[adata.obs[key].isna().to_numpy()][:5].tolist()
+            raise ValueError(f"`adata.obs[{key!r}]` (`{argument}`) has missing values, e.g. in cells {bad}.")
+    raw = adata.obs[perturbation_key]
+    if raw.isna().any():
+        bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
+        raise ValueError(
+            f"`adata.obs[{perturbation_key!r}]` has missing values in {int(raw.isna().sum())} cell(s), e.g. {bad}. "
+            f"Label every cell (controls as {control_group!r})."
+        )
+    X = expression_matrix(adata, layer)
+    check_expression(X, where="`adata.X`" if layer is None else f"`adata.layers[{layer!r}]`", warn_counts=not transfer)
+    if transfer:
+        return
+    labels = normalise_labels(raw.astype(str).to_numpy(), control_group=control_group, sep=sep)
+    is_control = labels == control_group
+    if not is_control.any():
+        values = sorted(map(str, pd.unique(raw.astype(str))))[:10]
+        raise ValueError(
+            f"No control cells: `control_group={control_group!r}` does not occur in "
+            f"`adata.obs[{perturbation_key!r}]`. Values present include {values}."
+        )
+    cell_types = adata.obs[cell_type_key].astype(str).to_numpy() if cell_type_key is not None else np.full(adata.n_obs, "all")
+    check_controls_per_cell_type(is_control, cell_types, where="the AnnData")

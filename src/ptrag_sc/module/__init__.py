@@ -1,6 +1,9 @@
 """Torch modules of PT-RAG."""
 
+from .._constants import TENSORS
+from .._shift import apply_shift
+from ._evidence import EvidenceCombiner
 from ._losses import energy_distance, pairwise_distances
-from ._module import TENSORS, PTRAGModule, apply_shift
+from ._module import PTRAGModule
 
-__all__ = ["TENSORS", "PTRAGModule", "apply_shift", "energy_distance", "pairwise_distances"]
+__all__ = ["TENSORS", "EvidenceCombiner", "PTRAGModule", "apply_shift", "energy_distance", "pairwise_distances"]

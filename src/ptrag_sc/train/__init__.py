@@ -1,6 +1,6 @@
 """Training plan and callbacks of PT-RAG."""
 
 from ._callbacks import KeepBestWeights
-from ._trainingplan import PTRAGTrainingPlan
+from ._trainingplan import NonFiniteLossError, PTRAGTrainingPlan
 
-__all__ = ["KeepBestWeights", "PTRAGTrainingPlan"]
+__all__ = ["KeepBestWeights", "NonFiniteLossError", "PTRAGTrainingPlan"]

@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 class KeepBestWeights(Callback):
-    """Keep, in memory, the module weights of the best validation epoch and restore them at the end.
+    """Keep, in memory, the module weights of the best validation check and restore them at the end.
 
     Parameters
     ----------
@@ -19,13 +19,19 @@ class KeepBestWeights(Callback):
         Logged metric to watch.
     mode
         ``"min"`` or ``"max"``.
+
+    Attributes
+    ----------
+    best, best_epoch, best_step
+        The best value seen, and the epoch and optimisation step it was reached at.
     """
 
-    def __init__(self, monitor: str = "validation_energy", mode: str = "min") -> None:
+    def __init__(self, monitor: str = "validation_loss", mode: str = "min") -> None:
         super().__init__()
         self.monitor, self.mode = monitor, mode
         self.best: float | None = None
         self.best_epoch: int | None = None
+        self.best_step: int | None = None
         self._state: dict | None = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -37,7 +43,7 @@ class KeepBestWeights(Callback):
         value = float(value)
         better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
         if better:
-            self.best, self.best_epoch = value, trainer.current_epoch
+            self.best, self.best_epoch, self.best_step = value, trainer.current_epoch, trainer.global_step
             self._state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -45,4 +51,4 @@ class KeepBestWeights(Callback):
             return
         with torch.no_grad():
             pl_module.module.load_state_dict(self._state)
-        logger.info("Restored the weights of epoch %s (%s = %.4g).", self.best_epoch, self.monitor, self.best)
+        logger.info("Restored the weights of step %s (%s = %.4g).", self.best_step, self.monitor, self.best)

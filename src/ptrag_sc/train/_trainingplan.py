@@ -1,21 +1,29 @@
-"""Lightning training plan: energy-distance objective, logged per epoch into ``model.history``."""
+"""Lightning training plan: energy and pseudobulk objectives, logged per epoch into ``model.history``."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import torch
 from scvi.train import TrainingPlan
 
-from ..module._module import TENSORS
+from .._constants import TENSORS
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN or infinite."""
 
 
 class PTRAGTrainingPlan(TrainingPlan):
     """Training plan of :class:`~ptrag_sc.PTRAG`.
 
-    Logs, per epoch, ``train_loss`` (energy distance plus the sparsity penalty),
-    ``train_energy`` and ``validation_energy`` (energy distance between predicted and observed
-    sets, geomloss convention), ``validation_loss`` and, for PT-RAG, ``train_active_ratio`` /
-    ``validation_active_ratio`` (fraction of candidates kept).
+    Logs, per epoch, ``train_loss`` (the objective), ``train_energy`` (its energy term),
+    ``train_mean_error`` (squared error of the sets' mean shift against their groups'
+    pseudobulk, over the typical squared shift), ``validation_loss`` (the same objective on
+    held-out perturbations: what model selection watches), ``validation_energy`` (energy
+    distance to the observed validation sets), ``validation_mean_error`` and, for PT-RAG,
+    ``train_active_ratio`` / ``validation_active_ratio`` (fraction of candidates kept).
 
     Parameters
     ----------
@@ -25,8 +33,11 @@ class PTRAGTrainingPlan(TrainingPlan):
         Learning rate.
     weight_decay
         Weight decay (decoupled, with ``optimizer="AdamW"``).
+    evidence_lr
+        Learning rate of the few scalars that weigh the evidence (the trust in each source):
+        they start at a meaningful scale and would take thousands of steps to move at ``lr``.
     optimizer
-        ``"Adam"``, ``"AdamW"`` or ``"Custom"`` (with ``optimizer_creator``).
+        ``"Adam"`` or ``"AdamW"``.
     eps
         Optimizer epsilon.
     reduce_lr_on_plateau
@@ -43,12 +54,20 @@ class PTRAGTrainingPlan(TrainingPlan):
         *,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
-        optimizer: Literal["Adam", "AdamW", "Custom"] = "AdamW",
+        evidence_lr: float = 2e-2,
+        optimizer: Literal["Adam", "AdamW"] = "AdamW",
         eps: float = 1e-8,
         reduce_lr_on_plateau: bool = False,
-        lr_scheduler_metric: str = "validation_energy",
+        lr_scheduler_metric: str = "validation_loss",
         **kwargs,
     ) -> None:
+        for name, value in (("lr", lr), ("evidence_lr", evidence_lr), ("eps", eps)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`plan_kwargs['{name}']` must be a finite positive number, got {value!r}.")
+        if not (isinstance(weight_decay, int | float) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"`plan_kwargs['weight_decay']` must be a finite number >= 0, got {weight_decay!r}.")
+        if optimizer not in ("Adam", "AdamW"):
+            raise ValueError(f"`plan_kwargs['optimizer']` must be 'Adam' or 'AdamW', got {optimizer!r}.")
         super().__init__(
             module,
             lr=lr,
@@ -61,20 +80,39 @@ class PTRAGTrainingPlan(TrainingPlan):
             n_steps_kl_warmup=None,
             **kwargs,
         )
+        self.evidence_lr = evidence_lr
 
-    def _optimizer_creator_fn(self, optimizer_cls):
-        # The fused kernels (CPU and CUDA) make the optimizer step several times cheaper.
-        return lambda params: optimizer_cls(
-            params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True
-        )
+    def configure_optimizers(self):
+        """AdamW (fused kernels) with a faster, undecayed group for the evidence weights."""
+        evidence = getattr(self.module, "evidence", None)
+        fast = {id(p) for p in evidence.parameters()} if evidence is not None else set()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if id(p) not in fast]}]
+        if fast:
+            groups.append({"params": [p for p in params if id(p) in fast], "lr": self.evidence_lr, "weight_decay": 0.0})
+        cls = torch.optim.AdamW if self.optimizer_name == "AdamW" else torch.optim.Adam
+        optimizer = cls(groups, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True)
+        config = {"optimizer": optimizer}
+        if self.reduce_lr_on_plateau:
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, patience=self.lr_patience, factor=self.lr_factor, threshold=self.lr_threshold, min_lr=self.lr_min, threshold_mode="abs"
+            )
+            config["lr_scheduler"] = {"scheduler": scheduler, "monitor": self.lr_scheduler_metric}
+        return config
 
     def _log_step(self, batch: dict, prefix: str):
         _, _, output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        if not torch.isfinite(output.loss):
+            raise NonFiniteLossError(
+                f"The {prefix} loss became {float(output.loss)} at step {self.global_step}. Training "
+                "diverged: lower the learning rate (e.g. `plan_kwargs={'lr': 1e-4}`) or check the "
+                "input for extreme values."
+            )
         n_sets = batch[TENSORS.X_CTRL].shape[0]
         options = {"on_step": False, "on_epoch": True, "batch_size": n_sets, "sync_dist": self.use_sync_dist}
         self.log(f"{prefix}_loss", output.loss, prog_bar=prefix == "train", **options)
         for name, value in output.extra_metrics.items():
-            self.log(f"{prefix}_{name}", value, prog_bar=prefix == "validation" and name == "energy", **options)
+            self.log(f"{prefix}_{name}", value, **options)
         return output.loss
 
     def training_step(self, batch, batch_idx):
@@ -82,5 +120,5 @@ class PTRAGTrainingPlan(TrainingPlan):
         return self._log_step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
-        """Validation energy distance on a batch of held-out sets."""
+        """The objective on a batch of held-out sets."""
         self._log_step(batch, "validation")

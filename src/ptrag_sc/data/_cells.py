@@ -1,0 +1,153 @@
+"""A registered AnnData as the model reads it: per-cell labels, contexts and the expression."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ._fields import missing_obs_key_error
+from ._matrix import ExpressionMatrix, group_means
+from ._perturbations import normalise_labels
+
+#: Cell type of every cell when the model was set up without ``cell_type_key``.
+NO_CELL_TYPE = "all"
+
+
+@dataclass(frozen=True)
+class SetupArgs:
+    """The obs columns and layer a model was registered with."""
+
+    perturbation_key: str
+    control_group: str
+    cell_type_key: str | None
+    batch_key: str | None
+    layer: str | None
+    sep: str
+
+
+def expression_matrix(adata, layer: str | None):
+    """``adata.X`` or ``adata.layers[layer]``, with an error listing the layers if absent."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("`adata.X` is empty; pass `layer=` naming the expression layer.")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(f"`layer={layer!r}` is not in `adata.layers`. Existing layers: {list(adata.layers.keys())}.")
+    return adata.layers[layer]
+
+
+def gene_columns(var_names, model_var_names) -> np.ndarray | None:
+    """Column of ``var_names`` holding each of the model's genes; ``None`` when already in order.
+
+    Raises a ``ValueError`` naming missing genes when the AnnData lacks some of them.
+    """
+    var_names = pd.Index(np.asarray(var_names).astype(str))
+    reference = pd.Index(np.asarray(model_var_names).astype(str))
+    if var_names.equals(reference):
+        return None
+    if var_names.has_duplicates:
+        dup = var_names[var_names.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"The AnnData has duplicated gene names (e.g. {dup}); make them unique with `adata.var_names_make_unique()`.")
+    columns = var_names.get_indexer(reference)
+    missing = reference[columns < 0]
+    if len(missing):
+        raise ValueError(
+            f"The AnnData lacks {len(missing)} of the {len(reference)} genes the model was trained on "
+            f"(e.g. {missing[:5].tolist()}). Predictions need every one of them."
+        )
+    return columns
+
+
+class PerturbationData:
+    """Per-cell arrays of an AnnData registered (or transferred) for a :class:`~ptrag_sc.PTRAG` model.
+
+    Labels are normalised with :func:`~ptrag_sc.data.normalise_labels` (surrounding
+    whitespace removed, gene symbols upper-cased, combination members sorted), so that
+    ``" stat1"`` and ``"STAT1"`` are one perturbation and ``"B+A"`` is ``"A+B"``.
+
+    Parameters
+    ----------
+    adata
+        The AnnData (in memory, sparse, or opened with ``backed="r"``).
+    setup
+        Its registration.
+    var_names
+        The model's genes: the expression is read in this order, whatever the AnnData's order.
+    batch_categories
+        The training batches (for batch codes; unseen batches get ``-1``).
+    require_labels
+        Whether the perturbation column must exist (generation mode accepts AnnData of control
+        cells without it).
+    """
+
+    def __init__(
+        self,
+        adata,
+        setup: SetupArgs,
+        var_names,
+        *,
+        batch_categories=None,
+        require_labels: bool = True,
+    ) -> None:
+        self.adata = adata
+        self.setup = setup
+        self.n_obs = adata.n_obs
+        obs = adata.obs
+        key = setup.perturbation_key
+        if key in obs.columns:
+            raw = obs[key]
+            if raw.isna().any():
+                bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
+                raise ValueError(f"`adata.obs[{key!r}]` has missing values, e.g. in cells {bad}. Label every cell.")
+            self.labels = normalise_labels(raw.astype(str).to_numpy(), control_group=setup.control_group, sep=setup.sep)
+            self.has_labels = True
+        elif require_labels:
+            raise missing_obs_key_error(adata, key, "perturbation_key")
+        else:
+            self.labels = np.full(self.n_obs, setup.control_group, dtype=object)
+            self.has_labels = False
+        self.is_control = self.labels == setup.control_group
+        self.cell_types = self._cell_types()
+        self.has_cell_types = setup.cell_type_key is not None and setup.cell_type_key in obs.columns
+        self.batches = self._batch_codes(batch_categories)
+        self.matrix = expression_matrix(adata, setup.layer)
+        self.columns = gene_columns(adata.var_names, var_names)
+        self.expression = ExpressionMatrix(self.matrix, self.columns)
+
+    def _cell_types(self) -> np.ndarray:
+        key = self.setup.cell_type_key
+        if key is None or key not in self.adata.obs.columns:
+            return np.full(self.n_obs, NO_CELL_TYPE, dtype=object)
+        values = self.adata.obs[key]
+        if values.isna().any():
+            bad = self.adata.obs_names[values.isna().to_numpy()][:5].tolist()
+            raise ValueError(f"`adata.obs[{key!r}]` (`cell_type_key`) has missing values, e.g. in cells {bad}.")
+        return values.astype(str).to_numpy().astype(object)
+
+    def _batch_codes(self, categories) -> np.ndarray:
+        key = self.setup.batch_key
+        if key is None or categories is None or key not in self.adata.obs.columns:
+            return np.full(self.n_obs, -1, dtype=np.int64)
+        values = self.adata.obs[key]
+        if values.isna().any():
+            bad = self.adata.obs_names[values.isna().to_numpy()][:5].tolist()
+            raise ValueError(f"`adata.obs[{key!r}]` (`batch_key`) has missing values, e.g. in cells {bad}.")
+        mapping = pd.Index(np.asarray(categories).astype(str))
+        return mapping.get_indexer(values.astype(str).to_numpy()).astype(np.int64)
+
+    def column_stats(self, stats: np.ndarray) -> np.ndarray:
+        """Statistics computed over the AnnData's genes, in the model's gene order."""
+        return stats if self.columns is None else stats[..., self.columns]
+
+    def means(self, codes: np.ndarray, n_groups: int) -> np.ndarray:
+        """Mean expression of each group of cells (model gene order), float64 ``[n_groups, G]``."""
+        return self.column_stats(group_means(self.matrix, codes, n_groups))
+
+    def contexts(self, match_batch: bool) -> np.ndarray:
+        """Context of each cell for control pools: cell type, or cell type and batch."""
+        keys = self.cell_types.astype(str)
+        if match_batch:
+            keys = np.char.add(np.char.add(keys, "|"), self.batches.astype(str))
+        return keys.astype(object)

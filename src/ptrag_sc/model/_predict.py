@@ -1,0 +1,347 @@
+"""What :meth:`PTRAG.predict` and :meth:`PTRAG.get_retrieval` do, on top of the data layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from .._constants import (
+    OBS_RETRIEVAL_DISTANCE,
+    OBS_SOURCE_CELL,
+    OBS_UNSEEN_CELL_TYPE,
+    OBS_UNSEEN_PERTURBATION,
+    OUTPUTS,
+    UNS_KEY,
+)
+from .._settings import settings
+from .._utils import flush_denormal
+from ..data import NO_CELL_TYPE, count_prediction_batches, match_controls, prediction_batches
+from ..data._matrix import iter_row_chunks
+from ._validation import check_controls_per_cell_type, check_expression, positive_int
+
+#: Sets per forward pass at prediction.
+DEFAULT_PREDICT_BATCH_SIZE = 64
+
+
+def check_batch_size(batch_size) -> int:
+    return DEFAULT_PREDICT_BATCH_SIZE if batch_size is None else positive_int("batch_size", batch_size)
+
+
+def _progress(total: int, description: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch")
+
+
+@torch.inference_mode()
+def generate(model, data, sources, labels, cell_types, batches, context_index, context_means, *, batch_size, sample_retrieval, seed, progress, write):
+    """Generate one cell per row from control cell ``sources[row]`` under ``labels[row]``.
+
+    Rows are grouped by (cell type, perturbation[, batch], control context) and cut into sets
+    of at most ``cell_set_size``; ``write(rows, predictions)`` receives each batch's output
+    (model gene order). Returns the retrieval distance of every row.
+    """
+    builder = model._builder()
+    groups = builder.prediction_groups(
+        labels=labels, cell_types=cell_types, batches=batches, context_index=context_index, context_means=context_means
+    )
+    distance = np.full(labels.shape[0], np.nan, dtype=np.float32)
+    module = model.module
+    module.eval()
+    device = next(module.parameters()).device
+    generator_state = None
+    if sample_retrieval:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0 if seed is None else seed)
+    bar = _progress(count_prediction_batches(groups, model.cell_set_size, batch_size), "Predicting", progress)
+    try:
+        with flush_denormal():
+            for batch, out_rows, set_group in prediction_batches(
+                groups, data.expression, sources, set_size=model.cell_set_size, batch_size=batch_size
+            ):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                inference = module.inference(**module._get_inference_input(batch), sample_retrieval=sample_retrieval)
+                generated = module.generative(**module._get_generative_input(batch, inference))
+                write(out_rows.ravel(), generated[OUTPUTS.PREDICTION].reshape(-1, module.n_genes).cpu().numpy())
+                if OUTPUTS.SET_WEIGHTS in inference:
+                    weights = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy()
+                    weights = weights / np.maximum(weights.sum(-1, keepdims=True), 1e-12)
+                    sims = np.nan_to_num(groups.similarity[set_group], nan=0.0)
+                    per_set = (weights * (1.0 - sims)).sum(-1)
+                    distance[out_rows] = per_set[:, None]
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if generator_state is not None:
+            torch.random.set_rng_state(generator_state)
+    return distance
+
+
+def _context_index(names, keys) -> np.ndarray:
+    return pd.Index(names).get_indexer(keys.astype(str))
+
+
+def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed):
+    """Counterfactual prediction of every perturbed cell of ``adata`` (see :meth:`PTRAG.predict`)."""
+    setup = model._setup
+    if inplace:
+        if not isinstance(key_added, str) or not key_added:
+            raise ValueError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+        if setup.layer is not None and key_added == setup.layer:
+            raise ValueError(f"`key_added={key_added!r}` is the layer the model reads its input from; choose another name.")
+        if key_added in adata.layers and not overwrite:
+            raise ValueError(f"`adata.layers[{key_added!r}]` already exists; pass `overwrite=True` to replace it, or another `key_added`.")
+    data = model._data(adata)
+    check_expression(data.matrix, where="the AnnData to predict")
+    is_control = data.is_control
+    query = ~is_control
+    if indices is not None:
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            raise ValueError("`indices` holds positions of cells, not a boolean mask; pass `np.flatnonzero(mask)`.")
+        if idx.size == 0:
+            raise ValueError("`indices` is empty: no cell to predict.")
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"`indices` must hold integer positions, got dtype {idx.dtype}.")
+        if idx.min() < -data.n_obs or idx.max() >= data.n_obs:
+            raise ValueError(f"`indices` holds positions outside [0, {data.n_obs}).")
+        chosen = np.zeros(data.n_obs, dtype=bool)
+        chosen[idx] = True
+        query &= chosen
+    check_controls_per_cell_type(is_control, np.where(query | is_control, data.cell_types, "__none__"), where="the AnnData to predict")
+    model._encoder.check(np.unique(data.labels[query]), context=" in the AnnData to predict")
+    builder = model._builder()
+    keys, (names, means) = builder.control_contexts(data, is_control)
+    sources = match_controls(is_control, keys.astype(str), seed=0 if seed is None else seed, query=query)
+    rows = np.flatnonzero(query)
+    layer = _dense_copy(data.matrix)
+    columns = data.columns
+
+    def write(positions, predictions):
+        target = rows[positions]
+        if columns is None:
+            layer[target] = predictions
+        else:
+            layer[np.ix_(target, columns)] = predictions
+
+    generate(
+        model,
+        data,
+        sources[rows],
+        data.labels[rows],
+        data.cell_types[rows],
+        data.batches[rows],
+        _context_index(names, keys[rows]),
+        means,
+        batch_size=batch_size,
+        sample_retrieval=sample_retrieval,
+        seed=seed,
+        progress=settings.progress_bar and len(rows) > 20_000,
+        write=write,
+    )
+    if not inplace:
+        return layer
+    adata.layers[key_added] = layer
+    return None
+
+
+def _dense_copy(matrix) -> np.ndarray:
+    """A float32 dense copy of ``matrix``, filled chunk by chunk (one copy alive, not two)."""
+    out = np.empty(matrix.shape, dtype=np.float32)
+    for start, block in iter_row_chunks(matrix):
+        out[start : start + block.shape[0]] = block.toarray() if hasattr(block, "toarray") else block
+    return out
+
+
+def generation(model, adata, perturbations, cell_type, batch_size, key_added, sample_retrieval, seed):
+    """Generation of new cells from control cells (see :meth:`PTRAG.predict`)."""
+    setup = model._setup
+    requested = [perturbations] if isinstance(perturbations, str) else list(perturbations)
+    if not requested:
+        raise ValueError("`perturbations` is empty.")
+    requested = [str(p) for p in requested]
+    from ..data import normalise_labels
+
+    canonical = normalise_labels(requested, control_group=setup.control_group, sep=setup.sep)
+    duplicated = pd.Index(canonical)[pd.Index(canonical).duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(f"`perturbations` asks for the same perturbation twice (as written or after normalisation): {duplicated[:5]}.")
+    if np.any(canonical == setup.control_group):
+        raise ValueError(f"`perturbations` holds the control label {setup.control_group!r}; ask for genes.")
+    model._encoder.check(canonical, context=" requested")
+    data = model._data(adata, require_labels=False)
+    keep = data.is_control.copy()
+    if data.has_cell_types:
+        if cell_type is not None:
+            present = set(data.cell_types.astype(str))
+            if cell_type not in present:
+                raise ValueError(
+                    f"`cell_type={cell_type!r}` does not occur in `adata.obs[{setup.cell_type_key!r}]` (values: {sorted(present)[:10]})."
+                )
+            keep &= data.cell_types == cell_type
+        cell_types = data.cell_types
+    else:
+        if setup.cell_type_key is not None and cell_type is None:
+            raise ValueError(
+                f"The AnnData has no column {setup.cell_type_key!r} (`cell_type_key`): pass `cell_type=` naming the "
+                f"control cells' cell type (trained: {list(model.training_cell_types_)[:10]})."
+            )
+        cell_types = np.full(data.n_obs, cell_type or NO_CELL_TYPE, dtype=object)
+        data.cell_types = cell_types
+    if not keep.any():
+        raise ValueError(
+            f"No control cells to generate from: no cell of the AnnData is labelled {setup.control_group!r} in "
+            f"`obs[{setup.perturbation_key!r}]`" + (f" with cell type {cell_type!r}." if cell_type else ".")
+        )
+    controls = np.flatnonzero(keep)
+    check_expression(data.matrix[controls] if not data.expression.backed else data.matrix, where="the control cells")
+    builder = model._builder()
+    keys, (names, means) = builder.control_contexts(data, keep)
+    n_ctrl, n_pert = controls.shape[0], len(requested)
+    sources = np.tile(controls, n_pert)
+    labels = np.repeat(canonical, n_ctrl)
+    out = np.empty((sources.shape[0], model.module.n_genes), dtype=np.float32)
+
+    def write(positions, predictions):
+        out[positions] = predictions
+
+    distance = generate(
+        model,
+        data,
+        sources,
+        labels,
+        cell_types[sources],
+        data.batches[sources],
+        _context_index(names, keys[sources]),
+        means,
+        batch_size=batch_size,
+        sample_retrieval=sample_retrieval,
+        seed=seed,
+        progress=settings.progress_bar and n_pert > 1,
+        write=write,
+    )
+    pert_key = setup.perturbation_key
+    ct_key = setup.cell_type_key or "cell_type"
+    shown = np.repeat(np.asarray(requested, dtype=object), n_ctrl)
+    source_names = np.asarray(adata.obs_names)[sources]
+    obs = pd.DataFrame(
+        {
+            pert_key: pd.Categorical(shown, categories=requested),
+            ct_key: pd.Categorical(cell_types[sources].astype(str)),
+            OBS_SOURCE_CELL: source_names,
+            OBS_UNSEEN_PERTURBATION: ~np.isin(labels.astype(str), model.training_perturbations_.astype(str)),
+            OBS_UNSEEN_CELL_TYPE: ~np.isin(cell_types[sources].astype(str), model.training_cell_types_.astype(str)),
+            OBS_RETRIEVAL_DISTANCE: distance,
+        },
+        index=pd.Index([f"{p}:{c}" for p, c in zip(shown, source_names, strict=True)]),
+    )
+    if setup.batch_key is not None and setup.batch_key in adata.obs.columns:
+        obs[setup.batch_key] = pd.Categorical(adata.obs[setup.batch_key].astype(str).to_numpy()[sources])
+    result = AnnData(X=out, obs=obs, var=pd.DataFrame(index=model.var_names.copy()))
+    result.layers[key_added] = out.copy()
+    result.uns[UNS_KEY] = {
+        "mode": "generation",
+        "retrieval": model.retrieval,
+        "memory": model.memory_kind,
+        "n_candidates": model.n_candidates,
+        "cell_set_size": model.cell_set_size,
+        "sample_retrieval": bool(sample_retrieval),
+        "seed": -1 if seed is None else int(seed),
+        "perturbation_key": pert_key,
+        "cell_type_key": ct_key,
+        "control_group": setup.control_group,
+        "layer": key_added,
+    }
+    return result
+
+
+@torch.inference_mode()
+def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd.DataFrame:
+    """The table of :meth:`PTRAG.get_retrieval`."""
+    if model.retrieval == "none":
+        raise ValueError("This model was built with `retrieval='none'`: it retrieves nothing.")
+    if adata is None:
+        raise ValueError("Pass an AnnData with control cells: this model was loaded without one.")
+    n_cells = positive_int("n_cells", n_cells)
+    setup = model._setup
+    queries = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
+    if not queries:
+        raise ValueError("`perturbations` is empty.")
+    from ..data import normalise_labels
+
+    canonical = normalise_labels(queries, control_group=setup.control_group, sep=setup.sep)
+    if pd.Index(canonical).has_duplicates:
+        raise ValueError(f"`perturbations` asks for the same perturbation twice: {pd.Index(canonical)[pd.Index(canonical).duplicated()].tolist()[:5]}.")
+    model._encoder.check(canonical, context=" requested")
+    data = model._data(adata, require_labels=False)
+    wanted = list(model.training_cell_types_) if cell_type is None else ([cell_type] if isinstance(cell_type, str) else list(cell_type))
+    memory = model.memory
+    names = memory.perturbations.astype(str)
+    entry_cts = memory.cell_types.astype(str)
+    rng = np.random.default_rng(seed)
+    builder = model._builder()
+    keys, (context_names, means) = builder.control_contexts(data, data.is_control)
+    module = model.module
+    module.eval()
+    device = next(module.parameters()).device
+    frames = []
+    for ct in wanted:
+        pool = np.flatnonzero(data.is_control & (data.cell_types == ct))
+        if pool.size == 0:
+            raise ValueError(f"No control cells of cell type {ct!r} in the AnnData.")
+        cells = np.sort(rng.choice(pool, size=min(n_cells, pool.size), replace=False))
+        n = cells.size
+        sources = np.tile(cells, len(queries))
+        groups = builder.prediction_groups(
+            labels=np.repeat(canonical, n),
+            cell_types=np.full(sources.shape[0], ct, dtype=object),
+            batches=np.full(sources.shape[0], -1),
+            context_index=np.full(sources.shape[0], pd.Index(context_names).get_indexer([str(ct)])[0]),
+            context_means=means,
+        )
+        for batch, _, set_group in prediction_batches(groups, data.expression, sources, set_size=n, batch_size=len(queries)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            inference = module.inference(**module._get_inference_input(batch), sample_retrieval=False)
+            if OUTPUTS.KEEP in inference:
+                keep_p = inference[OUTPUTS.KEEP_PROBABILITY].mean(1).cpu().numpy()
+                selected = inference[OUTPUTS.KEEP].mean(1).cpu().numpy()
+            else:
+                keep_p = inference[OUTPUTS.ATTENTION].mean(1).cpu().numpy()
+                selected = np.full_like(keep_p, np.nan)
+            weight = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy() if memory.kind == "response" else np.full_like(keep_p, np.nan)
+            cand = groups.candidates[set_group]
+            valid = cand >= 0
+            k = cand.shape[1]
+            frame = pd.DataFrame(
+                {
+                    "query": np.repeat(np.asarray(queries, dtype=object)[_query_order(groups, set_group, canonical)], k),
+                    "cell_type": ct,
+                    "rank": np.tile(np.arange(1, k + 1), len(set_group)),
+                    "candidate": np.where(valid, names[np.maximum(cand, 0)], None).ravel(),
+                    "candidate_cell_type": np.where(valid, entry_cts[np.maximum(cand, 0)], None).ravel(),
+                    "similarity": groups.similarity[set_group].ravel().astype(np.float64),
+                    "keep_probability": keep_p.ravel(),
+                    "selected_fraction": selected.ravel(),
+                    "weight": weight.ravel(),
+                }
+            )
+            frames.append(frame[valid.ravel()])
+    out = pd.concat(frames, ignore_index=True)
+    order = pd.DataFrame({"c": pd.Categorical(out["cell_type"], categories=list(dict.fromkeys(map(str, wanted)))), "q": pd.Categorical(out["query"], categories=queries), "r": out["rank"]})
+    out = out.iloc[order.sort_values(["c", "q", "r"], kind="stable").index].reset_index(drop=True)
+    out["selected"] = out["selected_fraction"] > 0.5
+    out = out[["query", "cell_type", "rank", "candidate", "candidate_cell_type", "similarity", "keep_probability", "selected_fraction", "selected", "weight"]]
+    if memory.kind != "response":
+        out = out.drop(columns=["candidate_cell_type", "weight"])
+    return out
+
+
+def _query_order(groups, set_group, canonical) -> np.ndarray:
+    """Position in the requested list of each set's query."""
+    return pd.Index(canonical).get_indexer(groups.perturbation[set_group])

@@ -1,0 +1,288 @@
+"""What :meth:`PTRAG.train` does: split, memory, sets, model selection, and a clean failure."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi import settings as scvi_settings
+
+from .._settings import settings
+from ..data import SetDataModule, column_max, memory_from_cells
+from ..train import KeepBestWeights
+from ._validation import check_obs_key, finite_float, positive_int
+
+if TYPE_CHECKING:
+    from ..data import PerturbationData
+
+#: Optimisation steps when neither ``max_steps`` nor ``max_epochs`` is given.
+DEFAULT_MAX_STEPS = 2000
+#: Fraction of the training (perturbation, cell type) groups held out for model selection.
+DEFAULT_VALIDATION_SIZE = 0.1
+#: At most this many groups are held out automatically.
+MAX_AUTO_VALIDATION_GROUPS = 200
+#: A cell type keeps at least this many training groups when groups are held out from it.
+MIN_TRAINING_GROUPS_PER_CELL_TYPE = 3
+
+_SPLIT_VALUES = {"train", "val", "validation", "test"}
+
+
+def split_masks(data: PerturbationData, adata, split_key: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training, validation and test masks from ``adata.obs[split_key]`` (all training without one)."""
+    n = data.n_obs
+    if split_key is None:
+        return np.ones(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    check_obs_key(adata, split_key, "split_key")
+    column = adata.obs[split_key]
+    if column.isna().any():
+        raise ValueError(f"`adata.obs[{split_key!r}]` (`split_key`) has missing values; every cell needs 'train', 'val' or 'test'.")
+    split = column.astype(str).str.strip().str.lower().to_numpy()
+    unknown = sorted(set(np.unique(split)) - _SPLIT_VALUES)
+    if unknown:
+        raise ValueError(f"`adata.obs[{split_key!r}]` holds values {unknown[:5]}; expected 'train', 'val' (or 'validation') and 'test'.")
+    return split == "train", np.isin(split, ["val", "validation"]), split == "test"
+
+
+def hold_out_groups(data: PerturbationData, train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Cells of a random ``fraction`` of the training (perturbation, cell type) groups.
+
+    At least one group and at most ``MAX_AUTO_VALIDATION_GROUPS``; a cell type keeps at least
+    ``MIN_TRAINING_GROUPS_PER_CELL_TYPE`` training groups, so its context stays measured.
+    """
+    perturbed = train & ~data.is_control
+    frame = pd.DataFrame({"p": data.labels[perturbed].astype(str), "c": data.cell_types[perturbed].astype(str)})
+    groups = frame.drop_duplicates().sort_values(["c", "p"]).reset_index(drop=True)
+    rng = np.random.default_rng([seed, 7])
+    order = rng.permutation(len(groups))
+    target = min(MAX_AUTO_VALIDATION_GROUPS, max(1, round(fraction * len(groups))))
+    remaining = groups["c"].value_counts().to_dict()
+    chosen = []
+    for i in order:
+        c = groups.at[i, "c"]
+        if len(chosen) == target:
+            break
+        if remaining[c] > MIN_TRAINING_GROUPS_PER_CELL_TYPE:
+            chosen.append(i)
+            remaining[c] -= 1
+    held = np.zeros(data.n_obs, dtype=bool)
+    if not chosen:
+        return held
+    keys = set(zip(groups.loc[chosen, "p"], groups.loc[chosen, "c"], strict=True))
+    cell_keys = pd.MultiIndex.from_arrays([data.labels.astype(str), data.cell_types.astype(str)])
+    held[np.flatnonzero(perturbed)] = cell_keys[perturbed].isin(list(keys))
+    return held
+
+
+def _snapshot(model) -> dict:
+    """Everything `train` may change, to restore when it fails or is interrupted."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+        "memory": copy.deepcopy(model._memory_state),
+        "attributes": {
+            name: copy.deepcopy(getattr(model, name, None))
+            for name in (
+                "is_trained_",
+                "history_",
+                "training_perturbations_",
+                "training_cell_types_",
+                "validation_perturbations_",
+                "best_epoch_",
+                "best_step_",
+                "train_indices_",
+                "validation_indices_",
+                "test_indices_",
+            )
+        },
+        "training": model.module.training,
+    }
+
+
+def _restore(model, snapshot: dict) -> None:
+    model.memory_ = snapshot["memory"]
+    with torch.no_grad():
+        model.module.load_state_dict(snapshot["state"])
+    for name, value in snapshot["attributes"].items():
+        setattr(model, name, value)
+    model.module.train(snapshot["training"])
+
+
+def train(
+    model,
+    *,
+    max_epochs,
+    max_steps,
+    batch_size,
+    split_key,
+    validation_size,
+    early_stopping,
+    early_stopping_patience,
+    keep_best,
+    check_val_every_n_steps,
+    accelerator,
+    devices,
+    plan_kwargs,
+    trainer_kwargs,
+) -> None:
+    """The body of :meth:`PTRAG.train` (see there)."""
+    batch_size = positive_int("batch_size", batch_size)
+    max_steps = positive_int("max_steps", max_steps, allow_none=True)
+    max_epochs = positive_int("max_epochs", max_epochs, allow_none=True)
+    early_stopping_patience = positive_int("early_stopping_patience", early_stopping_patience)
+    check_val_every_n_steps = positive_int("check_val_every_n_steps", check_val_every_n_steps, allow_none=True)
+    if validation_size is not None:
+        validation_size = finite_float("validation_size", validation_size, minimum=0.0, maximum=1.0)
+    if plan_kwargs is not None and not isinstance(plan_kwargs, dict):
+        raise TypeError(f"`plan_kwargs` must be a dict, got {type(plan_kwargs).__name__}.")
+    # Built first: a typo in `plan_kwargs` fails here, before anything changes.
+    model._training_plan_cls(model.module, **(plan_kwargs or {}))
+
+    # scvi-tools leaves the seed unset (None) until a user sets one: then sampling is random.
+    seed = int(scvi_settings.seed) if scvi_settings.seed is not None else int(np.random.default_rng().integers(2**31))
+    data = model._data(model.adata)
+    train_mask, val_mask, test_mask = split_masks(data, model.adata, split_key)
+    is_control = data.is_control
+    if not (train_mask & ~is_control).any():
+        raise ValueError("The training split holds no perturbed cells.")
+    model._encoder.check(np.unique(data.labels[~is_control]), context=" in the training AnnData")
+    auto_held = np.zeros(data.n_obs, dtype=bool)
+    if not (val_mask & ~is_control).any() and validation_size != 0.0:
+        auto_held = hold_out_groups(data, train_mask, validation_size or DEFAULT_VALIDATION_SIZE, seed)
+        val_mask = val_mask | auto_held
+        train_mask = train_mask & ~auto_held
+    has_val = bool((val_mask & ~is_control).any())
+    if early_stopping is None:
+        early_stopping = has_val
+    if early_stopping and not has_val:
+        raise ValueError(
+            "`early_stopping=True` needs validation perturbations: give 'val' cells in `split_key`, "
+            "or leave `validation_size` at its default."
+        )
+
+    snapshot = _snapshot(model)
+    try:
+        _fit(
+            model,
+            data,
+            train_mask=train_mask,
+            val_mask=val_mask,
+            test_mask=test_mask,
+            seed=seed,
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            keep_best=keep_best and has_val,
+            check_val_every_n_steps=check_val_every_n_steps,
+            accelerator=accelerator,
+            devices=devices,
+            plan_kwargs=plan_kwargs,
+            trainer_kwargs=trainer_kwargs,
+        )
+        if auto_held.any() and model.retrieval != "none":
+            # The held-out groups were training data: after model selection they join the
+            # memory, as evidence for predictions.
+            model.memory_ = _memory(model, data, train_mask | auto_held).to_dict()
+    except BaseException:
+        _restore(model, snapshot)
+        raise
+    held = data.labels[auto_held | (val_mask & ~is_control)]
+    model.validation_perturbations_ = np.unique(held.astype(str))
+
+
+def _memory(model, data, train_mask):
+    return memory_from_cells(
+        model.memory_kind, data, train_mask, model._encoder, n_response_components=model.module.n_response_components
+    )
+
+
+def _fit(
+    model,
+    data,
+    *,
+    train_mask,
+    val_mask,
+    test_mask,
+    seed,
+    max_epochs,
+    max_steps,
+    batch_size,
+    early_stopping,
+    early_stopping_patience,
+    keep_best,
+    check_val_every_n_steps,
+    accelerator,
+    devices,
+    plan_kwargs,
+    trainer_kwargs,
+) -> None:
+    is_control = data.is_control
+    perturbed_train = train_mask & ~is_control
+    model.training_perturbations_ = np.unique(data.labels[perturbed_train].astype(str))
+    model.training_cell_types_ = np.unique(data.cell_types[perturbed_train].astype(str))
+    model.memory_ = _memory(model, data, train_mask).to_dict() if model.retrieval != "none" else None
+    builder = model._builder()
+    contexts = builder.control_contexts(data, is_control)
+    train_groups = builder.training_groups(data, perturbed_train, is_control, contexts=contexts)
+    val_groups = None
+    if (val_mask & ~is_control).any():
+        val_groups = builder.training_groups(data, val_mask & ~is_control, is_control, contexts=contexts)
+    for name, groups in (("training", train_groups), ("validation", val_groups)):
+        if groups is not None and int(groups.sizes.max()) < 2:
+            raise ValueError(f"Every {name} group has a single cell: sets need at least 2 cells per (perturbation, cell type).")
+
+    # The largest value a gene reaches in the training data bounds what the model generates.
+    ceiling = data.column_stats(column_max(data.matrix, train_mask | is_control))
+    baseline = train_groups.context if train_groups.context is not None else 0.0
+    scale = float(np.mean(np.sum(np.square(train_groups.target_shift - baseline), axis=1)))
+    model.module.set_data_constants(ceiling, scale)
+
+    steps_per_pass = max(1, math.ceil(int(np.maximum(1, -(-train_groups.sizes // model.cell_set_size)).sum()) / batch_size))
+    if max_steps is None:
+        max_steps = max_epochs * steps_per_pass if max_epochs is not None else DEFAULT_MAX_STEPS
+    interval = check_val_every_n_steps or int(np.clip(max_steps // 25, 10, 100))
+    interval = min(interval, max_steps)
+    datamodule = SetDataModule(
+        data.expression,
+        train_groups,
+        val_groups,
+        train_idx=np.flatnonzero(train_mask),
+        val_idx=np.flatnonzero(val_mask),
+        test_idx=np.flatnonzero(test_mask),
+        set_size=model.cell_set_size,
+        batch_size=batch_size,
+        seed=seed,
+        steps_per_epoch=interval,
+    )
+    trainer_kwargs = dict(trainer_kwargs)
+    trainer_kwargs["max_steps"] = max_steps
+    trainer_kwargs.setdefault("gradient_clip_val", 10.0)
+    trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
+    trainer_kwargs["use_distributed_sampler"] = False
+    if val_groups is None:
+        trainer_kwargs["check_val_every_n_epoch"] = None
+        trainer_kwargs.setdefault("limit_val_batches", 0)
+    else:
+        trainer_kwargs["check_val_every_n_epoch"] = 1
+    if early_stopping:
+        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+        trainer_kwargs.setdefault("early_stopping_mode", "min")
+    keeper = KeepBestWeights("validation_loss") if keep_best else None
+    if keeper is not None:
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), keeper]
+    model._run_trainer(
+        datamodule,
+        plan_kwargs=plan_kwargs,
+        max_epochs=math.ceil(max_steps / interval),
+        accelerator=accelerator,
+        devices=devices,
+        early_stopping=early_stopping,
+        trainer_kwargs=trainer_kwargs,
+    )
+    model.best_epoch_ = None if keeper is None else keeper.best_epoch
+    model.best_step_ = None if keeper is None else keeper.best_step
