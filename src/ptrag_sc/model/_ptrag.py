@@ -48,6 +48,7 @@ from ..data._perturbations import PerturbationEncoder
 from ..data._sets import ExpressionMatrix, SetDataModule, SetGroups, index_groups, make_batch
 from ..module._module import TENSORS, PTRAGModule
 from ..train import KeepBestWeights, PTRAGTrainingPlan
+from ._io import SafeSaveMixin
 from ._validation import (
     check_controls_per_cell_type,
     check_expression,
@@ -67,7 +68,7 @@ CONTEXT_CANDIDATE = "<context mean>"
 _NO_CELL_TYPE = "all"
 
 
-class PTRAG(BaseModelClass):
+class PTRAG(SafeSaveMixin, BaseModelClass):
     """Perturbation-aware two-stage retrieval-augmented generation (PT-RAG).
 
     A STATE-style set-to-set model: a set of control cells of one cell type and the gene
