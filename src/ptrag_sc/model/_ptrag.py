@@ -37,6 +37,8 @@ from ..data._index import NeighbourIndex
 from ..module import PTRAGModule
 from ..train import PTRAGTrainingPlan
 from . import _predict, _training
+from ._io import SafeSaveMixin
+from ._mudata import MuDataMixin
 from ._validation import check_model_options, check_setup
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 _NOT_TRAINED = "Model not trained. Call `model.train()` first."
 
 
-class PTRAG(BaseModelClass):
+class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
     """Perturbation-aware two-stage retrieval-augmented generation (PT-RAG).
 
     A STATE-style set-to-set model: a set of control cells of one cell type and the gene
@@ -190,6 +192,7 @@ class PTRAG(BaseModelClass):
     ) -> None:
         options = {k: v for k, v in locals().items() if k not in ("self", "adata", "registry", "perturbation_embeddings", "__class__")}
         check_model_options(options)
+        adata = self._resolve_adata(adata)
         super().__init__(adata, registry)
         pert_state = self._field_state(REGISTRY_KEYS.PERTURBATION_KEY)
         self._encoder = PerturbationEncoder(perturbation_embeddings, sep=pert_state["sep"])
@@ -488,7 +491,7 @@ class PTRAG(BaseModelClass):
         """Hand the data module and the training plan to scvi-tools' runner."""
         training_plan = self._training_plan_cls(self.module, **(plan_kwargs or {}))
         self.module.train()
-        with flush_denormal(), quiet_lightning(not trainer_kwargs["enable_progress_bar"]):
+        with flush_denormal(), quiet_lightning(settings.verbosity > logging.INFO):
             runner = self._train_runner_cls(
                 self,
                 training_plan=training_plan,
@@ -570,6 +573,7 @@ class PTRAG(BaseModelClass):
         Predictions are non-negative and never exceed the largest value each gene reaches in
         the training data.
         """
+        adata = self._resolve_adata(adata)
         self._require_trained()
         adata = self.adata if adata is None else adata
         if adata is None:
@@ -660,5 +664,6 @@ class PTRAG(BaseModelClass):
         ``selected`` (``selected_fraction > 0.5``) and ``weight`` (the candidate's normalised
         weight in the retrieved shift, response memories).
         """
+        adata = self._resolve_adata(adata)
         self._require_trained()
         return _predict.retrieval_table(self, perturbations, cell_type, self.adata if adata is None else adata, n_cells, seed)
