@@ -669,7 +669,7 @@ class PTRAG(BaseModelClass):
             trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), keeper]
         plan_kwargs = dict(plan_kwargs or {})
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        with flush_denormal(), quiet_lightning(not trainer_kwargs["enable_progress_bar"]):
+        with flush_denormal(), quiet_lightning(settings.verbosity > logging.INFO):
             runner = self._train_runner_cls(
                 self,
                 training_plan=training_plan,
