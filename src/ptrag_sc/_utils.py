@@ -7,28 +7,54 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# scvi-tools 1.4.2 calls ``rich.pretty`` in ``view_anndata_setup`` without importing it. This
+# module is imported by the model (and the package's ``__init__`` is lazy), so the workaround
+# lives here, where every path to :class:`ptrag_sc.PTRAG` passes.
+import rich.pretty  # noqa: F401
 import torch
 
-#: Lightning's per-run banners and hints; silenced with ``ptrag_sc.settings.progress_bar = False``.
-_CHATTY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning")
+#: Loggers of Lightning's informational messages ("GPU available: ...", "TPU available: ...",
+#: "💡 Tip: ... litlogger ...", "`Trainer.fit` stopped: ..."), all sent by ``rank_zero_info``
+#: (``lightning.pytorch.utilities.rank_zero``, a child of ``lightning.pytorch``, which carries
+#: Lightning's own stderr handler at level INFO).
+_CHATTY_LOGGERS = (
+    "lightning.pytorch",
+    "lightning.fabric",
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "lightning_utilities",
+)
+#: Routine warnings raised during ``Trainer.fit`` on small data or on CPU (message patterns,
+#: matched from the start of the message).
 _CHATTY_WARNINGS = (
+    # torch >= 2.10 deprecates ``LeafSpec``, which Lightning 2.6 still instantiates (FutureWarning)
+    r".*isinstance\(treespec, LeafSpec\).*",
+    # Lightning's PossibleUserWarnings about a short epoch and single-process data loading
+    r".*is smaller than the logging interval.*",
     r".*does not have many workers.*",
-    r".*smaller than the logging interval.*",
-    r".*LeafSpec.*",
-    r".*GPU available.*",
+    # Lightning's rank_zero_warn on machines with an unused accelerator
+    r".*(GPU|TPU|HPU) available but not used.*",
 )
 
 
 @contextmanager
 def quiet_lightning(enabled: bool) -> Iterator[None]:
-    """Silence Lightning's informational logs and routine warnings while the block runs."""
+    """Silence Lightning's informational messages and routine warnings while the block runs.
+
+    With ``enabled``, the loggers in ``_CHATTY_LOGGERS`` are raised to at least WARNING and the
+    warnings matching ``_CHATTY_WARNINGS`` are ignored; the loggers' levels and the warning
+    filters are restored afterwards. Progress bars are not affected. The model calls it as
+    ``quiet_lightning(settings.verbosity > logging.INFO)``: quiet unless
+    ``ptrag_sc.settings.verbosity`` is ``logging.INFO`` or lower.
+    """
     if not enabled:
         yield
         return
     loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
     try:
         with warnings.catch_warnings():
             for pattern in _CHATTY_WARNINGS:
