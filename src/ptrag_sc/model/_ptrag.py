@@ -48,6 +48,7 @@ from ..data._perturbations import PerturbationEncoder
 from ..data._sets import ExpressionMatrix, SetDataModule, SetGroups, index_groups, make_batch
 from ..module._module import TENSORS, PTRAGModule
 from ..train import KeepBestWeights, PTRAGTrainingPlan
+from ._mudata import MuDataMixin
 from ._validation import (
     check_controls_per_cell_type,
     check_expression,
@@ -67,7 +68,7 @@ CONTEXT_CANDIDATE = "<context mean>"
 _NO_CELL_TYPE = "all"
 
 
-class PTRAG(BaseModelClass):
+class PTRAG(MuDataMixin, BaseModelClass):
     """Perturbation-aware two-stage retrieval-augmented generation (PT-RAG).
 
     A STATE-style set-to-set model: a set of control cells of one cell type and the gene
@@ -201,6 +202,7 @@ class PTRAG(BaseModelClass):
         index_backend: Literal["auto", "exact", "faiss"] = "auto",
         learned_shift: bool | None = None,
     ) -> None:
+        adata = self._resolve_adata(adata)
         super().__init__(adata, registry)
         _check_choice("retrieval", retrieval, ("ptrag", "vanilla", "none"))
         _check_choice("memory", memory, ("response", "embedding"))
@@ -827,6 +829,7 @@ class PTRAG(BaseModelClass):
         to the retrieved evidence, weighted by the selection; an uncertainty proxy; NaN for
         ``retrieval="none"``); ``uns["ptrag"]`` records the settings.
         """
+        adata = self._resolve_adata(adata)
         self._require_trained()
         adata = self.adata if adata is None else adata
         if adata is None:
@@ -1045,6 +1048,7 @@ class PTRAG(BaseModelClass):
         of cells keeping the candidate; NaN for vanilla RAG) and ``selected``
         (``selected_fraction > 0.5``).
         """
+        adata = self._resolve_adata(adata)
         self._require_trained()
         if self.retrieval == "none":
             raise ValueError("This model was built with `retrieval='none'`: it retrieves nothing.")
