@@ -1,0 +1,458 @@
+"""MuData input for :class:`~ptrag_sc.PTRAG`: guide assignment, registration and resolution.
+
+Perturb-seq with guide capture (ECCITE-seq, CROP-seq) is kept by muon/pertpy users as a
+:class:`~mudata.MuData` with an RNA and a guide modality. :class:`MuDataMixin` gives the model
+``setup_mudata`` (guides -> labels -> registration of the RNA modality) and a resolver that maps
+a MuData argument to its RNA AnnData, so that ``PTRAG(mdata)``, ``predict(mdata)`` and
+``get_retrieval(adata=mdata)`` work on the RNA modality.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scvi.utils import setup_anndata_dsp
+
+from .._constants import (
+    DEFAULT_CELL_TYPE_KEY,
+    DEFAULT_CONTROL_GROUP,
+    DEFAULT_PERTURBATION_KEY,
+    DEFAULT_PERTURBATION_SEP,
+)
+from ..pp._guides import GUIDE_ASSIGNED, assign_guides, guide_columns
+from ._validation import check_controls_per_cell_type, check_expression, expression_matrix
+
+if TYPE_CHECKING:
+    from mudata import MuData
+
+__all__ = ["MuDataMixin", "is_mudata", "rna_modality"]
+
+logger = logging.getLogger(__name__)
+
+_SCVI_UUID_KEY = "_scvi_uuid"
+#: Arguments of :func:`ptrag_sc.pp.assign_guides` that ``setup_mudata`` sets itself.
+_RESERVED_ASSIGN_KWARGS = ("inplace", "copy")
+
+
+def is_mudata(data) -> bool:
+    """Whether ``data`` is a :class:`~mudata.MuData` (without importing mudata needlessly)."""
+    if isinstance(data, AnnData) or data is None:
+        return False
+    try:
+        from mudata import MuData
+    except ImportError:  # pragma: no cover - mudata comes with scvi-tools
+        return False
+    return isinstance(data, MuData)
+
+
+def _describe(mdata) -> str:
+    return ", ".join(f"{name!r} ({mod.n_obs} x {mod.n_vars})" for name, mod in mdata.mod.items())
+
+
+def rna_modality(
+    mdata: MuData,
+    *,
+    model_cls: type | None = None,
+    model_adata: AnnData | None = None,
+    var_names: pd.Index | None = None,
+    default: str | None = None,
+) -> AnnData:
+    """The RNA modality of ``mdata`` that a PTRAG model reads.
+
+    Tried in order: the modality that is ``model_adata`` (the model's own AnnData); the one
+    modality registered with ``model_cls`` (by :meth:`PTRAG.setup_mudata` or ``setup_anndata``
+    on the modality); the one modality whose genes are ``var_names``; the modality named
+    ``default``.
+
+    Raises
+    ------
+    ValueError
+        If none or several modalities qualify (the error lists the modalities).
+    """
+    mods = {name: mod for name, mod in mdata.mod.items() if isinstance(mod, AnnData)}
+    if model_adata is not None:
+        for mod in mods.values():
+            if mod is model_adata:
+                return mod
+    if model_cls is not None:
+        store = getattr(model_cls, "_setup_adata_manager_store", {})
+        registered = [
+            name
+            for name, mod in mods.items()
+            if mod.uns.get(_SCVI_UUID_KEY) in store and store[mod.uns[_SCVI_UUID_KEY]].adata is mod
+        ]
+        if len(registered) == 1:
+            return mods[registered[0]]
+        if len(registered) > 1:
+            raise ValueError(
+                f"Several modalities of the MuData are registered with {model_cls.__name__}: "
+                f"{registered}. Pass the AnnData itself, e.g. `mdata.mod[{registered[0]!r}]`."
+            )
+    if var_names is not None:
+        reference = pd.Index(np.asarray(var_names).astype(str))
+        same = [name for name, mod in mods.items() if pd.Index(mod.var_names.astype(str)).equals(reference)]
+        if len(same) == 1:
+            return mods[same[0]]
+        if len(same) > 1:
+            raise ValueError(
+                f"Several modalities of the MuData have the model's genes: {same}. Pass the AnnData "
+                f"itself, e.g. `mdata.mod[{same[0]!r}]`."
+            )
+    if default is not None and default in mods:
+        return mods[default]
+    name = model_cls.__name__ if model_cls is not None else "PTRAG"
+    raise ValueError(
+        f"Cannot tell which modality of the MuData holds the RNA expression {name} reads "
+        f"(modalities: {_describe(mdata)}); none is registered"
+        + (" or has the model's genes" if var_names is not None else "")
+        + f". Call `{name}.setup_mudata(mdata, rna_mod=...)` or pass the RNA AnnData, e.g. "
+        "`mdata.mod['rna']`."
+    )
+
+
+class MuDataMixin:
+    """MuData support for a model class registered on its RNA AnnData.
+
+    Adds the classmethod :meth:`setup_mudata` and :meth:`_resolve_adata`, which the model
+    calls on entry of ``__init__``, ``predict`` and ``get_retrieval`` to turn a MuData into the
+    RNA AnnData (AnnData and ``None`` pass through), and lets :meth:`load` take a MuData.
+    """
+
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        *,
+        rna_mod: str = "rna",
+        guide_mod: str | None = None,
+        perturbation_key: str = DEFAULT_PERTURBATION_KEY,
+        control_group: str = DEFAULT_CONTROL_GROUP,
+        cell_type_key: str | None = DEFAULT_CELL_TYPE_KEY,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        perturbation_sep: str = DEFAULT_PERTURBATION_SEP,
+        assign_kwargs: dict | None = None,
+        overwrite: bool = False,
+        excluded_cells: Literal["drop", "raise"] = "drop",
+        **kwargs,
+    ) -> None:
+        """Label the cells of a MuData from its guides and register its RNA modality.
+
+        The MuData counterpart of :meth:`setup_anndata` for screens with guide capture
+        (ECCITE-seq, CROP-seq): perturbation labels come from the guide counts
+        (:func:`ptrag_sc.pp.assign_guides`) or from an obs column, cells without a confident
+        single guide are set aside, and the RNA modality is registered with
+        :meth:`setup_anndata`. Afterwards ``PTRAG(mdata, ...)``, ``model.predict(mdata)`` and
+        ``model.get_retrieval(..., adata=mdata)`` read the RNA modality.
+
+        Parameters
+        ----------
+        %(param_mdata)s
+        rna_mod
+            Modality with the expression (non-negative log-normalised, see ``layer``).
+        guide_mod
+            Modality with guide UMI counts (cells x guides, ``var`` naming each guide's
+            target; see ``assign_kwargs``). ``None``: the labels are already in
+            ``mdata.mod[rna_mod].obs[perturbation_key]``.
+        perturbation_key
+            obs column of the RNA modality with the perturbation labels. With ``guide_mod`` it
+            is written here (see Notes) and must not exist yet unless ``overwrite=True``.
+        control_group
+            Label of control cells; with ``guide_mod``, the label given to cells assigned to
+            a control guide (``assign_kwargs["control_targets"]``, default
+            ``"non-targeting"``).
+        cell_type_key
+            obs column with the cell type / cell line, in the RNA modality or in
+            ``mdata.obs`` (then copied into the RNA modality). ``None``: one cell type.
+        batch_key
+            obs column with the batch, looked up like ``cell_type_key``.
+        layer
+            Layer of the RNA modality with the expression (default: its ``X``).
+        perturbation_sep
+            Separator of combination labels.
+        assign_kwargs
+            Keyword arguments of :func:`ptrag_sc.pp.assign_guides` (``min_umi``,
+            ``min_ratio``, ``target_key``, ``control_targets``, ``unassigned``,
+            ``multiplet``, ``layer`` of the guide modality, ``key_added``). Without
+            ``guide_mod`` only ``unassigned`` and ``multiplet`` are read: the labels of
+            cells to set aside.
+        overwrite
+            Replace an existing ``perturbation_key`` column of the RNA modality.
+        excluded_cells
+            What to do with cells without a confident single guide (unassigned cells and
+            multiplets; without ``guide_mod``, cells whose label is missing or is the
+            ``unassigned`` / ``multiplet`` label): ``"drop"`` removes them from the RNA
+            modality in place (see Notes); ``"raise"`` raises an error if there are any.
+        **kwargs
+            Passed to :meth:`setup_anndata`.
+
+        Raises
+        ------
+        TypeError
+            If ``mdata`` is not a MuData, or ``modalities=`` is passed.
+        KeyError
+            If a modality, obs column or layer does not exist (the error lists those that do).
+        ValueError
+            If ``perturbation_key`` exists and ``overwrite=False``; with
+            ``excluded_cells="raise"`` and cells to exclude; if no cell (or no cell of a cell
+            type with perturbed cells) is a control; if the expression holds NaN, infinite or
+            negative values. Nothing is written before these checks pass, except the guide
+            modality's assignment columns.
+
+        Notes
+        -----
+        Fields written:
+
+        - ``mdata.mod[guide_mod].obs``: the columns of :func:`~ptrag_sc.pp.assign_guides`
+          (``guide_id``, ``guide_target``, ``guide_top_umi``, ``guide_second_umi``,
+          ``guide_status`` for the default ``key_added="guide"``), for every cell of the guide
+          modality, excluded ones included.
+        - ``mdata.mod[rna_mod].obs[perturbation_key]``: the target gene of each kept cell,
+          ``control_group`` for control guides (with ``guide_mod``).
+        - ``mdata.mod[rna_mod].obs[cell_type_key]`` / ``[batch_key]``: copied from
+          ``mdata.obs`` when only there.
+        - The registration fields of :meth:`setup_anndata` in the RNA modality.
+
+        **Excluded cells.** Unassigned cells and multiplets have no single perturbation, so
+        they never become a perturbation label (there is no perturbation called
+        ``"multiplet"``) and never serve as controls. With ``excluded_cells="drop"`` they are
+        removed from ``mdata.mod[rna_mod]`` in place (the AnnData object stays the same, as
+        with muon's ``mu.pp.filter_obs``) and ``mdata.update()`` is called; the guide modality
+        keeps all cells, so ``mdata.obs`` still lists them and ``guide_status`` says why each
+        was dropped. Cells of the RNA modality absent from the guide modality count as
+        unassigned. Dropped cells cannot come back by calling ``setup_mudata`` again with
+        looser thresholds: rebuild the MuData for that.
+
+        Unlike scvi-tools' own ``setup_mudata``, which registers the MuData with one field per
+        modality (``modalities={...}``), PTRAG reads one modality: the RNA AnnData is
+        registered and ``model.adata`` is that AnnData.
+
+        Examples
+        --------
+        >>> import anndata as ad
+        >>> import mudata as md
+        >>> import numpy as np
+        >>> import pandas as pd
+        >>> import ptrag_sc
+        >>> rng = np.random.default_rng(0)
+        >>> rna = ad.AnnData(np.log1p(rng.poisson(2.0, (6, 4))).astype(np.float32))
+        >>> rna.obs["cell_line"] = "THP-1"
+        >>> var = pd.DataFrame({"target_gene": ["STAT1", "non-targeting"]}, index=["STAT1g1", "NTg1"])
+        >>> counts = np.array([[20, 0], [0, 15], [9, 8], [30, 1], [1, 0], [0, 11]], dtype=np.float32)
+        >>> gdo = ad.AnnData(counts, obs=pd.DataFrame(index=rna.obs_names), var=var)
+        >>> mdata = md.MuData({"rna": rna, "gdo": gdo})
+        >>> ptrag_sc.PTRAG.setup_mudata(mdata, guide_mod="gdo")
+        >>> mdata.mod["rna"].obs["gene"].tolist()  # a multiplet and an unassigned cell dropped
+        ['STAT1', 'non-targeting', 'STAT1', 'non-targeting']
+        >>> mdata.mod["gdo"].obs["guide_status"].value_counts().to_dict()
+        {'assigned': 4, 'unassigned': 1, 'multiplet': 1}
+        """
+        if not is_mudata(mdata):
+            hint = f" For an AnnData use `{cls.__name__}.setup_anndata`." if isinstance(mdata, AnnData) else ""
+            raise TypeError(f"`mdata` must be a MuData, got {type(mdata).__name__}.{hint}")
+        if "modalities" in kwargs:
+            raise TypeError(
+                f"`{cls.__name__}.setup_mudata` takes `rna_mod=` and `guide_mod=` instead of scvi-tools' "
+                "`modalities=`: the model reads one modality (RNA), and the guide modality only "
+                "provides its labels."
+            )
+        if excluded_cells not in ("drop", "raise"):
+            raise ValueError(f"`excluded_cells` must be 'drop' or 'raise', got {excluded_cells!r}.")
+        _check_modality(mdata, rna_mod, "rna_mod")
+        rna = mdata.mod[rna_mod]
+        assign_kwargs = dict(assign_kwargs or {})
+        reserved = sorted(set(assign_kwargs) & set(_RESERVED_ASSIGN_KWARGS))
+        if reserved:
+            raise ValueError(f"`assign_kwargs` must not set {reserved}: `setup_mudata` writes the assignment itself.")
+        if assign_kwargs.get("control_group", control_group) != control_group:
+            raise ValueError(
+                f"`assign_kwargs['control_group']={assign_kwargs['control_group']!r}` differs from "
+                f"`control_group={control_group!r}`; set `control_group` only."
+            )
+        unassigned = assign_kwargs.get("unassigned", "unassigned")
+        multiplet = assign_kwargs.get("multiplet", "multiplet")
+
+        # 1. Labels of the RNA cells and which cells to set aside (nothing written to RNA yet).
+        if guide_mod is not None:
+            _check_modality(mdata, guide_mod, "guide_mod")
+            if guide_mod == rna_mod:
+                raise ValueError(f"`guide_mod` and `rna_mod` are the same modality ({rna_mod!r}).")
+            if perturbation_key in rna.obs.columns and not overwrite:
+                raise ValueError(
+                    f"`mdata.mod[{rna_mod!r}].obs` already has a column {perturbation_key!r}. Pass "
+                    "`overwrite=True` to replace it with the guide assignment, choose another "
+                    f"`perturbation_key`, or use it as it is with `guide_mod=None`."
+                )
+            guides = mdata.mod[guide_mod]
+            if not guides.obs_names.is_unique:
+                raise ValueError(f"`mdata.mod[{guide_mod!r}]` has duplicated obs names; run `mdata.obs_names_make_unique()`.")
+            assign_kwargs["control_group"] = control_group
+            assign_guides(guides, inplace=True, **assign_kwargs)
+            columns = guide_columns(assign_kwargs.get("key_added", "guide"))
+            status = guides.obs[columns["status"]].astype(object).reindex(rna.obs_names)
+            labels = guides.obs[columns["target"]].astype(object).reindex(rna.obs_names).to_numpy()
+            missing_guides = status.isna().to_numpy()
+            status = status.fillna(unassigned).to_numpy()
+            keep = status == GUIDE_ASSIGNED
+            counts = {
+                "assigned": int(keep.sum()),
+                "unassigned": int((status == unassigned).sum()),
+                "multiplet": int((status == multiplet).sum()),
+            }
+            where = f"the guide assignment of `mdata.mod[{guide_mod!r}]`"
+        else:
+            source = _obs_source(mdata, rna_mod, perturbation_key, "perturbation_key")
+            values = source[perturbation_key]
+            missing = values.isna().to_numpy()
+            labels = values.astype(object).to_numpy()
+            excluded = missing | np.isin(labels.astype(str), [unassigned, multiplet])
+            keep = ~excluded
+            counts = {
+                "assigned": int(keep.sum()),
+                "unassigned": int((~missing & (labels.astype(str) == unassigned)).sum() + missing.sum()),
+                "multiplet": int((~missing & (labels.astype(str) == multiplet)).sum()),
+            }
+            missing_guides = np.zeros(rna.n_obs, dtype=bool)
+            where = f"`obs[{perturbation_key!r}]` of the RNA modality"
+        n_excluded = int((~keep).sum())
+        if n_excluded and excluded_cells == "raise":
+            raise ValueError(
+                f"{n_excluded} cell(s) of `mdata.mod[{rna_mod!r}]` have no single perturbation "
+                f"({counts['unassigned']} unassigned, {counts['multiplet']} multiplets) in {where}. "
+                "Pass `excluded_cells='drop'` to remove them from the RNA modality, or filter them first."
+            )
+        if not keep.any():
+            raise ValueError(f"No cell of `mdata.mod[{rna_mod!r}]` has a single perturbation in {where}.")
+
+        # 2. Checks of the kept cells before anything is written to the RNA modality.
+        context = {}
+        for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
+            if key is not None:
+                context[key] = _obs_source(mdata, rna_mod, key, argument)[key]
+        kept_labels = labels[keep].astype(str)
+        if not (kept_labels == control_group).any():
+            found = sorted(set(kept_labels))[:10]
+            raise ValueError(
+                f"No control cells: `control_group={control_group!r}` does not occur among the kept "
+                f"cells of {where}. Labels present include {found}."
+                + (
+                    " Control guides are those whose target is in `assign_kwargs['control_targets']` "
+                    "(default ('non-targeting',))."
+                    if guide_mod is not None
+                    else ""
+                )
+            )
+        cell_types = (
+            context[cell_type_key].astype(str).to_numpy()[keep] if cell_type_key is not None else np.full(keep.sum(), "all")
+        )
+        check_controls_per_cell_type(kept_labels == control_group, cell_types, where=f"the kept cells of `mdata.mod[{rna_mod!r}]`")
+        X = expression_matrix(rna, layer)
+        check_expression(X, where=f"`mdata.mod[{rna_mod!r}].X`" if layer is None else f"`mdata.mod[{rna_mod!r}].layers[{layer!r}]`")
+
+        # 3. Write: drop the excluded cells, then the labels and context columns.
+        if n_excluded:
+            rna._inplace_subset_obs(keep)
+        if guide_mod is not None:
+            rna.obs[perturbation_key] = pd.Categorical(kept_labels)
+        elif perturbation_key not in rna.obs.columns:
+            rna.obs[perturbation_key] = pd.Categorical(kept_labels)
+        elif isinstance(rna.obs[perturbation_key].dtype, pd.CategoricalDtype):
+            rna.obs[perturbation_key] = rna.obs[perturbation_key].cat.remove_unused_categories()
+        for key, values in context.items():
+            if key not in rna.obs.columns:
+                rna.obs[key] = values.to_numpy()[keep] if not isinstance(values.dtype, pd.CategoricalDtype) else values.array[keep]
+        if n_excluded:
+            _update(mdata)
+            logger.info(
+                "setup_mudata: %d cell(s) kept; %d unassigned (%d without guide data) and %d multiplet(s) "
+                "removed from mdata.mod[%r].",
+                counts["assigned"],
+                counts["unassigned"],
+                int(missing_guides.sum()),
+                counts["multiplet"],
+                rna_mod,
+            )
+        cls.setup_anndata(
+            rna,
+            perturbation_key=perturbation_key,
+            control_group=control_group,
+            cell_type_key=cell_type_key,
+            batch_key=batch_key,
+            layer=layer,
+            perturbation_sep=perturbation_sep,
+            **kwargs,
+        )
+
+    def _resolve_adata(self, adata):
+        """``adata`` itself, or the RNA AnnData of a MuData (see :func:`rna_modality`)."""
+        if not is_mudata(adata):
+            return adata
+        initialised = getattr(self, "registry_", None) is not None
+        return rna_modality(
+            adata,
+            model_cls=type(self),
+            model_adata=getattr(self, "_adata", None),
+            var_names=self.var_names if initialised else None,
+        )
+
+    @classmethod
+    def load(cls, dir_path: str, adata=None, *args, **kwargs):
+        """Load a model saved with ``model.save(dir_path)``.
+
+        Parameters
+        ----------
+        dir_path
+            Directory of the saved model.
+        adata
+            AnnData (or MuData) with the genes the model was trained on, registered on load
+            with the saved setup arguments. A MuData stands for its RNA modality: the one
+            registered with the class in this session, else the one named ``"rna"``; pass
+            ``mdata.mod[name]`` for another name. ``None``: the AnnData saved with the model
+            (``save_anndata=True``), if any.
+        *args, **kwargs
+            ``accelerator``, ``device``, ``prefix``, ``backup_url``, ``datamodule``,
+            ``allowed_classes_names_list``: see :meth:`scvi.model.base.BaseModelClass.load`.
+
+        Returns
+        -------
+        The model, with its weights and retrieval memory.
+        """
+        if is_mudata(adata):
+            adata = rna_modality(adata, model_cls=cls, default="rna")
+        return super().load(dir_path, adata, *args, **kwargs)
+
+
+def _check_modality(mdata, name: str, argument: str) -> None:
+    if name not in mdata.mod:
+        raise KeyError(f"`{argument}={name!r}` is not a modality of the MuData. Modalities: {_describe(mdata)}.")
+    if not isinstance(mdata.mod[name], AnnData):
+        raise TypeError(f"`mdata.mod[{name!r}]` is a {type(mdata.mod[name]).__name__}, not an AnnData.")
+
+
+def _obs_source(mdata, rna_mod: str, key: str, argument: str) -> pd.DataFrame:
+    """The obs frame holding ``key``, aligned to the RNA cells: the RNA modality's, else
+    ``mdata.obs``."""
+    rna = mdata.mod[rna_mod]
+    if key in rna.obs.columns:
+        return rna.obs
+    if key in mdata.obs.columns:
+        if not mdata.obs_names.is_unique:
+            raise ValueError("`mdata.obs_names` are not unique; run `mdata.obs_names_make_unique()`.")
+        return mdata.obs[[key]].reindex(rna.obs_names)
+    raise KeyError(
+        f"`{argument}={key!r}` is a column neither of `mdata.mod[{rna_mod!r}].obs` "
+        f"({list(map(str, rna.obs.columns))[:30]}) nor of `mdata.obs` ({list(map(str, mdata.obs.columns))[:30]})."
+    )
+
+
+def _update(mdata) -> None:
+    """``mdata.update()`` without mudata's notice about its future pull default."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="mudata")
+        mdata.update()
