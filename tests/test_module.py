@@ -106,9 +106,14 @@ def _batch(n_sets=2, s=6, g=10, d=4, k=3, m=7, seed=0):
         TENSORS.PERT_EMBEDDING: torch.randn(n_sets, d, generator=gen),
         TENSORS.CANDIDATES: torch.randint(0, m, (n_sets, k), generator=gen),
         TENSORS.CANDIDATE_SAME_CELL_TYPE: torch.rand(n_sets, k, generator=gen) > 0.5,
-        TENSORS.CANDIDATE_RELATION: torch.randint(0, 3, (n_sets, k), generator=gen),
+        TENSORS.CANDIDATE_RELATION: torch.randint(0, 2, (n_sets, k), generator=gen),
+        TENSORS.CANDIDATE_SIMILARITY: torch.rand(n_sets, k, generator=gen),
+        TENSORS.CANDIDATE_ANNOTATION_SIMILARITY: torch.rand(n_sets, k, generator=gen),
         TENSORS.CONTEXT_RESPONSE: torch.randn(n_sets, g, generator=gen) * 0.1,
-        TENSORS.CONTEXT_VALID: torch.tensor([True] + [False] * (n_sets - 1)),
+        TENSORS.CONTEXT_FULL: torch.randn(n_sets, g, generator=gen) * 0.1,
+        TENSORS.STACKED_SHIFT: torch.randn(n_sets, g, generator=gen) * 0.1,
+        TENSORS.CONTROL_MEAN: torch.rand(n_sets, g, generator=gen) + 0.5,
+        TENSORS.TARGET_SHIFT: torch.randn(n_sets, g, generator=gen) * 0.1,
         TENSORS.BATCH: torch.full((n_sets,), -1),
     }
 
@@ -119,7 +124,7 @@ def _batch(n_sets=2, s=6, g=10, d=4, k=3, m=7, seed=0):
 def test_prediction_is_equivariant_to_cell_order(backbone, retrieval, decoder_rank):
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=2, n_heads=2, backbone=backbone, retrieval=retrieval, decoder_rank=decoder_rank)
-    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 0.1, torch.randn(7, 5), torch.randn(10, 5))
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 0.1, torch.randn(7, 5))
     # Non-zero decoder weights, so the transformer's output matters.
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
@@ -133,17 +138,95 @@ def test_prediction_is_equivariant_to_cell_order(backbone, retrieval, decoder_ra
     torch.testing.assert_close(gen_a["prediction"][:, perm], gen_b["prediction"], rtol=1e-4, atol=1e-5)
 
 
-def test_loss_reports_energy_and_sparsity():
+def test_loss_is_energy_to_the_pseudobulk_teacher_plus_mean_error_and_sparsity():
     torch.manual_seed(0)
-    module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag", sparsity_weight=0.5)
+    module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag", sparsity_weight=0.5, pseudobulk_weight=2.0)
     module.set_memory(torch.randn(7, 4), torch.randn(7, 10), torch.randn(7, 5))
+    module.set_data_constants(torch.full((10,), 50.0), shift_scale=0.3)
     module.train()
     batch = _batch()
-    _, gen, loss = module(batch)
-    energy = energy_distance(gen["prediction"], batch[TENSORS.X_PERT]).mean()
+    inference, gen, loss = module(batch)
+    target = batch[TENSORS.X_PERT]
+    teacher = target - target.mean(1, keepdim=True) + (batch[TENSORS.CONTROL_MEAN] + batch[TENSORS.TARGET_SHIFT])[:, None]
+    energy = energy_distance(gen["prediction"], teacher).mean()
     assert loss.extra_metrics["energy"].item() == pytest.approx(energy.item(), rel=1e-5)
-    expected = energy + 0.5 * loss.extra_metrics["active_ratio"]
-    assert loss.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    mean_shift = gen["prediction"].mean(1) - batch[TENSORS.CONTROL_MEAN]
+    error = ((mean_shift - batch[TENSORS.TARGET_SHIFT]) ** 2).sum(-1).mean() / 0.3
+    assert loss.extra_metrics["mean_error"].item() == pytest.approx(error.item(), rel=1e-5)
+    expected_rate = inference["keep_probability"][inference["valid"][:, None].expand_as(inference["keep"])].mean()
+    assert loss.loss.item() == pytest.approx((energy + 2.0 * error + 0.5 * expected_rate).item(), rel=1e-5)
+    # Without the pseudobulk term the energy is to the observed cells as they are.
+    plain = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="none", pseudobulk_weight=0.0)
+    plain.train()
+    _, gen, loss = plain(batch)
+    assert "mean_error" not in loss.extra_metrics
+    assert loss.loss.item() == pytest.approx(energy_distance(gen["prediction"], target).mean().item(), rel=1e-5)
+
+
+def test_evidence_combiner_starts_at_the_stacked_evidence_and_moves_to_kept_candidates():
+    from ptrag_sc.module import EvidenceCombiner
+
+    torch.manual_seed(0)
+    combiner = EvidenceCombiner()
+    g = 6
+    specific = torch.randn(1, 2, g)
+    context, context_full, stacked = torch.randn(1, g), torch.randn(1, g), torch.randn(1, g)
+    valid = torch.tensor([[True, True]])
+    relation = torch.tensor([[0, 1]])
+    same = torch.tensor([[True, False]])
+    nothing = combiner(torch.zeros(1, 2), valid, relation, same, specific, context, context_full, stacked)
+    torch.testing.assert_close(nothing["delta"], context + stacked)
+    kept = combiner(torch.tensor([[1.0, 0.0]]), valid, relation, same, specific, context, context_full, stacked)
+    # The kept candidate (of the query's own cell type) counts as much as the stacked evidence.
+    d0 = specific[:, 0] + context_full - context
+    torch.testing.assert_close(kept["delta"], context + stacked + combiner.trust * (d0 - stacked) / 2)
+    torch.testing.assert_close(kept["weights"], torch.tensor([[0.5, 0.0]]) * combiner.trust)
+
+
+def test_combination_members_add_up_in_the_shift():
+    from ptrag_sc.module import EvidenceCombiner
+
+    torch.manual_seed(0)
+    combiner = EvidenceCombiner()
+    specific = torch.randn(2, 3, 5)
+    context_full = torch.randn(2, 5)
+    relation = torch.tensor([[2, 2, 0], [0, 0, 0]])  # set 0 is a combination of entries 0 and 1
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    same = torch.ones(2, 3, dtype=torch.bool)
+    out = combiner(torch.zeros(2, 3), valid, relation, same, specific, torch.zeros(2, 5), context_full, torch.zeros(2, 5))
+    torch.testing.assert_close(out["delta"][0], specific[0, 0] + specific[0, 1] + 2 * context_full[0])
+    torch.testing.assert_close(out["delta"][1], torch.zeros(5))
+
+
+def test_response_memory_mean_moves_only_by_the_evidence():
+    torch.manual_seed(0)
+    module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag", decoder_rank=3)
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 0.1, torch.randn(7, 5))
+    assert module.set_decoder is None and not module.decoder[-1].bias.requires_grad
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
+    with torch.no_grad():
+        module.decoder[-1].weight.mul_(0.05)  # per-cell deviations small enough not to be clipped
+    module.eval()
+    batch = _batch()
+    with torch.no_grad():
+        inference, gen = module(batch, compute_loss=False)
+    # Before clipping at 0 the set's mean is exactly control mean + delta; the genes here stay positive.
+    assert (gen["prediction"] > 0).all()
+    torch.testing.assert_close(gen["prediction"].mean(1), batch[TENSORS.CONTROL_MEAN] + inference["delta"], rtol=1e-4, atol=1e-4)
+
+
+def test_predictions_never_exceed_the_gene_ceiling():
+    torch.manual_seed(0)
+    module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag")
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 5, torch.randn(7, 5))
+    module.set_data_constants(torch.full((10,), 1.2), shift_scale=1.0)
+    module.eval()
+    batch = _batch()
+    batch[TENSORS.STACKED_SHIFT] = torch.full((2, 10), 4.0)
+    with torch.no_grad():
+        _, gen = module(batch, compute_loss=False)
+    assert gen["prediction"].max() <= 1.2
 
 
 def test_paper_context_mode_replaces_encodings():
@@ -157,7 +240,7 @@ def test_paper_context_mode_replaces_encodings():
         h_cand = module._encode_candidates(batch[TENSORS.CANDIDATES], relation=batch[TENSORS.CANDIDATE_RELATION])[0]
         attended = module.cross_attention(inference["h_ctrl"] + inference["h_pert"][:, None], h_cand, batch[TENSORS.CANDIDATES] >= 0)
     torch.testing.assert_close(inference["x0"], attended["context"])
-    assert inference["delta"] is None  # embedding memories carry no measured responses
+    assert "delta" not in inference  # embedding memories carry no measured responses
 
 
 def test_invalid_options_raise():
@@ -170,7 +253,7 @@ def test_invalid_options_raise():
 
 
 def test_apply_shift_moves_the_set_mean_exactly():
-    from ptrag_sc.module._module import apply_shift
+    from ptrag_sc.module import apply_shift
 
     gen = torch.Generator().manual_seed(0)
     # 3 genes: expressed in half the cells, expressed everywhere, almost never expressed.
@@ -195,7 +278,8 @@ def test_apply_shift_moves_the_set_mean_exactly():
 
 
 def test_apply_shift_clamps_the_scale_and_keeps_the_mean():
-    from ptrag_sc.module._module import MAX_SCALE, apply_shift
+    from ptrag_sc._shift import MAX_SCALE
+    from ptrag_sc.module import apply_shift
 
     x = torch.full((1, 10, 1), 0.1)
     scaled, offset = apply_shift(x, torch.tensor([[[5.0]]]), torch.tensor([[0.1]]))
@@ -203,18 +287,13 @@ def test_apply_shift_clamps_the_scale_and_keeps_the_mean():
     torch.testing.assert_close((scaled + offset).mean(1), torch.tensor([[5.1]]))
 
 
-def test_combination_members_add_up_in_the_retrieved_shift():
-    torch.manual_seed(0)
-    module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag")
-    responses = torch.randn(7, 10)
-    module.set_memory(torch.randn(7, 4), responses, torch.randn(7, 5), torch.randn(10, 5))
-    module.eval()
-    batch = _batch(n_sets=2, k=3)
-    batch[TENSORS.CANDIDATES] = torch.tensor([[2, 5, 6], [2, 5, 6]])
-    # Set 0 is a combination whose single genes (entries 2 and 5) were measured in its cell type.
-    batch[TENSORS.CANDIDATE_RELATION] = torch.tensor([[2, 2, 0], [0, 0, 0]])
-    batch[TENSORS.CANDIDATE_SAME_CELL_TYPE] = torch.tensor([[True, True, True], [True, True, True]])
-    with torch.no_grad():
-        inference = module.inference(**module._get_inference_input(batch))
-    torch.testing.assert_close(inference["delta"][0, 0], responses[2] + responses[5])
-    assert not torch.allclose(inference["delta"][1, 0], responses[2] + responses[5])
+def test_apply_shift_respects_the_ceiling_and_keeps_the_mean():
+    from ptrag_sc.module import apply_shift
+
+    x = torch.zeros(1, 10, 1)
+    x[0, :2, 0] = 1.0  # a sparse gene: two cells at 1.0, set mean 0.2
+    ceiling = torch.tensor([3.0])
+    scaled, offset = apply_shift(x, torch.tensor([[[1.8]]]), torch.tensor([[0.2]]), ceiling)
+    # Scaling to the target mean (2.0) would need a factor of 10; the ceiling allows 3.
+    assert scaled.max() <= 3.0 + 1e-6
+    torch.testing.assert_close((scaled + offset).mean(1), torch.tensor([[2.0]]))

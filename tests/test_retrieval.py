@@ -125,15 +125,8 @@ def test_training_groups_never_retrieve_their_own_entry(trained):
     model, data = trained
     memory = model.memory
     names = memory.entry_names()
-    labels = data.obs["gene"].astype(str).to_numpy()
-    cts = data.obs["cell_line"].astype(str).to_numpy()
-    groups = model._groups(
-        member=(labels != "non-targeting"),
-        labels=labels,
-        cell_types=cts,
-        batches=np.full(data.n_obs, -1),
-        control_mask=labels == "non-targeting",
-    )
+    view = model._data(data)
+    groups = model._builder().training_groups(view, ~view.is_control, view.is_control)
     for p, ct, row in zip(groups.perturbation, groups.cell_type, groups.candidates, strict=True):
         assert f"{p}@{ct}" not in set(names[row[row >= 0]])
         # The same perturbation in the other training cell types is among the candidates.
@@ -152,18 +145,69 @@ def test_combination_members_are_flagged(encoder):
 
 
 def test_context_response_leaves_the_query_out(encoder):
-    from ptrag_sc.data._memory import context_responses
-
     X, labels, cts = _cells()
     memory = build_memory("response", X=X, perturbations=labels, cell_types=cts, is_control=labels == "ctrl", train_mask=np.ones(len(labels), bool), encoder=encoder)
-    ctx, valid = context_responses(memory, np.array(["A", "Z", "A"]), np.array(["t1", "t1", "t3"]))
+    loo, full = memory.contexts(np.array(["A", "Z", "A"]), np.array(["t1", "t1", "t3"]))
     names = list(memory.entry_names())
     others = [names.index(n) for n in ("B@t1", "C@t1", "D@t1")]
-    np.testing.assert_allclose(ctx[0], memory.responses[others].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(loo[0], memory.responses[others].mean(0), rtol=1e-6)
     every = [names.index(n) for n in ("A@t1", "B@t1", "C@t1", "D@t1")]
-    np.testing.assert_allclose(ctx[1], memory.responses[every].mean(0), rtol=1e-6)
-    assert valid.tolist() == [True, True, False]
-    assert not ctx[2].any()
+    np.testing.assert_allclose(loo[1], memory.responses[every].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(full[0], memory.responses[every].mean(0), rtol=1e-6)
+    # A cell type without entries gets the mean context of the cell types that have some.
+    t2 = [names.index(n) for n in ("A@t2", "B@t2", "C@t2")]
+    np.testing.assert_allclose(loo[2], (memory.responses[every].mean(0) + memory.responses[t2].mean(0)) / 2, rtol=1e-5)
+
+
+def test_ridge_leave_one_out_matches_refitting():
+    from ptrag_sc.data._memory import ridge_leave_one_out
+
+    rng = np.random.default_rng(0)
+    E = rng.normal(size=(12, 5))
+    Y = E @ rng.normal(size=(5, 3)) + 0.3 * rng.normal(size=(12, 3))
+    loo, weights, center, alpha = ridge_leave_one_out(E, Y, grid=(0.5,))
+    for i in range(12):
+        keep = np.arange(12) != i
+        Ec = E[keep] - center
+        w = np.linalg.solve(Ec.T @ Ec + alpha * np.eye(5), Ec.T @ Y[keep])
+        np.testing.assert_allclose(loo[i], (E[i] - center) @ w, rtol=1e-6, atol=1e-8)
+    full = (E - center) @ weights
+    assert np.corrcoef(full.ravel(), Y.ravel())[0, 1] > 0.9
+
+
+def test_stacking_weights_are_the_non_negative_least_squares_solution():
+    from scipy.optimize import nnls
+
+    from ptrag_sc.data._evidence import fit_stack
+
+    rng = np.random.default_rng(1)
+    sources = rng.normal(size=(4, 30, 6)).astype(np.float32)
+    targets = 0.7 * sources[0] - 0.4 * sources[1] + 0.2 * sources[3] + 0.05 * rng.normal(size=(30, 6))
+    weights = fit_stack(sources, targets)
+    norms = (targets**2).sum(1)
+    w = np.repeat(1 / np.sqrt(norms + np.median(norms)), 6)
+    reference, _ = nnls(sources.reshape(4, -1).T * w[:, None], targets.ravel() * w)
+    np.testing.assert_allclose(weights, reference, atol=1e-4)
+    assert weights[1] == 0  # the negatively useful source gets no weight
+
+
+def test_evidence_of_an_entry_leaves_its_own_response_out(encoder):
+    X, labels, cts = _cells()
+    train = np.ones(len(labels), dtype=bool)
+    kwargs = {"perturbations": labels, "cell_types": cts, "is_control": labels == "ctrl", "train_mask": train, "encoder": encoder}
+    memory = build_memory("response", X=X, **kwargs)
+    changed = X.copy()
+    changed[labels == "D"] += 100.0  # D@t1's own response
+    other = build_memory("response", X=changed, **kwargs)
+    query = (np.array(["D"]), np.array(["t1"]), encoder.embed(["D"]))
+    a = memory.evidence(*query, None)
+    b = other.evidence(*query, None)
+    np.testing.assert_allclose(a["context"], b["context"], rtol=1e-5)
+    # Its stacked estimate uses only the other entries' responses (the stacking weights, fitted
+    # on all entries, may change).
+    assert memory.stack_weights.shape == (len(memory.stack_weights),)
+    fresh = memory.evidence(np.array(["E"]), np.array(["t1"]), encoder.embed(["E"]), None)
+    assert fresh["stacked"].shape == (1, 3) and np.isfinite(fresh["stacked"]).all()
 
 
 def test_combination_embedding_is_sum(encoder):

@@ -52,7 +52,9 @@ class TENSORS:
     CANDIDATE_RELATION = "candidate_relation"  #: ``[B, K]`` relation code (``RELATION_*``)
     CONTEXT_RESPONSE = "context_response"  #: ``[B, G]`` mean response of the cell type's *other* perturbations
     CONTEXT_FULL = "context_full"  #: ``[B, G]`` mean response of all the cell type's memory entries
-    LINEAR_SHIFT = "linear_shift"  #: ``[B, G]`` embedding-ridge estimate of the perturbation-specific shift
+    STACKED_SHIFT = "stacked_shift"  #: ``[B, G]`` the stacked evidence's estimate of the perturbation-specific shift
+    CANDIDATE_SIMILARITY = "candidate_similarity"  #: ``[B, K]`` stage-1 similarity (0 for padding)
+    CANDIDATE_ANNOTATION_SIMILARITY = "candidate_annotation_similarity"  #: ``[B, K]`` annotation Jaccard
     CONTROL_MEAN = "control_mean"  #: ``[B, G]`` mean control profile of each set's context
     TARGET_SHIFT = "target_shift"  #: ``[B, G]`` the group's observed mean shift (all its cells), training and validation
     BATCH = "batch"  #: ``[B]`` batch code, ``-1`` = unknown

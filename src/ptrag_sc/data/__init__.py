@@ -4,6 +4,7 @@ its index, and the sets and batches the module consumes (for training and predic
 from ._builder import SetBuilder, count_prediction_batches, prediction_batches
 from ._cells import NO_CELL_TYPE, PerturbationData, SetupArgs, expression_matrix
 from ._datamodule import SetDataModule
+from ._evidence import SOURCES as EVIDENCE_SOURCES
 from ._fields import PerturbationField
 from ._index import NeighbourIndex
 from ._matrix import ExpressionMatrix, column_max, group_means, group_sums
@@ -13,6 +14,7 @@ from ._perturbations import PerturbationEncoder, normalise_labels, validate_embe
 from ._sets import SetGroups
 
 __all__ = [
+    "EVIDENCE_SOURCES",
     "NO_CELL_TYPE",
     "ExpressionMatrix",
     "NeighbourIndex",

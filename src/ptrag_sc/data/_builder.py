@@ -13,11 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._annotations import jaccard
 from ._sets import SetGroups, index_groups, make_batch, prediction_sets
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from ._annotations import GeneAnnotations
     from ._cells import PerturbationData
     from ._index import NeighbourIndex
     from ._memory import RetrievalMemory
@@ -38,6 +40,8 @@ class SetBuilder:
     match_batch
         Pair cells with control cells of their own batch (falling back to the cell type when
         a batch has none).
+    annotations
+        Gene annotations of the evidence's annotation sources (``None``: not used).
     """
 
     def __init__(
@@ -48,12 +52,14 @@ class SetBuilder:
         *,
         n_candidates: int,
         match_batch: bool,
+        annotations: GeneAnnotations | None = None,
     ) -> None:
         self.encoder = encoder
         self.memory = memory
         self.index = index
         self.n_candidates = n_candidates
         self.match_batch = match_batch
+        self.annotations = annotations
 
     # ----------------------------------------------------------------- contexts
     def control_contexts(self, data: PerturbationData, control_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,10 +98,26 @@ class SetBuilder:
             sim = np.full(cand.shape, np.nan, dtype=np.float32)
             same = np.zeros(cand.shape, dtype=bool)
             relation = np.zeros(cand.shape, dtype=np.int64)
-        out.update(candidates=cand, similarity=sim, candidate_same_cell_type=same, candidate_relation=relation)
-        if self.memory is not None and self.memory.kind == "response" and n:
-            context, full = self.memory.contexts(labels, cell_types)
-            out.update(context=context, context_full=full, linear=self.memory.linear(labels, cell_types, embedding))
+        annotation_similarity = np.zeros(cand.shape, dtype=np.float32)
+        annotations = None
+        memory = self.memory
+        if memory is not None and memory.kind == "response" and n:
+            if self.annotations is not None and memory.annotation_terms is not None and len(memory.annotation_terms):
+                annotations, _ = self.annotations.matrix(labels, sep=self.encoder.sep, vocabulary=memory.annotation_terms)
+                entries = memory.annotation_matrix()
+                for start in range(0, n, 1024):
+                    rows = slice(start, min(start + 1024, n))
+                    block = jaccard(annotations[rows], entries)
+                    annotation_similarity[rows] = np.where(cand[rows] >= 0, np.take_along_axis(block, np.maximum(cand[rows], 0), axis=1), 0.0)
+            evidence = memory.evidence(labels, cell_types, embedding, annotations)
+            out.update(context=evidence["context"], context_full=evidence["context_full"], stacked=evidence["stacked"])
+        out.update(
+            candidates=cand,
+            similarity=sim,
+            annotation_similarity=annotation_similarity,
+            candidate_same_cell_type=same,
+            candidate_relation=relation,
+        )
         return out
 
     def training_groups(

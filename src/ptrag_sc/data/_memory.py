@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .._constants import MEMORY_KINDS, MemoryKind
+from ._annotations import GeneAnnotations, jaccard
+from ._evidence import CHUNK, SOURCES, fit_stack, neighbour_means, unit_rows
 from ._matrix import group_means
 
 if TYPE_CHECKING:
@@ -53,11 +56,20 @@ class RetrievalMemory:
         ``(G, c)`` directions: what the candidate encoder reads.
     context_cell_types, context_sums, context_counts
         Cell types with entries, the sum of their entries' responses ``(C, G)`` and how many.
-    linear_loo
-        Leave-one-out ridge estimate of each entry's specific shift, ``(M, G)``.
     linear_weights, linear_center, linear_alpha
-        The ridge map ``(D, G)`` fitted on all entries, the mean embedding it is centred on and
-        the penalty chosen by leave-one-out error.
+        The ridge map ``(D, G)`` from the gene embedding to the specific shift, fitted on all
+        entries, the mean embedding it is centred on and the penalty chosen by leave-one-out
+        error.
+    annotation_terms, annotation_indptr, annotation_indices
+        The entries' annotation terms (GO), as a CSR matrix ``(M, T)``.
+    annotation_projection, annotation_weights, annotation_center, annotation_alpha
+        The annotations' top principal directions ``(T, r)`` and the ridge map ``(r, G)`` from
+        the projected annotations to the specific shift.
+    stack_weights
+        Non-negative weights of the evidence sources (:data:`~ptrag_sc.data._evidence.SOURCES`).
+    stack_loo
+        Each entry's stacked estimate of its specific shift, with its own entry left out,
+        ``(M, G)``.
     """
 
     kind: str
@@ -71,10 +83,18 @@ class RetrievalMemory:
     context_cell_types: np.ndarray | None = None
     context_sums: np.ndarray | None = None
     context_counts: np.ndarray | None = None
-    linear_loo: np.ndarray | None = None
     linear_weights: np.ndarray | None = None
     linear_center: np.ndarray | None = None
     linear_alpha: float | None = None
+    annotation_terms: np.ndarray | None = None
+    annotation_indptr: np.ndarray | None = None
+    annotation_indices: np.ndarray | None = None
+    annotation_projection: np.ndarray | None = None
+    annotation_weights: np.ndarray | None = None
+    annotation_center: np.ndarray | None = None
+    annotation_alpha: float | None = None
+    stack_weights: np.ndarray | None = None
+    stack_loo: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.perturbations.shape[0])
@@ -154,11 +174,63 @@ class RetrievalMemory:
         loo[valid] = sums[valid] / counts[valid, None]
         return loo, full
 
-    def linear(self, perturbations: np.ndarray, cell_types: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
-        """Ridge estimate of each query's specific shift (leave-one-out for memory entries), ``(n, G)``."""
-        out = ((np.asarray(embeddings, dtype=np.float64) - self.linear_center) @ self.linear_weights).astype(np.float32)
+    def annotation_matrix(self) -> sp.csr_matrix:
+        """The entries' binary annotation matrix ``(M, T)``."""
+        n_terms = 0 if self.annotation_terms is None else len(self.annotation_terms)
+        data = np.ones(len(self.annotation_indices), dtype=np.float32)
+        return sp.csr_matrix((data, self.annotation_indices, self.annotation_indptr), shape=(len(self), n_terms))
+
+    def evidence(
+        self,
+        perturbations: np.ndarray,
+        cell_types: np.ndarray,
+        embeddings: np.ndarray,
+        annotations: sp.csr_matrix | None,
+    ) -> dict[str, np.ndarray]:
+        """The evidence of each (perturbation, cell type) query, its own entry left out.
+
+        Returns ``context`` (leave-one-out context response), ``context_full`` and
+        ``stacked`` (the stacked estimate of the specific shift), each ``(n, G)`` float32.
+        """
+        perturbations = np.asarray(perturbations).astype(str)
+        cell_types = np.asarray(cell_types).astype(str)
+        context, full = self.contexts(perturbations, cell_types)
         own = self.entry_index(perturbations, cell_types)
-        out[own >= 0] = self.linear_loo[own[own >= 0]]
+        stacked = np.zeros_like(context)
+        stacked[own >= 0] = self.stack_loo[own[own >= 0]]
+        new = np.flatnonzero(own < 0)
+        for start in range(0, new.size, CHUNK):
+            rows = new[start : start + CHUNK]
+            sources = self._sources(perturbations[rows], cell_types[rows], embeddings[rows], None if annotations is None else annotations[rows], context[rows])
+            stacked[rows] = np.tensordot(self.stack_weights, sources, axes=1)
+        return {"context": context, "context_full": full, "stacked": stacked}
+
+    def _sources(self, perturbations, cell_types, embeddings, annotations, context) -> np.ndarray:
+        """``(S, n, G)`` evidence sources of queries that are not memory entries."""
+        n, n_genes = len(perturbations), self.responses.shape[1]
+        out = np.zeros((len(SOURCES), n, n_genes), dtype=np.float32)
+        out[0] = (np.asarray(embeddings, np.float64) - self.linear_center) @ self.linear_weights
+        entry_ct = self.cell_types.astype(str)
+        entry_pert = self.perturbations.astype(str)
+        same_ct = cell_types[:, None] == entry_ct[None, :]
+        # A cell type without entries takes its neighbours from every cell type, through their
+        # specific shifts.
+        known = same_ct.any(axis=1)
+        allowed = np.where(known[:, None], same_ct, True) & (perturbations[:, None] != entry_pert[None, :])
+        specific = self.specific
+        cosine = unit_rows(np.asarray(embeddings, np.float32)) @ unit_rows(self.embeddings).T
+        similarities = [cosine]
+        if annotations is not None and self.annotation_terms is not None and len(self.annotation_terms):
+            out[1] = (annotations @ self.annotation_projection - self.annotation_center) @ self.annotation_weights
+            similarities.append(jaccard(annotations, self.annotation_matrix()))
+        else:
+            similarities.append(np.zeros_like(cosine))
+        for slot, similarity in zip((2, 3), similarities, strict=True):
+            raw_mean, has = neighbour_means(similarity, allowed & known[:, None], self.responses)
+            spec_mean, has_spec = neighbour_means(similarity, allowed & ~known[:, None], specific)
+            out[slot] = np.where(known[:, None], np.where(has[:, None], raw_mean - context, 0.0), np.where(has_spec[:, None], spec_mean, 0.0))
+        other = (perturbations[:, None] == entry_pert[None, :]) & ~same_ct
+        out[4], out[5] = _other_cell_types(other, specific, self.responses, context)
         return out
 
 
@@ -225,6 +297,9 @@ def memory_from_means(
     n_cells: np.ndarray,
     encoder: PerturbationEncoder,
     n_response_components: int = 64,
+    annotations: GeneAnnotations | None = None,
+    sep: str = "+",
+    evidence: tuple[str, ...] | None = None,
 ) -> RetrievalMemory:
     """The memory from per-entry means (the data layer streams them from the training cells).
 
@@ -243,6 +318,12 @@ def memory_from_means(
         Gene embeddings of the perturbations.
     n_response_components
         Size of the response codes read by the candidate encoder.
+    annotations
+        Gene annotations for the annotation sources of the evidence (``None``: not used).
+    sep
+        Separator of combination labels.
+    evidence
+        The evidence sources to stack (:data:`~ptrag_sc.data._evidence.SOURCES`; default all).
     """
     if kind not in MEMORY_KINDS:
         raise ValueError(f"`memory` must be one of {list(MEMORY_KINDS)}, got {kind!r}.")
@@ -266,25 +347,98 @@ def memory_from_means(
     context_counts = np.bincount(ct_code, minlength=len(context_cts)).astype(np.int64)
     specific = responses - (context_sums / context_counts[:, None])[ct_code]
     embeddings = encoder.embed(perturbations)
-    loo, weights, center, alpha = ridge_leave_one_out(embeddings, specific)
-    basis = principal_basis(specific, n_response_components)
-    return RetrievalMemory(
+    memory = RetrievalMemory(
         kind=kind,
         perturbations=perturbations,
         cell_types=cell_types,
         embeddings=embeddings,
         responses=responses.astype(np.float32),
         n_cells=np.asarray(n_cells, dtype=np.int64),
-        response_codes=(specific @ basis).astype(np.float32),
-        response_basis=basis,
         context_cell_types=context_cts.astype(str),
         context_sums=context_sums,
         context_counts=context_counts,
-        linear_loo=loo.astype(np.float32),
-        linear_weights=weights.astype(np.float32),
-        linear_center=center.astype(np.float32),
-        linear_alpha=float(alpha),
     )
+    basis = principal_basis(specific, n_response_components)
+    memory.response_codes = (specific @ basis).astype(np.float32)
+    memory.response_basis = basis
+    _fit_evidence(memory, specific, annotations, sep, evidence)
+    return memory
+
+
+def _fit_evidence(
+    memory: RetrievalMemory, specific: np.ndarray, annotations: GeneAnnotations | None, sep: str, use: tuple[str, ...] | None
+) -> None:
+    """Fit the evidence sources and their stacking weights on the entries (leave-one-out).
+
+    Sources outside ``use`` (all by default) get weight 0.
+    """
+    perturbations = memory.perturbations.astype(str)
+    cell_types = memory.cell_types.astype(str)
+    n = len(memory)
+    context, _ = memory.contexts(perturbations, cell_types)
+    targets = memory.responses - context
+    sources = np.zeros((len(SOURCES), n, specific.shape[1]), dtype=np.float32)
+    sources[0], memory.linear_weights, memory.linear_center, memory.linear_alpha = _as_float32(
+        ridge_leave_one_out(memory.embeddings, specific)
+    )
+    if annotations is not None:
+        matrix, terms = annotations.matrix(perturbations, sep=sep)
+    else:
+        matrix, terms = sp.csr_matrix((n, 0), dtype=np.float32), np.zeros(0, dtype=str)
+    memory.annotation_terms = terms
+    memory.annotation_indptr = matrix.indptr.astype(np.int64)
+    memory.annotation_indices = matrix.indices.astype(np.int64)
+    if matrix.shape[1] and matrix.nnz:
+        projection = _principal_directions(matrix, n_components=256)
+        features = np.asarray(matrix @ projection)
+        memory.annotation_projection = projection
+        sources[1], memory.annotation_weights, memory.annotation_center, memory.annotation_alpha = _as_float32(
+            ridge_leave_one_out(features, specific)
+        )
+    else:
+        memory.annotation_projection = np.zeros((matrix.shape[1], 0), dtype=np.float32)
+        memory.annotation_weights = np.zeros((0, specific.shape[1]), dtype=np.float32)
+        memory.annotation_center = np.zeros(0, dtype=np.float32)
+        memory.annotation_alpha = float("nan")
+    same_ct = cell_types[:, None] == cell_types[None, :]
+    allowed = same_ct & (perturbations[:, None] != perturbations[None, :])
+    cosine = unit_rows(memory.embeddings) @ unit_rows(memory.embeddings).T
+    annotation_similarity = jaccard(matrix, matrix) if matrix.nnz else np.zeros_like(cosine)
+    for slot, similarity in ((2, cosine), (3, annotation_similarity)):
+        means, has = neighbour_means(similarity, allowed, memory.responses)
+        sources[slot] = np.where(has[:, None], means - context, 0.0)
+    other = (perturbations[:, None] == perturbations[None, :]) & ~same_ct
+    sources[4], sources[5] = _other_cell_types(other, specific, memory.responses, context)
+    selected = np.array([use is None or name in use for name in SOURCES])
+    memory.stack_weights = fit_stack(sources * selected[:, None, None], targets)
+    memory.stack_loo = np.tensordot(memory.stack_weights, sources, axes=1).astype(np.float32)
+
+
+def _other_cell_types(other: np.ndarray, specific: np.ndarray, responses: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The query's mean specific shift in other cell types, and its mean shift there minus the query's context."""
+    counts = other.sum(axis=1)[:, None]
+    weights = other.astype(np.float32)
+    has = counts > 0
+    spec = np.divide(weights @ specific.astype(np.float32), counts, out=np.zeros((other.shape[0], specific.shape[1]), np.float32), where=has)
+    raw = np.divide(weights @ responses.astype(np.float32), counts, out=np.zeros_like(spec), where=has)
+    return spec, np.where(has, raw - context, 0.0)
+
+
+def _as_float32(fit: tuple) -> tuple:
+    loo, weights, center, alpha = fit
+    return loo.astype(np.float32), weights.astype(np.float32), center.astype(np.float32), float(alpha)
+
+
+def _principal_directions(matrix: sp.csr_matrix, n_components: int) -> np.ndarray:
+    """Top right singular vectors ``(T, r)`` of a (sparse) entries x terms matrix."""
+    if min(matrix.shape) <= 2000:
+        _, s, vt = np.linalg.svd(matrix.toarray().astype(np.float64), full_matrices=False)
+    else:
+        from sklearn.utils.extmath import randomized_svd
+
+        _, s, vt = randomized_svd(matrix.astype(np.float64), n_components, random_state=0)
+    keep = s > (s.max() * 1e-8 if s.size else 0)
+    return vt[keep][:n_components].T.astype(np.float32)
 
 
 def ridge_leave_one_out(
@@ -294,8 +448,9 @@ def ridge_leave_one_out(
 
     Through the thin SVD ``E - e_bar = U S V^T`` every penalty of ``grid`` (times the mean
     squared singular value) costs one pass: the fitted values are ``U diag(s²/(s²+a)) U^T Y``,
-    the leverages ``h = sum_j U_ij² s_j²/(s_j²+a) + 1/M`` and the leave-one-out predictions
-    ``(fit - h y) / (1 - h)``. The penalty with the lowest leave-one-out squared error is kept.
+    the leverages ``h = sum_j U_ij² s_j²/(s_j²+a)`` and the leave-one-out predictions
+    ``(fit - h y) / (1 - h)`` (exact for the map refitted without the entry; the centre, a mean
+    of embeddings only, is kept). The penalty with the lowest leave-one-out squared error is kept.
 
     Returns
     -------
@@ -317,7 +472,7 @@ def ridge_leave_one_out(
         alpha = factor * scale
         shrink = s**2 / (s**2 + alpha)
         fit = (U * shrink) @ projected
-        leverage = np.minimum((U**2) @ shrink + 1.0 / n, 1.0 - 1e-6)
+        leverage = np.minimum((U**2) @ shrink, 1.0 - 1e-6)
         loo = (fit - leverage[:, None] * Y) / (1.0 - leverage[:, None])
         error = float(np.square(loo - Y).sum())
         if best is None or error < best[0]:
@@ -345,6 +500,9 @@ def memory_from_cells(
     encoder: PerturbationEncoder,
     *,
     n_response_components: int = 64,
+    annotations: GeneAnnotations | None = None,
+    sep: str = "+",
+    evidence: tuple[str, ...] | None = None,
 ) -> RetrievalMemory:
     """The memory of the training cells of a :class:`~ptrag_sc.data.PerturbationData` view.
 
@@ -384,4 +542,7 @@ def memory_from_cells(
         n_cells=n_cells,
         encoder=encoder,
         n_response_components=n_response_components,
+        annotations=annotations,
+        sep=sep,
+        evidence=evidence,
     )

@@ -42,16 +42,17 @@ class SetGroups:
     candidates, candidate_same_cell_type, candidate_relation
         ``(n_groups, K)`` stage-1 candidates (``-1`` padding), their cell-type match and their
         relation to the query.
-    similarity
-        ``(n_groups, K)`` stage-1 similarity of each candidate (NaN for padding).
+    similarity, annotation_similarity
+        ``(n_groups, K)`` stage-1 similarity of each candidate (NaN for padding) and the Jaccard
+        similarity of the query's and the candidate's annotations.
     batch
         ``(n_groups,)`` batch code (``-1`` when unknown or not used).
     control_mean
         ``(n_groups, G)`` mean control profile of each group's control pool.
-    context, context_full, linear
+    context, context_full, stacked
         ``(n_groups, G)`` evidence of response memories (see
-        :class:`~ptrag_sc.data.RetrievalMemory`): the cell type's context response without and
-        with the group's own entry, and the ridge estimate of the specific shift.
+        :meth:`~ptrag_sc.data.RetrievalMemory.evidence`): the cell type's context response
+        without and with the group's own entry, and the stacked estimate of the specific shift.
     target_shift
         ``(n_groups, G)`` observed mean of each group's cells minus its control mean (groups
         with observed cells: training and validation).
@@ -69,11 +70,12 @@ class SetGroups:
     candidate_same_cell_type: np.ndarray
     candidate_relation: np.ndarray
     similarity: np.ndarray
+    annotation_similarity: np.ndarray
     batch: np.ndarray
     control_mean: np.ndarray
     context: np.ndarray | None = None
     context_full: np.ndarray | None = None
-    linear: np.ndarray | None = None
+    stacked: np.ndarray | None = None
     target_shift: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -178,11 +180,13 @@ def make_batch(
         TENSORS.CANDIDATE_RELATION: torch.from_numpy(groups.candidate_relation[group]),
         TENSORS.BATCH: torch.from_numpy(groups.batch[group]),
         TENSORS.CONTROL_MEAN: torch.from_numpy(groups.control_mean[group]),
+        TENSORS.CANDIDATE_SIMILARITY: torch.from_numpy(np.nan_to_num(groups.similarity[group], nan=0.0)),
+        TENSORS.CANDIDATE_ANNOTATION_SIMILARITY: torch.from_numpy(groups.annotation_similarity[group]),
     }
     for key, table in (
         (TENSORS.CONTEXT_RESPONSE, groups.context),
         (TENSORS.CONTEXT_FULL, groups.context_full),
-        (TENSORS.LINEAR_SHIFT, groups.linear),
+        (TENSORS.STACKED_SHIFT, groups.stacked),
     ):
         if table is not None:
             batch[key] = torch.from_numpy(table[group])

@@ -114,7 +114,8 @@ def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwr
         chosen = np.zeros(data.n_obs, dtype=bool)
         chosen[idx] = True
         query &= chosen
-    check_controls_per_cell_type(is_control, np.where(query | is_control, data.cell_types, "__none__"), where="the AnnData to predict")
+    involved = query | is_control
+    check_controls_per_cell_type(is_control[involved], data.cell_types[involved], where="the AnnData to predict")
     model._encoder.check(np.unique(data.labels[query]), context=" in the AnnData to predict")
     builder = model._builder()
     keys, (names, means) = builder.control_contexts(data, is_control)

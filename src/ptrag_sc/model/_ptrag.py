@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ from .._constants import (
 from .._settings import settings
 from .._utils import flush_denormal, quiet_lightning
 from ..data import PerturbationData, PerturbationField, PerturbationEncoder, RetrievalMemory, SetupArgs
+from ..data._annotations import GeneAnnotations
 from ..data._index import NeighbourIndex
 from ..module import PTRAGModule
 from ..train import PTRAGTrainingPlan
@@ -126,6 +127,18 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
     index_backend
         Stage-1 search: ``"exact"``, ``"faiss"`` or ``"auto"`` (faiss for memories larger than
         100,000 entries when installed).
+    gene_annotations
+        A second view of each perturbed gene beside its embedding, for the evidence of a
+        response memory (a ridge map and nearest neighbours by annotation): ``"go"``, the GO
+        terms of human genes shipped with the package, or ``None``. Genes without annotations
+        (e.g. non-human symbols) simply contribute nothing through it.
+    evidence
+        The evidence sources a response memory stacks into each perturbation's mean shift
+        (default: all of ``ptrag_sc.data.EVIDENCE_SOURCES``: ``"linear_embedding"``,
+        ``"linear_annotation"``, ``"neighbours_embedding"``, ``"neighbours_annotation"``,
+        ``"other_cell_types"``, ``"other_cell_types_raw"``); their non-negative weights are
+        fitted on the training perturbations with their own entries left out. ``()`` stacks
+        nothing: the context response and the stage-2 retrieval alone make the mean.
     learned_shift
         Let the network learn a mean shift per set. Default (``None``): only without a response
         memory; with one, each set's mean moves by the evidence and the network shapes the
@@ -176,7 +189,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         retrieval: Retrieval = "ptrag",
         memory: MemoryKind = "response",
         n_candidates: int = 32,
-        sparsity_weight: float = 0.1,
+        sparsity_weight: float = 0.01,
         pseudobulk_weight: float = 1.0,
         gumbel_tau: float = 0.5,
         context_mode: ContextMode = "add",
@@ -188,6 +201,8 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         dropout: float = 0.0,
         match_batch: bool = True,
         index_backend: IndexBackend = "auto",
+        gene_annotations: Literal["go"] | None = "go",
+        evidence: Sequence[str] | None = None,
         learned_shift: bool | None = None,
     ) -> None:
         options = {k: v for k, v in locals().items() if k not in ("self", "adata", "registry", "perturbation_embeddings", "__class__")}
@@ -204,6 +219,8 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         self.index_backend = index_backend
         self.retrieval = retrieval
         self.memory_kind = memory
+        self._annotations = GeneAnnotations() if gene_annotations == "go" else None
+        self.evidence = None if evidence is None else tuple(evidence)
         self.module = self._module_cls(
             self.summary_stats.n_vars,
             self._encoder.n_dims,
@@ -381,6 +398,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
             self._neighbour_index(),
             n_candidates=self.n_candidates,
             match_batch=self.match_batch and self._setup.batch_key is not None,
+            annotations=self._annotations,
         )
 
     def _require_trained(self) -> None:

@@ -196,7 +196,14 @@ def train(
 
 def _memory(model, data, train_mask):
     return memory_from_cells(
-        model.memory_kind, data, train_mask, model._encoder, n_response_components=model.module.n_response_components
+        model.memory_kind,
+        data,
+        train_mask,
+        model._encoder,
+        n_response_components=model.module.n_response_components,
+        annotations=model._annotations,
+        sep=model._setup.sep,
+        evidence=model.evidence,
     )
 
 

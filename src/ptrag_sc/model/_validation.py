@@ -78,6 +78,15 @@ def check_model_options(options: dict) -> None:
     finite_float("pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0)
     finite_float("gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True)
     finite_float("dropout", options["dropout"], minimum=0.0, maximum=1.0)
+    check_choice("gene_annotations", options["gene_annotations"], ("go", None))
+    if options["evidence"] is not None:
+        from ..data._evidence import SOURCES
+
+        if isinstance(options["evidence"], str):
+            raise ValueError(f"`evidence` must be a list of source names, got the string {options['evidence']!r}.")
+        unknown = sorted(set(options["evidence"]) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"`evidence` names unknown source(s) {unknown}; choose from {list(SOURCES)}.")
     for name in ("match_batch",):
         if not isinstance(options[name], bool | np.bool_):
             raise ValueError(f"`{name}` must be True or False, got {options[name]!r}.")

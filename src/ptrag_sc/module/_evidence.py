@@ -9,39 +9,48 @@ from .._constants import N_RELATIONS, RELATION_MEMBER
 
 
 class EvidenceCombiner(nn.Module):
-    """Combine the sources of evidence for a (perturbation, cell type) mean shift.
+    """Combine the stacked evidence and the retrieved candidates into a set's mean shift.
 
     For a query ``q`` in cell type ``c`` (its own memory entry always left out)::
 
-        retrieved = (sum_k w_k g_rel(k) d_k) / (sum_k w_k g_rel(k) + prior)
-        delta     = context + a_ret * retrieved + a_lin * linear
+        base      = context + stacked
+        retrieved = sum_k w_k (d_k - stacked) / (sum_k w_k + 1)
+        delta     = base + a * retrieved
 
     ``context`` is the mean shift of the cell type's other perturbations (the context-mean
-    baseline); ``d_k`` is candidate ``k``'s shift minus the context of its cell type (for a
-    candidate of ``c`` itself: ``r_k - context``), so neighbours measured in ``c``, the query
-    measured in other cell types and neighbours measured elsewhere all contribute their
-    perturbation-specific part; ``w_k`` is the fraction of the set's cells whose stage-2 choice
-    keeps ``k`` (vanilla RAG: its mean attention weight); ``g_rel`` a learned gain per
-    relation to the query (other gene, same gene in another cell type, member of a
-    combination); ``prior`` a learned pseudo-count that shrinks the retrieved part towards the
-    context when little is kept; ``linear`` the ridge estimate of the specific shift from the
-    gene embedding (leave-one-out for memory entries). ``a_ret`` and ``a_lin`` are learned: how
-    much to trust each source, fitted on training perturbations whose evidence leaves their own
-    answer out, exactly as it is for a held-out perturbation.
+    baseline); ``stacked`` the stacked estimate of the perturbation-specific shift from the
+    memory's evidence sources (ridge maps from the gene embedding and annotations, nearest
+    neighbours, the same gene in other cell types; see
+    :meth:`~ptrag_sc.data.RetrievalMemory.evidence`), whose non-negative weights were fitted
+    on the training perturbations with their own entry left out, exactly as for a held-out
+    perturbation. ``d_k`` is candidate ``k``'s shift minus the context of its cell type (for a
+    candidate of ``c`` itself: minus the context without the query). ``w_k`` is the fraction
+    of the set's cells whose stage-2 decision keeps ``k``; the stacked
+    evidence counts as one more kept candidate (``prior = 1``); ``a`` is a learned trust in
+    ``[0, 1]``: the retrieved candidates move the prediction away from the stacked evidence
+    only as far as the training perturbations, their own entries left out, show it pays.
 
-    A combination whose members were all measured in ``c`` takes the sum of their shifts (the
+    A combination whose members were measured in ``c`` takes the sum of their shifts (the
     additive model), which is the standard for doubles and needs no training double.
     """
 
-    #: Parameters that start at a meaningful scale and are trained with a larger step.
-    fast_parameters = ("retrieved_weight", "linear_weight", "log_prior", "relation_log_gain")
-
     def __init__(self) -> None:
         super().__init__()
-        self.retrieved_weight = nn.Parameter(torch.tensor(1.0))
-        self.linear_weight = nn.Parameter(torch.tensor(0.5))
-        self.log_prior = nn.Parameter(torch.tensor(0.0))
-        self.relation_log_gain = nn.Parameter(torch.zeros(N_RELATIONS))
+        self.retrieval_logit = nn.Parameter(torch.tensor(0.0))
+        # Stage-2 logit offsets from what stage 1 already knows about a candidate.
+        # Selection starts nearly closed (p_keep about 0.12): the prediction starts at the
+        # stacked evidence, and stage 2 opens the candidates that improve on it.
+        self.relation_bias = nn.Parameter(torch.full((N_RELATIONS,), -2.0))
+        self.similarity_bias = nn.Parameter(torch.zeros(2))
+
+    @property
+    def trust(self) -> torch.Tensor:
+        """``a``: how far the retrieved candidates may move the prediction from the stacked evidence."""
+        return torch.sigmoid(self.retrieval_logit)
+
+    def selection_bias(self, relation: torch.Tensor, similarity: torch.Tensor, annotation_similarity: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` offset of stage 2's keep logits from the relation and similarities."""
+        return self.relation_bias[relation] + self.similarity_bias[0] * similarity + self.similarity_bias[1] * annotation_similarity
 
     def forward(
         self,
@@ -52,44 +61,48 @@ class EvidenceCombiner(nn.Module):
         specific: torch.Tensor,
         context: torch.Tensor,
         context_full: torch.Tensor,
-        linear: torch.Tensor,
+        stacked: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Mean shift of each set.
 
         Parameters
         ----------
         set_weights
-            ``[B, K]`` selection weight of each candidate for the set.
+            ``[B, K]`` fraction of the set's cells that keep each candidate.
         valid, relation, same_cell_type
             ``[B, K]`` candidate mask, relation codes and cell-type match.
         specific
             ``[B, K, G]`` each candidate's shift minus its cell type's context (all entries).
         context, context_full
             ``[B, G]`` the query cell type's context without and with the query's own entry.
-        linear
-            ``[B, G]`` ridge estimate of the query's specific shift.
+        stacked
+            ``[B, G]`` the stacked evidence's estimate of the query's specific shift.
 
         Returns
         -------
-        dict with ``delta`` ``[B, G]`` and the per-candidate weights ``weights`` ``[B, K]``
-        (normalised, as they enter the retrieved shift).
+        dict with ``delta`` ``[B, G]`` and ``weights`` ``[B, K]``, each candidate's weight in
+        ``delta``.
         """
         dtype = specific.dtype
         valid_f = valid.to(dtype)
         same = (same_cell_type & valid).to(dtype)
-        gains = torch.exp(self.relation_log_gain)[relation] * valid_f
-        weights = set_weights * gains
-        total = weights.sum(-1, keepdim=True) + torch.exp(self.log_prior)
-        weights = weights / total
-        # A candidate of the query's own cell type is compared with the context that leaves the
-        # query out: d_k = s_k + (context_full - context).
+        # The stacked evidence counts as one kept candidate: keeping nothing returns it, and
+        # the weight of a candidate is its keep probability (which the sparsity penalty
+        # prices), so no other parameter can stand in for the selection.
+        weights = set_weights * valid_f
+        weights = weights / (weights.sum(-1, keepdim=True) + 1.0)
+        # d_k = s_k + [k in c] (context_full - context): a candidate of the query's own cell type
+        # is compared with the context that leaves the query out.
         retrieved = torch.bmm(weights.unsqueeze(1), specific).squeeze(1)
         retrieved = retrieved + (weights * same).sum(-1, keepdim=True) * (context_full - context)
-        delta = context + self.retrieved_weight * retrieved + self.linear_weight * linear
+        retrieved = retrieved - weights.sum(-1, keepdim=True) * stacked
+        delta = context + stacked + self.trust * retrieved
+        weights = self.trust * weights
         members = (relation == RELATION_MEMBER) & same_cell_type & valid
         if members.any():
             members_f = members.to(dtype)
             additive = torch.bmm(members_f.unsqueeze(1), specific).squeeze(1) + members_f.sum(-1, keepdim=True) * context_full
-            delta = torch.where(members.any(-1, keepdim=True), additive, delta)
-            weights = torch.where(members.any(-1, keepdim=True), members_f, weights)
+            has_members = members.any(-1, keepdim=True)
+            delta = torch.where(has_members, additive, delta)
+            weights = torch.where(has_members, members_f, weights)
         return {"delta": delta, "weights": weights}

@@ -119,7 +119,7 @@ class PTRAGModule(BaseModuleClass):
         n_scorer_hidden: int | None = 32,
         decoder_rank: int | None = 32,
         n_response_components: int = 64,
-        sparsity_weight: float = 0.1,
+        sparsity_weight: float = 0.01,
         pseudobulk_weight: float = 1.0,
         dropout: float = 0.0,
         loss: LossKind = "energy",
@@ -162,7 +162,8 @@ class PTRAGModule(BaseModuleClass):
             self.decoder = mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout)
             self.set_decoder = None
         else:
-            self.decoder = nn.Sequential(nn.Linear(n_hidden, decoder_rank), nn.Linear(decoder_rank, n_genes))
+            # No bias before the set mean is removed: the per-cell part has zero set mean.
+            self.decoder = nn.Sequential(nn.Linear(n_hidden, decoder_rank, bias=False), nn.Linear(decoder_rank, n_genes))
             self.set_decoder = mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout) if self.learned_shift else None
         # Start from "the control cells moved by the evidence"; the decoders learn corrections.
         for last in (self.decoder[-1], self.set_decoder[-1] if self.set_decoder is not None else None):
@@ -239,7 +240,9 @@ class PTRAGModule(BaseModuleClass):
             "candidate_relation": tensors.get(TENSORS.CANDIDATE_RELATION),
             "context_response": tensors.get(TENSORS.CONTEXT_RESPONSE),
             "context_full": tensors.get(TENSORS.CONTEXT_FULL),
-            "linear_shift": tensors.get(TENSORS.LINEAR_SHIFT),
+            "stacked_shift": tensors.get(TENSORS.STACKED_SHIFT),
+            "candidate_similarity": tensors.get(TENSORS.CANDIDATE_SIMILARITY),
+            "candidate_annotation_similarity": tensors.get(TENSORS.CANDIDATE_ANNOTATION_SIMILARITY),
             "batch": tensors.get(TENSORS.BATCH),
         }
 
@@ -270,7 +273,9 @@ class PTRAGModule(BaseModuleClass):
         candidate_relation: torch.Tensor | None = None,
         context_response: torch.Tensor | None = None,
         context_full: torch.Tensor | None = None,
-        linear_shift: torch.Tensor | None = None,
+        stacked_shift: torch.Tensor | None = None,
+        candidate_similarity: torch.Tensor | None = None,
+        candidate_annotation_similarity: torch.Tensor | None = None,
         batch: torch.Tensor | None = None,
         sample_retrieval: bool | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -285,11 +290,20 @@ class PTRAGModule(BaseModuleClass):
             if self.memory_embedding_row.shape[0] == 0:
                 raise RuntimeError("The retrieval memory is empty; call `set_memory` first.")
             h_cand, valid = self._encode_candidates(candidates, candidate_same_cell_type, candidate_relation)
+            relation = candidate_relation if candidate_relation is not None else torch.zeros_like(candidates)
             if self.selector is not None:
                 sample = self.training if sample_retrieval is None else sample_retrieval
-                selected = self.selector(h_ctrl, h_pert, h_cand, valid, sample=sample)
+                bias = None
+                if self.evidence is not None:
+                    similarity = candidate_similarity if candidate_similarity is not None else torch.zeros_like(x0[:, 0, :1]).expand_as(candidates)
+                    annotation = candidate_annotation_similarity if candidate_annotation_similarity is not None else torch.zeros_like(similarity)
+                    bias = self.evidence.selection_bias(relation, similarity, annotation)
+                selected = self.selector(h_ctrl, h_pert, h_cand, valid, sample=sample, logit_offset=bias)
                 out[OUTPUTS.KEEP] = selected["keep"]
                 out[OUTPUTS.KEEP_PROBABILITY] = selected["keep_probability"]
+                # A candidate's weight for the set is the fraction of its cells that keep it
+                # (hard decisions; straight-through gradients in training): with nothing kept
+                # the set's mean is the stacked evidence.
                 set_weights = selected["keep"].mean(dim=1)
             else:
                 selected = self.cross_attention(x0, h_cand, valid)
@@ -300,9 +314,8 @@ class PTRAGModule(BaseModuleClass):
             context = selected["context"]
             x0 = x0 + context if self.context_mode == "add" else context
             if self.evidence is not None:
-                if context_response is None or context_full is None or linear_shift is None:
-                    raise ValueError("A response memory needs the batch's context and linear evidence.")
-                relation = candidate_relation if candidate_relation is not None else torch.zeros_like(candidates)
+                if context_response is None or context_full is None or stacked_shift is None:
+                    raise ValueError("A response memory needs the batch's context and stacked evidence.")
                 same = candidate_same_cell_type if candidate_same_cell_type is not None else torch.zeros_like(valid)
                 combined = self.evidence(
                     set_weights,
@@ -312,7 +325,7 @@ class PTRAGModule(BaseModuleClass):
                     self.memory_specific[candidates.clamp_min(0)],
                     context_response,
                     context_full,
-                    linear_shift,
+                    stacked_shift,
                 )
                 out[OUTPUTS.DELTA] = combined["delta"]
                 out[OUTPUTS.SET_WEIGHTS] = combined["weights"]
@@ -416,7 +429,8 @@ class PTRAGModule(BaseModuleClass):
             extra["mean_error"] = error.detach().mean()
         if OUTPUTS.KEEP in inference_outputs:
             valid = inference_outputs[OUTPUTS.VALID][:, None, :].expand_as(inference_outputs[OUTPUTS.KEEP])
-            active = inference_outputs[OUTPUTS.KEEP][valid].mean() if valid.any() else loss.new_zeros(())
-            loss = loss + self.sparsity_weight * active
-            extra["active_ratio"] = active.detach()
+            if valid.any():
+                # The penalty is on the expected keep rate: smooth, unlike the sampled one.
+                loss = loss + self.sparsity_weight * inference_outputs[OUTPUTS.KEEP_PROBABILITY][valid].mean()
+                extra["active_ratio"] = inference_outputs[OUTPUTS.KEEP][valid].detach().mean()
         return LossOutput(loss=loss, extra_metrics=extra, n_obs_minibatch=prediction.shape[0])

@@ -83,6 +83,7 @@ class TwoStageSelector(nn.Module):
         valid: torch.Tensor,
         *,
         sample: bool,
+        logit_offset: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Select candidates.
 
@@ -98,6 +99,9 @@ class TwoStageSelector(nn.Module):
             ``[B, K]`` bool, False for padding slots.
         sample
             Draw hard Gumbel-Softmax samples (training) instead of thresholding ``p_keep``.
+        logit_offset
+            ``[B, K]`` offset added to every cell's keep logit (what stage 1 knows about the
+            candidate), or ``None``.
 
         Returns
         -------
@@ -111,6 +115,8 @@ class TwoStageSelector(nn.Module):
         hidden = (cell @ w_cell.T + pert @ w_pert.T) + cand @ w_cand.T  # [B,S,K,Hs]
         hidden = torch.addcmul(bias, rstd, torch.addcmul(hidden, mean, w_sum, value=-1.0))
         logit = self.scorer_out(F.gelu(hidden)).squeeze(-1)  # [B,S,K], keep minus drop
+        if logit_offset is not None:
+            logit = logit + logit_offset[:, None, :]
         mask = valid[:, None, :].to(logit.dtype)
         keep_probability = torch.sigmoid(logit) * mask
         if sample:

@@ -17,7 +17,8 @@ from .._constants import (
     DEFAULT_PERTURBATION_SEP,
 )
 from ..data._pairing import context_codes, match_controls
-from ..module._module import apply_shift
+from .._shift import apply_shift
+from ..data._matrix import column_max
 from ._utils import (
     as_str_tuple,
     check_obs_key,
@@ -72,8 +73,9 @@ def predict_baseline(
     ``c`` from **training cells only**, then applies it to the matched control cells ``x[m(i)]``
     of the perturbed cells ``i`` of ``(c, p)`` with the model's rule
     (:func:`ptrag_sc.module.apply_shift`): each gene expressed in the matched controls is scaled
-    so that their mean becomes ``mu(c) + delta(c, p)``, other genes are shifted additively, and
-    the result is clipped at 0; it goes to ``adata.layers[key_added]``. ``m(i)`` is a control
+    so that their mean becomes ``mu(c) + delta(c, p)`` (never scaling a cell above the largest
+    value the gene reaches in the training cells and controls), other genes are shifted
+    additively, and the result is clipped to ``[0, that largest value]``; it goes to ``adata.layers[key_added]``. ``m(i)`` is a control
     cell of the same cell type (and batch, with ``batch_key``) drawn by
     :func:`ptrag_sc.data._pairing.match_controls` with ``seed`` among all control cells of
     that context, whatever their split (control cells are the model's inputs, not targets).
@@ -300,12 +302,15 @@ def predict_baseline(
     # Shifts are applied per (target, control context): the set's mean becomes the mean of the
     # controls it was matched from plus the shift, as in the model.
     out = _dense_float32(matrix)
+    # As in the model: no predicted value exceeds the largest the training data (and the
+    # controls) reach for that gene.
+    ceiling = column_max(matrix, train | is_ctrl)
     ctx_code = context_codes(*context) if context else np.zeros(adata.n_obs, dtype=np.int64)
     ctx_means = group_means(matrix, np.where(is_ctrl, ctx_code, -1), int(ctx_code.max()) + 1)
     chunk = pd.Series(qidx).groupby([cell_target[qidx], ctx_code[qidx]]).indices
     for (t, code), positions in chunk.items():
         rows = qidx[positions]
-        out[rows] = _apply(_dense_float32(matrix[paired[rows]]), deltas[t], ctx_means[code])
+        out[rows] = _apply(_dense_float32(matrix[paired[rows]]), deltas[t], ctx_means[code], ceiling)
 
     fell_back = np.zeros(adata.n_obs, dtype=bool)
     fell_back[qidx] = fallback[cell_target[qidx]]
@@ -339,14 +344,16 @@ def predict_baseline(
     return target if copy else None
 
 
-def _apply(x_ctrl: np.ndarray, delta: np.ndarray, control_mean: np.ndarray) -> np.ndarray:
+def _apply(x_ctrl: np.ndarray, delta: np.ndarray, control_mean: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
     """The model's rule for applying a mean shift to a group's matched control cells."""
+    ceiling = torch.from_numpy(ceiling)
     scaled, offset = apply_shift(
         torch.from_numpy(x_ctrl)[None],
         torch.as_tensor(delta, dtype=torch.float32)[None, None],
         torch.as_tensor(control_mean, dtype=torch.float32)[None],
+        ceiling,
     )
-    return torch.relu(scaled + offset)[0].numpy()
+    return torch.minimum(torch.relu(scaled + offset), ceiling)[0].numpy()
 
 
 def _dense_float32(matrix) -> np.ndarray:

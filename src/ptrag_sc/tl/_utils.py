@@ -9,7 +9,7 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import DEFAULT_PERTURBATION_SEP
-from ..data._memory import group_means  # noqa: F401  (re-exported for tl modules)
+from ..data._matrix import group_means  # noqa: F401  (re-exported for tl modules)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence

@@ -1,0 +1,75 @@
+"""Gene annotations (GO terms) as a second view of a perturbation, beside its text embedding."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+
+@lru_cache(maxsize=1)
+def _shipped_go() -> pd.Series:
+    from ..pp._gene_text import _annotations
+
+    table = _annotations()
+    return table["go"].fillna("").astype(str)
+
+
+class GeneAnnotations:
+    """Binary gene x term annotations, looked up through gene aliases.
+
+    Parameters
+    ----------
+    terms
+        Series indexed by gene symbol holding whitespace-separated term ids (the default is the
+        package's GO annotations from Bioconductor org.Hs.eg.db 3.16: direct BP/MF/CC terms of
+        every human gene).
+    """
+
+    def __init__(self, terms: pd.Series | None = None) -> None:
+        self.terms = _shipped_go() if terms is None else terms
+        self._index = pd.Index(self.terms.index.astype(str).str.upper())
+        self._resolved: dict[str, list[str]] = {}
+
+    def _gene_terms(self, gene: str) -> list[str]:
+        if gene not in self._resolved:
+            symbol = gene if gene in self._index else None
+            if symbol is None:
+                from ..pp import resolve_gene_symbols
+
+                symbol = resolve_gene_symbols([gene], self._index, warn=False).mapping.get(gene)
+            if symbol is None:
+                self._resolved[gene] = []
+            else:
+                self._resolved[gene] = self.terms.iloc[self._index.get_loc(symbol)].split()
+        return self._resolved[gene]
+
+    def matrix(self, labels, *, sep: str = "+", vocabulary: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Binary ``(n, T)`` matrix of the terms of each label (a combination: union of its genes').
+
+        Returns the matrix and the term vocabulary (``vocabulary`` when given: terms outside it
+        are dropped, so queries are coded like the memory).
+        """
+        labels = [str(label) for label in labels]
+        sets = [sorted({t for m in label.upper().split(sep) if m.strip() for t in self._gene_terms(m.strip())}) for label in labels]
+        if vocabulary is None:
+            vocabulary = np.array(sorted({t for s in sets for t in s}), dtype=str)
+        position = {t: i for i, t in enumerate(vocabulary)}
+        rows, cols = [], []
+        for i, s in enumerate(sets):
+            hit = [position[t] for t in s if t in position]
+            rows.extend([i] * len(hit))
+            cols.extend(hit)
+        data = np.ones(len(rows), dtype=np.float32)
+        return sp.csr_matrix((data, (rows, cols)), shape=(len(labels), len(vocabulary))), np.asarray(vocabulary, dtype=str)
+
+
+def jaccard(a: sp.csr_matrix, b: sp.csr_matrix) -> np.ndarray:
+    """Jaccard similarity of the binary rows of ``a`` and ``b``, dense ``(len(a), len(b))``."""
+    inter = np.asarray((a @ b.T).todense(), dtype=np.float64)
+    size_a = np.asarray(a.sum(axis=1), dtype=np.float64)
+    size_b = np.asarray(b.sum(axis=1), dtype=np.float64).T
+    union = size_a + size_b - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0).astype(np.float32)
