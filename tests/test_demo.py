@@ -30,7 +30,7 @@ def test_second_run_overwrites(demo):
     out, first, second, report = demo
     assert "stale report" not in report
     assert report.startswith("# ptrag_sc demo report")
-    assert (out / FILES["model"] / "model.pt").exists()
+    assert (out / FILES["model"] / "model.safetensors").exists()
     # the baselines are deterministic: the same numbers twice
     base = [m for m in first["method"].unique() if m != _demo.MODEL_NAME]
     a = first[first["method"].isin(base)].reset_index(drop=True)
