@@ -83,7 +83,6 @@ def test_report_retrieval_table(demo):
     assert len(rows) == 4 * _demo._RETRIEVAL_ROWS
     cell_types = {row.split("|")[4].strip() for row in rows}
     assert cell_types <= {"U87MG", "A172", "T98G", "k562"}, cell_types
-    assert "`<context mean>`" in report
 
 
 def test_report_settings(demo):

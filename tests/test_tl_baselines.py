@@ -56,7 +56,7 @@ EXPECTED = {
         ("A", "Z"): ((1, 0, 1), False),  # (1, -1, 1) clipped at 0
         ("B", "X"): ((4, 2, 2), False),
         ("B", "Z"): (CTX_B, True),
-        ("B", "Y"): ((2, 4, 2), False),
+        ("B", "Y"): ((2, 3, 2), False),  # (2, 4, 2) capped at the largest training value of g1, 3
     },
     "additive": {
         ("A", "X"): ((3, 1, 1), False),

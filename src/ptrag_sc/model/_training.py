@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..data import PerturbationData
 
 #: Optimisation steps when neither ``max_steps`` nor ``max_epochs`` is given.
-DEFAULT_MAX_STEPS = 2000
+DEFAULT_MAX_STEPS = 1500
 #: Fraction of the training (perturbation, cell type) groups held out for model selection.
 DEFAULT_VALIDATION_SIZE = 0.1
 #: At most this many groups are held out automatically.
@@ -251,7 +251,7 @@ def _fit(
     steps_per_pass = max(1, math.ceil(int(np.maximum(1, -(-train_groups.sizes // model.cell_set_size)).sum()) / batch_size))
     if max_steps is None:
         max_steps = max_epochs * steps_per_pass if max_epochs is not None else DEFAULT_MAX_STEPS
-    interval = check_val_every_n_steps or int(np.clip(max_steps // 25, 10, 100))
+    interval = check_val_every_n_steps or int(np.clip(max_steps // 30, 10, 50))
     interval = min(interval, max_steps)
     datamodule = SetDataModule(
         data.expression,
