@@ -1,11 +1,13 @@
 """Draw the PT-RAG overview diagram of docs/concepts.md (docs/_static/ptrag_overview.svg).
 
-Run from the repository root: ``python docs/_scripts/make_diagram.py``. The SVG is committed,
+Run from the repository root: ``python docs/_scripts/make_diagram.py`` (or
+``python docs/_scripts/make_diagram.py /tmp/preview.png`` to look at it first). The SVG is committed,
 so the docs build needs neither this script nor network access (mermaid would).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +27,7 @@ COLORS = {
 }
 
 
-def box(ax, x, y, w, h, title, body, kind):
+def box(ax, x, y, w, h, title, body, kind, align="center"):
     ax.add_patch(
         FancyBboxPatch(
             (x, y),
@@ -38,7 +40,8 @@ def box(ax, x, y, w, h, title, body, kind):
         )
     )
     ax.text(x + w / 2, y + h - 0.17, title, ha="center", va="top", fontsize=10.5, weight="bold")
-    ax.text(x + w / 2, y + h - 0.5, body, ha="center", va="top", fontsize=8.5, linespacing=1.35)
+    left = align == "left"
+    ax.text(x + (0.15 if left else w / 2), y + h - 0.5, body, ha=align, va="top", fontsize=8.5, linespacing=1.35)
 
 
 def arrow(ax, start, end, text=None, rad=0.0):
@@ -58,20 +61,21 @@ def arrow(ax, start, end, text=None, rad=0.0):
         ax.text(mx + 0.05, my + 0.08, text, fontsize=8, style="italic", color="#333333")
 
 
-def main() -> None:
+def main(out: Path = OUT) -> None:
     plt.rcParams["svg.fonttype"] = "none"  # keep text as text: small, searchable file
     plt.rcParams["font.family"] = "DejaVu Sans"
-    fig, ax = plt.subplots(figsize=(12, 6.2))
-    ax.set_xlim(0, 12)
-    ax.set_ylim(0, 6.2)
+    fig, ax = plt.subplots(figsize=(13, 7.8))
+    ax.set_xlim(0, 13)
+    ax.set_ylim(0, 7.8)
     ax.axis("off")
 
+    # Inputs and the memory (left column).
     box(
         ax,
         0.2,
-        4.3,
-        3.1,
-        1.6,
+        6.2,
+        3.4,
+        1.4,
         "Control cells",
         "a set of S cells of cell type c\n$x_{ctrl}$  [S x G genes]\n-> BasalEncoder -> $h_{ctrl}$",
         "input",
@@ -79,9 +83,9 @@ def main() -> None:
     box(
         ax,
         0.2,
-        2.3,
-        3.1,
-        1.6,
+        4.45,
+        3.4,
+        1.4,
         "Perturbation p",
         "gene symbol or 'A+B'\ngene embedding $e_p$ (GenePT-style)\n-> PertEncoder -> $h_{pert}$",
         "input",
@@ -90,18 +94,23 @@ def main() -> None:
         ax,
         0.2,
         0.2,
-        3.1,
-        1.8,
-        "Memory (training cells)",
-        "response memory: one entry per\n(perturbation, cell type), with its\nembedding and measured shift;\n+ the context entry (cell-type mean)",
+        3.4,
+        3.9,
+        "Response memory",
+        "training cells only: one entry per\n(perturbation, cell type) with its\nembedding and pseudobulk shift\n\n"
+        "fitted once, own entry left out:\n- context: mean shift of c's\n  other perturbations\n"
+        "- stacked evidence: non-negative\n  weights (stacked regression) of\n  ridge maps (embedding, GO),\n"
+        "  neighbours (cosine, Jaccard),\n  the same gene in other cell types",
         "memory",
+        align="left",
     )
 
+    # Retrieval and the mean (middle column).
     box(
         ax,
+        4.2,
+        4.45,
         3.9,
-        2.15,
-        3.3,
         1.4,
         "Stage 1: candidates",
         "K nearest entries by cosine similarity\n(never the exact (p, c) entry)\nno gradient; one table per memory",
@@ -109,48 +118,69 @@ def main() -> None:
     )
     box(
         ax,
+        4.2,
+        2.35,
         3.9,
-        0.2,
-        3.3,
-        1.65,
+        1.75,
         "Stage 2: keep or drop",
-        "per cell and candidate: MLP score\n-> hard Gumbel-Softmax (keep if\np_keep > 0.5 at prediction) -> z;\nkept shifts x relation gains -> $\\Delta$",
+        "per cell and candidate: MLP score\n-> hard Gumbel-Softmax (keep if\np_keep > 0.5 at prediction)\n"
+        "-> z; $w_k$ = fraction of cells keeping k",
         "retrieval",
     )
-
     box(
         ax,
-        7.9,
-        3.3,
+        4.2,
+        0.2,
         3.9,
-        2.6,
+        1.8,
+        "Mean shift $\\Delta$ of the set",
+        "$\\Delta$ = context + stacked\n   + a $\\Sigma_k$ $w_k$ ($d_k$ - stacked) / ($\\Sigma_k$ $w_k$ + 1)\n"
+        "a in [0, 1]: learned trust\nA+B, members measured in c: their sum",
+        "memory",
+    )
+
+    # Generation (right column).
+    box(
+        ax,
+        8.7,
+        5.9,
+        4.1,
+        1.7,
         "Set transformer",
-        "$x_0 = h_{ctrl} + h_{pert} + z$\n(context_mode='add'; the paper: $x_0 = z$)\nbidirectional attention, no positions\n(equivariant to cell order)\nbackbone 'pooled' or 'full'",
+        "$x_0 = h_{ctrl} + h_{pert} + z$  (paper: $x_0 = z$)\nbidirectional attention, no positions\n"
+        "(equivariant to cell order)\nbackbone 'pooled' or 'full'",
         "backbone",
     )
     box(
         ax,
-        7.9,
+        8.7,
         0.2,
-        3.9,
+        4.1,
         2.6,
-        "Predicted set",
-        "$y = ReLU(x_{ctrl} + \\Delta + Decoder(r + h_{ctrl}))$\n[S x G]\n\ntraining loss: energy distance to the\nobserved perturbed set\n+ sparsity weight x mean keep rate",
+        "Predicted set and loss",
+        "y = min(ReLU(shift($x_{ctrl}$, $\\Delta$)\n      + LowRank(r - mean r)), ceiling)\n\n"
+        "loss = energy(y, observed set moved\n             to its group's pseudobulk mean)\n"
+        "   + pseudobulk_weight x mean-shift error\n   + sparsity_weight x expected keep rate",
         "output",
     )
 
-    arrow(ax, (3.3, 5.1), (7.9, 5.1), "$h_{ctrl}$")
-    arrow(ax, (3.3, 3.0), (3.9, 3.0), "$e_p$")
-    arrow(ax, (3.3, 3.75), (7.9, 4.3), "$h_{pert}$")
-    arrow(ax, (3.3, 1.4), (3.9, 2.45))
-    arrow(ax, (5.55, 2.15), (5.55, 1.85))
-    arrow(ax, (7.2, 1.2), (7.9, 3.5), "z", rad=0.15)
-    arrow(ax, (7.2, 0.6), (7.9, 0.6), "$\\Delta$")
-    arrow(ax, (9.85, 3.3), (9.85, 2.8), "r")
-    ax.text(5.65, 1.93, "K candidates", fontsize=8, style="italic", ha="left")
-    fig.savefig(OUT, bbox_inches="tight", metadata={"Date": None})
-    print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")
+    arrow(ax, (3.6, 6.9), (8.7, 6.9), "$h_{ctrl}$")
+    arrow(ax, (3.6, 5.15), (4.2, 5.15), "$e_p$")
+    arrow(ax, (3.6, 5.6), (8.7, 6.4), "$h_{pert}$")
+    arrow(ax, (3.6, 3.8), (4.2, 4.6))
+    ax.text(3.62, 4.25, "entries", fontsize=8, style="italic", color="#333333")
+    arrow(ax, (6.15, 4.45), (6.15, 4.1))
+    ax.text(6.25, 4.2, "K candidates", fontsize=8, style="italic", color="#333333")
+    arrow(ax, (8.1, 3.6), (8.7, 6.05), "z", rad=0.2)
+    arrow(ax, (6.15, 2.35), (6.15, 2.0))
+    ax.text(6.25, 2.1, "$w_k$", fontsize=8, style="italic", color="#333333")
+    arrow(ax, (3.6, 1.1), (4.2, 1.1))
+    arrow(ax, (8.1, 1.1), (8.7, 1.1), "$\\Delta$")
+    arrow(ax, (10.75, 5.9), (10.75, 2.8))
+    ax.text(10.85, 4.3, "r", fontsize=8, style="italic", color="#333333")
+    fig.savefig(out, bbox_inches="tight", metadata={"Date": None})
+    print(f"wrote {out} ({out.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)  # another path (e.g. .png) to preview

@@ -6,8 +6,10 @@ query's own entry always left out:
 
 - the context response: the mean shift of the cell type's *other* perturbations;
 - the stage-1 candidates' perturbation-specific shifts (shift minus their cell type's context);
-- a ridge regression from the gene embedding to the specific shift (Ahlmann-Eltze et al. 2025),
-  whose estimate for an entry is its leave-one-out prediction.
+- the stacked evidence: a non-negative combination of the sources of
+  :data:`~ptrag_sc.data.EVIDENCE_SOURCES` (ridge maps from the gene embedding, Ahlmann-Eltze et
+  al. 2025, and from GO annotations; nearest neighbours; the same gene in other cell types),
+  with weights fitted on the entries' leave-one-out estimates (stacked regression).
 """
 
 from __future__ import annotations
@@ -245,9 +247,11 @@ def build_memory(
     encoder: PerturbationEncoder,
     n_response_components: int = 64,
 ) -> RetrievalMemory:
-    """Build the memory from the training cells of an expression matrix.
+    """Build a memory from the training cells of an in-memory expression matrix.
 
-    Only cells with ``train_mask`` contribute, and the response of a (perturbation, cell type)
+    A convenience for arrays; the model builds its memory with :func:`memory_from_cells`
+    (streamed expression, GO annotations, the ``evidence`` option). Here no annotations are
+    used (the annotation sources are zero) and the other evidence sources are all stacked. Only cells with ``train_mask`` contribute, and the response of a (perturbation, cell type)
     entry is the mean of its training cells minus the mean of that cell type's training
     control cells. See :func:`memory_from_means` for the rest.
     """

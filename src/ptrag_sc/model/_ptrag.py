@@ -60,11 +60,13 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
     two-stage retriever adds context: stage 1 takes the ``n_candidates`` memory entries closest
     to the query in the gene-embedding space; stage 2 decides, for each cell and candidate,
     with a hard Gumbel-Softmax over a learned score, which candidates to keep (with a sparsity
-    penalty). With the default response memory, the kept candidates' measured responses,
-    the cell type's context response and a ridge map from the gene embedding are combined,
-    with learned trust in each, into the set's mean shift (supervised on the pseudobulk of
-    whole groups); the transformer shapes the cells around it (energy distance). Everything is
-    trained end to end.
+    penalty). With the default response memory, the set's mean shift is the cell type's
+    context response (the mean shift of its other perturbations), plus a stacked estimate of
+    the perturbation's own shift from several evidence sources (``evidence``; weights fitted on
+    the training perturbations with their own entries left out), plus a learned residual from
+    the candidates stage 2 keeps; it is supervised on the pseudobulk of whole groups, and the
+    transformer shapes the cells around it (energy distance). Everything is trained end to
+    end.
 
     Parameters
     ----------
@@ -482,7 +484,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         -------
         None. ``model.history`` holds ``train_loss``, ``train_energy``, ``train_mean_error``,
         ``validation_loss``, ``validation_energy``, ``validation_mean_error`` and, for PT-RAG,
-        ``train_active_ratio``. If training fails or is interrupted, the model is left as it
+        ``train_active_ratio`` and ``validation_active_ratio``. If training fails or is interrupted, the model is left as it
         was before the call.
         """
         adata = self.adata

@@ -38,7 +38,7 @@ class PTRAGModule(BaseModuleClass):
         z, w   = Retrieval(h_ctrl, h_pert, candidates)     [B,S,H], [B,K]
         x0     = h_ctrl + h_pert + z     (context_mode="add"; "replace" uses z, as the paper)
         r      = SetTransformer(x0, context=h_pert)        [B,S,H]
-        delta  = Evidence(w, candidates, context, linear)  [B,G]    response memories
+        delta  = Evidence(w, candidates, context, stacked) [B,G]    response memories
         y      = min(ReLU(Shift(x_ctrl, delta) + Decoder(r + h_ctrl)), ceiling)   [B,S,G]
 
     With a response memory the set's mean is ``control mean + delta`` (see

@@ -24,7 +24,7 @@ PANELS = {
 }
 _YLABEL = {
     "energy": "energy distance",
-    "loss": "loss (energy + sparsity)",
+    "loss": "loss (the objective)",
     "active_ratio": "active-candidate ratio",
 }
 
@@ -41,17 +41,18 @@ def training_history(
 ) -> Axes | list[Axes] | None:
     """Training and validation curves over epochs.
 
-    Panels: ``"energy"`` (energy distance between predicted and observed sets, the quantity
-    that model selection uses), ``"loss"`` (the optimised objective: energy plus the sparsity
-    penalty) and ``"active_ratio"`` (fraction of stage-1 candidates that stage 2 keeps;
-    PT-RAG only). Training values are per epoch; validation values at each validation.
+    Panels: ``"energy"`` (energy distance between predicted and observed sets), ``"loss"``
+    (the optimised objective: the energy term, the pseudobulk mean-shift error and the sparsity
+    penalty; its validation value, ``validation_loss``, is what model selection watches) and
+    ``"active_ratio"`` (fraction of stage-1 candidates that stage 2 keeps; PT-RAG only).
+    Training values are per epoch (one check interval); validation values at each check.
 
     Parameters
     ----------
     model_or_history
         A trained :class:`ptrag_sc.PTRAG` or its ``model.history`` (a dict of one-column
-        DataFrames indexed by epoch: ``train_loss``, ``train_energy``, ``validation_energy``,
-        ``validation_loss``, ``train_active_ratio``, ``validation_active_ratio``).
+        DataFrames indexed by epoch: ``train_loss``, ``train_energy``, ``train_mean_error``,
+        ``train_active_ratio`` and their ``validation_`` counterparts).
     panels
         Panels to draw, in order. Default: ``"energy"`` and, when recorded,
         ``"active_ratio"``.

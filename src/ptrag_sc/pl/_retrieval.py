@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
     from matplotlib.axes import Axes
 
-#: Candidate name of the context entry (the cell type's mean response) in ``get_retrieval``.
+#: Candidate name of a context entry (the cell type's mean response), drawn last when a table has
+#: one; the tables of ``PTRAG.get_retrieval`` list memory entries only.
 CONTEXT_CANDIDATE = "<context mean>"
 _REQUIRED = ("query", "rank", "candidate")
 _ALL = "all"
@@ -33,8 +34,8 @@ def retrieval_matrix(
     """Queries x candidates matrices of ``value``, one per cell type (what the heatmap shows).
 
     Candidate labels are ``"GENE @ cell type"`` when the frame has ``candidate_cell_type``
-    (response memory), else ``"GENE"``; the context entry keeps its name
-    ``"<context mean>"``. Rows follow the order of first appearance of the queries (or
+    (response memory), else ``"GENE"``; a context entry ``"<context mean>"``, if the table has
+    one, keeps its name. Rows follow the order of first appearance of the queries (or
     ``queries``), columns the best (lowest) rank a candidate reaches, ties by label, with the
     context entry last. A candidate not retrieved for a query is NaN.
     """
@@ -145,7 +146,7 @@ def retrieval_heatmap(
     :meth:`ptrag_sc.PTRAG.get_retrieval`): rows are the query perturbations, columns the
     stage-1 candidates (``"GENE @ cell type"`` for a response memory, where the same gene
     measured in different cell types is a different entry), ordered by the best rank they
-    reach; the context entry ``"<context mean>"`` comes last. Blank cells: candidate not
+    reach (a ``"<context mean>"`` row, if the table has one, comes last). Blank cells: candidate not
     retrieved for that query. With ``mark_selected``, a white dot marks the candidates that
     stage 2 keeps for most cells (``selected``).
 
@@ -154,19 +155,20 @@ def retrieval_heatmap(
     retrieval_df
         Long DataFrame from ``model.get_retrieval(...)`` (columns ``query``, ``cell_type``,
         ``rank``, ``candidate``, ``candidate_cell_type``, ``similarity``,
-        ``keep_probability``, ``selected_fraction``, ``selected``).
+        ``keep_probability``, ``selected_fraction``, ``selected``, ``weight``).
     value
         Numeric column to colour by: ``"keep_probability"`` (stage 2, mean over cells; the
-        mean attention weight for vanilla RAG), ``"selected_fraction"`` or ``"similarity"``
-        (stage 1 cosine similarity; NaN for the context entry).
+        mean attention weight for vanilla RAG), ``"selected_fraction"``, ``"weight"`` (the
+        candidate's weight in the set's mean shift) or ``"similarity"`` (stage 1 cosine
+        similarity).
     cell_type
         Cell type(s) to draw (default: every cell type of the frame).
     queries
         Query perturbations to draw, in this order (default: all, in order of appearance).
     max_rank
-        Keep only candidates of stage-1 rank ``<= max_rank`` (the context entry is kept).
+        Keep only candidates of stage-1 rank ``<= max_rank`` (a context entry is kept).
     show_context
-        Include the context entry column.
+        Include the column of a ``"<context mean>"`` entry, if the table has one.
     mark_selected
         Mark the ``selected`` candidates (needs the ``selected`` column).
     cmap, vmin, vmax

@@ -34,8 +34,10 @@ class PTRAGTrainingPlan(TrainingPlan):
     weight_decay
         Weight decay (decoupled, with ``optimizer="AdamW"``).
     evidence_lr
-        Learning rate of the few scalars that weigh the evidence (the trust in each source):
-        they start at a meaningful scale and would take thousands of steps to move at ``lr``.
+        Learning rate of the few scalars of :class:`~ptrag_sc.module.EvidenceCombiner` (the
+        trust ``a`` in the retrieved candidates and stage 2's offsets by relation and
+        similarity): they start at a meaningful scale and would take thousands of steps to move
+        at ``lr``.
     optimizer
         ``"Adam"`` or ``"AdamW"``.
     eps
