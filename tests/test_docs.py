@@ -57,6 +57,7 @@ def test_docs_build_without_warnings(tmp_path):
         "api",
         "tutorials",
         "benchmark",
+        "errors_and_guarantees",
         "changelog",
         "contributing",
     ):

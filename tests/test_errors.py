@@ -116,14 +116,19 @@ def test_predict_before_train(adata):
     assert "ptrag" not in adata.layers
 
 
-def test_predict_errors(trained):
+def test_predict_matches_genes_by_name(trained):
     model, data = trained
-    # Genes are matched by name: another order gives the same predictions, in that order.
-    other = data[:, ::-1].copy()
-    np.testing.assert_array_equal(model.predict(other, inplace=False), model.predict(data, inplace=False)[:, ::-1])
+    reference = model.predict(data, inplace=False)
+    other = data[:, data.var_names[::-1]].copy()
+    reordered = model.predict(other, inplace=False)
+    np.testing.assert_array_equal(reordered, reference[:, ::-1])
     fewer = data[:, 1:].copy()
     with pytest.raises(ValueError, match=r"lacks 1 of the 60 genes the model was trained on \(e.g. \['GENE0001'\]\)"):
         model.predict(fewer)
+
+
+def test_predict_errors(trained):
+    model, data = trained
     with pytest.raises(ValueError, match=r"perturbation\(s\) requested have no gene embedding: 'NOTAGENE'"):
         model.predict(data, perturbations=["NOTAGENE"])
     with pytest.raises(ValueError, match=r"`cell_type='liver'` does not occur"):
@@ -145,7 +150,7 @@ def test_invalid_model_options(adata):
     emb = adata.uns["gene_embeddings"]
     with pytest.raises(ValueError, match=r"`retrieval` must be one of \['ptrag', 'vanilla', 'none'\], got 'rag'"):
         PTRAG(adata, perturbation_embeddings=emb, retrieval="rag")
-    with pytest.raises(ValueError, match=r"`cell_set_size` must be an integer >= 2, got 1"):
+    with pytest.raises(ValueError, match="`cell_set_size` must be an integer >= 2, got 1"):
         PTRAG(adata, perturbation_embeddings=emb, cell_set_size=1)
 
 
@@ -157,3 +162,115 @@ def test_invalid_split(adata):
     adata.obs["split"] = "holdout"
     with pytest.raises(ValueError, match=r"holds values \['holdout'\]"):
         model.train(max_steps=1, split_key="split")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda a: PTRAG.setup_anndata(a.to_df()), TypeError, r"`adata` must be an AnnData \(or a MuData\), got DataFrame"),
+        (lambda a: PTRAG.setup_anndata(a, perturbation_key=["gene"]), TypeError, r"`perturbation_key` must be a column name \(str\)"),
+        (lambda a: PTRAG.setup_anndata(a, cell_type_key="gene"), ValueError, r"`cell_type_key='gene'` is also the `perturbation_key`"),
+    ],
+)
+def test_setup_argument_types(adata, call, error, message):
+    snap = _snapshot(adata)
+    with pytest.raises(error, match=message):
+        call(adata)
+    _assert_untouched(adata, snap)
+
+
+def test_empty_labels(adata):
+    gene = adata.obs["gene"].astype(str).to_numpy().astype(object)
+    gene[:3] = ["  ", "+", " + "]
+    adata.obs["gene"] = gene
+    snap = _snapshot(adata)
+    with pytest.raises(ValueError, match=r"`adata.obs\['gene'\]` has empty labels \(blank or only separators\) in 3 cell\(s\)"):
+        PTRAG.setup_anndata(adata)
+    _assert_untouched(adata, snap)
+
+
+def test_constructor_checks_adata_and_converts_integral_floats(adata):
+    emb = adata.uns["gene_embeddings"]
+    with pytest.raises(ValueError, match=r"`adata` is not set up for PTRAG: call `PTRAG.setup_anndata"):
+        PTRAG(adata, perturbation_embeddings=emb, **SMALL_MODEL)
+    with pytest.raises(ValueError, match="Pass `adata`"):
+        PTRAG(None, perturbation_embeddings=emb, **SMALL_MODEL)
+    PTRAG.setup_anndata(adata)
+    model = PTRAG(adata, perturbation_embeddings=emb, **{**SMALL_MODEL, "n_hidden": 32.0, "n_candidates": 8.0})
+    assert model.module.n_hidden == 32 and isinstance(model.n_candidates, int)
+    with pytest.raises(ValueError, match=r"`n_hidden` must be an integer below 2\*\*31"):
+        PTRAG(adata, perturbation_embeddings=emb, **{**SMALL_MODEL, "n_hidden": 1e30})
+    with pytest.raises(ValueError, match=r"`perturbation_embeddings` has values up to .*e\+(29|30) .*beyond 1e\+06 .*Rescale the table"):
+        PTRAG(adata, perturbation_embeddings=emb * 1e30, **SMALL_MODEL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_epoch": 3}, TypeError, r"unknown argument\(s\) \['max_epoch'\].*did you mean `max_epochs`"),
+        ({"callbacks": "x"}, TypeError, r"`callbacks` must be a list of Lightning `Callback` objects"),
+        ({"gradient_clip_val": -1.0}, ValueError, r"`gradient_clip_val` must be >= 0.0"),
+        ({"plan_kwargs": {"learning_rate": 1e-3}}, TypeError, r"`plan_kwargs` has unknown key\(s\) \['learning_rate'\] \(`learning_rate` -> `lr`\?\)"),
+        ({"accelerator": "cpuu"}, ValueError, r"The trainer cannot be set up with `accelerator='cpuu'`"),
+        ({"devices": 0}, ValueError, r"The trainer cannot be set up with .*`devices=0`"),
+    ],
+)
+def test_train_arguments(adata, kwargs, error, message):
+    PTRAG.setup_anndata(adata)
+    model = PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **SMALL_MODEL)
+    with pytest.raises(error, match=message):
+        model.train(max_steps=2, **kwargs)
+    assert not model.is_trained_ and model.memory_ is None
+
+
+def test_train_checks_data_and_set_size(adata):
+    PTRAG.setup_anndata(adata)
+    model = PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **{**SMALL_MODEL, "cell_set_size": 10_000})
+    with pytest.raises(ValueError, match=r"`cell_set_size=10000` is larger than every training group: the largest .* has 40 cells"):
+        model.train(max_steps=2)
+    assert not model.is_trained_ and model.memory_ is None
+    model = PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **SMALL_MODEL)
+    adata.X[5, 3] = np.nan  # changed after setup_anndata
+    with pytest.raises(ValueError, match=r"`adata.X` holds NaN or infinite values .*first rows: \[5\]"):
+        model.train(max_steps=2)
+
+
+def test_predict_argument_checks(trained):
+    model, data = trained
+    with pytest.raises(ValueError, match=r"`seed` must be an integer >= 0 or None, got -1"):
+        model.predict(data, seed=-1)
+    with pytest.raises(TypeError, match=r"`inplace` must be True or False, got 'no'"):
+        model.predict(data, inplace="no")
+    with pytest.raises(TypeError, match=r"`adata` must be an AnnData"):
+        model.predict(data.to_df())
+    view = data[:100]
+    with pytest.raises(ValueError, match=r"`adata` is a view: writing the prediction layer would turn it into a copy"):
+        model.predict(view)
+    assert "ptrag" not in data.layers
+    with pytest.raises(ValueError, match=r"`seed` must be an integer >= 0, got -1"):
+        model.get_retrieval(["GENE0003"], seed=-1)
+    with pytest.raises(ValueError, match=r"`perturbations` holds the control label 'non-targeting'"):
+        model.get_retrieval(["non-targeting"])
+    with pytest.raises(ValueError, match=r"No control cells of cell type\(s\) \['liver'\] in the AnnData \(`cell_type`\)"):
+        model.get_retrieval(["GENE0003"], cell_type="liver")
+
+
+def test_predict_warns_on_raw_counts(trained):
+    model, data = trained
+    counts = data.copy()
+    counts.X = np.round(np.expm1(counts.X) * 3)
+    with pytest.warns(UserWarning, match="look like raw counts"):
+        model.predict(counts, inplace=False)
+
+
+def test_load_accepts_new_cell_types_and_refuses_other_objects(trained, tmp_path):
+    model, data = trained
+    model.save(tmp_path / "m")
+    with pytest.raises(TypeError, match=r"`adata` must be an AnnData \(or a MuData\), got DataFrame"):
+        PTRAG.load(tmp_path / "m", adata=data.to_df())
+    other = data.copy()
+    other.obs["cell_line"] = other.obs["cell_line"].astype(str).replace({"cell_line_1": "new_line"})
+    loaded = PTRAG.load(tmp_path / "m", adata=other)
+    pred = loaded.predict(other, inplace=False)
+    assert np.isfinite(pred).all()
+    assert (other.obs["cell_line"] == "new_line").sum() > 0

@@ -102,6 +102,10 @@ class PerturbationData:
                 bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
                 raise ValueError(f"`adata.obs[{key!r}]` has missing values, e.g. in cells {bad}. Label every cell.")
             self.labels = normalise_labels(raw.astype(str).to_numpy(), control_group=setup.control_group, sep=setup.sep)
+            empty = self.labels == ""
+            if empty.any():
+                bad = adata.obs_names[empty][:5].tolist()
+                raise ValueError(f"`adata.obs[{key!r}]` has empty labels (blank or only separators), e.g. in cells {bad}. Label every cell.")
             self.has_labels = True
         elif require_labels:
             raise missing_obs_key_error(adata, key, "perturbation_key")

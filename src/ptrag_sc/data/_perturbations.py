@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
 
+#: Largest absolute value accepted in a gene-embedding table.
+MAX_EMBEDDING_VALUE = 1e6
+
+
 def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
     """Check a gene-embedding table and return it as a float32 frame with upper-case symbols.
 
@@ -25,7 +29,8 @@ def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
         If ``embeddings`` is not a :class:`~pandas.DataFrame`.
     ValueError
         If the table is empty, has duplicated symbols (after upper-casing), non-numeric
-        columns, NaN/inf values or all-zero rows (a zero vector has no direction to retrieve by).
+        columns, NaN/inf values, values beyond ``1e6`` in absolute value (they overflow the
+        network in float32) or all-zero rows (a zero vector has no direction to retrieve by).
     """
     if not isinstance(embeddings, pd.DataFrame):
         raise TypeError(
@@ -58,6 +63,13 @@ def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(
             f"`perturbation_embeddings` has NaN or infinite values for {int(bad.sum())} gene(s), "
             f"e.g. {symbols[bad][:10].tolist()}."
+        )
+    huge = np.abs(values).max(axis=1) > MAX_EMBEDDING_VALUE
+    if huge.any():
+        raise ValueError(
+            f"`perturbation_embeddings` has values up to {float(np.abs(values).max()):.3g} (rows "
+            f"{symbols[huge][:10].tolist()}): beyond {MAX_EMBEDDING_VALUE:.0e} they overflow the "
+            "network in float32. Rescale the table (e.g. divide each row by its norm)."
         )
     zero = ~np.any(values != 0, axis=1)
     if zero.any():
@@ -168,7 +180,7 @@ def normalise_label(label: str, *, control_group: str, sep: str = "+") -> str:
     members = [m.strip().upper() for m in text.split(sep) if m.strip()]
     genes = [m for m in members if m != str(control_group).strip().upper()]
     if not genes:
-        return control_group if members else text
+        return control_group if members else ""
     return sep.join(sorted(dict.fromkeys(genes)))
 
 
@@ -180,7 +192,8 @@ def normalise_labels(labels, *, control_group: str, sep: str = "+") -> np.ndarra
     gene symbols are upper-cased, as the embedding table's are (aliases such as ``KIAA1804``
     are resolved when embedding, not here); control members of a combination are dropped
     (``"A+non-targeting"`` is ``"A"``); the members of a combination are de-duplicated and
-    sorted, so ``"B+A"`` is ``"A+B"``.
+    sorted, so ``"B+A"`` is ``"A+B"``. A label with no member (blank, or separators only)
+    becomes ``""``, which :meth:`~ptrag_sc.PTRAG.setup_anndata` refuses.
 
     Returns
     -------

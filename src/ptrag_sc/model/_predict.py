@@ -98,7 +98,7 @@ def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwr
         if key_added in adata.layers and not overwrite:
             raise ValueError(f"`adata.layers[{key_added!r}]` already exists; pass `overwrite=True` to replace it, or another `key_added`.")
     data = model._data(adata)
-    check_expression(data.matrix, where="the AnnData to predict")
+    check_expression(data.matrix, where="the AnnData to predict", warn_counts=True)
     is_control = data.is_control
     query = ~is_control
     if indices is not None:
@@ -180,7 +180,7 @@ def generation(model, adata, perturbations, cell_type, batch_size, key_added, sa
     keep = data.is_control.copy()
     if data.has_cell_types:
         if cell_type is not None:
-            present = set(data.cell_types.astype(str))
+            present = set(map(str, data.cell_types))
             if cell_type not in present:
                 raise ValueError(
                     f"`cell_type={cell_type!r}` does not occur in `adata.obs[{setup.cell_type_key!r}]` (values: {sorted(present)[:10]})."
@@ -201,7 +201,7 @@ def generation(model, adata, perturbations, cell_type, batch_size, key_added, sa
             f"`obs[{setup.perturbation_key!r}]`" + (f" with cell type {cell_type!r}." if cell_type else ".")
         )
     controls = np.flatnonzero(keep)
-    check_expression(data.matrix[controls] if not data.expression.backed else data.matrix, where="the control cells")
+    check_expression(data.matrix[controls] if not data.expression.backed else data.matrix, where="the control cells", warn_counts=True)
     builder = model._builder()
     keys, (names, means) = builder.control_contexts(data, keep)
     n_ctrl, n_pert = controls.shape[0], len(requested)
@@ -279,9 +279,19 @@ def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd
     canonical = normalise_labels(queries, control_group=setup.control_group, sep=setup.sep)
     if pd.Index(canonical).has_duplicates:
         raise ValueError(f"`perturbations` asks for the same perturbation twice: {pd.Index(canonical)[pd.Index(canonical).duplicated()].tolist()[:5]}.")
+    if np.any(canonical == setup.control_group) or np.any(canonical == ""):
+        raise ValueError(f"`perturbations` holds the control label {setup.control_group!r} (or an empty label); ask for genes.")
     model._encoder.check(canonical, context=" requested")
     data = model._data(adata, require_labels=False)
     wanted = list(model.training_cell_types_) if cell_type is None else ([cell_type] if isinstance(cell_type, str) else list(cell_type))
+    wanted = [str(ct) for ct in wanted]
+    available = sorted(set(map(str, data.cell_types[data.is_control])))
+    absent = [ct for ct in wanted if ct not in available]
+    if absent:
+        raise ValueError(
+            f"No control cells of cell type(s) {absent} in the AnnData (`cell_type`): stage 2 runs on control "
+            f"cells of the queried cell type. Cell types with control cells: {available[:10]}."
+        )
     memory = model.memory
     names = memory.perturbations.astype(str)
     entry_cts = memory.cell_types.astype(str)

@@ -39,8 +39,8 @@ from ..module import PTRAGModule
 from ..train import PTRAGTrainingPlan
 from . import _predict, _training
 from ._io import SafeSaveMixin
-from ._mudata import MuDataMixin
-from ._validation import check_model_options, check_setup
+from ._mudata import MuDataMixin, is_mudata
+from ._validation import check_anndata, check_flag, check_model_options, check_seed, check_setup
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -208,8 +208,21 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         learned_shift: bool | None = None,
     ) -> None:
         options = {k: v for k, v in locals().items() if k not in ("self", "adata", "registry", "perturbation_embeddings", "__class__")}
-        check_model_options(options)
+        options = check_model_options(options)
+        n_hidden, n_layers, n_heads, n_set_tokens = (options[k] for k in ("n_hidden", "n_layers", "n_heads", "n_set_tokens"))
+        cell_set_size, n_candidates, decoder_rank = options["cell_set_size"], options["n_candidates"], options["decoder_rank"]
+        n_scorer_hidden, sparsity_weight = options["n_scorer_hidden"], options["sparsity_weight"]
+        pseudobulk_weight, gumbel_tau, dropout = options["pseudobulk_weight"], options["gumbel_tau"], options["dropout"]
         adata = self._resolve_adata(adata)
+        if adata is None and registry is None:
+            raise ValueError("Pass `adata`, an AnnData set up with `PTRAG.setup_anndata` (or load a saved model with `PTRAG.load`).")
+        if adata is not None:
+            check_anndata(adata)
+            if self._get_most_recent_anndata_manager(adata, required=False) is None:
+                raise ValueError(
+                    f"`adata` is not set up for {type(self).__name__}: call `{type(self).__name__}.setup_anndata(adata, "
+                    "perturbation_key=..., cell_type_key=...)` first."
+                )
         super().__init__(adata, registry)
         pert_state = self._field_state(REGISTRY_KEYS.PERTURBATION_KEY)
         self._encoder = PerturbationEncoder(perturbation_embeddings, sep=pert_state["sep"])
@@ -303,6 +316,10 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
             has missing values, or the expression holds NaN, infinite or negative values.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        if kwargs.get("source_registry") is not None:
+            # A trained model meeting new data: cell types and batches it never saw are valid
+            # (they are read by name, never as the registry's codes).
+            kwargs.setdefault("extend_categories", True)
         check_setup(
             adata,
             perturbation_key=perturbation_key,
@@ -322,6 +339,39 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    @classmethod
+    def load(cls, dir_path, adata=None, *args, **kwargs):
+        """Load a model saved with :meth:`save`, without running any code from the directory.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            AnnData (or MuData) with the model's genes in the model's order, set up on load
+            from the saved registry; cell types and batches the model never saw are accepted.
+            ``None``: the AnnData saved with the model (``save_anndata=True``), if any;
+            ``False``: none.
+        *args, **kwargs
+            ``accelerator``, ``device``, ``prefix``, ``backup_url``: see
+            :meth:`ptrag_sc.model.SafeSaveMixin.load`.
+
+        Returns
+        -------
+        The model, in evaluation mode (:meth:`train` switches to training mode itself).
+
+        Raises
+        ------
+        TypeError
+            If ``adata`` is neither an AnnData, a MuData, ``None`` nor ``False``.
+        FileNotFoundError, ValueError
+            See :meth:`ptrag_sc.model.SafeSaveMixin.load`: a missing, damaged, foreign or
+            pickle-based directory, or an AnnData whose genes differ from the model's.
+        """
+        if adata is not None and adata is not False and not is_mudata(adata):
+            check_anndata(adata)
+        return super().load(dir_path, adata, *args, **kwargs)
 
     # ------------------------------------------------------------- properties
     def _field_state(self, key: str) -> dict:
@@ -509,19 +559,29 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
 
     def _run_trainer(self, datamodule, *, plan_kwargs, max_epochs, accelerator, devices, early_stopping, trainer_kwargs):
         """Hand the data module and the training plan to scvi-tools' runner."""
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         training_plan = self._training_plan_cls(self.module, **(plan_kwargs or {}))
         self.module.train()
         with flush_denormal(), quiet_lightning(settings.verbosity > logging.INFO):
-            runner = self._train_runner_cls(
-                self,
-                training_plan=training_plan,
-                data_splitter=datamodule,
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                early_stopping=early_stopping,
-                **trainer_kwargs,
-            )
+            try:
+                runner = self._train_runner_cls(
+                    self,
+                    training_plan=training_plan,
+                    data_splitter=datamodule,
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    early_stopping=early_stopping,
+                    **trainer_kwargs,
+                )
+            except (MisconfigurationException, ImportError, ValueError, TypeError) as exc:
+                extra = {k: trainer_kwargs[k] for k in ("strategy", "num_nodes", "precision") if k in trainer_kwargs}
+                raise ValueError(
+                    f"The trainer cannot be set up with `accelerator={accelerator!r}`, `devices={devices!r}`"
+                    + "".join(f", `{k}={v!r}`" for k, v in extra.items())
+                    + f": {exc} Check these arguments of `train()` (`accelerator='cpu'` always works)."
+                ) from exc
             runner()
         self.module.eval()
 
@@ -598,7 +658,18 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         adata = self.adata if adata is None else adata
         if adata is None:
             raise ValueError("Pass an AnnData: this model was loaded without one.")
+        check_anndata(adata)
         batch_size = _predict.check_batch_size(batch_size)
+        inplace = check_flag("inplace", inplace)
+        overwrite = check_flag("overwrite", overwrite)
+        sample_retrieval = check_flag("sample_retrieval", sample_retrieval)
+        seed = check_seed("seed", seed)
+        if perturbations is None and inplace and adata.is_view:
+            raise ValueError(
+                "`adata` is a view: writing the prediction layer would turn it into a copy and leave the "
+                "AnnData it views unchanged. Predict on the full AnnData with `indices=`, on "
+                "`adata[mask].copy()`, or pass `inplace=False`."
+            )
         if perturbations is not None:
             if indices is not None:
                 raise ValueError("`indices` applies to counterfactual prediction; use it without `perturbations`.")
@@ -686,4 +757,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         """
         adata = self._resolve_adata(adata)
         self._require_trained()
-        return _predict.retrieval_table(self, perturbations, cell_type, self.adata if adata is None else adata, n_cells, seed)
+        adata = self.adata if adata is None else adata
+        check_anndata(adata, allow_none=True)
+        seed = check_seed("seed", seed, allow_none=False)
+        return _predict.retrieval_table(self, perturbations, cell_type, adata, n_cells, seed)

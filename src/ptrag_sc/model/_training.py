@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
+import inspect
 import math
+import signal
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,7 +19,7 @@ from scvi import settings as scvi_settings
 from .._settings import settings
 from ..data import SetDataModule, column_max, memory_from_cells
 from ..train import KeepBestWeights
-from ._validation import check_obs_key, finite_float, positive_int
+from ._validation import check_expression, check_obs_key, finite_float, positive_int
 
 if TYPE_CHECKING:
     from ..data import PerturbationData
@@ -77,6 +82,104 @@ def hold_out_groups(data: PerturbationData, train: np.ndarray, fraction: float, 
     return held
 
 
+#: Trainer arguments `train` handles itself, or scvi-tools' runner takes, beside the Trainers' own.
+_RUNNER_KEYS = frozenset({"ckpt_path", "trainer_config", "callbacks"})
+
+
+def _trainer_arguments() -> set[str]:
+    import lightning.pytorch as pl
+    from scvi.train import Trainer
+
+    names = set(_RUNNER_KEYS)
+    for fn in (pl.Trainer.__init__, Trainer.__init__):
+        names |= {p.name for p in inspect.signature(fn).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names - {"self"}
+
+
+def check_trainer_kwargs(trainer_kwargs: dict) -> None:
+    """Unknown Lightning arguments, callbacks that are not a list and a negative clip value fail here."""
+    unknown = sorted(set(trainer_kwargs) - _trainer_arguments())
+    if unknown:
+        known = sorted(_trainer_arguments() | {"max_epochs", "max_steps", "batch_size", "split_key", "validation_size", "plan_kwargs"})
+        hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+        hint = "; ".join(f"did you mean `{h[0]}` for `{u}`?" for u, h in hints.items() if h)
+        raise TypeError(
+            f"`train()` got unknown argument(s) {unknown}: neither arguments of `train` nor of the "
+            f"Lightning Trainer.{' ' + hint if hint else ''}"
+        )
+    callbacks = trainer_kwargs.get("callbacks")
+    if callbacks is not None:
+        from lightning.pytorch.callbacks import Callback
+
+        if not isinstance(callbacks, list | tuple) or not all(isinstance(c, Callback) for c in callbacks):
+            raise TypeError(f"`callbacks` must be a list of Lightning `Callback` objects, got {callbacks!r}.")
+    clip = trainer_kwargs.get("gradient_clip_val")
+    if clip is not None:
+        finite_float("gradient_clip_val", clip, minimum=0.0)
+
+
+class _InterruptWatcher:
+    """Records whether Lightning handled a ``KeyboardInterrupt`` (it turns Ctrl+C into ``SystemExit``)."""
+
+    def __init__(self) -> None:
+        from lightning.pytorch.callbacks import Callback
+
+        watcher = self
+
+        class _Callback(Callback):
+            def on_exception(self, trainer, pl_module, exception):
+                if isinstance(exception, KeyboardInterrupt):
+                    watcher.interrupted = True
+
+        self.interrupted = False
+        self.callback = _Callback()
+
+
+@contextlib.contextmanager
+def _keep_sigint():
+    """Restore the Ctrl+C handler that Lightning sets to "ignore" when it handles an interrupt."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and handler is not None and signal.getsignal(signal.SIGINT) != handler:
+            signal.signal(signal.SIGINT, handler)
+
+
+def runs_on_cpu(accelerator, devices) -> bool:
+    """Whether Lightning will train on the CPU with these device arguments."""
+    if isinstance(accelerator, str) and accelerator.lower() == "cpu":
+        return True
+    if accelerator not in (None, "auto"):
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """Use PyTorch's deterministic algorithms while the block runs (when ``enabled``).
+
+    On the CPU with more than one thread, the backward pass of an indexing with repeated
+    indices (``encoded[where]``: the same memory entry retrieved by several sets) adds the
+    gradients in whatever order the threads reach them, so two runs with the same seed drift
+    apart in the last bits after the first step, and early stopping can then pick another
+    step. The deterministic implementation (sorting the indices first) costs little here.
+    The previous setting is restored afterwards.
+    """
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+
+
 def _snapshot(model) -> dict:
     """Everything `train` may change, to restore when it fails or is interrupted."""
     return {
@@ -137,12 +240,15 @@ def train(
         validation_size = finite_float("validation_size", validation_size, minimum=0.0, maximum=1.0)
     if plan_kwargs is not None and not isinstance(plan_kwargs, dict):
         raise TypeError(f"`plan_kwargs` must be a dict, got {type(plan_kwargs).__name__}.")
+    check_trainer_kwargs(trainer_kwargs)
     # Built first: a typo in `plan_kwargs` fails here, before anything changes.
     model._training_plan_cls(model.module, **(plan_kwargs or {}))
 
     # scvi-tools leaves the seed unset (None) until a user sets one: then sampling is random.
     seed = int(scvi_settings.seed) if scvi_settings.seed is not None else int(np.random.default_rng().integers(2**31))
     data = model._data(model.adata)
+    # The AnnData may have changed since `setup_anndata` checked it.
+    check_expression(data.matrix, where="`adata.X`" if model._setup.layer is None else f"`adata.layers[{model._setup.layer!r}]`")
     train_mask, val_mask, test_mask = split_masks(data, model.adata, split_key)
     is_control = data.is_control
     if not (train_mask & ~is_control).any():
@@ -163,33 +269,40 @@ def train(
         )
 
     snapshot = _snapshot(model)
-    try:
-        _fit(
-            model,
-            data,
-            train_mask=train_mask,
-            val_mask=val_mask,
-            test_mask=test_mask,
-            seed=seed,
-            max_epochs=max_epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            keep_best=keep_best and has_val,
-            check_val_every_n_steps=check_val_every_n_steps,
-            accelerator=accelerator,
-            devices=devices,
-            plan_kwargs=plan_kwargs,
-            trainer_kwargs=trainer_kwargs,
-        )
-        if auto_held.any() and model.retrieval != "none":
-            # The held-out groups were training data: after model selection they join the
-            # memory, as evidence for predictions.
-            model.memory_ = _memory(model, data, train_mask | auto_held).to_dict()
-    except BaseException:
-        _restore(model, snapshot)
-        raise
+    watcher = _InterruptWatcher()
+    trainer_kwargs = {**trainer_kwargs, "callbacks": [*(trainer_kwargs.get("callbacks") or []), watcher.callback]}
+    with _keep_sigint():
+        try:
+            _fit(
+                model,
+                data,
+                train_mask=train_mask,
+                val_mask=val_mask,
+                test_mask=test_mask,
+                seed=seed,
+                max_epochs=max_epochs,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                early_stopping_patience=early_stopping_patience,
+                keep_best=keep_best and has_val,
+                check_val_every_n_steps=check_val_every_n_steps,
+                accelerator=accelerator,
+                devices=devices,
+                plan_kwargs=plan_kwargs,
+                trainer_kwargs=trainer_kwargs,
+            )
+            if auto_held.any() and model.retrieval != "none":
+                # The held-out groups were training data: after model selection they join the
+                # memory, as evidence for predictions.
+                model.memory_ = _memory(model, data, train_mask | auto_held).to_dict()
+        except BaseException as exc:
+            _restore(model, snapshot)
+            if watcher.interrupted and isinstance(exc, SystemExit):
+                # Lightning answers Ctrl+C with `sys.exit(1)`, which would end a script or a
+                # notebook cell as if the program had finished: give back the interrupt.
+                raise KeyboardInterrupt("`train()` was interrupted; the model is as it was before the call.") from None
+            raise
     held = data.labels[auto_held | (val_mask & ~is_control)]
     model.validation_perturbations_ = np.unique(held.astype(str))
 
@@ -241,6 +354,13 @@ def _fit(
     for name, groups in (("training", train_groups), ("validation", val_groups)):
         if groups is not None and int(groups.sizes.max()) < 2:
             raise ValueError(f"Every {name} group has a single cell: sets need at least 2 cells per (perturbation, cell type).")
+    largest = int(pd.DataFrame({"p": data.labels[perturbed_train], "c": data.cell_types[perturbed_train]}).value_counts().max())
+    if model.cell_set_size > largest:
+        raise ValueError(
+            f"`cell_set_size={model.cell_set_size}` is larger than every training group: the largest "
+            f"(perturbation, cell type) group has {largest} cells, so every set would only repeat cells "
+            f"(and cost memory for nothing). Build the model with `cell_set_size` <= {largest}."
+        )
 
     # The largest value a gene reaches in the training data bounds what the model generates.
     ceiling = data.column_stats(column_max(data.matrix, train_mask | is_control))
@@ -282,14 +402,18 @@ def _fit(
     keeper = KeepBestWeights("validation_loss") if keep_best else None
     if keeper is not None:
         trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), keeper]
-    model._run_trainer(
-        datamodule,
-        plan_kwargs=plan_kwargs,
-        max_epochs=math.ceil(max_steps / interval),
-        accelerator=accelerator,
-        devices=devices,
-        early_stopping=early_stopping,
-        trainer_kwargs=trainer_kwargs,
-    )
+    # Same seed and thread count -> the same weights, on the CPU (see deterministic_algorithms);
+    # a user's own `deterministic=` trainer argument is left to Lightning.
+    deterministic = "deterministic" not in trainer_kwargs and runs_on_cpu(accelerator, devices)
+    with deterministic_algorithms(deterministic):
+        model._run_trainer(
+            datamodule,
+            plan_kwargs=plan_kwargs,
+            max_epochs=math.ceil(max_steps / interval),
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping,
+            trainer_kwargs=trainer_kwargs,
+        )
     model.best_epoch_ = None if keeper is None else keeper.best_epoch
     model.best_step_ = None if keeper is None else keeper.best_step

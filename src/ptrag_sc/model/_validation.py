@@ -17,15 +17,23 @@ from ..data._matrix import iter_row_chunks
 from ..data._perturbations import normalise_labels
 
 __all__ = [
+    "check_anndata",
     "check_choice",
     "check_controls_per_cell_type",
     "check_expression",
+    "check_flag",
     "check_model_options",
     "check_obs_key",
+    "check_seed",
     "check_setup",
     "expression_matrix",
     "positive_int",
 ]
+
+#: Largest integer option accepted (sizes beyond it cannot be allocated or indexed).
+MAX_INT = 2**31 - 1
+#: Largest absolute value accepted in an expression matrix (log1p data stays below ~15).
+MAX_EXPRESSION = 1e4
 
 
 def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False):
@@ -36,6 +44,8 @@ def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     if int(value) < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    if int(value) > MAX_INT:
+        raise ValueError(f"`{name}` must be an integer below 2**31, got {value!r}.")
     return int(value)
 
 
@@ -51,13 +61,53 @@ def finite_float(name: str, value, *, minimum: float | None = None, strict: bool
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool (``True``/``False``, numpy booleans too); anything else is refused."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def check_seed(name: str, value, *, allow_none: bool = True) -> int | None:
+    """A seed: ``None`` (when allowed) or an integer ``>= 0``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0{' or None' if allow_none else ''}, got {value!r}.")
+    return int(value)
+
+
+def check_anndata(adata, argument: str = "adata", *, allow_none: bool = False) -> None:
+    """Raise a ``TypeError`` naming ``argument`` unless ``adata`` is an AnnData (or a MuData, resolved before)."""
+    from anndata import AnnData
+
+    if adata is None and allow_none:
+        return
+    if not isinstance(adata, AnnData):
+        hint = ""
+        if isinstance(adata, pd.DataFrame):
+            hint = " Build one with `anndata.AnnData(X=frame.to_numpy(), obs=..., var=pd.DataFrame(index=frame.columns))`."
+        raise TypeError(f"`{argument}` must be an AnnData (or a MuData), got {type(adata).__name__}.{hint}")
+
+
+def check_key_type(name: str, value, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a column name (str){' or None' if allow_none else ''}, got {value!r}.")
+
+
 def check_choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
-def check_model_options(options: dict) -> None:
-    """Validate the constructor options of :class:`~ptrag_sc.PTRAG` in one place, one style."""
+def check_model_options(options: dict) -> dict:
+    """Validate the constructor options of :class:`~ptrag_sc.PTRAG` in one place, one style.
+
+    Returns the options with integers and floats in their canonical types (``16.0`` -> ``16``).
+    """
+    options = dict(options)
     for name, allowed in (
         ("retrieval", RETRIEVALS),
         ("memory", MEMORY_KINDS),
@@ -68,16 +118,16 @@ def check_model_options(options: dict) -> None:
     ):
         check_choice(name, options[name], allowed)
     for name in ("n_hidden", "n_layers", "n_heads", "n_candidates", "n_set_tokens"):
-        positive_int(name, options[name])
-    positive_int("cell_set_size", options["cell_set_size"], minimum=2)
-    positive_int("decoder_rank", options["decoder_rank"], allow_none=True)
-    positive_int("n_scorer_hidden", options["n_scorer_hidden"], allow_none=True)
-    if int(options["n_hidden"]) % int(options["n_heads"]):
+        options[name] = positive_int(name, options[name])
+    options["cell_set_size"] = positive_int("cell_set_size", options["cell_set_size"], minimum=2)
+    options["decoder_rank"] = positive_int("decoder_rank", options["decoder_rank"], allow_none=True)
+    options["n_scorer_hidden"] = positive_int("n_scorer_hidden", options["n_scorer_hidden"], allow_none=True)
+    if options["n_hidden"] % options["n_heads"]:
         raise ValueError(f"`n_hidden` ({options['n_hidden']}) must be divisible by `n_heads` ({options['n_heads']}).")
-    finite_float("sparsity_weight", options["sparsity_weight"], minimum=0.0)
-    finite_float("pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0)
-    finite_float("gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True)
-    finite_float("dropout", options["dropout"], minimum=0.0, maximum=1.0)
+    options["sparsity_weight"] = finite_float("sparsity_weight", options["sparsity_weight"], minimum=0.0)
+    options["pseudobulk_weight"] = finite_float("pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0)
+    options["gumbel_tau"] = finite_float("gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True)
+    options["dropout"] = finite_float("dropout", options["dropout"], minimum=0.0, maximum=1.0)
     check_choice("gene_annotations", options["gene_annotations"], ("go", None))
     if options["evidence"] is not None:
         from ..data._evidence import SOURCES
@@ -92,6 +142,7 @@ def check_model_options(options: dict) -> None:
             raise ValueError(f"`{name}` must be True or False, got {options[name]!r}.")
     if options["learned_shift"] is not None and not isinstance(options["learned_shift"], bool | np.bool_):
         raise ValueError(f"`learned_shift` must be True, False or None, got {options['learned_shift']!r}.")
+    return options
 
 
 def check_obs_key(adata, key: str | None, argument: str) -> None:
@@ -136,7 +187,7 @@ def check_expression(X, *, where: str, warn_counts: bool = False) -> None:
             largest = max(largest, float(values.max()))
             if all_integer:
                 all_integer = bool(np.all(np.mod(values, 1) == 0))
-    if largest > 1e4:
+    if largest > MAX_EXPRESSION:
         raise ValueError(
             f"{where} holds values up to {largest:.3g}: PTRAG models log-normalised expression "
             "(typically below 15). Run `sc.pp.normalize_total` + `sc.pp.log1p` first."
@@ -166,7 +217,20 @@ def check_controls_per_cell_type(is_control: np.ndarray, cell_types: np.ndarray,
 
 def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, transfer: bool) -> None:
     """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
-    if getattr(adata, "is_view", False):
+    check_anndata(adata)
+    check_key_type("perturbation_key", perturbation_key, allow_none=False)
+    check_key_type("cell_type_key", cell_type_key, allow_none=True)
+    check_key_type("batch_key", batch_key, allow_none=True)
+    if layer is not None and not isinstance(layer, str):
+        raise TypeError(f"`layer` must be a layer name (str) or None, got {layer!r}.")
+    for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
+        if key is not None and key == perturbation_key:
+            raise ValueError(
+                f"`{argument}={key!r}` is also the `perturbation_key`: the perturbation labels cannot be "
+                f"the {argument.split('_key')[0].replace('_', ' ')} too. Pass the column that holds it "
+                "(or None)."
+            )
+    if adata.is_view:
         raise ValueError(
             "`adata` is a view of another AnnData; registration writes keys into it. Pass a copy: "
             "`adata = adata[mask].copy()`."
@@ -200,6 +264,13 @@ def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_
     if transfer:
         return
     labels = normalise_labels(raw.astype(str).to_numpy(), control_group=control_group, sep=sep)
+    empty = labels == ""
+    if empty.any():
+        bad = adata.obs_names[empty][:5].tolist()
+        raise ValueError(
+            f"`adata.obs[{perturbation_key!r}]` has empty labels (blank or only separators) in "
+            f"{int(empty.sum())} cell(s), e.g. {bad}. Label every cell (controls as {control_group!r})."
+        )
     is_control = labels == control_group
     if not is_control.any():
         values = sorted(map(str, pd.unique(raw.astype(str))))[:10]

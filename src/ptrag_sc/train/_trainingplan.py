@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from typing import Literal
 
@@ -11,8 +13,34 @@ from scvi.train import TrainingPlan
 from .._constants import TENSORS
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the training loss becomes NaN or infinite."""
+class NonFiniteLossError(FloatingPointError, RuntimeError):
+    """Raised when the training loss becomes NaN or infinite (a ``FloatingPointError`` and a ``RuntimeError``)."""
+
+
+def _parameters(fn) -> set[str]:
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+
+
+def _check_plan_kwargs(module, kwargs: dict) -> None:
+    """Names neither :class:`scvi.train.TrainingPlan` nor the module's loss takes fail now, not at step 1."""
+    own = {"lr", "weight_decay", "evidence_lr", "optimizer", "eps", "reduce_lr_on_plateau", "lr_scheduler_metric"}
+    # The KL warm-up of VAEs does not apply (and is set by this plan).
+    scvi_plan = _parameters(TrainingPlan.__init__) - {"module", "loss_kwargs", "n_steps_kl_warmup", "n_epochs_kl_warmup", "max_kl_weight", "min_kl_weight"}
+    loss = _parameters(module.loss) - {"tensors", "inference_outputs", "generative_outputs"}
+    unknown = sorted(set(kwargs) - scvi_plan - loss)
+    if unknown:
+        accepted = sorted(own | scvi_plan | loss)
+        aliases = {"learning_rate": "lr", "learningrate": "lr", "wd": "weight_decay", "l2": "weight_decay", "optim": "optimizer"}
+        hints = [
+            f"`{u}` -> `{m[0]}`?"
+            for u in unknown
+            if (m := [aliases[u.lower()]] if u.lower() in aliases else difflib.get_close_matches(u, accepted, n=1, cutoff=0.7))
+        ]
+        raise TypeError(
+            f"`plan_kwargs` has unknown key(s) {unknown}{' (' + ', '.join(hints) + ')' if hints else ''}. "
+            f"Accepted: {accepted}."
+        )
 
 
 class PTRAGTrainingPlan(TrainingPlan):
@@ -47,7 +75,9 @@ class PTRAGTrainingPlan(TrainingPlan):
     lr_scheduler_metric
         Metric watched by the scheduler.
     **kwargs
-        Passed to :class:`scvi.train.TrainingPlan`.
+        Passed to :class:`scvi.train.TrainingPlan` (e.g. ``lr_patience``, ``lr_factor``) or, for
+        the arguments of :meth:`PTRAGModule.loss <ptrag_sc.module.PTRAGModule.loss>`, to the
+        loss. Any other name is refused with a ``TypeError``.
     """
 
     def __init__(
@@ -70,6 +100,7 @@ class PTRAGTrainingPlan(TrainingPlan):
             raise ValueError(f"`plan_kwargs['weight_decay']` must be a finite number >= 0, got {weight_decay!r}.")
         if optimizer not in ("Adam", "AdamW"):
             raise ValueError(f"`plan_kwargs['optimizer']` must be 'Adam' or 'AdamW', got {optimizer!r}.")
+        _check_plan_kwargs(module, kwargs)
         super().__init__(
             module,
             lr=lr,
@@ -106,7 +137,7 @@ class PTRAGTrainingPlan(TrainingPlan):
         _, _, output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
-                f"The {prefix} loss became {float(output.loss)} at step {self.global_step}. Training "
+                f"The {prefix} loss became {float(output.loss.detach())} at step {self.global_step}. Training "
                 "diverged: lower the learning rate (e.g. `plan_kwargs={'lr': 1e-4}`) or check the "
                 "input for extreme values."
             )
