@@ -57,7 +57,8 @@ def test_keep_best_restores_the_best_validation_epoch():
     data = make_small_adata()
     data.obs["split"] = few_shot_split(data)
     model = _fit(data, steps=200, split_key="split")
-    val = model.history["validation_energy"]["validation_energy"].astype(float)
+    # The callback watches `validation_loss` (the objective), not its energy term.
+    val = model.history["validation_loss"]["validation_loss"].astype(float)
     assert model.best_epoch_ == val.index[int(np.argmin(val.to_numpy()))]
     no_keep = make_small_adata()
     no_keep.obs["split"] = few_shot_split(no_keep)

@@ -34,6 +34,16 @@ class _KeepLogit(torch.autograd.Function):
     """
 
     @staticmethod
+    def evaluate(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
+        """The same logits without a gradient (prediction): one ``[B, S, K, Hs]`` buffer."""
+        hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)
+        hidden.addcmul_(mean, w_sum, value=-1.0)
+        torch.addcmul(bias, rstd, hidden, out=hidden)
+        activated = F.gelu(hidden)
+        n_hidden = activated.shape[-1]
+        return torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
+
+    @staticmethod
     def forward(ctx, cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
         hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)  # [B,S,K,Hs]
         hidden.addcmul_(mean, w_sum, value=-1.0)
@@ -158,7 +168,11 @@ class TwoStageSelector(nn.Module):
         cell_part = h_ctrl @ w_cell.T + (h_pert @ w_pert.T)[:, None, :]  # [B,S,Hs]
         cand_part = h_cand @ w_cand.T  # [B,K,Hs]
         # [B,S,K], keep minus drop
-        logit = _KeepLogit.apply(cell_part, cand_part, mean, rstd, w_sum, bias, self.scorer_out.weight[0], self.scorer_out.bias[0])
+        inputs = (cell_part, cand_part, mean, rstd, w_sum, bias, self.scorer_out.weight[0], self.scorer_out.bias[0])
+        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+            logit = _KeepLogit.apply(*inputs)
+        else:
+            logit = _KeepLogit.evaluate(*inputs)
         if logit_offset is not None:
             logit = logit + logit_offset[:, None, :]
         mask = valid[:, None, :].to(logit.dtype)
