@@ -73,3 +73,15 @@ def trained():
     model = ptrag_sc.PTRAG(data, perturbation_embeddings=data.uns["gene_embeddings"], **SMALL_MODEL)
     model.train(max_steps=300, split_key="split")
     return model, data
+
+
+def ddp_split(adata) -> np.ndarray:
+    """4 perturbations of the first cell line for validation, the rest for training.
+
+    32 training groups of 40 cells make 96 sets of 16 per pass: a multiple of 4, so that 2
+    data-parallel ranks with 2 sets per step draw exactly the sets of one process with 4.
+    """
+    gene = adata.obs["gene"].astype(str).to_numpy()
+    first = adata.obs["cell_line"].astype(str).to_numpy() == adata.obs["cell_line"].cat.categories[0]
+    held = sorted(set(gene) - {"non-targeting"})[:4]
+    return np.where(first & np.isin(gene, held), "val", "train").astype(object)

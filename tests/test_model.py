@@ -57,6 +57,7 @@ def test_keep_best_restores_the_best_validation_epoch():
     data = make_small_adata()
     data.obs["split"] = few_shot_split(data)
     model = _fit(data, steps=200, split_key="split", early_stopping=False)
+    # The callback watches `validation_loss` (the objective), not its energy term.
     val = model.history["validation_loss"]["validation_loss"].astype(float)
     assert model.best_epoch_ == val.index[int(np.argmin(val.to_numpy()))]
     no_keep = make_small_adata()

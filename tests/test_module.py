@@ -297,3 +297,98 @@ def test_apply_shift_respects_the_ceiling_and_keeps_the_mean():
     # Scaling to the target mean (2.0) would need a factor of 10; the ceiling allows 3.
     assert scaled.max() <= 3.0 + 1e-6
     torch.testing.assert_close((scaled + offset).mean(1), torch.tensor([[2.0]]))
+
+
+# ------------------------------------------------- hand-written gradients of the hot path
+def _reference_energy(x, y, include_target_term):
+    """The energy distance through plain autograd (the formula, as geomloss' convention)."""
+
+    def dist(a, b):
+        return (a.pow(2).sum(-1)[:, :, None] + b.pow(2).sum(-1)[:, None, :] - 2 * a @ b.transpose(1, 2)).clamp_min(1e-8).sqrt().mean((1, 2))
+
+    value = dist(x, y) - 0.5 * dist(x, x)
+    if include_target_term:
+        value = value - 0.5 * dist(y, y).detach()
+    return value
+
+
+@pytest.mark.parametrize("include_target_term", [True, False])
+def test_energy_distance_gradient_equals_autograd(include_target_term):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 9, 11, generator=gen, dtype=torch.float64)
+    x[0, 1] = x[0, 0]  # identical cells: clamped distances, zero gradient there
+    y = torch.rand(3, 7, 11, generator=gen, dtype=torch.float64)
+    weights = torch.rand(3, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (energy_distance, _reference_energy):
+        xx = x.clone().requires_grad_()
+        value = fn(xx, y, include_target_term=include_target_term) if fn is energy_distance else fn(xx, y, include_target_term)
+        (value * weights).sum().backward()
+        grads.append((value.detach(), xx.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+
+
+def test_relu_ceiling_equals_relu_then_minimum_with_ties():
+    from ptrag_sc.module._components import relu_ceiling
+
+    gen = torch.Generator().manual_seed(1)
+    ceiling = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
+    ceiling[0] = float("inf")
+    x = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64) * 2
+    x[0, 0, 1:] = ceiling[1:]  # ties with the ceiling: half the gradient, as torch.minimum
+    x[0, 1, :] = 0.0  # zeros: no gradient, as relu
+    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (relu_ceiling, lambda a, c: torch.minimum(torch.relu(a), c)):
+        xx = x.clone().requires_grad_()
+        out = fn(xx, ceiling)
+        out.backward(upstream)
+        results.append((out.detach(), xx.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    with torch.no_grad():
+        assert torch.equal(relu_ceiling(x, ceiling), results[1][0])
+
+
+def test_cell_mean_and_add_scaled_gradients_equal_autograd():
+    from ptrag_sc.module._components import add_scaled_, cell_mean
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 4, 5, generator=gen, dtype=torch.float64)
+    scale = torch.rand(3, 1, 5, generator=gen, dtype=torch.float64)
+    base = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    outs = []
+    for ours in (True, False):
+        s, b = scale.clone().requires_grad_(), base.clone().requires_grad_()
+        out = add_scaled_(b * 1.0, x, s) if ours else (b * 1.0).addcmul(x, s)
+        mean = cell_mean(out) if ours else out.mean(dim=1)
+        mean.backward(upstream)
+        outs.append((mean.detach(), s.grad, b.grad))
+    for ours, reference in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_keep_logit_equals_the_composite_it_replaces():
+    from ptrag_sc.module._retriever import _KeepLogit
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(2, 5, 4), (2, 3, 4), (2, 5, 3, 1), (2, 5, 3, 1), (4,), (4,), (4,), ()]
+    inputs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    inputs[3] = inputs[3].abs() + 0.5  # rstd
+    upstream = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+
+    def composite(cell, cand, mean, rstd, w_sum, bias, v, v0):
+        hidden = torch.addcmul(cell.unsqueeze(2) + cand.unsqueeze(1), mean, w_sum, value=-1.0)
+        return torch.nn.functional.gelu(torch.addcmul(bias, rstd, hidden)) @ v + v0
+
+    results = []
+    for fn in (_KeepLogit.apply, composite):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*leaves)
+        out.backward(upstream)
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for ours, reference in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    assert torch.equal(_KeepLogit.evaluate(*inputs), _KeepLogit.apply(*inputs))

@@ -58,6 +58,7 @@ class TENSORS:
     CONTROL_MEAN = "control_mean"  #: ``[B, G]`` mean control profile of each set's context
     TARGET_SHIFT = "target_shift"  #: ``[B, G]`` the group's observed mean shift (all its cells), training and validation
     BATCH = "batch"  #: ``[B]`` batch code, ``-1`` = unknown
+    METRIC_WEIGHT = "metric_weight"  #: ``[B]`` weight of each set in the logged metrics (absent: 1; 0 pads data-parallel validation)
 
 
 class OUTPUTS:

@@ -45,6 +45,21 @@ def apply_shift(
     ``(scaled cells [B, S, G], additive offset [B, 1, G])``; ``scaled + offset`` has set mean
     ``control_mean + delta``.
     """
+    scale, offset = shift_scale(x_ctrl, delta, control_mean, ceiling)
+    return x_ctrl * scale, offset
+
+
+def shift_scale(
+    x_ctrl: torch.Tensor,
+    delta: torch.Tensor,
+    control_mean: torch.Tensor,
+    ceiling: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-gene factors of :func:`apply_shift`: ``(scale [B, 1, G], offset [B, 1, G])``.
+
+    ``x_ctrl * scale + offset`` is what :func:`apply_shift` describes; callers that add more
+    to the cells (the model's decoder) fold the scaling into their own pass over ``[B, S, G]``.
+    """
     set_mean = x_ctrl.mean(dim=1, keepdim=True)
     target = control_mean.unsqueeze(1) + delta
     expressed = set_mean > EXPRESSED_THRESHOLD
@@ -54,4 +69,4 @@ def apply_shift(
         limit = torch.minimum(limit, ceiling / set_max.clamp_min(1e-6))
     ratio = target / set_mean.clamp_min(EXPRESSED_THRESHOLD)
     scale = torch.where(expressed, torch.minimum(ratio.clamp_min(0.0), limit.clamp_min(1.0)), 1.0)
-    return x_ctrl * scale, target - set_mean * scale
+    return scale, target - set_mean * scale

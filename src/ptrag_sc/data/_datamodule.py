@@ -80,6 +80,14 @@ class SetDataModule(pl.LightningDataModule):
         )
         return DataLoader(SetBatchDataset(self.expression, groups), sampler=sampler, batch_size=None, num_workers=0)
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """Move a batch (a flat dict of tensors) without Lightning's generic traversal."""
+        if isinstance(batch, dict) and all(isinstance(v, torch.Tensor) for v in batch.values()):
+            if all(v.device == device for v in batch.values()):
+                return batch
+            return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_groups, shuffle=True)
 

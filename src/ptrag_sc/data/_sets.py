@@ -198,7 +198,12 @@ def make_batch(
 
 
 class SetBatchDataset(Dataset):
-    """Turns a batch plan ``(groups, cells, controls)`` into the module's tensor dict."""
+    """Turns a batch plan ``(groups, cells, controls[, weight])`` into the module's tensor dict.
+
+    A plan with a ``weight`` (data-parallel validation pads a rank that has no batch of its
+    own with a copy of weight 0) adds ``TENSORS.METRIC_WEIGHT``: the weight of each set in the
+    logged metrics.
+    """
 
     def __init__(self, expression: ExpressionMatrix, groups: SetGroups) -> None:
         self.expression = expression
@@ -207,17 +212,42 @@ class SetBatchDataset(Dataset):
     def __len__(self) -> int:  # pragma: no cover - batches come from the sampler
         return len(self.groups)
 
-    def __getitem__(self, plan: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
-        group, cells, controls = plan
-        return make_batch(self.expression, self.groups, group, controls, cells)
+    def __getitem__(self, plan: tuple) -> dict[str, torch.Tensor]:
+        group, cells, controls = plan[:3]
+        batch = make_batch(self.expression, self.groups, group, controls, cells)
+        if len(plan) > 3:
+            batch[TENSORS.METRIC_WEIGHT] = torch.full((group.shape[0],), float(plan[3]))
+        return batch
 
 
 class SetBatchSampler(Sampler):
     """Yields batch plans of ``batch_size`` sets; a new random epoch on every iteration.
 
-    Under data-parallel training every rank draws the same epoch plan (same seed) and takes a
-    disjoint share of its batches: every ``num_replicas``-th batch, truncated to a multiple of
-    ``num_replicas`` so that ranks step together.
+    Under data-parallel training every rank draws the same plan (same seed) and takes a
+    disjoint share of its batches, every ``num_replicas``-th one. Training (``shuffle=True``)
+    with ``steps_per_epoch`` gives every rank exactly that many batches per epoch, chaining
+    passes over the groups as needed, so ranks step together and ``max_steps`` is exact.
+    Validation (``shuffle=False``) serves every set exactly once across the ranks; a rank left
+    without a batch (fewer batches than ranks) gets a copy of the first one with weight 0, so
+    that every rank takes part in the validation loop and the metrics reduced over ranks are
+    those of a single process.
+
+    Parameters
+    ----------
+    groups
+        The groups to draw sets from.
+    set_size
+        Cells per set.
+    batch_size
+        Sets per batch (per rank).
+    seed
+        Seed of the plans; the same on every rank.
+    shuffle
+        Random plans (training) or one fixed plan (validation).
+    steps_per_epoch
+        Batches per epoch and rank (training; default: one pass over the groups).
+    num_replicas, rank
+        Number of data-parallel ranks and this process' rank.
     """
 
     def __init__(
@@ -232,19 +262,31 @@ class SetBatchSampler(Sampler):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"`rank` must be in [0, num_replicas={num_replicas}), got {rank}.")
         self.groups, self.set_size, self.batch_size = groups, set_size, batch_size
         self.seed, self.shuffle, self.steps_per_epoch = seed, shuffle, steps_per_epoch
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
-        self._fixed = None if shuffle else self._share(self._batches(np.random.default_rng(seed)))
+        self._fixed = None if shuffle else self._validation_share(self._batches(np.random.default_rng(seed)))
 
     def _batches(self, rng: np.random.Generator) -> list:
         group, cells, controls = plan_sets(self.groups, self.set_size, rng, shuffle=self.shuffle)
         bounds = range(0, group.shape[0], self.batch_size)
         return [(group[i : i + self.batch_size], cells[i : i + self.batch_size], controls[i : i + self.batch_size]) for i in bounds]
 
-    def _share(self, batches: list) -> list:
-        usable = len(batches) - len(batches) % self.num_replicas if self.num_replicas > 1 else len(batches)
+    def _validation_share(self, batches: list) -> list:
+        if self.num_replicas == 1:
+            return batches
+        share = batches[self.rank :: self.num_replicas]
+        if not share and batches:
+            share = [(*batches[0], 0.0)]
+        return share
+
+    def _training_share(self, batches: list) -> list:
+        if self.num_replicas == 1:
+            return batches
+        usable = len(batches) - len(batches) % self.num_replicas
         return batches[self.rank : usable : self.num_replicas]
 
     def __iter__(self) -> Iterator:
@@ -261,12 +303,12 @@ class SetBatchSampler(Sampler):
             while len(batches) < needed:
                 batches += self._batches(rng)
             batches = batches[:needed]
-        yield from self._share(batches)
+        yield from self._training_share(batches)
 
     def __len__(self) -> int:
+        if self._fixed is not None:
+            return len(self._fixed)
         if self.steps_per_epoch is not None:
             return self.steps_per_epoch
         n_batches = -(-int(n_training_sets(self.groups.sizes, self.set_size).sum()) // self.batch_size)
-        if self.num_replicas > 1:
-            n_batches = n_batches // self.num_replicas
-        return n_batches
+        return n_batches // self.num_replicas

@@ -6,9 +6,13 @@ import contextlib
 import copy
 import difflib
 import inspect
+import logging
 import math
+import shutil
 import signal
+import tempfile
 import threading
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +28,8 @@ from ._validation import check_expression, check_obs_key, finite_float, positive
 if TYPE_CHECKING:
     from ..data import PerturbationData
 
+logger = logging.getLogger(__name__)
+
 #: Optimisation steps when neither ``max_steps`` nor ``max_epochs`` is given.
 DEFAULT_MAX_STEPS = 1500
 #: Fraction of the training (perturbation, cell type) groups held out for model selection.
@@ -34,6 +40,15 @@ MAX_AUTO_VALIDATION_GROUPS = 200
 MIN_TRAINING_GROUPS_PER_CELL_TYPE = 3
 
 _SPLIT_VALUES = {"train", "val", "validation", "test"}
+
+
+def is_data_parallel(strategy) -> bool:
+    """Whether a Lightning ``strategy`` (name or instance) trains data-parallel over processes."""
+    if isinstance(strategy, str):
+        return "ddp" in strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return isinstance(strategy, DDPStrategy)
 
 
 def split_masks(data: PerturbationData, adata, split_key: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -244,8 +259,17 @@ def train(
     # Built first: a typo in `plan_kwargs` fails here, before anything changes.
     model._training_plan_cls(model.module, **(plan_kwargs or {}))
 
-    # scvi-tools leaves the seed unset (None) until a user sets one: then sampling is random.
-    seed = int(scvi_settings.seed) if scvi_settings.seed is not None else int(np.random.default_rng().integers(2**31))
+    # scvi-tools leaves the seed unset (None) until a user sets one: then sampling is random,
+    # except under data-parallel training, where every process must draw the same split and
+    # the same plans (with `strategy="ddp"` each process runs this code on its own).
+    distributed = is_data_parallel(trainer_kwargs.get("strategy"))
+    if scvi_settings.seed is not None:
+        seed = int(scvi_settings.seed)
+    elif distributed:
+        seed = 0
+        logger.info("Data-parallel training without `scvi.settings.seed`: sampling with seed 0 on every process.")
+    else:
+        seed = int(np.random.default_rng().integers(2**31))
     data = model._data(model.adata)
     # The AnnData may have changed since `setup_anndata` checked it.
     check_expression(data.matrix, where="`adata.X`" if model._setup.layer is None else f"`adata.layers[{model._setup.layer!r}]`")
@@ -395,25 +419,51 @@ def _fit(
         trainer_kwargs.setdefault("limit_val_batches", 0)
     else:
         trainer_kwargs["check_val_every_n_epoch"] = 1
-    if early_stopping:
+    callbacks = list(trainer_kwargs.get("callbacks", []))
+    distributed = is_data_parallel(trainer_kwargs.get("strategy"))
+    log_dir = None
+    if distributed:
+        # scvi-tools' Trainer switches early stopping off under DDP. The validation loss here
+        # is reduced over the ranks (the same value on each), so stopping stays consistent:
+        # the callback is added directly. The history travels from rank 0 through a file, in
+        # a temporary folder rather than the working directory.
+        if early_stopping:
+            from scvi.train import LoudEarlyStopping
+
+            callbacks.append(LoudEarlyStopping(monitor="validation_loss", patience=early_stopping_patience, mode="min", min_delta=0.0, warmup_epochs=0))
+            early_stopping = False
+        log_dir = tempfile.mkdtemp(prefix="ptrag_sc_ddp_")
+        trainer_kwargs.setdefault("log_save_dir", log_dir)
+    elif early_stopping:
         trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
         trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault("early_stopping_mode", "min")
     keeper = KeepBestWeights("validation_loss") if keep_best else None
     if keeper is not None:
-        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), keeper]
+        callbacks.append(keeper)
+    trainer_kwargs["callbacks"] = callbacks
     # Same seed and thread count -> the same weights, on the CPU (see deterministic_algorithms);
     # a user's own `deterministic=` trainer argument is left to Lightning.
     deterministic = "deterministic" not in trainer_kwargs and runs_on_cpu(accelerator, devices)
-    with deterministic_algorithms(deterministic):
-        model._run_trainer(
-            datamodule,
-            plan_kwargs=plan_kwargs,
-            max_epochs=math.ceil(max_steps / interval),
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping,
-            trainer_kwargs=trainer_kwargs,
-        )
-    model.best_epoch_ = None if keeper is None else keeper.best_epoch
-    model.best_step_ = None if keeper is None else keeper.best_step
+    try:
+        with deterministic_algorithms(deterministic), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="early_stopping was automatically disabled")
+            model._run_trainer(
+                datamodule,
+                plan_kwargs=plan_kwargs,
+                max_epochs=math.ceil(max_steps / interval),
+                accelerator=accelerator,
+                devices=devices,
+                early_stopping=early_stopping,
+                trainer_kwargs=trainer_kwargs,
+            )
+    finally:
+        if log_dir is not None:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    best_step = best_epoch = None
+    if keeper is not None:
+        best_step, best_epoch = keeper.best_step, keeper.best_epoch
+        if best_step is None:
+            # `ddp_spawn`: the callback ran in the worker processes.
+            best_step, best_epoch = KeepBestWeights.from_metrics(model.trainer.callback_metrics)
+    model.best_epoch_, model.best_step_ = best_epoch, best_step

@@ -161,32 +161,16 @@ def check_expression(X, *, where: str, warn_counts: bool = False) -> None:
     all_integer = True
     largest = 0.0
     for start, block in iter_row_chunks(X):
-        if sp.issparse(block):
-            values = block.data
-            rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-        else:
-            values = np.asarray(block).ravel()
-            rows = np.repeat(np.arange(block.shape[0]), block.shape[1])
-        bad_nan = ~np.isfinite(values)
-        if bad_nan.any():
-            cells = np.unique(rows[bad_nan] + start)
-            raise ValueError(
-                f"{where} holds NaN or infinite values in {len(cells)}+ cell(s) (first rows: "
-                f"{cells[:5].tolist()}). Remove or impute them before registering."
-            )
-        bad_neg = values < 0
-        if bad_neg.any():
-            cells = np.unique(rows[bad_neg] + start)
-            raise ValueError(
-                f"{where} holds negative values in {len(cells)}+ cell(s) (first rows: "
-                f"{cells[:5].tolist()}, min {values.min():.3g}). PTRAG models non-negative "
-                "log-normalised expression: keep raw counts in a layer and run "
-                "`sc.pp.normalize_total` + `sc.pp.log1p`, not `sc.pp.scale`."
-            )
-        if values.size:
-            largest = max(largest, float(values.max()))
-            if all_integer:
-                all_integer = bool(np.all(np.mod(values, 1) == 0))
+        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+        if values.size == 0:
+            continue
+        # Two reductions per chunk; cells are located only when something is wrong.
+        low, high = values.min(), values.max()
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0:
+            _raise_bad_values(block, values, start, where)
+        largest = max(largest, float(high))
+        if warn_counts and all_integer:
+            all_integer = bool(np.all(np.mod(values, 1) == 0))
     if largest > MAX_EXPRESSION:
         raise ValueError(
             f"{where} holds values up to {largest:.3g}: PTRAG models log-normalised expression "
@@ -200,6 +184,29 @@ def check_expression(X, *, where: str, warn_counts: bool = False) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def _raise_bad_values(block, values: np.ndarray, start: int, where: str) -> None:
+    """Raise the error of :func:`check_expression` for a chunk holding NaN, infinite or negative values."""
+    if sp.issparse(block):
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    else:
+        rows = np.repeat(np.arange(block.shape[0]), block.shape[1])
+    bad_nan = ~np.isfinite(values)
+    if bad_nan.any():
+        cells = np.unique(rows[bad_nan] + start)
+        raise ValueError(
+            f"{where} holds NaN or infinite values in {len(cells)}+ cell(s) (first rows: "
+            f"{cells[:5].tolist()}). Remove or impute them before registering."
+        )
+    bad_neg = values < 0
+    cells = np.unique(rows[bad_neg] + start)
+    raise ValueError(
+        f"{where} holds negative values in {len(cells)}+ cell(s) (first rows: "
+        f"{cells[:5].tolist()}, min {values.min():.3g}). PTRAG models non-negative "
+        "log-normalised expression: keep raw counts in a layer and run "
+        "`sc.pp.normalize_total` + `sc.pp.log1p`, not `sc.pp.scale`."
+    )
 
 
 def check_controls_per_cell_type(is_control: np.ndarray, cell_types: np.ndarray, *, where: str) -> None:

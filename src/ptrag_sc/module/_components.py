@@ -132,3 +132,85 @@ class PooledSetTransformer(nn.Module):
         tokens = self.token_norm(self.layers(torch.cat([pooled, context], dim=1)))
         cells = cells + self.read(self.read_norm(cells), tokens)
         return self.norm(self.feed_forward(cells))
+
+
+class _ReluCeiling(torch.autograd.Function):
+    """``minimum(relu(x), ceiling)`` in one pass, with exactly autograd's gradient.
+
+    Autograd differentiates ``relu`` and ``minimum`` separately, in seven passes over
+    ``[B, S, G]`` (some of them on boolean masks, which are slow on CPU). Here the forward is
+    one ``clamp`` and the backward two thresholds: the gradient passes where ``0 < x <
+    ceiling``, and half of it on a tie ``x == ceiling`` (as ``torch.minimum`` does), which is
+    checked for before it is paid for.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ceiling):
+        ctx.save_for_backward(x, ceiling)
+        return torch.clamp(x, min=x.new_zeros(()), max=ceiling)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, ceiling = ctx.saved_tensors
+        room = ceiling - x
+        relu_grad = torch.ops.aten.threshold_backward(grad, x, 0.0)  # grad where x > 0
+        out = torch.ops.aten.threshold_backward(relu_grad, room, 0.0)  # ... and x < ceiling
+        if torch.count_nonzero(room) < room.numel():
+            ties = torch.nonzero(room.reshape(-1) == 0).squeeze(1)
+            out.view(-1)[ties] = 0.5 * relu_grad.reshape(-1)[ties]
+        return out, None
+
+
+def relu_ceiling(x: torch.Tensor, ceiling: torch.Tensor) -> torch.Tensor:
+    """``torch.minimum(torch.relu(x), ceiling)``, ``ceiling`` broadcast over ``x`` (no gradient to it)."""
+    if ceiling.requires_grad:
+        return torch.minimum(torch.relu(x), ceiling)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _ReluCeiling.apply(x, ceiling)
+    return torch.clamp(x, min=x.new_zeros(()), max=ceiling)
+
+
+class _SetMean(torch.autograd.Function):
+    """``x.mean(dim=1)`` whose gradient is a broadcast view, not a ``[B, S, G]`` division."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad / ctx.shape[1]).unsqueeze(1).expand(ctx.shape)
+
+
+def cell_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the cells of each set, ``[B, S, G] -> [B, G]``."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SetMean.apply(x)
+    return x.mean(dim=1)
+
+
+class _AddScaled(torch.autograd.Function):
+    """``out += x * scale`` in place (``x`` ``[B, S, G]`` without gradient, ``scale`` ``[B, 1, G]``).
+
+    Autograd's ``addcmul_`` multiplies the gradient by its ``value`` (one) in an extra pass
+    over ``[B, S, G]``; this backward is one product and one sum.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, scale):
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x)
+        return out.addcmul_(x, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad, None, (grad * x).sum(dim=1, keepdim=True)
+
+
+def add_scaled_(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``out += x * scale`` in place; ``scale`` ``[B, 1, G]`` broadcast over the cells of ``x``."""
+    if x.requires_grad or not (scale.requires_grad and torch.is_grad_enabled()):
+        return out.addcmul_(x, scale)
+    return _AddScaled.apply(out, x, scale)

@@ -21,8 +21,8 @@ from .._constants import (
     MemoryKind,
     Retrieval,
 )
-from .._shift import apply_shift
-from ._components import FullSetTransformer, PooledSetTransformer, mlp
+from .._shift import shift_scale
+from ._components import FullSetTransformer, PooledSetTransformer, add_scaled_, cell_mean, mlp, relu_ceiling
 from ._evidence import EvidenceCombiner
 from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
@@ -180,6 +180,12 @@ class PTRAGModule(BaseModuleClass):
         self.same_cell_type = nn.Embedding(2, n_hidden) if self.uses_responses else None
         self.relation = nn.Embedding(N_RELATIONS, n_hidden) if retrieval != "none" else None
         self.evidence = EvidenceCombiner() if self.uses_responses else None
+        if self.evidence is not None and self.selector is None:
+            # The stage-2 logit offsets exist for PT-RAG's selection only; frozen otherwise, so
+            # that every trainable parameter takes part in the loss (data-parallel training
+            # requires it) while saved models keep one layout.
+            self.evidence.relation_bias.requires_grad_(False)
+            self.evidence.similarity_bias.requires_grad_(False)
         # Filled by `set_memory`; not part of the state dict, since the memory is data saved
         # with the model, not a parameter.
         self.register_buffer("memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False)
@@ -358,11 +364,12 @@ class PTRAGModule(BaseModuleClass):
     ) -> dict[str, torch.Tensor]:
         """Run the set transformer and decode gene expression (``delta``: ``[B,G]``)."""
         latent = self.backbone(x0, h_pert[:, None, :]) + h_ctrl
-        base, offset = x_ctrl, None
+        scale, offset = None, None
         if delta is not None and control_mean is not None:
-            base, offset = apply_shift(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling)
+            # The control cells moved by the evidence: x_ctrl * scale + offset (see `apply_shift`).
+            scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling)
         if self.set_decoder is None and self.decoder_rank is None:
-            out = base + self.decoder(latent)
+            out = (x_ctrl if scale is None else x_ctrl * scale) + self.decoder(latent)
             if offset is not None:
                 out = out + offset
         else:
@@ -379,11 +386,15 @@ class PTRAGModule(BaseModuleClass):
             low_rank = first(latent - set_mean)
             inputs = torch.cat([low_rank, torch.ones_like(low_rank[..., :1])], dim=-1)  # [B,S,r+1]
             rows = torch.cat([last.weight.T.expand(x_ctrl.shape[0], -1, -1), set_vector], dim=1)  # [B,r+1,G]
-            out = torch.baddbmm(base, inputs, rows)
-        prediction = torch.minimum(torch.relu(out), self.gene_ceiling)
+            if scale is None:
+                out = torch.baddbmm(x_ctrl, inputs, rows)
+            else:
+                # One pass over [B, S, G] for the scaled cells, none for a copy of them.
+                out = add_scaled_(torch.bmm(inputs, rows), x_ctrl, scale)
+        prediction = relu_ceiling(out, self.gene_ceiling)
         result = {OUTPUTS.PREDICTION: prediction}
         if control_mean is not None:
-            result[OUTPUTS.MEAN_SHIFT] = prediction.mean(dim=1) - control_mean
+            result[OUTPUTS.MEAN_SHIFT] = cell_mean(prediction) - control_mean
         return result
 
     # -------------------------------------------------------------------- loss
@@ -410,7 +421,7 @@ class PTRAGModule(BaseModuleClass):
             # The observed set moved to its group's pseudobulk mean: the energy judges the
             # shape, and agrees with the pseudobulk term about the mean.
             control_mean = tensors[TENSORS.CONTROL_MEAN]
-            teacher = target - target.mean(dim=1, keepdim=True) + (control_mean + target_shift).unsqueeze(1)
+            teacher = target + ((control_mean + target_shift).unsqueeze(1) - target.mean(dim=1, keepdim=True))
         if self._sinkhorn is None:
             objective = energy_distance(prediction, teacher, include_target_term=include_target_term)
             loss = objective.mean()
@@ -428,9 +439,12 @@ class PTRAGModule(BaseModuleClass):
             loss = loss + self.pseudobulk_weight * error.mean()
             extra["mean_error"] = error.detach().mean()
         if OUTPUTS.KEEP in inference_outputs:
-            valid = inference_outputs[OUTPUTS.VALID][:, None, :].expand_as(inference_outputs[OUTPUTS.KEEP])
-            if valid.any():
+            valid = inference_outputs[OUTPUTS.VALID]
+            n_valid = valid.sum() * inference_outputs[OUTPUTS.KEEP].shape[1]
+            if n_valid > 0:
+                # Means over the valid (cell, candidate) pairs; padding entries are zero.
                 # The penalty is on the expected keep rate: smooth, unlike the sampled one.
-                loss = loss + self.sparsity_weight * inference_outputs[OUTPUTS.KEEP_PROBABILITY][valid].mean()
-                extra["active_ratio"] = inference_outputs[OUTPUTS.KEEP][valid].detach().mean()
+                mask = valid[:, None, :].to(inference_outputs[OUTPUTS.KEEP].dtype)
+                loss = loss + self.sparsity_weight * (inference_outputs[OUTPUTS.KEEP_PROBABILITY] * mask).sum() / n_valid
+                extra["active_ratio"] = (inference_outputs[OUTPUTS.KEEP].detach() * mask).sum() / n_valid
         return LossOutput(loss=loss, extra_metrics=extra, n_obs_minibatch=prediction.shape[0])

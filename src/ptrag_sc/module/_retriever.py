@@ -20,6 +20,59 @@ def hard_binary_concrete(logit: torch.Tensor, tau: float) -> torch.Tensor:
     return hard + (soft - soft.detach())  # exactly 0/1 forward, gradient of the soft sample
 
 
+class _KeepLogit(torch.autograd.Function):
+    """Stage 2's keep logit per (cell, candidate), with a hand-written backward.
+
+    ``logit = v . gelu(rstd * (A_s + C_k - mean * w) + bias) + v0`` over ``[B, S, K, Hs]``,
+    where ``A`` is the cell (and query) part of the scorer's first layer, ``C`` the candidate
+    part, and ``mean``/``rstd`` the statistics of the concatenated layer norm (see
+    :class:`ConcatLayerNorm`). The forward is the same sequence of operations autograd would
+    record; the backward produces the same gradients with fewer passes over the
+    ``[B, S, K, Hs]`` tensors (no intermediate products that autograd keeps for generality)
+    and matrix-vector products where autograd would run an ``[N, 1] x [1, Hs]`` matrix
+    product. This is the retrieval's hot path.
+    """
+
+    @staticmethod
+    def evaluate(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
+        """The same logits without a gradient (prediction): one ``[B, S, K, Hs]`` buffer."""
+        hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)
+        hidden.addcmul_(mean, w_sum, value=-1.0)
+        torch.addcmul(bias, rstd, hidden, out=hidden)
+        activated = F.gelu(hidden)
+        n_hidden = activated.shape[-1]
+        return torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
+
+    @staticmethod
+    def forward(ctx, cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
+        hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)  # [B,S,K,Hs]
+        hidden.addcmul_(mean, w_sum, value=-1.0)
+        pre = torch.addcmul(bias, rstd, hidden)
+        activated = F.gelu(pre)
+        n_hidden = activated.shape[-1]
+        logit = torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
+        ctx.save_for_backward(hidden, pre, activated, mean, rstd, w_sum, v)
+        return logit
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, pre, activated, mean, rstd, w_sum, v = ctx.saved_tensors
+        n_hidden = v.shape[0]
+        flat_grad = grad.reshape(-1)
+        grad_v = torch.mv(activated.view(-1, n_hidden).T, flat_grad)
+        grad_v0 = flat_grad.sum()
+        grad_pre = grad.unsqueeze(-1) * v
+        torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)
+        flat = grad_pre.view(-1, n_hidden)
+        grad_bias = flat.sum(0)
+        grad_rstd = torch.linalg.vecdot(grad_pre, hidden).unsqueeze(-1)
+        grad_hidden = grad_pre.mul_(rstd)
+        flat = grad_hidden.view(-1, n_hidden)
+        grad_mean = torch.mv(flat, w_sum).neg_().view(mean.shape)
+        grad_w_sum = torch.mv(flat.T, mean.reshape(-1)).neg_()
+        return grad_hidden.sum(2), grad_hidden.sum(1), grad_mean, grad_rstd, grad_w_sum, grad_bias, grad_v, grad_v0
+
+
 class ConcatLayerNorm(nn.Module):
     """``LayerNorm(concat(parts))`` followed by linear maps, without building the concatenation.
 
@@ -112,9 +165,14 @@ class TwoStageSelector(nn.Module):
         mean, rstd = self.norm.statistics([cell, pert, cand])  # [B,S,K,1]
 
         (w_cell, w_pert, w_cand), w_sum, bias = self.norm.folded(self.scorer_hidden)
-        hidden = (cell @ w_cell.T + pert @ w_pert.T) + cand @ w_cand.T  # [B,S,K,Hs]
-        hidden = torch.addcmul(bias, rstd, torch.addcmul(hidden, mean, w_sum, value=-1.0))
-        logit = self.scorer_out(F.gelu(hidden)).squeeze(-1)  # [B,S,K], keep minus drop
+        cell_part = h_ctrl @ w_cell.T + (h_pert @ w_pert.T)[:, None, :]  # [B,S,Hs]
+        cand_part = h_cand @ w_cand.T  # [B,K,Hs]
+        # [B,S,K], keep minus drop
+        inputs = (cell_part, cand_part, mean, rstd, w_sum, bias, self.scorer_out.weight[0], self.scorer_out.bias[0])
+        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+            logit = _KeepLogit.apply(*inputs)
+        else:
+            logit = _KeepLogit.evaluate(*inputs)
         if logit_offset is not None:
             logit = logit + logit_offset[:, None, :]
         mask = valid[:, None, :].to(logit.dtype)

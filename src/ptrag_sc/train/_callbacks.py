@@ -9,6 +9,9 @@ from lightning.pytorch.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
+#: Keys of ``trainer.callback_metrics`` that carry the restored weights' step and epoch.
+BEST_STEP_KEY, BEST_EPOCH_KEY = "keep_best_step", "keep_best_epoch"
+
 
 class KeepBestWeights(Callback):
     """Keep, in memory, the module weights of the best validation check and restore them at the end.
@@ -51,4 +54,20 @@ class KeepBestWeights(Callback):
             return
         with torch.no_grad():
             pl_module.module.load_state_dict(self._state)
+        # Spawned data-parallel workers send `callback_metrics` back to the launching process,
+        # whose copy of this callback never ran: the best step travels with them.
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in self.summary().items()})
         logger.info("Restored the weights of step %s (%s = %.4g).", self.best_step, self.monitor, self.best)
+
+    def summary(self) -> dict[str, float]:
+        """``{BEST_STEP_KEY: step, BEST_EPOCH_KEY: epoch}`` of the restored weights (empty before)."""
+        if self.best_step is None:
+            return {}
+        return {BEST_STEP_KEY: float(self.best_step), BEST_EPOCH_KEY: float(self.best_epoch)}
+
+    @staticmethod
+    def from_metrics(metrics) -> tuple[int | None, int | None]:
+        """``(best_step, best_epoch)`` as :meth:`summary` left them in ``trainer.callback_metrics``."""
+        if BEST_STEP_KEY not in metrics:
+            return None, None
+        return int(metrics[BEST_STEP_KEY]), int(metrics[BEST_EPOCH_KEY])

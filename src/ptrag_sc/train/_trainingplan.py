@@ -12,6 +12,9 @@ from scvi.train import TrainingPlan
 
 from .._constants import TENSORS
 
+#: Metrics logged per epoch, as ``{train,validation}_{name}`` (those a module reports).
+METRICS = ("loss", "energy", "mean_error", "active_ratio")
+
 
 class NonFiniteLossError(FloatingPointError, RuntimeError):
     """Raised when the training loss becomes NaN or infinite (a ``FloatingPointError`` and a ``RuntimeError``)."""
@@ -46,12 +49,15 @@ def _check_plan_kwargs(module, kwargs: dict) -> None:
 class PTRAGTrainingPlan(TrainingPlan):
     """Training plan of :class:`~ptrag_sc.PTRAG`.
 
-    Logs, per epoch, ``train_loss`` (the objective), ``train_energy`` (its energy term),
+    Logs, per epoch (one validation interval), ``train_loss`` (the objective), ``train_energy`` (its energy term),
     ``train_mean_error`` (squared error of the sets' mean shift against their groups'
     pseudobulk, over the typical squared shift), ``validation_loss`` (the same objective on
     held-out perturbations: what model selection watches), ``validation_energy`` (energy
     distance to the observed validation sets), ``validation_mean_error`` and, for PT-RAG,
     ``train_active_ratio`` / ``validation_active_ratio`` (fraction of candidates kept).
+    Each is the mean over the epoch's sets; under data-parallel training the sums are
+    reduced over the ranks, so the values are those of one process that saw every rank's
+    sets.
 
     Parameters
     ----------
@@ -114,6 +120,11 @@ class PTRAGTrainingPlan(TrainingPlan):
             **kwargs,
         )
         self.evidence_lr = evidence_lr
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        # The module's buffers (the retrieval memory, the data constants) are set before
+        # training and identical on every rank: data-parallel training need not broadcast them
+        # at every step (the memory alone can be hundreds of MB).
+        self._ddp_params_and_buffers_to_ignore = [f"module.{name}" for name, _ in module.named_buffers()]
 
     def configure_optimizers(self):
         """AdamW (fused kernels) with a faster, undecayed group for the evidence weights."""
@@ -133,7 +144,37 @@ class PTRAGTrainingPlan(TrainingPlan):
             config["lr_scheduler"] = {"scheduler": scheduler, "monitor": self.lr_scheduler_metric}
         return config
 
-    def _log_step(self, batch: dict, prefix: str):
+    # ------------------------------------------------------------------ metrics
+    def _accumulate(self, prefix: str, output, weight: torch.Tensor) -> None:
+        """Add a batch's metrics, weighted by its sets, to this epoch's running sums."""
+        values = {"loss": output.loss, **output.extra_metrics}
+        sums = self._metric_sums.get(prefix)
+        if sums is None:
+            sums = self._metric_sums[prefix] = torch.zeros(2 * len(METRICS), dtype=torch.float64, device=output.loss.device)
+        for i, name in enumerate(METRICS):
+            value = values.get(name)
+            if value is not None:
+                sums[2 * i] += weight * value.detach()
+                sums[2 * i + 1] += weight
+
+    def _log_epoch(self, prefix: str) -> None:
+        """Log this epoch's weighted means, reduced over data-parallel ranks.
+
+        The sums are reduced first (one collective), so the means weigh every set equally
+        whatever its rank; the logged values are then the same on every rank (``sync_dist``
+        keeps Lightning's bookkeeping consistent).
+        """
+        sums = self._metric_sums.pop(prefix, None)
+        if sums is None:
+            sums = torch.zeros(2 * len(METRICS), dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        for i, name in enumerate(METRICS):
+            total, weight = sums[2 * i], sums[2 * i + 1]
+            if weight > 0:
+                self.log(f"{prefix}_{name}", (total / weight).float(), on_step=False, on_epoch=True, prog_bar=name == "loss" and prefix == "train", sync_dist=self.use_sync_dist)
+
+    def _step(self, batch: dict, prefix: str):
         _, _, output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
@@ -141,17 +182,34 @@ class PTRAGTrainingPlan(TrainingPlan):
                 "diverged: lower the learning rate (e.g. `plan_kwargs={'lr': 1e-4}`) or check the "
                 "input for extreme values."
             )
-        n_sets = batch[TENSORS.X_CTRL].shape[0]
-        options = {"on_step": False, "on_epoch": True, "batch_size": n_sets, "sync_dist": self.use_sync_dist}
-        self.log(f"{prefix}_loss", output.loss, prog_bar=prefix == "train", **options)
-        for name, value in output.extra_metrics.items():
-            self.log(f"{prefix}_{name}", value, **options)
+        weight = batch.get(TENSORS.METRIC_WEIGHT)
+        weight = weight.sum() if weight is not None else batch[TENSORS.X_CTRL].shape[0]
+        self._accumulate(prefix, output, weight)
         return output.loss
 
     def training_step(self, batch, batch_idx):
         """One optimisation step on a batch of sets."""
-        return self._log_step(batch, "train")
+        return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
         """The objective on a batch of held-out sets."""
-        self._log_step(batch, "validation")
+        self._step(batch, "validation")
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's training metrics."""
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics (the same on every rank)."""
+        self._log_epoch("validation")
+
+    # ------------------------------------------------------- speed and processes
+    def on_fit_start(self) -> None:
+        """Flush denormals in every process that trains (spawned data-parallel workers too)."""
+        self._metric_sums = {}
+        self._flushing = self.device.type == "cpu" and torch.set_flush_denormal(True)
+
+    def on_fit_end(self) -> None:
+        if getattr(self, "_flushing", False):
+            torch.set_flush_denormal(False)
+            self._flushing = False
