@@ -12,7 +12,8 @@ from conftest import SMALL_MODEL, make_small_adata
 
 import ptrag_sc
 from ptrag_sc.data import expression_matrix
-from ptrag_sc.data._matrix import BackedReader, RowSubset, column_max, group_means, read_rows
+from ptrag_sc.data import _matrix
+from ptrag_sc.data._matrix import BackedReader, ExpressionMatrix, RowSubset, column_max, group_means, read_rows
 from ptrag_sc.model import _predict
 
 
@@ -129,7 +130,7 @@ def test_zarr_backed_sparse_x(pair, tmp_path):
 
 
 @pytest.mark.parametrize("dense", [False, True])
-def test_backed_reads_and_streamed_statistics(tmp_path, dense):
+def test_backed_reads_and_streamed_statistics(tmp_path, dense, monkeypatch):
     rng = np.random.default_rng(0)
     X = sp.random(3000, 40, density=0.3, format="lil", dtype=np.float32, random_state=0)
     X[100:160] = 0  # empty rows
@@ -149,3 +150,11 @@ def test_backed_reads_and_streamed_statistics(tmp_path, dense):
     np.testing.assert_allclose(group_means(disk, codes, 8, chunk_rows=256), group_means(X, codes, 8), rtol=1e-12)
     mask = codes == 3
     np.testing.assert_array_equal(column_max(disk, mask, chunk_rows=256), X[mask].max(axis=0).toarray().ravel())
+    # Cached rows (controls) come from memory, the others from disk; both equal the source.
+    cache = rng.random(3000) < 0.1
+    asked = rng.integers(0, 3000, (7, 9))
+    for limit in (_matrix.CACHE_LIMIT, 100):  # the second is too small: nothing is cached
+        monkeypatch.setattr(_matrix, "CACHE_LIMIT", limit)
+        expression = ExpressionMatrix(disk, np.array([5, 0, 7]), cache=cache)
+        np.testing.assert_array_equal(expression.rows(asked).numpy(), X[asked.ravel()][:, [5, 0, 7]].toarray().reshape(7, 9, 3))
+        assert (expression._cache is not None) is (limit > 100)

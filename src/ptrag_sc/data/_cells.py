@@ -143,7 +143,8 @@ class PerturbationData:
         self.batches = self._batch_codes(batch_categories)
         self.matrix = expression_matrix(adata, setup.layer)
         self.columns = gene_columns(adata.var_names, var_names)
-        self.expression = ExpressionMatrix(self.matrix, self.columns)
+        # Control cells are drawn by every set: an on-disk matrix keeps them in memory.
+        self.expression = ExpressionMatrix(self.matrix, self.columns, cache=self.is_control)
 
     def _cell_types(self) -> np.ndarray:
         key = self.setup.cell_type_key

@@ -32,6 +32,8 @@ APPROXIMATE_THRESHOLD = 100_000
 EXACT_PAIRS_PER_CHUNK = 1 << 25
 #: Lists whose entries a query of the approximate search is scored against.
 DEFAULT_N_PROBE = 8
+#: Queries of the approximate search handled per pass over the lists.
+QUERIES_PER_PASS = 1 << 18
 #: k-means iterations and training points per list of the approximate search.
 KMEANS_ITERATIONS, KMEANS_POINTS_PER_LIST = 10, 40
 
@@ -206,46 +208,89 @@ class NeighbourIndex:
                 relation[row, is_member] = RELATION_MEMBER
         return cand, sim, same, relation
 
-    def _exact(self, q, pert_codes, ct_codes, entries: np.ndarray | None = None):
-        """Top-``K`` of each query among all entries (or ``entries``) by one matrix product.
+    def _exact(self, q, pert_codes, ct_codes):
+        """Top-``K`` of each query among all entries by one matrix product.
 
         Holds one ``(n, M)`` float32 score matrix (plus a boolean one for response memories).
         """
+        ranking = self._ranking(q, pert_codes, ct_codes)
+        k = min(self.n_candidates, ranking.shape[1])
+        top = torch.topk(ranking, k, dim=1)
+        del ranking
+        idx = top.indices.numpy().astype(np.int64)
+        val = self._cosines(q, idx)
+        idx[~np.isfinite(top.values.numpy())] = -1
+        return idx, val
+
+    def _cosines(self, q: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """Cosine of each query with its entries ``idx`` (``(n, K)``; ``-1`` gives garbage), by chunks."""
+        out = np.empty(idx.shape, dtype=np.float32)
+        for start in range(0, idx.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            out[rows] = np.einsum("nd,nkd->nk", q[rows], self._keys[np.maximum(idx[rows], 0)])
+        return out
+
+    def _search_lists(self, q, pert_codes, ct_codes, cand, sim) -> None:
+        """Approximate search: each query against the entries of its ``n_probe`` nearest lists.
+
+        Organised by list: the queries probing a list are scored against its entries by one
+        matrix product, and each query keeps its running top ``K``. Lists are visited nearest
+        first for every query (all first choices, then all second choices, ...): after its
+        nearest list a query has a threshold (its ``K``-th best score so far), and a query
+        none of whose scores in a later list beats it skips the selection there.
+        """
+        lists = self._lists
+        k = self.n_candidates
+        for start in range(0, q.shape[0], QUERIES_PER_PASS):
+            rows = slice(start, min(start + QUERIES_PER_PASS, q.shape[0]))
+            block_q, block_pert, block_ct = q[rows], pert_codes[rows], ct_codes[rows]
+            n = block_q.shape[0]
+            probes = lists.nearest(block_q, lists.n_probe)
+            best_rank = torch.full((n, k), -torch.inf)
+            best_idx = torch.full((n, k), -1, dtype=torch.int64)
+            for choice in range(probes.shape[1]):
+                order = np.argsort(probes[:, choice], kind="stable")
+                bounds = np.searchsorted(probes[order, choice], np.arange(lists.n_lists + 1))
+                for lst in np.flatnonzero(np.diff(bounds)):
+                    entries = lists.entries(lst)
+                    if entries.size == 0:
+                        continue
+                    queries = order[bounds[lst] : bounds[lst + 1]]
+                    step = max(1, EXACT_PAIRS_PER_CHUNK // entries.size)
+                    for first in range(0, queries.size, step):
+                        chosen = queries[first : first + step]
+                        rank = self._ranking(block_q[chosen], block_pert[chosen], block_ct[chosen], entries)
+                        if choice:
+                            better = (rank > best_rank[chosen, -1:]).any(dim=1).numpy()
+                            if not better.any():
+                                continue
+                            chosen, rank = chosen[better], rank[torch.from_numpy(better)]
+                        top = torch.topk(rank, min(k, entries.size), dim=1)
+                        merged_rank = torch.cat([best_rank[chosen], top.values], dim=1)
+                        merged_idx = torch.cat([best_idx[chosen], torch.from_numpy(entries)[top.indices]], dim=1)
+                        keep = torch.topk(merged_rank, k, dim=1)
+                        best_rank[chosen] = keep.values
+                        best_idx[chosen] = torch.gather(merged_idx, 1, keep.indices)
+            idx = best_idx.numpy()
+            idx[~np.isfinite(best_rank.numpy())] = -1
+            cand[rows] = idx
+            sim[rows] = self._cosines(block_q, idx)
+
+    def _ranking(self, q, pert_codes, ct_codes, entries: np.ndarray | None = None) -> torch.Tensor:
+        """Scores of queries against all entries (or ``entries``, sorted): cosine, + 1e-5 for the
+        query's cell type (response memories), ``-inf`` for the query's own entries."""
         keys = self._keys if entries is None else self._keys[entries]
         ranking = torch.from_numpy(q) @ torch.from_numpy(keys).T
         if self.memory.kind == "response":
             mem_ct = self._mem_ct if entries is None else self._mem_ct[entries]
             ranking.add_(torch.from_numpy(ct_codes[:, None] == mem_ct[None, :]), alpha=1e-5)
         rows, excluded = self._excluded(pert_codes, ct_codes)
-        if entries is not None and rows.size:
-            position = pd.Index(entries).get_indexer(excluded)
-            rows, excluded = rows[position >= 0], position[position >= 0]
+        if rows.size and entries is not None:
+            position = np.searchsorted(entries, excluded)
+            found = (position < entries.size) & (entries[np.minimum(position, entries.size - 1)] == excluded)
+            rows, excluded = rows[found], position[found]
         ranking[torch.from_numpy(rows), torch.from_numpy(excluded)] = -torch.inf
-        k = min(self.n_candidates, ranking.shape[1])
-        top = torch.topk(ranking, k, dim=1)
-        del ranking
-        idx = top.indices.numpy().astype(np.int64)
-        if entries is not None:
-            idx = entries[idx]
-        val = np.einsum("nd,nkd->nk", q, self._keys[idx]).astype(np.float32)
-        idx[~np.isfinite(top.values.numpy())] = -1
-        return idx, val
-
-    def _search_lists(self, q, pert_codes, ct_codes, cand, sim) -> None:
-        """Approximate search: the queries of each list against the entries of its probed lists."""
-        lists = self._lists
-        own = lists.assign(q)
-        order = np.argsort(own, kind="stable")
-        bounds = np.searchsorted(own[order], np.arange(lists.n_lists + 1))
-        for home in np.flatnonzero(np.diff(bounds)):
-            queries = order[bounds[home] : bounds[home + 1]]
-            entries = lists.candidates(home)
-            step = max(1, EXACT_PAIRS_PER_CHUNK // max(1, entries.size))
-            for start in range(0, queries.size, step):
-                rows = queries[start : start + step]
-                idx, val = self._exact(q[rows], pert_codes[rows], ct_codes[rows], entries)
-                cand[rows, : idx.shape[1]] = idx
-                sim[rows, : val.shape[1]] = val
+        return ranking
 
     def _search_faiss(self, q, pert_codes, ct_codes):
         """faiss search for ``K`` plus room for the excluded entry and for ties between cell types."""
@@ -300,32 +345,29 @@ class _Lists:
             verbose=False,
         )
         kmeans.train(np.ascontiguousarray(sample))
-        self.quantizer = faiss.IndexFlatIP(dim)
-        self.quantizer.add(_normalise(kmeans.centroids))
-        own = self.assign(keys)
+        self.centroids = torch.from_numpy(_normalise(kmeans.centroids))
+        own = self.nearest(keys, 1)[:, 0]
         self.members = np.argsort(own, kind="stable")
         self.start = np.searchsorted(own[self.members], np.arange(self.n_lists + 1))
         self.set_probe(n_probe)
 
-    def assign(self, x: np.ndarray) -> np.ndarray:
-        """Nearest list of each row of ``x`` (by chunks of 65,536 rows)."""
-        out = np.empty(x.shape[0], dtype=np.int64)
-        for start in range(0, x.shape[0], 1 << 16):
-            _, nearest = self.quantizer.search(np.ascontiguousarray(x[start : start + (1 << 16)]), 1)
-            out[start : start + nearest.shape[0]] = nearest[:, 0]
+    def nearest(self, x: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` lists whose centroids are nearest to each row of ``x`` (matrix products by chunks)."""
+        out = np.empty((x.shape[0], k), dtype=np.int64)
+        step = max(1, EXACT_PAIRS_PER_CHUNK // self.n_lists)
+        for start in range(0, x.shape[0], step):
+            scores = torch.from_numpy(np.ascontiguousarray(x[start : start + step])) @ self.centroids.T
+            out[start : start + scores.shape[0]] = (scores.argmax(1, keepdim=True) if k == 1 else torch.topk(scores, k, dim=1).indices).numpy()
         return out
 
     def set_probe(self, n_probe: int) -> None:
         if n_probe < 1:
             raise ValueError(f"`n_probe` must be an integer >= 1, got {n_probe}.")
         self.n_probe = min(n_probe, self.n_lists)
-        centroids = self.quantizer.reconstruct_n(0, self.n_lists)
-        _, self.probe = self.quantizer.search(centroids, self.n_probe)
 
-    def candidates(self, home: int) -> np.ndarray:
-        """Entries of the lists searched by the queries of list ``home``, sorted."""
-        parts = [self.members[self.start[lst] : self.start[lst + 1]] for lst in self.probe[home] if lst >= 0]
-        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    def entries(self, lst: int) -> np.ndarray:
+        """Entries of list ``lst``, sorted."""
+        return self.members[self.start[lst] : self.start[lst + 1]]
 
 
 def _faiss_available() -> bool:

@@ -20,6 +20,8 @@ import torch
 CHUNK_ROWS = 16384
 #: In-memory matrices up to this many float32 bytes get a dense copy for fast gathers.
 DENSE_COPY_LIMIT = 1024**3
+#: An on-disk matrix keeps the rows it is asked to cache (control cells) in memory up to this size.
+CACHE_LIMIT = 1024**3
 #: Two requested rows of an on-disk matrix are read in one window when fewer than this many
 #: values (dense: rows x genes; CSR: stored entries) lie between them.
 MERGE_GAP_VALUES = 1 << 14
@@ -290,19 +292,29 @@ class ExpressionMatrix:
     columns
         Column of ``matrix`` for each of the model's genes (to read an AnnData whose genes are
         in another order), or ``None`` for the identity.
+    cache
+        Boolean mask of rows of an on-disk matrix to keep in memory once first needed (the
+        control cells: every set draws from them, scattered over the file). They are read in
+        one pass (chunks without such rows are skipped) and kept as CSR (sparse source) or
+        dense, if that takes at most ``CACHE_LIMIT`` bytes; else they are read per batch like
+        the other rows. Ignored for in-memory matrices.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None = None) -> None:
+    def __init__(self, matrix, columns: np.ndarray | None = None, *, cache: np.ndarray | None = None) -> None:
         self.shape = (matrix.shape[0], matrix.shape[1] if columns is None else len(columns))
         self._columns = None if columns is None else np.asarray(columns, dtype=np.int64)
         self._dense: torch.Tensor | None = None
         self._reader: BackedReader | None = None
         self._source = matrix
+        self._cache_mask = None
+        self._cache = None
+        self._cache_position: np.ndarray | None = None
         nbytes = matrix.shape[0] * matrix.shape[1] * 4
-        if isinstance(matrix, RowSubset):
-            return
         if is_backed(matrix):
-            self._reader = BackedReader(matrix)
+            if not isinstance(matrix, RowSubset):
+                self._reader = BackedReader(matrix)
+            if cache is not None and np.any(cache):
+                self._cache_mask = np.asarray(cache, dtype=bool)
             return
         if sp.issparse(matrix):
             if nbytes <= DENSE_COPY_LIMIT:
@@ -317,6 +329,48 @@ class ExpressionMatrix:
         """Whether rows are read from disk per batch."""
         return self._dense is None and is_backed(self._source)
 
+    def _load_cache(self) -> None:
+        """Read the rows of the cache mask in one pass, if they fit in ``CACHE_LIMIT``."""
+        mask, self._cache_mask = self._cache_mask, None
+        rows = np.flatnonzero(mask)
+        if self._reader is not None and self._reader.sparse:
+            estimate = 8 * int(np.sum(self._reader._indptr[rows + 1] - self._reader._indptr[rows]))
+        else:
+            estimate = 4 * rows.size * self._source.shape[1]
+        if estimate > CACHE_LIMIT:
+            return
+        blocks = []
+        size = 0
+        for start, block in iter_row_chunks(self._source, mask=mask):
+            local = np.flatnonzero(mask[start : start + block.shape[0]])
+            block = block[local] if local.size < block.shape[0] else block
+            block = sp.csr_matrix(block, dtype=np.float32) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
+            size += block.data.nbytes + block.indices.nbytes if sp.issparse(block) else block.nbytes
+            if size > CACHE_LIMIT:
+                return  # too large: these rows are read from disk per batch
+            blocks.append(block)
+        if not blocks:
+            return
+        self._cache = sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.concatenate(blocks)
+        self._cache_position = np.full(self._source.shape[0], -1, dtype=np.int64)
+        self._cache_position[rows] = np.arange(rows.size)
+
+    def _read(self, flat: np.ndarray) -> np.ndarray:
+        """Dense float32 rows of the on-disk or CSR source, cached rows from memory."""
+        if self._cache_mask is not None:
+            self._load_cache()
+        if self._cache is None:
+            return _read_backed(self._reader, flat) if self._reader is not None else read_rows(self._source, flat)
+        position = self._cache_position[flat]
+        cached = position >= 0
+        if cached.all():
+            return _to_dense(self._cache[position])
+        out = np.empty((flat.size, self._source.shape[1]), dtype=np.float32)
+        out[cached] = _to_dense(self._cache[position[cached]])
+        rest = flat[~cached]
+        out[~cached] = _read_backed(self._reader, rest) if self._reader is not None else read_rows(self._source, rest)
+        return out
+
     def rows(self, index: np.ndarray) -> torch.Tensor:
         """Rows ``index`` (any shape) as a float32 tensor of shape ``index.shape + (G,)``."""
         flat = np.array(index, dtype=np.int64).ravel()  # a writable copy: torch needs one
@@ -327,10 +381,8 @@ class ExpressionMatrix:
         else:
             if flat.size == 0:
                 block = np.zeros((0, self._source.shape[1]), dtype=np.float32)
-            elif self._reader is not None:
-                block = _read_backed(self._reader, flat)
             else:
-                block = read_rows(self._source, flat)
+                block = self._read(flat)
             if self._columns is not None:
                 block = block[:, self._columns]
             out = torch.from_numpy(np.ascontiguousarray(block))

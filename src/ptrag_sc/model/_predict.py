@@ -156,6 +156,8 @@ def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwr
 
 def _output_writer(model, adata, data, query, *, output, sparse, overwrite, sample_retrieval, seed):
     """Where counterfactual predictions go: a dense or sparse layer, or a new h5ad file (``output``)."""
+    if not isinstance(sparse, bool | np.bool_):
+        raise ValueError(f"`sparse` must be True or False, got {sparse!r}.")
     if output is None:
         writer_cls = SparseLayerWriter if sparse else DenseLayerWriter
         return writer_cls(data.matrix, data.columns, query)
@@ -175,7 +177,7 @@ def _output_writer(model, adata, data, query, *, output, sparse, overwrite, samp
         "control_group": setup.control_group,
         "layer": "X",
     }
-    obs = adata.obs.copy()
+    obs = adata.obs.drop(columns=[c for c in adata.obs.columns if str(c).startswith("_scvi_")])
     obs[OBS_PREDICTED] = query
     return H5ADWriter(
         output,

@@ -556,10 +556,13 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         (or combination of genes) with an embedding can be asked for, measured or not.
 
         **Data larger than memory.** ``adata`` may be opened with
-        ``anndata.read_h5ad(path, backed="r")`` (or be a view of such an AnnData): only the
-        rows a batch needs are read. The counterfactual result can then go to a new h5ad file
-        (``output=``), written batch by batch, so the whole prediction is never in memory; a
-        CSR layer (``sparse=True``) avoids a dense copy for in-memory sparse data.
+        ``anndata.read_h5ad(path, backed="r")``, hold a zarr-backed sparse ``X``
+        (``AnnData(X=anndata.io.sparse_dataset(zarr.open(path)["X"]), obs=..., var=...)``), or
+        be a view of either: only the rows a batch needs are read (control cells, which every
+        set draws from, are kept in memory when they fit in 1 GiB). The counterfactual result
+        can then go to a new h5ad file (``output=``), written batch by batch, so the whole
+        prediction is never in memory; a CSR layer (``sparse=True``) avoids a dense copy for
+        in-memory sparse data. The same holds for :meth:`train`.
 
         Parameters
         ----------
@@ -630,7 +633,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         if cell_type is not None:
             raise ValueError("`cell_type` applies to generation mode (with `perturbations=[...]`).")
         return _predict.counterfactual(
-            self, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed, output=output, sparse=bool(sparse)
+            self, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed, output=output, sparse=sparse
         )
 
     def add_perturbation_embeddings(self, embeddings: pd.DataFrame, *, overwrite: bool = False) -> None:
