@@ -174,6 +174,8 @@ class H5ADWriter(_Writer):
 
         super().__init__(matrix, columns, predicted)
         self.path = Path(os.fspath(path))
+        if self.path.suffix.lower() == ".zarr":
+            raise ValueError(f"`output={os.fspath(path)!r}`: predictions are written as an h5ad file; name a `.h5ad` path.")
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"`output={os.fspath(path)!r}` already exists; pass `overwrite=True` to replace it, or another path.")
         if not self.path.parent.is_dir():
