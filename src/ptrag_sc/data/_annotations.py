@@ -33,6 +33,18 @@ class GeneAnnotations:
         self._index = pd.Index(self.terms.index.astype(str).str.upper())
         self._resolved: dict[str, list[str]] = {}
 
+    def _prefetch(self, genes) -> None:
+        """Resolve every not yet resolved gene that is not a symbol of the table in one call (aliases)."""
+        unknown = sorted({g for g in genes if g not in self._resolved and g not in self._index})
+        if not unknown:
+            return
+        from ..pp import resolve_gene_symbols
+
+        mapping = resolve_gene_symbols(unknown, self._index, warn=False).mapping
+        for gene in unknown:
+            symbol = mapping.get(gene)
+            self._resolved[gene] = [] if symbol is None else self.terms.iloc[self._index.get_loc(symbol)].split()
+
     def _gene_terms(self, gene: str) -> list[str]:
         if gene not in self._resolved:
             symbol = gene if gene in self._index else None
@@ -53,6 +65,7 @@ class GeneAnnotations:
         are dropped, so queries are coded like the memory).
         """
         labels = [str(label) for label in labels]
+        self._prefetch({m.strip() for label in labels for m in label.upper().split(sep) if m.strip()})
         sets = [sorted({t for m in label.upper().split(sep) if m.strip() for t in self._gene_terms(m.strip())}) for label in labels]
         if vocabulary is None:
             vocabulary = np.array(sorted({t for s in sets for t in s}), dtype=str)

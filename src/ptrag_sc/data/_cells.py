@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ._fields import missing_obs_key_error
-from ._matrix import ExpressionMatrix, group_means
+from ._matrix import ExpressionMatrix, RowSubset, group_means, is_backed
 from ._perturbations import normalise_labels
 
 #: Cell type of every cell when the model was set up without ``cell_type_key``.
@@ -28,14 +28,43 @@ class SetupArgs:
 
 
 def expression_matrix(adata, layer: str | None):
-    """``adata.X`` or ``adata.layers[layer]``, with an error listing the layers if absent."""
+    """``adata.X`` or ``adata.layers[layer]``, with an error listing the layers if absent.
+
+    For a view of an AnnData whose ``X`` is on disk (``adata[mask]`` on
+    ``read_h5ad(path, backed="r")``, or on an AnnData whose ``X`` is a zarr-backed sparse
+    dataset) the on-disk ``X`` is wrapped in a :class:`~ptrag_sc.data._matrix.RowSubset`, read
+    by rows on demand, instead of anndata's ``view.X``, which loads all the view's rows at once.
+    """
     if layer is None:
+        lazy_view = _backed_view_matrix(adata)
+        if lazy_view is not None:
+            return lazy_view
         if adata.X is None:
             raise ValueError("`adata.X` is empty; pass `layer=` naming the expression layer.")
         return adata.X
     if layer not in adata.layers:
         raise KeyError(f"`layer={layer!r}` is not in `adata.layers`. Existing layers: {list(adata.layers.keys())}.")
     return adata.layers[layer]
+
+
+def _backed_view_matrix(adata) -> RowSubset | None:
+    """The rows of a view of an AnnData with an on-disk ``X`` as a lazy :class:`RowSubset`.
+
+    ``None`` for anything else (in-memory data, or an anndata without the view internals used
+    here, which then falls back to ``view.X``).
+    """
+    if not getattr(adata, "is_view", False):
+        return None
+    parent = getattr(adata, "_adata_ref", None)
+    oidx, vidx = getattr(adata, "_oidx", None), getattr(adata, "_vidx", None)
+    if parent is None or oidx is None or vidx is None:
+        return None
+    matrix = parent.X
+    if matrix is None or not is_backed(matrix):
+        return None
+    rows = np.arange(parent.n_obs)[oidx]
+    columns = np.arange(parent.n_vars)[vidx]
+    return RowSubset(matrix, rows, None if np.array_equal(columns, np.arange(parent.n_vars)) else columns)
 
 
 def gene_columns(var_names, model_var_names) -> np.ndarray | None:
@@ -118,7 +147,8 @@ class PerturbationData:
         self.batches = self._batch_codes(batch_categories)
         self.matrix = expression_matrix(adata, setup.layer)
         self.columns = gene_columns(adata.var_names, var_names)
-        self.expression = ExpressionMatrix(self.matrix, self.columns)
+        # Control cells are drawn by every set: an on-disk matrix keeps them in memory.
+        self.expression = ExpressionMatrix(self.matrix, self.columns, cache=self.is_control)
 
     def _cell_types(self) -> np.ndarray:
         key = self.setup.cell_type_key

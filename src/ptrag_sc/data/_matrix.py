@@ -1,8 +1,13 @@
 """Row access and streaming statistics over an expression matrix that may not fit in memory.
 
-The matrix can be a dense numpy array, a scipy sparse matrix, or an on-disk array of an AnnData
-opened with ``backed="r"`` (an h5py dataset or anndata's sparse dataset). Nothing here holds
-more than one chunk of rows of a matrix that is not already in memory.
+The matrix can be a dense numpy array, a scipy sparse matrix, an on-disk array of an AnnData
+opened with ``backed="r"`` (an h5py dataset or anndata's CSR dataset, h5ad or zarr), or a
+:class:`RowSubset` of one (what a view of a backed AnnData reads). Nothing here holds more than
+one chunk of rows of a matrix that is not already in memory.
+
+On-disk rows are read in runs: sorted row indices are merged into contiguous windows (a window
+may read a few unneeded rows when that saves a separate read), and one read per window fetches
+them, so a batch of scattered cells costs a handful of reads, not one per cell.
 """
 
 from __future__ import annotations
@@ -15,38 +20,209 @@ import torch
 CHUNK_ROWS = 16384
 #: In-memory matrices up to this many float32 bytes get a dense copy for fast gathers.
 DENSE_COPY_LIMIT = 1024**3
+#: An on-disk matrix keeps the rows it is asked to cache (control cells) in memory up to this size.
+CACHE_LIMIT = 1024**3
+#: Two requested rows of an on-disk matrix are read in one window when fewer than this many
+#: values (dense: rows x genes; CSR: stored entries) lie between them.
+MERGE_GAP_VALUES = 1 << 14
 
 
 def is_backed(matrix) -> bool:
-    """Whether ``matrix`` lives on disk (h5py dataset, anndata sparse dataset, zarr array)."""
+    """Whether ``matrix`` lives on disk (h5py dataset, anndata sparse dataset, zarr array, :class:`RowSubset`)."""
     return not isinstance(matrix, np.ndarray | np.matrix) and not sp.issparse(matrix)
 
 
-def read_rows(matrix, rows: np.ndarray):
-    """Rows ``rows`` of any supported matrix as dense float32 ``(len(rows), G)``.
+def _csr_group(matrix):
+    """The storage group of an on-disk CSR matrix (anndata's CSR dataset), else ``None``."""
+    group = getattr(matrix, "group", None)
+    if group is None or getattr(matrix, "format", None) != "csr":
+        return None
+    return group
 
-    On-disk arrays need sorted, unique indices: rows are read once each, in order, and put back
-    in the requested order.
+
+def _windows(starts: np.ndarray, stops: np.ndarray, max_gap: int) -> np.ndarray:
+    """Merge sorted ``[starts, stops)`` ranges whose gap is at most ``max_gap`` into windows.
+
+    Returns ``(n_windows, 4)`` int64 rows ``(first range, last range + 1, lo, hi)``: the
+    window reads ``[lo, hi)`` and serves ranges ``first .. last``.
     """
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.size == 0:
-        return np.zeros((0, matrix.shape[1]), dtype=np.float32)
-    if is_backed(matrix):
-        unique, inverse = np.unique(rows, return_inverse=True)
-        block = matrix[unique]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        return np.asarray(block, dtype=np.float32)[inverse]
-    block = matrix[rows]
+    if starts.size == 0:
+        return np.zeros((0, 4), np.int64)
+    new = np.ones(starts.size, dtype=bool)
+    new[1:] = (starts[1:] - stops[:-1]) > max_gap
+    first = np.flatnonzero(new)
+    end = np.r_[first[1:], starts.size]
+    return np.stack([first, end, starts[first], stops[end - 1]], axis=1).astype(np.int64)
+
+
+class BackedReader:
+    """Reads sets of rows of an on-disk matrix in contiguous windows.
+
+    For anndata's CSR datasets the row pointer is read once and kept (8 bytes per row); the
+    stored values of each window are read with one slice of ``data`` and one of ``indices``.
+
+    Parameters
+    ----------
+    matrix
+        An on-disk dense array (h5py, zarr) or an anndata CSR dataset.
+    """
+
+    def __init__(self, matrix) -> None:
+        self.matrix = matrix
+        self.shape = tuple(matrix.shape)
+        group = _csr_group(matrix)
+        self.sparse = group is not None
+        if self.sparse:
+            self._data = group["data"]
+            self._indices = group["indices"]
+            self._indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+
+    def read(self, rows: np.ndarray, *, sparse: bool = False):
+        """Rows ``rows`` (sorted, unique) as a CSR matrix (``sparse=True``, CSR sources only) or dense float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.sparse:
+            return self._read_dense(rows)
+        block = self._read_csr(rows)
+        return block if sparse else _to_dense(block)
+
+    def _read_dense(self, rows: np.ndarray) -> np.ndarray:
+        if rows.size == 0:
+            return np.empty((0, self.shape[1]), dtype=np.float32)
+        gap = max(1, MERGE_GAP_VALUES // max(1, self.shape[1]))
+        windows = _windows(rows, rows + 1, gap)
+        blocks = [np.asarray(self.matrix[lo:hi], dtype=np.float32) for _, _, lo, hi in windows.tolist()]
+        block = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        offset = np.cumsum(windows[:, 3] - windows[:, 2]) - (windows[:, 3] - windows[:, 2])
+        window_of_row = np.repeat(np.arange(windows.shape[0]), windows[:, 1] - windows[:, 0])
+        return block[rows - windows[window_of_row, 2] + offset[window_of_row]]
+
+    def _read_csr(self, rows: np.ndarray) -> sp.csr_matrix:
+        indptr = self._indptr
+        starts, stops = indptr[rows], indptr[rows + 1]
+        lengths = stops - starts
+        out_indptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out_indptr[1:])
+        if out_indptr[-1] == 0:
+            return sp.csr_matrix((rows.size, self.shape[1]), dtype=np.float32)
+        windows = _windows(starts, stops, MERGE_GAP_VALUES)
+        windows = windows[windows[:, 3] > windows[:, 2]]
+        spans = windows.tolist()
+        data = [self._data[lo:hi] for _, _, lo, hi in spans]
+        indices = [self._indices[lo:hi] for _, _, lo, hi in spans]
+        if len(spans) > 1:
+            data, indices = np.concatenate(data), np.concatenate(indices)
+        else:
+            data, indices = data[0], indices[0]
+        # Position of each requested value in the concatenated windows.
+        size = windows[:, 3] - windows[:, 2]
+        offset = np.cumsum(size) - size
+        window_of_value = np.searchsorted(windows[:, 2], starts, side="right") - 1
+        base = starts - windows[window_of_value, 2] + offset[window_of_value]
+        source = np.repeat(base, lengths) + _ranks(lengths)
+        if source.size == data.shape[0]:
+            return sp.csr_matrix((np.asarray(data, np.float32), indices, out_indptr), shape=(rows.size, self.shape[1]))
+        return sp.csr_matrix((np.asarray(data[source], np.float32), indices[source], out_indptr), shape=(rows.size, self.shape[1]))
+
+
+def _ranks(lengths: np.ndarray) -> np.ndarray:
+    """``0..n-1`` within each of consecutive runs of the given lengths, concatenated."""
+    total = int(lengths.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def _to_dense(block) -> np.ndarray:
     if sp.issparse(block):
         return block.toarray().astype(np.float32, copy=False)
     return np.asarray(block, dtype=np.float32)
 
 
-def iter_row_chunks(matrix, chunk_rows: int = CHUNK_ROWS):
-    """``(start, block)`` over consecutive row chunks; ``block`` is sparse CSR or dense."""
+class RowSubset:
+    """Some rows (and optionally columns) of an on-disk matrix, read only when asked for.
+
+    What a view of a backed AnnData (``adata[mask]`` on ``read_h5ad(path, backed="r")``)
+    reads: anndata would load all of the view's rows at once on ``view.X``.
+
+    Parameters
+    ----------
+    matrix
+        The on-disk matrix of the parent AnnData.
+    rows
+        Parent row of each row of the subset (any order).
+    columns
+        Parent column of each column of the subset, or ``None`` for all.
+    """
+
+    def __init__(self, matrix, rows: np.ndarray, columns: np.ndarray | None = None) -> None:
+        self.matrix = matrix
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+        self.shape = (self.rows.size, matrix.shape[1] if columns is None else self.columns.size)
+        self._reader = BackedReader(matrix) if is_backed(matrix) else None
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)
+
+    def read(self, positions: np.ndarray, *, sparse: bool = False):
+        """Rows at ``positions`` (any order) of the subset; CSR when ``sparse`` and the source is CSR."""
+        parent = self.rows[np.asarray(positions, dtype=np.int64)]
+        unique, inverse = np.unique(parent, return_inverse=True)
+        if self._reader is not None:
+            block = self._reader.read(unique, sparse=sparse)
+        else:
+            block = self.matrix[unique]
+            block = block.tocsr() if sp.issparse(block) and sparse else _to_dense(block)
+        if self.columns is not None:
+            block = block[:, self.columns]
+        if unique.size != parent.size or np.any(np.diff(parent) < 0):
+            block = block[inverse.ravel()]
+        return block
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            raise TypeError("A RowSubset is indexed by rows only: `subset[rows]`.")
+        positions = np.arange(self.shape[0])[key]
+        return self.read(np.atleast_1d(positions), sparse=True)
+
+
+def read_rows(matrix, rows: np.ndarray):
+    """Rows ``rows`` of any supported matrix as dense float32 ``(len(rows), G)``.
+
+    On-disk arrays are read once per requested row, in sorted windows, and put back in the
+    requested order.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros((0, matrix.shape[1]), dtype=np.float32)
+    if isinstance(matrix, RowSubset):
+        return _to_dense(matrix.read(rows))
+    if is_backed(matrix):
+        return _read_backed(BackedReader(matrix), rows)
+    return _to_dense(matrix[rows])
+
+
+def _read_backed(reader: BackedReader, rows: np.ndarray) -> np.ndarray:
+    unique, inverse = np.unique(rows, return_inverse=True)
+    block = reader.read(unique)
+    return block if unique.size == rows.size and np.all(np.diff(rows) > 0) else block[inverse.ravel()]
+
+
+def iter_row_chunks(matrix, chunk_rows: int = CHUNK_ROWS, mask: np.ndarray | None = None):
+    """``(start, block)`` over consecutive row chunks; ``block`` is sparse CSR or dense.
+
+    With a boolean ``mask``, chunks without a selected row are skipped (not read) and each
+    chunk is trimmed to the span of its selected rows; ``block`` still holds every row of
+    that span, starting at row ``start``.
+    """
     n = matrix.shape[0]
     for start in range(0, n, chunk_rows):
-        block = matrix[start : min(start + chunk_rows, n)]
+        stop = min(start + chunk_rows, n)
+        if mask is not None:
+            selected = np.flatnonzero(mask[start:stop])
+            if selected.size == 0:
+                continue
+            start, stop = start + int(selected[0]), start + int(selected[-1]) + 1
+        block = matrix[start:stop]
         if sp.issparse(block):
             yield start, block.tocsr()
         else:
@@ -57,21 +233,21 @@ def group_sums(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK
     """Sum of the rows of each group (``codes < 0`` ignored), streamed by chunks.
 
     Returns ``(sums float64 [n_groups, G], counts int64 [n_groups])``. A sparse indicator
-    product per chunk: no loop over cells, and no float64 copy of the matrix.
+    product per chunk over the groups present in it: no loop over cells, no float64 copy of
+    the matrix, and chunks without a grouped row are not read.
     """
     codes = np.asarray(codes, dtype=np.int64)
     sums = np.zeros((n_groups, matrix.shape[1]), dtype=np.float64)
     counts = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.int64)
     if n_groups == 0:
         return sums, counts
-    for start, block in iter_row_chunks(matrix, chunk_rows):
+    for start, block in iter_row_chunks(matrix, chunk_rows, mask=codes >= 0):
         local = codes[start : start + block.shape[0]]
         keep = np.flatnonzero(local >= 0)
-        if keep.size == 0:
-            continue
-        indicator = sp.csr_matrix((np.ones(keep.size), (local[keep], keep)), shape=(n_groups, block.shape[0]))
+        present, row_group = np.unique(local[keep], return_inverse=True)
+        indicator = sp.csr_matrix((np.ones(keep.size), (row_group.ravel(), keep)), shape=(present.size, block.shape[0]))
         part = indicator @ block
-        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
+        sums[present] += part.toarray() if sp.issparse(part) else np.asarray(part)
     return sums, counts
 
 
@@ -87,12 +263,11 @@ def group_means(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUN
 def column_max(matrix, mask: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """Largest value of each column over the rows of ``mask`` (all rows by default), float32."""
     out = np.zeros(matrix.shape[1], dtype=np.float32)
-    for start, block in iter_row_chunks(matrix, chunk_rows):
+    for start, block in iter_row_chunks(matrix, chunk_rows, mask=mask):
         if mask is not None:
             local = np.flatnonzero(mask[start : start + block.shape[0]])
-            if local.size == 0:
-                continue
-            block = block[local]
+            if local.size < block.shape[0]:
+                block = block[local]
         if block.shape[0] == 0:
             continue
         block_max = block.max(axis=0)
@@ -107,7 +282,8 @@ class ExpressionMatrix:
     A dense in-memory matrix is used as is when it is float32 (shared, not copied) and copied
     to float32 once otherwise; an in-memory sparse matrix is densified once when the dense
     copy is smaller than ``DENSE_COPY_LIMIT``, else kept as CSR and densified per batch; an
-    on-disk matrix (backed AnnData) is read per batch, only the rows the batch needs.
+    on-disk matrix (backed AnnData, or a :class:`RowSubset` of one) is read per batch, only the
+    rows the batch needs, in contiguous windows.
 
     Parameters
     ----------
@@ -116,15 +292,29 @@ class ExpressionMatrix:
     columns
         Column of ``matrix`` for each of the model's genes (to read an AnnData whose genes are
         in another order), or ``None`` for the identity.
+    cache
+        Boolean mask of rows of an on-disk matrix to keep in memory once first needed (the
+        control cells: every set draws from them, scattered over the file). They are read in
+        one pass (chunks without such rows are skipped) and kept as CSR (sparse source) or
+        dense, if that takes at most ``CACHE_LIMIT`` bytes; else they are read per batch like
+        the other rows. Ignored for in-memory matrices.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None = None) -> None:
+    def __init__(self, matrix, columns: np.ndarray | None = None, *, cache: np.ndarray | None = None) -> None:
         self.shape = (matrix.shape[0], matrix.shape[1] if columns is None else len(columns))
         self._columns = None if columns is None else np.asarray(columns, dtype=np.int64)
         self._dense: torch.Tensor | None = None
+        self._reader: BackedReader | None = None
         self._source = matrix
+        self._cache_mask = None
+        self._cache = None
+        self._cache_position: np.ndarray | None = None
         nbytes = matrix.shape[0] * matrix.shape[1] * 4
         if is_backed(matrix):
+            if not isinstance(matrix, RowSubset):
+                self._reader = BackedReader(matrix)
+            if cache is not None and np.any(cache):
+                self._cache_mask = np.asarray(cache, dtype=bool)
             return
         if sp.issparse(matrix):
             if nbytes <= DENSE_COPY_LIMIT:
@@ -136,7 +326,50 @@ class ExpressionMatrix:
 
     @property
     def backed(self) -> bool:
+        """Whether rows are read from disk per batch."""
         return self._dense is None and is_backed(self._source)
+
+    def _load_cache(self) -> None:
+        """Read the rows of the cache mask in one pass, if they fit in ``CACHE_LIMIT``."""
+        mask, self._cache_mask = self._cache_mask, None
+        rows = np.flatnonzero(mask)
+        if self._reader is not None and self._reader.sparse:
+            estimate = 8 * int(np.sum(self._reader._indptr[rows + 1] - self._reader._indptr[rows]))
+        else:
+            estimate = 4 * rows.size * self._source.shape[1]
+        if estimate > CACHE_LIMIT:
+            return
+        blocks = []
+        size = 0
+        for start, block in iter_row_chunks(self._source, mask=mask):
+            local = np.flatnonzero(mask[start : start + block.shape[0]])
+            block = block[local] if local.size < block.shape[0] else block
+            block = sp.csr_matrix(block, dtype=np.float32) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
+            size += block.data.nbytes + block.indices.nbytes if sp.issparse(block) else block.nbytes
+            if size > CACHE_LIMIT:
+                return  # too large: these rows are read from disk per batch
+            blocks.append(block)
+        if not blocks:
+            return
+        self._cache = sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.concatenate(blocks)
+        self._cache_position = np.full(self._source.shape[0], -1, dtype=np.int64)
+        self._cache_position[rows] = np.arange(rows.size)
+
+    def _read(self, flat: np.ndarray) -> np.ndarray:
+        """Dense float32 rows of the on-disk or CSR source, cached rows from memory."""
+        if self._cache_mask is not None:
+            self._load_cache()
+        if self._cache is None:
+            return _read_backed(self._reader, flat) if self._reader is not None else read_rows(self._source, flat)
+        position = self._cache_position[flat]
+        cached = position >= 0
+        if cached.all():
+            return _to_dense(self._cache[position])
+        out = np.empty((flat.size, self._source.shape[1]), dtype=np.float32)
+        out[cached] = _to_dense(self._cache[position[cached]])
+        rest = flat[~cached]
+        out[~cached] = _read_backed(self._reader, rest) if self._reader is not None else read_rows(self._source, rest)
+        return out
 
     def rows(self, index: np.ndarray) -> torch.Tensor:
         """Rows ``index`` (any shape) as a float32 tensor of shape ``index.shape + (G,)``."""
@@ -146,7 +379,10 @@ class ExpressionMatrix:
             if self._columns is not None:
                 out = out[:, torch.from_numpy(self._columns)]
         else:
-            block = read_rows(self._source, flat)
+            if flat.size == 0:
+                block = np.zeros((0, self._source.shape[1]), dtype=np.float32)
+            else:
+                block = self._read(flat)
             if self._columns is not None:
                 block = block[:, self._columns]
             out = torch.from_numpy(np.ascontiguousarray(block))

@@ -18,9 +18,11 @@ from .._constants import (
 from .._settings import settings
 from .._utils import flush_denormal
 from ..data import NO_CELL_TYPE, count_prediction_batches, match_controls, prediction_batches
-from ..data._matrix import iter_row_chunks
+from ..data._writers import DenseLayerWriter, H5ADWriter, SparseLayerWriter
 from ._validation import check_controls_per_cell_type, check_expression, positive_int
 
+#: obs column of a counterfactual output file: whether the row is a prediction (else a copy of the input).
+OBS_PREDICTED = "ptrag_predicted"
 #: Sets per forward pass at prediction.
 DEFAULT_PREDICT_BATCH_SIZE = 64
 
@@ -87,10 +89,10 @@ def _context_index(names, keys) -> np.ndarray:
     return pd.Index(names).get_indexer(keys.astype(str))
 
 
-def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed):
+def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed, output=None, sparse=False):
     """Counterfactual prediction of every perturbed cell of ``adata`` (see :meth:`PTRAG.predict`)."""
     setup = model._setup
-    if inplace:
+    if inplace and output is None:
         if not isinstance(key_added, str) or not key_added:
             raise ValueError(f"`key_added` must be a non-empty string, got {key_added!r}.")
         if setup.layer is not None and key_added == setup.layer:
@@ -121,43 +123,72 @@ def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwr
     keys, (names, means) = builder.control_contexts(data, is_control)
     sources = match_controls(is_control, keys.astype(str), seed=0 if seed is None else seed, query=query)
     rows = np.flatnonzero(query)
-    layer = _dense_copy(data.matrix)
-    columns = data.columns
+    writer = _output_writer(model, adata, data, query, output=output, sparse=sparse, overwrite=overwrite, sample_retrieval=sample_retrieval, seed=seed)
 
     def write(positions, predictions):
-        target = rows[positions]
-        if columns is None:
-            layer[target] = predictions
-        else:
-            layer[np.ix_(target, columns)] = predictions
+        writer.write(rows[positions], predictions)
 
-    generate(
-        model,
-        data,
-        sources[rows],
-        data.labels[rows],
-        data.cell_types[rows],
-        data.batches[rows],
-        _context_index(names, keys[rows]),
-        means,
-        batch_size=batch_size,
-        sample_retrieval=sample_retrieval,
-        seed=seed,
-        progress=settings.progress_bar and len(rows) > 20_000,
-        write=write,
-    )
-    if not inplace:
-        return layer
-    adata.layers[key_added] = layer
+    try:
+        generate(
+            model,
+            data,
+            sources[rows],
+            data.labels[rows],
+            data.cell_types[rows],
+            data.batches[rows],
+            _context_index(names, keys[rows]),
+            means,
+            batch_size=batch_size,
+            sample_retrieval=sample_retrieval,
+            seed=seed,
+            progress=settings.progress_bar and len(rows) > 20_000,
+            write=write,
+        )
+    except BaseException:
+        writer.abort()
+        raise
+    result = writer.finish()
+    if output is not None or not inplace:
+        return result
+    adata.layers[key_added] = result
     return None
 
 
-def _dense_copy(matrix) -> np.ndarray:
-    """A float32 dense copy of ``matrix``, filled chunk by chunk (one copy alive, not two)."""
-    out = np.empty(matrix.shape, dtype=np.float32)
-    for start, block in iter_row_chunks(matrix):
-        out[start : start + block.shape[0]] = block.toarray() if hasattr(block, "toarray") else block
-    return out
+def _output_writer(model, adata, data, query, *, output, sparse, overwrite, sample_retrieval, seed):
+    """Where counterfactual predictions go: a dense or sparse layer, or a new h5ad file (``output``)."""
+    if not isinstance(sparse, bool | np.bool_):
+        raise ValueError(f"`sparse` must be True or False, got {sparse!r}.")
+    if output is None:
+        writer_cls = SparseLayerWriter if sparse else DenseLayerWriter
+        return writer_cls(data.matrix, data.columns, query)
+    if sparse:
+        raise ValueError("`sparse=True` applies to the layer written in memory; with `output=` the file's `X` is dense.")
+    setup = model._setup
+    record = {
+        "mode": "counterfactual",
+        "retrieval": model.retrieval,
+        "memory": model.memory_kind,
+        "n_candidates": model.n_candidates,
+        "cell_set_size": model.cell_set_size,
+        "sample_retrieval": bool(sample_retrieval),
+        "seed": -1 if seed is None else int(seed),
+        "perturbation_key": setup.perturbation_key,
+        "cell_type_key": setup.cell_type_key or "",
+        "control_group": setup.control_group,
+        "layer": "X",
+    }
+    obs = adata.obs.drop(columns=[c for c in adata.obs.columns if str(c).startswith("_scvi_")])
+    obs[OBS_PREDICTED] = query
+    return H5ADWriter(
+        output,
+        obs=obs,
+        var=adata.var,
+        uns={UNS_KEY: record},
+        matrix=data.matrix,
+        columns=data.columns,
+        predicted=query,
+        overwrite=overwrite,
+    )
 
 
 def generation(model, adata, perturbations, cell_type, batch_size, key_added, sample_retrieval, seed):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -44,6 +45,8 @@ from ._validation import check_anndata, check_flag, check_model_options, check_s
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    import scipy.sparse as sp
 
     from anndata import AnnData
 
@@ -599,7 +602,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         overwrite: bool = False,
         sample_retrieval: bool = False,
         seed: int | None = None,
-    ) -> AnnData | np.ndarray | None:
+        output: str | os.PathLike | None = None,
+        sparse: bool = False,
+    ) -> AnnData | np.ndarray | sp.csr_matrix | None:
         """Predict perturbed cells, in one of two modes.
 
         **Counterfactual** (``perturbations=None``): every perturbed cell of ``adata`` (or of
@@ -611,6 +616,15 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         when it has no perturbation column, else those labelled ``control_group``); a new
         AnnData is returned with one copy of these cells per requested perturbation. Any gene
         (or combination of genes) with an embedding can be asked for, measured or not.
+
+        **Data larger than memory.** ``adata`` may be opened with
+        ``anndata.read_h5ad(path, backed="r")``, hold a zarr-backed sparse ``X``
+        (``AnnData(X=anndata.io.sparse_dataset(zarr.open(path)["X"]), obs=..., var=...)``), or
+        be a view of either: only the rows a batch needs are read (control cells, which every
+        set draws from, are kept in memory when they fit in 1 GiB). The counterfactual result
+        can then go to a new h5ad file (``output=``), written batch by batch, so the whole
+        prediction is never in memory; a CSR layer (``sparse=True``) avoids a dense copy for
+        in-memory sparse data. The same holds for :meth:`train`.
 
         Parameters
         ----------
@@ -639,11 +653,24 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         seed
             Seed of the sampled selection (``sample_retrieval=True``) and of the choice of
             control cells (default 0).
+        output
+            Counterfactual mode: path of a new h5ad file to write instead of a layer. Its
+            ``X`` (dense float32, the same cells and genes as ``adata``) holds the prediction,
+            written chunk by chunk straight to disk; ``obs`` is ``adata.obs`` plus
+            ``ptrag_predicted`` (whether the row was predicted; other rows are copies of the
+            input), ``var`` is ``adata.var``, ``uns["ptrag"]`` records the settings. An existing
+            file is replaced only with ``overwrite=True``; a failed prediction leaves no file.
+            ``inplace`` and ``key_added`` do not apply.
+        sparse
+            Counterfactual mode: build the layer (or the returned matrix, ``inplace=False``) as
+            a :class:`scipy.sparse.csr_matrix`, piece by piece, without a dense copy of the whole
+            layer. Worth it when many predicted values are 0 (the output is non-negative).
 
         Returns
         -------
-        Counterfactual mode: ``None`` (``inplace=True``; writes ``adata.layers[key_added]``) or
-        an ``(n_obs, n_vars)`` float32 array. Generation mode: a new :class:`~anndata.AnnData`
+        Counterfactual mode: ``None`` (``inplace=True``; writes ``adata.layers[key_added]``), an
+        ``(n_obs, n_vars)`` float32 array (``inplace=False``; CSR with ``sparse=True``), or with
+        ``output`` the new file opened with ``anndata.read_h5ad(output, backed="r")``. Generation mode: a new :class:`~anndata.AnnData`
         with the prediction in ``.X`` and ``.layers[key_added]``; obs: the perturbation and
         cell-type columns, ``ptrag_source_cell`` (obs name of the control cell),
         ``ptrag_unseen_perturbation`` (never measured in training),
@@ -673,10 +700,14 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         if perturbations is not None:
             if indices is not None:
                 raise ValueError("`indices` applies to counterfactual prediction; use it without `perturbations`.")
+            if output is not None or sparse:
+                raise ValueError("`output` and `sparse` apply to counterfactual prediction; use them without `perturbations`.")
             return _predict.generation(self, adata, perturbations, cell_type, batch_size, key_added, sample_retrieval, seed)
         if cell_type is not None:
             raise ValueError("`cell_type` applies to generation mode (with `perturbations=[...]`).")
-        return _predict.counterfactual(self, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed)
+        return _predict.counterfactual(
+            self, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed, output=output, sparse=sparse
+        )
 
     def add_perturbation_embeddings(self, embeddings: pd.DataFrame, *, overwrite: bool = False) -> None:
         """Add gene vectors, so that more genes (or combinations) can be predicted.

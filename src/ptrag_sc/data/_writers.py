@@ -1,0 +1,238 @@
+"""Where counterfactual predictions go, batch by batch: a dense layer, a sparse layer or a file.
+
+A counterfactual prediction has the shape of the AnnData it was made for: predicted rows hold the
+model's output (in the model's genes; other genes keep their input values), the other rows
+(control cells, cells left out by ``indices``) keep their input values. The writers receive the
+predictions one batch at a time, in the order the model makes them (grouped by perturbation,
+not by row), and fill the rest from the input matrix chunk by chunk:
+
+- :class:`DenseLayerWriter`: a float32 array in memory (what ``adata.layers[key]`` gets by default);
+- :class:`SparseLayerWriter`: a CSR matrix built from per-batch pieces; no dense copy of the
+  whole layer is ever made (zeros of the non-negative output stay implicit);
+- :class:`H5ADWriter`: a new h5ad file whose ``X`` is the prediction, written row by row to its
+  place on disk; memory holds one batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._matrix import iter_row_chunks, read_rows
+
+#: Encoding of an h5ad dense array (anndata's on-disk format).
+_ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs of consecutive values in sorted ``rows``: ``(position of first, row of first, length)``."""
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    first = np.r_[0, breaks]
+    lengths = np.diff(np.r_[first, rows.size])
+    return list(zip(first.tolist(), rows[first].tolist(), lengths.tolist(), strict=True))
+
+
+class _Writer:
+    """Shared by the writers: maps the model's genes to the AnnData's columns.
+
+    Parameters
+    ----------
+    matrix
+        The input expression (``adata.X`` or the registered layer), whose values the rows that
+        are not predicted keep.
+    columns
+        Column of ``matrix`` of each model gene (``None``: the same genes in the same order).
+    predicted
+        Boolean mask of the rows that will be predicted.
+    """
+
+    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+        self.matrix = matrix
+        self.shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+        self.predicted = np.asarray(predicted, dtype=bool)
+        # Genes of the AnnData the model does not predict keep their input values.
+        self._extra_genes = self.columns is not None and self.columns.size < self.shape[1]
+
+    def _full_rows(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``values`` (model gene order) as complete rows of the AnnData's columns."""
+        if self.columns is None:
+            return np.asarray(values, dtype=np.float32)
+        if self._extra_genes:
+            out = read_rows(self.matrix, rows)
+        else:
+            out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
+        out[:, self.columns] = values
+        return out
+
+    def _unpredicted_blocks(self):
+        """``(rows, block)`` for the rows that are not predicted, chunk by chunk (CSR or dense)."""
+        keep = ~self.predicted
+        for start, block in iter_row_chunks(self.matrix, mask=keep):
+            local = np.flatnonzero(keep[start : start + block.shape[0]])
+            if local.size < block.shape[0]:
+                block = block[local]
+            yield start + local, block
+
+
+class DenseLayerWriter(_Writer):
+    """Predictions into a dense float32 copy of the input (``adata.layers[key]`` by default)."""
+
+    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+        super().__init__(matrix, columns, predicted)
+        self.layer = np.empty(self.shape, dtype=np.float32)
+        for start, block in iter_row_chunks(matrix):
+            self.layer[start : start + block.shape[0]] = block.toarray() if sp.issparse(block) else block
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        if self.columns is None:
+            self.layer[rows] = values
+        else:
+            self.layer[np.ix_(rows, self.columns)] = values
+
+    def finish(self) -> np.ndarray:
+        return self.layer
+
+    def abort(self) -> None:
+        self.layer = None
+
+
+class SparseLayerWriter(_Writer):
+    """Predictions into a CSR matrix, assembled from per-batch pieces without a dense copy.
+
+    Peak memory is about the size of the result plus one batch: pieces are released as they
+    are copied into the final arrays, whose pages are only committed as they are filled.
+    """
+
+    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+        super().__init__(matrix, columns, predicted)
+        self._rows: list[np.ndarray] = []
+        self._pieces: list[sp.csr_matrix] = []
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        self._rows.append(np.asarray(rows, dtype=np.int64))
+        self._pieces.append(sp.csr_matrix(self._full_rows(rows, values)))
+
+    def abort(self) -> None:
+        self._rows, self._pieces = [], []
+
+    def finish(self) -> sp.csr_matrix:
+        for rows, block in self._unpredicted_blocks():
+            self._rows.append(rows)
+            self._pieces.append(sp.csr_matrix(block, dtype=np.float32))
+        n_obs, n_vars = self.shape
+        row_nnz = np.zeros(n_obs, dtype=np.int64)
+        for rows, piece in zip(self._rows, self._pieces, strict=True):
+            row_nnz[rows] = np.diff(piece.indptr)
+        indptr = np.zeros(n_obs + 1, dtype=np.int64)
+        np.cumsum(row_nnz, out=indptr[1:])
+        nnz = int(indptr[-1])
+        index_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
+        data = np.empty(nnz, dtype=np.float32)
+        indices = np.empty(nnz, dtype=index_dtype)
+        while self._pieces:
+            rows, piece = self._rows.pop(), self._pieces.pop()
+            lengths = np.diff(piece.indptr)
+            target = np.repeat(indptr[rows], lengths) + (np.arange(piece.nnz) - np.repeat(piece.indptr[:-1], lengths))
+            data[target] = piece.data
+            indices[target] = piece.indices
+            del piece
+        return sp.csr_matrix((data, indices, indptr.astype(index_dtype, copy=False)), shape=self.shape)
+
+
+class H5ADWriter(_Writer):
+    """Predictions into a new h5ad file whose ``X`` (dense float32) is the counterfactual matrix.
+
+    The file gets ``obs`` and ``var`` of the AnnData predicted, ``uns`` as given, and an ``X``
+    stored contiguously on disk: each batch of rows is written straight to its place (one write
+    per run of consecutive rows), so memory holds one batch whatever the size of the data.
+    Open the result with ``anndata.read_h5ad(path, backed="r")``.
+
+    Parameters
+    ----------
+    path
+        File to create.
+    obs, var
+        Cell and gene annotations of the AnnData predicted.
+    uns
+        Unstructured annotations to record (e.g. the prediction settings).
+    matrix, columns, predicted
+        See :class:`_Writer`.
+    overwrite
+        Replace an existing file at ``path``.
+    """
+
+    def __init__(self, path, *, obs, var, uns: dict, matrix, columns: np.ndarray | None, predicted: np.ndarray, overwrite: bool = False) -> None:
+        import h5py
+        from anndata.io import write_elem
+        from h5py import h5d, h5p, h5s, h5t
+
+        super().__init__(matrix, columns, predicted)
+        self.path = Path(os.fspath(path))
+        if self.path.suffix.lower() == ".zarr":
+            raise ValueError(f"`output={os.fspath(path)!r}`: predictions are written as an h5ad file; name a `.h5ad` path.")
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"`output={os.fspath(path)!r}` already exists; pass `overwrite=True` to replace it, or another path.")
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"The folder of `output={os.fspath(path)!r}` does not exist; create it first.")
+        n_obs, n_vars = self.shape
+        with h5py.File(self.path, "w") as f:
+            f.attrs["encoding-type"] = "anndata"
+            f.attrs["encoding-version"] = "0.1.0"
+            # Contiguous storage, allocated now and never pre-filled: every row is written once.
+            dcpl = h5p.create(h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+            space = h5s.create_simple((n_obs, n_vars))
+            dataset = h5py.Dataset(h5d.create(f.id, b"X", h5t.IEEE_F32LE, space, dcpl=dcpl))
+            for key, value in _ARRAY_ATTRS.items():
+                dataset.attrs[key] = value
+            self._offset = int(dataset.id.get_offset())
+            write_elem(f, "obs", obs)
+            write_elem(f, "var", var)
+            write_elem(f, "uns", dict(uns))
+            for key in ("obsm", "varm", "obsp", "varp", "layers"):
+                write_elem(f, key, {})
+        self._row_bytes = n_vars * 4
+        self._fd = os.open(self.path, os.O_WRONLY)
+
+    def _write_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
+        order = np.argsort(rows, kind="stable")
+        rows = np.asarray(rows, dtype=np.int64)[order]
+        values = np.ascontiguousarray(values[order], dtype="<f4")
+        buffer = memoryview(values).cast("B")
+        for position, row, length in _runs(rows):
+            start = position * self._row_bytes
+            os.pwrite(self._fd, buffer[start : start + length * self._row_bytes], self._offset + row * self._row_bytes)
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        self._write_rows(rows, self._full_rows(rows, values))
+
+    def finish(self):
+        """Copy the rows that were not predicted, close the file and open it ``backed="r"``."""
+        import anndata
+
+        try:
+            for rows, block in self._unpredicted_blocks():
+                self._write_rows(rows, block.toarray() if sp.issparse(block) else np.asarray(block))
+        except BaseException:
+            self.abort()
+            raise
+        self._close()
+        return anndata.read_h5ad(self.path, backed="r")
+
+    def abort(self) -> None:
+        """Close and delete the unfinished file (prediction failed or was interrupted)."""
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
