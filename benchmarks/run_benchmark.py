@@ -111,6 +111,9 @@ MODELS: dict[str, dict] = {
     "STATE+GenePT": {"retrieval": "none", "backbone": "full", "decoder_rank": None},
     "PT-RAG (paper)": {"retrieval": "ptrag", "memory": "embedding", "backbone": "full", "decoder_rank": None},
     "vanilla RAG": {"retrieval": "vanilla", "memory": "embedding", "backbone": "full", "decoder_rank": None},
+    # Stage-1 similarity choices (the default ranks by the gene-embedding cosine).
+    "PT-RAG (GO similarity)": {"similarity": "go"},
+    "PT-RAG (response similarity)": {"similarity": "response"},
 }
 BASELINES = ("control", "context_mean", "other_cell_types", "linear", "knn")
 #: Column names and control label of every dataset here.

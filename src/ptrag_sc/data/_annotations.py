@@ -46,6 +46,18 @@ class GeneAnnotations:
                 self._resolved[gene] = self.terms.iloc[self._index.get_loc(symbol)].split()
         return self._resolved[gene]
 
+    def _resolve_all(self, genes) -> None:
+        """Look up every gene not seen yet at once (one alias-table pass, not one per gene)."""
+        unknown = [g for g in genes if g not in self._resolved and g not in self._index]
+        if not unknown:
+            return
+        from ..pp import resolve_gene_symbols
+
+        mapping = resolve_gene_symbols(unknown, self._index, warn=False).mapping
+        for gene in unknown:
+            symbol = mapping.get(gene)
+            self._resolved[gene] = [] if symbol is None else self.terms.iloc[self._index.get_loc(symbol)].split()
+
     def matrix(self, labels, *, sep: str = "+", vocabulary: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
         """Binary ``(n, T)`` matrix of the terms of each label (a combination: union of its genes').
 
@@ -53,6 +65,7 @@ class GeneAnnotations:
         are dropped, so queries are coded like the memory).
         """
         labels = [str(label) for label in labels]
+        self._resolve_all({m.strip() for label in labels for m in label.upper().split(sep) if m.strip()})
         sets = [sorted({t for m in label.upper().split(sep) if m.strip() for t in self._gene_terms(m.strip())}) for label in labels]
         if vocabulary is None:
             vocabulary = np.array(sorted({t for s in sets for t in s}), dtype=str)

@@ -8,6 +8,7 @@ import torch
 
 from .._constants import INDEX_BACKENDS, RELATION_MEMBER, RELATION_OTHER, RELATION_SAME_PERTURBATION, IndexBackend
 from ._memory import RetrievalMemory
+from ._similarity import StageOneSimilarity
 
 #: Memories larger than this use faiss when ``index_backend="auto"`` and faiss is installed.
 FAISS_AUTO_THRESHOLD = 100_000
@@ -38,6 +39,11 @@ class NeighbourIndex:
         ``"exact"`` (dense matrix product), ``"faiss"`` (``faiss.IndexFlatIP``; needs the
         ``faiss`` extra) or ``"auto"`` (faiss beyond ``FAISS_AUTO_THRESHOLD`` entries when
         installed).
+    similarity
+        What to rank entries by instead of the embedding cosine (a
+        :class:`~ptrag_sc.data._similarity.StageOneSimilarity`, e.g. from
+        :func:`~ptrag_sc.data._similarity.make_similarity`; ``None``: the embedding cosine). A
+        prior is searched exactly (``backend="auto"`` means ``"exact"`` then).
     """
 
     def __init__(
@@ -47,8 +53,15 @@ class NeighbourIndex:
         n_candidates: int,
         backend: IndexBackend = "auto",
         sep: str = "+",
+        similarity: StageOneSimilarity | None = None,
     ) -> None:
         self.memory = memory
+        # Ranking hook: a stage-1 prior other than the embedding cosine, bound to this memory.
+        self.similarity = None if similarity is None else similarity.bind(memory)
+        if self.similarity is not None:
+            if backend == "faiss":
+                raise ValueError("`index_backend='faiss'` searches gene embeddings only; with a `similarity` other than 'embedding' use 'exact' or 'auto'.")
+            backend = "exact"
         self.sep = sep
         self.n_candidates = int(n_candidates)
         self._keys = _normalise(memory.embeddings)
@@ -113,9 +126,15 @@ class NeighbourIndex:
         cand = np.full((n, k), -1, dtype=np.int64)
         sim = np.full((n, k), np.nan, dtype=np.float32)
         pert_codes, ct_codes = self._codes(perturbations, cell_types)
+        if self.similarity is not None:
+            # The prior is dense in float64: bound a chunk to about 16 M entries.
+            chunk_size = max(1, min(chunk_size, (1 << 24) // max(1, len(self.memory))))
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            if self._faiss is None:
+            if self.similarity is not None:
+                rows = slice(start, stop)
+                idx, val = self._exact(q[rows], pert_codes[rows], ct_codes[rows], prior=(perturbations[rows], cell_types[rows]))
+            elif self._faiss is None:
                 idx, val = self._exact(q[start:stop], pert_codes[start:stop], ct_codes[start:stop])
             else:
                 idx, val = self._search_faiss(q[start:stop], pert_codes[start:stop], ct_codes[start:stop])
@@ -135,9 +154,13 @@ class NeighbourIndex:
             relation[row, is_member] = RELATION_MEMBER
         return cand, sim, same, relation
 
-    def _exact(self, q, pert_codes, ct_codes):
+    def _exact(self, q, pert_codes, ct_codes, prior=None):
         scores = torch.from_numpy(q) @ torch.from_numpy(self._keys).T
         ranking = scores.clone()
+        if prior is not None:  # ranking hook: (labels, cell types) of the queries, ranked by the prior
+            same = pert_codes[:, None] == self._mem_pert[None, :]
+            similarity, order = self.similarity.scores(*prior, scores.numpy(), same)
+            scores, ranking = torch.from_numpy(similarity), torch.from_numpy(order)
         if self.memory.kind == "response":
             ranking += 1e-5 * torch.from_numpy(ct_codes[:, None] == self._mem_ct[None, :])
         excluded = torch.from_numpy(self._excluded(pert_codes, ct_codes))
