@@ -115,6 +115,9 @@ MODELS: dict[str, dict] = {
     "STATE+GenePT": {"retrieval": "none", **PAPER},
     "PT-RAG (paper)": {"retrieval": "ptrag", "memory": "embedding", **PAPER},
     "vanilla RAG": {"retrieval": "vanilla", "memory": "embedding", **PAPER},
+    # Stage-1 similarity choices (the default ranks by the gene-embedding cosine).
+    "PT-RAG (GO similarity)": {"similarity": "go"},
+    "PT-RAG (response similarity)": {"similarity": "response"},
 }
 BASELINES = ("control", "context_mean", "other_cell_types", "linear", "knn")
 #: Column names and control label of every dataset here.

@@ -13,6 +13,7 @@ MODULES = [
     "ptrag_sc.tl._summarize",
     "ptrag_sc.tl._cell_eval",
     "ptrag_sc.tl._baselines",
+    "ptrag_sc.tl._screen",
     "ptrag_sc.model._ptrag",
     "ptrag_sc.datasets._synthetic",
     "ptrag_sc.datasets._perturbench",

@@ -33,6 +33,7 @@ def test_tutorials_exist():
         "02_unseen_perturbations.ipynb",
         "03_evaluation_baselines.ipynb",
         "04_your_own_data.ipynb",
+        "05_in_silico_screen.ipynb",
     ]
 
 

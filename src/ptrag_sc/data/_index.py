@@ -23,6 +23,7 @@ import torch
 
 from .._constants import INDEX_BACKENDS, RELATION_MEMBER, RELATION_OTHER, RELATION_SAME_PERTURBATION, IndexBackend
 from ._memory import RetrievalMemory
+from ._similarity import StageOneSimilarity
 
 #: Memories larger than this use faiss when ``index_backend="auto"`` and faiss is installed.
 FAISS_AUTO_THRESHOLD = 100_000
@@ -77,6 +78,11 @@ class NeighbourIndex:
     n_probe
         Lists a query of the approximate search is scored against (default
         ``DEFAULT_N_PROBE``): more is slower and closer to exact; all lists is exact.
+    similarity
+        What to rank entries by instead of the embedding cosine (a
+        :class:`~ptrag_sc.data._similarity.StageOneSimilarity`, e.g. from
+        :func:`~ptrag_sc.data._similarity.make_similarity`; ``None``: the embedding cosine). A
+        prior is searched exactly (``backend="auto"`` means ``"exact"`` then).
     """
 
     def __init__(
@@ -88,8 +94,15 @@ class NeighbourIndex:
         sep: str = "+",
         approximate: bool | None = None,
         n_probe: int | None = None,
+        similarity: StageOneSimilarity | None = None,
     ) -> None:
         self.memory = memory
+        # Ranking hook: a stage-1 prior other than the embedding cosine, bound to this memory.
+        self.similarity = None if similarity is None else similarity.bind(memory)
+        if self.similarity is not None:
+            if backend == "faiss":
+                raise ValueError("`index_backend='faiss'` searches gene embeddings only; with a `similarity` other than 'embedding' use 'exact' or 'auto'.")
+            backend = "exact"
         self.sep = sep
         self.n_candidates = int(n_candidates)
         self._keys = _normalise(memory.embeddings)
@@ -179,7 +192,15 @@ class NeighbourIndex:
         cand = np.full((n, k), -1, dtype=np.int64)
         sim = np.full((n, k), np.nan, dtype=np.float32)
         pert_codes, ct_codes = self._codes(perturbations, cell_types)
-        if self._lists is not None:
+        if self.similarity is not None:
+            # The prior is dense in float64: bound a chunk to about 16 M entries.
+            chunk_size = max(1, min(chunk_size, (1 << 24) // max(1, len(self.memory))))
+            for start in range(0, n, chunk_size):
+                rows = slice(start, min(start + chunk_size, n))
+                idx, val = self._exact(q[rows], pert_codes[rows], ct_codes[rows], prior=(perturbations[rows], cell_types[rows]))
+                cand[rows, : idx.shape[1]] = idx
+                sim[rows, : val.shape[1]] = val
+        elif self._lists is not None:
             self._search_lists(q, pert_codes, ct_codes, cand, sim)
         else:
             if self._faiss is None:
@@ -208,17 +229,30 @@ class NeighbourIndex:
                 relation[row, is_member] = RELATION_MEMBER
         return cand, sim, same, relation
 
-    def _exact(self, q, pert_codes, ct_codes):
+    def _exact(self, q, pert_codes, ct_codes, prior=None):
         """Top-``K`` of each query among all entries by one matrix product.
 
         Holds one ``(n, M)`` float32 score matrix (plus a boolean one for response memories).
+        With ``prior`` (the queries' labels and cell types), entries are ranked by the stage-1
+        similarity prior instead, and the prior's values are reported.
         """
-        ranking = self._ranking(q, pert_codes, ct_codes)
+        reported = None
+        if prior is None:
+            ranking = self._ranking(q, pert_codes, ct_codes)
+        else:
+            cosine = torch.from_numpy(q) @ torch.from_numpy(self._keys).T
+            same = pert_codes[:, None] == self._mem_pert[None, :]
+            similarity, order = self.similarity.scores(*prior, cosine.numpy(), same)
+            reported, ranking = torch.from_numpy(similarity), torch.from_numpy(np.array(order))
+            if self.memory.kind == "response":
+                ranking.add_(torch.from_numpy(ct_codes[:, None] == self._mem_ct[None, :]), alpha=1e-5)
+            rows, excluded = self._excluded(pert_codes, ct_codes)
+            ranking[torch.from_numpy(rows), torch.from_numpy(excluded)] = -torch.inf
         k = min(self.n_candidates, ranking.shape[1])
         top = torch.topk(ranking, k, dim=1)
         del ranking
         idx = top.indices.numpy().astype(np.int64)
-        val = self._cosines(q, idx)
+        val = self._cosines(q, idx) if reported is None else torch.gather(reported, 1, top.indices).numpy()
         idx[~np.isfinite(top.values.numpy())] = -1
         return idx, val
 

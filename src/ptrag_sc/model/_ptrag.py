@@ -36,6 +36,7 @@ from .._utils import flush_denormal, quiet_lightning
 from ..data import PerturbationData, PerturbationField, PerturbationEncoder, RetrievalMemory, SetupArgs
 from ..data._annotations import GeneAnnotations
 from ..data._index import NeighbourIndex
+from ..data._similarity import Similarity, describe, make_similarity
 from ..module import PTRAGModule
 from ..train import PTRAGTrainingPlan
 from . import _predict, _training
@@ -148,6 +149,24 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         Let the network learn a mean shift per set. Default (``None``): only without a response
         memory; with one, each set's mean moves by the evidence and the network shapes the
         cells around it.
+    similarity
+        What stage 1 ranks memory entries by (see :doc:`/screen`):
+        ``"embedding"``, the cosine of the gene embeddings (the paper);
+        ``"go"``, the Jaccard similarity of the genes' GO terms (shipped with the package);
+        ``"response"``, the cosine between the query's measured response in the *other* cell
+        types (its mean perturbation-specific shift there) and each entry's specific shift
+        (response memories; a training perturbation measured in other cell types);
+        or a :class:`~pandas.DataFrame` of your own prior (a GRN, a PPI graph,
+        co-essentiality...): query genes as the index, candidate genes as the columns, finite
+        values, larger = more similar, square or symmetric not required; a combination
+        ``A+B`` missing from it takes the mean of its genes' rows / columns. Where the prior
+        says nothing (a gene without GO terms, a perturbation measured in no other cell type,
+        a gene missing from the table) the embedding cosine ranks instead: a query it does
+        not cover is ranked by the embedding alone; for a covered query the entries it covers
+        come first, the others follow by embedding cosine (similarity NaN). The query
+        measured in other cell types is always the first candidate. The choice is saved with
+        the model (a table as a DataFrame); ``get_retrieval``'s ``similarity`` column and the
+        retrieval distance (``1 -`` similarity) then report this prior.
 
     Examples
     --------
@@ -209,6 +228,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         gene_annotations: Literal["go"] | None = "go",
         evidence: Sequence[str] | None = None,
         learned_shift: bool | None = None,
+        similarity: Similarity | pd.DataFrame = "embedding",
     ) -> None:
         options = {k: v for k, v in locals().items() if k not in ("self", "adata", "registry", "perturbation_embeddings", "__class__")}
         options = check_model_options(options)
@@ -239,6 +259,8 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         self.memory_kind = memory
         self._annotations = GeneAnnotations() if gene_annotations == "go" else None
         self.evidence = None if evidence is None else tuple(evidence)
+        self.similarity = similarity
+        self._similarity = make_similarity(similarity, annotations=self._annotations, sep=self._encoder.sep)
         self.module = self._module_cls(
             self.summary_stats.n_vars,
             self._encoder.n_dims,
@@ -270,7 +292,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         self._model_summary_string = (
             f"PTRAG model: retrieval={retrieval!r}, memory={memory!r}, backbone={backbone!r}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, cell_set_size={cell_set_size}, "
-            f"n_candidates={n_candidates}, context_mode={context_mode!r}, "
+            f"n_candidates={n_candidates}, context_mode={context_mode!r}, similarity={describe(similarity)}, "
             f"embedding dims={self._encoder.n_dims}, genes={self.summary_stats.n_vars}."
         )
         self.init_params_ = self._get_init_params(locals())
@@ -430,7 +452,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         if self._memory_state is None:
             return None
         if self._index is None:
-            self._index = NeighbourIndex(self.memory, n_candidates=self.n_candidates, backend=self.index_backend, sep=self._encoder.sep)
+            self._index = NeighbourIndex(
+                self.memory, n_candidates=self.n_candidates, backend=self.index_backend, sep=self._encoder.sep, similarity=self._similarity
+            )
         return self._index
 
     def _data(self, adata: AnnData, *, require_labels: bool = True) -> PerturbationData:

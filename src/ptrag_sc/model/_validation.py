@@ -142,6 +142,26 @@ def check_model_options(options: dict) -> dict:
             raise ValueError(f"`{name}` must be True or False, got {options[name]!r}.")
     if options["learned_shift"] is not None and not isinstance(options["learned_shift"], bool | np.bool_):
         raise ValueError(f"`learned_shift` must be True, False or None, got {options['learned_shift']!r}.")
+    similarity = options["similarity"]
+    if isinstance(similarity, pd.DataFrame):
+        from ..data._similarity import validate_similarity_table
+
+        validate_similarity_table(similarity)
+    else:
+        from ..data._similarity import SIMILARITIES
+
+        if not isinstance(similarity, str) or similarity not in SIMILARITIES:
+            raise ValueError(
+                f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query genes as the index, "
+                f"candidate genes as the columns), got {similarity!r}."
+            )
+    if not (isinstance(similarity, str) and similarity == "embedding"):
+        if options["retrieval"] == "none":
+            raise ValueError("`similarity` chooses what stage 1 retrieves by; with `retrieval='none'` nothing is retrieved: leave it at 'embedding'.")
+        if isinstance(similarity, str) and similarity == "response" and options["memory"] != "response":
+            raise ValueError("`similarity='response'` compares measured responses: it needs `memory='response'`.")
+        if options["index_backend"] == "faiss":
+            raise ValueError("`index_backend='faiss'` searches gene embeddings only; with `similarity` other than 'embedding' use 'auto' or 'exact'.")
     return options
 
 

@@ -1,10 +1,11 @@
-"""Tools: evaluation metrics, summaries, cell-eval export and honest baselines."""
+"""Tools: evaluation metrics, summaries, cell-eval export, honest baselines and in-silico screens."""
 
 from __future__ import annotations
 
 from ._baselines import BASELINES, predict_baseline
 from ._cell_eval import to_cell_eval
 from ._evaluate import LOWER_IS_BETTER, METRIC_COLUMNS, evaluate
+from ._screen import screen
 from ._summarize import summarize
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "METRIC_COLUMNS",
     "evaluate",
     "predict_baseline",
+    "screen",
     "summarize",
     "to_cell_eval",
 ]

@@ -1,0 +1,124 @@
+"""Ranked effects of an in-silico screen (``ptrag_sc.tl.screen`` output)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ._utils import check_save, finish, grid
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from matplotlib.axes import Axes
+
+_REQUIRED = ("perturbation", "score", "rank")
+_MEASURED = "#d95f02"
+_UNMEASURED = "#7570b3"
+
+
+def screen(
+    screen_df: pd.DataFrame,
+    *,
+    cell_type: str | Sequence[str] | None = None,
+    n_top: int = 10,
+    highlight: Sequence[str] | None = None,
+    ncols: int = 2,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+) -> Axes | list[Axes] | None:
+    """Ranked screen scores, with the top hits labelled.
+
+    One panel per cell type: every screened perturbation's score against its rank, perturbations
+    measured in the cell type in one colour and the others (predictions only) in another; the
+    ``n_top`` best and the ``highlight`` perturbations are named.
+
+    Parameters
+    ----------
+    screen_df
+        The table of :func:`ptrag_sc.tl.screen`.
+    cell_type
+        Cell type(s) to draw (default: all in the table).
+    n_top
+        Number of top-ranked perturbations to label (``0``: none).
+    highlight
+        Further perturbations to label (e.g. known hits), wherever they rank.
+    ncols
+        Panels per row.
+    ax
+        Axes to draw into (a single cell type only).
+    show
+        Show the figure (default: when the function made it).
+    save
+        File to save the figure to.
+
+    Returns
+    -------
+    The Axes (one cell type) or a list of Axes, unless the figure was shown.
+    """
+    if not isinstance(screen_df, pd.DataFrame):
+        raise TypeError(f"`screen_df` must be the DataFrame returned by `ptrag_sc.tl.screen(...)`, got {type(screen_df).__name__}.")
+    missing = [c for c in _REQUIRED if c not in screen_df.columns]
+    if missing:
+        raise ValueError(
+            f"`screen_df` lacks column(s) {missing}; expected the output of `ptrag_sc.tl.screen(...)` "
+            f"(columns: {list(screen_df.columns)})."
+        )
+    if screen_df.empty:
+        raise ValueError("`screen_df` is empty: nothing was screened.")
+    if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 0:
+        raise ValueError(f"`n_top` must be an integer >= 0, got {n_top!r}.")
+    check_save(save)
+    df = screen_df.copy()
+    df["_ct"] = df["cell_type"].astype(str) if "cell_type" in df.columns else ""
+    present = list(dict.fromkeys(df["_ct"]))
+    if cell_type is None:
+        wanted = present
+    else:
+        wanted = [cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type]
+        absent = [c for c in wanted if c not in present]
+        if absent:
+            raise ValueError(f"`cell_type` {absent} not in the table (cell types: {present[:10]}).")
+    highlight = [] if highlight is None else ([highlight] if isinstance(highlight, str) else [str(h) for h in highlight])
+    unknown = sorted(set(highlight) - set(df["perturbation"].astype(str)))
+    if unknown:
+        raise ValueError(f"`highlight` names perturbation(s) not in the table: {unknown[:10]}.")
+
+    created = ax is None
+    fig, axes = grid(len(wanted), ncols, (5.0, 3.6), ax=ax, what="cell types")
+    for panel, ct in zip(axes, wanted, strict=True):
+        _panel(panel, df[df["_ct"] == ct].sort_values("rank", kind="stable"), ct, n_top, highlight)
+    return finish(fig, axes[0] if len(axes) == 1 else axes, show=show, save=save, created=created)
+
+
+def _panel(ax, df: pd.DataFrame, cell_type: str, n_top: int, highlight: list[str]) -> None:
+    rank = df["rank"].to_numpy(dtype=float)
+    score = df["score"].to_numpy(dtype=float)
+    if "measured_in_cell_type" in df.columns:
+        measured = df["measured_in_cell_type"].to_numpy(dtype=bool)
+        ax.scatter(rank[~measured], score[~measured], s=6, color=_UNMEASURED, alpha=0.6, linewidths=0, label="predicted only", rasterized=len(df) > 2000)
+        ax.scatter(rank[measured], score[measured], s=14, color=_MEASURED, alpha=0.9, linewidths=0, label="measured in this cell type")
+        ax.legend(loc="upper right", fontsize=7, frameon=False)
+    else:
+        ax.scatter(rank, score, s=6, color=_UNMEASURED, alpha=0.7, linewidths=0, rasterized=len(df) > 2000)
+    names = df["perturbation"].astype(str).to_numpy()
+    labelled = list(range(min(n_top, len(df)))) + [i for i in np.flatnonzero(np.isin(names, highlight)) if i >= n_top]
+    for j, i in enumerate(labelled):
+        ax.scatter([rank[i]], [score[i]], s=24, facecolors="none", edgecolors="black", linewidths=0.7)
+        ax.annotate(
+            names[i],
+            (rank[i], score[i]),
+            xytext=(8, -4 - 9 * (j % 4)),
+            textcoords="offset points",
+            fontsize=7,
+            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"},
+        )
+    if len(df) > 200:
+        ax.set_xscale("log")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("score")
+    ax.set_title(f"{cell_type}: {len(df)} perturbations" if cell_type else f"{len(df)} perturbations", fontsize=9)

@@ -1,0 +1,477 @@
+"""In-silico perturbation screens: rank every gene by its predicted effect (``tl.screen``)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..model import PTRAG
+
+Effect = Literal["shift_norm", "energy"]
+EFFECTS: tuple[str, ...] = ("shift_norm", "energy")
+#: Perturbations whose set-level work is done together (bounds memory: a few (n, G) tables each).
+CHUNK_PERTURBATIONS = 1024
+#: Prefix of the columns holding the predicted shift of each signature gene.
+SHIFT_PREFIX = "shift_"
+
+__all__ = ["screen"]
+
+
+def screen(
+    model: PTRAG,
+    adata: AnnData | None = None,
+    *,
+    cell_type: str | Sequence[str] | None = None,
+    perturbations: Sequence[str] | None = None,
+    combinations: Sequence[str] | None = None,
+    signature: Sequence[str] | Mapping[str, Sequence[str]] | pd.Series | None = None,
+    effect: Effect = "shift_norm",
+    n_cells: int = 64,
+    batch_size: int = 64,
+    seed: int = 0,
+    return_shifts: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+    """In-silico screen: predict every perturbation for a cell type and rank it by its effect.
+
+    For the control cells of a cell type, every requested perturbation (by default every gene
+    with an embedding, measured or not, plus ``combinations``) is predicted and scored, either
+    by its effect on a target ``signature`` or, without one, by the size of its predicted
+    effect. "Which perturbation should I run next?": the top of the table.
+
+    The work is done per perturbation, not per cell: each perturbation is one set of ``n_cells``
+    control cells (the same cells for every perturbation), batched ``batch_size`` sets at a
+    time. With the default response memory the set's predicted mean is known without decoding
+    cells (``control mean + delta`` from the evidence and the stage-2 retrieval, bounded to
+    ``[0, ceiling]`` gene by gene), so only the encoders and stage 2 run. Models without a
+    response memory (``retrieval="none"`` or ``memory="embedding"``, or
+    ``learned_shift=True``), and ``effect="energy"``, need the generative pass: the mean of the
+    generated cells is used, which is several times slower.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~ptrag_sc.PTRAG`.
+    adata
+        AnnData (or MuData registered with ``setup_mudata``) providing the control cells, with
+        the model's genes. Default: the model's training AnnData.
+    cell_type
+        The cell type(s) to screen (one ranking each). Default: the only cell type with control
+        cells in ``adata`` (an error lists them when there are several). Required when
+        ``adata`` has no cell-type column.
+    perturbations
+        Labels to screen. Default: every gene of ``model.perturbation_embeddings`` (measured or
+        not).
+    combinations
+        Further labels, e.g. ``["MAPK1+SGK1"]``; members must have embeddings.
+    signature
+        The target phenotype, as model genes:
+
+        - a list of genes: the score is the mean predicted shift of these genes;
+        - ``{"up": [...], "down": [...]}``: the mean shift of the ``up`` genes minus the mean
+          shift of the ``down`` genes (either may be omitted);
+        - a :class:`~pandas.Series` gene -> weight: the weighted sum of the shifts.
+
+        Genes the model does not predict are dropped with a warning. ``None``: the score is the
+        size of the effect (``effect``).
+    effect
+        Without a signature: ``"shift_norm"``, the Euclidean norm of the predicted mean shift
+        from control over all genes; or ``"energy"``, the energy distance between the
+        generated cells and the control cells they come from (generative pass).
+    n_cells
+        Control cells per perturbation, drawn once (without replacement, ``seed``) from the
+        cell type's control cells in ``adata`` and shared by all perturbations; sets of more
+        than ``cell_set_size`` cells are cut into several sets whose results are averaged.
+    batch_size
+        Sets per forward pass.
+    seed
+        Seed of the choice of control cells.
+    return_shifts
+        Also return the predicted mean shift of every perturbation on every gene.
+
+    Returns
+    -------
+    A DataFrame, one row per (cell type, perturbation), ranked within each cell type, with
+    columns
+
+    ``cell_type``, ``perturbation``
+        The screened pair (the label as requested; the default list uses the embedding
+        table's upper-case symbols).
+    ``score``, ``rank``
+        The signature score (or the effect size) and its rank (1 = highest score).
+    ``shift_norm``
+        Norm of the predicted mean shift from control over all genes.
+    ``measured_in_cell_type``
+        Whether ``adata`` holds perturbed cells of this perturbation in this cell type.
+    ``observed_score``
+        For measured perturbations, the same score computed on the observed cells (the
+        observed mean shift; for ``effect="energy"``, the energy distance between up to
+        ``n_cells`` observed cells and the control cells); NaN otherwise.
+    ``trained``
+        Whether the model trained on this perturbation (in any cell type).
+    ``retrieval_distance``
+        ``1 -`` the stage-1 similarity of the evidence retrieved, weighted by its weight in
+        the prediction: an uncertainty proxy (see ``PTRAG.predict``); NaN for
+        ``retrieval="none"``.
+    ``shift_<gene>``
+        With a signature: the predicted mean shift of each signature gene.
+
+    With ``return_shifts=True``, a tuple ``(table, shifts)``: ``shifts`` is a DataFrame of the
+    predicted mean shifts (rows in the table's order, indexed by perturbation, or by
+    (cell type, perturbation) for several cell types; columns the model's genes).
+
+    Examples
+    --------
+    >>> import ptrag_sc
+    >>> ptrag_sc.settings.progress_bar = False
+    >>> adata = ptrag_sc.datasets.perturbench_devel()
+    >>> ptrag_sc.PTRAG.setup_anndata(adata, perturbation_key="gene", cell_type_key="cell_line")
+    >>> model = ptrag_sc.PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"])
+    >>> model.train(max_steps=20)
+    >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG", signature={"up": ["CDKN1A"], "down": ["MKI67"]})
+    >>> list(hits.columns[:4])
+    ['cell_type', 'perturbation', 'score', 'rank']
+    >>> int(hits["rank"].iloc[0])
+    1
+    """
+    from .._settings import settings
+    from ..model._predict import _context_index, check_batch_size
+    from ..model._validation import (
+        check_choice,
+        check_controls_per_cell_type,
+        check_expression,
+        positive_int,
+    )
+
+    adata = model._resolve_adata(adata)
+    model._require_trained()
+    adata = model.adata if adata is None else adata
+    if adata is None:
+        raise ValueError("Pass an AnnData with control cells: this model was loaded without one.")
+    check_choice("effect", effect, EFFECTS)
+    n_cells = positive_int("n_cells", n_cells)
+    batch_size = check_batch_size(batch_size)
+    labels, shown = _requested(model, perturbations, combinations)
+    weights, signature_genes = _signature_weights(signature, model.var_names)
+
+    data = model._data(adata, require_labels=False)
+    cell_types = _cell_types(model, data, cell_type)
+    check_controls_per_cell_type(data.is_control, data.cell_types, where="the AnnData to screen")
+    builder = model._builder()
+    keys, (context_names, context_means) = builder.control_contexts(data, data.is_control)
+    ceiling = model.module.gene_ceiling.detach().cpu().numpy().astype(np.float64)
+    fast = _fast_path(model, effect)
+    trained = np.isin(labels.astype(str), np.asarray(model.training_perturbations_).astype(str))
+
+    tables, shift_frames = [], []
+    for ct in cell_types:
+        pool = np.flatnonzero(data.is_control & (data.cell_types == ct))
+        # The same draw for a cell type whichever others are screened with it.
+        cells = np.sort(np.random.default_rng(seed).choice(pool, size=min(n_cells, pool.size), replace=False))
+        check_expression(data.expression.rows(cells).numpy(), where=f"the control cells of {ct!r}")
+        shifts, energy, distance = _predict_shifts(
+            model,
+            builder,
+            data,
+            labels,
+            ct,
+            cells,
+            _context_index(context_names, keys[cells]),
+            context_means,
+            ceiling=ceiling,
+            fast=fast,
+            energy=effect == "energy" and weights is None,
+            batch_size=batch_size,
+            progress=settings.progress_bar and len(labels) > CHUNK_PERTURBATIONS,
+        )
+        observed, measured = _observed(model, data, labels, ct, cells, weights, effect)
+        norm = np.linalg.norm(shifts, axis=1)
+        if weights is not None:
+            score = shifts @ weights
+        elif effect == "energy":
+            score = energy
+        else:
+            score = norm
+        table = pd.DataFrame(
+            {
+                "cell_type": ct,
+                "perturbation": shown,
+                "score": score,
+                "shift_norm": norm,
+                "measured_in_cell_type": measured,
+                "observed_score": observed,
+                "trained": trained,
+                "retrieval_distance": distance,
+            }
+        )
+        if weights is not None:
+            columns = model.var_names.get_indexer(signature_genes)
+            for gene, column in zip(signature_genes, columns, strict=True):
+                table[SHIFT_PREFIX + gene] = shifts[:, column]
+        order = np.lexsort((np.arange(len(table)), -np.nan_to_num(table["score"].to_numpy(), nan=-np.inf)))
+        table = table.iloc[order].reset_index(drop=True)
+        table.insert(3, "rank", table["score"].rank(ascending=False, method="min").astype(np.int64))
+        tables.append(table)
+        if return_shifts:
+            shift_frames.append(pd.DataFrame(shifts[order], columns=model.var_names.copy()))
+    out = pd.concat(tables, ignore_index=True)
+    if not return_shifts:
+        return out
+    shifts = pd.concat(shift_frames, ignore_index=True)
+    if len(cell_types) == 1:
+        shifts.index = pd.Index(out["perturbation"].to_numpy(), name="perturbation")
+    else:
+        shifts.index = pd.MultiIndex.from_frame(out[["cell_type", "perturbation"]])
+    return out, shifts
+
+
+def _requested(model, perturbations, combinations) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical labels to screen and the labels shown in the table."""
+    from ..data import normalise_labels
+
+    setup = model._setup
+    if perturbations is None:
+        requested = [str(g) for g in model.perturbation_embeddings.index]
+    else:
+        requested = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
+        if not requested:
+            raise ValueError("`perturbations` is empty; pass labels, or None to screen every gene with an embedding.")
+    if combinations is not None:
+        extra = [combinations] if isinstance(combinations, str) else [str(c) for c in combinations]
+        requested += extra
+    canonical = normalise_labels(requested, control_group=setup.control_group, sep=setup.sep)
+    keep = canonical != setup.control_group
+    if perturbations is not None and not keep[: len(requested)].all():
+        raise ValueError(f"`perturbations` holds the control label {setup.control_group!r}; ask for genes.")
+    canonical, shown = canonical[keep], np.asarray(requested, dtype=object)[keep]
+    index = pd.Index(canonical)
+    if index.has_duplicates:
+        if perturbations is None and combinations is not None:
+            # a combination also in the table (e.g. an embedded "A+B" row): screen it once
+            first = ~index.duplicated()
+            canonical, shown = canonical[first], shown[first]
+        else:
+            dup = index[index.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"The screen asks for the same perturbation twice (as written or after normalisation): {dup}.")
+    model._encoder.check(canonical, context=" requested")
+    return canonical.astype(object), shown
+
+
+def _signature_weights(signature, var_names: pd.Index) -> tuple[np.ndarray | None, list[str]]:
+    """Weights ``(G,)`` of the signature over the model's genes and its genes (model spelling)."""
+    if signature is None:
+        return None, []
+    if isinstance(signature, pd.Series):
+        if not pd.api.types.is_numeric_dtype(signature) or not np.all(np.isfinite(signature.to_numpy(dtype=float))):
+            raise ValueError("A `signature` Series maps genes to finite numeric weights.")
+        if signature.index.has_duplicates:
+            raise ValueError(f"The `signature` Series lists genes twice: {signature.index[signature.index.duplicated()][:5].tolist()}.")
+        parts = [(list(map(str, signature.index)), signature.to_numpy(dtype=float), False)]
+    elif isinstance(signature, Mapping):
+        unknown = sorted(set(signature) - {"up", "down"})
+        if unknown:
+            raise ValueError(f"A `signature` mapping has the keys 'up' and/or 'down', got {unknown}.")
+        parts = []
+        for key, sign in (("up", 1.0), ("down", -1.0)):
+            genes = signature.get(key)
+            if genes is None:
+                continue
+            genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+            if genes:
+                parts.append((genes, np.full(len(genes), sign), True))
+        if not parts:
+            raise ValueError("The `signature` mapping lists no gene under 'up' or 'down'.")
+    elif isinstance(signature, str) or isinstance(signature, Sequence | np.ndarray | pd.Index):
+        genes = [signature] if isinstance(signature, str) else [str(g) for g in signature]
+        if not genes:
+            raise ValueError("`signature` is empty; pass genes, or None to rank by effect size.")
+        parts = [(genes, np.ones(len(genes)), True)]
+    else:
+        raise TypeError(
+            "`signature` must be a list of genes, a {'up': [...], 'down': [...]} mapping or a pandas Series gene -> weight, "
+            f"got {type(signature).__name__}."
+        )
+    upper = pd.Index(var_names.astype(str).str.upper())
+    weights = np.zeros(len(var_names), dtype=np.float64)
+    used: list[str] = []
+    dropped: list[str] = []
+    for genes, values, average in parts:
+        position = var_names.get_indexer(genes)
+        fallback = upper.get_indexer([g.upper() for g in genes]) if not upper.has_duplicates else np.full(len(genes), -1)
+        position = np.where(position >= 0, position, fallback)
+        dropped += [g for g, p in zip(genes, position, strict=True) if p < 0]
+        present = position >= 0
+        if not present.any():
+            continue
+        share = values[present] / (present.sum() if average else 1.0)
+        np.add.at(weights, position[present], share)
+        used += [str(var_names[p]) for p in position[present]]
+    if not used:
+        raise ValueError(
+            f"None of the signature genes is among the model's {len(var_names)} genes (e.g. {dropped[:5]}); "
+            f"the model predicts {var_names[:5].tolist()}..."
+        )
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} signature gene(s) are not among the model's genes and are left out: {dropped[:10]}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return weights, list(dict.fromkeys(used))
+
+
+def _cell_types(model, data, cell_type) -> list[str]:
+    """The cell types to screen (sets ``data.cell_types`` when the AnnData has no such column)."""
+    from ..data import NO_CELL_TYPE
+
+    setup = model._setup
+    wanted = None if cell_type is None else ([cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type])
+    if wanted is not None and not wanted:
+        raise ValueError("`cell_type` is empty.")
+    if not data.has_cell_types:
+        if setup.cell_type_key is not None:
+            if wanted is None or len(wanted) != 1:
+                raise ValueError(
+                    f"The AnnData has no column {setup.cell_type_key!r} (`cell_type_key`): pass one `cell_type=` naming its "
+                    f"control cells' cell type (trained: {list(model.training_cell_types_)[:10]})."
+                )
+            data.cell_types = np.full(data.n_obs, wanted[0], dtype=object)
+            return wanted
+        if wanted not in (None, [NO_CELL_TYPE]):
+            raise ValueError(f"The model was set up without `cell_type_key`: leave `cell_type=None` (got {cell_type!r}).")
+        return [NO_CELL_TYPE]
+    with_controls = sorted(set(data.cell_types[data.is_control].astype(str)))
+    if wanted is None:
+        if len(with_controls) != 1:
+            raise ValueError(
+                f"The AnnData has control cells of {len(with_controls)} cell types {with_controls[:10]}: pass `cell_type=` "
+                "naming the one(s) to screen."
+            )
+        return with_controls
+    absent = [c for c in wanted if c not in with_controls]
+    if absent:
+        raise ValueError(
+            f"No control cells of cell type(s) {absent} in `adata.obs[{setup.cell_type_key!r}]` (cell types with control cells: "
+            f"{with_controls[:10]})."
+        )
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"`cell_type` lists a cell type twice: {wanted}.")
+    return wanted
+
+
+def _fast_path(model, effect) -> bool:
+    """Whether set means are known without decoding cells (response memory, no learned shift)."""
+    module = model.module
+    return effect != "energy" and module.evidence is not None and not module.learned_shift
+
+
+def _predict_shifts(model, builder, data, labels, cell_type, cells, context_index, context_means, *, ceiling, fast, energy, batch_size, progress):
+    """Predicted mean shift ``(P, G)``, energy ``(P,)`` and retrieval distance ``(P,)`` of every label."""
+    import torch
+
+    from .._constants import OUTPUTS, TENSORS
+    from .._utils import flush_denormal
+    from ..data import prediction_batches
+    from ..module import energy_distance
+
+    n_labels, n_genes, n_cells = len(labels), model.module.n_genes, cells.size
+    sums = np.zeros((n_labels, n_genes), dtype=np.float64)
+    energies = np.zeros(n_labels, dtype=np.float64)
+    distances = np.zeros(n_labels, dtype=np.float64)
+    weights = np.zeros(n_labels, dtype=np.float64)
+    module = model.module
+    module.eval()
+    device = next(module.parameters()).device
+    ceiling_t = torch.as_tensor(ceiling, dtype=torch.float32, device=device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_labels, desc=f"Screening {cell_type}", unit="perturbation")
+    try:
+        with torch.inference_mode(), flush_denormal():
+            for start in range(0, n_labels, CHUNK_PERTURBATIONS):
+                chunk = labels[start : start + CHUNK_PERTURBATIONS]
+                sources = np.tile(cells, len(chunk))
+                groups = builder.prediction_groups(
+                    labels=np.repeat(chunk, n_cells),
+                    cell_types=np.full(sources.shape[0], cell_type, dtype=object),
+                    batches=data.batches[sources],
+                    context_index=np.tile(context_index, len(chunk)),
+                    context_means=context_means,
+                )
+                row_of_group = start + pd.Index(chunk).get_indexer(groups.perturbation)
+                for batch, out_rows, set_group in prediction_batches(groups, data.expression, sources, set_size=model.cell_set_size, batch_size=batch_size):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    inference = module.inference(**module._get_inference_input(batch), sample_retrieval=False)
+                    control_mean = batch[TENSORS.CONTROL_MEAN]
+                    if fast:
+                        mean = torch.minimum((control_mean + inference[OUTPUTS.DELTA]).clamp_min(0.0), ceiling_t)
+                        shift = mean - control_mean
+                    else:
+                        generated = module.generative(**module._get_generative_input(batch, inference))
+                        shift = generated[OUTPUTS.MEAN_SHIFT]
+                        if energy:
+                            e = energy_distance(generated[OUTPUTS.PREDICTION], batch[TENSORS.X_CTRL], include_target_term=True)
+                            np.add.at(energies, row_of_group[set_group], e.cpu().numpy().astype(np.float64) * out_rows.shape[1])
+                    size = float(out_rows.shape[1])
+                    rows = row_of_group[set_group]
+                    np.add.at(sums, rows, shift.cpu().numpy().astype(np.float64) * size)
+                    np.add.at(weights, rows, size)
+                    if OUTPUTS.SET_WEIGHTS in inference:
+                        w = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy()
+                        w = w / np.maximum(w.sum(-1, keepdims=True), 1e-12)
+                        sims = np.nan_to_num(groups.similarity[set_group], nan=0.0)
+                        np.add.at(distances, rows, (w * (1.0 - sims)).sum(-1) * size)
+                    else:
+                        distances[rows] = np.nan
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    weights = np.maximum(weights, 1e-12)
+    energies = energies / weights if energy else np.full(n_labels, np.nan)
+    return (sums / weights[:, None]).astype(np.float32), energies, distances / weights
+
+
+def _observed(model, data, labels, cell_type, cells, weights, effect) -> tuple[np.ndarray, np.ndarray]:
+    """The score of the observed cells of measured labels (NaN otherwise) and which are measured."""
+    from ..module import energy_distance
+
+    in_type = data.cell_types == cell_type
+    perturbed = in_type & ~data.is_control
+    position = pd.Index(labels.astype(str)).get_indexer(data.labels.astype(str))
+    code = np.where(perturbed & (position >= 0), position, -1)
+    measured = np.zeros(len(labels), dtype=bool)
+    measured[np.unique(code[code >= 0])] = True
+    observed = np.full(len(labels), np.nan)
+    if not measured.any():
+        return observed, measured
+    present = np.flatnonzero(measured)
+    compact = np.full(len(labels), -1, dtype=np.int64)
+    compact[present] = np.arange(present.size)
+    codes = np.where(code >= 0, compact[np.maximum(code, 0)], -1)
+    control_code = np.where(in_type & data.is_control, present.size, -1)
+    means = data.means(np.where(codes >= 0, codes, control_code), present.size + 1)
+    shifts = means[:-1] - means[-1]
+    if weights is not None:
+        observed[present] = shifts @ weights
+    elif effect == "energy":
+        # Sets as large as the predicted ones: the energy's V-statistic depends on the set size.
+        size = cells.size // -(-cells.size // model.cell_set_size)
+        rng = np.random.default_rng(0)
+        controls = data.expression.rows(cells[:size])[None]
+        for i in present:
+            members = np.flatnonzero(codes == compact[i])
+            chosen = np.sort(rng.choice(members, size=min(size, members.size), replace=False))
+            observed[i] = float(energy_distance(data.expression.rows(chosen)[None], controls, include_target_term=True)[0])
+    else:
+        observed[present] = np.linalg.norm(shifts, axis=1)
+    return observed, measured
