@@ -307,7 +307,7 @@ def run_case(env: Env, item: Case) -> Record:
         previous_sigint = signal.getsignal(signal.SIGINT)
         try:
             result = trial.call()
-        except BaseException as exc:  # noqa: BLE001 - SystemExit from Lightning's Ctrl+C handler included
+        except BaseException as exc:
             error = exc
         finally:
             if signal.getsignal(signal.SIGINT) != previous_sigint:

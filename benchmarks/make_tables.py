@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report as report  # noqa: E402
+import _report as report
 
 ROOT = Path(__file__).resolve().parent.parent
 README_START, README_END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"

@@ -101,7 +101,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report as report  # noqa: E402
+import _report as report
 
 #: Model variants, built as ``PTRAG(adata, perturbation_embeddings=emb, **options)`` and trained with
 #: ``model.train(split_key="split")``. The paper's ablation uses STATE's full backbone and
@@ -138,7 +138,9 @@ REPLOGLE_LIKE = {
 SYNTHETIC_SMALL = {**REPLOGLE_LIKE, "n_perturbations": 120, "n_genes": 500, "n_control_cells": 600}
 
 #: The real THP-1 data (not shipped with the package).
-THP1_PATH = Path("/work/shared/data/papalexi2021_thp1_sceptredata/papalexi2021_thp1_lowmoi_299genes.h5ad")
+#: The project's shared data, beside the checkout (or ``$PTRAG_SC_SHARED_DATA``).
+SHARED_DATA = Path(os.environ.get("PTRAG_SC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+THP1_PATH = SHARED_DATA / "papalexi2021_thp1_sceptredata" / "papalexi2021_thp1_lowmoi_299genes.h5ad"
 THP1_FOLDS = 5
 THP1_ATTRIBUTION = (
     "Papalexi et al., Nat Genet 53:322 (2021), ECCITE-seq of THP-1 cells; subset from the "
@@ -380,7 +382,7 @@ def score_cell_eval(evaluation, *, workdir: Path, de_cache: dict, cache_key: str
                 if ev.de_comparison is not None:
                     de_cache[key] = ev.de_comparison.real.data
                 res, _ = ev.compute(profile="full", write_csv=False, break_on_error=False)
-            except Exception as exc:  # noqa: BLE001 - recorded per row, never hidden
+            except Exception as exc:
                 error = f"cell-eval failed in {ct}: {type(exc).__name__}: {exc}"
         if res is None:
             frames.append(pd.DataFrame({CELL_TYPE_KEY: ct, PERTURBATION_KEY: perts, report.CELL_EVAL_ERROR: error}))
@@ -463,7 +465,7 @@ def versions() -> dict:
         out["git_commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
         ).stdout.strip()
-    except Exception:  # noqa: BLE001
+    except Exception:
         out["git_commit"] = None
     return out
 

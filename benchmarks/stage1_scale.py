@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import machine, peak_rss_gib  # noqa: E402
+from scale import machine, peak_rss_gib
 
 RESULTS = Path(__file__).parent / "results" / "stage1"
 

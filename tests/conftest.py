@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scvi
 import torch
 
 import ptrag_sc
+
+
+def _shared_data() -> Path:
+    """``../shared/data`` beside the checkout (CI and developers), or ``$PTRAG_SC_SHARED_DATA``."""
+    env = os.environ.get("PTRAG_SC_SHARED_DATA")
+    if env:
+        return Path(env)
+    for root in Path(__file__).resolve().parents[1:]:
+        if (root / "shared" / "data").is_dir():
+            return root / "shared" / "data"
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+#: The project's shared real datasets (tests that need them skip when they are absent).
+SHARED_DATA = _shared_data()
 
 # Small models train fastest on one thread; this also makes timings independent of load.
 torch.set_num_threads(1)

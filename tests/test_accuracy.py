@@ -7,18 +7,16 @@ outputs stay in the data's range; seeds agree.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import scvi
-from conftest import SMALL_MODEL, few_shot_split, make_small_adata
+from conftest import SHARED_DATA, SMALL_MODEL, few_shot_split, make_small_adata
 
 import ptrag_sc
 from ptrag_sc import PTRAG
 
-PAPALEXI = Path("/work/shared/data/papalexi2021_thp1_sceptredata/papalexi2021_thp1_lowmoi_299genes.h5ad")
+PAPALEXI = (SHARED_DATA / "papalexi2021_thp1_sceptredata/papalexi2021_thp1_lowmoi_299genes.h5ad")
 
 
 def _model(data, seed=0, **kwargs):

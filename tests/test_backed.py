@@ -11,9 +11,15 @@ import torch
 from conftest import SMALL_MODEL, make_small_adata
 
 import ptrag_sc
-from ptrag_sc.data import expression_matrix
-from ptrag_sc.data import _matrix
-from ptrag_sc.data._matrix import BackedReader, ExpressionMatrix, RowSubset, column_max, group_means, read_rows
+from ptrag_sc.data import _matrix, expression_matrix
+from ptrag_sc.data._matrix import (
+    BackedReader,
+    ExpressionMatrix,
+    RowSubset,
+    column_max,
+    group_means,
+    read_rows,
+)
 from ptrag_sc.model import _predict
 
 

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import SHARED_DATA
 
 from ptrag_sc import pp
 from ptrag_sc.datasets import perturbench_devel, read_replogle_nadig
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 PAPALEXI = DATA / "papalexi2021_thp1_sceptredata" / "papalexi2021_thp1_lowmoi_299genes.h5ad"
 DATLINGER = DATA / "datlinger2017_jurkat_scperturb_testdata" / "datlinger2017_jurkat_subset.h5ad"
 SHARED_GBM = ["MAP2K3", "MAP2K6", "MAP3K21", "MAP4K3", "MAP4K5", "MAPK1", "PLK4", "SGK1", "TGFBR2"]

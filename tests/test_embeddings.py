@@ -8,17 +8,17 @@ import pickle
 import re
 import sys
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA
 
 import ptrag_sc
 from ptrag_sc import pp
 
-SHARED = Path("/work/shared/data/genept_gene_summaries")
+SHARED = (SHARED_DATA / "genept_gene_summaries")
 ADAMSON_CSV = SHARED / "GenePT_embedding_small_adamson.csv.gz"
 SUMMARIES_JSON = SHARED / "GeneSummary_NCBI_UniProt_1915genes.json.gz"
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import doctest
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import SHARED_DATA
 
 from ptrag_sc import pp
 from ptrag_sc.pp import _guides
 
-PAPALEXI = Path("/work/shared/data/papalexi2021_thp1_sceptredata/papalexi2021_thp1_lowmoi_299genes.h5ad")
+PAPALEXI = (SHARED_DATA / "papalexi2021_thp1_sceptredata/papalexi2021_thp1_lowmoi_299genes.h5ad")
 
 # One row per case: counts of guides (A1, A2, B1, NT1) and the expected (status, guide).
 CASES = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import mudata as md
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import SHARED_DATA
 
 import ptrag_sc
 from ptrag_sc import PTRAG
@@ -21,7 +21,7 @@ from ptrag_sc.model import _mudata
 torch.set_num_threads(1)
 ptrag_sc.settings.progress_bar = False
 
-PAPALEXI = Path("/work/shared/data/papalexi2021_thp1_sceptredata/papalexi2021_thp1_lowmoi_299genes.h5ad")
+PAPALEXI = (SHARED_DATA / "papalexi2021_thp1_sceptredata/papalexi2021_thp1_lowmoi_299genes.h5ad")
 TINY = {"n_hidden": 16, "n_layers": 1, "n_heads": 2, "cell_set_size": 8, "n_candidates": 4}
 
 

@@ -125,7 +125,7 @@ def test_setup_train_predict_save_load(case):
         PTRAG.setup_anndata(adata)
         model = PTRAG(adata, perturbation_embeddings=table, **TINY)
         model.train(max_steps=3, validation_size=0)
-    except Exception as exc:  # noqa: BLE001 - the property: a clear error or a correct result
+    except Exception as exc:
         assert _names_argument(exc), f"unclear error {type(exc).__name__}: {exc}"
         assert fingerprint(adata) == before
         return
@@ -190,7 +190,7 @@ def test_options_fail_with_their_name_or_work(registered, name, value):
         assert f"`{name}`" in str(exc), str(exc)
         return
     # Accepted: then it must be a valid value of its kind, stored in its canonical type.
-    assert value is None and name in ("decoder_rank", "n_scorer_hidden") or (
+    assert (value is None and name in ("decoder_rank", "n_scorer_hidden")) or (
         not isinstance(value, bool | str) and math.isfinite(value) and value >= 0
     ), f"{name}={value!r} accepted"
     assert model.module is not None

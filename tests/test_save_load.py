@@ -22,7 +22,13 @@ from scvi.model.base import BaseModelClass
 
 from ptrag_sc import PTRAG
 from ptrag_sc.model import ModelFileError
-from ptrag_sc.model._io import ARRAYS_FNAME, MANIFEST_FNAME, WEIGHTS_FNAME, decode_tree, encode_tree
+from ptrag_sc.model._io import (
+    ARRAYS_FNAME,
+    MANIFEST_FNAME,
+    WEIGHTS_FNAME,
+    decode_tree,
+    encode_tree,
+)
 
 TINY = {"n_hidden": 16, "n_layers": 1, "n_heads": 2, "cell_set_size": 8, "n_candidates": 4}
 

@@ -21,7 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._constants import INDEX_BACKENDS, RELATION_MEMBER, RELATION_OTHER, RELATION_SAME_PERTURBATION, IndexBackend
+from .._constants import (
+    INDEX_BACKENDS,
+    RELATION_MEMBER,
+    RELATION_OTHER,
+    RELATION_SAME_PERTURBATION,
+    IndexBackend,
+)
 from ._memory import RetrievalMemory
 from ._similarity import StageOneSimilarity
 

@@ -570,7 +570,7 @@ def _fetch(backup_url, dir_path: Path, names: list[str], *, required: bool = Tru
         else:
             url = f"{str(backup_url).rstrip('/')}/{name}"
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "ptrag_sc"})) as response:  # noqa: S310
+            with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "ptrag_sc"})) as response:
                 _write_atomic(target, lambda p, r=response: _copy_stream(r, p))
         except (urllib.error.URLError, OSError, ValueError) as exc:
             if required:
@@ -850,7 +850,7 @@ class SafeSaveMixin:
     def load(
         cls,
         dir_path: str | os.PathLike,
-        adata: AnnData | None | bool = None,
+        adata: AnnData | bool | None = None,
         accelerator: str = "auto",
         device: int | str = "auto",
         prefix: str | None = None,

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
@@ -33,7 +31,13 @@ from .._constants import (
 )
 from .._settings import settings
 from .._utils import flush_denormal, quiet_lightning
-from ..data import PerturbationData, PerturbationField, PerturbationEncoder, RetrievalMemory, SetupArgs
+from ..data import (
+    PerturbationData,
+    PerturbationEncoder,
+    PerturbationField,
+    RetrievalMemory,
+    SetupArgs,
+)
 from ..data._annotations import GeneAnnotations
 from ..data._index import NeighbourIndex
 from ..data._similarity import Similarity, describe, make_similarity
@@ -48,7 +52,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import scipy.sparse as sp
-
     from anndata import AnnData
 
 logger = logging.getLogger(__name__)

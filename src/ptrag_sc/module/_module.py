@@ -22,7 +22,14 @@ from .._constants import (
     Retrieval,
 )
 from .._shift import shift_scale
-from ._components import FullSetTransformer, PooledSetTransformer, add_scaled_, cell_mean, mlp, relu_ceiling
+from ._components import (
+    FullSetTransformer,
+    PooledSetTransformer,
+    add_scaled_,
+    cell_mean,
+    mlp,
+    relu_ceiling,
+)
 from ._evidence import EvidenceCombiner
 from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector

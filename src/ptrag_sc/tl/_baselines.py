@@ -16,9 +16,9 @@ from .._constants import (
     DEFAULT_PERTURBATION_KEY,
     DEFAULT_PERTURBATION_SEP,
 )
-from ..data._pairing import context_codes, match_controls
 from .._shift import apply_shift
 from ..data._matrix import column_max
+from ..data._pairing import context_codes, match_controls
 from ._utils import (
     as_str_tuple,
     check_obs_key,
