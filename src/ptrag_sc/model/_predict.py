@@ -13,6 +13,7 @@ from .._constants import (
     OBS_UNSEEN_CELL_TYPE,
     OBS_UNSEEN_PERTURBATION,
     OUTPUTS,
+    TENSORS,
     UNS_KEY,
 )
 from .._settings import settings
@@ -387,3 +388,73 @@ def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd
 def _query_order(groups, set_group, canonical) -> np.ndarray:
     """Position in the requested list of each set's query."""
     return pd.Index(canonical).get_indexer(groups.perturbation[set_group])
+
+
+def screen_shifts(model, builder, data, labels, cell_type, cells, context_index, context_means, *, ceiling, fast, energy, batch_size, progress, chunk_size):
+    """Predicted mean shift ``(P, G)``, energy ``(P,)`` and retrieval distance ``(P,)`` of every label.
+
+    The model side of :func:`ptrag_sc.tl.screen`: ``chunk_size`` perturbations at a time, each one
+    set of the control ``cells`` of ``cell_type``; with ``fast`` the set mean comes from the evidence
+    alone (no cells decoded).
+    """
+    from ..module import energy_distance
+
+    n_labels, n_genes, n_cells = len(labels), model.module.n_genes, cells.size
+    sums = np.zeros((n_labels, n_genes), dtype=np.float64)
+    energies = np.zeros(n_labels, dtype=np.float64)
+    distances = np.zeros(n_labels, dtype=np.float64)
+    weights = np.zeros(n_labels, dtype=np.float64)
+    module = model.module
+    module.eval()
+    device = next(module.parameters()).device
+    ceiling_t = torch.as_tensor(ceiling, dtype=torch.float32, device=device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_labels, desc=f"Screening {cell_type}", unit="perturbation")
+    try:
+        with torch.inference_mode(), flush_denormal():
+            for start in range(0, n_labels, chunk_size):
+                chunk = labels[start : start + chunk_size]
+                sources = np.tile(cells, len(chunk))
+                groups = builder.prediction_groups(
+                    labels=np.repeat(chunk, n_cells),
+                    cell_types=np.full(sources.shape[0], cell_type, dtype=object),
+                    batches=data.batches[sources],
+                    context_index=np.tile(context_index, len(chunk)),
+                    context_means=context_means,
+                )
+                row_of_group = start + pd.Index(chunk).get_indexer(groups.perturbation)
+                for batch, out_rows, set_group in prediction_batches(groups, data.expression, sources, set_size=model.cell_set_size, batch_size=batch_size):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    inference = module.inference(**module._get_inference_input(batch), sample_retrieval=False)
+                    control_mean = batch[TENSORS.CONTROL_MEAN]
+                    if fast:
+                        mean = torch.minimum((control_mean + inference[OUTPUTS.DELTA]).clamp_min(0.0), ceiling_t)
+                        shift = mean - control_mean
+                    else:
+                        generated = module.generative(**module._get_generative_input(batch, inference))
+                        shift = generated[OUTPUTS.MEAN_SHIFT]
+                        if energy:
+                            e = energy_distance(generated[OUTPUTS.PREDICTION], batch[TENSORS.X_CTRL], include_target_term=True)
+                            np.add.at(energies, row_of_group[set_group], e.cpu().numpy().astype(np.float64) * out_rows.shape[1])
+                    size = float(out_rows.shape[1])
+                    rows = row_of_group[set_group]
+                    np.add.at(sums, rows, shift.cpu().numpy().astype(np.float64) * size)
+                    np.add.at(weights, rows, size)
+                    if OUTPUTS.SET_WEIGHTS in inference:
+                        w = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy()
+                        w = w / np.maximum(w.sum(-1, keepdims=True), 1e-12)
+                        sims = np.nan_to_num(groups.similarity[set_group], nan=0.0)
+                        np.add.at(distances, rows, (w * (1.0 - sims)).sum(-1) * size)
+                    else:
+                        distances[rows] = np.nan
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    weights = np.maximum(weights, 1e-12)
+    energies = energies / weights if energy else np.full(n_labels, np.nan)
+    return (sums / weights[:, None]).astype(np.float32), energies, distances / weights

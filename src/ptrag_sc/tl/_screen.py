@@ -141,7 +141,7 @@ def screen(
     1
     """
     from .._settings import settings
-    from ..model._predict import _context_index, check_batch_size
+    from ..model._predict import _context_index, check_batch_size, screen_shifts
     from ..model._validation import (
         check_choice,
         check_controls_per_cell_type,
@@ -175,7 +175,7 @@ def screen(
         # The same draw for a cell type whichever others are screened with it.
         cells = np.sort(np.random.default_rng(seed).choice(pool, size=min(n_cells, pool.size), replace=False))
         check_expression(data.expression.rows(cells).numpy(), where=f"the control cells of {ct!r}")
-        shifts, energy, distance = _predict_shifts(
+        shifts, energy, distance = screen_shifts(
             model,
             builder,
             data,
@@ -189,6 +189,7 @@ def screen(
             energy=effect == "energy" and weights is None,
             batch_size=batch_size,
             progress=settings.progress_bar and len(labels) > CHUNK_PERTURBATIONS,
+            chunk_size=CHUNK_PERTURBATIONS,
         )
         observed, measured = _observed(model, data, labels, ct, cells, weights, effect)
         norm = np.linalg.norm(shifts, axis=1)
@@ -371,79 +372,9 @@ def _fast_path(model, effect) -> bool:
     return effect != "energy" and module.evidence is not None and not module.learned_shift
 
 
-def _predict_shifts(model, builder, data, labels, cell_type, cells, context_index, context_means, *, ceiling, fast, energy, batch_size, progress):
-    """Predicted mean shift ``(P, G)``, energy ``(P,)`` and retrieval distance ``(P,)`` of every label."""
-    import torch
-
-    from .._constants import OUTPUTS, TENSORS
-    from .._utils import flush_denormal
-    from ..data import prediction_batches
-    from ..module import energy_distance
-
-    n_labels, n_genes, n_cells = len(labels), model.module.n_genes, cells.size
-    sums = np.zeros((n_labels, n_genes), dtype=np.float64)
-    energies = np.zeros(n_labels, dtype=np.float64)
-    distances = np.zeros(n_labels, dtype=np.float64)
-    weights = np.zeros(n_labels, dtype=np.float64)
-    module = model.module
-    module.eval()
-    device = next(module.parameters()).device
-    ceiling_t = torch.as_tensor(ceiling, dtype=torch.float32, device=device)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_labels, desc=f"Screening {cell_type}", unit="perturbation")
-    try:
-        with torch.inference_mode(), flush_denormal():
-            for start in range(0, n_labels, CHUNK_PERTURBATIONS):
-                chunk = labels[start : start + CHUNK_PERTURBATIONS]
-                sources = np.tile(cells, len(chunk))
-                groups = builder.prediction_groups(
-                    labels=np.repeat(chunk, n_cells),
-                    cell_types=np.full(sources.shape[0], cell_type, dtype=object),
-                    batches=data.batches[sources],
-                    context_index=np.tile(context_index, len(chunk)),
-                    context_means=context_means,
-                )
-                row_of_group = start + pd.Index(chunk).get_indexer(groups.perturbation)
-                for batch, out_rows, set_group in prediction_batches(groups, data.expression, sources, set_size=model.cell_set_size, batch_size=batch_size):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    inference = module.inference(**module._get_inference_input(batch), sample_retrieval=False)
-                    control_mean = batch[TENSORS.CONTROL_MEAN]
-                    if fast:
-                        mean = torch.minimum((control_mean + inference[OUTPUTS.DELTA]).clamp_min(0.0), ceiling_t)
-                        shift = mean - control_mean
-                    else:
-                        generated = module.generative(**module._get_generative_input(batch, inference))
-                        shift = generated[OUTPUTS.MEAN_SHIFT]
-                        if energy:
-                            e = energy_distance(generated[OUTPUTS.PREDICTION], batch[TENSORS.X_CTRL], include_target_term=True)
-                            np.add.at(energies, row_of_group[set_group], e.cpu().numpy().astype(np.float64) * out_rows.shape[1])
-                    size = float(out_rows.shape[1])
-                    rows = row_of_group[set_group]
-                    np.add.at(sums, rows, shift.cpu().numpy().astype(np.float64) * size)
-                    np.add.at(weights, rows, size)
-                    if OUTPUTS.SET_WEIGHTS in inference:
-                        w = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy()
-                        w = w / np.maximum(w.sum(-1, keepdims=True), 1e-12)
-                        sims = np.nan_to_num(groups.similarity[set_group], nan=0.0)
-                        np.add.at(distances, rows, (w * (1.0 - sims)).sum(-1) * size)
-                    else:
-                        distances[rows] = np.nan
-                if bar is not None:
-                    bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
-    weights = np.maximum(weights, 1e-12)
-    energies = energies / weights if energy else np.full(n_labels, np.nan)
-    return (sums / weights[:, None]).astype(np.float32), energies, distances / weights
-
-
 def _observed(model, data, labels, cell_type, cells, weights, effect) -> tuple[np.ndarray, np.ndarray]:
     """The score of the observed cells of measured labels (NaN otherwise) and which are measured."""
-    from ..module import energy_distance
+    from ._metrics import energy_distance
 
     in_type = data.cell_types == cell_type
     perturbed = in_type & ~data.is_control
@@ -467,11 +398,12 @@ def _observed(model, data, labels, cell_type, cells, weights, effect) -> tuple[n
         # Sets as large as the predicted ones: the energy's V-statistic depends on the set size.
         size = cells.size // -(-cells.size // model.cell_set_size)
         rng = np.random.default_rng(0)
-        controls = data.expression.rows(cells[:size])[None]
+        controls = data.expression.rows(cells[:size]).numpy()
         for i in present:
             members = np.flatnonzero(codes == compact[i])
             chosen = np.sort(rng.choice(members, size=min(size, members.size), replace=False))
-            observed[i] = float(energy_distance(data.expression.rows(chosen)[None], controls, include_target_term=True)[0])
+            # Half of the V-statistic: the loss' (geomloss') convention, as the predicted energies.
+            observed[i] = 0.5 * energy_distance(data.expression.rows(chosen).numpy(), controls)
     else:
         observed[present] = np.linalg.norm(shifts, axis=1)
     return observed, measured
