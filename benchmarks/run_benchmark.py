@@ -539,6 +539,10 @@ def run(
                 evaluation = adata[keep].copy()
                 layers = {}
                 for method in models:
+                    if threads:
+                        # Libraries sharing the OpenMP runtime (numba in scanpy's normalisation,
+                        # cell-eval) reset torch's thread count: set it again before each model.
+                        torch.set_num_threads(threads)
                     scvi.settings.seed = seed
                     PTRAG.setup_anndata(adata, perturbation_key=PERTURBATION_KEY, cell_type_key=CELL_TYPE_KEY, control_group=CONTROL)
                     model = PTRAG(adata, perturbation_embeddings=embeddings, **MODELS[method])

@@ -29,6 +29,14 @@ SHARED_DATA = _shared_data()
 
 # Small models train fastest on one thread; this also makes timings independent of load.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Keep one thread per test: numba (scanpy's normalisation) shares the OpenMP runtime and
+    resets torch's thread count, and a second thread on a busy 2-core machine slows small
+    models down many times over."""
+    torch.set_num_threads(1)
 ptrag_sc.settings.progress_bar = False
 
 SMALL_MODEL = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "cell_set_size": 16, "n_candidates": 8}

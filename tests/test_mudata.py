@@ -230,6 +230,7 @@ def test_papalexi_eccite_seq_end_to_end():
     rna = ad.AnnData(raw.X.copy(), obs=raw.obs[["bio_rep", "cell_line"]].copy(), var=raw.var.copy())
     sc.pp.normalize_total(rna)
     sc.pp.log1p(rna)
+    torch.set_num_threads(1)  # numba, in normalize_total, resets it
     var = pd.DataFrame({"target_gene": np.asarray(raw.uns["grna_target"]).astype(str)}, index=np.asarray(raw.uns["grna_ids"]).astype(str))
     gdo = ad.AnnData(raw.obsm["grna_counts"].copy(), obs=pd.DataFrame(index=raw.obs_names), var=var)
     mdata = mudata({"rna": rna, "gdo": gdo})

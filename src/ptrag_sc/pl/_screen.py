@@ -59,6 +59,20 @@ def screen(
     Returns
     -------
     The Axes (one cell type) or a list of Axes, unless the figure was shown.
+
+    Examples
+    --------
+    >>> import ptrag_sc
+    >>> ptrag_sc.settings.progress_bar = False
+    >>> adata = ptrag_sc.datasets.perturbench_devel(subset="glioblastoma")
+    >>> ptrag_sc.PTRAG.setup_anndata(adata, perturbation_key="gene", cell_type_key="cell_line")
+    >>> model = ptrag_sc.PTRAG(
+    ...     adata, perturbation_embeddings=adata.uns["gene_embeddings"],
+    ...     n_hidden=32, n_layers=1, n_candidates=8,
+    ... )
+    >>> model.train(max_steps=20)
+    >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG")
+    >>> ax = ptrag_sc.pl.screen(hits, n_top=5, show=False)
     """
     if not isinstance(screen_df, pd.DataFrame):
         raise TypeError(f"`screen_df` must be the DataFrame returned by `ptrag_sc.tl.screen(...)`, got {type(screen_df).__name__}.")
