@@ -614,7 +614,7 @@ def run(
     return results
 
 
-def write(results, timings, scatter, out: Path, settings: dict, directions, kinds, *, final: bool) -> None:
+def write(results, timings, scatter, out: Path, settings: dict, directions, kinds, *, final: bool, figure: bool = True) -> None:
     from ptrag_sc.tl import METRIC_COLUMNS
 
     first = ["seed", "fold", "method", "kind", CELL_TYPE_KEY, PERTURBATION_KEY]
@@ -629,7 +629,8 @@ def write(results, timings, scatter, out: Path, settings: dict, directions, kind
         text = "**Partial: the run is still going.**\n\n" + text
     (out / "summary.md").write_text(text)
     if final:
-        scatter_figure(scatter, out / "shift_scatter.png")
+        if figure:
+            scatter_figure(scatter, out / "shift_scatter.png")
         print(text)
 
 
@@ -660,9 +661,41 @@ def scatter_figure(scatter: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(parts: list[Path], out: Path) -> pd.DataFrame:
+    """Combine runs of one dataset with disjoint seeds (e.g. seeds run on two machines or days).
+
+    Rows of ``results.csv`` and ``timings.csv`` are concatenated; the summary is recomputed over
+    all seeds; ``settings.json`` lists the seeds and records each part's settings (commit,
+    machine, load) under ``parts``. The shift-scatter figure of the part holding the first
+    seed is kept.
+    """
+    from ptrag_sc import tl
+
+    settings = [json.loads((p / "settings.json").read_text()) for p in parts]
+    if len({s["dataset"] for s in settings}) != 1:
+        raise ValueError(f"the parts hold different datasets: {[s['dataset'] for s in settings]}")
+    results = pd.concat([pd.read_csv(p / "results.csv") for p in parts], ignore_index=True)
+    timings = pd.concat([pd.read_csv(p / "timings.csv") for p in parts if (p / "timings.csv").exists()], ignore_index=True)
+    seeds = [int(x) for x in results["seed"].unique()]
+    if results.duplicated(["seed", "fold", "method", CELL_TYPE_KEY, PERTURBATION_KEY]).any():
+        raise ValueError("the parts overlap: the same (seed, fold, method, pair) occurs twice")
+    merged = {**settings[0], "seeds": sorted(seeds), "parts": settings}
+    merged["wall_seconds"] = sum(float(s.get("wall_seconds", 0.0)) for s in settings)
+    kinds = dict(zip(results["method"], results["kind"], strict=False))
+    directions = {(report.OURS, m): (m in tl.LOWER_IS_BETTER) for m in tl.METRIC_COLUMNS}
+    directions.update({(report.CELL_EVAL, m): v for m, v in cell_eval_directions().items()})
+    out.mkdir(parents=True, exist_ok=True)
+    first = parts[int(np.argmin([min(s["seeds"]) for s in settings]))]
+    if (first / "shift_scatter.png").exists() and first.resolve() != out.resolve():
+        shutil.copy(first / "shift_scatter.png", out / "shift_scatter.png")
+    write(results, timings, {}, out, merged, directions, kinds, final=True, figure=False)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True, choices=list(DATASETS))
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR", help="combine finished runs of one dataset with disjoint seeds into --out (no training)")
+    parser.add_argument("--dataset", choices=list(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     parser.add_argument("--folds", type=int, default=None, metavar="N", help="run only the first N folds")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="MODEL", help=f"subset of {list(MODELS)}")
@@ -678,6 +711,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--thp1-path", type=Path, default=THP1_PATH, help="Papalexi 2021 THP-1 h5ad (sceptredata subset)")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        merge(args.merge, args.out)
+        return
+    if args.dataset is None:
+        parser.error("--dataset is required")
     out = args.out or Path(__file__).parent / "results" / args.dataset
     run(
         args.dataset,
