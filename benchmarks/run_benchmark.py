@@ -8,6 +8,9 @@ Usage::
     python benchmarks/run_benchmark.py --dataset thp1
     python benchmarks/run_benchmark.py --dataset replogle_like
 
+    # seeds run separately, then combined (the summary is recomputed over all seeds):
+    python benchmarks/run_benchmark.py --merge DIR_SEED0 DIR_SEEDS12 --out benchmarks/results/glioblastoma_fewshot
+
     # smoke test (NOT the defaults a user gets; flagged in every table):
     python benchmarks/run_benchmark.py --dataset thp1 --seeds 0 --folds 1 --max-steps 20 --out /tmp/bench_smoke
 
