@@ -56,6 +56,7 @@ NOT_RANKED = frozenset({"split_half_pearson"})
 #: Rows of the README table: (evaluator, metric, label).
 README_ROWS: tuple[tuple[str, str, str], ...] = (
     (CELL_EVAL, "pearson_delta", "Pearson of shift (cell-eval)"),
+    (CELL_EVAL, "mse", "MSE (cell-eval, lower better)"),
     (CELL_EVAL, "discrimination_score_l1", "discrimination L1 (cell-eval, 1 best)"),
     (OURS, "energy", "energy distance (ours, lower better)"),
 )
