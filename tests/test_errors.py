@@ -229,6 +229,11 @@ def test_train_checks_data_and_set_size(adata):
     with pytest.raises(ValueError, match=r"`cell_set_size=10000` is larger than every training group: the largest .* has 40 cells"):
         model.train(max_steps=2)
     assert not model.is_trained_ and model.memory_ is None
+    # A little larger than every group (e.g. the default 64 on a 40-cell screen): a warning, and it trains.
+    model = PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **{**SMALL_MODEL, "cell_set_size": 64})
+    with pytest.warns(UserWarning, match=r"`cell_set_size=64` is larger than every training group \(the largest has 40 cells\)"):
+        model.train(max_steps=2)
+    assert model.is_trained_
     model = PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **SMALL_MODEL)
     adata.X[5, 3] = np.nan  # changed after setup_anndata
     with pytest.raises(ValueError, match=r"`adata.X` holds NaN or infinite values .*first rows: \[5\]"):

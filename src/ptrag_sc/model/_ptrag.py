@@ -95,7 +95,8 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         Attention heads (must divide ``n_hidden``).
     cell_set_size
         Cells per set ``S`` during training; at prediction, groups are cut into sets of at most
-        this size.
+        this size. Larger than every training group: a warning at ``train`` (sets repeat cells);
+        more than 4 times larger: an error.
     retrieval
         ``"ptrag"`` (two-stage selection), ``"vanilla"`` (cross-attention over the stage-1
         candidates) or ``"none"`` (STATE with gene embeddings). All share one code path.

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 #: Optimisation steps when neither ``max_steps`` nor ``max_epochs`` is given.
 DEFAULT_MAX_STEPS = 1500
+#: A ``cell_set_size`` beyond this many times the largest training group is refused (a mistake, and
+#: memory for nothing); between 1x and this it is a warning.
+MAX_SET_OVERSAMPLING = 4
 #: Fraction of the training (perturbation, cell type) groups held out for model selection.
 DEFAULT_VALIDATION_SIZE = 0.1
 #: At most this many groups are held out automatically.
@@ -379,11 +382,20 @@ def _fit(
         if groups is not None and int(groups.sizes.max()) < 2:
             raise ValueError(f"Every {name} group has a single cell: sets need at least 2 cells per (perturbation, cell type).")
     largest = int(pd.DataFrame({"p": data.labels[perturbed_train], "c": data.cell_types[perturbed_train]}).value_counts().max())
-    if model.cell_set_size > largest:
+    if model.cell_set_size > MAX_SET_OVERSAMPLING * largest:
         raise ValueError(
             f"`cell_set_size={model.cell_set_size}` is larger than every training group: the largest "
             f"(perturbation, cell type) group has {largest} cells, so every set would only repeat cells "
             f"(and cost memory for nothing). Build the model with `cell_set_size` <= {largest}."
+        )
+    if model.cell_set_size > largest:
+        # Small screens (e.g. 40 cells per group) with the default of 64: sets repeat some cells,
+        # which costs time but not correctness; say so rather than refuse the defaults.
+        warnings.warn(
+            f"`cell_set_size={model.cell_set_size}` is larger than every training group (the largest has "
+            f"{largest} cells): sets repeat cells. `cell_set_size={largest}` trains faster for the same data.",
+            UserWarning,
+            stacklevel=3,
         )
 
     # The largest value a gene reaches in the training data bounds what the model generates.
