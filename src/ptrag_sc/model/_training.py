@@ -22,6 +22,7 @@ from scvi import settings as scvi_settings
 
 from .._settings import settings
 from ..data import SetDataModule, column_max, memory_from_cells
+from ..data._sets import n_training_sets
 from ..train import KeepBestWeights
 from ._validation import check_expression, check_obs_key, finite_float, positive_int
 
@@ -404,7 +405,7 @@ def _fit(
     scale = float(np.mean(np.sum(np.square(train_groups.target_shift - baseline), axis=1)))
     model.module.set_data_constants(ceiling, scale)
 
-    steps_per_pass = max(1, math.ceil(int(np.maximum(1, -(-train_groups.sizes // model.cell_set_size)).sum()) / batch_size))
+    steps_per_pass = max(1, math.ceil(int(n_training_sets(train_groups.sizes, model.cell_set_size).sum()) / batch_size))
     if max_steps is None:
         max_steps = max_epochs * steps_per_pass if max_epochs is not None else DEFAULT_MAX_STEPS
     interval = check_val_every_n_steps or int(np.clip(max_steps // 30, 10, 50))
