@@ -18,6 +18,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -392,3 +393,15 @@ def replace_between(text: str, start: str, end: str, body: str) -> str:
     if j < 0:
         raise ValueError(f"marker {end!r} not found after {start!r}")
     return text[:i] + "\n" + body.strip("\n") + "\n\n" + text[j:]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report as report  # noqa: E402
 
 
 def _synchronize(device: torch.device) -> None:
@@ -55,15 +58,7 @@ def _clock():
 def _device_name(accelerator: str) -> str:
     if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs"
+    return f"{report.cpu_name()}, {os.cpu_count()} logical CPUs"
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +36,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report as report  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "scale"
 N_PERTURBATIONS = 2000  # the preset's
@@ -66,10 +68,7 @@ def rss_gib() -> float:
 def machine() -> str:
     load = os.getloadavg()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    cpu = report.cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
 
 

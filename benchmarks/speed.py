@@ -37,7 +37,6 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import resource
 import statistics
@@ -52,6 +51,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _report as report
 from _state_reference import StateReference
 
 from ptrag_sc.module import TENSORS, PTRAGModule
@@ -344,15 +344,7 @@ def prediction(threads: list[int]) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------ main
 def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
+    return f"{report.cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
 
 
 def load() -> str:
