@@ -22,15 +22,9 @@ from .._constants import (
     Retrieval,
 )
 from .._shift import shift_scale
-from ._components import (
-    FullSetTransformer,
-    PooledSetTransformer,
-    add_scaled_,
-    cell_mean,
-    mlp,
-    relu_ceiling,
-)
+from ._components import FullSetTransformer, PooledSetTransformer, mlp
 from ._evidence import EvidenceCombiner
+from ._fused import generate_cells, recentre, set_mean_max
 from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
 
@@ -374,11 +368,12 @@ class PTRAGModule(BaseModuleClass):
         scale, offset = None, None
         if delta is not None and control_mean is not None:
             # The control cells moved by the evidence: x_ctrl * scale + offset (see `apply_shift`).
-            scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling)
+            scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling, set_stats=set_mean_max(x_ctrl))
+        cells = None if scale is None else x_ctrl
         if self.set_decoder is None and self.decoder_rank is None:
-            out = (x_ctrl if scale is None else x_ctrl * scale) + self.decoder(latent)
+            base = self.decoder(latent) if scale is not None else x_ctrl + self.decoder(latent)
             if offset is not None:
-                out = out + offset
+                base = base + offset
         else:
             # y = x_ctrl' + offset + SetDecoder(mean) + LowRank(latent - mean) as one batched
             # matmul-add: the per-set vector joins the low-rank map as one more row, with a
@@ -393,15 +388,12 @@ class PTRAGModule(BaseModuleClass):
             low_rank = first(latent - set_mean)
             inputs = torch.cat([low_rank, torch.ones_like(low_rank[..., :1])], dim=-1)  # [B,S,r+1]
             rows = torch.cat([last.weight.T.expand(x_ctrl.shape[0], -1, -1), set_vector], dim=1)  # [B,r+1,G]
-            if scale is None:
-                out = torch.baddbmm(x_ctrl, inputs, rows)
-            else:
-                # One pass over [B, S, G] for the scaled cells, none for a copy of them.
-                out = add_scaled_(torch.bmm(inputs, rows), x_ctrl, scale)
-        prediction = relu_ceiling(out, self.gene_ceiling)
+            base = torch.baddbmm(x_ctrl, inputs, rows) if scale is None else torch.bmm(inputs, rows)
+        # The scaled control cells, the clip to [0, ceiling] and the set mean in one pass.
+        prediction, cell_means = generate_cells(base, cells, scale, self.gene_ceiling)
         result = {OUTPUTS.PREDICTION: prediction}
         if control_mean is not None:
-            result[OUTPUTS.MEAN_SHIFT] = cell_mean(prediction) - control_mean
+            result[OUTPUTS.MEAN_SHIFT] = cell_means - control_mean
         return result
 
     # -------------------------------------------------------------------- loss
@@ -427,8 +419,7 @@ class PTRAGModule(BaseModuleClass):
         if use_pseudobulk:
             # The observed set moved to its group's pseudobulk mean: the energy judges the
             # shape, and agrees with the pseudobulk term about the mean.
-            control_mean = tensors[TENSORS.CONTROL_MEAN]
-            teacher = target + ((control_mean + target_shift).unsqueeze(1) - target.mean(dim=1, keepdim=True))
+            teacher = recentre(target, tensors[TENSORS.CONTROL_MEAN] + target_shift)
         if self._sinkhorn is None:
             objective = energy_distance(prediction, teacher, include_target_term=include_target_term)
             loss = objective.mean()

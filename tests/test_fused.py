@@ -1,0 +1,188 @@
+"""The CPU kernels of the per-cell hot path equal the PyTorch operations they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ptrag_sc.module import _fused
+from ptrag_sc.module._fused import generate_cells, recentre, set_mean_max
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run the PyTorch operations instead of the kernels inside the ``with`` block of a test."""
+
+    class Switch:
+        def __enter__(self):
+            monkeypatch.setattr(_fused, "enabled", False)
+
+        def __exit__(self, *args):
+            monkeypatch.setattr(_fused, "enabled", True)
+
+    return Switch()
+
+
+def _inputs(dtype, with_cells=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(3, 5, 40, generator=gen, dtype=dtype)
+    x = torch.rand(3, 5, 40, generator=gen, dtype=dtype) if with_cells else None
+    scale = (torch.rand(3, 1, 40, generator=gen, dtype=dtype) * 2) if with_cells else None
+    ceiling = torch.rand(40, generator=gen, dtype=dtype) + 0.6
+    ceiling[::7] = float("inf")  # genes without a ceiling
+    return base, x, scale, ceiling
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_cells", [True, False])
+@pytest.mark.parametrize("outputs_used", ["both", "cells", "mean"])
+def test_generate_cells_forward_and_gradients_equal_torch(
+    dtype, with_cells, outputs_used, torch_only
+):
+    base, x, scale, ceiling = _inputs(dtype, with_cells)
+    gen = torch.Generator().manual_seed(1)
+    w_cells = torch.randn(base.shape, generator=gen, dtype=dtype)
+    w_mean = torch.randn(base.shape[0], base.shape[2], generator=gen, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        b = base.clone().requires_grad_(True)
+        s = scale.clone().requires_grad_(True) if scale is not None else None
+        if fused:
+            cells, mean = generate_cells(b * 1.0, x, s, ceiling)
+        else:
+            with torch_only:
+                cells, mean = generate_cells(b * 1.0, x, s, ceiling)
+        loss = 0.0
+        if outputs_used in ("both", "cells"):
+            loss = loss + (cells * w_cells).sum()
+        if outputs_used in ("both", "mean"):
+            loss = loss + (mean * w_mean).sum()
+        grads = torch.autograd.grad(loss, [b] + ([s] if s is not None else []))
+        results.append((cells.detach(), mean.detach(), *grads))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=tol, atol=tol)
+    cells = results[0][0]
+    assert (cells >= 0).all()
+    assert (cells <= ceiling).all()
+    # The mask is not trivial: some values were clipped at zero and some at the ceiling.
+    raw = base + (x * scale if x is not None else 0)
+    assert (raw < 0).any()
+    assert (raw > ceiling).any()
+
+
+def test_generate_cells_matches_torch_clamp_on_nan_and_writes_in_place():
+    base, x, scale, ceiling = _inputs(torch.float32)
+    base[0, 0, 0] = float("nan")
+    out = base.clone()
+    cells, mean = generate_cells(out, x, scale, ceiling)
+    assert cells.data_ptr() == out.data_ptr()
+    assert torch.isnan(cells[0, 0, 0])
+    assert torch.isnan(mean[0, 0])
+    expected = torch.clamp(base + x * scale, min=torch.zeros(()), max=ceiling)
+    torch.testing.assert_close(cells, expected, equal_nan=True)
+
+
+def test_generate_cells_gives_no_gradient_at_the_ceiling_or_zero():
+    """Where the clip is active (``y == 0`` or ``y == ceiling``) the gradient is zero."""
+    ceiling = torch.tensor([1.0, 2.0, 3.0])
+    base = torch.tensor([[[-0.5, 2.0, 3.5], [0.5, 1.0, 3.0]]], requires_grad=True)
+    cells, _ = generate_cells(base * 1.0, None, None, ceiling)
+    (grad,) = torch.autograd.grad(cells.sum(), base)
+    assert grad.tolist() == [[[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]]
+
+
+def test_kernels_split_over_threads_give_the_same_result():
+    base, x, scale, ceiling = _inputs(torch.float32)
+    base, x, scale = base.repeat(5, 1, 1), x.repeat(5, 1, 1), scale.repeat(5, 1, 1)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        b = base.clone().requires_grad_(True)
+        s = scale.clone().requires_grad_(True)
+        cells, mean = generate_cells(b * 1.0, x, s, ceiling)
+        grads = torch.autograd.grad(cells.square().sum() + mean.sum(), [b, s])
+        results.append(
+            (cells.detach(), mean.detach(), *grads, *set_mean_max(x), recentre(x, mean.detach()))
+        )
+    torch.set_num_threads(1)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_set_mean_max_and_recentre_equal_torch(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 9, 33, generator=gen, dtype=dtype)
+    centre = torch.randn(4, 33, generator=gen, dtype=dtype)
+    mean, largest = set_mean_max(x)
+    torch.testing.assert_close(mean, x.mean(dim=1, keepdim=True))
+    assert torch.equal(largest, x.amax(dim=1, keepdim=True))
+    moved = recentre(x, centre)
+    torch.testing.assert_close(moved, x + (centre.unsqueeze(1) - x.mean(dim=1, keepdim=True)))
+    torch.testing.assert_close(moved.mean(dim=1), centre)
+    assert moved.data_ptr() != x.data_ptr()
+
+
+def test_module_training_step_is_the_same_with_and_without_kernels(torch_only):
+    """The default module's loss and every parameter gradient agree between both paths."""
+    from ptrag_sc.module import TENSORS as T
+    from ptrag_sc.module import PTRAGModule
+
+    gen = np.random.default_rng(0)
+    n_sets, n_cells, n_genes, n_dims, n_memory, k = 3, 8, 30, 12, 10, 4
+    batch = {
+        T.X_CTRL: torch.from_numpy(gen.random((n_sets, n_cells, n_genes)).astype(np.float32)),
+        T.X_PERT: torch.from_numpy(gen.random((n_sets, n_cells, n_genes)).astype(np.float32)),
+        T.PERT_EMBEDDING: torch.from_numpy(gen.normal(size=(n_sets, n_dims)).astype(np.float32)),
+        T.CANDIDATES: torch.from_numpy(gen.integers(0, n_memory, (n_sets, k))),
+        T.CANDIDATE_RELATION: torch.zeros(n_sets, k, dtype=torch.long),
+        T.CANDIDATE_SAME_CELL_TYPE: torch.ones(n_sets, k, dtype=torch.bool),
+        T.CONTEXT_RESPONSE: torch.from_numpy(
+            0.1 * gen.normal(size=(n_sets, n_genes)).astype(np.float32)
+        ),
+        T.CONTEXT_FULL: torch.from_numpy(
+            0.1 * gen.normal(size=(n_sets, n_genes)).astype(np.float32)
+        ),
+        T.STACKED_SHIFT: torch.from_numpy(
+            0.1 * gen.normal(size=(n_sets, n_genes)).astype(np.float32)
+        ),
+        T.CONTROL_MEAN: torch.from_numpy(gen.random((n_sets, n_genes)).astype(np.float32) + 0.2),
+        T.TARGET_SHIFT: torch.from_numpy(
+            0.1 * gen.normal(size=(n_sets, n_genes)).astype(np.float32)
+        ),
+    }
+    memory = (
+        gen.normal(size=(n_memory, n_dims)),
+        0.1 * gen.normal(size=(n_memory, n_genes)),
+        gen.normal(size=(n_memory, 8)),
+    )
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        module = PTRAGModule(
+            n_genes, n_dims, n_hidden=16, n_layers=1, n_heads=2, n_response_components=8
+        )
+        module.set_memory(*memory)
+        module.set_data_constants(np.full(n_genes, 0.9, dtype=np.float32), 0.1)
+        module.train()
+        torch.manual_seed(1)  # the same Gumbel noise
+        if fused:
+            loss = module(batch)[2].loss
+        else:
+            with torch_only:
+                loss = module(batch)[2].loss
+        loss.backward()
+        runs.append(
+            (
+                loss.detach(),
+                {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None},
+            )
+        )
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    assert len(grads_a) > 20
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
