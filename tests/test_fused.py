@@ -186,3 +186,41 @@ def test_module_training_step_is_the_same_with_and_without_kernels(torch_only):
     assert len(grads_a) > 20
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_stage2_scorer_kernels_equal_torch(dtype, torch_only):
+    """The keep logits and the gradients of all eight inputs agree between both paths."""
+    from ptrag_sc.module._retriever import _KeepLogit
+
+    gen = torch.Generator().manual_seed(4)
+    n_sets, n_cells, k, n_hidden = 3, 5, 4, 6
+    inputs = [
+        torch.randn(n_sets, n_cells, n_hidden, generator=gen, dtype=dtype),
+        torch.randn(n_sets, k, n_hidden, generator=gen, dtype=dtype),
+        torch.randn(n_sets, n_cells, k, 1, generator=gen, dtype=dtype),
+        torch.rand(n_sets, n_cells, k, 1, generator=gen, dtype=dtype) + 0.5,
+        torch.randn(n_hidden, generator=gen, dtype=dtype),
+        torch.randn(n_hidden, generator=gen, dtype=dtype),
+        torch.randn(n_hidden, generator=gen, dtype=dtype),
+        torch.randn((), generator=gen, dtype=dtype),
+    ]
+    weights = torch.randn(n_sets, n_cells, k, generator=gen, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        if fused:
+            logit = _KeepLogit.apply(*leaves)
+            evaluated = _KeepLogit.evaluate(*inputs)
+        else:
+            with torch_only:
+                logit = _KeepLogit.apply(*leaves)
+                evaluated = _KeepLogit.evaluate(*inputs)
+        grads = torch.autograd.grad((logit * weights).sum(), leaves)
+        results.append((logit.detach(), evaluated, *grads))
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        assert torch.autograd.gradcheck(_KeepLogit.apply, leaves)

@@ -32,6 +32,9 @@ from ._components import add_scaled_, cell_mean, relu_ceiling
 #: operations everywhere; tests and benchmarks flip it to compare both).
 enabled = os.environ.get("PTRAG_SC_FUSED_KERNELS", "1") != "0"
 _KERNEL = {"nogil": True, "cache": True, "boundscheck": False}
+#: The scorer's kernels sum over the hidden units: reassociating those sums lets them vectorise
+#: (results differ from a sequential sum by rounding only; NaN and infinities keep their meaning).
+_SUMS = {**_KERNEL, "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
 
 
 @numba.njit(**_KERNEL)
@@ -115,6 +118,70 @@ def _recentre(x, centre, out, first, last):  # pragma: no cover - compiled
             row, moved = x[b, s], out[b, s]
             for g in range(n_genes):
                 moved[g] = row[g] + shift[g]
+
+
+@numba.njit(**_SUMS)
+def _scorer_input(
+    cell_part, cand_part, mean, rstd, w_sum, bias, pre, first, last
+):  # pragma: no cover - compiled
+    n_cells, n_candidates, n_hidden = pre.shape[1], pre.shape[2], pre.shape[3]
+    for b in range(first, last):
+        for s in range(n_cells):
+            cell = cell_part[b, s]
+            for k in range(n_candidates):
+                cand, m, r, out = cand_part[b, k], mean[b, s, k], rstd[b, s, k], pre[b, s, k]
+                for h in range(n_hidden):
+                    out[h] = r * (cell[h] + cand[h] - m * w_sum[h]) + bias[h]
+
+
+@numba.njit(**_SUMS)
+def _scorer_backward(
+    grad,
+    slope,
+    activated,
+    cell_part,
+    cand_part,
+    mean,
+    rstd,
+    w_sum,
+    grad_cell,
+    grad_cand,
+    grad_mean,
+    grad_rstd,
+    grad_w_sum,
+    grad_bias,
+    grad_v,
+    first,
+    last,
+):  # pragma: no cover - compiled
+    n_cells, n_candidates, n_hidden = slope.shape[1], slope.shape[2], slope.shape[3]
+    for b in range(first, last):
+        grad_cell[b] = 0
+        grad_cand[b] = 0
+        grad_w_sum[b] = 0
+        grad_bias[b] = 0
+        grad_v[b] = 0
+        for s in range(n_cells):
+            cell, g_cell = cell_part[b, s], grad_cell[b, s]
+            for k in range(n_candidates):
+                cand, g_cand = cand_part[b, k], grad_cand[b, k]
+                g, m, r = grad[b, s, k], mean[b, s, k], rstd[b, s, k]
+                d, act = slope[b, s, k], activated[b, s, k]
+                dot_hidden = 0.0
+                dot_w = 0.0
+                for h in range(n_hidden):
+                    g_pre = g * d[h]
+                    hidden = cell[h] + cand[h] - m * w_sum[h]
+                    dot_hidden += g_pre * hidden
+                    g_hidden = g_pre * r
+                    dot_w += g_hidden * w_sum[h]
+                    g_cell[h] += g_hidden
+                    g_cand[h] += g_hidden
+                    grad_w_sum[b, h] -= g_hidden * m
+                    grad_bias[b, h] += g_pre
+                    grad_v[b, h] += act[h] * g
+                grad_rstd[b, s, k] = dot_hidden
+                grad_mean[b, s, k] = -dot_w
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -289,3 +356,67 @@ def recentre(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
         out.numpy(),
     )
     return out
+
+
+def scorer_fusable(*tensors: torch.Tensor) -> bool:
+    """Whether stage 2's scorer takes the kernels (CPU, one float dtype)."""
+    first = tensors[0]
+    return (
+        enabled
+        and first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.dtype == first.dtype for t in tensors)
+    )
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias) -> torch.Tensor:
+    """``rstd * (cell_part_s + cand_part_k - mean * w_sum) + bias``, ``[B, S, K, Hs]``, in one pass."""
+    n_sets, n_cells, n_hidden = cell_part.shape
+    pre = cell_part.new_empty(n_sets, n_cells, cand_part.shape[1], n_hidden)
+    _over_sets(
+        _scorer_input,
+        n_sets,
+        _numpy(cell_part),
+        _numpy(cand_part),
+        _numpy(mean.reshape(pre.shape[:3])),
+        _numpy(rstd.reshape(pre.shape[:3])),
+        _numpy(w_sum),
+        _numpy(bias),
+        pre.numpy(),
+    )
+    return pre
+
+
+def scorer_backward(grad, slope, activated, cell_part, cand_part, mean, rstd, w_sum):
+    """Gradients of the keep logits' inputs from ``grad`` ``[B, S, K]`` and ``slope = v * gelu'(pre)``.
+
+    Returns the gradients of ``cell_part``, ``cand_part``, ``mean`` and ``rstd`` (``[B, S, K]``),
+    ``w_sum``, ``bias`` and ``v`` (the weights summed over the sets).
+    """
+    n_sets, n_cells, n_candidates, n_hidden = slope.shape
+    new = cell_part.new_empty
+    grad_cell, grad_cand = new(n_sets, n_cells, n_hidden), new(n_sets, n_candidates, n_hidden)
+    grad_mean, grad_rstd = new(n_sets, n_cells, n_candidates), new(n_sets, n_cells, n_candidates)
+    per_set = [new(n_sets, n_hidden) for _ in range(3)]  # w_sum, bias, v: summed over sets below
+    _over_sets(
+        _scorer_backward,
+        n_sets,
+        _numpy(grad),
+        _numpy(slope),
+        _numpy(activated),
+        _numpy(cell_part),
+        _numpy(cand_part),
+        _numpy(mean.reshape(grad.shape)),
+        _numpy(rstd.reshape(grad.shape)),
+        _numpy(w_sum),
+        grad_cell.numpy(),
+        grad_cand.numpy(),
+        grad_mean.numpy(),
+        grad_rstd.numpy(),
+        *(t.numpy() for t in per_set),
+    )
+    return grad_cell, grad_cand, grad_mean, grad_rstd, *(t.sum(0) for t in per_set)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._fused import scorer_backward, scorer_fusable, scorer_input
+
 
 def hard_binary_concrete(logit: torch.Tensor, tau: float) -> torch.Tensor:
     """Hard two-class Gumbel-Softmax sample of "keep" with a straight-through gradient.
@@ -36,26 +38,57 @@ class _KeepLogit(torch.autograd.Function):
     @staticmethod
     def evaluate(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
         """The same logits without a gradient (prediction): one ``[B, S, K, Hs]`` buffer."""
-        hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)
-        hidden.addcmul_(mean, w_sum, value=-1.0)
-        torch.addcmul(bias, rstd, hidden, out=hidden)
+        if scorer_fusable(cell_part, cand_part, mean, rstd, w_sum, bias):
+            hidden = scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias)
+        else:
+            hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)
+            hidden.addcmul_(mean, w_sum, value=-1.0)
+            torch.addcmul(bias, rstd, hidden, out=hidden)
         activated = F.gelu(hidden)
         n_hidden = activated.shape[-1]
         return torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
 
     @staticmethod
     def forward(ctx, cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
-        hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)  # [B,S,K,Hs]
-        hidden.addcmul_(mean, w_sum, value=-1.0)
-        pre = torch.addcmul(bias, rstd, hidden)
+        ctx.fused = scorer_fusable(cell_part, cand_part, mean, rstd, w_sum, bias, v)
+        if ctx.fused:
+            # The first layer's input in one pass; the backward recomputes `hidden` in its kernel.
+            pre = scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias)
+            hidden = None
+        else:
+            hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)  # [B,S,K,Hs]
+            hidden.addcmul_(mean, w_sum, value=-1.0)
+            pre = torch.addcmul(bias, rstd, hidden)
         activated = F.gelu(pre)
         n_hidden = activated.shape[-1]
         logit = torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
-        ctx.save_for_backward(hidden, pre, activated, mean, rstd, w_sum, v)
+        if ctx.fused:
+            ctx.save_for_backward(pre, activated, mean, rstd, w_sum, v, cell_part, cand_part)
+        else:
+            ctx.save_for_backward(hidden, pre, activated, mean, rstd, w_sum, v)
         return logit
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.fused:
+            pre, activated, mean, rstd, w_sum, v, cell_part, cand_part = ctx.saved_tensors
+            # v * gelu'(pre): the one transcendental pass, left to PyTorch's vectorised GELU
+            # (on a contiguous copy of v, which it handles several times faster than a broadcast).
+            slope = v.expand_as(pre).contiguous()
+            torch.ops.aten.gelu_backward.grad_input(slope, pre, grad_input=slope)
+            grad_cell, grad_cand, grad_mean, grad_rstd, grad_w_sum, grad_bias, grad_v = (
+                scorer_backward(grad, slope, activated, cell_part, cand_part, mean, rstd, w_sum)
+            )
+            return (
+                grad_cell,
+                grad_cand,
+                grad_mean.view(mean.shape),
+                grad_rstd.view(rstd.shape),
+                grad_w_sum,
+                grad_bias,
+                grad_v,
+                grad.sum(),
+            )
         hidden, pre, activated, mean, rstd, w_sum, v = ctx.saved_tensors
         n_hidden = v.shape[0]
         flat_grad = grad.reshape(-1)
@@ -70,7 +103,16 @@ class _KeepLogit(torch.autograd.Function):
         flat = grad_hidden.view(-1, n_hidden)
         grad_mean = torch.mv(flat, w_sum).neg_().view(mean.shape)
         grad_w_sum = torch.mv(flat.T, mean.reshape(-1)).neg_()
-        return grad_hidden.sum(2), grad_hidden.sum(1), grad_mean, grad_rstd, grad_w_sum, grad_bias, grad_v, grad_v0
+        return (
+            grad_hidden.sum(2),
+            grad_hidden.sum(1),
+            grad_mean,
+            grad_rstd,
+            grad_w_sum,
+            grad_bias,
+            grad_v,
+            grad_v0,
+        )
 
 
 class ConcatLayerNorm(nn.Module):
@@ -117,7 +159,9 @@ class TwoStageSelector(nn.Module):
     ``[B,S,K]`` weights, so no ``[B,S,K,H]`` tensor is built for it.
     """
 
-    def __init__(self, n_hidden: int, *, n_scorer_hidden: int | None = None, tau: float = 0.5) -> None:
+    def __init__(
+        self, n_hidden: int, *, n_scorer_hidden: int | None = None, tau: float = 0.5
+    ) -> None:
         super().__init__()
         self.tau = tau
         self.norm = ConcatLayerNorm(n_hidden, 3)
@@ -168,7 +212,16 @@ class TwoStageSelector(nn.Module):
         cell_part = h_ctrl @ w_cell.T + (h_pert @ w_pert.T)[:, None, :]  # [B,S,Hs]
         cand_part = h_cand @ w_cand.T  # [B,K,Hs]
         # [B,S,K], keep minus drop
-        inputs = (cell_part, cand_part, mean, rstd, w_sum, bias, self.scorer_out.weight[0], self.scorer_out.bias[0])
+        inputs = (
+            cell_part,
+            cand_part,
+            mean,
+            rstd,
+            w_sum,
+            bias,
+            self.scorer_out.weight[0],
+            self.scorer_out.bias[0],
+        )
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
             logit = _KeepLogit.apply(*inputs)
         else:
@@ -185,7 +238,9 @@ class TwoStageSelector(nn.Module):
         # z = sum_k keep_k * rstd_k * (P_cell + P_pert + P_cand_k - mean_k * w_sum) + bias * sum_k keep_k
         (p_cell, p_pert, p_cand), p_sum, p_bias = self.norm.folded(self.projection)
         scaled = keep * rstd.squeeze(-1)  # [B,S,K]
-        context = scaled.sum(-1, keepdim=True) * (h_ctrl @ p_cell.T + (h_pert @ p_pert.T)[:, None, :])
+        context = scaled.sum(-1, keepdim=True) * (
+            h_ctrl @ p_cell.T + (h_pert @ p_pert.T)[:, None, :]
+        )
         context = context + scaled @ (h_cand @ p_cand.T)
         context = context - (scaled * mean.squeeze(-1)).sum(-1, keepdim=True) * p_sum
         context = context + keep.sum(-1, keepdim=True) * p_bias
@@ -204,7 +259,9 @@ class CrossAttentionContext(nn.Module):
         self.out = nn.Linear(n_hidden, n_hidden)
         self.scale = n_hidden**-0.5
 
-    def forward(self, x0: torch.Tensor, h_cand: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x0: torch.Tensor, h_cand: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """``x0`` ``[B,S,H]`` attends to ``h_cand`` ``[B,K,H]``; returns context and weights."""
         q = self.query(self.norm_query(x0))
         k, v = self.key_value(self.norm_cand(h_cand)).chunk(2, dim=-1)
