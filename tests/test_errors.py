@@ -80,7 +80,7 @@ def test_check_expression_streams_every_chunk(sparse, monkeypatch):
     from ptrag_sc.data._matrix import CHUNK_ROWS
     from ptrag_sc.model import _validation
 
-    monkeypatch.setattr(_validation, "_INTEGER_SLICE", 7)
+    monkeypatch.setattr(_validation, "_SLICE", 7)
     n = CHUNK_ROWS + 40
     rng = np.random.default_rng(0)
     counts = rng.poisson(1.0, (n, 5)).astype(np.float32)
