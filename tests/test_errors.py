@@ -72,6 +72,40 @@ def test_bad_sparse_layer(adata):
         PTRAG.setup_anndata(adata, layer="norm")
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_check_expression_streams_every_chunk(sparse, monkeypatch):
+    """Bad values, the value ceiling and the raw-count test see every chunk and every slice, not the first."""
+    import warnings
+
+    from ptrag_sc.data._matrix import CHUNK_ROWS
+    from ptrag_sc.model import _validation
+
+    monkeypatch.setattr(_validation, "_SLICE", 7)
+    n = CHUNK_ROWS + 40
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.0, (n, 5)).astype(np.float32)
+
+    def check(X, **kwargs):
+        _validation.check_expression(sp.csr_matrix(X) if sparse else X, where="`X`", **kwargs)
+
+    with pytest.warns(UserWarning, match="look like raw counts"):
+        check(counts, warn_counts=True)
+    late = counts.copy()
+    late[n - 3, 2] = 1.5  # the one fraction, in the last chunk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(late, warn_counts=True)
+    for value, message in ((np.nan, "NaN or infinite"), (-np.inf, "NaN or infinite"), (-0.5, "negative")):
+        bad = late.copy()
+        bad[[n - 2, n - 1], 1] = value
+        with pytest.raises(ValueError, match=rf"`X` holds {message} values in 2\+ cell\(s\) \(first rows: \[{n - 2}, {n - 1}\]"):
+            check(bad)
+    big = late.copy()
+    big[n - 1, 0] = 2e4
+    with pytest.raises(ValueError, match=r"`X` holds values up to 2e\+04: PTRAG models log-normalised"):
+        check(big)
+
+
 def test_perturbation_without_embedding(adata):
     PTRAG.setup_anndata(adata)
     emb = adata.uns["gene_embeddings"]

@@ -199,7 +199,12 @@ def normalise_labels(labels, *, control_group: str, sep: str = "+") -> np.ndarra
     -------
     Object array of the labels' canonical forms.
     """
-    values = np.asarray(labels, dtype=object).astype(str)
-    uniques, inverse = np.unique(values, return_inverse=True)
+    values = np.asarray(labels, dtype=object)
+    # Hashing, not sorting, finds the distinct labels; only when all are strings, as two
+    # non-string values may be equal (1 == 1.0) while their text differs ("1", "1.0").
+    codes, uniques = pd.factorize(values.ravel(), use_na_sentinel=False)
+    if not all(isinstance(u, str) for u in uniques):
+        values = values.astype(str)
+        uniques, codes = np.unique(values, return_inverse=True)
     canonical = np.array([normalise_label(u, control_group=control_group, sep=sep) for u in uniques], dtype=object)
-    return canonical[inverse.ravel()].reshape(values.shape)
+    return canonical[codes.ravel()].reshape(values.shape)

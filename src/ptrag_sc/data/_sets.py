@@ -103,12 +103,39 @@ def index_groups(keys: list[np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, 
     idx = np.flatnonzero(mask)
     if idx.size == 0:
         return idx, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    stacked = np.stack([np.asarray(k)[idx] for k in keys], axis=1)
-    _, first, codes = np.unique(stacked, axis=0, return_index=True, return_inverse=True)
+    columns = [np.asarray(k)[idx] for k in keys]
+    joint = _joint_code(columns)
+    if joint is None:
+        _, first, codes = np.unique(np.stack(columns, axis=1), axis=0, return_index=True, return_inverse=True)
+    else:
+        _, first, codes = np.unique(joint, return_index=True, return_inverse=True)
     order = np.argsort(codes.ravel(), kind="stable")
     counts = np.bincount(codes.ravel())
     start = np.concatenate([[0], np.cumsum(counts)])
     return idx[order], start, idx[first]
+
+
+def _joint_code(columns: list[np.ndarray]) -> np.ndarray | None:
+    """One int64 per row whose order is the lexicographic order of the integer ``columns``.
+
+    A mixed-radix number of the columns' offsets from their minimum: sorting it is several
+    times faster than ``np.unique(..., axis=0)`` over the stacked columns, with the same groups
+    in the same order. ``None`` when a column is not integer or the radix product would overflow.
+    """
+    code = np.zeros(columns[0].shape[0], dtype=np.int64)
+    span = 1
+    for column in columns:
+        if column.dtype.kind not in "iu":
+            return None
+        low, high = int(column.min()), int(column.max())
+        if high >= 2**63:
+            return None
+        size = high - low + 1
+        span *= size
+        if span >= 2**62:
+            return None
+        code = code * size + (column.astype(np.int64) - low)
+    return code
 
 
 def n_training_sets(sizes: np.ndarray, set_size: int) -> np.ndarray:

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ._matrix import iter_row_chunks, read_rows
+from ._matrix import (
+    BackedReader,
+    RowSubset,
+    _read_backed,
+    _to_dense,
+    is_backed,
+    iter_row_chunks,
+    read_rows,
+)
 
 #: Encoding of an h5ad dense array (anndata's on-disk format).
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
@@ -58,13 +66,23 @@ class _Writer:
         self.predicted = np.asarray(predicted, dtype=bool)
         # Genes of the AnnData the model does not predict keep their input values.
         self._extra_genes = self.columns is not None and self.columns.size < self.shape[1]
+        self._reader: BackedReader | None = None
+
+    def _input_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of the input as dense float32."""
+        if is_backed(self.matrix) and not isinstance(self.matrix, RowSubset):
+            # One reader for all batches: a CSR file's row pointer is read once, not per batch.
+            if self._reader is None:
+                self._reader = BackedReader(self.matrix)
+            return _read_backed(self._reader, np.asarray(rows, dtype=np.int64))
+        return read_rows(self.matrix, rows)
 
     def _full_rows(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
         """``values`` (model gene order) as complete rows of the AnnData's columns."""
         if self.columns is None:
             return np.asarray(values, dtype=np.float32)
         if self._extra_genes:
-            out = read_rows(self.matrix, rows)
+            out = self._input_rows(rows)
         else:
             out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
         out[:, self.columns] = values
@@ -81,13 +99,24 @@ class _Writer:
 
 
 class DenseLayerWriter(_Writer):
-    """Predictions into a dense float32 copy of the input (``adata.layers[key]`` by default)."""
+    """Predictions into a dense float32 array the shape of the input (``adata.layers[key]`` by default).
+
+    Only what the predictions do not overwrite is copied from the input: the rows that are not
+    predicted, and the predicted rows' values in genes the model does not predict.
+    """
 
     def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
         super().__init__(matrix, columns, predicted)
-        self.layer = np.empty(self.shape, dtype=np.float32)
-        for start, block in iter_row_chunks(matrix):
-            self.layer[start : start + block.shape[0]] = block.toarray() if sp.issparse(block) else block
+        # Zeros, not empty: same cost (pages are committed when written), and no stale memory
+        # could ever show through.
+        self.layer = np.zeros(self.shape, dtype=np.float32)
+        for rows, block in self._unpredicted_blocks():
+            self.layer[rows] = _to_dense(block)
+        if self._extra_genes:
+            extra = np.setdiff1d(np.arange(self.shape[1]), self.columns)
+            for start, block in iter_row_chunks(matrix, mask=self.predicted):
+                local = np.flatnonzero(self.predicted[start : start + block.shape[0]])
+                self.layer[np.ix_(start + local, extra)] = _to_dense(block[local][:, extra])
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         if self.columns is None:

@@ -20,7 +20,14 @@ from .._settings import settings
 from .._utils import flush_denormal
 from ..data import NO_CELL_TYPE, count_prediction_batches, match_controls, prediction_batches
 from ..data._writers import DenseLayerWriter, H5ADWriter, SparseLayerWriter
-from ._validation import check_controls_per_cell_type, check_expression, positive_int
+from ._validation import (
+    check_anndata,
+    check_controls_per_cell_type,
+    check_expression,
+    check_flag,
+    check_seed,
+    positive_int,
+)
 
 #: obs column of a counterfactual output file: whether the row is a prediction (else a copy of the input).
 OBS_PREDICTED = "ptrag_predicted"
@@ -30,6 +37,36 @@ DEFAULT_PREDICT_BATCH_SIZE = 64
 
 def check_batch_size(batch_size) -> int:
     return DEFAULT_PREDICT_BATCH_SIZE if batch_size is None else positive_int("batch_size", batch_size)
+
+
+def predict(model, adata, perturbations, *, cell_type, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed, output, sparse):
+    """The body of :meth:`PTRAG.predict`: check the arguments, then run the mode they ask for."""
+    adata = model._resolve_adata(adata)
+    model._require_trained()
+    adata = model.adata if adata is None else adata
+    if adata is None:
+        raise ValueError("Pass an AnnData: this model was loaded without one.")
+    check_anndata(adata)
+    batch_size = check_batch_size(batch_size)
+    inplace = check_flag("inplace", inplace)
+    overwrite = check_flag("overwrite", overwrite)
+    sample_retrieval = check_flag("sample_retrieval", sample_retrieval)
+    seed = check_seed("seed", seed)
+    if perturbations is None and inplace and adata.is_view:
+        raise ValueError(
+            "`adata` is a view: writing the prediction layer would turn it into a copy and leave the "
+            "AnnData it views unchanged. Predict on the full AnnData with `indices=`, on "
+            "`adata[mask].copy()`, or pass `inplace=False`."
+        )
+    if perturbations is not None:
+        if indices is not None:
+            raise ValueError("`indices` applies to counterfactual prediction; use it without `perturbations`.")
+        if output is not None or sparse:
+            raise ValueError("`output` and `sparse` apply to counterfactual prediction; use them without `perturbations`.")
+        return generation(model, adata, perturbations, cell_type, batch_size, key_added, sample_retrieval, seed)
+    if cell_type is not None:
+        raise ValueError("`cell_type` applies to generation mode (with `perturbations=[...]`).")
+    return counterfactual(model, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed, output=output, sparse=sparse)
 
 
 def _progress(total: int, description: str, enabled: bool):
@@ -87,7 +124,8 @@ def generate(model, data, sources, labels, cell_types, batches, context_index, c
 
 
 def _context_index(names, keys) -> np.ndarray:
-    return pd.Index(names).get_indexer(keys.astype(str))
+    """Position in ``names`` of each context key (object arrays of str, as the builder makes them)."""
+    return pd.Index(names).get_indexer(keys)
 
 
 def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwrite, sample_retrieval, seed, output=None, sparse=False):
@@ -119,10 +157,12 @@ def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwr
         query &= chosen
     involved = query | is_control
     check_controls_per_cell_type(is_control[involved], data.cell_types[involved], where="the AnnData to predict")
-    model._encoder.check(np.unique(data.labels[query]), context=" in the AnnData to predict")
+    # Sorted like np.unique (the error lists them in this order), found by hashing: a sort of
+    # every cell's label costs ~50 ms per 100k cells.
+    model._encoder.check(np.sort(pd.unique(data.labels[query])), context=" in the AnnData to predict")
     builder = model._builder()
     keys, (names, means) = builder.control_contexts(data, is_control)
-    sources = match_controls(is_control, keys.astype(str), seed=0 if seed is None else seed, query=query)
+    sources = match_controls(is_control, keys, seed=0 if seed is None else seed, query=query)
     rows = np.flatnonzero(query)
     writer = _output_writer(model, adata, data, query, output=output, sparse=sparse, overwrite=overwrite, sample_retrieval=sample_retrieval, seed=seed)
 
@@ -297,6 +337,11 @@ def generation(model, adata, perturbations, cell_type, batch_size, key_added, sa
 @torch.inference_mode()
 def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd.DataFrame:
     """The table of :meth:`PTRAG.get_retrieval`."""
+    adata = model._resolve_adata(adata)
+    model._require_trained()
+    adata = model.adata if adata is None else adata
+    check_anndata(adata, allow_none=True)
+    seed = check_seed("seed", seed, allow_none=False)
     if model.retrieval == "none":
         raise ValueError("This model was built with `retrieval='none'`: it retrieves nothing.")
     if adata is None:

@@ -21,6 +21,7 @@ import torch
 from scvi import settings as scvi_settings
 
 from .._settings import settings
+from .._utils import flush_denormal, quiet_lightning
 from ..data import SetDataModule, column_max, memory_from_cells
 from ..data._sets import n_training_sets
 from ..train import KeepBestWeights
@@ -250,6 +251,8 @@ def train(
     trainer_kwargs,
 ) -> None:
     """The body of :meth:`PTRAG.train` (see there)."""
+    if model.adata is None:
+        raise ValueError("This model has no AnnData attached: load it with `PTRAG.load(dir, adata=...)` to train.")
     batch_size = positive_int("batch_size", batch_size)
     max_steps = positive_int("max_steps", max_steps, allow_none=True)
     max_epochs = positive_int("max_epochs", max_epochs, allow_none=True)
@@ -333,6 +336,35 @@ def train(
             raise
     held = data.labels[auto_held | (val_mask & ~is_control)]
     model.validation_perturbations_ = np.unique(held.astype(str))
+
+
+def run_trainer(model, datamodule, *, plan_kwargs, max_epochs, accelerator, devices, early_stopping, trainer_kwargs) -> None:
+    """The body of ``PTRAG._run_trainer``: hand the data module and the training plan to scvi-tools' runner."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    training_plan = model._training_plan_cls(model.module, **(plan_kwargs or {}))
+    model.module.train()
+    with flush_denormal(), quiet_lightning(settings.verbosity > logging.INFO):
+        try:
+            runner = model._train_runner_cls(
+                model,
+                training_plan=training_plan,
+                data_splitter=datamodule,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                early_stopping=early_stopping,
+                **trainer_kwargs,
+            )
+        except (MisconfigurationException, ImportError, ValueError, TypeError) as exc:
+            extra = {k: trainer_kwargs[k] for k in ("strategy", "num_nodes", "precision") if k in trainer_kwargs}
+            raise ValueError(
+                f"The trainer cannot be set up with `accelerator={accelerator!r}`, `devices={devices!r}`"
+                + "".join(f", `{k}={v!r}`" for k, v in extra.items())
+                + f": {exc} Check these arguments of `train()` (`accelerator='cpu'` always works)."
+            ) from exc
+        runner()
+    model.module.eval()
 
 
 def _memory(model, data, train_mask):
