@@ -269,20 +269,6 @@ class _GenerateCells(torch.autograd.Function):
         return grad_in, None, grad_scale.reshape(ctx.scale_shape) if want_scale else None, None
 
 
-def _fusable(base: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    return (
-        enabled
-        and base.device.type == "cpu"
-        and base.dtype in (torch.float32, torch.float64)
-        and base.dim() == 3
-        and base.is_contiguous()
-        and all(t is None or (t.device.type == "cpu" and t.dtype == base.dtype) for t in others)
-        and not any(
-            t is not None and t.requires_grad for t in others[:1]
-        )  # no gradient to the control cells
-    )
-
-
 def generate_cells(
     base: torch.Tensor,
     x: torch.Tensor | None,
@@ -308,25 +294,33 @@ def generate_cells(
     """
     if (x is None) != (scale is None):
         raise ValueError("`x` and `scale` go together.")
-    if _fusable(base, x, scale, ceiling) and not ceiling.requires_grad:
+    given = [t for t in (x, scale) if t is not None]
+    if (
+        kernels_take(base, *given, ceiling, n_dims=3)
+        and base.is_contiguous()
+        and not (ceiling.requires_grad or (x is not None and x.requires_grad))
+    ):
         return _GenerateCells.apply(base, x, scale, ceiling)
     out = base if x is None else add_scaled_(base, x, scale)
     prediction = relu_ceiling(out, ceiling)
     return prediction, cell_mean(prediction)
 
 
-def _plain(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors (CPU, same float dtype, no gradient wanted)."""
+def kernels_take(
+    *tensors: torch.Tensor, n_dims: int | None = None, without_gradient: bool = False
+) -> bool:
+    """Whether the kernels take these tensors: CPU, one float dtype (``n_dims`` for the first;
+    with ``without_gradient``, none of them needing a gradient)."""
     first = tensors[0]
     return (
         enabled
         and first.device.type == "cpu"
         and first.dtype in (torch.float32, torch.float64)
-        and first.dim() == 3
+        and (n_dims is None or first.dim() == n_dims)
         and all(
             t.device.type == "cpu"
             and t.dtype == first.dtype
-            and not (t.requires_grad and torch.is_grad_enabled())
+            and not (without_gradient and t.requires_grad and torch.is_grad_enabled())
             for t in tensors
         )
     )
@@ -334,7 +328,7 @@ def _plain(*tensors: torch.Tensor) -> bool:
 
 def set_mean_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and maximum over the cells of each set, ``[B, S, G] -> ([B, 1, G], [B, 1, G])``, in one pass."""
-    if not _plain(x) or x.shape[1] == 0:
+    if not kernels_take(x, n_dims=3, without_gradient=True) or x.shape[1] == 0:
         return x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     x = x.contiguous()
     mean, largest = x.new_empty(x.shape[0], x.shape[2]), x.new_empty(x.shape[0], x.shape[2])
@@ -344,7 +338,7 @@ def set_mean_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def recentre(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """``x`` moved so that each set's mean is ``centre`` (``[B, S, G]``, ``[B, G]``), in one pass."""
-    if not _plain(x, centre):
+    if not kernels_take(x, centre, n_dims=3, without_gradient=True):
         return x + (centre.unsqueeze(1) - x.mean(dim=1, keepdim=True))
     x, centre = x.contiguous(), centre.contiguous()
     out = torch.empty_like(x)
@@ -356,17 +350,6 @@ def recentre(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
         out.numpy(),
     )
     return out
-
-
-def scorer_fusable(*tensors: torch.Tensor) -> bool:
-    """Whether stage 2's scorer takes the kernels (CPU, one float dtype)."""
-    first = tensors[0]
-    return (
-        enabled
-        and first.device.type == "cpu"
-        and first.dtype in (torch.float32, torch.float64)
-        and all(t.device.type == "cpu" and t.dtype == first.dtype for t in tensors)
-    )
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

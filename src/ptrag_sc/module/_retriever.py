@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._fused import scorer_backward, scorer_fusable, scorer_input
+from ._fused import kernels_take, scorer_backward, scorer_input
 
 
 def hard_binary_concrete(logit: torch.Tensor, tau: float) -> torch.Tensor:
@@ -38,7 +38,7 @@ class _KeepLogit(torch.autograd.Function):
     @staticmethod
     def evaluate(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
         """The same logits without a gradient (prediction): one ``[B, S, K, Hs]`` buffer."""
-        if scorer_fusable(cell_part, cand_part, mean, rstd, w_sum, bias):
+        if kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias):
             hidden = scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias)
         else:
             hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)
@@ -50,7 +50,7 @@ class _KeepLogit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
-        ctx.fused = scorer_fusable(cell_part, cand_part, mean, rstd, w_sum, bias, v)
+        ctx.fused = kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias, v)
         if ctx.fused:
             # The first layer's input in one pass; the backward recomputes `hidden` in its kernel.
             pre = scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias)
