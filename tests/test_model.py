@@ -289,3 +289,27 @@ def test_old_gene_symbols_find_their_vectors():
     with pytest.raises(ValueError, match="NOTAGENE"):
         encoder.embed(["NOTAGENE"])
     assert PerturbationEncoder(table, aliases=False).missing(["KIAA1804"]) == {"KIAA1804": ["KIAA1804"]}
+
+
+def test_prediction_encodes_each_control_cell_once_with_the_same_result(trained, monkeypatch):
+    """Counterfactual and generation predictions equal those that encode controls per set."""
+    from ptrag_sc.model import _predict
+
+    model, data = trained
+    used = []
+    encode = _predict._encoded_sources
+
+    def spy(*args, **kwargs):
+        result = encode(*args, **kwargs)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(_predict, "_encoded_sources", spy)
+    asked = [str(p) for p in model.training_perturbations_[:2]]
+    counterfactual = model.predict(data, inplace=False)
+    generated = model.predict(data, perturbations=asked).X
+    assert used == [True, True]
+    monkeypatch.setattr(_predict, "_MAX_ENCODED_BYTES", 0)
+    np.testing.assert_allclose(model.predict(data, inplace=False), counterfactual, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.predict(data, perturbations=asked).X, generated, rtol=1e-5, atol=1e-5)
+    assert used == [True, True, False, False]

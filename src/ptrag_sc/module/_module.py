@@ -285,9 +285,15 @@ class PTRAGModule(BaseModuleClass):
         candidate_annotation_similarity: torch.Tensor | None = None,
         batch: torch.Tensor | None = None,
         sample_retrieval: bool | None = None,
+        h_ctrl: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Encode the control cells and the perturbation, retrieve context and evidence."""
-        h_ctrl = self.basal_encoder(x_ctrl)
+        """Encode the control cells and the perturbation, retrieve context and evidence.
+
+        ``h_ctrl``: the control cells' basal encoding ``[B, S, H]`` when the caller has it
+        (prediction encodes each distinct control cell once).
+        """
+        if h_ctrl is None:
+            h_ctrl = self.basal_encoder(x_ctrl)
         h_pert = self.pert_encoder(pert_embedding)
         x0 = h_ctrl + h_pert[:, None, :]
         out: dict[str, torch.Tensor] = {"h_ctrl": h_ctrl, "h_pert": h_pert}
