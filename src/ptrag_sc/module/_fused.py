@@ -207,10 +207,13 @@ def _over_sets(kernel, n_sets: int, *arrays) -> None:
         future.result()
 
 
-def _array(tensor: torch.Tensor | None, like: torch.Tensor) -> np.ndarray:
-    """A numpy view of ``tensor`` (an empty array standing for ``None``)."""
+def _numpy(
+    tensor: torch.Tensor | None, like: torch.Tensor | None = None, n_dims: int = 3
+) -> np.ndarray:
+    """A numpy view of ``tensor``; ``None`` becomes an empty array of ``like``'s dtype (the
+    kernels' "absent")."""
     if tensor is None:
-        return np.zeros((0, 0, 0), dtype=like.numpy().dtype)
+        return np.zeros((0,) * n_dims, dtype=like.detach().numpy().dtype)
     return tensor.detach().contiguous().numpy()
 
 
@@ -222,16 +225,13 @@ class _GenerateCells(torch.autograd.Function):
         n_sets, n_cells, n_genes = base.shape
         out = base.detach()
         set_sum = base.new_empty(n_sets, n_genes)
-        scale_2d = (
-            scale.detach().reshape(n_sets, n_genes).contiguous() if scale is not None else None
-        )
         _over_sets(
             _forward,
             n_sets,
             out.numpy(),
-            _array(x, out),
-            _array(scale_2d, out) if scale_2d is not None else np.zeros((0, 0), out.numpy().dtype),
-            ceiling.detach().contiguous().numpy(),
+            _numpy(x, out),
+            _numpy(None if scale is None else scale.reshape(n_sets, n_genes), out, n_dims=2),
+            _numpy(ceiling),
             set_sum.numpy(),
         )
         ctx.mark_dirty(base)
@@ -254,15 +254,14 @@ class _GenerateCells(torch.autograd.Function):
         grad_scale = (
             prediction.new_empty(n_sets, n_genes) if want_scale else prediction.new_empty(0, 0)
         )
-        empty = np.zeros((0, 0, 0), dtype=prediction.numpy().dtype)
         _over_sets(
             _backward,
             n_sets,
-            grad_prediction.contiguous().numpy() if grad_prediction is not None else empty,
-            grad_sum.contiguous().numpy(),
-            prediction.detach().numpy(),
-            ceiling.detach().contiguous().numpy(),
-            x.detach().contiguous().numpy() if want_scale else empty,
+            _numpy(grad_prediction, prediction),
+            _numpy(grad_sum),
+            _numpy(prediction),
+            _numpy(ceiling),
+            _numpy(x if want_scale else None, prediction),
             grad_in.numpy(),
             grad_scale.numpy(),
         )
@@ -350,10 +349,6 @@ def recentre(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
         out.numpy(),
     )
     return out
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
 
 
 def scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias) -> torch.Tensor:

@@ -36,29 +36,28 @@ class _KeepLogit(torch.autograd.Function):
     """
 
     @staticmethod
-    def evaluate(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
-        """The same logits without a gradient (prediction): one ``[B, S, K, Hs]`` buffer."""
+    def first_layer(cell_part, cand_part, mean, rstd, w_sum, bias):
+        """``(pre, hidden)`` of the scorer's first layer, ``[B, S, K, Hs]``; ``hidden`` is
+        ``None`` on the fused path, whose backward recomputes it."""
         if kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias):
-            hidden = scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias)
-        else:
-            hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)
-            hidden.addcmul_(mean, w_sum, value=-1.0)
-            torch.addcmul(bias, rstd, hidden, out=hidden)
-        activated = F.gelu(hidden)
+            return scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias), None
+        hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)
+        hidden.addcmul_(mean, w_sum, value=-1.0)
+        return torch.addcmul(bias, rstd, hidden), hidden
+
+    @staticmethod
+    def evaluate(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
+        """The same logits without a gradient (prediction)."""
+        activated = F.gelu(
+            _KeepLogit.first_layer(cell_part, cand_part, mean, rstd, w_sum, bias)[0]
+        )
         n_hidden = activated.shape[-1]
         return torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
 
     @staticmethod
     def forward(ctx, cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
-        ctx.fused = kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias, v)
-        if ctx.fused:
-            # The first layer's input in one pass; the backward recomputes `hidden` in its kernel.
-            pre = scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias)
-            hidden = None
-        else:
-            hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)  # [B,S,K,Hs]
-            hidden.addcmul_(mean, w_sum, value=-1.0)
-            pre = torch.addcmul(bias, rstd, hidden)
+        pre, hidden = _KeepLogit.first_layer(cell_part, cand_part, mean, rstd, w_sum, bias)
+        ctx.fused = hidden is None
         activated = F.gelu(pre)
         n_hidden = activated.shape[-1]
         logit = torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
