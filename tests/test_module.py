@@ -198,6 +198,56 @@ def test_combination_members_add_up_in_the_shift():
     torch.testing.assert_close(out["delta"][1], torch.zeros(5))
 
 
+def test_evidence_reads_the_candidates_rows_in_place_with_the_same_result_and_gradient():
+    from ptrag_sc.module import EvidenceCombiner
+
+    torch.manual_seed(0)
+    combiner = EvidenceCombiner()
+    table = torch.randn(9, 5, dtype=torch.float64)
+    rows = torch.tensor([[3, 0, 8], [1, 1, 4]])
+    relation = torch.tensor([[2, 2, 0], [0, 1, 0]])  # set 0: a combination of rows 3 and 0
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    same = torch.tensor([[True, True, False], [False, True, True]])
+    context, context_full, stacked = (torch.randn(2, 5, dtype=torch.float64) for _ in range(3))
+    combiner = combiner.double()
+    set_weights = torch.rand(2, 3, dtype=torch.float64)
+    results = []
+    for table_rows in (None, rows):
+        weights = set_weights.clone().requires_grad_(True)
+        specific = table[rows] if table_rows is None else table
+        out = combiner(weights, valid, relation, same, specific, context, context_full, stacked, rows=table_rows)
+        (out["delta"] * torch.arange(5.0, dtype=torch.float64)).sum().backward()
+        results.append((out["delta"], out["weights"], weights.grad))
+    for gathered, in_place in zip(*results, strict=True):
+        torch.testing.assert_close(in_place, gathered, rtol=1e-12, atol=1e-12)
+    assert results[0][2][1].abs().sum() > 0  # set 1 takes its shift from the weighted candidates
+
+
+def test_binary_concrete_sample_and_gradient_are_the_straight_through_soft_sample():
+    from ptrag_sc.module._retriever import hard_binary_concrete
+
+    logit = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    mask = (torch.arange(5) < 4).to(torch.float64)[None, None, :]
+    torch.manual_seed(3)
+    keep = hard_binary_concrete(logit, 0.5, mask)
+    weight = torch.randn_like(keep)
+    (keep * weight).sum().backward()
+    torch.manual_seed(3)
+    u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
+    reference_logit = logit.detach().clone().requires_grad_(True)
+    soft = torch.sigmoid((reference_logit + torch.log(u) - torch.log1p(-u)) / 0.5)
+    hard = (soft > 0.5).to(soft.dtype)
+    reference = (hard + soft - soft.detach()) * mask  # 0/1 up to one rounding of `hard + soft`
+    (reference * weight).sum().backward()
+    assert torch.equal(keep.detach(), hard * mask)
+    assert set(keep.detach().unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(logit.grad, reference_logit.grad, rtol=1e-10, atol=1e-12)
+    assert (logit.grad[..., 4] == 0).all() and logit.grad[..., :4].abs().sum() > 0
+    with torch.no_grad():
+        torch.manual_seed(3)
+        assert torch.equal(hard_binary_concrete(logit, 0.5, mask), keep.detach())
+
+
 def test_response_memory_mean_moves_only_by_the_evidence():
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag", decoder_rank=3)

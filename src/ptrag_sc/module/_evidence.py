@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._constants import N_RELATIONS, RELATION_MEMBER
@@ -62,6 +63,8 @@ class EvidenceCombiner(nn.Module):
         context: torch.Tensor,
         context_full: torch.Tensor,
         stacked: torch.Tensor,
+        *,
+        rows: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Mean shift of each set.
 
@@ -72,11 +75,15 @@ class EvidenceCombiner(nn.Module):
         valid, relation, same_cell_type
             ``[B, K]`` candidate mask, relation codes and cell-type match.
         specific
-            ``[B, K, G]`` each candidate's shift minus its cell type's context (all entries).
+            ``[B, K, G]`` each candidate's shift minus its cell type's context (all entries);
+            with ``rows``, the memory's ``[M, G]`` table of them.
         context, context_full
             ``[B, G]`` the query cell type's context without and with the query's own entry.
         stacked
             ``[B, G]`` the stacked evidence's estimate of the query's specific shift.
+        rows
+            ``[B, K]`` the candidates' rows of ``specific`` (padding slots may hold any row:
+            their weight is zero).
 
         Returns
         -------
@@ -93,7 +100,7 @@ class EvidenceCombiner(nn.Module):
         weights = weights / (weights.sum(-1, keepdim=True) + 1.0)
         # d_k = s_k + [k in c] (context_full - context): a candidate of the query's own cell type
         # is compared with the context that leaves the query out.
-        retrieved = torch.bmm(weights.unsqueeze(1), specific).squeeze(1)
+        retrieved = _weighted_sum(weights, specific, rows)
         retrieved = retrieved + (weights * same).sum(-1, keepdim=True) * (context_full - context)
         retrieved = retrieved - weights.sum(-1, keepdim=True) * stacked
         delta = context + stacked + self.trust * retrieved
@@ -101,8 +108,18 @@ class EvidenceCombiner(nn.Module):
         members = (relation == RELATION_MEMBER) & same_cell_type & valid
         if members.any():
             members_f = members.to(dtype)
-            additive = torch.bmm(members_f.unsqueeze(1), specific).squeeze(1) + members_f.sum(-1, keepdim=True) * context_full
+            additive = _weighted_sum(members_f, specific, rows) + members_f.sum(-1, keepdim=True) * context_full
             has_members = members.any(-1, keepdim=True)
             delta = torch.where(has_members, additive, delta)
             weights = torch.where(has_members, members_f, weights)
         return {"delta": delta, "weights": weights}
+
+
+def _weighted_sum(weights: torch.Tensor, specific: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``sum_k weights[b, k] * specific[b, k]`` ``[B, G]``; with ``rows``, of the table's rows."""
+    if rows is None:
+        return torch.bmm(weights.unsqueeze(1), specific).squeeze(1)
+    if specific.device.type in ("cpu", "cuda"):
+        # Reads the candidates' rows where they lie: no [B, K, G] copy, forward or backward.
+        return F.embedding_bag(rows, specific, per_sample_weights=weights, mode="sum")
+    return torch.bmm(weights.unsqueeze(1), specific[rows]).squeeze(1)

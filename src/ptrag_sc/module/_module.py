@@ -335,10 +335,11 @@ class PTRAGModule(BaseModuleClass):
                     valid,
                     relation,
                     same,
-                    self.memory_specific[candidates.clamp_min(0)],
+                    self.memory_specific,
                     context_response,
                     context_full,
                     stacked_shift,
+                    rows=candidates.clamp_min(0),
                 )
                 out[OUTPUTS.DELTA] = combined["delta"]
                 out[OUTPUTS.SET_WEIGHTS] = combined["weights"]
