@@ -35,30 +35,35 @@ def _inputs(dtype, with_cells=True, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("with_cells", [True, False])
+@pytest.mark.parametrize("cells_added", ["scaled", "as they are", "none"])
+@pytest.mark.parametrize("with_offset", [True, False])
 @pytest.mark.parametrize("outputs_used", ["both", "cells", "mean"])
 def test_generate_cells_forward_and_gradients_equal_torch(
-    dtype, with_cells, outputs_used, torch_only
+    dtype, cells_added, with_offset, outputs_used, torch_only
 ):
-    base, x, scale, ceiling = _inputs(dtype, with_cells)
+    base, x, scale, ceiling = _inputs(dtype, cells_added != "none")
+    if cells_added == "as they are":
+        scale = None
     gen = torch.Generator().manual_seed(1)
     w_cells = torch.randn(base.shape, generator=gen, dtype=dtype)
     w_mean = torch.randn(base.shape[0], base.shape[2], generator=gen, dtype=dtype)
+    offset = torch.randn(base.shape[0], 1, base.shape[2], generator=gen, dtype=dtype) * 0.5 if with_offset else None
     results = []
     for fused in (True, False):
         b = base.clone().requires_grad_(True)
         s = scale.clone().requires_grad_(True) if scale is not None else None
+        o = offset.clone().requires_grad_(True) if offset is not None else None
         if fused:
-            cells, mean = generate_cells(b * 1.0, x, s, ceiling)
+            cells, mean = generate_cells(b * 1.0, x, s, ceiling, o)
         else:
             with torch_only:
-                cells, mean = generate_cells(b * 1.0, x, s, ceiling)
+                cells, mean = generate_cells(b * 1.0, x, s, ceiling, o)
         loss = 0.0
         if outputs_used in ("both", "cells"):
             loss = loss + (cells * w_cells).sum()
         if outputs_used in ("both", "mean"):
             loss = loss + (mean * w_mean).sum()
-        grads = torch.autograd.grad(loss, [b] + ([s] if s is not None else []))
+        grads = torch.autograd.grad(loss, [t for t in (b, s, o) if t is not None])
         results.append((cells.detach(), mean.detach(), *grads))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for ours, reference in zip(*results, strict=True):
@@ -67,9 +72,11 @@ def test_generate_cells_forward_and_gradients_equal_torch(
     assert (cells >= 0).all()
     assert (cells <= ceiling).all()
     # The mask is not trivial: some values were clipped at zero and some at the ceiling.
-    raw = base + (x * scale if x is not None else 0)
+    raw = base + (x * (scale if scale is not None else 1) if x is not None else 0) + (offset if offset is not None else 0)
     assert (raw < 0).any()
     assert (raw > ceiling).any()
+    # The result is what it says: clip(base + x * scale + offset, 0, ceiling).
+    torch.testing.assert_close(cells, raw.clamp(min=torch.zeros(()), max=ceiling), rtol=tol, atol=tol)
 
 
 def test_generate_cells_matches_torch_clamp_on_nan_and_writes_in_place():
@@ -101,8 +108,9 @@ def test_kernels_split_over_threads_give_the_same_result():
         torch.set_num_threads(threads)
         b = base.clone().requires_grad_(True)
         s = scale.clone().requires_grad_(True)
-        cells, mean = generate_cells(b * 1.0, x, s, ceiling)
-        grads = torch.autograd.grad(cells.square().sum() + mean.sum(), [b, s])
+        o = (scale * 0.3).requires_grad_(True)
+        cells, mean = generate_cells(b * 1.0, x, s, ceiling, o)
+        grads = torch.autograd.grad(cells.square().sum() + mean.sum(), [b, s, o])
         results.append(
             (cells.detach(), mean.detach(), *grads, *set_mean_max(x), recentre(x, mean.detach()))
         )

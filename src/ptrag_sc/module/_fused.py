@@ -38,18 +38,26 @@ _SUMS = {**_KERNEL, "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
 
 
 @numba.njit(**_KERNEL)
-def _forward(out, x, scale, ceiling, set_sum, first, last):  # pragma: no cover - compiled
+def _forward(out, x, scale, offset, ceiling, set_sum, first, last):  # pragma: no cover - compiled
     n_cells, n_genes = out.shape[1], out.shape[2]
-    has_x = x.shape[0] > 0
+    has_x, has_scale, has_offset = x.shape[0] > 0, scale.shape[0] > 0, offset.shape[0] > 0
     for b in range(first, last):
         total = set_sum[b]
         total[:] = 0
         for s in range(n_cells):
             row = out[b, s]
-            if has_x:
+            if has_x and has_scale:
                 cells, factor = x[b, s], scale[b]
                 for g in range(n_genes):
                     row[g] += cells[g] * factor[g]
+            elif has_x:
+                cells = x[b, s]
+                for g in range(n_genes):
+                    row[g] += cells[g]
+            if has_offset:
+                shift = offset[b]
+                for g in range(n_genes):
+                    row[g] += shift[g]
             for g in range(n_genes):
                 # Written so that NaN passes through, as torch.clamp lets it.
                 value = row[g]
@@ -61,14 +69,16 @@ def _forward(out, x, scale, ceiling, set_sum, first, last):  # pragma: no cover 
 
 @numba.njit(**_KERNEL)
 def _backward(
-    grad, grad_sum, prediction, ceiling, x, grad_in, grad_scale, first, last
+    grad, grad_sum, prediction, ceiling, x, grad_in, grad_scale, grad_offset, first, last
 ):  # pragma: no cover - compiled
     n_cells, n_genes = prediction.shape[1], prediction.shape[2]
-    has_grad, has_x = grad.shape[0] > 0, x.shape[0] > 0
+    has_grad, has_x, has_offset = grad.shape[0] > 0, x.shape[0] > 0, grad_offset.shape[0] > 0
     for b in range(first, last):
         from_mean = grad_sum[b]
         if has_x:
             grad_scale[b, :] = 0
+        if has_offset:
+            grad_offset[b, :] = 0
         for s in range(n_cells):
             y, out = prediction[b, s], grad_in[b, s]
             if has_grad:
@@ -83,6 +93,10 @@ def _backward(
                 cells, total = x[b, s], grad_scale[b]
                 for g in range(n_genes):
                     total[g] += out[g] * cells[g]
+            if has_offset:
+                total = grad_offset[b]
+                for g in range(n_genes):
+                    total[g] += out[g]
 
 
 @numba.njit(**_KERNEL)
@@ -218,19 +232,21 @@ def _numpy(
 
 
 class _GenerateCells(torch.autograd.Function):
-    """``y = clip(base + x * scale, 0, ceiling)`` in place of ``base``, and ``y``'s set mean."""
+    """``y = clip(base + x * scale + offset, 0, ceiling)`` in place of ``base``, and ``y``'s set mean."""
 
     @staticmethod
-    def forward(ctx, base, x, scale, ceiling):
+    def forward(ctx, base, x, scale, offset, ceiling):
         n_sets, n_cells, n_genes = base.shape
         out = base.detach()
         set_sum = base.new_empty(n_sets, n_genes)
+        per_set = lambda t: _numpy(None if t is None else t.reshape(n_sets, n_genes), out, n_dims=2)  # noqa: E731
         _over_sets(
             _forward,
             n_sets,
             out.numpy(),
             _numpy(x, out),
-            _numpy(None if scale is None else scale.reshape(n_sets, n_genes), out, n_dims=2),
+            per_set(scale),
+            per_set(offset),
             _numpy(ceiling),
             set_sum.numpy(),
         )
@@ -238,6 +254,7 @@ class _GenerateCells(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(base, x, ceiling)
         ctx.scale_shape = None if scale is None else scale.shape
+        ctx.offset_shape = None if offset is None else offset.shape
         return base, set_sum.div_(n_cells)
 
     @staticmethod
@@ -245,15 +262,15 @@ class _GenerateCells(torch.autograd.Function):
         prediction, x, ceiling = ctx.saved_tensors
         n_sets, n_cells, n_genes = prediction.shape
         want_scale = ctx.scale_shape is not None and ctx.needs_input_grad[2]
+        want_offset = ctx.offset_shape is not None and ctx.needs_input_grad[3]
         if grad_prediction is None and grad_mean is None:
-            return None, None, None, None
+            return None, None, None, None, None
         grad_sum = (
             grad_mean / n_cells if grad_mean is not None else prediction.new_zeros(n_sets, n_genes)
         )
         grad_in = torch.empty_like(prediction)
-        grad_scale = (
-            prediction.new_empty(n_sets, n_genes) if want_scale else prediction.new_empty(0, 0)
-        )
+        per_set = lambda wanted: prediction.new_empty(n_sets, n_genes) if wanted else prediction.new_empty(0, 0)  # noqa: E731
+        grad_scale, grad_offset = per_set(want_scale), per_set(want_offset)
         _over_sets(
             _backward,
             n_sets,
@@ -264,8 +281,15 @@ class _GenerateCells(torch.autograd.Function):
             _numpy(x if want_scale else None, prediction),
             grad_in.numpy(),
             grad_scale.numpy(),
+            grad_offset.numpy(),
         )
-        return grad_in, None, grad_scale.reshape(ctx.scale_shape) if want_scale else None, None
+        return (
+            grad_in,
+            None,
+            grad_scale.reshape(ctx.scale_shape) if want_scale else None,
+            grad_offset.reshape(ctx.offset_shape) if want_offset else None,
+            None,
+        )
 
 
 def generate_cells(
@@ -273,34 +297,41 @@ def generate_cells(
     x: torch.Tensor | None,
     scale: torch.Tensor | None,
     ceiling: torch.Tensor,
+    offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The generated cells and their set means: ``clip(base + x * scale, 0, ceiling)``.
+    """The generated cells and their set means: ``clip(base + x * scale + offset, 0, ceiling)``.
 
     Parameters
     ----------
     base
-        ``[B, S, G]`` decoder output plus offsets; overwritten with the result.
+        ``[B, S, G]`` decoder output; overwritten with the result.
     x
         ``[B, S, G]`` control cells (no gradient), or ``None`` (nothing added).
     scale
-        ``[B, 1, G]`` per-set gene factors for ``x``; ``None`` when ``x`` is ``None``.
+        ``[B, 1, G]`` per-set gene factors for ``x``, or ``None`` (``x`` added as it is).
     ceiling
         ``[G]`` largest value of each gene (no gradient).
+    offset
+        ``[B, 1, G]`` per-set vector added to every cell, or ``None``.
 
     Returns
     -------
     ``(cells [B, S, G], set means [B, G])``.
     """
-    if (x is None) != (scale is None):
-        raise ValueError("`x` and `scale` go together.")
-    given = [t for t in (x, scale) if t is not None]
+    if x is None and scale is not None:
+        raise ValueError("`scale` needs `x`.")
+    given = [t for t in (x, scale, offset) if t is not None]
     if (
         kernels_take(base, *given, ceiling, n_dims=3)
         and base.is_contiguous()
         and not (ceiling.requires_grad or (x is not None and x.requires_grad))
     ):
-        return _GenerateCells.apply(base, x, scale, ceiling)
-    out = base if x is None else add_scaled_(base, x, scale)
+        return _GenerateCells.apply(base, x, scale, offset, ceiling)
+    out = base
+    if x is not None:
+        out = add_scaled_(out, x, scale) if scale is not None else out.add_(x)
+    if offset is not None:
+        out = out.add_(offset)
     prediction = relu_ceiling(out, ceiling)
     return prediction, cell_mean(prediction)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
@@ -376,28 +377,22 @@ class PTRAGModule(BaseModuleClass):
         if delta is not None and control_mean is not None:
             # The control cells moved by the evidence: x_ctrl * scale + offset (see `apply_shift`).
             scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling, set_stats=set_mean_max(x_ctrl))
-        cells = None if scale is None else x_ctrl
         if self.set_decoder is None and self.decoder_rank is None:
-            base = self.decoder(latent) if scale is not None else x_ctrl + self.decoder(latent)
-            if offset is not None:
-                base = base + offset
+            base = self.decoder(latent)
         else:
-            # y = x_ctrl' + offset + SetDecoder(mean) + LowRank(latent - mean) as one batched
-            # matmul-add: the per-set vector joins the low-rank map as one more row, with a
-            # constant input of 1, so [B, S, G] is written once.
+            # y = x_ctrl' + offset + SetDecoder(mean) + LowRank(latent - mean): the per-cell part
+            # is one matrix product over all the cells of the batch, and the per-set vector joins
+            # the control cells in the same pass over [B, S, G] that clips them.
             set_mean = latent.mean(dim=1, keepdim=True)
             first, last = self.decoder
+            base = F.linear(first(latent - set_mean), last.weight)
             set_vector = last.bias.expand(set_mean.shape[0], 1, -1)  # [B,1,G]
             if self.set_decoder is not None:
                 set_vector = set_vector + self.set_decoder(set_mean)
-            if offset is not None:
-                set_vector = set_vector + offset
-            low_rank = first(latent - set_mean)
-            inputs = torch.cat([low_rank, torch.ones_like(low_rank[..., :1])], dim=-1)  # [B,S,r+1]
-            rows = torch.cat([last.weight.T.expand(x_ctrl.shape[0], -1, -1), set_vector], dim=1)  # [B,r+1,G]
-            base = torch.baddbmm(x_ctrl, inputs, rows) if scale is None else torch.bmm(inputs, rows)
-        # The scaled control cells, the clip to [0, ceiling] and the set mean in one pass.
-        prediction, cell_means = generate_cells(base, cells, scale, self.gene_ceiling)
+            offset = set_vector if offset is None else set_vector + offset
+        # The control cells (scaled by the evidence), the offsets, the clip to [0, ceiling] and
+        # the set mean in one pass.
+        prediction, cell_means = generate_cells(base, x_ctrl, scale, self.gene_ceiling, offset)
         result = {OUTPUTS.PREDICTION: prediction}
         if control_mean is not None:
             result[OUTPUTS.MEAN_SHIFT] = cell_means - control_mean
