@@ -232,3 +232,29 @@ def test_stage2_scorer_kernels_equal_torch(dtype, torch_only):
     if dtype == torch.float64:
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         assert torch.autograd.gradcheck(_KeepLogit.apply, leaves)
+
+
+def test_float32_scorer_gelu_and_its_slope_are_as_accurate_as_torch():
+    """The float32 kernels approximate erf and exp without libm calls; they stay within float32
+    rounding of the exact GELU and its derivative, as PyTorch's own float32 GELU does."""
+    from ptrag_sc.module._fused import keep_logit, keep_logit_backward
+
+    x = torch.linspace(-12, 12, 24001, dtype=torch.float64)
+    n = x.numel()
+    # One hidden unit, v = 1, rstd = 1 and nothing else: the logit is gelu(cell_part).
+    inputs = [x.view(1, n, 1), torch.zeros(1, 1, 1), torch.zeros(1, n, 1, 1), torch.ones(1, n, 1, 1)]
+    inputs += [torch.zeros(1), torch.zeros(1), torch.ones(1), torch.zeros(())]
+    single = [t.to(torch.float32) for t in inputs]
+    value = keep_logit(*single).view(-1).double()
+    slope = keep_logit_backward(torch.ones(1, n, 1), *single[:7])[0].view(-1).double()
+    exact = torch.nn.functional.gelu(x)
+    exact_slope = torch.ops.aten.gelu_backward(torch.ones_like(x), x)
+    torch_value = torch.nn.functional.gelu(x.float()).double()
+    torch_slope = torch.ops.aten.gelu_backward(torch.ones(n), x.float()).double()
+    for ours, reference, pytorch in ((value, exact, torch_value), (slope, exact_slope, torch_slope)):
+        error = (ours - reference).abs() / reference.abs().clamp_min(1.0)
+        assert error.max() < 2e-6, error.max()
+        assert error.max() < 2 * ((pytorch - reference).abs() / reference.abs().clamp_min(1.0)).max()
+    # float64 takes the exact functions.
+    value64 = keep_logit(*inputs).view(-1)
+    torch.testing.assert_close(value64, exact, rtol=1e-13, atol=1e-13)

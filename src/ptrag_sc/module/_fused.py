@@ -18,6 +18,7 @@ autograd's.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 import torch
+from numba.extending import overload
 
 from ._components import add_scaled_, cell_mean, relu_ceiling
 
 #: Whether CPU tensors take the kernels (``PTRAG_SC_FUSED_KERNELS=0`` starts with the PyTorch
 #: operations everywhere; tests and benchmarks flip it to compare both).
 enabled = os.environ.get("PTRAG_SC_FUSED_KERNELS", "1") != "0"
-_KERNEL = {"nogil": True, "cache": True, "boundscheck": False}
+#: ``error_model="numpy"``: a division by zero gives inf/NaN as in NumPy and PyTorch instead of
+#: raising, which spares the check that keeps a loop with a division from vectorising.
+_KERNEL = {"nogil": True, "cache": True, "boundscheck": False, "error_model": "numpy"}
 #: The scorer's kernels sum over the hidden units: reassociating those sums lets them vectorise
 #: (results differ from a sequential sum by rounding only; NaN and infinities keep their meaning).
 _SUMS = {**_KERNEL, "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
@@ -134,30 +138,98 @@ def _recentre(x, centre, out, first, last):  # pragma: no cover - compiled
                 moved[g] = row[g] + shift[g]
 
 
+def _gelu_and_slope(x):  # pragma: no cover - replaced by the overload in kernels
+    """``(gelu(x), gelu'(x))`` (exact GELU, ``x * Phi(x)``)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_gelu_and_slope, inline="always")
+def _gelu_and_slope_for(x):  # pragma: no cover - compiled
+    # float64: libm's erf and exp. float32: the vectorisable rational erf of Eigen/XLA (max error
+    # 4e-7 here) and exp(-x^2/2) as a degree-10 polynomial raised to the 16th power; both as
+    # accurate as PyTorch's own float32 GELU (its erf is Abramowitz-Stegun 7.1.26 with exp), and
+    # without a call per value, which numba cannot vectorise without Intel's SVML.
+    if x == numba.types.float64:
+
+        def exact(x):
+            cdf = 0.5 * (1.0 + math.erf(x * _SQRT_HALF))
+            return x * cdf, cdf + x * math.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+        return exact
+    f = np.float32
+    erf_numerator = [f(c) for c in _ERF_NUMERATOR]
+    erf_denominator = [f(c) for c in _ERF_DENOMINATOR]
+    exp_coefficients = [f(1.0 / math.factorial(n)) for n in range(10, -1, -1)]
+    a0, a1, a2, a3, a4, a5, a6 = erf_numerator
+    b0, b1, b2, b3, b4 = erf_denominator
+    e10, e9, e8, e7, e6, e5, e4, e3, e2, e1, e0 = exp_coefficients
+    half, one, erf_clip, tail, sqrt_half, inv_sqrt_2pi, sixteenth = (
+        f(0.5), f(1.0), f(4.0), f(6.0), f(_SQRT_HALF), f(_INV_SQRT_2PI), f(-1.0 / 32.0)
+    )
+
+    def fast(x):
+        z = x * sqrt_half
+        z = -erf_clip if z < -erf_clip else z
+        z = erf_clip if z > erf_clip else z
+        z2 = z * z
+        p = ((((((a6 * z2 + a5) * z2 + a4) * z2 + a3) * z2 + a2) * z2 + a1) * z2 + a0) * z
+        q = (((b4 * z2 + b3) * z2 + b2) * z2 + b1) * z2 + b0
+        cdf = half * (one + p / q)
+        # phi(x) * sqrt(2 pi) = exp(-x^2 / 2) = exp(-x^2 / 32)^16, |x| <= 6 (beyond it is < 2e-8)
+        c = -tail if x < -tail else x
+        c = tail if c > tail else c
+        u = c * c * sixteenth
+        e = ((((((((((e10 * u + e9) * u + e8) * u + e7) * u + e6) * u + e5) * u + e4) * u + e3) * u + e2) * u + e1) * u + e0)
+        e = e * e
+        e = e * e
+        e = e * e
+        e = e * e
+        return x * cdf, cdf + c * e * inv_sqrt_2pi
+
+    return fast
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+#: erf(z) = z * P(z^2) / Q(z^2) on [-4, 4] (odd and even monomial coefficients, lowest first).
+_ERF_NUMERATOR = (
+    -1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05,
+    -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10,
+)
+_ERF_DENOMINATOR = (
+    -1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
+    -1.45660718464996e-05,
+)
+
+
 @numba.njit(**_SUMS)
-def _scorer_input(
-    cell_part, cand_part, mean, rstd, w_sum, bias, pre, first, last
+def _keep_logit(
+    cell_part, cand_part, mean, rstd, w_sum, bias, v, v0, logit, first, last
 ):  # pragma: no cover - compiled
-    n_cells, n_candidates, n_hidden = pre.shape[1], pre.shape[2], pre.shape[3]
+    n_cells, n_candidates, n_hidden = cell_part.shape[1], cand_part.shape[1], cell_part.shape[2]
     for b in range(first, last):
         for s in range(n_cells):
             cell = cell_part[b, s]
             for k in range(n_candidates):
-                cand, m, r, out = cand_part[b, k], mean[b, s, k], rstd[b, s, k], pre[b, s, k]
+                cand, m, r = cand_part[b, k], mean[b, s, k], rstd[b, s, k]
+                total = v0[0]
                 for h in range(n_hidden):
-                    out[h] = r * (cell[h] + cand[h] - m * w_sum[h]) + bias[h]
+                    activated, _ = _gelu_and_slope(r * (cell[h] + cand[h] - m * w_sum[h]) + bias[h])
+                    total += v[h] * activated
+                logit[b, s, k] = total
 
 
 @numba.njit(**_SUMS)
-def _scorer_backward(
+def _keep_logit_backward(
     grad,
-    slope,
-    activated,
     cell_part,
     cand_part,
     mean,
     rstd,
     w_sum,
+    bias,
+    v,
+    zero,
     grad_cell,
     grad_cand,
     grad_mean,
@@ -168,7 +240,7 @@ def _scorer_backward(
     first,
     last,
 ):  # pragma: no cover - compiled
-    n_cells, n_candidates, n_hidden = slope.shape[1], slope.shape[2], slope.shape[3]
+    n_cells, n_candidates, n_hidden = cell_part.shape[1], cand_part.shape[1], cell_part.shape[2]
     for b in range(first, last):
         grad_cell[b] = 0
         grad_cand[b] = 0
@@ -180,12 +252,13 @@ def _scorer_backward(
             for k in range(n_candidates):
                 cand, g_cand = cand_part[b, k], grad_cand[b, k]
                 g, m, r = grad[b, s, k], mean[b, s, k], rstd[b, s, k]
-                d, act = slope[b, s, k], activated[b, s, k]
-                dot_hidden = 0.0
-                dot_w = 0.0
+                dot_hidden = zero[0]
+                dot_w = zero[0]
                 for h in range(n_hidden):
-                    g_pre = g * d[h]
+                    # The first layer and GELU are recomputed: cheaper than storing [B, S, K, Hs].
                     hidden = cell[h] + cand[h] - m * w_sum[h]
+                    activated, slope = _gelu_and_slope(r * hidden + bias[h])
+                    g_pre = g * v[h] * slope
                     dot_hidden += g_pre * hidden
                     g_hidden = g_pre * r
                     dot_w += g_hidden * w_sum[h]
@@ -193,7 +266,7 @@ def _scorer_backward(
                     g_cand[h] += g_hidden
                     grad_w_sum[b, h] -= g_hidden * m
                     grad_bias[b, h] += g_pre
-                    grad_v[b, h] += act[h] * g
+                    grad_v[b, h] += activated * g
                 grad_rstd[b, s, k] = dot_hidden
                 grad_mean[b, s, k] = -dot_w
 
@@ -382,50 +455,55 @@ def recentre(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias) -> torch.Tensor:
-    """``rstd * (cell_part_s + cand_part_k - mean * w_sum) + bias``, ``[B, S, K, Hs]``, in one pass."""
-    n_sets, n_cells, n_hidden = cell_part.shape
-    pre = cell_part.new_empty(n_sets, n_cells, cand_part.shape[1], n_hidden)
+def keep_logit(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0) -> torch.Tensor:
+    """Stage 2's keep logits ``v . gelu(rstd * (cell_part_s + cand_part_k - mean * w_sum) + bias) + v0``,
+    ``[B, S, K]``, in one pass without the ``[B, S, K, Hs]`` intermediates."""
+    n_sets, n_cells, _ = cell_part.shape
+    logit = cell_part.new_empty(n_sets, n_cells, cand_part.shape[1])
     _over_sets(
-        _scorer_input,
+        _keep_logit,
         n_sets,
         _numpy(cell_part),
         _numpy(cand_part),
-        _numpy(mean.reshape(pre.shape[:3])),
-        _numpy(rstd.reshape(pre.shape[:3])),
+        _numpy(mean.reshape(logit.shape)),
+        _numpy(rstd.reshape(logit.shape)),
         _numpy(w_sum),
         _numpy(bias),
-        pre.numpy(),
+        _numpy(v),
+        _numpy(v0.reshape(1)),
+        logit.numpy(),
     )
-    return pre
+    return logit
 
 
-def scorer_backward(grad, slope, activated, cell_part, cand_part, mean, rstd, w_sum):
-    """Gradients of the keep logits' inputs from ``grad`` ``[B, S, K]`` and ``slope = v * gelu'(pre)``.
+def keep_logit_backward(grad, cell_part, cand_part, mean, rstd, w_sum, bias, v):
+    """Gradients of :func:`keep_logit`'s inputs from ``grad`` ``[B, S, K]``.
 
     Returns the gradients of ``cell_part``, ``cand_part``, ``mean`` and ``rstd`` (``[B, S, K]``),
-    ``w_sum``, ``bias`` and ``v`` (the weights summed over the sets).
+    ``w_sum``, ``bias``, ``v`` (summed over the sets) and ``v0``.
     """
-    n_sets, n_cells, n_candidates, n_hidden = slope.shape
+    n_sets, n_cells, n_hidden = cell_part.shape
+    n_candidates = cand_part.shape[1]
     new = cell_part.new_empty
     grad_cell, grad_cand = new(n_sets, n_cells, n_hidden), new(n_sets, n_candidates, n_hidden)
     grad_mean, grad_rstd = new(n_sets, n_cells, n_candidates), new(n_sets, n_cells, n_candidates)
     per_set = [new(n_sets, n_hidden) for _ in range(3)]  # w_sum, bias, v: summed over sets below
     _over_sets(
-        _scorer_backward,
+        _keep_logit_backward,
         n_sets,
         _numpy(grad),
-        _numpy(slope),
-        _numpy(activated),
         _numpy(cell_part),
         _numpy(cand_part),
         _numpy(mean.reshape(grad.shape)),
         _numpy(rstd.reshape(grad.shape)),
         _numpy(w_sum),
+        _numpy(bias),
+        _numpy(v),
+        np.zeros(1, dtype=grad_cell.numpy().dtype),
         grad_cell.numpy(),
         grad_cand.numpy(),
         grad_mean.numpy(),
         grad_rstd.numpy(),
         *(t.numpy() for t in per_set),
     )
-    return grad_cell, grad_cand, grad_mean, grad_rstd, *(t.sum(0) for t in per_set)
+    return grad_cell, grad_cand, grad_mean, grad_rstd, *(t.sum(0) for t in per_set), grad.sum()

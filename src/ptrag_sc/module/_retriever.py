@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._fused import kernels_take, scorer_backward, scorer_input
+from ._fused import keep_logit, keep_logit_backward, kernels_take
 
 
 class _HardConcrete(torch.autograd.Function):
@@ -56,19 +56,17 @@ class _KeepLogit(torch.autograd.Function):
     ``logit = v . gelu(rstd * (A_s + C_k - mean * w) + bias) + v0`` over ``[B, S, K, Hs]``,
     where ``A`` is the cell (and query) part of the scorer's first layer, ``C`` the candidate
     part, and ``mean``/``rstd`` the statistics of the concatenated layer norm (see
-    :class:`ConcatLayerNorm`). The forward is the same sequence of operations autograd would
-    record; the backward produces the same gradients with fewer passes over the
-    ``[B, S, K, Hs]`` tensors (no intermediate products that autograd keeps for generality)
-    and matrix-vector products where autograd would run an ``[N, 1] x [1, Hs]`` matrix
-    product. This is the retrieval's hot path.
+    :class:`ConcatLayerNorm`). This is the retrieval's hot path. On the CPU one kernel computes
+    the logits without storing the ``[B, S, K, Hs]`` layer, and one recomputes it for the
+    gradients (:func:`~ptrag_sc.module._fused.keep_logit`). Elsewhere the forward is the
+    sequence of operations autograd would record, and the backward gives the same gradients
+    with fewer passes over the ``[B, S, K, Hs]`` tensors and matrix-vector products where
+    autograd would run an ``[N, 1] x [1, Hs]`` matrix product.
     """
 
     @staticmethod
     def first_layer(cell_part, cand_part, mean, rstd, w_sum, bias):
-        """``(pre, hidden)`` of the scorer's first layer, ``[B, S, K, Hs]``; ``hidden`` is
-        ``None`` on the fused path, whose backward recomputes it."""
-        if kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias):
-            return scorer_input(cell_part, cand_part, mean, rstd, w_sum, bias), None
+        """``(pre, hidden)`` of the scorer's first layer, ``[B, S, K, Hs]``."""
         hidden = cell_part.unsqueeze(2) + cand_part.unsqueeze(1)
         hidden.addcmul_(mean, w_sum, value=-1.0)
         return torch.addcmul(bias, rstd, hidden), hidden
@@ -76,35 +74,31 @@ class _KeepLogit(torch.autograd.Function):
     @staticmethod
     def evaluate(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
         """The same logits without a gradient (prediction)."""
-        activated = F.gelu(
-            _KeepLogit.first_layer(cell_part, cand_part, mean, rstd, w_sum, bias)[0]
-        )
+        if kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
+            return keep_logit(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0)
+        activated = F.gelu(_KeepLogit.first_layer(cell_part, cand_part, mean, rstd, w_sum, bias)[0])
         n_hidden = activated.shape[-1]
         return torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
 
     @staticmethod
     def forward(ctx, cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
+        ctx.fused = kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0)
+        if ctx.fused:
+            ctx.save_for_backward(cell_part, cand_part, mean, rstd, w_sum, bias, v)
+            return keep_logit(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0)
         pre, hidden = _KeepLogit.first_layer(cell_part, cand_part, mean, rstd, w_sum, bias)
-        ctx.fused = hidden is None
         activated = F.gelu(pre)
         n_hidden = activated.shape[-1]
         logit = torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
-        if ctx.fused:
-            ctx.save_for_backward(pre, activated, mean, rstd, w_sum, v, cell_part, cand_part)
-        else:
-            ctx.save_for_backward(hidden, pre, activated, mean, rstd, w_sum, v)
+        ctx.save_for_backward(hidden, pre, activated, mean, rstd, w_sum, v)
         return logit
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.fused:
-            pre, activated, mean, rstd, w_sum, v, cell_part, cand_part = ctx.saved_tensors
-            # v * gelu'(pre): the one transcendental pass, left to PyTorch's vectorised GELU
-            # (on a contiguous copy of v, which it handles several times faster than a broadcast).
-            slope = v.expand_as(pre).contiguous()
-            torch.ops.aten.gelu_backward.grad_input(slope, pre, grad_input=slope)
-            grad_cell, grad_cand, grad_mean, grad_rstd, grad_w_sum, grad_bias, grad_v = (
-                scorer_backward(grad, slope, activated, cell_part, cand_part, mean, rstd, w_sum)
+            cell_part, cand_part, mean, rstd, w_sum, bias, v = ctx.saved_tensors
+            grad_cell, grad_cand, grad_mean, grad_rstd, grad_w_sum, grad_bias, grad_v, grad_v0 = (
+                keep_logit_backward(grad, cell_part, cand_part, mean, rstd, w_sum, bias, v)
             )
             return (
                 grad_cell,
@@ -114,7 +108,7 @@ class _KeepLogit(torch.autograd.Function):
                 grad_w_sum,
                 grad_bias,
                 grad_v,
-                grad.sum(),
+                grad_v0,
             )
         hidden, pre, activated, mean, rstd, w_sum, v = ctx.saved_tensors
         n_hidden = v.shape[0]
