@@ -258,3 +258,43 @@ def test_float32_scorer_gelu_and_its_slope_are_as_accurate_as_torch():
     # float64 takes the exact functions.
     value64 = keep_logit(*inputs).view(-1)
     torch.testing.assert_close(value64, exact, rtol=1e-13, atol=1e-13)
+
+
+def test_generate_cells_on_a_view_gives_the_same_values_and_gradients():
+    """A view (what a dispatch mode such as FlopCounterMode can make of the decoder's output) is
+    not overwritten, and nothing else changes."""
+    base, x, scale, ceiling = _inputs(torch.float32)
+    offset = scale * 0.2
+    results = []
+    for as_view in (False, True):
+        b = base.clone().requires_grad_(True)
+        s = scale.clone().requires_grad_(True)
+        o = offset.clone().requires_grad_(True)
+        source = (b * 1.0).view(3, 5, 4, 10).view(3, 5, 40) if as_view else b * 1.0
+        assert source._is_view() == as_view
+        kept = source.detach().clone()
+        cells, mean = generate_cells(source, x, s, ceiling, o)
+        assert (cells.data_ptr() == source.data_ptr()) != as_view
+        if as_view:
+            assert torch.equal(source, kept)
+        grads = torch.autograd.grad(cells.square().sum() + mean.sum(), [b, s, o])
+        results.append((cells.detach(), mean.detach(), *grads))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_default_module_step_runs_under_a_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ptrag_sc.module import PTRAGModule
+
+    from test_module import _batch
+
+    torch.manual_seed(0)
+    module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2)
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 0.1, torch.randn(7, 5))
+    module.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module(_batch())[2].loss.backward()
+    assert counter.get_total_flops() > 0

@@ -42,7 +42,10 @@ _SUMS = {**_KERNEL, "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
 
 
 @numba.njit(**_KERNEL)
-def _forward(out, x, scale, offset, ceiling, set_sum, first, last):  # pragma: no cover - compiled
+def _forward(
+    source, x, scale, offset, ceiling, out, set_sum, first, last
+):  # pragma: no cover - compiled
+    copy_source = out.ctypes.data != source.ctypes.data
     n_cells, n_genes = out.shape[1], out.shape[2]
     has_x, has_scale, has_offset = x.shape[0] > 0, scale.shape[0] > 0, offset.shape[0] > 0
     for b in range(first, last):
@@ -50,6 +53,8 @@ def _forward(out, x, scale, offset, ceiling, set_sum, first, last):  # pragma: n
         total[:] = 0
         for s in range(n_cells):
             row = out[b, s]
+            if copy_source:
+                row[:] = source[b, s]
             if has_x and has_scale:
                 cells, factor = x[b, s], scale[b]
                 for g in range(n_genes):
@@ -310,25 +315,31 @@ class _GenerateCells(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, x, scale, offset, ceiling):
         n_sets, n_cells, n_genes = base.shape
-        out = base.detach()
+        # In place, unless `base` is a view (autograd cannot let a function that overwrites a
+        # view return two tensors; a dispatch mode such as FlopCounterMode can make it one).
+        in_place = not base._is_view()
+        out = base.detach() if in_place else torch.empty_like(base)
         set_sum = base.new_empty(n_sets, n_genes)
         per_set = lambda t: _numpy(None if t is None else t.reshape(n_sets, n_genes), out, n_dims=2)  # noqa: E731
         _over_sets(
             _forward,
             n_sets,
-            out.numpy(),
+            base.detach().numpy(),
             _numpy(x, out),
             per_set(scale),
             per_set(offset),
             _numpy(ceiling),
+            out.numpy(),
             set_sum.numpy(),
         )
-        ctx.mark_dirty(base)
+        if in_place:
+            ctx.mark_dirty(base)
+            out = base
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(base, x, ceiling)
+        ctx.save_for_backward(out, x, ceiling)
         ctx.scale_shape = None if scale is None else scale.shape
         ctx.offset_shape = None if offset is None else offset.shape
-        return base, set_sum.div_(n_cells)
+        return out, set_sum.div_(n_cells)
 
     @staticmethod
     def backward(ctx, grad_prediction, grad_mean):
@@ -377,7 +388,7 @@ def generate_cells(
     Parameters
     ----------
     base
-        ``[B, S, G]`` decoder output; overwritten with the result.
+        ``[B, S, G]`` decoder output; overwritten with the result (unless it is a view).
     x
         ``[B, S, G]`` control cells (no gradient), or ``None`` (nothing added).
     scale
