@@ -164,3 +164,36 @@ def test_backed_reads_and_streamed_statistics(tmp_path, dense, monkeypatch):
         expression = ExpressionMatrix(disk, np.array([5, 0, 7]), cache=cache)
         np.testing.assert_array_equal(expression.rows(asked).numpy(), X[asked.ravel()][:, [5, 0, 7]].toarray().reshape(7, 9, 3))
         assert (expression._cache is not None) is (limit > 100)
+
+
+def test_large_dense_layers_are_committed_zeros_that_behave_as_arrays(pair, tmp_path, monkeypatch):
+    import copy
+    import mmap
+    import pickle
+
+    from ptrag_sc.data import _writers
+
+    zeros = _writers.committed_zeros((300, 7), np.float32)
+    assert isinstance(zeros, np.ndarray) and zeros.shape == (300, 7) and zeros.dtype == np.float32
+    assert not zeros.any() and zeros.flags.writeable and zeros.flags.c_contiguous
+    # Every layer takes the committed allocation in this test (where Linux offers it).
+    monkeypatch.setattr(_writers, "_COMMIT_AT_ONCE_BYTES", 0)
+    mapped = _writers.committed_zeros((300, 7), np.float32)
+    assert not mapped.any() and mapped.flags.writeable
+    mapped[:] = 2.5
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(mapped)), mapped)
+    np.testing.assert_array_equal(copy.deepcopy(mapped), mapped)
+    memory, model, _, _, _ = pair
+    reference = model.predict(memory, inplace=False)
+    adata = memory.copy()
+    model.predict(adata, key_added="predicted")
+    layer = adata.layers["predicted"]
+    assert isinstance(layer, np.ndarray)
+    owner = layer
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    assert isinstance(owner, mmap.mmap) == hasattr(mmap, "MAP_POPULATE")
+    np.testing.assert_array_equal(layer, reference)
+    path = tmp_path / "with_layer.h5ad"
+    adata.write_h5ad(path)
+    np.testing.assert_array_equal(ad.read_h5ad(path).layers["predicted"], reference)

@@ -15,6 +15,7 @@ not by row), and fill the rest from the input matrix chunk by chunk:
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -33,6 +34,28 @@ from ._matrix import (
 
 #: Encoding of an h5ad dense array (anndata's on-disk format).
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
+
+
+#: Layers from this size up are allocated with their pages committed at once (Linux).
+_COMMIT_AT_ONCE_BYTES = 64 * 2**20
+
+
+def committed_zeros(shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """A zero-filled array whose memory the kernel commits in one call.
+
+    A fresh ``np.zeros`` array has its pages committed one fault at a time as predictions are
+    written into it (about 0.5 s for 800 MB here), or, under NumPy's huge-page advice, with
+    compaction stalls that took up to 2.7 s for the same write. On Linux large layers are an
+    anonymous ``MAP_POPULATE`` mapping instead (about 0.4 s, and steady); elsewhere, and for
+    small layers, ``np.zeros``.
+    """
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    if populate is None or n_bytes < _COMMIT_AT_ONCE_BYTES:
+        return np.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
@@ -107,9 +130,8 @@ class DenseLayerWriter(_Writer):
 
     def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
         super().__init__(matrix, columns, predicted)
-        # Zeros, not empty: same cost (pages are committed when written), and no stale memory
-        # could ever show through.
-        self.layer = np.zeros(self.shape, dtype=np.float32)
+        # Zeros, not empty: no stale memory could ever show through.
+        self.layer = committed_zeros(self.shape, np.float32)
         for rows, block in self._unpredicted_blocks():
             self.layer[rows] = _to_dense(block)
         if self._extra_genes:
