@@ -192,6 +192,7 @@ def test_large_dense_layers_are_committed_zeros_that_behave_as_arrays(pair, tmp_
     owner = layer
     while isinstance(owner, np.ndarray) and owner.base is not None:
         owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
     assert isinstance(owner, mmap.mmap) == hasattr(mmap, "MAP_POPULATE")
     np.testing.assert_array_equal(layer, reference)
     path = tmp_path / "with_layer.h5ad"
