@@ -174,12 +174,16 @@ def test_large_dense_layers_are_committed_zeros_that_behave_as_arrays(pair, tmp_
     from ptrag_sc.data import _writers
 
     zeros = _writers.committed_zeros((300, 7), np.float32)
-    assert isinstance(zeros, np.ndarray) and zeros.shape == (300, 7) and zeros.dtype == np.float32
-    assert not zeros.any() and zeros.flags.writeable and zeros.flags.c_contiguous
+    assert isinstance(zeros, np.ndarray)
+    assert (zeros.shape, zeros.dtype) == ((300, 7), np.float32)
+    assert not zeros.any()
+    assert zeros.flags.writeable
+    assert zeros.flags.c_contiguous
     # Every layer takes the committed allocation in this test (where Linux offers it).
     monkeypatch.setattr(_writers, "_COMMIT_AT_ONCE_BYTES", 0)
     mapped = _writers.committed_zeros((300, 7), np.float32)
-    assert not mapped.any() and mapped.flags.writeable
+    assert not mapped.any()
+    assert mapped.flags.writeable
     mapped[:] = 2.5
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(mapped)), mapped)
     np.testing.assert_array_equal(copy.deepcopy(mapped), mapped)

@@ -284,11 +284,10 @@ def test_generate_cells_on_a_view_gives_the_same_values_and_gradients():
 
 
 def test_default_module_step_runs_under_a_flop_counter():
+    from test_module import _batch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ptrag_sc.module import PTRAGModule
-
-    from test_module import _batch
 
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2)
