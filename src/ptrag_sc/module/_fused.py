@@ -1,15 +1,17 @@
 """One pass over the generated cells, forward and backward, on the CPU (numba kernels).
 
 The last steps of generation touch every value of the ``[B, S, G]`` output: the control
-cells scaled by the evidence (``x * scale``) join the decoder's output, the result is clipped
-to ``[0, ceiling]``, and the set's mean is taken for the pseudobulk loss. Backward, the
-energy's gradient and the mean's broadcast gradient are summed, masked where the clip was
-active, and reduced against the control cells for the gradient of ``scale``. As PyTorch
-operations that is three passes over memory forward and seven backward; on a CPU those passes,
-not the arithmetic, bound the training step (an ``[16, 64, 2000]`` pass costs 2-4 ms on the
-development machine). The kernels here do each direction in one pass, split over the sets
-between ``torch.get_num_threads()`` threads (numba releases the GIL). Elsewhere (GPU, half
-precision) :func:`generate_cells` runs the same computation as PyTorch operations.
+cells scaled by the evidence (``x * scale``) and each set's offset join the decoder's output,
+the result is clipped to ``[0, ceiling]``, and the set's mean is taken for the pseudobulk loss.
+Backward, the energy's gradient and the mean's broadcast gradient are summed, masked where the
+clip was active, and reduced against the control cells and over the cells for the gradients of
+``scale`` and the offset. As PyTorch operations that is four passes over memory forward and
+eight backward; on a CPU those passes, not the arithmetic, bound the training step (an
+``[16, 64, 2000]`` pass costs 2-4 ms on the development machine). The kernels here do each
+direction in one pass, split over the sets between ``torch.get_num_threads()`` threads (numba
+releases the GIL). Stage 2's scorer (:func:`keep_logit`) is the other hot path: one kernel per
+direction over ``[B, S, K, Hs]`` without storing it. Elsewhere (GPU, half precision)
+:func:`generate_cells` and the scorer run the same computation as PyTorch operations.
 
 The gradient passes where ``0 < y < ceiling`` for the clipped output ``y``, so a value exactly
 at its ceiling gets none (``torch.minimum`` would give it half); everywhere else it equals
@@ -168,7 +170,7 @@ def _gelu_and_slope_for(x):  # pragma: no cover - compiled
     a0, a1, a2, a3, a4, a5, a6 = erf_numerator
     b0, b1, b2, b3, b4 = erf_denominator
     e10, e9, e8, e7, e6, e5, e4, e3, e2, e1, e0 = exp_coefficients
-    half, one, erf_clip, tail, sqrt_half, inv_sqrt_2pi, sixteenth = (
+    half, one, erf_clip, tail, sqrt_half, inv_sqrt_2pi, minus_1_32 = (
         f(0.5), f(1.0), f(4.0), f(6.0), f(_SQRT_HALF), f(_INV_SQRT_2PI), f(-1.0 / 32.0)
     )
 
@@ -183,7 +185,7 @@ def _gelu_and_slope_for(x):  # pragma: no cover - compiled
         # phi(x) * sqrt(2 pi) = exp(-x^2 / 2) = exp(-x^2 / 32)^16, |x| <= 6 (beyond it is < 2e-8)
         c = -tail if x < -tail else x
         c = tail if c > tail else c
-        u = c * c * sixteenth
+        u = c * c * minus_1_32
         e = ((((((((((e10 * u + e9) * u + e8) * u + e7) * u + e6) * u + e5) * u + e4) * u + e3) * u + e2) * u + e1) * u + e0)
         e = e * e
         e = e * e
