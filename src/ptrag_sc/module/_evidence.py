@@ -117,9 +117,9 @@ class EvidenceCombiner(nn.Module):
 
 def _weighted_sum(weights: torch.Tensor, specific: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """``sum_k weights[b, k] * specific[b, k]`` ``[B, G]``; with ``rows``, of the table's rows."""
-    if rows is None:
-        return torch.bmm(weights.unsqueeze(1), specific).squeeze(1)
-    if specific.device.type in ("cpu", "cuda"):
-        # Reads the candidates' rows where they lie: no [B, K, G] copy, forward or backward.
-        return F.embedding_bag(rows, specific, per_sample_weights=weights, mode="sum")
-    return torch.bmm(weights.unsqueeze(1), specific[rows]).squeeze(1)
+    if rows is not None:
+        if specific.device.type in ("cpu", "cuda"):
+            # Reads the candidates' rows where they lie: no [B, K, G] copy, forward or backward.
+            return F.embedding_bag(rows, specific, per_sample_weights=weights, mode="sum")
+        specific = specific[rows]
+    return torch.bmm(weights.unsqueeze(1), specific).squeeze(1)
