@@ -10,7 +10,10 @@ eight backward; on a CPU those passes, not the arithmetic, bound the training st
 ``[16, 64, 2000]`` pass costs 2-4 ms on the development machine). The kernels here do each
 direction in one pass, split over the sets between ``torch.get_num_threads()`` threads (numba
 releases the GIL). Stage 2's scorer (:func:`keep_logit`) is the other hot path: one kernel per
-direction over ``[B, S, K, Hs]`` without storing it. Elsewhere (GPU, half precision)
+direction over ``[B, S, K, Hs]`` without storing it. Around it, the concatenated layer norm's
+statistics (:func:`norm_statistics`) and the keep decisions with their set sums
+(:func:`select_and_context`) are one kernel each way, replacing about a hundred PyTorch
+operations on ``[B, S, K]`` tensors whose per-operation overhead outweighed their arithmetic. Elsewhere (GPU, half precision)
 :func:`generate_cells` and the scorer run the same computation as PyTorch operations.
 
 The gradient passes where ``0 < y < ceiling`` for the clipped output ``y``, so a value exactly
@@ -520,3 +523,239 @@ def keep_logit_backward(grad, cell_part, cand_part, mean, rstd, w_sum, bias, v):
         *(t.numpy() for t in per_set),
     )
     return grad_cell, grad_cand, grad_mean, grad_rstd, *(t.sum(0) for t in per_set), grad.sum()
+
+
+# ------------------------------------------------------------------------ stage 2 around the scorer
+@numba.njit(**_SUMS)
+def _norm_statistics(
+    cell_sum, cell_sq, pert_sum, pert_sq, cand_sum, cand_sq, constants, mean, rstd, first, last
+):  # pragma: no cover - compiled
+    n_cells, n_candidates = mean.shape[1], mean.shape[2]
+    inv_n, eps, one = constants[0], constants[1], constants[2]
+    for b in range(first, last):
+        for s in range(n_cells):
+            for k in range(n_candidates):
+                m = (cell_sum[b, s] + pert_sum[b] + cand_sum[b, k]) * inv_n
+                var = (cell_sq[b, s] + pert_sq[b] + cand_sq[b, k]) * inv_n - m * m
+                mean[b, s, k] = m
+                rstd[b, s, k] = one / np.sqrt(max(var, one * 0) + eps)
+
+
+@numba.njit(**_SUMS)
+def _norm_statistics_backward(
+    grad_mean, grad_rstd, cell_sum, cell_sq, pert_sum, pert_sq, cand_sum, cand_sq, constants,
+    grad_cell_sum, grad_cell_sq, grad_pert_sum, grad_pert_sq, grad_cand_sum, grad_cand_sq, first, last,
+):  # pragma: no cover - compiled
+    n_cells, n_candidates = grad_mean.shape[1], grad_mean.shape[2]
+    inv_n, eps, one = constants[0], constants[1], constants[2]
+    zero, half, two = one * 0, one * 0.5, one + one
+    for b in range(first, last):
+        grad_pert_sum[b] = 0
+        grad_pert_sq[b] = 0
+        grad_cand_sum[b] = 0
+        grad_cand_sq[b] = 0
+        for s in range(n_cells):
+            total_sum, total_sq = zero, zero
+            for k in range(n_candidates):
+                m = (cell_sum[b, s] + pert_sum[b] + cand_sum[b, k]) * inv_n
+                var = (cell_sq[b, s] + pert_sq[b] + cand_sq[b, k]) * inv_n - m * m
+                # rstd = (max(var, 0) + eps)^(-1/2); the clamp passes the gradient where var >= 0.
+                r = one / np.sqrt(max(var, zero) + eps)
+                grad_var = -half * r * r * r * grad_rstd[b, s, k] if var >= zero else zero
+                d_sum = (grad_mean[b, s, k] - two * m * grad_var) * inv_n
+                d_sq = grad_var * inv_n
+                total_sum += d_sum
+                total_sq += d_sq
+                grad_cand_sum[b, k] += d_sum
+                grad_cand_sq[b, k] += d_sq
+            grad_cell_sum[b, s] = total_sum
+            grad_cell_sq[b, s] = total_sq
+            grad_pert_sum[b] += total_sum
+            grad_pert_sq[b] += total_sq
+
+
+@numba.njit(**_SUMS)
+def _select(decision, mask, mean, rstd, keep, scaled, set_sums, first, last):  # pragma: no cover - compiled
+    n_cells, n_candidates = decision.shape[1], decision.shape[2]
+    zero = decision[0, 0, 0] * 0
+    for b in range(first, last):
+        for s in range(n_cells):
+            kept, kept_mean, n_kept = zero, zero, zero
+            for k in range(n_candidates):
+                chosen = mask[b, k] if decision[b, s, k] > 0 else zero
+                keep[b, s, k] = chosen
+                weight = chosen * rstd[b, s, k]
+                scaled[b, s, k] = weight
+                kept += weight
+                kept_mean += weight * mean[b, s, k]
+                n_kept += chosen
+            set_sums[b, s, 0] = kept
+            set_sums[b, s, 1] = kept_mean
+            set_sums[b, s, 2] = n_kept
+
+
+@numba.njit(**_SUMS)
+def _context_rest(context, set_sums, cell_proj, p_sum, p_bias, first, last):  # pragma: no cover - compiled
+    n_cells, n_out = context.shape[1], context.shape[2]
+    for b in range(first, last):
+        for s in range(n_cells):
+            out, cell = context[b, s], cell_proj[b, s]
+            kept, kept_mean, n_kept = set_sums[b, s, 0], set_sums[b, s, 1], set_sums[b, s, 2]
+            for h in range(n_out):
+                out[h] += kept * cell[h] - kept_mean * p_sum[h] + n_kept * p_bias[h]
+
+
+@numba.njit(**_SUMS)
+def _select_backward(
+    grad_context, grad_dot, grad_keep, grad_probability, keep, probability, soft, mask, constants,
+    set_sums, cell_proj, p_sum, p_bias, mean, rstd,
+    grad_logit, grad_offset, grad_mean, grad_rstd, grad_cell_proj, grad_p_sum, grad_p_bias,
+    first, last,
+):  # pragma: no cover - compiled
+    n_cells, n_candidates, n_out = keep.shape[1], keep.shape[2], cell_proj.shape[2]
+    straight_through = soft.shape[0] > 0
+    has_keep, has_probability = grad_keep.shape[0] > 0, grad_probability.shape[0] > 0
+    inv_tau, one = constants[0], constants[1]
+    zero = one * 0
+    for b in range(first, last):
+        grad_offset[b] = 0
+        grad_p_sum[b] = 0
+        grad_p_bias[b] = 0
+        for s in range(n_cells):
+            g, cell, g_cell = grad_context[b, s], cell_proj[b, s], grad_cell_proj[b, s]
+            kept, kept_mean, n_kept = set_sums[b, s, 0], set_sums[b, s, 1], set_sums[b, s, 2]
+            d_kept, d_kept_mean, d_n_kept = zero, zero, zero
+            for h in range(n_out):
+                d_kept += g[h] * cell[h]
+                d_kept_mean -= g[h] * p_sum[h]
+                d_n_kept += g[h] * p_bias[h]
+                g_cell[h] = kept * g[h]
+                grad_p_sum[b, h] -= kept_mean * g[h]
+                grad_p_bias[b, h] += n_kept * g[h]
+            for k in range(n_candidates):
+                chosen, r, m = keep[b, s, k], rstd[b, s, k], mean[b, s, k]
+                d_scaled = grad_dot[b, s, k] + d_kept + d_kept_mean * m
+                grad_mean[b, s, k] = d_kept_mean * chosen * r
+                grad_rstd[b, s, k] = d_scaled * chosen
+                d_logit = zero
+                if straight_through:
+                    d_keep = d_scaled * r + d_n_kept
+                    if has_keep:
+                        d_keep += grad_keep[b, s, k]
+                    q = soft[b, s, k]
+                    d_logit += d_keep * mask[b, k] * q * (one - q) * inv_tau
+                if has_probability:
+                    p = probability[b, s, k]
+                    d_logit += grad_probability[b, s, k] * p * (one - p)
+                grad_logit[b, s, k] = d_logit
+                grad_offset[b, k] += d_logit
+
+
+def norm_statistics(sums, n_in: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and reciprocal standard deviation ``[B, S, K]`` of the concatenation ``[cell_s, pert,
+    cand_k]`` from each part's sum and sum of squares (``sums``: cell ``[B, S]`` x2, query ``[B]``
+    x2, candidate ``[B, K]`` x2)."""
+    cell_sum = sums[0]
+    n_sets, n_cells, n_candidates = cell_sum.shape[0], cell_sum.shape[1], sums[4].shape[1]
+    mean = cell_sum.new_empty(n_sets, n_cells, n_candidates)
+    rstd = torch.empty_like(mean)
+    constants = np.array([1.0 / n_in, eps, 1.0], dtype=mean.numpy().dtype)
+    _over_sets(_norm_statistics, n_sets, *(_numpy(t, n_dims=t.dim()) for t in sums), constants, mean.numpy(), rstd.numpy())
+    return mean, rstd
+
+
+def norm_statistics_backward(grad_mean, grad_rstd, sums, n_in: int, eps: float) -> list[torch.Tensor]:
+    """Gradients of :func:`norm_statistics`' six sums."""
+    grads = [torch.empty_like(t) for t in sums]
+    _over_sets(
+        _norm_statistics_backward,
+        grad_mean.shape[0],
+        _numpy(grad_mean),
+        _numpy(grad_rstd),
+        *(_numpy(t, n_dims=t.dim()) for t in sums),
+        np.array([1.0 / n_in, eps, 1.0], dtype=grad_mean.numpy().dtype),
+        *(g.numpy() for g in grads),
+    )
+    return grads
+
+
+def select_and_context(logit, offset, mask, noise, tau, cell_proj, cand_proj, p_sum, p_bias, mean, rstd):
+    """Keep decisions, keep probabilities and the selected context of stage 2.
+
+    ``logit`` ``[B, S, K]`` (the scorer's, without ``offset`` ``[B, K]``), ``mask`` ``[B, K]`` (1 for
+    a valid candidate), ``noise`` ``[B, S, K]`` logistic noise or ``None`` (threshold at 0).
+    Returns ``(keep, probability, soft, scaled, set_sums, context)``: ``soft`` is the relaxed
+    sample (empty without noise), ``scaled = keep * rstd``, ``set_sums`` ``[B, S, 3]`` holds
+    ``sum_k scaled``, ``sum_k scaled * mean`` and ``sum_k keep``, and ``context`` ``[B, S, H]`` is
+    ``sum_k scaled_k * (cell_proj + cand_proj_k - mean_k * p_sum) + p_bias * sum_k keep_k``.
+    """
+    # The sigmoids stay in PyTorch: vectorised there, a call per value in numba.
+    decision = logit + offset.unsqueeze(1)
+    probability = torch.sigmoid(decision).mul_(mask.unsqueeze(1))
+    if noise is not None:
+        decision.add_(noise)
+        soft = torch.sigmoid(decision / tau)
+    else:
+        soft = logit.new_empty(0, 0, 0)
+    keep, scaled = torch.empty_like(logit), torch.empty_like(logit)
+    set_sums = logit.new_empty(logit.shape[0], logit.shape[1], 3)
+    _over_sets(
+        _select,
+        logit.shape[0],
+        decision.numpy(),
+        _numpy(mask, n_dims=2),
+        _numpy(mean),
+        _numpy(rstd),
+        keep.numpy(),
+        scaled.numpy(),
+        set_sums.numpy(),
+    )
+    context = torch.bmm(scaled, cand_proj.contiguous())
+    _over_sets(_context_rest, logit.shape[0], context.numpy(), set_sums.numpy(), _numpy(cell_proj), _numpy(p_sum, n_dims=1), _numpy(p_bias, n_dims=1))
+    return keep, probability, soft, scaled, set_sums, context
+
+
+def select_and_context_backward(
+    grad_context, grad_keep, grad_probability, keep, probability, soft, scaled, set_sums, mask, tau, cell_proj, cand_proj, p_sum, p_bias, mean, rstd
+):
+    """Gradients of :func:`select_and_context` (straight-through for ``keep`` when ``soft`` is
+    not empty): ``logit``, ``offset``, ``mean``, ``rstd``, ``cell_proj``, ``cand_proj``,
+    ``p_sum``, ``p_bias``."""
+    n_sets, n_candidates, n_out = keep.shape[0], keep.shape[2], cell_proj.shape[2]
+    new = keep.new_empty
+    grad_logit, grad_mean, grad_rstd = torch.empty_like(keep), torch.empty_like(keep), torch.empty_like(keep)
+    grad_offset = new(n_sets, n_candidates)
+    grad_cell_proj = torch.empty_like(cell_proj)
+    grad_p_sum, grad_p_bias = new(n_sets, n_out), new(n_sets, n_out)
+    if grad_context is None:
+        grad_context = torch.zeros_like(cell_proj)
+    grad_context = grad_context.contiguous()
+    grad_dot = torch.bmm(grad_context, cand_proj.transpose(1, 2))  # [B, S, K]
+    grad_cand_proj = torch.bmm(scaled.transpose(1, 2), grad_context)  # [B, K, H]
+    _over_sets(
+        _select_backward,
+        n_sets,
+        grad_context.numpy(),
+        grad_dot.numpy(),
+        _numpy(grad_keep, keep),
+        _numpy(grad_probability, keep),
+        _numpy(keep),
+        _numpy(probability),
+        _numpy(soft),
+        _numpy(mask, n_dims=2),
+        np.array([1.0 / tau, 1.0], dtype=keep.numpy().dtype),
+        _numpy(set_sums),
+        _numpy(cell_proj),
+        _numpy(p_sum, n_dims=1),
+        _numpy(p_bias, n_dims=1),
+        _numpy(mean),
+        _numpy(rstd),
+        grad_logit.numpy(),
+        grad_offset.numpy(),
+        grad_mean.numpy(),
+        grad_rstd.numpy(),
+        grad_cell_proj.numpy(),
+        grad_p_sum.numpy(),
+        grad_p_bias.numpy(),
+    )
+    return grad_logit, grad_offset, grad_mean, grad_rstd, grad_cell_proj, grad_cand_proj, grad_p_sum.sum(0), grad_p_bias.sum(0)

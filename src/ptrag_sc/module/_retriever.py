@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._fused import keep_logit, keep_logit_backward, kernels_take
+from ._fused import (
+    keep_logit,
+    keep_logit_backward,
+    kernels_take,
+    norm_statistics,
+    norm_statistics_backward,
+    select_and_context,
+    select_and_context_backward,
+)
 
 
 class _HardConcrete(torch.autograd.Function):
@@ -136,6 +144,74 @@ class _KeepLogit(torch.autograd.Function):
         )
 
 
+class _StageTwo(torch.autograd.Function):
+    """Stage 2 from the first layers' parts to the selected context, on the CPU.
+
+    The same computation as :meth:`TwoStageSelector.forward`'s PyTorch operations (the
+    concatenated layer norm's statistics, the keep logits, the offsets, the keep probability,
+    the hard sample and the context) in a few kernels each way instead of about a hundred
+    operations on ``[B, S, K]`` and ``[B, S, H]`` tensors, which on a CPU cost more in
+    per-operation overhead than in arithmetic. The scorer's first layer and the context's
+    projection share their matrix products: ``cell``/``cand`` hold both, scorer units first
+    (``n_scorer`` of them), as do ``weight_sum`` and ``bias``.
+    """
+
+    @staticmethod
+    def forward(ctx, h_ctrl, h_pert, h_cand, cell, cand, weight_sum, bias, v, v0, offset, mask, noise, tau, n_scorer, eps):
+        sums = tuple(t for h in (h_ctrl, h_pert, h_cand) for t in (h.sum(-1), torch.linalg.vecdot(h, h)))
+        n_in = h_ctrl.shape[-1] * 3
+        mean, rstd = norm_statistics(sums, n_in, eps)
+        cell_part, cell_proj = cell[..., :n_scorer].contiguous(), cell[..., n_scorer:].contiguous()
+        cand_part, cand_proj = cand[..., :n_scorer].contiguous(), cand[..., n_scorer:].contiguous()
+        w_sum, p_sum, w_bias, p_bias = weight_sum[:n_scorer], weight_sum[n_scorer:], bias[:n_scorer], bias[n_scorer:]
+        logit = keep_logit(cell_part, cand_part, mean, rstd, w_sum, w_bias, v, v0)
+        keep, probability, soft, scaled, set_sums, context = select_and_context(
+            logit, offset, mask, noise, tau, cell_proj, cand_proj, p_sum, p_bias, mean, rstd
+        )
+        ctx.save_for_backward(
+            h_ctrl, h_pert, h_cand, cell_part, cand_part, cell_proj, cand_proj, weight_sum, bias, v, mask,
+            mean, rstd, keep, probability, soft, scaled, set_sums, *sums,
+        )
+        ctx.tau, ctx.n_scorer, ctx.n_in, ctx.eps = tau, n_scorer, n_in, eps
+        ctx.set_materialize_grads(False)
+        if noise is None:
+            ctx.mark_non_differentiable(keep)
+        return context, keep, probability
+
+    @staticmethod
+    def backward(ctx, grad_context, grad_keep, grad_probability):
+        (h_ctrl, h_pert, h_cand, cell_part, cand_part, cell_proj, cand_proj, weight_sum, bias, v, mask,
+         mean, rstd, keep, probability, soft, scaled, set_sums, *sums) = ctx.saved_tensors
+        n = ctx.n_scorer
+        w_sum, p_sum, w_bias, p_bias = weight_sum[:n], weight_sum[n:], bias[:n], bias[n:]
+        grad_logit, grad_offset, grad_mean, grad_rstd, grad_cell_proj, grad_cand_proj, grad_p_sum, grad_p_bias = (
+            select_and_context_backward(
+                grad_context, grad_keep if soft.numel() else None, grad_probability, keep, probability, soft, scaled, set_sums,
+                mask, ctx.tau, cell_proj, cand_proj, p_sum, p_bias, mean, rstd,
+            )
+        )
+        grad_cell, grad_cand, grad_mean_scorer, grad_rstd_scorer, grad_w_sum, grad_w_bias, grad_v, grad_v0 = keep_logit_backward(
+            grad_logit, cell_part, cand_part, mean, rstd, w_sum, w_bias, v
+        )
+        grad_sum = norm_statistics_backward(grad_mean.add_(grad_mean_scorer), grad_rstd.add_(grad_rstd_scorer), sums, ctx.n_in, ctx.eps)
+        # d/dh of (sum(h), h . h) is (1, 2 h).
+        grad_h = [
+            (2.0 * grad_sum[2 * i + 1]).unsqueeze(-1).mul(h).add_(grad_sum[2 * i].unsqueeze(-1))
+            for i, h in enumerate((h_ctrl, h_pert, h_cand))
+        ]
+        return (
+            *grad_h,
+            torch.cat([grad_cell, grad_cell_proj], dim=-1),
+            torch.cat([grad_cand, grad_cand_proj], dim=-1),
+            torch.cat([grad_w_sum, grad_p_sum]),
+            torch.cat([grad_w_bias, grad_p_bias]),
+            grad_v,
+            grad_v0,
+            grad_offset,
+            None, None, None, None, None,
+        )
+
+
 class ConcatLayerNorm(nn.Module):
     """``LayerNorm(concat(parts))`` followed by linear maps, without building the concatenation.
 
@@ -160,6 +236,13 @@ class ConcatLayerNorm(nn.Module):
         mean = total / n_in
         return mean, torch.rsqrt((total_sq / n_in - mean.pow(2)).clamp_min(0) + self.eps)
 
+    def folded_stack(self, *linears: nn.Linear) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """:meth:`folded` of several linear maps at once, their outputs stacked in order."""
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = torch.addmv(torch.cat([linear.bias for linear in linears]), weight, self.bias)
+        weight = weight * self.weight
+        return list(weight.split(self.part_size, dim=1)), weight.sum(dim=1), bias
+
     def folded(self, linear: nn.Linear) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per-part weights, row sums and bias of ``linear`` applied after the norm."""
         weight = linear.weight * self.weight
@@ -177,7 +260,9 @@ class TwoStageSelector(nn.Module):
 
     The logits are not normalised across the batch (one set's selection never depends on
     another set); the temperature is fixed. ``z`` is computed from per-part projections and
-    ``[B,S,K]`` weights, so no ``[B,S,K,H]`` tensor is built for it.
+    ``[B,S,K]`` weights, so no ``[B,S,K,H]`` tensor is built for it. On the CPU the steps
+    after the matrix products run as kernels (:class:`_StageTwo`), with the same values,
+    random draws and gradients up to rounding.
     """
 
     def __init__(
@@ -226,6 +311,8 @@ class TwoStageSelector(nn.Module):
         dict with ``context`` ``[B,S,H]``, ``keep`` ``[B,S,K]`` (0/1, straight-through when
         sampling), ``keep_probability`` ``[B,S,K]``.
         """
+        if kernels_take(h_ctrl, h_pert, h_cand, n_dims=3):
+            return self._fused_forward(h_ctrl, h_pert, h_cand, valid, sample=sample, logit_offset=logit_offset)
         cell, pert, cand = h_ctrl.unsqueeze(2), h_pert[:, None, None, :], h_cand.unsqueeze(1)
         mean, rstd = self.norm.statistics([cell, pert, cand])  # [B,S,K,1]
 
@@ -265,6 +352,39 @@ class TwoStageSelector(nn.Module):
         context = context + scaled @ (h_cand @ p_cand.T)
         context = context - (scaled * mean.squeeze(-1)).sum(-1, keepdim=True) * p_sum
         context = context + keep.sum(-1, keepdim=True) * p_bias
+        return {"context": context, "keep": keep, "keep_probability": keep_probability}
+
+    def _fused_forward(self, h_ctrl, h_pert, h_cand, valid, *, sample, logit_offset):
+        """:meth:`forward` through :class:`_StageTwo` (CPU kernels): same values and gradients."""
+        # The scorer's first layer and the context's projection folded together: one matrix
+        # product per part for both.
+        (w_cell, w_pert, w_cand), weight_sum, bias = self.norm.folded_stack(self.scorer_hidden, self.projection)
+        cell = torch.addmm(
+            (h_pert @ w_pert.T).repeat_interleave(h_ctrl.shape[1], dim=0), h_ctrl.reshape(-1, h_ctrl.shape[-1]), w_cell.T
+        ).view(*h_ctrl.shape[:2], -1)
+        n_sets, n_cells, n_candidates = h_ctrl.shape[0], h_ctrl.shape[1], h_cand.shape[1]
+        offset = logit_offset if logit_offset is not None else h_ctrl.new_zeros(n_sets, n_candidates)
+        noise = None
+        if sample:
+            # As `hard_binary_concrete` draws it: the same random numbers for the same seed.
+            noise = torch.rand(n_sets, n_cells, n_candidates, dtype=h_ctrl.dtype, device=h_ctrl.device).clamp_(1e-6, 1 - 1e-6).logit_()
+        context, keep, keep_probability = _StageTwo.apply(
+            h_ctrl,
+            h_pert,
+            h_cand,
+            cell,
+            h_cand @ w_cand.T,
+            weight_sum,
+            bias,
+            self.scorer_out.weight[0],
+            self.scorer_out.bias[0],
+            offset,
+            valid.to(h_ctrl.dtype),
+            noise,
+            self.tau,
+            self.scorer_hidden.out_features,
+            self.norm.eps,
+        )
         return {"context": context, "keep": keep, "keep_probability": keep_probability}
 
 
