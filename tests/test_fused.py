@@ -196,9 +196,25 @@ def test_module_training_step_is_the_same_with_and_without_kernels(torch_only):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+class _KernelKeepLogit(torch.autograd.Function):
+    """The scorer kernels as an autograd function, for ``gradcheck``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return _fused.keep_logit(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cell_part, cand_part, mean, rstd, w_sum, bias, v, _ = ctx.saved_tensors
+        grads = _fused.keep_logit_backward(grad, cell_part, cand_part, mean, rstd, w_sum, bias, v)
+        return (*grads[:2], grads[2].view(mean.shape), grads[3].view(rstd.shape), *grads[4:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_stage2_scorer_kernels_equal_torch(dtype, torch_only):
-    """The keep logits and the gradients of all eight inputs agree between both paths."""
+def test_stage2_scorer_kernels_equal_torch(dtype):
+    """The scorer kernels' keep logits and the gradients of all eight inputs agree with the
+    PyTorch path (:class:`_KeepLogit`)."""
     from ptrag_sc.module._retriever import _KeepLogit
 
     gen = torch.Generator().manual_seed(4)
@@ -215,23 +231,19 @@ def test_stage2_scorer_kernels_equal_torch(dtype, torch_only):
     ]
     weights = torch.randn(n_sets, n_cells, k, generator=gen, dtype=dtype)
     results = []
-    for fused in (True, False):
+    for function in (_KernelKeepLogit, _KeepLogit):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
-        if fused:
-            logit = _KeepLogit.apply(*leaves)
-            evaluated = _KeepLogit.evaluate(*inputs)
-        else:
-            with torch_only:
-                logit = _KeepLogit.apply(*leaves)
-                evaluated = _KeepLogit.evaluate(*inputs)
+        logit = function.apply(*leaves)
+        evaluated = _fused.keep_logit(*inputs) if function is _KernelKeepLogit else _KeepLogit.evaluate(*inputs)
         grads = torch.autograd.grad((logit * weights).sum(), leaves)
         results.append((logit.detach(), evaluated, *grads))
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     for ours, reference in zip(*results, strict=True):
         torch.testing.assert_close(ours, reference, rtol=tol, atol=tol)
     if dtype == torch.float64:
-        leaves = [t.clone().requires_grad_(True) for t in inputs]
-        assert torch.autograd.gradcheck(_KeepLogit.apply, leaves)
+        for function in (_KernelKeepLogit, _KeepLogit):
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            assert torch.autograd.gradcheck(function.apply, leaves)
 
 
 def test_float32_scorer_gelu_and_its_slope_are_as_accurate_as_torch():

@@ -11,10 +11,11 @@ eight backward; on a CPU those passes, not the arithmetic, bound the training st
 direction in one pass, split over the sets between ``torch.get_num_threads()`` threads (numba
 releases the GIL). Stage 2's scorer (:func:`keep_logit`) is the other hot path: one kernel per
 direction over ``[B, S, K, Hs]`` without storing it. Around it, the concatenated layer norm's
-statistics (:func:`norm_statistics`) and the keep decisions with their set sums
-(:func:`select_and_context`) are one kernel each way, replacing about a hundred PyTorch
-operations on ``[B, S, K]`` tensors whose per-operation overhead outweighed their arithmetic. Elsewhere (GPU, half precision)
-:func:`generate_cells` and the scorer run the same computation as PyTorch operations.
+statistics (:func:`norm_statistics`) and the keep decisions with their per-cell sums and the
+selected context (:func:`select_and_context`) take a kernel or two each way, replacing about a
+hundred PyTorch operations on ``[B, S, K]`` tensors whose per-operation overhead outweighed
+their arithmetic. Elsewhere (GPU, half precision) :func:`generate_cells` and stage 2 run the
+same computation as PyTorch operations.
 
 The gradient passes where ``0 < y < ceiling`` for the clipped output ``y``, so a value exactly
 at its ceiling gets none (``torch.minimum`` would give it half); everywhere else it equals
@@ -660,7 +661,7 @@ def norm_statistics(sums, n_in: int, eps: float) -> tuple[torch.Tensor, torch.Te
     mean = cell_sum.new_empty(n_sets, n_cells, n_candidates)
     rstd = torch.empty_like(mean)
     constants = np.array([1.0 / n_in, eps, 1.0], dtype=mean.numpy().dtype)
-    _over_sets(_norm_statistics, n_sets, *(_numpy(t, n_dims=t.dim()) for t in sums), constants, mean.numpy(), rstd.numpy())
+    _over_sets(_norm_statistics, n_sets, *(_numpy(t) for t in sums), constants, mean.numpy(), rstd.numpy())
     return mean, rstd
 
 
@@ -672,7 +673,7 @@ def norm_statistics_backward(grad_mean, grad_rstd, sums, n_in: int, eps: float) 
         grad_mean.shape[0],
         _numpy(grad_mean),
         _numpy(grad_rstd),
-        *(_numpy(t, n_dims=t.dim()) for t in sums),
+        *(_numpy(t) for t in sums),
         np.array([1.0 / n_in, eps, 1.0], dtype=grad_mean.numpy().dtype),
         *(g.numpy() for g in grads),
     )
@@ -703,7 +704,7 @@ def select_and_context(logit, offset, mask, noise, tau, cell_proj, cand_proj, p_
         _select,
         logit.shape[0],
         decision.numpy(),
-        _numpy(mask, n_dims=2),
+        _numpy(mask),
         _numpy(mean),
         _numpy(rstd),
         keep.numpy(),
@@ -711,7 +712,7 @@ def select_and_context(logit, offset, mask, noise, tau, cell_proj, cand_proj, p_
         set_sums.numpy(),
     )
     context = torch.bmm(scaled, cand_proj.contiguous())
-    _over_sets(_context_rest, logit.shape[0], context.numpy(), set_sums.numpy(), _numpy(cell_proj), _numpy(p_sum, n_dims=1), _numpy(p_bias, n_dims=1))
+    _over_sets(_context_rest, logit.shape[0], context.numpy(), set_sums.numpy(), _numpy(cell_proj), _numpy(p_sum), _numpy(p_bias))
     return keep, probability, soft, scaled, set_sums, context
 
 
@@ -742,12 +743,12 @@ def select_and_context_backward(
         _numpy(keep),
         _numpy(probability),
         _numpy(soft),
-        _numpy(mask, n_dims=2),
+        _numpy(mask),
         np.array([1.0 / tau, 1.0], dtype=keep.numpy().dtype),
         _numpy(set_sums),
         _numpy(cell_proj),
-        _numpy(p_sum, n_dims=1),
-        _numpy(p_bias, n_dims=1),
+        _numpy(p_sum),
+        _numpy(p_bias),
         _numpy(mean),
         _numpy(rstd),
         grad_logit.numpy(),

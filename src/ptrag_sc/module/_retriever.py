@@ -44,6 +44,11 @@ class _HardConcrete(torch.autograd.Function):
         return slope, None, None, None
 
 
+def logistic_noise(like: torch.Tensor) -> torch.Tensor:
+    """Standard logistic noise shaped like ``like`` (the difference of two Gumbel variables)."""
+    return torch.rand_like(like).clamp_(1e-6, 1 - 1e-6).logit_()
+
+
 def hard_binary_concrete(logit: torch.Tensor, tau: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Hard two-class Gumbel-Softmax sample of "keep" with a straight-through gradient.
 
@@ -51,7 +56,7 @@ def hard_binary_concrete(logit: torch.Tensor, tau: float, mask: torch.Tensor | N
     the difference of two Gumbel variables is logistic. ``mask`` (broadcast against ``logit``)
     multiplies the sample and its gradient.
     """
-    noise = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6).logit_()
+    noise = logistic_noise(logit)
     if torch.is_grad_enabled() and logit.requires_grad:
         return _HardConcrete.apply(logit, noise, tau, mask)
     hard = ((logit + noise) > 0).to(logit.dtype)
@@ -64,12 +69,12 @@ class _KeepLogit(torch.autograd.Function):
     ``logit = v . gelu(rstd * (A_s + C_k - mean * w) + bias) + v0`` over ``[B, S, K, Hs]``,
     where ``A`` is the cell (and query) part of the scorer's first layer, ``C`` the candidate
     part, and ``mean``/``rstd`` the statistics of the concatenated layer norm (see
-    :class:`ConcatLayerNorm`). This is the retrieval's hot path. On the CPU one kernel computes
-    the logits without storing the ``[B, S, K, Hs]`` layer, and one recomputes it for the
-    gradients (:func:`~ptrag_sc.module._fused.keep_logit`). Elsewhere the forward is the
-    sequence of operations autograd would record, and the backward gives the same gradients
-    with fewer passes over the ``[B, S, K, Hs]`` tensors and matrix-vector products where
-    autograd would run an ``[N, 1] x [1, Hs]`` matrix product.
+    :class:`ConcatLayerNorm`). This is the retrieval's hot path where stage 2 does not run as CPU
+    kernels (:class:`_StageTwo`, whose scorer kernels compute the same logits without storing
+    the ``[B, S, K, Hs]`` layer): the forward is the sequence of operations autograd would
+    record, and the backward gives the same gradients with fewer passes over the
+    ``[B, S, K, Hs]`` tensors and matrix-vector products where autograd would run an
+    ``[N, 1] x [1, Hs]`` matrix product.
     """
 
     @staticmethod
@@ -82,18 +87,12 @@ class _KeepLogit(torch.autograd.Function):
     @staticmethod
     def evaluate(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
         """The same logits without a gradient (prediction)."""
-        if kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
-            return keep_logit(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0)
         activated = F.gelu(_KeepLogit.first_layer(cell_part, cand_part, mean, rstd, w_sum, bias)[0])
         n_hidden = activated.shape[-1]
         return torch.mv(activated.view(-1, n_hidden), v).add_(v0).view(activated.shape[:-1])
 
     @staticmethod
     def forward(ctx, cell_part, cand_part, mean, rstd, w_sum, bias, v, v0):
-        ctx.fused = kernels_take(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0)
-        if ctx.fused:
-            ctx.save_for_backward(cell_part, cand_part, mean, rstd, w_sum, bias, v)
-            return keep_logit(cell_part, cand_part, mean, rstd, w_sum, bias, v, v0)
         pre, hidden = _KeepLogit.first_layer(cell_part, cand_part, mean, rstd, w_sum, bias)
         activated = F.gelu(pre)
         n_hidden = activated.shape[-1]
@@ -103,21 +102,6 @@ class _KeepLogit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.fused:
-            cell_part, cand_part, mean, rstd, w_sum, bias, v = ctx.saved_tensors
-            grad_cell, grad_cand, grad_mean, grad_rstd, grad_w_sum, grad_bias, grad_v, grad_v0 = (
-                keep_logit_backward(grad, cell_part, cand_part, mean, rstd, w_sum, bias, v)
-            )
-            return (
-                grad_cell,
-                grad_cand,
-                grad_mean.view(mean.shape),
-                grad_rstd.view(rstd.shape),
-                grad_w_sum,
-                grad_bias,
-                grad_v,
-                grad_v0,
-            )
         hidden, pre, activated, mean, rstd, w_sum, v = ctx.saved_tensors
         n_hidden = v.shape[0]
         flat_grad = grad.reshape(-1)
@@ -236,17 +220,12 @@ class ConcatLayerNorm(nn.Module):
         mean = total / n_in
         return mean, torch.rsqrt((total_sq / n_in - mean.pow(2)).clamp_min(0) + self.eps)
 
-    def folded_stack(self, *linears: nn.Linear) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """:meth:`folded` of several linear maps at once, their outputs stacked in order."""
+    def folded(self, *linears: nn.Linear) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-part weights, row sums and bias of ``linears`` applied after the norm, their
+        outputs stacked in order."""
         weight = torch.cat([linear.weight for linear in linears])
         bias = torch.addmv(torch.cat([linear.bias for linear in linears]), weight, self.bias)
         weight = weight * self.weight
-        return list(weight.split(self.part_size, dim=1)), weight.sum(dim=1), bias
-
-    def folded(self, linear: nn.Linear) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Per-part weights, row sums and bias of ``linear`` applied after the norm."""
-        weight = linear.weight * self.weight
-        bias = linear.bias + linear.weight @ self.bias
         return list(weight.split(self.part_size, dim=1)), weight.sum(dim=1), bias
 
 
@@ -358,16 +337,12 @@ class TwoStageSelector(nn.Module):
         """:meth:`forward` through :class:`_StageTwo` (CPU kernels): same values and gradients."""
         # The scorer's first layer and the context's projection folded together: one matrix
         # product per part for both.
-        (w_cell, w_pert, w_cand), weight_sum, bias = self.norm.folded_stack(self.scorer_hidden, self.projection)
-        cell = torch.addmm(
-            (h_pert @ w_pert.T).repeat_interleave(h_ctrl.shape[1], dim=0), h_ctrl.reshape(-1, h_ctrl.shape[-1]), w_cell.T
-        ).view(*h_ctrl.shape[:2], -1)
-        n_sets, n_cells, n_candidates = h_ctrl.shape[0], h_ctrl.shape[1], h_cand.shape[1]
-        offset = logit_offset if logit_offset is not None else h_ctrl.new_zeros(n_sets, n_candidates)
-        noise = None
-        if sample:
-            # As `hard_binary_concrete` draws it: the same random numbers for the same seed.
-            noise = torch.rand(n_sets, n_cells, n_candidates, dtype=h_ctrl.dtype, device=h_ctrl.device).clamp_(1e-6, 1 - 1e-6).logit_()
+        (w_cell, w_pert, w_cand), weight_sum, bias = self.norm.folded(self.scorer_hidden, self.projection)
+        cell = h_ctrl @ w_cell.T + (h_pert @ w_pert.T)[:, None, :]
+        keep_shape = (h_ctrl.shape[0], h_ctrl.shape[1], h_cand.shape[1])
+        offset = logit_offset if logit_offset is not None else h_ctrl.new_zeros(keep_shape[0], keep_shape[2])
+        # As `hard_binary_concrete` draws it: the same random numbers for the same seed.
+        noise = logistic_noise(h_ctrl.new_empty(keep_shape)) if sample else None
         context, keep, keep_probability = _StageTwo.apply(
             h_ctrl,
             h_pert,
