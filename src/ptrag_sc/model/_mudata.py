@@ -24,8 +24,15 @@ from .._constants import (
     DEFAULT_PERTURBATION_KEY,
     DEFAULT_PERTURBATION_SEP,
 )
+from ..data._perturbations import normalise_labels
 from ..pp._guides import GUIDE_ASSIGNED, assign_guides, guide_columns
-from ._validation import check_controls_per_cell_type, check_expression, expression_matrix
+from ._validation import (
+    check_categories,
+    check_controls_per_cell_type,
+    check_expression,
+    check_setup_arguments,
+    expression_matrix,
+)
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -201,9 +208,10 @@ class MuDataMixin:
         ValueError
             If ``perturbation_key`` exists and ``overwrite=False``; with
             ``excluded_cells="raise"`` and cells to exclude; if no cell (or no cell of a cell
-            type with perturbed cells) is a control; if the expression holds NaN, infinite or
-            negative values. Nothing is written before these checks pass, except the guide
-            modality's assignment columns.
+            type with perturbed cells) is a control; if a kept cell's cell type or batch is
+            missing or the column mixes strings and numbers; if the expression holds NaN,
+            infinite or negative values. Nothing is written (not even the guide assignment)
+            before these checks pass: a refused MuData is left as it was.
 
         Notes
         -----
@@ -266,6 +274,16 @@ class MuDataMixin:
             raise ValueError(f"`excluded_cells` must be 'drop' or 'raise', got {excluded_cells!r}.")
         _check_modality(mdata, rna_mod, "rna_mod")
         rna = mdata.mod[rna_mod]
+        check_setup_arguments(
+            rna,
+            perturbation_key=perturbation_key,
+            control_group=control_group,
+            cell_type_key=cell_type_key,
+            batch_key=batch_key,
+            layer=layer,
+            sep=perturbation_sep,
+            where=f"mdata.mod[{rna_mod!r}]",
+        )
         assign_kwargs = dict(assign_kwargs or {})
         reserved = sorted(set(assign_kwargs) & set(_RESERVED_ASSIGN_KWARGS))
         if reserved:
@@ -293,10 +311,10 @@ class MuDataMixin:
             if not guides.obs_names.is_unique:
                 raise ValueError(f"`mdata.mod[{guide_mod!r}]` has duplicated obs names; run `mdata.obs_names_make_unique()`.")
             assign_kwargs["control_group"] = control_group
-            assign_guides(guides, inplace=True, **assign_kwargs)
+            assignment = assign_guides(guides, inplace=False, **assign_kwargs)
             columns = guide_columns(assign_kwargs.get("key_added", "guide"))
-            status = guides.obs[columns["status"]].astype(object).reindex(rna.obs_names)
-            labels = guides.obs[columns["target"]].astype(object).reindex(rna.obs_names).to_numpy()
+            status = assignment[columns["status"]].astype(object).reindex(rna.obs_names)
+            labels = assignment[columns["target"]].astype(object).reindex(rna.obs_names).to_numpy()
             missing_guides = status.isna().to_numpy()
             status = status.fillna(unassigned).to_numpy()
             keep = status == GUIDE_ASSIGNED
@@ -330,12 +348,20 @@ class MuDataMixin:
         if not keep.any():
             raise ValueError(f"No cell of `mdata.mod[{rna_mod!r}]` has a single perturbation in {where}.")
 
-        # 2. Checks of the kept cells before anything is written to the RNA modality.
+        # 2. Checks of the kept cells before anything is written.
         context = {}
         for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
             if key is not None:
                 context[key] = _obs_source(mdata, rna_mod, key, argument)[key]
+                where_key = f"`obs[{key!r}]` (`{argument}`) of the kept cells of `mdata.mod[{rna_mod!r}]`"
+                check_categories(context[key][keep], where_key, rna.obs_names[keep])
         kept_labels = labels[keep].astype(str)
+        blank = normalise_labels(kept_labels, control_group=control_group, sep=perturbation_sep) == ""
+        if blank.any():
+            raise ValueError(
+                f"{int(blank.sum())} kept cell(s) of {where} have empty labels (blank or only separators), "
+                f"e.g. {rna.obs_names[keep][blank][:5].tolist()}."
+            )
         if not (kept_labels == control_group).any():
             found = sorted(set(kept_labels))[:10]
             raise ValueError(
@@ -355,7 +381,10 @@ class MuDataMixin:
         X = expression_matrix(rna, layer)
         check_expression(X, where=f"`mdata.mod[{rna_mod!r}].X`" if layer is None else f"`mdata.mod[{rna_mod!r}].layers[{layer!r}]`")
 
-        # 3. Write: drop the excluded cells, then the labels and context columns.
+        # 3. Write: the guide assignment, then drop the excluded cells, then the labels and context.
+        if guide_mod is not None:
+            for column in assignment.columns:
+                guides.obs[column] = assignment[column].to_numpy()  # positional (obs names may repeat)
         if n_excluded:
             rna._inplace_subset_obs(keep)
         if guide_mod is not None:
@@ -400,32 +429,6 @@ class MuDataMixin:
             model_adata=getattr(self, "_adata", None),
             var_names=self.var_names if initialised else None,
         )
-
-    @classmethod
-    def load(cls, dir_path: str, adata=None, *args, **kwargs):
-        """Load a model saved with ``model.save(dir_path)``.
-
-        Parameters
-        ----------
-        dir_path
-            Directory of the saved model.
-        adata
-            AnnData (or MuData) with the genes the model was trained on, registered on load
-            with the saved setup arguments. A MuData stands for its RNA modality: the one
-            registered with the class in this session, else the one named ``"rna"``; pass
-            ``mdata.mod[name]`` for another name. ``None``: the AnnData saved with the model
-            (``save_anndata=True``), if any.
-        *args, **kwargs
-            ``accelerator``, ``device``, ``prefix``, ``backup_url``, ``datamodule``,
-            ``allowed_classes_names_list``: see :meth:`scvi.model.base.BaseModelClass.load`.
-
-        Returns
-        -------
-        The model, with its weights and retrieval memory.
-        """
-        if is_mudata(adata):
-            adata = rna_modality(adata, model_cls=cls, default="rna")
-        return super().load(dir_path, adata, *args, **kwargs)
 
 
 def _check_modality(mdata, name: str, argument: str) -> None:

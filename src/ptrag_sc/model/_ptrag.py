@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
@@ -30,14 +31,13 @@ from ..module import PTRAGModule
 from ..train import PTRAGTrainingPlan
 from . import _assembly, _docs, _predict, _training
 from ._io import SafeSaveMixin
-from ._mudata import MuDataMixin, is_mudata
-from ._validation import check_anndata, check_model_options
+from ._mudata import MuDataMixin
+from ._validation import check_model_options, restore_on_error
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import scipy.sparse as sp
-    from anndata import AnnData
 
     from ..data import PerturbationData, SetBuilder, SetupArgs
     from ..data._index import NeighbourIndex
@@ -181,51 +181,19 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
             has missing values, or the expression holds NaN, infinite or negative values.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        _assembly.register(
-            cls,
-            adata,
-            setup_method_args,
-            perturbation_key=perturbation_key,
-            control_group=control_group,
-            cell_type_key=cell_type_key,
-            batch_key=batch_key,
-            layer=layer,
-            perturbation_sep=perturbation_sep,
-            kwargs=kwargs,
-        )
-
-    @classmethod
-    def load(cls, dir_path, adata=None, *args, **kwargs):
-        """Load a model saved with :meth:`save`, without running any code from the directory.
-
-        Parameters
-        ----------
-        dir_path
-            Directory written by :meth:`save`.
-        adata
-            AnnData (or MuData) with the model's genes in the model's order, set up on load
-            from the saved registry; cell types and batches the model never saw are accepted.
-            ``None``: the AnnData saved with the model (``save_anndata=True``), if any;
-            ``False``: none.
-        *args, **kwargs
-            ``accelerator``, ``device``, ``prefix``, ``backup_url``: see
-            :meth:`ptrag_sc.model.SafeSaveMixin.load`.
-
-        Returns
-        -------
-        The model, in evaluation mode (:meth:`train` switches to training mode itself).
-
-        Raises
-        ------
-        TypeError
-            If ``adata`` is neither an AnnData, a MuData, ``None`` nor ``False``.
-        FileNotFoundError, ValueError
-            See :meth:`ptrag_sc.model.SafeSaveMixin.load`: a missing, damaged, foreign or
-            pickle-based directory, or an AnnData whose genes differ from the model's.
-        """
-        if adata is not None and adata is not False and not is_mudata(adata):
-            check_anndata(adata)
-        return super().load(dir_path, adata, *args, **kwargs)
+        with restore_on_error(adata if isinstance(adata, AnnData) else None):
+            _assembly.register(
+                cls,
+                adata,
+                setup_method_args,
+                perturbation_key=perturbation_key,
+                control_group=control_group,
+                cell_type_key=cell_type_key,
+                batch_key=batch_key,
+                layer=layer,
+                perturbation_sep=perturbation_sep,
+                kwargs=kwargs,
+            )
 
     # ------------------------------------------------------------- properties
     def _field_state(self, key: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -18,16 +19,21 @@ from ..data._perturbations import normalise_labels
 
 __all__ = [
     "check_anndata",
+    "check_categories",
     "check_choice",
+    "check_control_label",
     "check_controls_per_cell_type",
     "check_expression",
     "check_flag",
+    "check_genes",
     "check_model_options",
     "check_obs_key",
     "check_seed",
     "check_setup",
+    "check_setup_arguments",
     "expression_matrix",
     "positive_int",
+    "restore_on_error",
 ]
 
 #: Largest integer option accepted (sizes beyond it cannot be allocated or indexed).
@@ -263,9 +269,9 @@ def check_controls_per_cell_type(is_control: np.ndarray, cell_types: np.ndarray,
         )
 
 
-def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, transfer: bool) -> None:
-    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
-    check_anndata(adata)
+def check_setup_arguments(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, where: str = "adata") -> None:
+    """The checks of :func:`check_setup` that read no obs column (``setup_mudata`` runs them first)."""
+    check_anndata(adata, where)
     check_key_type("perturbation_key", perturbation_key, allow_none=False)
     check_key_type("cell_type_key", cell_type_key, allow_none=True)
     check_key_type("batch_key", batch_key, allow_none=True)
@@ -280,26 +286,38 @@ def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_
             )
     if adata.is_view:
         raise ValueError(
-            "`adata` is a view of another AnnData; registration writes keys into it. Pass a copy: "
+            f"`{where}` is a view of another AnnData; registration writes keys into it. Pass a copy: "
             "`adata = adata[mask].copy()`."
         )
     if adata.n_vars == 0:
-        raise ValueError("`adata` has no genes (n_vars = 0).")
+        raise ValueError(f"`{where}` has no genes (n_vars = 0).")
     if adata.n_obs == 0:
-        raise ValueError("`adata` has no cells (n_obs = 0).")
+        raise ValueError(f"`{where}` has no cells (n_obs = 0).")
     if adata.var_names.has_duplicates:
         dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"`adata.var_names` has duplicated genes (e.g. {dup}); run `adata.var_names_make_unique()`.")
+        raise ValueError(f"`{where}.var_names` has duplicated genes (e.g. {dup}); run `.var_names_make_unique()`.")
     if not isinstance(control_group, str) or not control_group.strip():
         raise ValueError(f"`control_group` must be a non-empty string, got {control_group!r}.")
     if not isinstance(sep, str) or not sep or sep.isspace():
         raise ValueError(f"`perturbation_sep` must be a non-empty string, got {sep!r}.")
+
+
+def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, transfer: bool) -> None:
+    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
+    check_setup_arguments(
+        adata,
+        perturbation_key=perturbation_key,
+        control_group=control_group,
+        cell_type_key=cell_type_key,
+        batch_key=batch_key,
+        layer=layer,
+        sep=sep,
+    )
     check_obs_key(adata, perturbation_key, "perturbation_key")
     for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
         check_obs_key(adata, key, argument)
-        if key is not None and adata.obs[key].isna().any():
-            bad = adata.obs_names[adata.obs[key].isna().to_numpy()][:5].tolist()
-            raise ValueError(f"`adata.obs[{key!r}]` (`{argument}`) has missing values, e.g. in cells {bad}.")
+        if key is not None:
+            check_categories(adata.obs[key], f"`adata.obs[{key!r}]` (`{argument}`)", adata.obs_names)
     raw = adata.obs[perturbation_key]
     if raw.isna().any():
         bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
@@ -328,3 +346,92 @@ def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_
         )
     cell_types = adata.obs[cell_type_key].astype(str).to_numpy() if cell_type_key is not None else np.full(adata.n_obs, "all")
     check_controls_per_cell_type(is_control, cell_types, where="the AnnData")
+
+
+def check_categories(values: pd.Series, where: str, cell_names) -> None:
+    """A cell-type or batch column scvi-tools can turn into categories: no missing value, and
+    no mix of strings with numbers (which cannot be sorted: ``'<' not supported``)."""
+    missing = values.isna().to_numpy()
+    if missing.any():
+        raise ValueError(f"{where} has missing values, e.g. in cells {list(cell_names[missing][:5])}.")
+    items = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
+    if items.dtype == object:
+        kinds = {"str" if isinstance(v, str) else "number" if isinstance(v, numbers.Number) else type(v).__name__ for v in pd.unique(items)}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"{where} mixes values of types {sorted(kinds)}, which cannot be ordered as categories. "
+                "Make it one type, e.g. `.astype(str)`."
+            )
+
+
+def check_genes(adata, var_names: np.ndarray, dir_path) -> None:
+    """``adata`` has exactly a saved model's genes, in the model's order."""
+    reference = pd.Index(np.asarray(var_names).astype(str))
+    genes = pd.Index(np.asarray(adata.var_names).astype(str))
+    if genes.equals(reference):
+        return
+    missing, extra = reference.difference(genes), genes.difference(reference)
+    if len(missing) == 0 and len(extra) == 0:
+        raise ValueError(
+            "The AnnData has the model's genes in a different order; predictions and training would "
+            "mix up genes. Reorder it first: `genes = PTRAG.load(dir_path, adata=False).var_names`, "
+            f"then `adata = adata[:, genes].copy()` (dir_path={str(dir_path)!r})."
+        )
+    raise ValueError(
+        f"The AnnData's genes differ from the {len(reference)} genes the model was trained on: "
+        f"{len(missing)} missing (e.g. {missing[:5].tolist()}), {len(extra)} extra (e.g. "
+        f"{extra[:5].tolist()}). If it holds all of them, subset it with `adata[:, model.var_names]` "
+        "(model loaded without an AnnData)."
+    )
+
+
+def check_control_label(adata, setup_args: dict, embeddings) -> None:
+    """Loading onto data labelled with another control label: say so, instead of blaming the model.
+
+    Without a cell labelled with the saved ``control_group``, labels that have no gene
+    embedding are most likely the data's own control label.
+    """
+    from ..data._perturbations import PerturbationEncoder
+
+    key, control = setup_args.get("perturbation_key"), setup_args.get("control_group")
+    sep = setup_args.get("perturbation_sep", "+")
+    if key not in adata.obs.columns or not isinstance(embeddings, pd.DataFrame) or adata.obs[key].isna().any():
+        return  # registration names these problems
+    labels = normalise_labels(adata.obs[key].astype(str).to_numpy(), control_group=control, sep=sep)
+    if (labels == control).any():
+        return
+    unknown = list(PerturbationEncoder(embeddings, sep=sep).missing(pd.unique(labels)))
+    if unknown:
+        raise ValueError(
+            f"No cell of `adata.obs[{key!r}]` has the control label {control!r} the model was saved with "
+            f"(`control_group`), and the label(s) {unknown[:5]} have no gene embedding. If they mark "
+            f"the control cells, relabel them: `adata.obs[{key!r}] = adata.obs[{key!r}]"
+            f".replace({{{unknown[0]!r}: {control!r}}})`."
+        )
+
+
+@contextlib.contextmanager
+def restore_on_error(adata):
+    """Undo scvi-tools' registration keys written into ``adata`` if the block fails.
+
+    Registration (``obs['_scvi_*']``, ``uns['_scvi_*']``) is the only write of ``setup_anndata``
+    and ``load``; a refusal after it (scvi-tools' own checks, building the model) leaves the
+    AnnData as it was.
+    """
+    if adata is None:
+        yield
+        return
+    obs = {c: adata.obs[c].copy() for c in adata.obs.columns if str(c).startswith("_scvi_")}
+    uns = {k: v for k, v in adata.uns.items() if str(k).startswith("_scvi_")}
+    try:
+        yield
+    except BaseException:
+        added = [c for c in adata.obs.columns if str(c).startswith("_scvi_") and c not in obs]
+        if added:
+            adata.obs.drop(columns=added, inplace=True)
+        for column, values in obs.items():
+            adata.obs[column] = values
+        for key in [k for k in adata.uns if str(k).startswith("_scvi_")]:
+            del adata.uns[key]
+        adata.uns.update(uns)
+        raise
