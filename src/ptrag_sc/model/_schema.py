@@ -277,9 +277,10 @@ def check_header(manifest, readable) -> str:
         raise ValueError(
             f"it was written in {written}; this ptrag_sc reads format versions {sorted(readable)}. {advice}."
         )
-    absent = [f for f in ("files", "attributes", "registry", "var_names") if f not in manifest]
-    if absent or not isinstance(manifest["files"], dict):
-        raise ValueError(f"the manifest lacks a valid {(absent or ['files'])[0]!r} entry.")
+    kinds = {"files": dict, "attributes": dict, "registry": dict, "var_names": object}
+    wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind) or k not in manifest]
+    if wrong:
+        raise ValueError(f"the manifest lacks a valid {wrong[0]!r} entry.")
     return written
 
 
@@ -316,12 +317,13 @@ def serialise(model) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def deserialise(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    """Inverse of :func:`serialise`: ``var_names``, ``registry``, ``attributes`` and ``state``.
+    """Inverse of :func:`serialise`: ``var_names``, ``registry``, ``attributes``, ``state``, and
+    ``unused``, the arrays no value refers to (an error of :func:`check_content`).
 
     Raises
     ------
     ValueError
-        For a value :func:`encode` does not write, or a tensor nothing refers to.
+        For a value :func:`encode` does not write.
     """
     state = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
     arrays = {k: v.numpy() for k, v in tensors.items() if k.startswith("data.")}
@@ -331,11 +333,7 @@ def deserialise(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict:
     content = {
         k: decode(manifest[k], k, arrays, used) for k in ("var_names", "registry", "attributes")
     }
-    if set(arrays) - used:
-        raise ValueError(
-            f"the array file holds arrays no entry refers to: {sorted(set(arrays) - used)[:5]}"
-        )
-    return {**content, "state": state}
+    return {**content, "state": state, "unused": sorted(set(arrays) - used)}
 
 
 def constructor_arguments(content: dict) -> dict:
@@ -396,6 +394,8 @@ def check_content(content: dict, written: str) -> str | None:
                 f"its retrieval memory ({written}) {' and '.join(problems)}. Load it with the ptrag_sc "
                 "version that wrote it, or train the model again with this one."
             )
+    if content.get("unused"):
+        return f"the array file holds arrays no entry refers to: {content['unused'][:5]}."
     return None
 
 
