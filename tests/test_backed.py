@@ -91,7 +91,7 @@ def test_chunked_outputs_with_indices_and_other_gene_order(pair, tmp_path):
 
 
 def test_output_file_is_not_overwritten_and_failures_leave_none(pair, tmp_path, monkeypatch):
-    _, _, backed, model, _ = pair
+    _, _, backed, model, path = pair
     target = tmp_path / "pred.h5ad"
     target.write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -99,6 +99,14 @@ def test_output_file_is_not_overwritten_and_failures_leave_none(pair, tmp_path, 
     assert target.read_text() == "keep me"
     with pytest.raises(ValueError, match="counterfactual"):
         model.predict(backed, perturbations=[model.training_perturbations_[0]], output=tmp_path / "x.h5ad")
+    with pytest.raises(ValueError, match="is a folder"):
+        model.predict(backed, output=tmp_path, overwrite=True)
+    with pytest.raises(ValueError, match="the file the AnnData is read from"):
+        model.predict(backed, output=path, overwrite=True)
+    link = tmp_path / "link.h5ad"
+    link.symlink_to(target)
+    model.predict(backed, output=link, overwrite=True)  # the link is replaced, never written through
+    assert target.read_text() == "keep me" and not link.is_symlink()
 
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")
@@ -106,7 +114,21 @@ def test_output_file_is_not_overwritten_and_failures_leave_none(pair, tmp_path, 
     monkeypatch.setattr(_predict, "generate", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         model.predict(backed, output=tmp_path / "failed.h5ad")
-    assert not (tmp_path / "failed.h5ad").exists()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.predict(backed, output=target, overwrite=True)  # a failed overwrite keeps the old file
+    assert target.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.h5ad", "pred.h5ad"]
+
+
+def test_obs_columns_h5ad_cannot_store_are_refused_before_writing(pair, tmp_path):
+    memory, model, _, _, _ = pair
+    adata = memory.copy()
+    mixed = np.array(["a"] * adata.n_obs, dtype=object)
+    mixed[:3] = 7
+    adata.obs["note"] = mixed
+    with pytest.raises(ValueError, match=r"`adata.obs\['note'\]` cannot be written.*\['int', 'str'\].*astype\(str\)"):
+        model.predict(adata, output=tmp_path / "pred.h5ad")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_views_of_backed_data_are_read_lazily(pair):

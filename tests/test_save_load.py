@@ -403,7 +403,7 @@ def test_other_control_label_is_named_and_the_anndata_left_alone(saved, tiny):
     fresh = _fresh(data)
     fresh.obs["gene"] = fresh.obs["gene"].astype(str).replace({"non-targeting": "ctrl"})
     before = (fresh.obs.copy(), dict(fresh.uns))
-    with pytest.raises(ValueError, match=r"control label 'non-targeting'.*\['CTRL'\].*replace") as info:
+    with pytest.raises(ValueError, match=r"control label 'non-targeting'.*\['ctrl'\].*replace") as info:
         PTRAG.load(saved, adata=fresh)
     assert not isinstance(info.value, ModelFileError)
     pd.testing.assert_frame_equal(fresh.obs, before[0])

@@ -10,11 +10,12 @@ not by row), and fill the rest from the input matrix chunk by chunk:
 - :class:`SparseLayerWriter`: a CSR matrix built from per-batch pieces; no dense copy of the
   whole layer is ever made (zeros of the non-negative output stay implicit);
 - :class:`H5ADWriter`: a new h5ad file whose ``X`` is the prediction, written row by row to its
-  place on disk; memory holds one batch.
+  place on disk (memory holds one batch), under a temporary name renamed into place at the end.
 """
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .. import _files
 from ._matrix import (
     BackedReader,
     RowSubset,
@@ -196,6 +198,38 @@ class SparseLayerWriter(_Writer):
         return sp.csr_matrix((data, indices, indptr.astype(index_dtype, copy=False)), shape=self.shape)
 
 
+def _check_writable(frames: dict, uns: dict) -> None:
+    """Raise a ``ValueError`` naming the column of ``frames`` (or the ``uns`` entry) that the h5ad
+    format cannot store, found by writing them to a file in memory before anything is written."""
+    import h5py
+    from anndata.io import write_elem
+
+    def fails(key: str, value) -> Exception | None:
+        with h5py.File(io.BytesIO(), "w") as f:
+            try:
+                write_elem(f, key, value)
+            except Exception as exc:  # anndata's and h5py's errors for unsupported values
+                return exc
+        return None
+
+    for name, frame in frames.items():
+        if fails(name, frame) is None:
+            continue
+        for column in frame.columns:
+            error = fails(name, frame[[column]])
+            if error is not None:
+                kinds = sorted({type(v).__name__ for v in frame[column].tolist()})
+                raise ValueError(
+                    f"`adata.{name}[{column!r}]` cannot be written to an h5ad file (values of types {kinds}: "
+                    f"{type(error).__name__}). Convert it first, e.g. `adata.{name}[{column!r}] = "
+                    f"adata.{name}[{column!r}].astype(str)`, or drop it."
+                )
+        raise ValueError(f"`adata.{name}` cannot be written to an h5ad file (its index?).")
+    error = fails("uns", uns)
+    if error is not None:
+        raise ValueError(f"The prediction record cannot be written to an h5ad file: {error}")
+
+
 class H5ADWriter(_Writer):
     """Predictions into a new h5ad file whose ``X`` (dense float32) is the counterfactual matrix.
 
@@ -215,42 +249,78 @@ class H5ADWriter(_Writer):
     matrix, columns, predicted
         See :class:`_Writer`.
     overwrite
-        Replace an existing file at ``path``.
+        Replace an existing file at ``path`` (kept as it was if writing fails).
+    input_file
+        The file a backed input is read from: refused as ``path``.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is a folder, a ``.zarr`` path or ``input_file``, or a column of ``obs`` or
+        ``var`` cannot be stored in an h5ad file (named; checked before anything is written).
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
     """
 
-    def __init__(self, path, *, obs, var, uns: dict, matrix, columns: np.ndarray | None, predicted: np.ndarray, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path,
+        *,
+        obs,
+        var,
+        uns: dict,
+        matrix,
+        columns: np.ndarray | None,
+        predicted: np.ndarray,
+        overwrite: bool = False,
+        input_file=None,
+    ) -> None:
         import h5py
         from anndata.io import write_elem
         from h5py import h5d, h5p, h5s, h5t
 
         super().__init__(matrix, columns, predicted)
         self.path = Path(os.fspath(path))
+        self._fd = None
+        shown = f"`output={os.fspath(path)!r}`"
         if self.path.suffix.lower() == ".zarr":
-            raise ValueError(f"`output={os.fspath(path)!r}`: predictions are written as an h5ad file; name a `.h5ad` path.")
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"`output={os.fspath(path)!r}` already exists; pass `overwrite=True` to replace it, or another path.")
+            raise ValueError(f"{shown}: predictions are written as an h5ad file; name a `.h5ad` path.")
+        if self.path.is_dir():
+            raise ValueError(f"{shown} is a folder; name the file to write, e.g. `{self.path / 'predictions.h5ad'}`.")
+        if os.path.lexists(self.path) and not overwrite:
+            raise FileExistsError(f"{shown} already exists; pass `overwrite=True` to replace it, or another path.")
         if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"The folder of `output={os.fspath(path)!r}` does not exist; create it first.")
+            raise FileNotFoundError(f"The folder of {shown} does not exist; create it first.")
+        if input_file is not None and os.path.exists(self.path) and os.path.samefile(self.path, input_file):
+            raise ValueError(f"{shown} is the file the AnnData is read from (backed mode); write to another file.")
+        _check_writable({"obs": obs, "var": var}, dict(uns))
+        # Written under a unique temporary name beside the target, renamed over it at the end:
+        # a failure leaves the old file, and nothing is written through a link.
+        self._partial = _files.sibling_name(self.path, "writing")
         n_obs, n_vars = self.shape
-        with h5py.File(self.path, "w") as f:
-            f.attrs["encoding-type"] = "anndata"
-            f.attrs["encoding-version"] = "0.1.0"
-            # Contiguous storage, allocated now and never pre-filled: every row is written once.
-            dcpl = h5p.create(h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
-            dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
-            space = h5s.create_simple((n_obs, n_vars))
-            dataset = h5py.Dataset(h5d.create(f.id, b"X", h5t.IEEE_F32LE, space, dcpl=dcpl))
-            for key, value in _ARRAY_ATTRS.items():
-                dataset.attrs[key] = value
-            self._offset = int(dataset.id.get_offset())
-            write_elem(f, "obs", obs)
-            write_elem(f, "var", var)
-            write_elem(f, "uns", dict(uns))
-            for key in ("obsm", "varm", "obsp", "varp", "layers"):
-                write_elem(f, key, {})
-        self._row_bytes = n_vars * 4
-        self._fd = os.open(self.path, os.O_WRONLY)
+        try:
+            with h5py.File(self._partial, "w-") as f:
+                f.attrs["encoding-type"] = "anndata"
+                f.attrs["encoding-version"] = "0.1.0"
+                # Contiguous storage, allocated now and never pre-filled: every row is written once.
+                dcpl = h5p.create(h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+                dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+                space = h5s.create_simple((n_obs, n_vars))
+                dataset = h5py.Dataset(h5d.create(f.id, b"X", h5t.IEEE_F32LE, space, dcpl=dcpl))
+                for key, value in _ARRAY_ATTRS.items():
+                    dataset.attrs[key] = value
+                self._offset = int(dataset.id.get_offset())
+                write_elem(f, "obs", obs)
+                write_elem(f, "var", var)
+                write_elem(f, "uns", dict(uns))
+                for key in ("obsm", "varm", "obsp", "varp", "layers"):
+                    write_elem(f, key, {})
+            self._row_bytes = n_vars * 4
+            self._fd = os.open(self._partial, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        except BaseException:
+            self.abort()
+            raise
 
     def _write_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
         order = np.argsort(rows, kind="stable")
@@ -266,22 +336,26 @@ class H5ADWriter(_Writer):
         self._write_rows(rows, self._full_rows(rows, values))
 
     def finish(self):
-        """Copy the rows that were not predicted, close the file and open it ``backed="r"``."""
+        """Copy the rows that were not predicted, put the file in place and open it ``backed="r"``."""
         import anndata
 
         try:
             for rows, block in self._unpredicted_blocks():
                 self._write_rows(rows, block.toarray() if sp.issparse(block) else np.asarray(block))
+            os.fsync(self._fd)
+            self._close()
+            os.replace(self._partial, self.path)
+            _files.fsync_path(self.path.parent)
         except BaseException:
             self.abort()
             raise
-        self._close()
         return anndata.read_h5ad(self.path, backed="r")
 
     def abort(self) -> None:
-        """Close and delete the unfinished file (prediction failed or was interrupted)."""
+        """Close and delete the unfinished file (prediction failed or was interrupted); an existing
+        file at ``path`` is left as it was."""
         self._close()
-        self.path.unlink(missing_ok=True)
+        Path(self._partial).unlink(missing_ok=True)
 
     def _close(self) -> None:
         if self._fd is not None:

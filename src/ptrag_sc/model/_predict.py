@@ -257,6 +257,7 @@ def _output_writer(model, adata, data, query, *, output, sparse, overwrite, samp
         columns=data.columns,
         predicted=query,
         overwrite=overwrite,
+        input_file=adata.filename if adata.isbacked else None,
     )
 
 

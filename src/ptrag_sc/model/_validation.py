@@ -397,16 +397,18 @@ def check_control_label(adata, setup_args: dict, embeddings) -> None:
     sep = setup_args.get("perturbation_sep", "+")
     if key not in adata.obs.columns or not isinstance(embeddings, pd.DataFrame) or adata.obs[key].isna().any():
         return  # registration names these problems
-    labels = normalise_labels(adata.obs[key].astype(str).to_numpy(), control_group=control, sep=sep)
+    raw = pd.unique(adata.obs[key].astype(str).to_numpy())
+    labels = normalise_labels(raw, control_group=control, sep=sep)
     if (labels == control).any():
         return
-    unknown = list(PerturbationEncoder(embeddings, sep=sep).missing(pd.unique(labels)))
-    if unknown:
+    unknown = set(PerturbationEncoder(embeddings, sep=sep).missing(labels))
+    written = [r for r, label in zip(raw, labels, strict=True) if label in unknown]
+    if written:
         raise ValueError(
             f"No cell of `adata.obs[{key!r}]` has the control label {control!r} the model was saved with "
-            f"(`control_group`), and the label(s) {unknown[:5]} have no gene embedding. If they mark "
+            f"(`control_group`), and the label(s) {written[:5]} have no gene embedding. If they mark "
             f"the control cells, relabel them: `adata.obs[{key!r}] = adata.obs[{key!r}]"
-            f".replace({{{unknown[0]!r}: {control!r}}})`."
+            f".replace({{{written[0]!r}: {control!r}}})`."
         )
 
 
