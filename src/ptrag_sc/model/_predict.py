@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import torch
@@ -20,6 +22,7 @@ from .._settings import settings
 from .._utils import flush_denormal
 from ..data import NO_CELL_TYPE, count_prediction_batches, match_controls, prediction_batches
 from ..data._writers import DenseLayerWriter, H5ADWriter, SparseLayerWriter
+from ._guard import local_random, predicts
 from ._validation import (
     check_anndata,
     check_controls_per_cell_type,
@@ -77,6 +80,7 @@ def _progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="batch")
 
 
+@predicts
 @torch.inference_mode()
 def generate(model, data, sources, labels, cell_types, batches, context_index, context_means, *, batch_size, sample_retrieval, seed, progress, write):
     """Generate one cell per row from control cell ``sources[row]`` under ``labels[row]``.
@@ -91,15 +95,14 @@ def generate(model, data, sources, labels, cell_types, batches, context_index, c
     )
     distance = np.full(labels.shape[0], np.nan, dtype=np.float32)
     module = model.module
-    module.eval()
     device = next(module.parameters()).device
-    generator_state = None
-    if sample_retrieval:
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(0 if seed is None else seed)
+    # Sampling draws from a generator of this call's own: torch's global one is left alone, and
+    # predictions running in other threads do not draw from it.
+    sampling = local_random(0 if seed is None else seed, device) if sample_retrieval else contextlib.nullcontext()
     bar = _progress(count_prediction_batches(groups, model.cell_set_size, batch_size), "Predicting", progress)
     try:
-        with flush_denormal():
+        with sampling, flush_denormal():
+            module.eval()
             encoded = _encoded_sources(module, data.expression, sources, groups.cells, device)
             for batch, out_rows, set_group in prediction_batches(
                 groups, data.expression, sources, set_size=model.cell_set_size, batch_size=batch_size
@@ -120,8 +123,6 @@ def generate(model, data, sources, labels, cell_types, batches, context_index, c
     finally:
         if bar is not None:
             bar.close()
-        if generator_state is not None:
-            torch.random.set_rng_state(generator_state)
     return distance
 
 
@@ -363,6 +364,7 @@ def generation(model, adata, perturbations, cell_type, batch_size, key_added, sa
     return result
 
 
+@predicts
 @torch.inference_mode()
 def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd.DataFrame:
     """The table of :meth:`PTRAG.get_retrieval`."""
@@ -464,6 +466,7 @@ def _query_order(groups, set_group, canonical) -> np.ndarray:
     return pd.Index(canonical).get_indexer(groups.perturbation[set_group])
 
 
+@predicts
 def screen_shifts(model, builder, data, labels, cell_type, cells, context_index, context_means, *, ceiling, fast, energy, batch_size, progress, chunk_size):
     """Predicted mean shift ``(P, G)``, energy ``(P,)`` and retrieval distance ``(P,)`` of every label.
 

@@ -25,6 +25,7 @@ from .._utils import flush_denormal, quiet_lightning
 from ..data import SetDataModule, column_max, memory_from_cells
 from ..data._sets import n_training_sets
 from ..train import KeepBestWeights
+from ._guard import training
 from ._validation import check_expression, check_obs_key, finite_float, positive_int
 
 if TYPE_CHECKING:
@@ -302,7 +303,7 @@ def train(
     snapshot = _snapshot(model)
     watcher = _InterruptWatcher()
     trainer_kwargs = {**trainer_kwargs, "callbacks": [*(trainer_kwargs.get("callbacks") or []), watcher.callback]}
-    with _keep_sigint():
+    with training(model), _keep_sigint():
         try:
             _fit(
                 model,
