@@ -8,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import SMALL_MODEL
 
+import ptrag_sc
 from ptrag_sc import PTRAG
 
 
@@ -313,3 +314,61 @@ def test_load_accepts_new_cell_types_and_refuses_other_objects(trained, tmp_path
     pred = loaded.predict(other, inplace=False)
     assert np.isfinite(pred).all()
     assert (other.obs["cell_line"] == "new_line").sum() > 0
+
+
+def test_embedding_symbols_are_read_without_surrounding_spaces(adata):
+    table = adata.uns["gene_embeddings"].copy()
+    table.index = [f" {g.lower()} " for g in table.index]
+    PTRAG.setup_anndata(adata)
+    model = PTRAG(adata, perturbation_embeddings=table, gene_annotations=None, **SMALL_MODEL)
+    assert list(model.perturbation_embeddings.index) == [g.upper() for g in adata.uns["gene_embeddings"].index]
+    table.index = ["  ", *table.index[1:]]
+    with pytest.raises(ValueError, match="1 blank gene symbol"):
+        PTRAG(adata, perturbation_embeddings=table, gene_annotations=None, **SMALL_MODEL)
+    resolved = ptrag_sc.pp.resolve_gene_symbols([" stat1", "SGK1 "], [" STAT1 ", "SGK1"], warn=False)
+    assert resolved.mapping == {" stat1": " STAT1 ", "SGK1 ": "SGK1"}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("n_hidden", 65536), ("cell_set_size", 200_000), ("n_layers", 10**8), ("n_candidates", 10**7)],
+)
+def test_sizes_beyond_memory_are_refused_naming_the_option(adata, option, value):
+    PTRAG.setup_anndata(adata)
+    kwargs = {**SMALL_MODEL, "gene_annotations": None, option: value}
+    with pytest.raises(ValueError, match=rf"`{option}={value}` makes the model too large.*GiB of memory; with `{option}="):
+        PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **kwargs)
+
+
+def _tl_pl_calls(model, data):
+    frame = pd.DataFrame({"x": [1.0]})
+    return {
+        "tl.screen(adata)": (lambda: ptrag_sc.tl.screen(data, cell_type="x"), r"`model` must be a trained PTRAG model, got AnnData\. The model comes first"),
+        "tl.screen(model, model)": (lambda: ptrag_sc.tl.screen(model, model), r"`adata` must be an AnnData.*got PTRAG"),
+        "tl.evaluate(model)": (lambda: ptrag_sc.tl.evaluate(model), r"`adata` must be an AnnData, got PTRAG.*model.adata"),
+        "tl.evaluate(reference=frame)": (lambda: ptrag_sc.tl.evaluate(data, reference=frame), r"`reference` must be an AnnData, got DataFrame"),
+        "tl.predict_baseline(model)": (lambda: ptrag_sc.tl.predict_baseline(model, "control"), r"`adata` must be an AnnData, got PTRAG"),
+        "tl.to_cell_eval(frame)": (lambda: ptrag_sc.tl.to_cell_eval(frame), r"`adata` must be an AnnData, got DataFrame"),
+        "pl.shift_scatter(model)": (lambda: ptrag_sc.pl.shift_scatter(model), r"`adata` must be an AnnData, got PTRAG"),
+        "pl.screen(model)": (lambda: ptrag_sc.pl.screen(model), r"`screen_df` must be the DataFrame"),
+        "pl.training_history(data)": (lambda: ptrag_sc.pl.training_history(data), r"`model_or_history` must be"),
+    }
+
+
+def test_tl_and_pl_check_argument_types_first(trained):
+    model, data = trained
+    for name, (call, message) in _tl_pl_calls(model, data).items():
+        with pytest.raises(TypeError, match=message):
+            call()
+        assert name  # (named for the failure report)
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [["GENE0001", "GENE0001"], ["GENE0001", "gene0001"], {"up": ["GENE0001"], "down": ["GENE0001"]}, {"up": ["GENE0001", "GENE0002", "GENE0001"]}],
+)
+def test_a_signature_listing_a_gene_twice_is_refused(trained, signature):
+    model, data = trained
+    cell_type = str(data.obs["cell_line"].iloc[0])
+    with pytest.raises(ValueError, match=r"`signature` lists the same gene more than once: \['GENE0001'"):
+        ptrag_sc.tl.screen(model, cell_type=cell_type, signature=signature)

@@ -21,14 +21,15 @@ MAX_EMBEDDING_VALUE = 1e6
 
 
 def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
-    """Check a gene-embedding table and return it as a float32 frame with upper-case symbols.
+    """Check a gene-embedding table and return it as a float32 frame with upper-case symbols
+    (surrounding whitespace removed).
 
     Raises
     ------
     TypeError
         If ``embeddings`` is not a :class:`~pandas.DataFrame`.
     ValueError
-        If the table is empty, has duplicated symbols (after upper-casing), non-numeric
+        If the table is empty, has blank or duplicated symbols (after stripping and upper-casing), non-numeric
         columns, NaN/inf values, values beyond ``1e6`` in absolute value (they overflow the
         network in float32) or all-zero rows (a zero vector has no direction to retrieve by).
     """
@@ -51,7 +52,10 @@ def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
             "`perturbation_embeddings` must hold numbers only; non-numeric columns: "
             f"{[c for c in embeddings.columns if not pd.api.types.is_numeric_dtype(embeddings[c])][:5]}"
         ) from err
-    symbols = pd.Index(embeddings.index.astype(str).str.upper(), name="gene")
+    # Symbols are read as labels are: surrounding whitespace removed, upper-cased.
+    symbols = pd.Index(embeddings.index.astype(str).str.strip().str.upper(), name="gene")
+    if (symbols == "").any():
+        raise ValueError(f"`perturbation_embeddings` has {int((symbols == '').sum())} blank gene symbol(s) in its index.")
     duplicated = symbols[symbols.duplicated()].unique().tolist()
     if duplicated:
         raise ValueError(

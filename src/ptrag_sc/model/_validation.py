@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 import warnings
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "check_flag",
     "check_genes",
     "check_model_options",
+    "check_model_size",
     "check_obs_key",
     "check_seed",
     "check_setup",
@@ -169,6 +171,77 @@ def check_model_options(options: dict) -> dict:
         if options["index_backend"] == "faiss":
             raise ValueError("`index_backend='faiss'` searches gene embeddings only; with `similarity` other than 'embedding' use 'auto' or 'exact'.")
     return options
+
+
+#: Options that size the network, tried one by one at their default to find which makes it too large.
+SIZE_OPTIONS = ("n_hidden", "n_layers", "n_heads", "n_set_tokens", "cell_set_size", "n_candidates", "decoder_rank", "n_scorer_hidden")
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def training_bytes(module_cls, module_options: dict, options: dict, *, n_genes: int, n_dims: int, n_batch: int) -> float:
+    """Least memory a training step takes: the parameters with their gradients and two Adam
+    moments, and the activations of one set (``batch_size=1``), forward and backward."""
+    import torch
+
+    cells, hidden, candidates = options["cell_set_size"], options["n_hidden"], options["n_candidates"]
+    scorer = options["n_scorer_hidden"] or hidden
+    tokens = options["n_set_tokens"] + 1
+    # Per cell: its hidden states, stage 2's (candidate x scorer) layer, predicted and observed
+    # expression, and attention (over the pooled tokens, or every cell in each layer of the
+    # full backbone); per set: the energy distance's three cell-by-cell matrices.
+    attention = options["n_heads"] * (tokens if options["backbone"] == "pooled" else options["n_layers"] * cells)
+    per_cell = 16 * hidden + candidates * scorer + 2 * n_genes + attention
+    pooled_layers = options["n_layers"] * 8 * hidden * tokens
+    activations = 4.0 * 3 * (cells * per_cell + 3 * cells**2 + candidates * n_genes + pooled_layers)
+    # Parameters grow linearly with depth: two shallow networks built on the meta device
+    # (nothing allocated) give the count for any depth.
+    counts = []
+    for depth in (1, 2):
+        with torch.device("meta"):
+            module = module_cls(n_genes, n_dims, n_batch=n_batch, **{**module_options, "n_layers": depth})
+        counts.append(sum(p.numel() for p in module.parameters()))
+    n_params = counts[0] + (options["n_layers"] - 1) * (counts[1] - counts[0])
+    return activations + 16.0 * n_params
+
+
+def check_model_size(module_cls, module_options: dict, options: dict, defaults: dict, **shape) -> None:
+    """Refuse sizes whose training cannot fit in this machine's memory, naming the option at fault.
+
+    ``shape``: ``n_genes``, ``n_dims`` and ``n_batch`` of the data. The option named is the one
+    whose default shrinks the estimate most (an out-of-memory kill, or torch's "can't allocate",
+    would come much later and say nothing of it).
+    """
+    available = _physical_memory()
+    if available is None:
+        return
+    needed = training_bytes(module_cls, module_options, options, **shape)
+    if needed <= available:
+        return
+    shrunk = {}
+    for name in SIZE_OPTIONS:
+        if options[name] != defaults[name]:
+            trial = {**options, name: defaults[name]}
+            trial_module = {k: trial.get(k, v) for k, v in module_options.items()}
+            shrunk[name] = training_bytes(module_cls, trial_module, trial, **shape)
+    def size(n_bytes: float) -> str:
+        return f"{n_bytes / 2**30:,.0f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.0f} MiB"
+
+    if shrunk:
+        name = min(shrunk, key=shrunk.get)
+        raise ValueError(
+            f"`{name}={options[name]}` makes the model too large for this machine: training it, even one set "
+            f"at a time, needs at least {size(needed)} (parameters, gradients, optimiser state, "
+            f"activations) and there are {size(available)} of memory; with `{name}={defaults[name]}` "
+            f"(the default) it would need about {size(shrunk[name])}."
+        )
+    raise ValueError(
+        f"The model for {shape['n_genes']} genes would need at least {size(needed)} to train, and there are "
+        f"{size(available)} of memory: select fewer genes (e.g. highly variable ones)."
+    )
 
 
 def check_obs_key(adata, key: str | None, argument: str) -> None:

@@ -113,7 +113,8 @@ def resolve_gene_symbols(
 ) -> SymbolResolution:
     """Match gene symbols (e.g. perturbation labels) to the entries of a vocabulary.
 
-    Each query is matched, in this order, (1) exactly, (2) case-insensitively, (3) through
+    Each query is matched, in this order, (1) exactly, (2) case-insensitively and ignoring
+    surrounding whitespace (in queries and vocabulary alike: ``" stat1 "`` finds ``STAT1``), (3) through
     gene aliases and previous symbols, in both directions: an old label finds the current
     symbol (``AARS`` -> ``AARS1``, ``KIAA1804`` -> ``MAP3K21``) and a current label finds an
     old vocabulary entry (``MAP3K21`` -> ``KIAA1804``). An official symbol is never re-read as
@@ -161,7 +162,7 @@ def resolve_gene_symbols(
     vocab_set = set(vocab)
     by_upper: dict[str, list[str]] = defaultdict(list)
     for v in dict.fromkeys(vocab):
-        by_upper[v.upper()].append(v)
+        by_upper[v.strip().upper()].append(v)
 
     base: Mapping[str, tuple[tuple[str, int], ...]] = {}
     user: dict[str, list[tuple[str, int]]] = {}
@@ -208,7 +209,7 @@ def resolve_gene_symbols(
         if q in vocab_set:
             mapping[q], method[q] = q, "exact"
             continue
-        upper = q.upper()
+        upper = q.strip().upper()
         same_case = by_upper.get(upper, [])
         if len(same_case) == 1:
             mapping[q], method[q] = same_case[0], "case"
@@ -228,7 +229,7 @@ def resolve_gene_symbols(
                 found = list(dict.fromkeys(found))
                 if len(found) > 1:
                     # several vocabulary entries for one gene: prefer the official symbol itself
-                    offi = [f for f in found if f.upper() in official]
+                    offi = [f for f in found if f.strip().upper() in official]
                     found = offi if len(offi) == 1 else found
         if len(found) == 1:
             mapping[q], method[q] = found[0], "alias"

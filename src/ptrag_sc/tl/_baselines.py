@@ -21,6 +21,7 @@ from ..data._matrix import column_max
 from ..data._pairing import context_codes, match_controls
 from ._utils import (
     as_str_tuple,
+    check_anndata,
     check_obs_key,
     get_matrix,
     group_means,
@@ -187,6 +188,7 @@ def predict_baseline(
     >>> len(res)
     2
     """
+    check_anndata(adata)
     if method not in BASELINES:
         raise ValueError(
             f"`method={method!r}` is not a baseline; choose one of {list(BASELINES)}."

@@ -17,6 +17,7 @@ from .._constants import (
 from . import _metrics as M
 from ._utils import (
     as_str_tuple,
+    check_anndata,
     check_obs_key,
     dense_rows,
     finite_rows,
@@ -63,6 +64,9 @@ def resolve_inputs(adata, reference, pred_layer, real_layer, perturbation_key, c
     into the reference or None, perturbation and cell-type labels of adata, the same of the
     reference, control mask of the reference)``.
     """
+    check_anndata(adata)
+    if reference is not None:
+        check_anndata(reference, "reference")
     pred_mat = get_matrix(adata, pred_layer, "pred_layer")
     ref = adata if reference is None else reference
     where_ref = "adata" if reference is None else "reference"

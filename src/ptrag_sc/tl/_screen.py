@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 
 if TYPE_CHECKING:
-    from anndata import AnnData
-
     from ..model import PTRAG
 
 Effect = Literal["shift_norm", "energy"]
@@ -149,6 +148,13 @@ def screen(
         positive_int,
     )
 
+    from ..model import PTRAG as Model
+
+    if not isinstance(model, Model):
+        hint = " The model comes first: `tl.screen(model, adata, ...)`." if isinstance(model, AnnData) else ""
+        raise TypeError(f"`model` must be a trained PTRAG model, got {type(model).__name__}.{hint}")
+    if adata is not None and not isinstance(adata, AnnData) and type(adata).__name__ != "MuData":
+        raise TypeError(f"`adata` must be an AnnData (or a MuData) with control cells, got {type(adata).__name__}.")
     adata = model._resolve_adata(adata)
     model._require_trained()
     adata = model.adata if adata is None else adata
@@ -302,10 +308,21 @@ def _signature_weights(signature, var_names: pd.Index) -> tuple[np.ndarray | Non
     weights = np.zeros(len(var_names), dtype=np.float64)
     used: list[str] = []
     dropped: list[str] = []
-    for genes, values, average in parts:
+    positions = []
+    for genes, _, _ in parts:
         position = var_names.get_indexer(genes)
         fallback = upper.get_indexer([g.upper() for g in genes]) if not upper.has_duplicates else np.full(len(genes), -1)
-        position = np.where(position >= 0, position, fallback)
+        positions.append(np.where(position >= 0, position, fallback))
+    # A gene listed twice (as written, in another case, or under 'up' and 'down') would count twice.
+    listed = pd.DataFrame({"gene": [g for genes, _, _ in parts for g in genes], "at": np.concatenate(positions)})
+    repeated = listed["gene"].duplicated(keep=False) | ((listed["at"] >= 0) & listed["at"].duplicated(keep=False))
+    twice = sorted(set(listed.loc[repeated, "gene"]))
+    if twice:
+        raise ValueError(
+            f"`signature` lists the same gene more than once: {twice[:10]}. List each gene once "
+            "(for weights, pass a pandas Series gene -> weight)."
+        )
+    for (genes, values, average), position in zip(parts, positions, strict=True):
         dropped += [g for g, p in zip(genes, position, strict=True) if p < 0]
         present = position >= 0
         if not present.any():

@@ -29,8 +29,24 @@ def check_obs_key(adata: AnnData, key: str, argument: str, *, where: str = "adat
         )
 
 
+def check_anndata(value, argument: str = "adata") -> None:
+    """Raise a ``TypeError`` naming ``argument`` unless ``value`` is an AnnData (before it is read)."""
+    from anndata import AnnData
+
+    if isinstance(value, AnnData):
+        return
+    kind = type(value).__name__
+    hint = ""
+    if hasattr(value, "module") and hasattr(value, "adata"):  # a model where the data goes
+        hint = f" Pass the AnnData (e.g. `model.adata`); the model itself is not {argument}."
+    elif kind == "MuData":
+        hint = " Pass its RNA modality, e.g. `mdata.mod['rna']`."
+    raise TypeError(f"`{argument}` must be an AnnData, got {kind}.{hint}")
+
+
 def get_matrix(adata: AnnData, layer: str | None, argument: str, *, where: str = "adata"):
     """Return ``adata.X`` (``layer=None``) or ``adata.layers[layer]`` with a clear error."""
+    check_anndata(adata, where)
     if layer is None:
         if adata.X is None:
             raise ValueError(f"{where}.X is empty; pass `{argument}` naming a layer.")
