@@ -95,7 +95,7 @@ def test_an_interrupted_save_leaves_the_old_model(two_models, tmp_path, monkeypa
 
 
 def test_links_in_the_folder_are_never_written_through(two_models, tmp_path):
-    (model, _), data = two_models
+    (model, _), _ = two_models
     outside = tmp_path / "precious.h5ad"
     outside.write_bytes(b"the user's own file")
     path = tmp_path / "m"
@@ -124,7 +124,7 @@ def test_a_linked_model_folder_is_not_replaced(two_models, tmp_path):
     (model, _), _ = two_models
     model.save(tmp_path / "real")
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    with pytest.raises(ValueError, match="symbolic link.*real"):
+    with pytest.raises(ValueError, match=r"symbolic link.*real"):
         model.save(tmp_path / "link", overwrite=True)
     assert (tmp_path / "link").is_symlink()
     PTRAG.load(tmp_path / "link", adata=False)  # reading through the user's own link is fine

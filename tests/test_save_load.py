@@ -15,14 +15,20 @@ import pytest
 import scvi
 import torch
 from conftest import few_shot_split, make_small_adata
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, load_file, save, save_file
 from scvi.model.base import BaseModelClass
 
 from ptrag_sc import PTRAG
 from ptrag_sc.model import ModelFileError
-from ptrag_sc.model._io import ADATA_FNAME, FORMAT_VERSION, MANIFEST_FNAME, MIGRATIONS, WEIGHTS_FNAME
+from ptrag_sc.model._io import (
+    ADATA_FNAME,
+    FORMAT_VERSION,
+    MANIFEST_FNAME,
+    MIGRATIONS,
+    WEIGHTS_FNAME,
+)
 from ptrag_sc.model._schema import decode, encode
 
 TINY = {"n_hidden": 16, "n_layers": 1, "n_heads": 2, "cell_set_size": 8, "n_candidates": 4}
@@ -414,7 +420,7 @@ def test_save_overwrite_keeps_other_files(tiny, tmp_path):
     model, _ = tiny
     path = tmp_path / "m"
     model.save(path)
-    with pytest.raises(ValueError, match="already exists.*overwrite=True"):
+    with pytest.raises(ValueError, match=r"already exists.*overwrite=True"):
         model.save(path)
     (path / "notes.txt").write_text("mine")
     (path / "figures").mkdir()
@@ -437,7 +443,7 @@ def test_save_refuses_to_replace_a_users_anndata(tiny, tmp_path):
     model.save(path)
     _fresh(data).write_h5ad(path / ADATA_FNAME)  # the user's own file, not listed in the manifest
     digest = hashlib.sha256((path / ADATA_FNAME).read_bytes()).hexdigest()
-    with pytest.raises(FileExistsError, match="adata.h5ad was not written by `save`"):
+    with pytest.raises(FileExistsError, match=r"adata\.h5ad was not written by `save`"):
         model.save(path, overwrite=True, save_anndata=True)
     model.save(path, overwrite=True)  # without save_anndata it is kept
     assert hashlib.sha256((path / ADATA_FNAME).read_bytes()).hexdigest() == digest
@@ -485,7 +491,7 @@ def test_malicious_pickles_never_run(copy_of, tmp_path):
     shutil.copytree(V1_MODEL, v1_npz)
     (v1_npz / "model_arrays.npz").write_bytes(pickle.dumps(payload))
     _rehash(v1_npz)
-    with pytest.raises(ModelFileError, match="not a numpy .npz"):
+    with pytest.raises(ModelFileError, match=r"not a numpy \.npz"):
         PTRAG.load(v1_npz, adata=False)
     np.savez(v1_npz / "model_arrays.npz", a0=np.array([payload], dtype=object))
     _rehash(v1_npz)

@@ -140,6 +140,7 @@ def screen(
     1
     """
     from .._settings import settings
+    from ..model import PTRAG as Model
     from ..model._predict import _context_index, check_batch_size, screen_shifts
     from ..model._validation import (
         check_choice,
@@ -147,8 +148,6 @@ def screen(
         check_expression,
         positive_int,
     )
-
-    from ..model import PTRAG as Model
 
     if not isinstance(model, Model):
         hint = " The model comes first: `tl.screen(model, adata, ...)`." if isinstance(model, AnnData) else ""
