@@ -13,7 +13,8 @@ process). Every case names what a correct outcome is; the runner classifies what
 
 ``clear_error``
     An exception of type ``ValueError``, ``KeyError``, ``TypeError``, ``RuntimeError`` or a
-    path error (``FileNotFoundError``, ``NotADirectoryError``, ``FileExistsError``) whose
+    path or I/O error (``FileNotFoundError``, ``NotADirectoryError``, ``FileExistsError``, an
+    ``OSError`` such as a full disk, passed through) whose
     message names the argument or value at fault (one of the case's tokens), raised by
     ptrag_sc (or by Python at the call itself), not from deep inside a library.
 ``correct``
@@ -27,12 +28,19 @@ process). Every case names what a correct outcome is; the runner classifies what
 ``overwrite``
     The user's objects (AnnData, MuData, embedding table) changed beyond the documented keys
     (``obs['_scvi_*']``, ``uns['_scvi_*']`` and, on success, ``layers[key_added]``).
+``data_loss``
+    A file or model folder of the user's that the call had to leave alone changed or went
+    missing (a failed save that destroyed the previous model, a replaced h5ad).
+``outside_write``
+    A file outside the folder the call writes to changed (a link written through).
 ``code_executed``
     Loading ran code planted in the model directory (a pickle that touches a marker file).
 
 Writes ``<output>/cases.csv`` (one row per case) and ``<output>/summary.md`` (counts, and the
 cases that are not a clear error or a correct result). Targets (issue 9): 0 silent wrong
-results, 0 overwrites, 0 code executed, at most 5 obscure errors.
+results, 0 overwrites, 0 code executed, at most 5 obscure errors; issue 19's cases (their
+``group`` names the failure class): 0 silent, 0 data loss, 0 writes outside the folder, at
+most 2 obscure errors.
 """
 
 from __future__ import annotations
@@ -64,8 +72,8 @@ import scipy.sparse as sp
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "results" / "faults"
-OUTCOMES = ("clear_error", "correct", "obscure_error", "silent_wrong", "overwrite", "code_executed")
-CLEAR_TYPES = (ValueError, KeyError, TypeError, RuntimeError, FileNotFoundError, NotADirectoryError, FileExistsError)
+OUTCOMES = ("clear_error", "correct", "obscure_error", "silent_wrong", "overwrite", "data_loss", "outside_write", "code_executed")
+CLEAR_TYPES = (ValueError, KeyError, TypeError, RuntimeError, FileNotFoundError, NotADirectoryError, FileExistsError, OSError)
 TINY = {"n_hidden": 16, "n_layers": 1, "n_heads": 2, "cell_set_size": 8, "n_candidates": 4, "gene_annotations": None}
 STEPS = 12
 
@@ -90,6 +98,11 @@ class Trial:
     after
         Run after the call, whatever happened: ``after() -> (ok, why)``; not ok is a silent
         wrong result (e.g. a failed ``train`` that left the model marked trained).
+    keep
+        The user's files (or model folders) whose bytes must survive the call: a change is
+        ``data_loss``.
+    outside
+        Files outside the folder the call writes to: a change is ``outside_write``.
     """
 
     call: Callable[[], Any]
@@ -99,6 +112,8 @@ class Trial:
     allow_layers: tuple[str, ...] = ()
     warns: str | None = None
     after: Callable[[], tuple[bool, str]] | None = None
+    keep: tuple[Path, ...] = ()
+    outside: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -108,17 +123,28 @@ class Case:
     description: str
     build: Callable[[Env], Trial]
     from_issue: bool = False
+    group: str = ""
 
 
 CASES: list[Case] = []
 
 
-def case(api: str, description: str, *, issue: bool = False):
+def case(api: str, description: str, *, issue: bool = False, group: str = ""):
     def register(build):
-        CASES.append(Case(f"{api}:{build.__name__}", api, description, build, issue))
+        CASES.append(Case(f"{api}:{build.__name__}", api, description, build, issue, group))
         return build
 
     return register
+
+
+def files_digest(paths) -> dict[str, str]:
+    """Bytes of files, or of every file under folders (``"absent"`` when missing), by path."""
+    out = {}
+    for path in map(Path, paths):
+        entries = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for entry in entries:
+            out[str(entry)] = hashlib.sha1(entry.read_bytes()).hexdigest() if entry.exists() else "absent"
+    return out
 
 
 def _digest(values) -> str:
@@ -191,6 +217,7 @@ class Record:
     api: str
     description: str
     from_issue: bool
+    group: str
     outcome: str
     detail: str
     seconds: float
@@ -299,8 +326,9 @@ def run_case(env: Env, item: Case) -> Record:
     try:
         trial = item.build(env)
     except Exception as exc:  # the case itself could not be prepared: a harness fault
-        return Record(item.id, item.api, item.description, item.from_issue, "harness_error", f"{type(exc).__name__}: {exc}", 0.0)
+        return Record(item.id, item.api, item.description, item.from_issue, item.group, "harness_error", f"{type(exc).__name__}: {exc}", 0.0)
     before = [fingerprint(obj) for obj in trial.watch]
+    kept_before, outside_before = files_digest(trial.keep), files_digest(trial.outside)
     result, error = None, None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -321,8 +349,14 @@ def run_case(env: Env, item: Case) -> Record:
             post = trial.after()
         except Exception as exc:
             post = (False, f"after-check failed: {type(exc).__name__}: {exc}")
+    lost = sorted(k for k, v in kept_before.items() if files_digest([k]).get(k) != v)
+    written_outside = sorted(k for k, v in outside_before.items() if files_digest([k]).get(k) != v)
     if env.marker.exists():
         outcome, detail = "code_executed", detail + "the planted pickle ran"
+    elif written_outside:
+        outcome, detail = "outside_write", detail + f"changed outside the folder: {written_outside[:3]}"
+    elif lost:
+        outcome, detail = "data_loss", detail + f"changed or removed: {lost[:3]}"
     elif changed:
         outcome, detail = "overwrite", detail + f"changed: {changed[:6]}"
     elif error is not None:
@@ -360,7 +394,7 @@ def run_case(env: Env, item: Case) -> Record:
         if ok and not post[0]:
             ok, why = False, post[1]
         outcome, detail = ("correct" if ok else "silent_wrong"), detail + ("" if ok else why)
-    return Record(item.id, item.api, item.description, item.from_issue, outcome, detail, time.perf_counter() - start, etype, _short(where))
+    return Record(item.id, item.api, item.description, item.from_issue, item.group, outcome, detail, time.perf_counter() - start, etype, _short(where))
 
 
 def _short(path: str) -> str:
@@ -1859,9 +1893,15 @@ def load_truncated_weights(env):
     return Trial(_load(path), ("model.safetensors",))
 
 
-@case("load", "truncated array file")
+def _copy_v1(env) -> Path:
+    path = env.path("model_v1")
+    shutil.copytree(V1_MODEL, path)
+    return path
+
+
+@case("load", "truncated array file (a format-version-1 folder)")
 def load_truncated_arrays(env):
-    path = env.copy_saved()
+    path = _copy_v1(env)
     w = path / "model_arrays.npz"
     w.write_bytes(w.read_bytes()[:200])
     return Trial(_load(path), ("model_arrays.npz",))
@@ -1917,9 +1957,9 @@ def convert_untrusted(env):
     return Trial(lambda: PTRAG.convert_legacy_model(path, env.path("converted")), ("trust_pickle",))
 
 
-@case("load", "an object (pickled) array planted in model_arrays.npz")
+@case("load", "an object (pickled) array planted in model_arrays.npz (format version 1)")
 def load_npz_bomb(env):
-    path = env.copy_saved()
+    path = _copy_v1(env)
     arrays = dict(np.load(path / "model_arrays.npz"))
     first = next(iter(arrays))
     arrays[first] = np.array([_Bomb(str(env.marker))], dtype=object)
@@ -2279,6 +2319,593 @@ def mudata_reserved(env):
     return Trial(_setup_mudata(m, assign_kwargs={"inplace": False}), ("assign_kwargs", "inplace"), watch=(m,))
 
 
+# ------------------------------------------------------------ issue 19: reliability, round 2
+V1_MODEL = HERE.parent / "tests" / "data" / "model_v1"
+G1, G2, G3, G4, G6 = (
+    "1 atomic saves, links, files",
+    "2 refused input untouched",
+    "3 output files",
+    "4 concurrency",
+    "6 errors that name the fault",
+)
+
+
+def _model_pair(env):
+    """The shared trained model, a second one with other weights, and the shared AnnData."""
+    if getattr(env, "_other", None) is None:
+        model, adata, _ = env.trained
+        import scvi
+
+        scvi.settings.seed = 1
+        from ptrag_sc import PTRAG
+
+        other = PTRAG(adata, perturbation_embeddings=env.emb(adata), **TINY)
+        other.train(max_steps=2)
+        env._other = other
+    return env.trained[0], env._other, env.trained[1]
+
+
+def _loads_as(path: Path, model, adata, **kwargs) -> Callable[[], tuple[bool, str]]:
+    """After-check: the folder loads, with the predictions of ``model``."""
+
+    def check():
+        try:
+            loaded = _load(path, adata.copy(), **kwargs)()
+        except Exception as exc:
+            return False, f"the folder no longer loads: {type(exc).__name__}: {_one_line(str(exc), 120)}"
+        same = np.array_equal(loaded.predict(adata.copy(), inplace=False), model.predict(adata, inplace=False))
+        return same, "the folder loads another model than the one saved before"
+
+    return check
+
+
+def _failing_save(env, name: str, fail: Callable[[], None], description: str):
+    def build(env):
+        try:
+            from ptrag_sc import _files
+        except ImportError:  # ptrag_sc before issue 19: the file-size limit cases still run
+            _files = type("NoFiles", (), {})()
+
+        old, new, adata = _model_pair(env)
+        path = env.path(name)
+        old.save(path, save_anndata=True)
+        originals = {k: getattr(_files, k) for k in ("write_bytes", "fsync_path", "swap_in") if hasattr(_files, k)}
+
+        def call():
+            try:
+                fail(_files, originals)
+                new.save(path, overwrite=True, save_anndata=True)
+            except KeyboardInterrupt:  # Ctrl+C reaches the caller, as it should
+                return "interrupted"
+            finally:
+                for attr, value in originals.items():
+                    setattr(_files, attr, value)
+                while files_restore:
+                    files_restore.pop()()
+            return "saved"
+
+        def after():
+            loads, why = _loads_as(path, old, adata)()
+            if not loads:
+                return loads, why
+            left = [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+            return not left, f"temporary folder(s) left: {left}"
+
+        interrupted = lambda result: (result == "interrupted", "the interrupt did not reach the caller")  # noqa: E731
+        return Trial(call, ("space", "I/O", "too large"), check=interrupted, keep=(path,), after=after)
+
+    build.__name__ = name
+    case("save", description, group=G1)(build)
+
+
+def _disk_full_on(file_name):
+    def fail(files, originals):
+        def write_bytes(folder, name, data):
+            if name == file_name:
+                raise OSError(28, "No space left on device")
+            return originals["write_bytes"](folder, name, data)
+
+        files.write_bytes = write_bytes
+
+    return fail
+
+
+def _raise_in(attr, error):
+    def fail(files, originals):
+        def boom(*args, **kwargs):
+            raise error
+
+        setattr(files, attr, boom)
+
+    return fail
+
+
+def _file_size_limit(n_bytes):
+    """A full disk, whatever the code writing: files cannot grow beyond ``n_bytes`` (RLIMIT_FSIZE)."""
+
+    def fail(files, originals):
+        import resource
+
+        previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, previous[1]))
+
+        def restore():
+            resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+            signal.signal(signal.SIGXFSZ, handler)
+
+        files_restore.append(restore)
+
+    return fail
+
+
+files_restore: list = []
+_failing_save(None, "overwrite_disk_full_weights", _file_size_limit(16_000), "an overwriting save: the disk fills up while the weights are written")
+_failing_save(None, "overwrite_disk_full_adata", _file_size_limit(80_000), "an overwriting save: the disk fills up while the AnnData is written")
+_failing_save(None, "overwrite_io_error_manifest", _disk_full_on("model.json"), "an I/O error (disk full) writing the manifest")
+_failing_save(None, "overwrite_io_error_swap", _raise_in("swap_in", OSError(5, "I/O error")), "an I/O error when the new folder is swapped in")
+_failing_save(None, "overwrite_interrupted", _raise_in("fsync_path", KeyboardInterrupt("interrupted")), "Ctrl+C during an overwriting save")
+
+
+def _save_repeatedly(model, target, rounds):
+    for _ in range(rounds):
+        model.save(target, overwrite=True)
+
+
+@case("save", "four processes save to one folder at the same time (5 rounds)", group=G1)
+def concurrent_processes(env):
+    import multiprocessing
+
+    old, new, adata = _model_pair(env)
+    target = env.path("concurrent")
+
+    def call():
+        context = multiprocessing.get_context("fork")
+        writers = [context.Process(target=_save_repeatedly, args=(m, target, 5)) for m in (old, new, old, new)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        if any(w.exitcode for w in writers):
+            raise RuntimeError(f"a writer failed (exit codes {[w.exitcode for w in writers]})")
+        loaded = _load(target, adata.copy())()
+        return loaded.predict(adata.copy(), inplace=False)
+
+    refs = [old.predict(adata, inplace=False), new.predict(adata, inplace=False)]
+    return Trial(call, check=lambda p: (any(np.array_equal(p, r) for r in refs), "a mix of two saves"))
+
+
+@case("save", "a link to a user file planted as adata.h5ad in the model folder", group=G1)
+def link_planted_adata(env):
+    model, adata, _ = env.trained
+    path, outside = env.copy_saved(), env.path("precious.h5ad")
+    outside.write_bytes(b"the user's own data")
+    (path / "adata.h5ad").symlink_to(outside)
+    return Trial(lambda: model.save(path, overwrite=True, save_anndata=True), ("adata.h5ad",), outside=(outside,))
+
+
+@case("save", "links to a user file planted at the old temporary names", group=G1)
+def link_planted_temporary(env):
+    model, adata, _ = env.trained
+    path, outside = env.copy_saved(), env.path("precious.txt")
+    outside.write_bytes(b"the user's notes")
+    for name in (".model.safetensors.tmp", ".model_arrays.npz.tmp", ".model.json.tmp"):
+        (path / name).symlink_to(outside)
+    return Trial(lambda: model.save(path, overwrite=True), check=ok(), outside=(outside,), after=_loads_as(path, model, adata))
+
+
+@case("save", "the model folder is a link to another folder", group=G1)
+def target_is_link(env):
+    model, _, _ = env.trained
+    real, link = env.copy_saved(), env.path("link")
+    link.symlink_to(real)
+    return Trial(lambda: model.save(link, overwrite=True), ("symbolic link",), outside=(real,))
+
+
+@case("save", "prefix='../evil_' (writes beside the folder)", group=G1)
+def prefix_dotdot(env):
+    model, _, _ = env.trained
+    path = env.path("prefixed")
+    before = sorted(p.name for p in env.tmp.iterdir())
+    return Trial(
+        lambda: model.save(path, prefix="../evil_"),
+        ("prefix",),
+        after=lambda: (sorted(p.name for p in env.tmp.iterdir() if p.name != path.name) == before, "a file was written beside the folder"),
+    )
+
+
+@case("load", "prefix='/etc/' (an absolute path)", group=G1)
+def load_prefix_absolute(env):
+    return Trial(_load(env.saved, prefix="/etc/"), ("prefix",))
+
+
+@case("save", "umask 027: every file gets the same permissions (0640)", group=G1)
+def permissions(env):
+    model, _, _ = env.trained
+    path = env.path("perms")
+
+    def call():
+        previous = os.umask(0o027)
+        try:
+            model.save(path, save_anndata=True)
+        finally:
+            os.umask(previous)
+        return {p.name: oct(p.stat().st_mode & 0o777) for p in path.iterdir()}
+
+    return Trial(call, check=lambda modes: (set(modes.values()) == {"0o640"}, f"modes {modes}"))
+
+
+@case("save", "a user's own adata.h5ad in the folder, save_anndata=True", group=G1)
+def user_adata_in_folder(env):
+    model, adata, _ = env.trained
+    path = env.copy_saved()
+    adata.copy().write_h5ad(path / "adata.h5ad")
+    return Trial(lambda: model.save(path, overwrite=True, save_anndata=True), ("adata.h5ad",), keep=(path / "adata.h5ad",))
+
+
+@case("save", "overwrite keeps the user's other files (notes, another prefix)", group=G1)
+def overwrite_keeps_files(env):
+    model, adata, _ = env.trained
+    path = env.copy_saved()
+    (path / "notes.txt").write_text("mine")
+    model.save(path, prefix="other_", overwrite=True)
+    keep = (path / "notes.txt", path / "other_model.json", path / "other_model.safetensors")
+    return Trial(lambda: model.save(path, overwrite=True), check=ok(), keep=keep, after=_loads_as(path, model, adata))
+
+
+def _saved_with_adata(env, name):
+    model, adata, _ = env.trained
+    path = env.path(name)
+    model.save(path, save_anndata=True)
+    return path
+
+
+@case("load", "a truncated adata.h5ad saved with the model", group=G1)
+def load_truncated_adata(env):
+    path = _saved_with_adata(env, "trunc_adata")
+    raw = (path / "adata.h5ad").read_bytes()
+    (path / "adata.h5ad").write_bytes(raw[: len(raw) // 2])
+    return Trial(_load(path), ("adata.h5ad",))
+
+
+@case("load", "another AnnData in place of the saved adata.h5ad", group=G1)
+def load_replaced_adata(env):
+    path = _saved_with_adata(env, "other_adata")
+    env.data(seed=5).write_h5ad(path / "adata.h5ad")
+    return Trial(_load(path), ("adata.h5ad",))
+
+
+@case("load", "model.safetensors is a link to a file elsewhere", group=G1)
+def load_link_weights(env):
+    path = env.copy_saved()
+    elsewhere = env.path("weights_elsewhere")
+    (path / "model.safetensors").rename(elsewhere)
+    (path / "model.safetensors").symlink_to(elsewhere)
+    return Trial(_load(path), ("symbolic link",))
+
+
+@case("load", "a folder saved by ptrag_sc 0.1.0 (format version 1)", group=G1)
+def load_version_1(env):
+    reference = np.load(V1_MODEL / "reference_prediction.npy")
+    return Trial(lambda: _load(V1_MODEL)().predict(inplace=False), check=lambda p: (np.allclose(p, reference, atol=1e-6), "predictions changed"))
+
+
+@case("load", "a memory lacking a field this version needs", group=G1)
+def load_memory_field_missing(env):
+    path = env.copy_saved()
+    m = json.loads((path / "model.json").read_text())
+    m["attributes"]["memory_"].pop("kind")
+    (path / "model.json").write_text(json.dumps(m))
+    return Trial(_load(path), ("kind", "format version"))
+
+
+def _mixed_column(a, column):
+    values = a.obs[column].astype(str).to_numpy().astype(object)
+    values[:4] = 3
+    a.obs[column] = values
+    return a
+
+
+@case("setup_anndata", "a cell-type column mixing ints and strings", group=G2)
+def mixed_cell_type(env):
+    a = _mixed_column(env.data(), "cell_line")
+    return Trial(_setup(a), ("cell_line",), watch=(a,))
+
+
+@case("setup_anndata", "a batch column mixing ints and strings", group=G2)
+def mixed_batch(env):
+    a = _mixed_column(env.data(n_batches=2), "gem_group")
+    return Trial(_setup(a, batch_key="gem_group"), ("gem_group",), watch=(a,))
+
+
+@case("load", "loading onto an AnnData whose cell-type column mixes ints and strings", group=G2)
+def load_mixed_cell_type(env):
+    a = _mixed_column(env.data(), "cell_line")
+    return Trial(_load(env.saved, a), ("cell_line",), watch=(a,))
+
+
+@case("setup_anndata", "scvi-tools' registration fails after writing _scvi_labels", group=G2)
+def registration_fails_midway(env):
+    from scvi.data.fields import CategoricalObsField
+
+    a = env.data(n_batches=2)
+    register = CategoricalObsField.register_field
+
+    def call():
+        def fail_on_batch(self, data):
+            if self.registry_key == "batch":
+                raise RuntimeError("registration failed (batch)")
+            return register(self, data)
+
+        CategoricalObsField.register_field = fail_on_batch
+        try:
+            _setup(a, batch_key="gem_group")()
+        finally:
+            CategoricalObsField.register_field = register
+
+    return Trial(call, ("batch",), watch=(a,), after=lambda: (not [c for c in a.obs if str(c).startswith("_scvi")], "_scvi_* columns left"))
+
+
+@case("setup_mudata", "kept cells without a cell type (NaN), cells to drop", group=G2)
+def mudata_kept_nan_cell_type(env):
+    m = _mudata(env)
+    rna = m.mod["rna"]
+    labels = rna.obs["gene"].astype(str).to_numpy().astype(object)
+    labels[:3] = "unassigned"
+    rna.obs["gene"] = labels
+    cell_types = rna.obs["cell_line"].astype(object).to_numpy()
+    cell_types[10:12] = np.nan
+    rna.obs["cell_line"] = cell_types
+    return Trial(_setup_mudata(m), ("cell_line",), watch=(m,))
+
+
+@case("setup_mudata", "a cell-type column mixing ints and strings", group=G2)
+def mudata_mixed_cell_type(env):
+    m = _mudata(env)
+    _mixed_column(m.mod["rna"], "cell_line")
+    return Trial(_setup_mudata(m), ("cell_line",), watch=(m,))
+
+
+def _backed(env):
+    import anndata as ad
+
+    model, adata, _ = env.trained
+    path = env.path("backed.h5ad")
+    adata.write_h5ad(path)
+    return model, ad.read_h5ad(path, backed="r"), path
+
+
+@case("predict", "output= the file the backed input is read from", group=G3)
+def output_is_input(env):
+    model, backed, path = _backed(env)
+    return Trial(lambda: model.predict(backed, output=path, overwrite=True), ("output", "read from"), keep=(path,))
+
+
+@case("predict", "output= an existing folder", group=G3)
+def output_is_folder(env):
+    model, adata, _ = env.trained
+    folder = env.path("outdir")
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    return Trial(lambda: model.predict(adata, output=folder, overwrite=True), ("output", "folder"), keep=(folder,))
+
+
+@case("predict", "output= with an obs column h5py cannot write (ints and strings)", group=G3)
+def output_mixed_obs(env):
+    model, adata, _ = env.trained
+    a = adata.copy()
+    note = np.array(["x"] * a.n_obs, dtype=object)
+    note[0] = 1
+    a.obs["note"] = note
+    target = env.path("pred.h5ad")
+    return Trial(
+        lambda: model.predict(a, output=target), ("note",), watch=(a,),
+        after=lambda: (not target.exists() and not [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}")], "a file was left behind"),
+    )
+
+
+@case("predict", "a failed overwrite of an existing output file", group=G3)
+def output_failed_overwrite(env):
+    from ptrag_sc.model import _predict
+
+    model, adata, _ = env.trained
+    target = env.path("pred_old.h5ad")
+    model.predict(adata, output=target).file.close()
+    generate = _predict.generate
+
+    def call():
+        def broken(*args, **kwargs):
+            raise RuntimeError("prediction interrupted")
+
+        _predict.generate = broken
+        try:
+            return model.predict(adata, output=target, overwrite=True)
+        finally:
+            _predict.generate = generate
+
+    return Trial(call, ("interrupted",), keep=(target,))
+
+
+@case("predict", "output= a link to a user file, overwrite=True", group=G3)
+def output_link(env):
+    model, adata, ref = env.trained
+    outside, link = env.path("precious.h5ad"), env.path("pred_link.h5ad")
+    outside.write_bytes(b"the user's own file")
+    link.symlink_to(outside)
+
+    def call():
+        out = model.predict(adata, output=link, overwrite=True)
+        values = np.asarray(out.X[:])
+        out.file.close()
+        return values
+
+    return Trial(call, check=lambda X: (not link.is_symlink() and X.shape == ref.shape, "the link was written through"), outside=(outside,))
+
+
+@case("predict", "two threads, sample_retrieval=True, seeds 1 and 2, four calls each", group=G4)
+def threads_seeds(env):
+    import threading
+
+    model, adata, _ = env.trained
+    expected = {seed: model.predict(adata, inplace=False, sample_retrieval=True, seed=seed) for seed in (1, 2)}
+
+    def call():
+        results, errors = {1: [], 2: []}, []
+
+        def run(seed):
+            try:
+                for _ in range(4):
+                    results[seed].append(model.predict(adata, inplace=False, sample_retrieval=True, seed=seed))
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+    return Trial(call, check=lambda r: (all(np.array_equal(x, expected[s]) for s in r for x in r[s]), "a thread got the other's random numbers"))
+
+
+@case("predict", "sample_retrieval=True leaves torch's global generator alone", group=G4)
+def global_generator(env):
+    import torch
+
+    model, adata, _ = env.trained
+
+    def call():
+        torch.manual_seed(7)
+        state = torch.random.get_rng_state()
+        model.predict(adata, inplace=False, sample_retrieval=True, seed=3)
+        return torch.equal(state, torch.random.get_rng_state())
+
+    return Trial(call, check=lambda same: (same, "the global generator moved"))
+
+
+@case("predict", "predict called from a callback while the model trains", group=G4)
+def predict_during_training(env):
+    from lightning.pytorch.callbacks import Callback
+
+    model, adata = env.fit(steps=2)
+    errors, modes = [], []
+
+    class PredictEachStep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            try:
+                model.predict(adata, inplace=False)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+            modes.append(pl_module.module.training)
+
+    def call():
+        model.train(max_steps=3, callbacks=[PredictEachStep()])
+        if errors:
+            raise RuntimeError(errors[0])
+        return modes
+
+    return Trial(call, ("training",), after=lambda: (all(modes) and len(modes) == 3, f"the network left training mode: {modes}"))
+
+
+@case("train", "train while a prediction holds the model (another thread)", group=G4)
+def train_while_predicting(env):
+    from ptrag_sc.model._guard import predicting
+
+    model, adata = env.fit(steps=2)
+
+    def call():
+        with predicting(model):
+            model.train(max_steps=1)
+
+    return Trial(call, ("prediction is running",), watch=(adata,))
+
+
+@case("load", "an AnnData whose control label differs from the saved one", group=G6)
+def load_other_control_label(env):
+    a = env.data()
+    a.obs["gene"] = a.obs["gene"].astype(str).replace({"non-targeting": "control"})
+    return Trial(_load(env.saved, a), ("non-targeting", "control_group"), watch=(a,))
+
+
+@case("PTRAG", "embedding symbols with surrounding spaces", group=G6)
+def embedding_spaces(env):
+    from ptrag_sc import PTRAG
+
+    a = env.data()
+    table = env.emb(a).copy()
+    table.index = [f" {g} " for g in table.index]
+
+    def call():
+        PTRAG.setup_anndata(a)
+        model = PTRAG(a, perturbation_embeddings=table, **TINY)
+        model.train(max_steps=2)
+        return model.predict(a, inplace=False)
+
+    return Trial(call, check=prediction_ok(a), watch=(table,))
+
+
+for _name, _value in (("n_hidden", 65536), ("cell_set_size", 500_000), ("n_candidates", 10**8)):
+
+    def _huge(env, name=_name, value=_value):
+        from ptrag_sc import PTRAG
+
+        a = env.data()
+
+        def call():
+            PTRAG.setup_anndata(a)
+            return PTRAG(a, perturbation_embeddings=env.emb(a), **{**TINY, name: value})
+
+        return Trial(call, (name,))
+
+    _huge.__name__ = f"{_name}_beyond_memory"
+    case("PTRAG", f"{_name}={_value} (more memory than the machine has)", group=G6)(_huge)
+
+
+@case("tl.screen", "tl.screen(adata, ...): the AnnData where the model goes", group=G6)
+def screen_adata_first(env):
+    import ptrag_sc
+
+    _, adata, _ = env.trained
+    return Trial(lambda: ptrag_sc.tl.screen(adata, cell_type="cell_line_0"), ("model",))
+
+
+@case("tl.evaluate", "tl.evaluate(model): the model where the AnnData goes", group=G6)
+def evaluate_model_first(env):
+    import ptrag_sc
+
+    model, _, _ = env.trained
+    return Trial(lambda: ptrag_sc.tl.evaluate(model), ("adata",))
+
+
+@case("pl.shift_scatter", "pl.shift_scatter(adata, reference=model)", group=G6)
+def shift_scatter_reference_model(env):
+    import ptrag_sc
+
+    model, adata, _ = env.trained
+    return Trial(lambda: ptrag_sc.pl.shift_scatter(adata, reference=model), ("reference",))
+
+
+@case("tl.screen", "a signature listing a gene twice", group=G6)
+def signature_twice(env):
+    import ptrag_sc
+
+    model, adata, _ = env.trained
+    gene = str(adata.var_names[0])
+    return Trial(lambda: ptrag_sc.tl.screen(model, cell_type="cell_line_0", signature=[gene, gene.lower(), str(adata.var_names[1])]), ("signature", gene))
+
+
+@case("tl.screen", "a gene under both 'up' and 'down' of a signature", group=G6)
+def signature_up_and_down(env):
+    import ptrag_sc
+
+    model, adata, _ = env.trained
+    gene = str(adata.var_names[0])
+    return Trial(lambda: ptrag_sc.tl.screen(model, cell_type="cell_line_0", signature={"up": [gene], "down": [gene]}), ("signature", gene))
+
+
 # --------------------------------------------------------------------- reproducibility
 _REPRO_SCRIPT = textwrap.dedent(
     """
@@ -2320,7 +2947,7 @@ def new_process_repro(env):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--only", default=None, help="run the cases whose id contains this text")
+    parser.add_argument("--only", default=None, help="run the cases whose id (or issue-19 class) contains this text")
     parser.add_argument("--label", default="", help="suffix of the output files (e.g. 'before')")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-gb", type=float, default=6.0, help="address-space limit of the process (a case that asks for more fails instead of being killed)")
@@ -2346,7 +2973,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     scvi.settings.verbosity = logging.ERROR
 
-    selected = [c for c in CASES if args.only is None or args.only in c.id]
+    selected = [c for c in CASES if args.only is None or args.only in c.id or (c.group and args.only in c.group)]
     records = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ptrag_faults_") as tmp:
@@ -2385,10 +3012,22 @@ def _summary(frame: pd.DataFrame, total: float, args) -> str:
         "| outcome | cases | target |",
         "|---|---:|---|",
     ]
-    targets = {"silent_wrong": "0", "overwrite": "0", "code_executed": "0", "obscure_error": "at most 5"}
+    targets = {"silent_wrong": "0", "overwrite": "0", "data_loss": "0", "outside_write": "0", "code_executed": "0", "obscure_error": "at most 5 (issue 19's cases: at most 2)"}
     for name in (*OUTCOMES, "harness_error"):
         lines.append(f"| {name} | {int(counts.get(name, 0))} | {targets.get(name, '')} |")
     lines += ["", "By API:", "", frame.pivot_table(index="api", columns="outcome", values="id", aggfunc="count", fill_value=0).to_markdown(), ""]
+    grouped = frame[frame["group"].fillna("") != ""]
+    if len(grouped):
+        lines += [
+            "## Issue 19's cases, by class",
+            "",
+            grouped.pivot_table(index="group", columns="outcome", values="id", aggfunc="count", fill_value=0).to_markdown(),
+            "",
+            "| case | outcome | detail |",
+            "|---|---|---|",
+        ]
+        lines += [f"| `{r.id}` ({r.description}) | {r.outcome} | {_one_line(r.detail, 160).replace('|', '/')} |" for r in grouped.itertuples()]
+        lines.append("")
     issue = frame[frame["from_issue"]]
     lines += ["## The cases named in issue 9", "", "| case | outcome | detail |", "|---|---|---|"]
     lines += [f"| `{r.id}` ({r.description}) | {r.outcome} | {_one_line(r.detail, 160).replace('|', '/')} |" for r in issue.itertuples()]

@@ -245,8 +245,11 @@ def replacing_folder(target: Path, *, overwrite: bool, keep_out: set[str]):
             yield staging
             fsync_path(staging)
             swap_in(staging, target)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, an I/O error
+                why = exc.strerror or str(exc)
+                raise OSError(exc.errno, f"Could not write {target}: {why}. It was left as it was.") from exc
             raise
 
 
