@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import TYPE_CHECKING, Literal
 
@@ -134,12 +133,10 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         adata = self._resolve_adata(adata)
         _assembly.check_registered(type(self), adata, registry)
         super().__init__(adata, registry)
-        if registry is None and isinstance(perturbation_embeddings, pd.DataFrame):  # not on load: it may predict only
-            defaults = {k: p.default for k, p in inspect.signature(PTRAG.__init__).parameters.items()}
+        if registry is None and isinstance(perturbation_embeddings, pd.DataFrame):  # not on load: it may only predict
             n_batch = self.summary_stats.n_batch if self._setup.batch_key is not None else 0
-            shape = {"n_genes": self.summary_stats.n_vars, "n_dims": perturbation_embeddings.shape[1], "n_batch": n_batch}
-            module_options = {name: options[name] for name in _assembly.MODULE_OPTIONS}
-            check_model_size(self._module_cls, module_options, options, defaults, **shape)
+            n_dims = perturbation_embeddings.shape[1]
+            check_model_size(type(self), options, n_genes=self.summary_stats.n_vars, n_dims=n_dims, n_batch=n_batch)
         _assembly.assemble(self, adata, perturbation_embeddings, options)
         # What the constructor was called with (canonical types: `16.0` is saved as `16`).
         self.init_params_ = self._get_init_params({"perturbation_embeddings": perturbation_embeddings, **options})

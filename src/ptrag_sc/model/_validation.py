@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import os
@@ -182,7 +183,7 @@ def _physical_memory() -> int | None:
         return None
 
 
-def training_bytes(module_cls, module_options: dict, options: dict, *, n_genes: int, n_dims: int, n_batch: int) -> float:
+def training_bytes(module_cls, options: dict, *, n_genes: int, n_dims: int, n_batch: int) -> float:
     """Least memory a training step takes: the parameters with their gradients and two Adam
     moments, and the activations of one set (``batch_size=1``), forward and backward."""
     import torch
@@ -199,6 +200,8 @@ def training_bytes(module_cls, module_options: dict, options: dict, *, n_genes: 
     activations = 4.0 * 3 * (cells * per_cell + 3 * cells**2 + candidates * n_genes + pooled_layers)
     # Parameters grow linearly with depth: two shallow networks built on the meta device
     # (nothing allocated) give the count for any depth.
+    accepted = inspect.signature(module_cls.__init__).parameters
+    module_options = {k: v for k, v in options.items() if k in accepted}
     counts = []
     for depth in (1, 2):
         with torch.device("meta"):
@@ -208,7 +211,7 @@ def training_bytes(module_cls, module_options: dict, options: dict, *, n_genes: 
     return activations + 16.0 * n_params
 
 
-def check_model_size(module_cls, module_options: dict, options: dict, defaults: dict, **shape) -> None:
+def check_model_size(model_cls, options: dict, **shape) -> None:
     """Refuse sizes whose training cannot fit in this machine's memory, naming the option at fault.
 
     ``shape``: ``n_genes``, ``n_dims`` and ``n_batch`` of the data. The option named is the one
@@ -218,15 +221,16 @@ def check_model_size(module_cls, module_options: dict, options: dict, defaults: 
     available = _physical_memory()
     if available is None:
         return
-    needed = training_bytes(module_cls, module_options, options, **shape)
+    needed = training_bytes(model_cls._module_cls, options, **shape)
     if needed <= available:
         return
-    shrunk = {}
-    for name in SIZE_OPTIONS:
-        if options[name] != defaults[name]:
-            trial = {**options, name: defaults[name]}
-            trial_module = {k: trial.get(k, v) for k, v in module_options.items()}
-            shrunk[name] = training_bytes(module_cls, trial_module, trial, **shape)
+    defaults = {k: p.default for k, p in inspect.signature(model_cls.__init__).parameters.items()}
+    shrunk = {
+        name: training_bytes(model_cls._module_cls, {**options, name: defaults[name]}, **shape)
+        for name in SIZE_OPTIONS
+        if options[name] != defaults[name]
+    }
+
     def size(n_bytes: float) -> str:
         return f"{n_bytes / 2**30:,.0f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.0f} MiB"
 
