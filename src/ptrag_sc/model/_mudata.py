@@ -208,13 +208,14 @@ class MuDataMixin:
         ValueError
             If ``perturbation_key`` exists and ``overwrite=False``; with
             ``excluded_cells="raise"`` and cells to exclude; if no cell (or no cell of a cell
-            type with perturbed cells) is a control; if a kept cell's cell type or batch is
-            missing or the column mixes strings and numbers; if the expression holds NaN,
-            infinite or negative values. Nothing is written (not even the guide assignment)
-            before these checks pass: a refused MuData is left as it was.
+            type with perturbed cells) is a control; if a kept cell lacks a cell type or batch,
+            or its column mixes numbers and strings; if the expression holds NaN, infinite or
+            negative values.
 
         Notes
         -----
+        Nothing is written before every check has passed, the guide assignment included.
+
         Fields written:
 
         - ``mdata.mod[guide_mod].obs``: the columns of :func:`~ptrag_sc.pp.assign_guides`
@@ -384,7 +385,7 @@ class MuDataMixin:
         # 3. Write: the guide assignment, then drop the excluded cells, then the labels and context.
         if guide_mod is not None:
             for column in assignment.columns:
-                guides.obs[column] = assignment[column].to_numpy()  # positional (obs names may repeat)
+                guides.obs[column] = assignment[column].values  # positional (obs names may repeat)
         if n_excluded:
             rna._inplace_subset_obs(keep)
         if guide_mod is not None:
