@@ -6,10 +6,10 @@ Usage::
     python benchmarks/fault_battery.py --only predict       # cases whose id or API contains "predict"
     python benchmarks/fault_battery.py --output DIR --label before
 
-About 160 cases, as a careless or unlucky user would try them, against ``setup_anndata``,
+About 320 cases, as a careless or unlucky user would try them, against ``setup_anndata``,
 ``PTRAG(...)``, ``train``, ``predict``, ``get_retrieval``, ``save`` / ``load``,
-``add_perturbation_embeddings`` and ``setup_mudata`` (plus a reproducibility check in a new
-process). Every case names what a correct outcome is; the runner classifies what happened:
+``add_perturbation_embeddings``, ``setup_mudata``, ``tl`` / ``pl`` (plus a reproducibility
+check in a new process, and concurrent saves and predictions). Every case names what a correct outcome is; the runner classifies what happened:
 
 ``clear_error``
     An exception of type ``ValueError``, ``KeyError``, ``TypeError``, ``RuntimeError`` or a
