@@ -140,6 +140,25 @@ def run(rounds: int, n_writers: int) -> dict:
     }
 
 
+def render(table: pd.DataFrame, output: Path) -> str:
+    """Write ``concurrent_saves.md`` from the table of runs; returns its text."""
+    lines = [
+        "# Concurrent saves",
+        "",
+        "Each round, `writers` processes call `model.save(folder, overwrite=True)` at the same moment (a "
+        "barrier); the folder is then loaded. *Unloadable*: it does not load, or holds weights of neither "
+        "model. A reader process loads the folder in a loop meanwhile (its failed loads met a folder being "
+        "replaced; they leave nothing broken). `before`: ptrag_sc at the start of issue 19; `after`: with "
+        "atomic saves. Written by `benchmarks/concurrent_saves.py`.",
+        "",
+        table.drop(columns=["ptrag_sc"]).fillna("").to_markdown(index=False),
+        "",
+    ]
+    text = "\n".join(lines)
+    (output / "concurrent_saves.md").write_text(text)
+    return text
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
@@ -157,19 +176,7 @@ def main(argv=None) -> None:
     table = pd.read_csv(table_path) if table_path.exists() else pd.DataFrame()
     table = pd.concat([table[table.get("label", pd.Series(dtype=str)) != args.label], pd.DataFrame([result])], ignore_index=True)
     table.to_csv(table_path, index=False)
-    lines = [
-        "# Concurrent saves",
-        "",
-        "Each round, `writers` processes call `model.save(folder, overwrite=True)` at the same moment (a "
-        "barrier); the folder is then loaded. *Unloadable*: it does not load, or holds weights of neither "
-        "model. A reader process loads the folder in a loop meanwhile (its failed loads met a folder being "
-        "replaced; they leave nothing broken). Written by `benchmarks/concurrent_saves.py`.",
-        "",
-        table.drop(columns=["ptrag_sc"]).to_markdown(index=False),
-        "",
-    ]
-    (args.output / "concurrent_saves.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(render(table, args.output))
     sys.exit(0 if result["unloadable_rounds"] == 0 else 1)
 
 

@@ -2331,18 +2331,27 @@ G1, G2, G3, G4, G6 = (
 
 
 def _model_pair(env):
-    """The shared trained model, a second one with other weights, and the shared AnnData."""
-    if getattr(env, "_other", None) is None:
-        model, adata, _ = env.trained
+    """Two models with different weights (old and new), each on its own copy of one dataset."""
+    if getattr(env, "_pair", None) is None:
         import scvi
 
-        scvi.settings.seed = 1
-        from ptrag_sc import PTRAG
+        models, data = [], []
+        for seed in (0, 1):
+            a = env.data(seed=11)
+            scvi.settings.seed = seed
+            models.append(env.model(a))
+            models[-1].train(max_steps=2)
+            data.append(a)
+        env._pair = (*models, data[0])
+    return env._pair
 
-        other = PTRAG(adata, perturbation_embeddings=env.emb(adata), **TINY)
-        other.train(max_steps=2)
-        env._other = other
-    return env.trained[0], env._other, env.trained[1]
+
+def _unregistered(adata):
+    """A copy of ``adata`` without scvi-tools' registration keys (as a user would reopen it)."""
+    copy = adata.copy()
+    for key in [k for k in copy.uns if str(k).startswith("_scvi")]:
+        del copy.uns[key]
+    return copy
 
 
 def _loads_as(path: Path, model, adata, **kwargs) -> Callable[[], tuple[bool, str]]:
@@ -2350,10 +2359,10 @@ def _loads_as(path: Path, model, adata, **kwargs) -> Callable[[], tuple[bool, st
 
     def check():
         try:
-            loaded = _load(path, adata.copy(), **kwargs)()
+            loaded = _load(path, _unregistered(adata), **kwargs)()
         except Exception as exc:
             return False, f"the folder no longer loads: {type(exc).__name__}: {_one_line(str(exc), 120)}"
-        same = np.array_equal(loaded.predict(adata.copy(), inplace=False), model.predict(adata, inplace=False))
+        same = np.array_equal(loaded.predict(inplace=False), model.predict(_unregistered(adata), inplace=False))
         return same, "the folder loads another model than the one saved before"
 
     return check
@@ -2468,10 +2477,9 @@ def concurrent_processes(env):
             w.join()
         if any(w.exitcode for w in writers):
             raise RuntimeError(f"a writer failed (exit codes {[w.exitcode for w in writers]})")
-        loaded = _load(target, adata.copy())()
-        return loaded.predict(adata.copy(), inplace=False)
+        return _load(target, _unregistered(adata))().predict(inplace=False)
 
-    refs = [old.predict(adata, inplace=False), new.predict(adata, inplace=False)]
+    refs = [m.predict(_unregistered(adata), inplace=False) for m in (old, new)]
     return Trial(call, check=lambda p: (any(np.array_equal(p, r) for r in refs), "a mix of two saves"))
 
 

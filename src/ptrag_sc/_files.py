@@ -88,7 +88,7 @@ def write_bytes(folder: Path, name: str, data: bytes) -> None:
 
 
 def read_bytes(path: Path, dir_fd: int | None = None) -> bytes:
-    """The content of a plain file (``LinkError`` for a link), relative to ``dir_fd`` when given."""
+    """The content of a plain file (``LinkError`` for a link), relative to ``dir_fd`` if given."""
     fd = _open(path, os.O_RDONLY, dir_fd)
     with os.fdopen(fd, "rb") as handle:
         return handle.read()
@@ -172,7 +172,7 @@ def folder_lock(folder: Path):
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` if unable."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
@@ -235,8 +235,8 @@ def replacing_folder(target: Path, *, overwrite: bool, keep_out: set[str]):
             raise NotADirectoryError(f"{target} exists and is not a directory.")
         if target.exists() and not overwrite:
             raise ValueError(
-                f"{target} already exists. Pass `overwrite=True` to replace the files in it, or choose "
-                "another directory."
+                f"{target} already exists. Pass `overwrite=True` to replace the files in it, or "
+                "choose another directory."
             )
         staging = make_sibling_folder(target, "saving")
         try:
@@ -249,12 +249,13 @@ def replacing_folder(target: Path, *, overwrite: bool, keep_out: set[str]):
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, an I/O error
                 why = exc.strerror or str(exc)
-                raise OSError(exc.errno, f"Could not write {target}: {why}. It was left as it was.") from exc
+                message = f"Could not write {target}: {why}. It was left as it was."
+                raise OSError(exc.errno, message) from exc
             raise
 
 
 def link_or_copy(source: str, destination: str) -> None:
-    """Hard-link ``source`` at ``destination`` (a copy where links are impossible); never follows links."""
+    """Hard-link ``source`` at ``destination`` (else copy it); follows no link."""
     try:
         os.link(source, destination, follow_symlinks=False)
     except OSError:
@@ -278,8 +279,11 @@ def carry_over(old: Path, new: Path, skip: set[str]) -> None:
 
 
 def download_missing(folder: Path, names: list[str], source) -> None:
-    """Download the files ``names`` absent from ``folder``; ``source`` is a base URL (names appended)
-    or a mapping of name to URL (names it lacks are skipped). Each is written whole or not at all."""
+    """Download the files ``names`` absent from ``folder``, each written whole or not at all.
+
+    ``source`` is a base URL (names appended) or a mapping of name to URL (names it lacks are
+    skipped).
+    """
     import urllib.error
     import urllib.request
 

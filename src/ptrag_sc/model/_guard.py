@@ -41,9 +41,10 @@ def predicting(model):
     with usage.lock:
         if usage.training:
             raise RuntimeError(
-                "This model is training (`train()` is running, in another thread or in a callback): "
-                "predicting now would switch its network to evaluation mode mid-training. Predict after "
-                "`train()` returns, or with a copy taken before training (`copy.deepcopy(model)`)."
+                "This model is training (`train()` is running, in another thread or in a "
+                "callback): predicting now would switch its network to evaluation mode "
+                "mid-training. Predict after `train()` returns, or with a copy taken before "
+                "training (`copy.deepcopy(model)`)."
             )
         usage.predictions += 1
     try:
@@ -66,14 +67,14 @@ def predicts(function):
 
 @contextlib.contextmanager
 def training(model):
-    """The exclusive hold on ``model``'s network for ``train`` (refused while it predicts or trains)."""
+    """The exclusive hold on ``model``'s network for ``train`` (refused while in use)."""
     usage = _usage(model)
     with usage.lock:
         if usage.training or usage.predictions:
             what = "`train()` is already running" if usage.training else "a prediction is running"
             raise RuntimeError(
-                f"{what} for this model (in another thread); training now would change its network "
-                "under it. Call `train()` after it returns."
+                f"{what} for this model (in another thread); training now would change its "
+                "network under it. Call `train()` after it returns."
             )
         usage.training = True
     try:
@@ -87,7 +88,8 @@ class _Generator(torch.overrides.TorchFunctionMode):
     """Gives ``generator`` to the random functions called in its block that were given none."""
 
     RANDOM = frozenset(
-        {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.bernoulli, torch.multinomial}
+        {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint}
+        | {torch.bernoulli, torch.multinomial}
     )
 
     def __init__(self, generator: torch.Generator) -> None:

@@ -262,12 +262,13 @@ def check_header(manifest, readable) -> str:
     """
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(
-            f'it is not a ptrag_sc model manifest (no "format": {FORMAT_NAME!r}); from another tool?'
+            f'it is not a ptrag_sc model manifest (no "format": {FORMAT_NAME!r}); another tool?'
         )
     number, versions = manifest.get("format_version"), manifest.get("versions")
     if not isinstance(number, int) or isinstance(number, bool) or number < 1:
         raise ValueError(f"invalid format_version {number!r}.")
-    written = f"format version {number}, ptrag_sc {versions.get('ptrag_sc', '?') if isinstance(versions, dict) else '?'}"
+    writer = versions.get("ptrag_sc", "?") if isinstance(versions, dict) else "?"
+    written = f"format version {number}, ptrag_sc {writer}"
     if number not in readable:
         advice = (
             "Upgrade ptrag_sc to load it"
@@ -275,10 +276,11 @@ def check_header(manifest, readable) -> str:
             else "Load it with the ptrag_sc that wrote it"
         )
         raise ValueError(
-            f"it was written in {written}; this ptrag_sc reads format versions {sorted(readable)}. {advice}."
+            f"it was written in {written}; this ptrag_sc reads format versions "
+            f"{sorted(readable)}. {advice}."
         )
     kinds = {"files": dict, "attributes": dict, "registry": dict, "var_names": object}
-    wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind) or k not in manifest]
+    wrong = [k for k, t in kinds.items() if k not in manifest or not isinstance(manifest[k], t)]
     if wrong:
         raise ValueError(f"the manifest lacks a valid {wrong[0]!r} entry.")
     return written
@@ -379,7 +381,8 @@ def check_content(content: dict, written: str) -> str | None:
         ):
             return f"invalid attribute name {name!r} (saved attributes end in '_')."
         if name in KINDS and not isinstance(value, KINDS[name]):
-            return f"attribute {name!r} holds a {type(value).__name__}, not what the model stores there."
+            kind = type(value).__name__
+            return f"attribute {name!r} holds a {kind}, not what the model keeps there."
     memory = attributes.get("memory_")
     if isinstance(memory, dict):
         needed = {f.name for f in fields(RetrievalMemory)}
@@ -391,8 +394,8 @@ def check_content(content: dict, written: str) -> str | None:
         ) + ([f"has field(s) {unknown} this version does not know"] if unknown else [])
         if problems:
             return (
-                f"its retrieval memory ({written}) {' and '.join(problems)}. Load it with the ptrag_sc "
-                "version that wrote it, or train the model again with this one."
+                f"its retrieval memory ({written}) {' and '.join(problems)}. Load it with the "
+                "ptrag_sc version that wrote it, or train the model again with this one."
             )
     if content.get("unused"):
         return f"the array file holds arrays no entry refers to: {content['unused'][:5]}."
