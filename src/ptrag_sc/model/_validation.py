@@ -175,7 +175,18 @@ def check_model_options(options: dict) -> dict:
 
 
 #: Options that size the network, tried one by one at their default to find which makes it too large.
-SIZE_OPTIONS = ("n_hidden", "n_layers", "n_heads", "n_set_tokens", "cell_set_size", "n_candidates", "decoder_rank", "n_scorer_hidden")
+SIZE_OPTIONS = (
+    "n_hidden",
+    "n_layers",
+    "n_heads",
+    "n_set_tokens",
+    "cell_set_size",
+    "n_candidates",
+    "decoder_rank",
+    "n_scorer_hidden",
+)
+
+
 def _physical_memory() -> int | None:
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
