@@ -87,9 +87,9 @@ def write_bytes(folder: Path, name: str, data: bytes) -> None:
         os.close(fd)
 
 
-def read_bytes(path: Path, dir_fd: int | None = None) -> bytes:
-    """The content of a plain file (``LinkError`` for a link), relative to ``dir_fd`` if given."""
-    fd = _open(path, os.O_RDONLY, dir_fd)
+def read_bytes(path: Path) -> bytes:
+    """The content of a plain file (``LinkError`` for a link)."""
+    fd = _open(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as handle:
         return handle.read()
 
