@@ -132,6 +132,7 @@ def test_refusal_is_reported_not_raised(refused):
     assert len(not_rescaled) >= 3
     assert not_rescaled["score"].isna().all()
     assert not_rescaled["refusal"].str.len().gt(0).all()
+    assert not_rescaled["member_refusal"].str.contains("ValueError").any()
     by_hand = members[members["scored_by"] == "by hand"]
     # rescaled by hand only where both ends are finite and the replicate is on the better side
     assert np.isfinite(by_hand[["baseline", "replicate", "score"]].to_numpy()).all()

@@ -37,6 +37,7 @@ SCORE_COLUMNS = (
     "score_linear",
     "scored_by",
     "refusal",
+    "member_refusal",
     "n_members",
 )
 _PERT_COL, _CONTROL = "target_gene", "non-targeting"
@@ -147,7 +148,10 @@ def score_cell_eval2(
     - ``score_linear``: ``(u - b) / (r - b)`` without clamp, where the three are finite and
       ordered;
     - ``scored_by``: ``"cell-eval2"``, ``"by hand"`` or ``"not rescaled"``;
-    - ``refusal``: cell-eval2's refusal text(s) for this row ("" when none);
+    - ``refusal``: cell-eval2's refusal text(s) for the cell type ("" when none): of the
+      prediction, the baseline, the replicate anchor or ``score_metrics``;
+    - ``member_refusal``: when the anchor was refused, why the replicate of this member alone
+      was refused too ("" when it was not);
     - ``n_members``: on the mean row, how many of the six members it averages (1 elsewhere).
 
     Examples
@@ -279,6 +283,16 @@ def _float(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _replicate_policy(policy, replicate: float):
+    """The member's cell-eval2 policy anchored at the replicate; None when none is usable."""
+    if not math.isfinite(replicate):
+        return None
+    try:  # cell-eval2 rejects e.g. a negative replicate for a member bounded in [0, 1]
+        return replace(policy, anchor=replicate, allow_negative_baseline=False)
+    except ValueError:
+        return None
 
 
 def _refusal(exc: Exception) -> str:
@@ -420,24 +434,17 @@ def _score_one_context(
             ref["replicate"].get(member, math.nan),
             u.get(member, math.nan),
         )
+        # The replicate scale of this member, as cell-eval2 builds it (score._replicate_entries).
         policy = CATALOG[_NAME_TO_CANONICAL.get(member, member)].scoring
-        own = ref["member_refusals"].get(member)
-        refusal = "; ".join(
-            context_refusals + ([f"replicate of {member} alone: {own}"] if own else [])
-        )
+        on_replicate = _replicate_policy(policy, r)
         ordered = (
-            math.isfinite(b)
-            and math.isfinite(r)
-            and not is_degenerate(b, replace(policy, anchor=r, allow_negative_baseline=False))
+            math.isfinite(b) and on_replicate is not None and not is_degenerate(b, on_replicate)
         )
         linear = (value - b) / (r - b) if ordered and math.isfinite(value) else math.nan
         if member in official and math.isfinite(official[member]):
             score, how = official[member], BY_CELL_EVAL2
         elif ordered and not prediction_refusal:
-            score, how = (
-                score_one(value, b, replace(policy, anchor=r, allow_negative_baseline=False)),
-                BY_HAND,
-            )
+            score, how = score_one(value, b, on_replicate), BY_HAND
         else:
             score, how = math.nan, NOT_RESCALED
         rows.append(
@@ -449,7 +456,8 @@ def _score_one_context(
                 "score": score,
                 "score_linear": linear,
                 "scored_by": how,
-                "refusal": refusal,
+                "refusal": "; ".join(context_refusals),
+                "member_refusal": ref["member_refusals"].get(member, ""),
                 "n_members": 1,
             }
         )
@@ -473,6 +481,7 @@ def _score_one_context(
         else math.nan,
         "scored_by": how,
         "refusal": "; ".join(context_refusals),
+        "member_refusal": "",
         "n_members": len(rescaled),
     }
     return pd.concat([frame, pd.DataFrame([mean_row])], ignore_index=True)
