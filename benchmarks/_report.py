@@ -625,6 +625,7 @@ def readme_table(blocks: Sequence[tuple[str, pd.DataFrame, dict]]) -> str:
     ]
     smoke = []
     seeds = set()
+    with_cell_eval2 = any((summary["evaluator"] == CELL_EVAL2).any() for _, summary, _ in blocks)
     for name, summary, settings in blocks:
         seeds.add(len(settings.get("seeds", [])))
         if settings.get("max_steps_override"):
@@ -661,10 +662,10 @@ def readme_table(blocks: Sequence[tuple[str, pd.DataFrame, dict]]) -> str:
     caption = (
         "Mean ± sd over "
         + ("/".join(str(s) for s in sorted(seeds)) if seeds else "0")
-        + " seeds of the per-seed mean over held-out (cell type, perturbation) pairs (cell-eval2: over "
-        "(fold, cell type) units); bold: the best of the shown columns and every value within the larger "
-        "sd of it (a tie); †: rescaled by hand where cell-eval2 refused a comparator (docs/benchmark.md "
-        "gives its refusals)."
+        + " seeds of the per-seed mean over held-out (cell type, perturbation) pairs"
+        + (" (cell-eval2: over (fold, cell type) units)" if with_cell_eval2 else "")
+        + "; bold: the best of the shown columns and every value within the larger sd of it (a tie)"
+        + ("; †: rescaled by hand where cell-eval2 refused a comparator (docs/benchmark.md quotes the refusals)." if with_cell_eval2 else ".")
     )
     if smoke:
         caption += f" **SMOKE TEST (`--max-steps` override) for {', '.join(smoke)}: not the defaults a user gets.**"
