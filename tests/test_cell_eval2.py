@@ -177,3 +177,8 @@ def test_bad_arguments_fail_early():
         score_cell_eval2(adata, n_splits=0)
     with pytest.raises(ValueError, match="cell_type_key"):
         score_cell_eval2(adata, cell_types="cell_line_0")
+    with pytest.raises(ValueError, match="`split_key='fold'` is not a column"):
+        score_cell_eval2(adata, cell_type_key="cell_line", split_key="fold")
+    adata.obs["split"] = "train"
+    with pytest.raises(ValueError, match="Nothing to score"):
+        score_cell_eval2(adata, cell_type_key="cell_line", split_key="split")

@@ -199,10 +199,17 @@ def score_cell_eval2(
             ct = labels(adata, cell_type_key, "cell_type_key")
             chosen = pert != control_group
             if split_key is not None:
-                chosen &= np.isin(adata.obs[split_key].astype(str), as_str_tuple(split_values))
+                split = labels(adata, split_key, "split_key")
+                chosen &= np.isin(split, as_str_tuple(split_values))
             if perturbations is not None:
                 chosen &= np.isin(pert, as_str_tuple(perturbations))
             wanted = sorted(set(ct[chosen]))
+            if not wanted:
+                raise ValueError(
+                    "Nothing to score: no perturbed cell matches the selection "
+                    f"(perturbations={perturbations}, split_key={split_key!r}, "
+                    f"split_values={split_values})."
+                )
     cache = {} if reference_cache is None else reference_cache
     frames = []
     for ct in wanted:
