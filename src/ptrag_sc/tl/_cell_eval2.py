@@ -70,11 +70,13 @@ def score_cell_eval2(
     profile (the 2026 Virtual Cell Challenge suite: ``pds_cosine``,
     ``expr_mse_unbiased_capped_norm``, ``de_wilcoxon_direction_fidelity_yield_raw``,
     ``de_wilcoxon_direction_reach_raw``, ``de_wilcoxon_sig_jaccard``, ``de_wilcoxon_lfc_nmae``)
-    and rescales each member ``u`` to ``(u - b) / (r - b)``: 0 is cell-eval2's generic
-    response ``b`` (the mean response of the evaluated perturbations, given identically to
-    every perturbation; an oracle comparator a model cannot see) and 1 its split-half
-    replicate ``r`` (one half of the measured cells scored as a prediction of the other,
-    averaged over ``n_splits`` splits). Above 0, the prediction beats the mean response.
+    and rescales each member ``u`` to ``(u - b) / (r - b)``. ``b`` is the member's value for
+    cell-eval2's generic response (the mean response of the evaluated perturbations, given
+    identically to every perturbation: an oracle comparator, since a model cannot see the
+    held-out responses) and ``r`` its value for the split-half replicate (one half of the
+    measured cells scored as a prediction of the other, averaged over ``n_splits`` splits).
+    So 0 is the mean response and 1 a repeat of the experiment; above 0 the prediction beats
+    the mean response.
 
     cell-eval2 is run on CPU: log1p input (``input_type="lognorm"``), Wilcoxon DE by pdex
     (``de.backend="pdex"``), the generic response emitted with ``emit="tile"`` (the only
@@ -112,8 +114,8 @@ def score_cell_eval2(
         Cell type(s) to score (needs ``cell_type_key``); default: every cell type with
         selected perturbed cells.
     perturbations
-        Perturbations to score (default: all); at least two per cell type, as discrimination
-        needs candidates.
+        Perturbations to score (default: all). With a single one in a cell type,
+        ``pds_cosine`` has no other candidate to discriminate from.
     split_key
         obs column with the data split; perturbed cells whose value is not in
         ``split_values`` are left out (controls are kept).
