@@ -1010,7 +1010,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", choices=list(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     parser.add_argument("--folds", type=int, default=None, metavar="N", help="run only the first N folds")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="MODEL", help=f"subset of {list(MODELS)}")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), metavar="MODEL", help=f"subset of {list(MODELS)} (none: --models with no name)")
     parser.add_argument("--baselines", nargs="*", default=None, help="baselines (default: the dataset's; none: --baselines with no name)")
     parser.add_argument(
         "--max-steps",
