@@ -238,7 +238,8 @@ def summarize_cell_eval2(ce2: pd.DataFrame, *, kinds: dict[str, str]) -> pd.Data
             if metric == CELL_EVAL2_MEAN:
                 members = sorted({int(m) for m in sub["n_members"].dropna()})
                 if members and members != [len(CELL_EVAL2_MEMBERS)]:
-                    how += f", mean of {'-'.join(map(str, [members[0], members[-1]] if len(members) > 1 else members))} of {len(CELL_EVAL2_MEMBERS)} members"
+                    span = str(members[0]) if len(members) == 1 else f"{members[0]}-{members[-1]}"
+                    how += f", mean of {span} of {len(CELL_EVAL2_MEMBERS)} members"
             variants = [(metric, "score", False)]
             if metric == CELL_EVAL2_MEAN:
                 variants.append((f"linear:{metric}", "score_linear", False))
