@@ -381,6 +381,7 @@ def _references(cell_eval2, real, cfg, members, *, n_splits, seed, cache) -> dic
 def _score_one_context(
     cell_eval2, pred, real, *, n_splits, seed, num_threads, cache
 ) -> pd.DataFrame:
+    from cell_eval2.anchor import write_anchor
     from cell_eval2.baseline import build_run_meta
     from cell_eval2.catalog import _NAME_TO_CANONICAL, CATALOG
     from cell_eval2.run import aggregate_metrics_wide, metric_output_names
@@ -409,8 +410,6 @@ def _score_one_context(
     ):
         splits, anchor, meta = ref["anchor"]
         with tempfile.TemporaryDirectory(prefix="ptrag_cell_eval2_anchor_") as directory:
-            from cell_eval2.anchor import write_anchor
-
             write_anchor(directory, splits, anchor, meta=meta)
             try:
                 scored = cell_eval2.score_metrics(
