@@ -226,6 +226,9 @@ def test_mean_cosine_to_others():
     out = M.mean_cosine_to_others(shifts)
     np.testing.assert_allclose(out[:3], [c / 2, c / 2, c])
     assert math.isnan(out[3])  # no direction
+    with_nan = M.mean_cosine_to_others(np.vstack([shifts, [np.nan, 1.0]]))
+    np.testing.assert_allclose(with_nan[:3], out[:3])
+    assert np.isnan(with_nan[3:]).all()
     # the same shift for every perturbation: 1; opposite shifts: -1; fewer than two rows: NaN
     np.testing.assert_allclose(M.mean_cosine_to_others(np.tile([1.0, -2.0, 0.5], (4, 1))), 1.0)
     np.testing.assert_allclose(M.mean_cosine_to_others(np.array([[1.0, 1.0], [-2.0, -2.0]])), -1.0)

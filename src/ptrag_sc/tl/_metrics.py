@@ -111,15 +111,17 @@ def mean_cosine_to_others(shifts: np.ndarray) -> np.ndarray:
 
     The mean of the result is the mean pairwise cosine of the rows: near 1 when every
     perturbation is given (nearly) the same shift, lower when the shifts differ. A row of zero
-    norm has no direction: its cosines are NaN and it is left out of the other rows' means.
+    (or non-finite) norm has no direction: its cosines are NaN and it is left out of the other
+    rows' means.
     All NaN with fewer than two rows.
     """
     shifts = np.asarray(shifts, dtype=np.float64)
     n = shifts.shape[0]
     out = np.full(n, np.nan)
     norms = np.linalg.norm(shifts, axis=1)
-    scale = max(float(norms.max(initial=0.0)), 1e-300)
-    has_direction = norms > _REL_TOL * scale
+    finite = np.isfinite(norms)
+    scale = max(float(norms[finite].max(initial=0.0)), 1e-300)
+    has_direction = finite & (norms > _REL_TOL * scale)
     if n < 2 or has_direction.sum() < 2:
         return out
     unit = shifts[has_direction] / norms[has_direction, None]
