@@ -61,13 +61,18 @@ def accepted():
 
 
 @pytest.fixture(scope="module")
-def refused():
-    """Almost no effect, 6 cells per group: cell-eval2 refuses its baseline and its replicate."""
+def weak():
+    """Almost no effect, 6 cells per group."""
     pytest.importorskip("cell_eval2")
     pytest.importorskip("pdex")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    adata = _synthetic(effect_size=0.02, n_cells=6, n_perturbations=6, n_genes=120)
-    return score_cell_eval2(adata, pred_layer="means")
+    return _synthetic(effect_size=0.02, n_cells=6, n_perturbations=6, n_genes=120)
+
+
+@pytest.fixture(scope="module")
+def refused(weak):
+    """cell-eval2 refuses its baseline and its replicate on the weak data."""
+    return score_cell_eval2(weak, pred_layer="means")
 
 
 def _members(frame):
@@ -139,6 +144,26 @@ def test_refusal_is_reported_not_raised(refused):
     assert mean["n_members"] == len(by_hand)
     if len(by_hand):
         assert mean["score"] == pytest.approx(by_hand["score"].mean())
+
+
+def test_a_refused_prediction_is_scored_member_by_member(weak):
+    # One perturbation: the reference has no measurable aggregate effect, so cell-eval2 refuses
+    # the prediction's expression error; the other members are still computed, alone.
+    one = sorted(set(weak.obs["gene"].astype(str)) - {CONTROL})[0]
+    scores = score_cell_eval2(weak, pred_layer="means", perturbations=[one]).set_index("metric")
+    assert scores.loc["mean", "refusal"].startswith(
+        "prediction: ValueError: expr_mse_unbiased_capped_norm"
+    )
+    assert (
+        "prediction of expr_mse_unbiased_capped_norm alone: ValueError"
+        in scores.loc["expr_mse_unbiased_capped_norm", "member_refusal"]
+    )
+    assert np.isnan(scores.loc["expr_mse_unbiased_capped_norm", "prediction"])
+    assert scores.loc["pds_cosine", "prediction"] == pytest.approx(1.0)  # a single candidate
+    assert "prediction of" not in scores.loc["pds_cosine", "member_refusal"]
+    # a single perturbation has no generic response to exclude its target from
+    assert "baseline of pds_cosine alone: ValueError" in scores.loc["pds_cosine", "member_refusal"]
+    assert (scores["scored_by"] == "not rescaled").all()
 
 
 def test_missing_extra_names_it(monkeypatch):

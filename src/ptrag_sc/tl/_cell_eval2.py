@@ -93,8 +93,8 @@ def score_cell_eval2(
     ordered (the replicate on the better side of the baseline) is rescaled by hand with the
     member's own cell-eval2 policy (the same ``score_one`` cell-eval2 applies on its replicate
     scale) and marked ``scored_by="by hand"``; the others are ``"not rescaled"`` (``score``
-    NaN). The replicate of a member is then computed for that member alone, so one refused
-    member does not take the others' anchors with it.
+    NaN). When cell-eval2 refuses the replicate or the prediction's scores as a whole, each
+    member is computed alone, so one refused member does not take the others with it.
 
     Parameters
     ----------
@@ -152,8 +152,8 @@ def score_cell_eval2(
     - ``scored_by``: ``"cell-eval2"``, ``"by hand"`` or ``"not rescaled"``;
     - ``refusal``: cell-eval2's refusal text(s) for the cell type ("" when none): of the
       prediction, the baseline, the replicate anchor or ``score_metrics``;
-    - ``member_refusal``: when the anchor was refused, why the replicate of this member alone
-      was refused too ("" when it was not);
+    - ``member_refusal``: when the replicate or the prediction was refused as a whole, why
+      this member alone was refused too ("" when it was not);
     - ``n_members``: on the mean row, how many of the six members it averages (1 elsewhere).
 
     Examples
@@ -308,6 +308,20 @@ def _refusal(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _member_by_member(members, cfg, values_of) -> tuple[dict[str, float], dict[str, str]]:
+    """Each member computed alone with ``values_of(config) -> {metric: value}``.
+
+    Returns the values and, for the members cell-eval2 refused, the refusal text.
+    """
+    values, refusals = {}, {}
+    for member in members:
+        try:
+            values[member] = _float(values_of(replace(cfg, metrics=[member])).get(member))
+        except ValueError as exc:
+            values[member], refusals[member] = math.nan, _refusal(exc)
+    return values, refusals
+
+
 def _references(cell_eval2, real, cfg, members, *, n_splits, seed, cache) -> dict:
     """Baseline and replicate of one context (cached on the real cells and the settings)."""
     digest = hashlib.sha1()
@@ -320,29 +334,33 @@ def _references(cell_eval2, real, cfg, members, *, n_splits, seed, cache) -> dic
     from cell_eval2.anchor import _derive_seeds, build_meta, compute_replicate_anchor
     from cell_eval2.catalog import resolve_metrics
 
-    ref = {
-        "baseline_refusal": "",
-        "anchor_refusal": "",
-        "member_refusals": {},
-        "baseline_agg": None,
-        "anchor": None,
-    }
+    def baseline_of(config, allow_degenerate=True):
+        return cell_eval2.build_generic_baseline(
+            real, config=config, emit="tile", allow_degenerate=allow_degenerate
+        )
+
+    def replicate_of(config):
+        _, anchor = compute_replicate_anchor(
+            real, config=config, base_seed=seed, n_splits=n_splits
+        )
+        return dict(zip(anchor["metric"], anchor["replicate"], strict=True))
+
+    ref = {"refusals": {}, "member_refusals": {}, "baseline_agg": None, "anchor": None}
     try:
-        built = cell_eval2.build_generic_baseline(real, config=cfg, emit="tile")
+        built = baseline_of(cfg, allow_degenerate=False)
     except ValueError as exc:
-        ref["baseline_refusal"] = _refusal(exc)
+        ref["refusals"]["baseline"] = _refusal(exc)
         try:  # the same build, written anyway, so its finite members can be rescaled by hand
-            built = cell_eval2.build_generic_baseline(
-                real, config=cfg, emit="tile", allow_degenerate=True
-            )
-        except ValueError as again:
+            built = baseline_of(cfg)
+        except ValueError:
             built = None
-            ref["baseline_refusal"] += f"; with allow_degenerate=True: {_refusal(again)}"
     if built is not None:
         ref["baseline_agg"] = built.agg
         ref["baseline"] = _mean_row(built.agg)
     else:
-        ref["baseline"] = {m: math.nan for m in members}
+        ref["baseline"], ref["member_refusals"]["baseline"] = _member_by_member(
+            members, cfg, lambda config: _mean_row(baseline_of(config).agg)
+        )
     try:
         splits, anchor = compute_replicate_anchor(
             real, config=cfg, base_seed=seed, n_splits=n_splits
@@ -362,18 +380,10 @@ def _references(cell_eval2, real, cfg, members, *, n_splits, seed, cache) -> dic
         )
         ref["anchor"] = (splits, anchor, meta)
     except ValueError as exc:
-        ref["anchor_refusal"] = _refusal(exc)
-        ref["replicate"] = {}
-        for member in members:
-            try:
-                _, alone = compute_replicate_anchor(
-                    real, config=replace(cfg, metrics=[member]), base_seed=seed, n_splits=n_splits
-                )
-                values = dict(zip(alone["metric"], alone["replicate"], strict=True))
-                ref["replicate"][member] = _float(values.get(member))
-            except ValueError as member_exc:
-                ref["replicate"][member] = math.nan
-                ref["member_refusals"][member] = _refusal(member_exc)
+        ref["refusals"]["replicate anchor"] = _refusal(exc)
+        ref["replicate"], ref["member_refusals"]["replicate"] = _member_by_member(
+            members, cfg, replicate_of
+        )
     cache[key] = ref
     return ref
 
@@ -391,23 +401,31 @@ def _score_one_context(
     cfg = _config(cell_eval2, real, num_threads)
     members = _members(cfg)
     ref = _references(cell_eval2, real, cfg, members, n_splits=n_splits, seed=seed, cache=cache)
-    prediction_refusal = ""
+    refusals = dict(ref["refusals"])
+    member_refusals = dict(ref["member_refusals"])
     try:
         tidy = cell_eval2.compute_metrics(pred, real, config=cfg)
         user_agg = aggregate_metrics_wide(tidy, metrics=metric_output_names(cfg))
         u = _mean_row(user_agg)
     except ValueError as exc:
-        prediction_refusal = _refusal(exc)
-        user_agg, u = None, {m: math.nan for m in members}
+        # One member's refusal (e.g. a reference panel without a measurable effect for the
+        # expression error) must not take the others with it: score them one at a time.
+        refusals = {"prediction": _refusal(exc), **refusals}
+        user_agg = None
+        u, member_refusals["prediction"] = _member_by_member(
+            members,
+            cfg,
+            lambda config: _mean_row(
+                aggregate_metrics_wide(
+                    cell_eval2.compute_metrics(pred, real, config=config),
+                    metrics=metric_output_names(config),
+                )
+            ),
+        )
 
     official = {}
     scoring_refusal = ""
-    if (
-        user_agg is not None
-        and ref["baseline_agg"] is not None
-        and ref["anchor"] is not None
-        and not ref["baseline_refusal"]
-    ):
+    if user_agg is not None and ref["anchor"] is not None and "baseline" not in refusals:
         splits, anchor, meta = ref["anchor"]
         with tempfile.TemporaryDirectory(prefix="ptrag_cell_eval2_anchor_") as directory:
             write_anchor(directory, splits, anchor, meta=meta)
@@ -425,16 +443,9 @@ def _score_one_context(
             except ValueError as exc:
                 scoring_refusal = _refusal(exc)
 
-    context_refusals = [
-        text
-        for text in (
-            f"prediction: {prediction_refusal}" if prediction_refusal else "",
-            f"baseline: {ref['baseline_refusal']}" if ref["baseline_refusal"] else "",
-            f"replicate anchor: {ref['anchor_refusal']}" if ref["anchor_refusal"] else "",
-            f"score_metrics: {scoring_refusal}" if scoring_refusal else "",
-        )
-        if text
-    ]
+    if scoring_refusal:
+        refusals["score_metrics"] = scoring_refusal
+    context_refusal = "; ".join(f"{what}: {text}" for what, text in refusals.items())
     rows = []
     for member in members:
         b, r, value = (
@@ -451,7 +462,7 @@ def _score_one_context(
         linear = (value - b) / (r - b) if ordered and math.isfinite(value) else math.nan
         if member in official and math.isfinite(official[member]):
             score, how = official[member], BY_CELL_EVAL2
-        elif ordered and not prediction_refusal:
+        elif ordered and member not in member_refusals.get("prediction", {}):
             score, how = score_one(value, b, on_replicate), BY_HAND
         else:
             score, how = math.nan, NOT_RESCALED
@@ -464,8 +475,12 @@ def _score_one_context(
                 "score": score,
                 "score_linear": linear,
                 "scored_by": how,
-                "refusal": "; ".join(context_refusals),
-                "member_refusal": ref["member_refusals"].get(member, ""),
+                "refusal": context_refusal,
+                "member_refusal": "; ".join(
+                    f"{what} of {member} alone: {texts[member]}"
+                    for what, texts in member_refusals.items()
+                    if member in texts
+                ),
                 "n_members": 1,
             }
         )
@@ -488,7 +503,7 @@ def _score_one_context(
         if len(rescaled) and np.isfinite(linear_values).all()
         else math.nan,
         "scored_by": how,
-        "refusal": "; ".join(context_refusals),
+        "refusal": context_refusal,
         "member_refusal": "",
         "n_members": len(rescaled),
     }
