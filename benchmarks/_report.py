@@ -610,7 +610,7 @@ def cell_eval2_refusals(summary: pd.DataFrame) -> list[str]:
             texts[r.error.split(": ", 1)[-1]].append(label)
     lines = []
     for text, metrics in texts.items():
-        lines += [f"- cell-eval2 **refused** ({', '.join(metrics)}): {text}", ""]
+        lines += [f"- cell-eval2 **refusal** ({', '.join(metrics)}): {text}", ""]
     means = summary[(summary["evaluator"] == CELL_EVAL2) & (summary["metric"] == CELL_EVAL2_MEAN)]
     hows = sorted({str(h) for h in means["scored_by"] if "members" in str(h)})
     if hows:

@@ -161,8 +161,8 @@ def test_a_refused_prediction_is_scored_member_by_member(weak):
     assert np.isnan(scores.loc["expr_mse_unbiased_capped_norm", "prediction"])
     assert scores.loc["pds_cosine", "prediction"] == pytest.approx(1.0)  # a single candidate
     assert "prediction of" not in scores.loc["pds_cosine", "member_refusal"]
-    # a single perturbation has no generic response to exclude its target from
-    assert "baseline of pds_cosine alone: ValueError" in scores.loc["pds_cosine", "member_refusal"]
+    assert "a single perturbation" in scores.loc["mean", "refusal"]
+    assert np.isnan(scores["baseline"]).all()
     assert (scores["scored_by"] == "not rescaled").all()
 
 

@@ -113,7 +113,7 @@ def test_by_hand_scores_are_marked_and_their_refusal_kept():
     table = report.evaluator_table(summary, report.CELL_EVAL2, report.TABLE_METRICS[report.CELL_EVAL2])
     assert table[0].startswith("| method | mean | pds | mse_norm")
     assert any(line.startswith("| PT-RAG (default) | **0.") and "†" in line for line in table)
-    assert any("refused" in line and "no lfc_nmae reference" in line for line in report.cell_eval2_refusals(summary))
+    assert any("refusal" in line and "no lfc_nmae reference" in line for line in report.cell_eval2_refusals(summary))
 
 
 def test_a_member_missing_in_one_unit_gets_no_mean_and_says_why():

@@ -41,6 +41,10 @@ SCORE_COLUMNS = (
     "n_members",
 )
 _PERT_COL, _CONTROL = "target_gene", "non-targeting"
+_SINGLE_PERTURBATION = (
+    "a single perturbation in this cell type: cell-eval2's generic response would be its own "
+    "measured mean response, so no member is rescaled"
+)
 _MISSING_EXTRA = (
     "ptrag_sc.tl.score_cell_eval2 needs cell-eval2 (>= 0.20) and pdex: "
     'pip install "ptrag-sc[cell-eval2]".'
@@ -114,8 +118,9 @@ def score_cell_eval2(
         Cell type(s) to score (needs ``cell_type_key``); default: every cell type with
         selected perturbed cells.
     perturbations
-        Perturbations to score (default: all). With a single one in a cell type,
-        ``pds_cosine`` has no other candidate to discriminate from.
+        Perturbations to score (default: all). A cell type with a single one gets its raw
+        values only: cell-eval2's generic response would be that perturbation's own measured
+        response (``refusal`` says so).
     split_key
         obs column with the data split; perturbed cells whose value is not in
         ``split_values`` are left out (controls are kept).
@@ -400,7 +405,21 @@ def _score_one_context(
 
     cfg = _config(cell_eval2, real, num_threads)
     members = _members(cfg)
-    ref = _references(cell_eval2, real, cfg, members, n_splits=n_splits, seed=seed, cache=cache)
+    n_perturbations = len(set(real.obs[_PERT_COL].astype(str)) - {_CONTROL})
+    if n_perturbations < 2:
+        # cell-eval2's generic response is the mean over the evaluated perturbations: with one,
+        # it is that perturbation's own measured response, and the scale means nothing.
+        ref = {
+            "refusals": {"ptrag_sc": _SINGLE_PERTURBATION},
+            "member_refusals": {},
+            "baseline": {},
+            "replicate": {},
+            "anchor": None,
+        }
+    else:
+        ref = _references(
+            cell_eval2, real, cfg, members, n_splits=n_splits, seed=seed, cache=cache
+        )
     refusals = dict(ref["refusals"])
     member_refusals = dict(ref["member_refusals"])
     try:
