@@ -166,6 +166,18 @@ def test_a_refused_prediction_is_scored_member_by_member(weak):
     assert (scores["scored_by"] == "not rescaled").all()
 
 
+def _tiny():
+    adata = ptrag_sc.datasets.synthetic(
+        n_cell_types=1,
+        n_perturbations=2,
+        n_genes=20,
+        n_cells_per_perturbation=5,
+        n_control_cells=5,
+    )
+    adata.layers["ptrag"] = np.asarray(adata.X)
+    return adata
+
+
 def test_missing_extra_names_it(monkeypatch):
     real_import = builtins.__import__
 
@@ -175,27 +187,13 @@ def test_missing_extra_names_it(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_cell_eval2)
-    adata = ptrag_sc.datasets.synthetic(
-        n_cell_types=1,
-        n_perturbations=2,
-        n_genes=20,
-        n_cells_per_perturbation=5,
-        n_control_cells=5,
-    )
-    adata.layers["ptrag"] = np.asarray(adata.X)
+    adata = _tiny()
     with pytest.raises(ImportError, match=r"ptrag-sc\[cell-eval2\]"):
         score_cell_eval2(adata)
 
 
 def test_bad_arguments_fail_early():
-    adata = ptrag_sc.datasets.synthetic(
-        n_cell_types=1,
-        n_perturbations=2,
-        n_genes=20,
-        n_cells_per_perturbation=5,
-        n_control_cells=5,
-    )
-    adata.layers["ptrag"] = np.asarray(adata.X)
+    adata = _tiny()
     pytest.importorskip("cell_eval2")
     pytest.importorskip("pdex")
     with pytest.raises(ValueError, match="n_splits"):
