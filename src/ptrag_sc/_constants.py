@@ -32,6 +32,8 @@ OBS_SOURCE_CELL = "ptrag_source_cell"
 OBS_UNSEEN_PERTURBATION = "ptrag_unseen_perturbation"
 OBS_UNSEEN_CELL_TYPE = "ptrag_unseen_cell_type"
 OBS_RETRIEVAL_DISTANCE = "ptrag_retrieval_distance"
+#: Suffix of the obs column holding a prediction's confidence (``"<key_added>_confidence"``).
+CONFIDENCE_SUFFIX = "_confidence"
 
 #: uns key holding prediction settings.
 UNS_KEY = "ptrag"

@@ -52,7 +52,11 @@ class SetGroups:
     context, context_full, stacked
         ``(n_groups, G)`` evidence of response memories (see
         :meth:`~ptrag_sc.data.RetrievalMemory.evidence`): the cell type's context response
-        without and with the group's own entry, and the stacked estimate of the specific shift.
+        without and with the group's own entry, and the evidence's estimate of the specific
+        shift.
+    confidence
+        ``(n_groups,)`` expected Pearson correlation of the group's predicted and measured mean
+        shift (response memories).
     target_shift
         ``(n_groups, G)`` observed mean of each group's cells minus its control mean (groups
         with observed cells: training and validation).
@@ -76,6 +80,7 @@ class SetGroups:
     context: np.ndarray | None = None
     context_full: np.ndarray | None = None
     stacked: np.ndarray | None = None
+    confidence: np.ndarray | None = None
     target_shift: np.ndarray | None = None
 
     def __len__(self) -> int:
