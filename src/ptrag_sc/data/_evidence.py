@@ -7,15 +7,18 @@ perturbation, that is with the entry's own response left out:
 
 1. **Stack.** Non-negative least-squares weights of the sources (stacked regression, Breiman
    1996): a source that does not help on the training perturbations gets weight 0.
-2. **Trust and gate.** The stacked estimate is scaled by the cell type's *trust* ``t(c)``, the
-   least-squares scale of the stack on the cell type's other entries (clipped at 0, pulled
-   towards the scale over all entries by a prior of :data:`TRUST_PRIOR` entries), and by a
-   per-query reliability ``r(q) = 2 sigmoid(b . z(q))`` in (0, 2), where ``z`` describes what
-   the query looks like (:data:`GATE_FEATURES`: how similar its nearest measured neighbours
-   are, whether the sources agree...). Either near 0 returns the context response: evidence
-   that did not predict perturbations like this one is not lent to it. ``b = 0`` (``r = 1``)
-   is the plain stack; ``b`` is penalised towards it.
-3. **Own gene.** Where the perturbed gene is itself measured, its shift is the training
+2. **Trust.** The cell type's *trust* ``t(c)``: the least-squares scale of the stack on the
+   cell type's other entries, clipped at 0 and pulled towards the scale over all entries by a
+   prior of :data:`TRUST_PRIOR` entries. A cell type where the sources predicted nothing gets
+   its context response.
+3. **Gate.** A per-query reliability ``r(q) = 2 sigmoid(b . [1, z(q)])`` in (0, 2) scales
+   the trusted stack, where ``z`` describes what the query looks like (:data:`GATE_FEATURES`:
+   how similar its nearest measured neighbours are, whether the sources agree, whether its
+   own gene is measured...). ``b = 0`` (``r = 1``) is the plain stack; ``b`` is penalised
+   towards it. Where the evidence predicted perturbations like this one badly, ``r`` is near
+   0 and the query gets its context response: a neighbour's strong response is not lent to a
+   perturbation it does not fit.
+4. **Own gene.** Where the perturbed gene is itself measured, its shift is the training
    perturbations' median relative change of their own gene in that cell type (a knock-down or
    knock-out lowers its target, an activation raises it), not what neighbours say.
 
@@ -49,7 +52,7 @@ GATE_FEATURES = (
     "evidence_size",  # norm of the stacked estimate over the cell type's typical specific shift
     "annotation_depth",  # log(1 + number of annotation terms)
     "measured_elsewhere",  # the perturbation has entries in other cell types
-    "cell_type_trust",  # how far the stack is to be trusted in the query's cell type (below)
+    "cell_type_trust",  # how far the stack is to be trusted in the query's cell type
     "own_gene_measured",  # the perturbed gene is among the measured genes
 )
 #: Neighbours averaged by the neighbour sources.
@@ -240,9 +243,12 @@ class EvidenceModel:
         Names of the sources, aligned with ``stack_weights``.
     stack_weights
         Non-negative weight of each source.
-    feature_center, feature_scale, gate_coef, confidence_coef
-        Standardisation of :data:`GATE_FEATURES` and the coefficients (intercept first) of the
-        gate's logit and of the confidence.
+    feature_center, feature_scale
+        Standardisation of :data:`GATE_FEATURES`.
+    gate_coef
+        ``(1 + F,)`` coefficients (intercept first) of the gate's logit.
+    confidence_coef
+        ``(1 + F,)`` coefficients of the confidence.
     cell_types, typical_size, cell_type_trust, own_gene_ratio
         Per cell type with entries: the root mean square of its entries' specific shifts, the
         trust in the stack there and the median relative change of the perturbed gene (NaN
@@ -283,7 +289,7 @@ class EvidenceModel:
         return np.column_stack([np.ones(len(z)), z])
 
     def gate(self, features: np.ndarray) -> np.ndarray:
-        """Reliability ``r`` in (0, 2) of each query's stacked estimate."""
+        """Reliability ``r`` in (0, 2) of each query's trusted stack."""
         return 2.0 / (1.0 + np.exp(-(self.standardise(features) @ self.gate_coef)))
 
     def confidence(self, features: np.ndarray) -> np.ndarray:
@@ -291,16 +297,17 @@ class EvidenceModel:
         return np.clip(self.standardise(features) @ self.confidence_coef, -1.0, 1.0)
 
 
-def fit_gate(stacked: np.ndarray, targets: np.ndarray, design: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def fit_gate(trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Coefficients ``b`` of the gate ``r = 2 sigmoid(design @ b)`` minimising
-    ``sum_m w_m^2 |y_m - r_m s_m|^2 / sum_m w_m^2 |y_m|^2 + GATE_PENALTY |b|^2 / M``.
+    ``sum_m w_m^2 |y_m - r_m s_m|^2 / sum_m w_m^2 |y_m|^2 + GATE_PENALTY |b|^2 / M``
+    (``s``: the trusted stack of each entry).
 
     Only three numbers per entry enter (``<y, s>``, ``|s|^2``, ``|y|^2``), so the fit is a small
-    smooth problem solved exactly by L-BFGS.
+    smooth problem (L-BFGS from ``b = 0``, deterministic).
     """
     w2 = np.asarray(weights, np.float64) ** 2
-    cross = w2 * np.einsum("mg,mg->m", targets, stacked, dtype=np.float64)
-    size = w2 * np.einsum("mg,mg->m", stacked, stacked, dtype=np.float64)
+    cross = w2 * np.einsum("mg,mg->m", targets, trusted, dtype=np.float64)
+    size = w2 * np.einsum("mg,mg->m", trusted, trusted, dtype=np.float64)
     total = float(np.sum(w2 * np.einsum("mg,mg->m", targets, targets, dtype=np.float64))) or 1.0
     n = len(design)
 
@@ -312,8 +319,7 @@ def fit_gate(stacked: np.ndarray, targets: np.ndarray, design: np.ndarray, weigh
         grad = design.T @ (d_r * 2.0 * sig * (1.0 - sig)) + 2.0 * GATE_PENALTY * coef / n
         return value, grad
 
-    result = minimize(objective, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B")
-    return result.x
+    return minimize(objective, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B").x
 
 
 def fit_ridge(design: np.ndarray, target: np.ndarray, penalty: float) -> np.ndarray:

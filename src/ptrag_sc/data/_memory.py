@@ -235,8 +235,8 @@ class RetrievalMemory:
                 perturbations[rows], cell_types[rows], embeddings[rows], None if annotations is None else annotations[rows], context[rows]
             )
             trust = model.per_cell_type(cell_types[rows], model.cell_type_trust, model.trust_all)
-            estimate = np.tensordot(model.stack_weights, sources, axes=1) * trust[:, None]
             columns = ev.own_gene_columns(perturbations[rows], self.gene_names, sep)
+            estimate = np.tensordot(model.stack_weights, sources, axes=1) * trust[:, None]
             features = ev.gate_features(
                 sources,
                 estimate,
@@ -486,32 +486,35 @@ def _fit_evidence(
     other = (perturbations[:, None] == perturbations[None, :]) & ~same_ct
     sources[4], sources[5] = _other_cell_types(other, specific, memory.responses, context)
 
-    selected = np.array([use is None or name in use for name in ev.SOURCES])
+    sources *= np.array([use is None or name in use for name in ev.SOURCES])[:, None, None]
     weights = ev.entry_weights(targets)
-    stack_weights = ev.fit_stack(sources * selected[:, None, None], targets, weights)
+    stack_weights = ev.fit_stack(sources, targets, weights)
     stacked = np.tensordot(stack_weights, sources, axes=1)
 
     # How far the stack is to be trusted in a cell type, from its *other* entries.
     cross = weights**2 * np.einsum("mg,mg->m", targets, stacked, dtype=np.float64)
     size = weights**2 * np.einsum("mg,mg->m", stacked, stacked, dtype=np.float64)
     trust_per_type, trust_per_entry, trust_all = ev.trust(cross, size, cell_types)
-    trusted = stacked * trust_per_entry[:, None]
-    typical_size = np.sqrt(np.bincount(np.unique(cell_types, return_inverse=True)[1], weights=np.sum(specific**2, axis=1)) / memory.context_counts)
+    type_code = np.unique(cell_types, return_inverse=True)[1]
+    typical_size = np.sqrt(np.bincount(type_code, weights=np.sum(specific**2, axis=1)) / memory.context_counts)
     columns = ev.own_gene_columns(perturbations, memory.gene_names, sep)
+    trusted = stacked * trust_per_entry[:, None]
     features = ev.gate_features(
         sources,
         trusted,
         neighbour_cosine=ev.closest(cosine, allowed),
         neighbour_jaccard=ev.closest(annotation_similarity, allowed),
         annotation_depth=np.log1p(np.diff(memory.annotation_indptr).astype(np.float64)),
-        typical_size=typical_size[np.unique(cell_types, return_inverse=True)[1]],
-        cell_type_trust=trust_per_entry,
+        typical_size=typical_size[type_code],
+        # The cell type's trust, not the entry's leave-one-out one: how much that one moves
+        # when the entry is left out depends on the entry's own fit.
+        cell_type_trust=trust_per_type[type_code],
         own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float),
     )
     center = features.mean(axis=0)
     scale = np.where(features.std(axis=0) > 1e-9, features.std(axis=0), 1.0)
     design = np.column_stack([np.ones(n), (features - center) / scale])
-    gate_coef = ev.fit_gate(trusted, targets, design, weights) if use != () else np.zeros(design.shape[1])
+    gate_coef = ev.fit_gate(trusted, targets, design, weights)
     estimates = trusted * (2.0 / (1.0 + np.exp(-(design @ gate_coef))))[:, None]
 
     # The perturbed gene's own expression, from the other entries of the cell type.
