@@ -18,7 +18,11 @@ perturbation, that is with the entry's own response left out:
    towards it. Where the evidence predicted perturbations like this one badly, ``r`` is near
    0 and the query gets its context response: a neighbour's strong response is not lent to a
    perturbation it does not fit.
-4. **Own gene.** Where the perturbed gene is itself measured, its shift is the training
+4. **Combinations.** ``A+B`` in cell type c is the additive model: the sum of its members'
+   shifts, each measured in c where it was and otherwise the context response of c (the
+   typical shift of a perturbation there), which is the standard bar for combinations and
+   needs no measured combination.
+5. **Own gene.** Where the perturbed gene is itself measured, its shift is the training
    perturbations' median relative change of their own gene in that cell type (a knock-down or
    knock-out lowers its target, an activation raises it), not what neighbours say.
 
@@ -54,6 +58,7 @@ GATE_FEATURES = (
     "measured_elsewhere",  # the perturbation has entries in other cell types
     "cell_type_trust",  # how far the stack is to be trusted in the query's cell type
     "own_gene_measured",  # the perturbed gene is among the measured genes
+    "members_measured",  # fraction of a combination's members measured in the cell type
 )
 #: Neighbours averaged by the neighbour sources.
 N_NEIGHBOURS = 5
@@ -217,6 +222,7 @@ def gate_features(
     typical_size: np.ndarray,
     cell_type_trust: np.ndarray,
     own_gene_measured: np.ndarray,
+    members_measured: np.ndarray,
 ) -> np.ndarray:
     """``(n, F)`` values of :data:`GATE_FEATURES` for ``n`` queries (``sources``: ``(S, n, G)``)."""
     return np.column_stack(
@@ -229,6 +235,7 @@ def gate_features(
             np.abs(sources[4]).sum(axis=1) > 0,
             cell_type_trust,
             own_gene_measured,
+            members_measured,
         ]
     ).astype(np.float64)
 

@@ -243,6 +243,7 @@ class RetrievalMemory:
                 typical_size=model.per_cell_type(cell_types[rows], model.typical_size, float(np.mean(model.typical_size))),
                 cell_type_trust=trust,
                 own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float) * (control_mean is not None),
+                members_measured=self._members_measured(perturbations[rows], cell_types[rows], sep),
                 **features,
             )
             estimate = estimate * model.gate(features)[:, None]
@@ -250,9 +251,36 @@ class RetrievalMemory:
                 ratio = model.per_cell_type(cell_types[rows], model.own_gene_ratio, model.own_gene_ratio_all)
                 ratio = np.where(np.isfinite(ratio), ratio, model.own_gene_ratio_all)
                 estimate = ev.apply_own_gene(estimate, context[rows], np.asarray(control_mean)[rows], columns, ratio)
+            estimate = self._additive(perturbations[rows], cell_types[rows], context[rows], estimate, sep)
             stacked[rows] = estimate
             confidence[rows] = model.confidence(features)
         return {"context": context, "context_full": full, "stacked": stacked, "confidence": confidence.astype(np.float32)}
+
+    def _members_measured(self, perturbations: np.ndarray, cell_types: np.ndarray, sep: str) -> np.ndarray:
+        """Fraction of each combination's members with an entry in its cell type (0 for single perturbations)."""
+        out = np.zeros(len(perturbations))
+        for i, label in enumerate(perturbations):
+            members = str(label).split(sep)
+            if len(members) > 1:
+                out[i] = np.mean(self.entry_index(np.array(members), np.full(len(members), cell_types[i])) >= 0)
+        return out
+
+    def _additive(self, perturbations: np.ndarray, cell_types: np.ndarray, context: np.ndarray, estimate: np.ndarray, sep: str) -> np.ndarray:
+        """Combinations' specific shifts by the additive model: the sum of the members' shifts in
+        the query's cell type (measured, or its context response where a member was not),
+        minus the query's context. Single perturbations keep ``estimate``."""
+        members = [str(p).split(sep) for p in perturbations]
+        combos = np.flatnonzero([len(m) > 1 for m in members])
+        if combos.size == 0:
+            return estimate
+        out = estimate.copy()
+        _, full = self.contexts(perturbations[combos], cell_types[combos])
+        for row, i in enumerate(combos):
+            entries = self.entry_index(np.array(members[i]), np.full(len(members[i]), cell_types[i]))
+            measured = entries[entries >= 0]
+            total = self.responses[measured].sum(axis=0) + (len(entries) - measured.size) * full[row]
+            out[i] = total - context[i]
+        return out
 
     def _query_sources(self, perturbations, cell_types, embeddings, annotations, context) -> tuple[np.ndarray, dict]:
         """``(S, n, G)`` evidence sources of queries that are not memory entries, and the
@@ -510,6 +538,7 @@ def _fit_evidence(
         # when the entry is left out depends on the entry's own fit.
         cell_type_trust=trust_per_type[type_code],
         own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float),
+        members_measured=memory._members_measured(perturbations, cell_types, sep),
     )
     center = features.mean(axis=0)
     scale = np.where(features.std(axis=0) > 1e-9, features.std(axis=0), 1.0)
@@ -529,6 +558,7 @@ def _fit_evidence(
         pool = pool if pool.size else ratios[others]
         loo_ratio[m] = np.median(pool) if pool.size else np.nan
     estimates = ev.apply_own_gene(estimates, context, control_means, columns, loo_ratio)
+    estimates = memory._additive(perturbations, cell_types, context, estimates, sep)
 
     accuracy = ev.row_pearson(context + estimates, memory.responses)
     memory.evidence_model = ev.EvidenceModel(
