@@ -25,7 +25,6 @@ from .._constants import (
 from .._shift import shift_scale
 from ._components import FullSetTransformer, PooledSetTransformer, mlp
 from ._evidence import EvidenceCombiner
-from ._fused import generate_cells, recentre, set_mean_max
 from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
 
@@ -373,29 +372,25 @@ class PTRAGModule(BaseModuleClass):
     ) -> dict[str, torch.Tensor]:
         """Run the set transformer and decode gene expression (``delta``: ``[B,G]``)."""
         latent = self.backbone(x0, h_pert[:, None, :]) + h_ctrl
-        scale, offset = None, None
-        if delta is not None and control_mean is not None:
-            # The control cells moved by the evidence: x_ctrl * scale + offset (see `apply_shift`).
-            scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling, set_stats=set_mean_max(x_ctrl))
-        if self.set_decoder is None and self.decoder_rank is None:
-            base = self.decoder(latent)
+        if self.decoder_rank is None:
+            decoded = self.decoder(latent)
         else:
-            # y = x_ctrl' + offset + SetDecoder(mean) + LowRank(latent - mean): the per-cell part
-            # is one matrix product over all the cells of the batch, and the per-set vector joins
-            # the control cells in the same pass over [B, S, G] that clips them.
+            # LowRank(latent - mean) has zero set mean; a learned shift of the set's mean comes
+            # from the last layer's bias and the set decoder.
             set_mean = latent.mean(dim=1, keepdim=True)
-            first, last = self.decoder
-            base = F.linear(first(latent - set_mean), last.weight)
-            set_vector = last.bias.expand(set_mean.shape[0], 1, -1)  # [B,1,G]
+            decoded = self.decoder(latent - set_mean)
             if self.set_decoder is not None:
-                set_vector = set_vector + self.set_decoder(set_mean)
-            offset = set_vector if offset is None else set_vector + offset
-        # The control cells (scaled by the evidence), the offsets, the clip to [0, ceiling] and
-        # the set mean in one pass.
-        prediction, cell_means = generate_cells(base, x_ctrl, scale, self.gene_ceiling, offset)
+                decoded = decoded + self.set_decoder(set_mean)
+        if delta is not None and control_mean is not None:
+            # The control cells moved by the evidence (see `apply_shift`).
+            scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling)
+            cells = x_ctrl * scale + offset + decoded
+        else:
+            cells = x_ctrl + decoded
+        prediction = torch.clamp(F.relu(cells), max=self.gene_ceiling)
         result = {OUTPUTS.PREDICTION: prediction}
         if control_mean is not None:
-            result[OUTPUTS.MEAN_SHIFT] = cell_means - control_mean
+            result[OUTPUTS.MEAN_SHIFT] = prediction.mean(dim=1) - control_mean
         return result
 
     # -------------------------------------------------------------------- loss
@@ -421,7 +416,8 @@ class PTRAGModule(BaseModuleClass):
         if use_pseudobulk:
             # The observed set moved to its group's pseudobulk mean: the energy judges the
             # shape, and agrees with the pseudobulk term about the mean.
-            teacher = recentre(target, tensors[TENSORS.CONTROL_MEAN] + target_shift)
+            centre = tensors[TENSORS.CONTROL_MEAN] + target_shift
+            teacher = target + (centre.unsqueeze(1) - target.mean(dim=1, keepdim=True))
         if self._sinkhorn is None:
             objective = energy_distance(prediction, teacher, include_target_term=include_target_term)
             loss = objective.mean()
