@@ -125,7 +125,7 @@ def build(name: str, memory, batch):
 
     else:
         model = PTRAGModule(G, D, n_hidden=H, n_layers=4, n_heads=8, **options)
-        model.set_memory(memory.embeddings, memory.specific, memory.response_codes)
+        model.set_memory(memory.embeddings, memory.response_codes)
         model.set_data_constants(batch[TENSORS.X_CTRL].amax((0, 1)).numpy() * 1.5, 0.1)
 
         def loss():

@@ -191,3 +191,20 @@ def test_evidence_model_survives_to_dict():
     b = again.evidence(query, np.array(["t"]), encoder.embed(query), None)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_combinations_follow_the_additive_model():
+    """``A+B``: the sum of its members' measured shifts; an unmeasured member counts as the
+    context response (the typical perturbation of the cell type)."""
+    names, table, effects, rng = _pathway_and_bystanders(seed=5)
+    memory = _memory(names, table, effects, rng)
+    encoder = PerturbationEncoder(table)
+    extra = pd.DataFrame(rng.normal(size=(1, table.shape[1])), index=["NEW"], columns=table.columns)
+    encoder = PerturbationEncoder(pd.concat([table, extra]))
+    queries = np.array(["N0+P0", "NEW+P1"])
+    out = memory.evidence(queries, np.array(["t", "t"]), encoder.embed(queries), None)
+    shift = out["context"] + out["stacked"]
+    row = {n: i for i, n in enumerate(memory.perturbations)}
+    np.testing.assert_allclose(shift[0], memory.responses[row["N0"]] + memory.responses[row["P0"]], rtol=1e-5, atol=1e-6)
+    context = memory.context_full[0]
+    np.testing.assert_allclose(shift[1], memory.responses[row["P1"]] + context, rtol=1e-5, atol=1e-6)

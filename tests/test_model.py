@@ -182,14 +182,13 @@ def test_get_retrieval_table(trained):
     table = model.get_retrieval([query], cell_type="cell_line_0")
     assert list(table.columns) == [
         "query", "cell_type", "rank", "candidate", "candidate_cell_type", "similarity",
-        "keep_probability", "selected_fraction", "selected", "weight", "confidence",
+        "keep_probability", "selected_fraction", "selected", "confidence",
     ]
     assert table["confidence"].nunique() == 1  # one number per query
     assert len(table) == model.n_candidates
     assert table["rank"].tolist() == list(range(1, model.n_candidates + 1))
     assert table["similarity"].is_monotonic_decreasing
     assert table["keep_probability"].between(0, 1).all()
-    assert table["weight"].between(0, 1).all()
     # The exact (query, cell type) entry is never retrieved (it is held out anyway), but the
     # query measured in other cell types is, first.
     assert not ((table["candidate"] == query) & (table["candidate_cell_type"] == "cell_line_0")).any()

@@ -53,7 +53,6 @@ class TENSORS:
     CANDIDATE_SAME_CELL_TYPE = "candidate_same_cell_type"  #: ``[B, K]`` bool
     CANDIDATE_RELATION = "candidate_relation"  #: ``[B, K]`` relation code (``RELATION_*``)
     CONTEXT_RESPONSE = "context_response"  #: ``[B, G]`` mean response of the cell type's *other* perturbations
-    CONTEXT_FULL = "context_full"  #: ``[B, G]`` mean response of all the cell type's memory entries
     STACKED_SHIFT = "stacked_shift"  #: ``[B, G]`` the stacked evidence's estimate of the perturbation-specific shift
     CANDIDATE_SIMILARITY = "candidate_similarity"  #: ``[B, K]`` stage-1 similarity (0 for padding)
     CANDIDATE_ANNOTATION_SIMILARITY = "candidate_annotation_similarity"  #: ``[B, K]`` annotation Jaccard

@@ -114,7 +114,6 @@ class SetBuilder:
             evidence = memory.evidence(labels, cell_types, embedding, annotations, control_mean, sep=self.encoder.sep)
             out.update(
                 context=evidence["context"],
-                context_full=evidence["context_full"],
                 stacked=evidence["stacked"],
                 confidence=evidence["confidence"],
             )

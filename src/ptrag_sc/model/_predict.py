@@ -448,7 +448,6 @@ def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd
             else:
                 keep_p = inference[OUTPUTS.ATTENTION].mean(1).cpu().numpy()
                 selected = np.full_like(keep_p, np.nan)
-            weight = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy() if memory.kind == "response" else np.full_like(keep_p, np.nan)
             cand = groups.candidates[set_group]
             valid = cand >= 0
             k = cand.shape[1]
@@ -463,7 +462,6 @@ def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd
                     "similarity": groups.similarity[set_group].ravel().astype(np.float64),
                     "keep_probability": keep_p.ravel(),
                     "selected_fraction": selected.ravel(),
-                    "weight": weight.ravel(),
                     "confidence": np.repeat(confidence.astype(np.float64), k),
                 }
             )
@@ -472,9 +470,9 @@ def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd
     order = pd.DataFrame({"c": pd.Categorical(out["cell_type"], categories=list(dict.fromkeys(map(str, wanted)))), "q": pd.Categorical(out["query"], categories=queries), "r": out["rank"]})
     out = out.iloc[order.sort_values(["c", "q", "r"], kind="stable").index].reset_index(drop=True)
     out["selected"] = out["selected_fraction"] > 0.5
-    out = out[["query", "cell_type", "rank", "candidate", "candidate_cell_type", "similarity", "keep_probability", "selected_fraction", "selected", "weight", "confidence"]]
+    out = out[["query", "cell_type", "rank", "candidate", "candidate_cell_type", "similarity", "keep_probability", "selected_fraction", "selected", "confidence"]]
     if memory.kind != "response":
-        out = out.drop(columns=["candidate_cell_type", "weight", "confidence"])
+        out = out.drop(columns=["candidate_cell_type", "confidence"])
     return out
 
 
