@@ -215,8 +215,10 @@ class RetrievalMemory:
         Returns
         -------
         ``context`` (leave-one-out context response), ``context_full`` and ``stacked`` (the
-        evidence's estimate of the specific shift), each ``(n, G)`` float32, and
-        ``confidence`` ``(n,)``.
+        evidence's estimate of the specific shift), each ``(n, G)`` float32, ``confidence``
+        ``(n,)`` and ``reliability`` ``(n,)``, the cell type's trust times the query's gate (the
+        scale of the stacked sources; NaN for memory entries, whose estimates were computed
+        with their own entry left out).
         """
         perturbations = np.asarray(perturbations).astype(str)
         cell_types = np.asarray(cell_types).astype(str)
@@ -224,6 +226,7 @@ class RetrievalMemory:
         own = self.entry_index(perturbations, cell_types)
         stacked = np.zeros_like(context)
         confidence = np.zeros(len(perturbations))
+        reliability = np.full(len(perturbations), np.nan)
         is_entry = own >= 0
         stacked[is_entry] = self.entry_estimates[own[is_entry]]
         confidence[is_entry] = self.entry_confidence[own[is_entry]]
@@ -246,7 +249,9 @@ class RetrievalMemory:
                 members_measured=self._members_measured(perturbations[rows], cell_types[rows], sep),
                 **features,
             )
-            estimate = estimate * model.gate(features)[:, None]
+            gate = model.gate(features)
+            estimate = estimate * gate[:, None]
+            reliability[rows] = trust * gate
             if control_mean is not None:
                 ratio = model.per_cell_type(cell_types[rows], model.own_gene_ratio, model.own_gene_ratio_all)
                 ratio = np.where(np.isfinite(ratio), ratio, model.own_gene_ratio_all)
@@ -254,7 +259,13 @@ class RetrievalMemory:
             estimate = self._additive(perturbations[rows], cell_types[rows], context[rows], estimate, sep)
             stacked[rows] = estimate
             confidence[rows] = model.confidence(features)
-        return {"context": context, "context_full": full, "stacked": stacked, "confidence": confidence.astype(np.float32)}
+        return {
+            "context": context,
+            "context_full": full,
+            "stacked": stacked,
+            "confidence": confidence.astype(np.float32),
+            "reliability": reliability.astype(np.float32),
+        }
 
     def _members_measured(self, perturbations: np.ndarray, cell_types: np.ndarray, sep: str) -> np.ndarray:
         """Fraction of each combination's members with an entry in its cell type (0 for single perturbations)."""

@@ -374,7 +374,7 @@ def _cell_types(model, data, cell_type) -> list[str]:
 def _fast_path(model, effect) -> bool:
     """Whether set means are known without decoding cells (response memory, no learned shift)."""
     module = model.module
-    return effect != "energy" and module.evidence is not None and not module.learned_shift
+    return effect != "energy" and module.uses_responses and not module.learned_shift
 
 
 def _observed(model, data, labels, cell_type, cells, weights, effect) -> tuple[np.ndarray, np.ndarray]:
