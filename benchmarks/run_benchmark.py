@@ -48,7 +48,7 @@ Two more measurements per held-out pair (items 2-3 of issue 18): ``cosine_to_oth
 those of the other held-out perturbations of its cell type (their mean over a cell type is the
 mean pairwise cosine; after removing the shift shared by the perturbations this mean is forced
 to about -1/(n-1) and says nothing, so it is not reported); and ``confidence``, the mean of
-``obs["ptrag_confidence"]`` over the pair's predicted cells when the model writes it, whose
+the confidence the model writes to obs (``"<key_added>_confidence"``) over the pair's predicted cells, whose
 Spearman correlation with ``pearson_delta`` and ``pearson_pert_centred`` over the held-out pairs
 is summarised per seed (``make_tables.py`` also pools it over the real datasets).
 
@@ -169,8 +169,9 @@ BASELINES = ("control", "context_mean", "other_cell_types", "linear", "knn")
 #: A baseline of this script (not of :func:`ptrag_sc.tl.predict_baseline`): every held-out cell
 #: of a zero-shot line gets the mean over the other glioblastoma lines of their context shift.
 OTHER_LINES_MEAN = "other_lines_context_mean"
-#: The per-cell confidence a model's counterfactual prediction may carry in obs.
-CONFIDENCE_KEY = "ptrag_confidence"
+#: Layer the model's counterfactual prediction goes to; its per-cell confidence, when the model
+#: has one, goes to ``obs[PREDICTION_KEY + "_confidence"]``.
+PREDICTION_KEY = "_prediction"
 #: Column names and control label of every dataset here.
 PERTURBATION_KEY, CELL_TYPE_KEY, CONTROL = "gene", "cell_line", "non-targeting"
 
@@ -616,10 +617,13 @@ def predict_with_confidence(model, evaluation) -> tuple[np.ndarray, np.ndarray |
     from scipy import sparse
 
     obs_before, uns_before = set(evaluation.obs.columns), set(evaluation.uns)
-    model.predict(evaluation, key_added="_prediction")
-    layer = evaluation.layers.pop("_prediction")
+    from ptrag_sc._constants import CONFIDENCE_SUFFIX
+
+    model.predict(evaluation, key_added=PREDICTION_KEY)
+    layer = evaluation.layers.pop(PREDICTION_KEY)
     layer = np.asarray(layer.toarray() if sparse.issparse(layer) else layer, dtype=np.float32)
-    confidence = evaluation.obs[CONFIDENCE_KEY].to_numpy(dtype=float) if CONFIDENCE_KEY in evaluation.obs else None
+    column = PREDICTION_KEY + CONFIDENCE_SUFFIX
+    confidence = evaluation.obs[column].to_numpy(dtype=float) if column in evaluation.obs else None
     for column in set(evaluation.obs.columns) - obs_before:
         del evaluation.obs[column]
     for key in set(evaluation.uns) - uns_before:
@@ -792,7 +796,7 @@ def run(
             "discrimination": "per pair, ptrag_sc.tl._metrics.mean_cosine_to_others of the mean shifts (vs the "
             "cell type's real control mean) of the held-out perturbations of its (seed, fold, method, cell "
             "type), predicted and measured",
-            report.CONFIDENCE: f"per pair, the mean of obs[{CONFIDENCE_KEY!r}] of its predicted cells when the "
+            report.CONFIDENCE: f"per pair, the mean of obs[{PREDICTION_KEY + '_confidence'!r}] of its predicted cells when the "
             "model writes it; Spearman over pairs with pearson_delta and pearson_pert_centred per seed",
         },
         "summary": "mean and sd (ddof=1) over seeds of the per-seed mean over (cell type, perturbation) pairs; "

@@ -208,7 +208,7 @@ class _FakeModel:
 
     def predict(self, adata, key_added):
         adata.layers[key_added] = np.asarray(adata.X) + 1
-        adata.obs[run_benchmark.CONFIDENCE_KEY] = np.linspace(0, 1, adata.n_obs)
+        adata.obs[key_added + "_confidence"] = np.linspace(0, 1, adata.n_obs)
         adata.obs["_scvi_labels"] = 0
         adata.uns["_scvi_uuid"] = "x"
 
