@@ -15,9 +15,11 @@ What is written
   one compact table (dataset, metric, PT-RAG default, STATE+GenePT, PT-RAG paper, best baseline;
   "mean ± sd" over seeds; bold: the best of the shown columns and every value tied with it).
 - ``docs/benchmark.md``, between ``<!-- BENCHMARK-RESULTS-START`` and ``<!-- BENCHMARK-RESULTS-END``:
-  the machine and versions, then per dataset both evaluators' tables (cell-eval and
-  ``ptrag_sc.tl.evaluate``) with one sentence per headline metric saying who wins and whether
-  the win is outside the noise, then the speed tables.
+  the machine and versions, then per dataset the evaluators' tables (cell-eval2's rescaled
+  members, cell-eval and ``ptrag_sc.tl.evaluate``) with one sentence per headline metric saying
+  who wins and whether the win is outside the noise, cell-eval2's refusals, the discrimination
+  and confidence table, then the confidence pooled over the real datasets' held-out pairs (read
+  from their ``results.csv``), then the speed tables.
 
 Datasets whose result files predate the seeded harness (no ``evaluator`` column in
 ``summary.csv``) are skipped with a warning.
@@ -38,6 +40,12 @@ import _report as report
 ROOT = Path(__file__).resolve().parent.parent
 README_START, README_END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"
 DOCS_START, DOCS_END = "<!-- BENCHMARK-RESULTS-START", "<!-- BENCHMARK-RESULTS-END"
+CELL_EVAL2_NOTE = (
+    " cell-eval2's members are rescaled per (fold, cell type) between its generic mean response (0) and "
+    "its split-half replicate (1); where cell-eval2 refuses to build one of the two, its refusal is quoted "
+    "under the table, members whose two ends are finite and ordered are rescaled by hand (†) and the "
+    "others are *not rescaled*; `cell_eval2.csv` holds every raw value, baseline, replicate and refusal."
+)
 
 
 def read_dataset(directory: Path) -> tuple[pd.DataFrame, dict, pd.DataFrame | None] | None:
@@ -50,6 +58,7 @@ def read_dataset(directory: Path) -> tuple[pd.DataFrame, dict, pd.DataFrame | No
         print(f"make_tables: skipping {directory} (results predate the seeded harness; rerun run_benchmark.py)", file=sys.stderr)
         return None
     summary["error"] = summary["error"].fillna("").astype(str)
+    summary["scored_by"] = summary["scored_by"].fillna("").astype(str) if "scored_by" in summary.columns else ""
     settings = json.loads(settings_path.read_text())
     timings_path = directory / "timings.csv"
     timings = pd.read_csv(timings_path) if timings_path.exists() else None
@@ -74,7 +83,9 @@ def machine_line(blocks) -> str:
         key = (
             f"{m.get('platform', '?')}, {m.get('cpus_available', m.get('cpu_count', '?'))} CPUs available, "
             f"{m.get('torch_threads', '?')} torch thread(s); torch {v.get('torch')}, scvi-tools {v.get('scvi')}, "
-            f"cell-eval {v.get('cell_eval')}, ptrag_sc {v.get('ptrag_sc')} (commit {v.get('git_commit')})"
+            f"cell-eval {v.get('cell_eval')}, "
+            + (f"cell-eval2 {v['cell_eval2']}, " if v.get("cell_eval2") else "")
+            + f"ptrag_sc {v.get('ptrag_sc')} (commit {v.get('git_commit')})"
         )
         seen.setdefault(key, []).append(name)
     if len(seen) == 1:
@@ -95,18 +106,45 @@ def docs_section(blocks, results: Path) -> str:
         "than the larger of the two sds is a tie. cell-eval's `discrimination_score_l1` is best at 1, ours "
         "(`discrimination_l1`) at 0; energy, W1 and W2 (ours) are computed in a 50-component PCA of each "
         "cell type's real cells. cell-eval refuses predictions with log1p values >= 15: such a method is "
-        "shown as *refused*, never clipped.",
+        "shown as *refused*, never clipped."
+        + (CELL_EVAL2_NOTE if any((summary["evaluator"] == report.CELL_EVAL2).any() for _, summary, _, _ in blocks) else ""),
         "",
     ]
     if not blocks:
         lines += ["No results in the current format yet: run `benchmarks/run_benchmark.py`.", ""]
     for name, summary, settings, timings in blocks:
         lines += [report.dataset_markdown(name, summary, settings, timings, level="###"), ""]
+    lines += pooled_confidence_section(blocks, results)
     speed = results / "speed" / "speed.md"
     if speed.exists():
         body = "\n".join(("#" + line) if line.startswith("### ") else line for line in speed.read_text().splitlines())
         lines += ["### Speed", "", "From `benchmarks/speed.py` (`benchmarks/results/speed/`).", "", body.strip(), ""]
     return "\n".join(lines)
+
+
+def pooled_confidence_section(blocks, results: Path) -> list[str]:
+    """Markdown: Spearman between confidence and accuracy over every real dataset's held-out pairs."""
+    real = {}
+    for name, _, settings, _ in blocks:
+        path = results / name / "results.csv"
+        if settings.get("synthetic") is None and not settings.get("max_steps_override") and path.exists():
+            real[name] = pd.read_csv(path)
+    pooled = report.pooled_confidence(real)
+    if pooled.empty:
+        return []
+    lines = [
+        "### Confidence, pooled over the real datasets",
+        "",
+        "Spearman correlation between a model's per-pair mean confidence (`obs[\"ptrag_confidence\"]`) and its "
+        "per-pair accuracy over the held-out pairs of every real dataset pooled (per seed, then mean ± sd over "
+        "seeds; smoke tests left out):",
+        "",
+        "| method | accuracy | Spearman | seeds | pairs per seed | datasets |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in pooled.itertuples():
+        lines.append(f"| {r.method} | {r.accuracy} | {report.fmt(r.mean, r.sd)} | {r.n_seeds} | {r.n_pairs} | {r.datasets} |")
+    return [*lines, ""]
 
 
 def rewrite(path: Path, start: str, end: str, body: str, *, check: bool) -> bool:

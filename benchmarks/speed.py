@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _report as report
 from _state_reference import StateReference
 
-from ptrag_sc.module import TENSORS, PTRAGModule, _fused
+from ptrag_sc.module import TENSORS, PTRAGModule
 
 B, S, G, D, K, H = 16, 64, 2000, 1536, 32, 128
 N_PERTURBATIONS, CELL_TYPES = 500, ("hepg2", "jurkat", "k562", "rpe1")
@@ -68,8 +68,6 @@ VARIANTS = {
     "PTRAG none (default shape)": {"retrieval": "none"},
     "PTRAG vanilla (default shape)": {"retrieval": "vanilla"},
     DEFAULT: {},
-    # The same network through PyTorch operations only (what a GPU or PTRAG_SC_FUSED_KERNELS=0 runs).
-    "PTRAG ptrag (default), PyTorch operations only": {"fused_kernels": False},
 }
 
 
@@ -126,19 +124,12 @@ def build(name: str, memory, batch):
             return model.loss(batch[TENSORS.X_CTRL], pert, batch[TENSORS.X_PERT])
 
     else:
-        options = dict(options)
-        fused = options.pop("fused_kernels", True)
         model = PTRAGModule(G, D, n_hidden=H, n_layers=4, n_heads=8, **options)
-        model.set_memory(memory.embeddings, memory.specific, memory.response_codes)
+        model.set_memory(memory.embeddings, memory.response_codes)
         model.set_data_constants(batch[TENSORS.X_CTRL].amax((0, 1)).numpy() * 1.5, 0.1)
 
         def loss():
-            kernels = _fused.enabled
-            _fused.enabled = fused
-            try:
-                return model(batch)[2].loss
-            finally:
-                _fused.enabled = kernels
+            return model(batch)[2].loss
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

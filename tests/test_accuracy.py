@@ -40,20 +40,21 @@ def _test_shifts(data, layer):
     return out
 
 
-def test_stage2_keeps_the_candidates_that_share_the_effect():
-    # Stage 2 alone carries the neighbour evidence here (nothing is stacked): the only
-    # candidates that share a held-out perturbation's effect are the same gene measured in the
-    # other cell lines (cell_type_specificity 0.3: correlation about 0.9).
+def test_evidence_from_other_cell_types_carries_a_shared_effect():
+    # The effects are shared across cell lines here (cell_type_specificity 0.3: correlation
+    # about 0.9): the same gene measured in the other lines is what the evidence must use for
+    # held-out perturbations of cell_line_0, and the predictions say they are confident.
     data = make_small_adata()
     data.obs["split"] = few_shot_split(data)
-    model = _model(data, evidence=())
-    model.train(max_steps=500, split_key="split", early_stopping=False)
-    tests = sorted(set(data.obs.loc[data.obs["split"] == "test", "gene"].astype(str)))
-    table = model.get_retrieval(tests, cell_type="cell_line_0")
-    shares = table["candidate"] == table["query"]
-    assert table.loc[shares, "selected_fraction"].mean() > 0.9
-    assert table.loc[~shares, "selected_fraction"].mean() < 0.2
-    assert table.loc[shares, "weight"].sum() > 0.5 * len(tests)
+    model = _model(data)
+    model.train(max_steps=100, split_key="split")
+    model.predict(data, key_added="pred")
+    shifts = _test_shifts(data, np.asarray(data.layers["pred"]))
+    assert np.mean([r for _, _, r in shifts]) > 0.8
+    weights = dict(zip(ptrag_sc.data.EVIDENCE_SOURCES, model.memory.evidence_model.stack_weights, strict=True))
+    assert weights["other_cell_types"] + weights["other_cell_types_raw"] > 0.3
+    test = (data.obs["split"] == "test").to_numpy()
+    assert data.obs.loc[test, "pred_confidence"].mean() > 0.7
 
 
 def test_target_shift_is_the_whole_group_pseudobulk():

@@ -94,7 +94,7 @@ def test_every_trainable_parameter_takes_part_in_the_loss(retrieval, memory, bac
     n_genes, n_dims, m, b, s, k = 12, 6, 10, 3, 5, 4
     module = PTRAGModule(n_genes, n_dims, n_hidden=8, n_layers=1, n_heads=2, n_set_tokens=2, retrieval=retrieval,
                          memory=memory, backbone=backbone, decoder_rank=decoder_rank, n_batch=n_batch, n_response_components=4)
-    module.set_memory(torch.randn(m, n_dims, generator=gen), torch.randn(m, n_genes, generator=gen), torch.randn(m, 3, generator=gen))
+    module.set_memory(torch.randn(m, n_dims, generator=gen), torch.randn(m, 3, generator=gen))
     x = torch.rand(b, s, n_genes, generator=gen)
     batch = {
         TENSORS.X_CTRL: x,
@@ -106,7 +106,6 @@ def test_every_trainable_parameter_takes_part_in_the_loss(retrieval, memory, bac
         TENSORS.CANDIDATE_SIMILARITY: torch.rand(b, k, generator=gen),
         TENSORS.CANDIDATE_ANNOTATION_SIMILARITY: torch.rand(b, k, generator=gen),
         TENSORS.CONTEXT_RESPONSE: torch.randn(b, n_genes, generator=gen) * 0.1,
-        TENSORS.CONTEXT_FULL: torch.randn(b, n_genes, generator=gen) * 0.1,
         TENSORS.STACKED_SHIFT: torch.randn(b, n_genes, generator=gen) * 0.1,
         TENSORS.CONTROL_MEAN: x.mean(1),
         TENSORS.TARGET_SHIFT: torch.randn(b, n_genes, generator=gen) * 0.1,

@@ -113,6 +113,30 @@ def test_counterfactual_prediction_keeps_controls_and_input(trained):
     ) else None
 
 
+def test_counterfactual_prediction_writes_a_confidence_per_cell(trained):
+    model, data = trained
+    data = data.copy()
+    model.predict(data, key_added="pred")
+    confidence = data.obs["pred_confidence"]
+    control = (data.obs["gene"] == "non-targeting").to_numpy()
+    assert confidence[control].isna().all()
+    assert confidence[~control].between(-1, 1).all()
+    # One number per (cell type, perturbation): it describes the prediction, not the cell.
+    per_group = confidence[~control].groupby([data.obs["cell_line"][~control], data.obs["gene"][~control]], observed=True).nunique()
+    assert (per_group == 1).all()
+    # The same number as the retrieval table's and the generation's.
+    row = data.obs[~control].iloc[0]
+    table = model.get_retrieval([row["gene"]], cell_type=row["cell_line"])
+    assert table["confidence"].iloc[0] == pytest.approx(float(confidence[~control].iloc[0]), abs=1e-6)
+    # An existing column is replaced only with overwrite=True (with the layer).
+    with pytest.raises(ValueError, match="pred"):
+        model.predict(data, key_added="pred")
+    del data.layers["pred"]
+    with pytest.raises(ValueError, match="pred_confidence"):
+        model.predict(data, key_added="pred")
+    model.predict(data, key_added="pred", overwrite=True)
+
+
 def test_generation_of_unseen_perturbation_and_combination(trained):
     model, data = trained
     controls = data[data.obs["gene"] == "non-targeting"].copy()
@@ -127,7 +151,9 @@ def test_generation_of_unseen_perturbation_and_combination(trained):
     assert out.obs["ptrag_source_cell"].isin(controls.obs_names).all()
     assert not out.obs.loc[out.obs["gene"] == seen, "ptrag_unseen_perturbation"].any()
     assert out.obs.loc[out.obs["gene"] != seen, "ptrag_unseen_perturbation"].all()
-    assert out.obs["ptrag_retrieval_distance"].between(0, 2).all()
+    # NaN where stage 2 kept nothing: no distance, rather than a reassuring 0.
+    assert out.obs["ptrag_retrieval_distance"].dropna().between(0, 2).all()
+    assert out.obs["ptrag_confidence"].between(-1, 1).all()
     assert out.uns["ptrag"]["mode"] == "generation"
     assert (out.X >= 0).all()
     # A perturbation of a gene never seen anywhere: only its embedding is needed.
@@ -156,13 +182,13 @@ def test_get_retrieval_table(trained):
     table = model.get_retrieval([query], cell_type="cell_line_0")
     assert list(table.columns) == [
         "query", "cell_type", "rank", "candidate", "candidate_cell_type", "similarity",
-        "keep_probability", "selected_fraction", "selected", "weight",
+        "keep_probability", "selected_fraction", "selected", "confidence",
     ]
+    assert table["confidence"].nunique() == 1  # one number per query
     assert len(table) == model.n_candidates
     assert table["rank"].tolist() == list(range(1, model.n_candidates + 1))
     assert table["similarity"].is_monotonic_decreasing
     assert table["keep_probability"].between(0, 1).all()
-    assert table["weight"].between(0, 1).all()
     # The exact (query, cell type) entry is never retrieved (it is held out anyway), but the
     # query measured in other cell types is, first.
     assert not ((table["candidate"] == query) & (table["candidate_cell_type"] == "cell_line_0")).any()

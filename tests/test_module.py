@@ -1,4 +1,4 @@
-"""Unit tests of the torch module: losses, the fused stage-2 algebra, set equivariance."""
+"""Unit tests of the torch module: losses, the folded stage-2 algebra, set equivariance."""
 
 from __future__ import annotations
 
@@ -87,15 +87,19 @@ def test_binary_concrete_matches_two_class_gumbel_softmax():
     torch.testing.assert_close(reference, torch.sigmoid(logit[0]), atol=0.01, rtol=0)
 
 
-def test_selector_sampling_is_hard_and_differentiable():
+def test_selector_sampling_is_hard_and_differentiable_and_drops_padding():
     torch.manual_seed(0)
     selector = TwoStageSelector(8)
     h_cand = torch.randn(2, 4, 8, requires_grad=True)
-    out = selector(torch.randn(2, 3, 8), torch.randn(2, 8), h_cand, torch.ones(2, 4, dtype=torch.bool), sample=True)
-    assert set(out["keep"].detach().unique().tolist()) <= {0.0, 1.0}
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    valid[0, -1] = False
+    out = selector(torch.randn(2, 30, 8), torch.randn(2, 8), h_cand, valid, sample=True)
+    assert set(out["keep"].detach().unique().tolist()) == {0.0, 1.0}
+    assert not out["keep"][0, :, -1].any()
+    assert not out["keep_probability"][0, :, -1].any()
     (out["keep"].sum() + out["context"].sum()).backward()
-    assert h_cand.grad is not None
     assert h_cand.grad.abs().sum() > 0
+    assert h_cand.grad[0, -1].abs().sum() == 0  # a padding slot takes no part in the selection
 
 
 def _batch(n_sets=2, s=6, g=10, d=4, k=3, m=7, seed=0):
@@ -110,7 +114,6 @@ def _batch(n_sets=2, s=6, g=10, d=4, k=3, m=7, seed=0):
         TENSORS.CANDIDATE_SIMILARITY: torch.rand(n_sets, k, generator=gen),
         TENSORS.CANDIDATE_ANNOTATION_SIMILARITY: torch.rand(n_sets, k, generator=gen),
         TENSORS.CONTEXT_RESPONSE: torch.randn(n_sets, g, generator=gen) * 0.1,
-        TENSORS.CONTEXT_FULL: torch.randn(n_sets, g, generator=gen) * 0.1,
         TENSORS.STACKED_SHIFT: torch.randn(n_sets, g, generator=gen) * 0.1,
         TENSORS.CONTROL_MEAN: torch.rand(n_sets, g, generator=gen) + 0.5,
         TENSORS.TARGET_SHIFT: torch.randn(n_sets, g, generator=gen) * 0.1,
@@ -124,7 +127,7 @@ def _batch(n_sets=2, s=6, g=10, d=4, k=3, m=7, seed=0):
 def test_prediction_is_equivariant_to_cell_order(backbone, retrieval, decoder_rank):
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=2, n_heads=2, backbone=backbone, retrieval=retrieval, decoder_rank=decoder_rank)
-    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 0.1, torch.randn(7, 5))
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 5))
     # Non-zero decoder weights, so the transformer's output matters.
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
@@ -141,7 +144,7 @@ def test_prediction_is_equivariant_to_cell_order(backbone, retrieval, decoder_ra
 def test_loss_is_energy_to_the_pseudobulk_teacher_plus_mean_error_and_sparsity():
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag", sparsity_weight=0.5, pseudobulk_weight=2.0)
-    module.set_memory(torch.randn(7, 4), torch.randn(7, 10), torch.randn(7, 5))
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 5))
     module.set_data_constants(torch.full((10,), 50.0), shift_scale=0.3)
     module.train()
     batch = _batch()
@@ -163,64 +166,33 @@ def test_loss_is_energy_to_the_pseudobulk_teacher_plus_mean_error_and_sparsity()
     assert loss.loss.item() == pytest.approx(energy_distance(gen["prediction"], target).mean().item(), rel=1e-5)
 
 
-def test_evidence_combiner_starts_at_the_stacked_evidence_and_moves_to_kept_candidates():
-    from ptrag_sc.module import EvidenceCombiner
+def test_mean_shift_is_the_context_plus_the_evidence_whatever_stage_2_keeps():
+    """The data layer's evidence decides a set's mean shift; stage 2 changes the cells' encodings."""
+    from ptrag_sc.module import PTRAGModule
 
     torch.manual_seed(0)
-    combiner = EvidenceCombiner()
-    g = 6
-    specific = torch.randn(1, 2, g)
-    context, context_full, stacked = torch.randn(1, g), torch.randn(1, g), torch.randn(1, g)
-    valid = torch.tensor([[True, True]])
-    relation = torch.tensor([[0, 1]])
-    same = torch.tensor([[True, False]])
-    nothing = combiner(torch.zeros(1, 2), valid, relation, same, specific, context, context_full, stacked)
-    torch.testing.assert_close(nothing["delta"], context + stacked)
-    kept = combiner(torch.tensor([[1.0, 0.0]]), valid, relation, same, specific, context, context_full, stacked)
-    # The kept candidate (of the query's own cell type) counts as much as the stacked evidence.
-    d0 = specific[:, 0] + context_full - context
-    torch.testing.assert_close(kept["delta"], context + stacked + combiner.trust * (d0 - stacked) / 2)
-    torch.testing.assert_close(kept["weights"], torch.tensor([[0.5, 0.0]]) * combiner.trust)
-
-
-def test_combination_members_add_up_in_the_shift():
-    from ptrag_sc.module import EvidenceCombiner
-
-    torch.manual_seed(0)
-    combiner = EvidenceCombiner()
-    specific = torch.randn(2, 3, 5)
-    context_full = torch.randn(2, 5)
-    relation = torch.tensor([[2, 2, 0], [0, 0, 0]])  # set 0 is a combination of entries 0 and 1
-    valid = torch.ones(2, 3, dtype=torch.bool)
-    same = torch.ones(2, 3, dtype=torch.bool)
-    out = combiner(torch.zeros(2, 3), valid, relation, same, specific, torch.zeros(2, 5), context_full, torch.zeros(2, 5))
-    torch.testing.assert_close(out["delta"][0], specific[0, 0] + specific[0, 1] + 2 * context_full[0])
-    torch.testing.assert_close(out["delta"][1], torch.zeros(5))
-
-
-def test_evidence_reads_the_candidates_rows_in_place_with_the_same_result_and_gradient():
-    from ptrag_sc.module import EvidenceCombiner
-
-    torch.manual_seed(0)
-    combiner = EvidenceCombiner()
-    table = torch.randn(9, 5, dtype=torch.float64)
-    rows = torch.tensor([[3, 0, 8], [1, 1, 4]])
-    relation = torch.tensor([[2, 2, 0], [0, 1, 0]])  # set 0: a combination of rows 3 and 0
-    valid = torch.tensor([[True, True, True], [True, True, False]])
-    same = torch.tensor([[True, True, False], [False, True, True]])
-    context, context_full, stacked = (torch.randn(2, 5, dtype=torch.float64) for _ in range(3))
-    combiner = combiner.double()
-    set_weights = torch.rand(2, 3, dtype=torch.float64)
-    results = []
-    for table_rows in (None, rows):
-        weights = set_weights.clone().requires_grad_(True)
-        specific = table[rows] if table_rows is None else table
-        out = combiner(weights, valid, relation, same, specific, context, context_full, stacked, rows=table_rows)
-        (out["delta"] * torch.arange(5.0, dtype=torch.float64)).sum().backward()
-        results.append((out["delta"], out["weights"], weights.grad))
-    for gathered, in_place in zip(*results, strict=True):
-        torch.testing.assert_close(in_place, gathered, rtol=1e-12, atol=1e-12)
-    assert results[0][2][1].abs().sum() > 0  # set 1 takes its shift from the weighted candidates
+    module = PTRAGModule(6, 4, n_hidden=16, n_layers=1, n_heads=2)
+    module.set_memory(torch.randn(5, 4), torch.randn(5, 3))
+    batch = {
+        TENSORS.X_CTRL: torch.rand(2, 4, 6),
+        TENSORS.PERT_EMBEDDING: torch.randn(2, 4),
+        TENSORS.CANDIDATES: torch.tensor([[0, 1, 2], [3, 4, -1]]),
+        TENSORS.CANDIDATE_SAME_CELL_TYPE: torch.ones(2, 3, dtype=torch.bool),
+        TENSORS.CANDIDATE_RELATION: torch.zeros(2, 3, dtype=torch.long),
+        TENSORS.CONTEXT_RESPONSE: torch.randn(2, 6),
+        TENSORS.STACKED_SHIFT: torch.randn(2, 6),
+    }
+    module.eval()
+    outputs = []
+    for offset in (-30.0, 30.0):  # stage 2 keeps nothing, then everything
+        with torch.no_grad():
+            module.selection_offsets.relation_bias.fill_(offset)
+        inference = module.inference(**module._get_inference_input(batch))
+        outputs.append(inference)
+        torch.testing.assert_close(inference["delta"], batch[TENSORS.CONTEXT_RESPONSE] + batch[TENSORS.STACKED_SHIFT])
+    assert outputs[0]["keep"].sum() == 0
+    assert outputs[1]["keep"].sum() == 2 * 4 * 3 - 4  # every valid (cell, candidate)
+    assert not torch.allclose(outputs[0]["x0"], outputs[1]["x0"])
 
 
 def test_binary_concrete_sample_and_gradient_are_the_straight_through_soft_sample():
@@ -252,7 +224,7 @@ def test_binary_concrete_sample_and_gradient_are_the_straight_through_soft_sampl
 def test_response_memory_mean_moves_only_by_the_evidence():
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag", decoder_rank=3)
-    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 0.1, torch.randn(7, 5))
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 5))
     assert module.set_decoder is None and not module.decoder[-1].bias.requires_grad
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
@@ -270,7 +242,7 @@ def test_response_memory_mean_moves_only_by_the_evidence():
 def test_predictions_never_exceed_the_gene_ceiling():
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag")
-    module.set_memory(torch.randn(7, 4), torch.randn(7, 10) * 5, torch.randn(7, 5))
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 5))
     module.set_data_constants(torch.full((10,), 1.2), shift_scale=1.0)
     module.eval()
     batch = _batch()
@@ -350,7 +322,7 @@ def test_apply_shift_respects_the_ceiling_and_keeps_the_mean():
     torch.testing.assert_close((scaled + offset).mean(1), torch.tensor([[2.0]]))
 
 
-# ------------------------------------------------- hand-written gradients of the hot path
+# ------------------------------------------------------------------ energy distance
 def _reference_energy(x, y, include_target_term):
     """The energy distance through plain autograd (the formula, as geomloss' convention)."""
 
@@ -364,7 +336,7 @@ def _reference_energy(x, y, include_target_term):
 
 
 @pytest.mark.parametrize("include_target_term", [True, False])
-def test_energy_distance_gradient_equals_autograd(include_target_term):
+def test_energy_distance_and_its_gradient_equal_the_formula(include_target_term):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(3, 9, 11, generator=gen, dtype=torch.float64)
     x[0, 1] = x[0, 0]  # identical cells: clamped distances, zero gradient there
@@ -380,66 +352,41 @@ def test_energy_distance_gradient_equals_autograd(include_target_term):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
 
 
-def test_relu_ceiling_equals_relu_then_minimum_with_ties():
-    from ptrag_sc.module._components import relu_ceiling
-
-    gen = torch.Generator().manual_seed(1)
-    ceiling = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
-    ceiling[0] = float("inf")
-    x = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64) * 2
-    x[0, 0, 1:] = ceiling[1:]  # ties with the ceiling: half the gradient, as torch.minimum
-    x[0, 1, :] = 0.0  # zeros: no gradient, as relu
-    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    results = []
-    for fn in (relu_ceiling, lambda a, c: torch.minimum(torch.relu(a), c)):
-        xx = x.clone().requires_grad_()
-        out = fn(xx, ceiling)
-        out.backward(upstream)
-        results.append((out.detach(), xx.grad))
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
-    with torch.no_grad():
-        assert torch.equal(relu_ceiling(x, ceiling), results[1][0])
-
-
-def test_cell_mean_and_add_scaled_gradients_equal_autograd():
-    from ptrag_sc.module._components import add_scaled_, cell_mean
-
-    gen = torch.Generator().manual_seed(2)
-    x = torch.rand(3, 4, 5, generator=gen, dtype=torch.float64)
-    scale = torch.rand(3, 1, 5, generator=gen, dtype=torch.float64)
-    base = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
-    upstream = torch.randn(3, 5, generator=gen, dtype=torch.float64)
-    outs = []
-    for ours in (True, False):
-        s, b = scale.clone().requires_grad_(), base.clone().requires_grad_()
-        out = add_scaled_(b * 1.0, x, s) if ours else (b * 1.0).addcmul(x, s)
-        mean = cell_mean(out) if ours else out.mean(dim=1)
-        mean.backward(upstream)
-        outs.append((mean.detach(), s.grad, b.grad))
-    for ours, reference in zip(outs[0], outs[1], strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+# ------------------------------------------------------------------ training step
+def test_training_step_is_reproducible_from_a_seed():
+    """Two modules built and stepped from the same seeds give the same loss and the same
+    gradient for every trainable parameter (the Gumbel draws included)."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2)
+        module.set_memory(torch.randn(7, 4), torch.randn(7, 5))
+        module.set_data_constants(torch.full((10,), 0.9), 0.1)
+        module.train()
+        torch.manual_seed(1)
+        inference, _, loss = module(_batch())
+        loss.loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        runs.append((loss.loss.detach(), inference["keep"].detach(), grads))
+    (loss_a, keep_a, grads_a), (loss_b, keep_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(keep_a, keep_b)
+    assert 0 < keep_a.mean() < 1
+    assert grads_a.keys() == grads_b.keys()
+    assert len(grads_a) > 20
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
 
 
-def test_keep_logit_equals_the_composite_it_replaces():
-    from ptrag_sc.module._retriever import _KeepLogit
+def test_default_module_step_runs_under_a_flop_counter():
+    """`benchmarks/speed.py` counts the training step's operations this way."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    gen = torch.Generator().manual_seed(3)
-    shapes = [(2, 5, 4), (2, 3, 4), (2, 5, 3, 1), (2, 5, 3, 1), (4,), (4,), (4,), ()]
-    inputs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    inputs[3] = inputs[3].abs() + 0.5  # rstd
-    upstream = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
-
-    def composite(cell, cand, mean, rstd, w_sum, bias, v, v0):
-        hidden = torch.addcmul(cell.unsqueeze(2) + cand.unsqueeze(1), mean, w_sum, value=-1.0)
-        return torch.nn.functional.gelu(torch.addcmul(bias, rstd, hidden)) @ v + v0
-
-    results = []
-    for fn in (_KeepLogit.apply, composite):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        out = fn(*leaves)
-        out.backward(upstream)
-        results.append([out.detach()] + [x.grad for x in leaves])
-    for ours, reference in zip(results[0], results[1], strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
-    assert torch.equal(_KeepLogit.evaluate(*inputs), _KeepLogit.apply(*inputs))
+    torch.manual_seed(0)
+    module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2)
+    module.set_memory(torch.randn(7, 4), torch.randn(7, 5))
+    module.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module(_batch())[2].loss.backward()
+    assert counter.get_total_flops() > 0

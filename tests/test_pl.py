@@ -414,6 +414,29 @@ def test_show_none_returns_none_for_own_figure(results):
     assert pl.metric_comparison(results, show=False) is not None
 
 
+# --------------------------------------------------------------------- confidence
+def test_confidence_plots_each_pairs_mean_confidence_against_its_accuracy(trained):
+    from scipy.stats import spearmanr
+
+    model, data = trained
+    data = data.copy()
+    model.predict(data, key_added="pred")
+    results = tl.evaluate(data, pred_layer="pred", split_key="split")
+    ax = pl.confidence(data, results, confidence_key="pred_confidence", show=False)
+    points = _scatter_collections(ax)[0].get_offsets()
+    assert len(points) == len(results)
+    groups = data.obs.groupby(["cell_line", "gene"], observed=True)["pred_confidence"].mean()
+    expected = np.array([groups[(c, g)] for c, g in zip(results["cell_line"], results["gene"], strict=True)])
+    np.testing.assert_allclose(np.sort(points[:, 0]), np.sort(expected), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(points[:, 1]), np.sort(results["pearson_delta"]), rtol=1e-6)
+    rho = spearmanr(expected, results["pearson_delta"]).statistic
+    assert ax.get_title() == f"Spearman {rho:.2f}, n = {len(results)}"
+    with pytest.raises(ValueError, match="no column 'ptrag_confidence'"):
+        pl.confidence(data, results, show=False)
+    with pytest.raises(TypeError, match="tl.evaluate"):
+        pl.confidence(data, results.to_dict(), confidence_key="pred_confidence", show=False)
+
+
 # --------------------------------------------------------------------- docstrings
 @pytest.mark.parametrize("name", pl.__all__)
 def test_docstring_examples_run(name):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ptrag_sc.data import NeighbourIndex, PerturbationEncoder, build_memory
+from ptrag_sc.data import EVIDENCE_SOURCES, NeighbourIndex, PerturbationEncoder, build_memory
 
 
 @pytest.fixture
@@ -159,20 +159,45 @@ def test_context_response_leaves_the_query_out(encoder):
     np.testing.assert_allclose(loo[2], (memory.responses[every].mean(0) + memory.responses[t2].mean(0)) / 2, rtol=1e-5)
 
 
-def test_ridge_leave_one_out_matches_refitting():
-    from ptrag_sc.data._memory import ridge_leave_one_out
+def _specific(responses, groups):
+    out = responses.copy()
+    for g in np.unique(groups):
+        out[groups == g] -= responses[groups == g].mean(0)
+    return out
+
+
+def test_ridge_leave_one_out_is_the_refit_without_the_entry():
+    """No part of an entry's response reaches its own leave-one-out estimate: the map, its centre
+    and intercept, and the other entries' specific shifts (whose cell-type context included the
+    entry) are all recomputed without it."""
+    from ptrag_sc.data._evidence import ridge_leave_one_out
 
     rng = np.random.default_rng(0)
-    E = rng.normal(size=(12, 5))
-    Y = E @ rng.normal(size=(5, 3)) + 0.3 * rng.normal(size=(12, 3))
-    loo, weights, center, alpha = ridge_leave_one_out(E, Y, grid=(0.5,))
-    for i in range(12):
-        keep = np.arange(12) != i
-        Ec = E[keep] - center
-        w = np.linalg.solve(Ec.T @ Ec + alpha * np.eye(5), Ec.T @ Y[keep])
-        np.testing.assert_allclose(loo[i], (E[i] - center) @ w, rtol=1e-6, atol=1e-8)
+    E = rng.normal(size=(14, 30))  # more dimensions than entries: the leak was exact there
+    responses = E[:, :4] @ rng.normal(size=(4, 3)) + 0.3 * rng.normal(size=(14, 3))
+    groups = np.array(["t1"] * 8 + ["t2"] * 6)
+    loo, weights, center, alpha = ridge_leave_one_out(E, _specific(responses, groups), groups, grid=(0.5,))
+    for i in range(14):
+        keep = np.arange(14) != i
+        Y = _specific(responses[keep], groups[keep])
+        Ec, y_bar = E[keep] - E[keep].mean(0), Y.mean(0)
+        w = np.linalg.solve(Ec.T @ Ec + alpha * np.eye(30), Ec.T @ (Y - y_bar))
+        np.testing.assert_allclose(loo[i], (E[i] - E[keep].mean(0)) @ w + y_bar, rtol=1e-6, atol=1e-8)
     full = (E - center) @ weights
-    assert np.corrcoef(full.ravel(), Y.ravel())[0, 1] > 0.9
+    assert np.corrcoef(full.ravel(), _specific(responses, groups).ravel())[0, 1] > 0.9
+
+
+def test_ridge_leave_one_out_carries_no_signal_from_pure_noise():
+    """With responses unrelated to the embeddings, the leave-one-out estimates do not correlate
+    with the entries' own specific shifts (a leak through the shared centre made them ~1)."""
+    from ptrag_sc.data._evidence import ridge_leave_one_out, row_cosines
+
+    rng = np.random.default_rng(3)
+    E = rng.normal(size=(20, 384))
+    groups = np.array(["t1"] * 20)
+    Y = _specific(rng.normal(size=(20, 50)), groups)
+    loo, *_ = ridge_leave_one_out(E, Y, groups)
+    assert abs(row_cosines(loo, Y).mean()) < 0.15
 
 
 def test_stacking_weights_are_the_non_negative_least_squares_solution():
@@ -205,7 +230,7 @@ def test_evidence_of_an_entry_leaves_its_own_response_out(encoder):
     np.testing.assert_allclose(a["context"], b["context"], rtol=1e-5)
     # Its stacked estimate uses only the other entries' responses (the stacking weights, fitted
     # on all entries, may change).
-    assert memory.stack_weights.shape == (len(memory.stack_weights),)
+    assert memory.evidence_model.stack_weights.shape == (len(EVIDENCE_SOURCES),)
     fresh = memory.evidence(np.array(["E"]), np.array(["t1"]), encoder.embed(["E"]), None)
     assert fresh["stacked"].shape == (1, 3) and np.isfinite(fresh["stacked"]).all()
 

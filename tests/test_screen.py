@@ -70,6 +70,7 @@ def test_table_schema_and_order(trained):
         "observed_score",
         "trained",
         "retrieval_distance",
+        "confidence",
     ]
     assert len(table) == model.perturbation_embeddings.shape[0] + 1
     assert np.all(np.diff(table["score"].to_numpy()) <= 0)
@@ -82,7 +83,8 @@ def test_table_schema_and_order(trained):
     np.testing.assert_allclose(table["shift_norm"], np.linalg.norm(shifts.to_numpy(), axis=1), rtol=1e-5)
     assert list(shifts.index) == table["perturbation"].tolist()
     assert list(shifts.columns) == list(model.var_names)
-    assert (table["retrieval_distance"].between(0, 2)).all()
+    assert (table["retrieval_distance"].dropna().between(0, 2)).all()
+    assert (table["confidence"].between(-1, 1)).all()
     # The user's AnnData is not modified.
     assert "ptrag" not in adata.layers
 

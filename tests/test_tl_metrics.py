@@ -219,6 +219,22 @@ def test_de_overlap_direction_discrimination_hand_values():
     assert math.isnan(M.discrimination_l1(np.zeros(2), shifts[:1], 0))
 
 
+def test_mean_cosine_to_others():
+    shifts = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [0.0, 0.0]])
+    # pairwise cosines of the three non-zero rows: (1, 2) = 0, (1, 3) = (2, 3) = 1/sqrt(2)
+    c = 1 / math.sqrt(2)
+    out = M.mean_cosine_to_others(shifts)
+    np.testing.assert_allclose(out[:3], [c / 2, c / 2, c])
+    assert math.isnan(out[3])  # no direction
+    with_nan = M.mean_cosine_to_others(np.vstack([shifts, [np.nan, 1.0]]))
+    np.testing.assert_allclose(with_nan[:3], out[:3])
+    assert np.isnan(with_nan[3:]).all()
+    # the same shift for every perturbation: 1; opposite shifts: -1; fewer than two rows: NaN
+    np.testing.assert_allclose(M.mean_cosine_to_others(np.tile([1.0, -2.0, 0.5], (4, 1))), 1.0)
+    np.testing.assert_allclose(M.mean_cosine_to_others(np.array([[1.0, 1.0], [-2.0, -2.0]])), -1.0)
+    assert np.isnan(M.mean_cosine_to_others(np.ones((1, 3)))).all()
+
+
 def test_split_half_pearson():
     cells = np.array([[1.0, 2.0, 0.0], [2.0, 3.0, 0.5], [0.0, 1.0, 2.0], [3.0, 1.0, 1.0]])
     control = np.array([0.5, 0.5, 0.5])

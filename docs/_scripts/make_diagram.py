@@ -99,8 +99,8 @@ def main(out: Path = OUT) -> None:
         "Response memory",
         "training cells only: one entry per\n(perturbation, cell type) with its\nembedding and pseudobulk shift\n\n"
         "fitted once, own entry left out:\n- context: mean shift of c's\n  other perturbations\n"
-        "- stacked evidence: non-negative\n  weights (stacked regression) of\n  ridge maps (embedding, GO),\n"
-        "  neighbours (cosine, Jaccard),\n  the same gene in other cell types",
+        "- evidence: stacked ridge maps,\n  neighbours, other cell types;\n  x trust of c x gate of the query\n"
+        "  (how well it predicted similar\n  perturbations); confidence",
         "memory",
         align="left",
     )
@@ -124,7 +124,7 @@ def main(out: Path = OUT) -> None:
         1.75,
         "Stage 2: keep or drop",
         "per cell and candidate: MLP score\n-> hard Gumbel-Softmax (keep if\np_keep > 0.5 at prediction)\n"
-        "-> z; $w_k$ = fraction of cells keeping k",
+        "-> z, added to the cells' encodings",
         "retrieval",
     )
     box(
@@ -134,8 +134,8 @@ def main(out: Path = OUT) -> None:
         3.9,
         1.8,
         "Mean shift $\\Delta$ of the set",
-        "$\\Delta$ = context + stacked\n   + a $\\Sigma_k$ $w_k$ ($d_k$ - stacked) / ($\\Sigma_k$ $w_k$ + 1)\n"
-        "a in [0, 1]: learned trust\nA+B, members measured in c: their sum",
+        "$\\Delta$ = context + evidence\n"
+        "A+B: sum of the members' shifts\n(unmeasured member: the context)\nmeasured own gene: its typical\nrelative change",
         "memory",
     )
 
@@ -172,8 +172,6 @@ def main(out: Path = OUT) -> None:
     arrow(ax, (6.15, 4.45), (6.15, 4.1))
     ax.text(6.25, 4.2, "K candidates", fontsize=8, style="italic", color="#333333")
     arrow(ax, (8.1, 3.6), (8.7, 6.05), "z", rad=0.2)
-    arrow(ax, (6.15, 2.35), (6.15, 2.0))
-    ax.text(6.25, 2.1, "$w_k$", fontsize=8, style="italic", color="#333333")
     arrow(ax, (3.6, 1.1), (4.2, 1.1))
     arrow(ax, (8.1, 1.1), (8.7, 1.1), "$\\Delta$")
     arrow(ax, (10.75, 5.9), (10.75, 2.8))

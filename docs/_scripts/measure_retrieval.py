@@ -4,20 +4,22 @@ Run from the repository root::
 
     python docs/_scripts/measure_retrieval.py            # writes docs/_static/retrieval_keep_rates.csv
 
-Four cases, each trained with the user's defaults (``model.train(split_key="split")``: early
+Cases, each trained with the user's defaults (``model.train(split_key="split")``: early
 stopping on held-out perturbations, best weights kept), seed 0, one torch thread:
 
 - ``devel``: the bundled real data (``datasets.perturbench_devel``), U87MG held out (validation
-  PLK4; test MAP2K3, MAPK1, SGK1, TGFBR2), default model;
-- ``devel_no_evidence``: the same with ``evidence=()`` (nothing stacked);
-- ``synthetic`` / ``synthetic_no_evidence``: ``datasets.synthetic`` (3 cell lines, 30
-  perturbations, 200 genes), 3 validation and 6 test perturbations held out in ``cell_line_0``.
+  PLK4; test MAP2K3, MAPK1, SGK1, TGFBR2);
+- ``thp1``: the bundled THP-1 knockouts (``datasets.papalexi_thp1``), the first of its test folds;
+- ``synthetic``: ``datasets.synthetic`` (3 cell lines, 30 perturbations, 200 genes), 3
+  validation and 6 test perturbations held out in ``cell_line_0``.
 
-For the test perturbations of the held-out cell line, ``model.get_retrieval`` gives each stage-1
-candidate's ``selected_fraction`` (fraction of control cells that keep it) and ``weight`` (its
-weight in the set's mean shift, trust included). The table reports, separately for the same gene
-measured in other cell lines and for every other candidate, the mean selected fraction and the
-total weight per query, with the trust ``a`` and the training length.
+For the test perturbations of the held-out cell type, ``model.get_retrieval`` gives each
+stage-1 candidate's ``selected_fraction`` (fraction of control cells that keep it; stage 2's
+choices enter the cells' encodings) and the query's ``confidence``; the memory's evidence gives
+the cell type's trust and each query's reliability (trust times gate: the scale of the stacked
+sources). The table reports, separately for the same gene measured in other cell lines and for
+every other candidate, the mean selected fraction, with the stacking weights, trust,
+reliability, confidence and the training length.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def _devel():
     return adata, "U87MG"
 
 
+def _thp1():
+    adata = ptrag_sc.datasets.papalexi_thp1()
+    adata.obs["split"] = adata.obs[adata.uns["folds"][0]] if "folds" in adata.uns else adata.obs["split"]
+    return adata, "THP-1"
+
+
 def _synthetic():
     adata = ptrag_sc.datasets.synthetic(seed=0)
     genes = np.array(sorted(set(adata.obs["gene"].astype(str)) - {"non-targeting"}))
@@ -72,23 +80,26 @@ def measure(name: str, make, **model_kwargs) -> dict:
     same = (table["candidate"] == table["query"]).to_numpy()
     kept = table[table["selected"]].assign(case=name)
     n_queries = len(tests)
+    memory, evidence = model.memory, model.memory.evidence_model
+    trust = evidence.per_cell_type(np.array([cell_type]), evidence.cell_type_trust, evidence.trust_all)[0]
+    builder = model._builder()
+    queries = np.array(tests)
+    reliability = memory.evidence(queries, np.full(n_queries, cell_type), builder.encoder.embed(queries), None)["reliability"]
     return kept, {
         "case": name,
         "n_test_queries": n_queries,
         "steps": int(model.trainer.global_step),
         "best_step": model.best_step_,
         "train_seconds": round(seconds, 1),
-        "trust_a": round(float(model.module.evidence.trust), 3),
-        "stack_weights": " ".join(
-            f"{s}={w:.2f}" for s, w in zip(ptrag_sc.data.EVIDENCE_SOURCES, model.memory.stack_weights, strict=True) if w > 0
-        )
+        "stack_weights": " ".join(f"{s}={w:.2f}" for s, w in zip(evidence.sources, evidence.stack_weights, strict=True) if w > 0)
         or "none",
+        "cell_type_trust": round(float(trust), 3),
+        "query_reliability": " ".join(f"{q}={r:.2f}" for q, r in zip(tests, reliability, strict=True)),
+        "mean_confidence": round(float(table.groupby("query")["confidence"].first().mean()), 3),
         "same_gene_candidates_per_query": round(same.sum() / n_queries, 2),
         "same_gene_selected_fraction": round(float(table.loc[same, "selected_fraction"].mean()), 3) if same.any() else np.nan,
-        "same_gene_weight_per_query": round(float(table.loc[same, "weight"].sum()) / n_queries, 3),
         "other_candidates_per_query": round((~same).sum() / n_queries, 2),
         "other_selected_fraction": round(float(table.loc[~same, "selected_fraction"].mean()), 3),
-        "other_weight_per_query": round(float(table.loc[~same, "weight"].sum()) / n_queries, 3),
     }
 
 
@@ -99,9 +110,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     cases = {
         "devel": (_devel, {}),
-        "devel_no_evidence": (_devel, {"evidence": ()}),
+        "thp1": (_thp1, {}),
         "synthetic": (_synthetic, {}),
-        "synthetic_no_evidence": (_synthetic, {"evidence": ()}),
     }
     wanted = sys.argv[1:] or list(cases)
     rows, kept = [], []

@@ -32,6 +32,8 @@ OBS_SOURCE_CELL = "ptrag_source_cell"
 OBS_UNSEEN_PERTURBATION = "ptrag_unseen_perturbation"
 OBS_UNSEEN_CELL_TYPE = "ptrag_unseen_cell_type"
 OBS_RETRIEVAL_DISTANCE = "ptrag_retrieval_distance"
+#: Suffix of the obs column holding a prediction's confidence (``"<key_added>_confidence"``).
+CONFIDENCE_SUFFIX = "_confidence"
 
 #: uns key holding prediction settings.
 UNS_KEY = "ptrag"
@@ -51,7 +53,6 @@ class TENSORS:
     CANDIDATE_SAME_CELL_TYPE = "candidate_same_cell_type"  #: ``[B, K]`` bool
     CANDIDATE_RELATION = "candidate_relation"  #: ``[B, K]`` relation code (``RELATION_*``)
     CONTEXT_RESPONSE = "context_response"  #: ``[B, G]`` mean response of the cell type's *other* perturbations
-    CONTEXT_FULL = "context_full"  #: ``[B, G]`` mean response of all the cell type's memory entries
     STACKED_SHIFT = "stacked_shift"  #: ``[B, G]`` the stacked evidence's estimate of the perturbation-specific shift
     CANDIDATE_SIMILARITY = "candidate_similarity"  #: ``[B, K]`` stage-1 similarity (0 for padding)
     CANDIDATE_ANNOTATION_SIMILARITY = "candidate_annotation_similarity"  #: ``[B, K]`` annotation Jaccard

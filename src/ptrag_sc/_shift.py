@@ -54,21 +54,18 @@ def shift_scale(
     delta: torch.Tensor,
     control_mean: torch.Tensor,
     ceiling: torch.Tensor | None = None,
-    set_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-gene factors of :func:`apply_shift`: ``(scale [B, 1, G], offset [B, 1, G])``.
 
-    ``x_ctrl * scale + offset`` is what :func:`apply_shift` describes; callers that add more
-    to the cells (the model's decoder) fold the scaling into their own pass over ``[B, S, G]``.
-    ``set_stats``: the sets' mean and maximum (``[B, 1, G]`` each) when the caller has them.
+    ``x_ctrl * scale + offset`` is what :func:`apply_shift` describes, for callers that add
+    more to the cells (the model's decoder).
     """
-    if set_stats is None:
-        set_stats = (x_ctrl.mean(dim=1, keepdim=True), x_ctrl.amax(dim=1, keepdim=True) if ceiling is not None else None)
-    set_mean, set_max = set_stats
+    set_mean = x_ctrl.mean(dim=1, keepdim=True)
     target = control_mean.unsqueeze(1) + delta
     expressed = set_mean > EXPRESSED_THRESHOLD
     limit = torch.full_like(set_mean, MAX_SCALE)
     if ceiling is not None:
+        set_max = x_ctrl.amax(dim=1, keepdim=True)
         limit = torch.minimum(limit, ceiling / set_max.clamp_min(1e-6))
     ratio = target / set_mean.clamp_min(EXPRESSED_THRESHOLD)
     scale = torch.where(expressed, torch.minimum(ratio.clamp_min(0.0), limit.clamp_min(1.0)), 1.0)

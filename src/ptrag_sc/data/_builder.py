@@ -111,8 +111,12 @@ class SetBuilder:
                     rows = slice(start, min(start + 1024, n))
                     block = jaccard(annotations[rows], entries)
                     annotation_similarity[rows] = np.where(cand[rows] >= 0, np.take_along_axis(block, np.maximum(cand[rows], 0), axis=1), 0.0)
-            evidence = memory.evidence(labels, cell_types, embedding, annotations)
-            out.update(context=evidence["context"], context_full=evidence["context_full"], stacked=evidence["stacked"])
+            evidence = memory.evidence(labels, cell_types, embedding, annotations, control_mean, sep=self.encoder.sep)
+            out.update(
+                context=evidence["context"],
+                stacked=evidence["stacked"],
+                confidence=evidence["confidence"],
+            )
         out.update(
             candidates=cand,
             similarity=sim,

@@ -22,16 +22,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._constants import MEMORY_KINDS, MemoryKind
+from . import _evidence as ev
 from ._annotations import GeneAnnotations, jaccard
-from ._evidence import CHUNK, SOURCES, fit_stack, neighbour_means, unit_rows
 from ._matrix import group_means
 
 if TYPE_CHECKING:
     from ._perturbations import PerturbationEncoder
-
-#: Ridge penalties tried (times the mean squared singular value of the centred embeddings);
-#: the one with the lowest leave-one-out error is used.
-RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 @dataclass
@@ -53,25 +49,24 @@ class RetrievalMemory:
         Mean shift of each entry, ``(M, G)``; ``None`` for embedding memories.
     n_cells
         Training cells behind each entry.
+    gene_names
+        The ``G`` genes of the responses (the model's genes), to find a perturbed gene's own column.
     response_codes, response_basis
         Specific shifts projected on their top principal directions ``(M, c)`` and the
         ``(G, c)`` directions: what the candidate encoder reads.
     context_cell_types, context_sums, context_counts
         Cell types with entries, the sum of their entries' responses ``(C, G)`` and how many.
-    linear_weights, linear_center, linear_alpha
-        The ridge map ``(D, G)`` from the gene embedding to the specific shift, fitted on all
-        entries, the mean embedding it is centred on and the penalty chosen by leave-one-out
-        error.
     annotation_terms, annotation_indptr, annotation_indices
         The entries' annotation terms (GO), as a CSR matrix ``(M, T)``.
-    annotation_projection, annotation_weights, annotation_center, annotation_alpha
-        The annotations' top principal directions ``(T, r)`` and the ridge map ``(r, G)`` from
-        the projected annotations to the specific shift.
-    stack_weights
-        Non-negative weights of the evidence sources (:data:`~ptrag_sc.data._evidence.SOURCES`).
-    stack_loo
-        Each entry's stacked estimate of its specific shift, with its own entry left out,
-        ``(M, G)``.
+    sources
+        The evidence sources' maps: ``linear_embedding`` (weights ``(D, G)``, centre
+        ``(D,)``), ``linear_annotation`` (projection ``(T, r)``, weights ``(r, G)``, centre
+        ``(r,)``), and their ridge penalties.
+    evidence
+        The fitted combination of the sources (:class:`~ptrag_sc.data._evidence.EvidenceModel`).
+    entry_estimates, entry_confidence
+        Each entry's evidence estimate of its specific shift ``(M, G)`` and its confidence
+        ``(M,)``, computed with its own entry left out: what a training set of that entry reads.
     """
 
     kind: str
@@ -80,41 +75,53 @@ class RetrievalMemory:
     embeddings: np.ndarray
     responses: np.ndarray | None
     n_cells: np.ndarray
+    gene_names: np.ndarray | None = None
     response_codes: np.ndarray | None = None
     response_basis: np.ndarray | None = None
     context_cell_types: np.ndarray | None = None
     context_sums: np.ndarray | None = None
     context_counts: np.ndarray | None = None
-    linear_weights: np.ndarray | None = None
-    linear_center: np.ndarray | None = None
-    linear_alpha: float | None = None
     annotation_terms: np.ndarray | None = None
     annotation_indptr: np.ndarray | None = None
     annotation_indices: np.ndarray | None = None
-    annotation_projection: np.ndarray | None = None
-    annotation_weights: np.ndarray | None = None
-    annotation_center: np.ndarray | None = None
-    annotation_alpha: float | None = None
-    stack_weights: np.ndarray | None = None
-    stack_loo: np.ndarray | None = None
+    sources: dict[str, np.ndarray] | None = None
+    evidence_model: ev.EvidenceModel | None = None
+    entry_estimates: np.ndarray | None = None
+    entry_confidence: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.perturbations.shape[0])
 
     def to_dict(self) -> dict:
-        """Plain arrays (strings as unicode arrays), for saving with the model."""
+        """Plain arrays and numbers by name (strings as unicode arrays), for saving with the model.
+
+        The source maps and the evidence model are flattened as ``"sources.<name>"`` and
+        ``"evidence_model.<name>"``.
+        """
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, np.ndarray) and value.dtype == object:
-                value = value.astype(str)
-            out[f.name] = value
-        return out
+            if f.name == "sources":
+                out.update({f"sources.{k}": v for k, v in (value or {}).items()})
+                continue
+            if f.name == "evidence_model":
+                if value is not None:
+                    out.update({f"evidence_model.{k}": v for k, v in value.to_dict().items()})
+                continue
+            out[f.name] = _plain(value)
+        return {k: _plain(v) for k, v in out.items()}
 
     @classmethod
     def from_dict(cls, state: dict) -> RetrievalMemory:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in state.items() if k in known})
+        known = {f.name for f in fields(cls)} - {"sources", "evidence_model"}
+        kwargs = {k: v for k, v in state.items() if k in known}
+        sources = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("sources.")}
+        model = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("evidence_model.")}
+        return cls(
+            **kwargs,
+            sources=sources or None,
+            evidence_model=ev.EvidenceModel.from_dict(model) if model else None,
+        )
 
     def entry_names(self) -> np.ndarray:
         """Readable name of each entry (``"GENE"`` or ``"GENE@cell type"``)."""
@@ -188,30 +195,111 @@ class RetrievalMemory:
         cell_types: np.ndarray,
         embeddings: np.ndarray,
         annotations: sp.csr_matrix | None,
+        control_mean: np.ndarray | None = None,
+        *,
+        sep: str = "+",
     ) -> dict[str, np.ndarray]:
         """The evidence of each (perturbation, cell type) query, its own entry left out.
 
-        Returns ``context`` (leave-one-out context response), ``context_full`` and
-        ``stacked`` (the stacked estimate of the specific shift), each ``(n, G)`` float32.
+        Parameters
+        ----------
+        perturbations, cell_types, embeddings, annotations
+            The queries, their gene embeddings ``(n, D)`` and annotation rows ``(n, T)`` (in the
+            memory's term vocabulary; ``None``: none).
+        control_mean
+            ``(n, G)`` control mean of each query's cells, for the rule on the perturbed gene's
+            own expression (``None``: not applied).
+        sep
+            Separator of combination labels.
+
+        Returns
+        -------
+        ``context`` (leave-one-out context response), ``context_full`` and ``stacked`` (the
+        evidence's estimate of the specific shift), each ``(n, G)`` float32, ``confidence``
+        ``(n,)`` and ``reliability`` ``(n,)``, the cell type's trust times the query's gate (the
+        scale of the stacked sources; NaN for memory entries, whose estimates were computed
+        with their own entry left out).
         """
         perturbations = np.asarray(perturbations).astype(str)
         cell_types = np.asarray(cell_types).astype(str)
         context, full = self.contexts(perturbations, cell_types)
         own = self.entry_index(perturbations, cell_types)
         stacked = np.zeros_like(context)
-        stacked[own >= 0] = self.stack_loo[own[own >= 0]]
-        new = np.flatnonzero(own < 0)
-        for start in range(0, new.size, CHUNK):
-            rows = new[start : start + CHUNK]
-            sources = self._sources(perturbations[rows], cell_types[rows], embeddings[rows], None if annotations is None else annotations[rows], context[rows])
-            stacked[rows] = np.tensordot(self.stack_weights, sources, axes=1)
-        return {"context": context, "context_full": full, "stacked": stacked}
+        confidence = np.zeros(len(perturbations))
+        reliability = np.full(len(perturbations), np.nan)
+        is_entry = own >= 0
+        stacked[is_entry] = self.entry_estimates[own[is_entry]]
+        confidence[is_entry] = self.entry_confidence[own[is_entry]]
+        new = np.flatnonzero(~is_entry)
+        model = self.evidence_model
+        for start in range(0, new.size, ev.CHUNK):
+            rows = new[start : start + ev.CHUNK]
+            sources, features = self._query_sources(
+                perturbations[rows], cell_types[rows], embeddings[rows], None if annotations is None else annotations[rows], context[rows]
+            )
+            trust = model.per_cell_type(cell_types[rows], model.cell_type_trust, model.trust_all)
+            columns = ev.own_gene_columns(perturbations[rows], self.gene_names, sep)
+            estimate = np.tensordot(model.stack_weights, sources, axes=1) * trust[:, None]
+            features = ev.gate_features(
+                sources,
+                estimate,
+                typical_size=model.per_cell_type(cell_types[rows], model.typical_size, float(np.mean(model.typical_size))),
+                cell_type_trust=trust,
+                own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float) * (control_mean is not None),
+                members_measured=self._members_measured(perturbations[rows], cell_types[rows], sep),
+                **features,
+            )
+            gate = model.gate(features)
+            estimate = estimate * gate[:, None]
+            reliability[rows] = trust * gate
+            if control_mean is not None:
+                ratio = model.per_cell_type(cell_types[rows], model.own_gene_ratio, model.own_gene_ratio_all)
+                ratio = np.where(np.isfinite(ratio), ratio, model.own_gene_ratio_all)
+                estimate = ev.apply_own_gene(estimate, context[rows], np.asarray(control_mean)[rows], columns, ratio)
+            estimate = self._additive(perturbations[rows], cell_types[rows], context[rows], estimate, sep)
+            stacked[rows] = estimate
+            confidence[rows] = model.confidence(features)
+        return {
+            "context": context,
+            "context_full": full,
+            "stacked": stacked,
+            "confidence": confidence.astype(np.float32),
+            "reliability": reliability.astype(np.float32),
+        }
 
-    def _sources(self, perturbations, cell_types, embeddings, annotations, context) -> np.ndarray:
-        """``(S, n, G)`` evidence sources of queries that are not memory entries."""
+    def _members_measured(self, perturbations: np.ndarray, cell_types: np.ndarray, sep: str) -> np.ndarray:
+        """Fraction of each combination's members with an entry in its cell type (0 for single perturbations)."""
+        out = np.zeros(len(perturbations))
+        for i, label in enumerate(perturbations):
+            members = str(label).split(sep)
+            if len(members) > 1:
+                out[i] = np.mean(self.entry_index(np.array(members), np.full(len(members), cell_types[i])) >= 0)
+        return out
+
+    def _additive(self, perturbations: np.ndarray, cell_types: np.ndarray, context: np.ndarray, estimate: np.ndarray, sep: str) -> np.ndarray:
+        """Combinations' specific shifts by the additive model: the sum of the members' shifts in
+        the query's cell type (measured, or its context response where a member was not),
+        minus the query's context. Single perturbations keep ``estimate``."""
+        members = [str(p).split(sep) for p in perturbations]
+        combos = np.flatnonzero([len(m) > 1 for m in members])
+        if combos.size == 0:
+            return estimate
+        out = estimate.copy()
+        _, full = self.contexts(perturbations[combos], cell_types[combos])
+        for row, i in enumerate(combos):
+            entries = self.entry_index(np.array(members[i]), np.full(len(members[i]), cell_types[i]))
+            measured = entries[entries >= 0]
+            total = self.responses[measured].sum(axis=0) + (len(entries) - measured.size) * full[row]
+            out[i] = total - context[i]
+        return out
+
+    def _query_sources(self, perturbations, cell_types, embeddings, annotations, context) -> tuple[np.ndarray, dict]:
+        """``(S, n, G)`` evidence sources of queries that are not memory entries, and the
+        similarity features of the gate."""
         n, n_genes = len(perturbations), self.responses.shape[1]
-        out = np.zeros((len(SOURCES), n, n_genes), dtype=np.float32)
-        out[0] = (np.asarray(embeddings, np.float64) - self.linear_center) @ self.linear_weights
+        out = np.zeros((len(ev.SOURCES), n, n_genes), dtype=np.float32)
+        maps = self.sources
+        out[0] = (np.asarray(embeddings, np.float64) - maps["embedding_center"]) @ maps["embedding_weights"]
         entry_ct = self.cell_types.astype(str)
         entry_pert = self.perturbations.astype(str)
         same_ct = cell_types[:, None] == entry_ct[None, :]
@@ -220,20 +308,32 @@ class RetrievalMemory:
         known = same_ct.any(axis=1)
         allowed = np.where(known[:, None], same_ct, True) & (perturbations[:, None] != entry_pert[None, :])
         specific = self.specific
-        cosine = unit_rows(np.asarray(embeddings, np.float32)) @ unit_rows(self.embeddings).T
-        similarities = [cosine]
+        cosine = ev.unit_rows(np.asarray(embeddings, np.float32)) @ ev.unit_rows(self.embeddings).T
         if annotations is not None and self.annotation_terms is not None and len(self.annotation_terms):
-            out[1] = (annotations @ self.annotation_projection - self.annotation_center) @ self.annotation_weights
-            similarities.append(jaccard(annotations, self.annotation_matrix()))
+            out[1] = (annotations @ maps["annotation_projection"] - maps["annotation_center"]) @ maps["annotation_weights"]
+            annotation_similarity = jaccard(annotations, self.annotation_matrix())
+            depth = np.log1p(np.asarray(annotations.sum(axis=1), dtype=np.float64).ravel())
         else:
-            similarities.append(np.zeros_like(cosine))
-        for slot, similarity in zip((2, 3), similarities, strict=True):
-            raw_mean, has = neighbour_means(similarity, allowed & known[:, None], self.responses)
-            spec_mean, has_spec = neighbour_means(similarity, allowed & ~known[:, None], specific)
+            annotation_similarity = np.zeros_like(cosine)
+            depth = np.zeros(n)
+        for slot, similarity in zip((2, 3), (cosine, annotation_similarity), strict=True):
+            raw_mean, has = ev.neighbour_means(similarity, allowed & known[:, None], self.responses)
+            spec_mean, has_spec = ev.neighbour_means(similarity, allowed & ~known[:, None], specific)
             out[slot] = np.where(known[:, None], np.where(has[:, None], raw_mean - context, 0.0), np.where(has_spec[:, None], spec_mean, 0.0))
         other = (perturbations[:, None] == entry_pert[None, :]) & ~same_ct
         out[4], out[5] = _other_cell_types(other, specific, self.responses, context)
-        return out
+        features = {
+            "neighbour_cosine": ev.closest(cosine, allowed),
+            "neighbour_jaccard": ev.closest(annotation_similarity, allowed),
+            "annotation_depth": depth,
+        }
+        return out, features
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return value.astype(str)
+    return value
 
 
 def build_memory(
@@ -304,6 +404,7 @@ def memory_from_means(
     annotations: GeneAnnotations | None = None,
     sep: str = "+",
     evidence: tuple[str, ...] | None = None,
+    gene_names: np.ndarray | None = None,
 ) -> RetrievalMemory:
     """The memory from per-entry means (the data layer streams them from the training cells).
 
@@ -328,6 +429,8 @@ def memory_from_means(
         Separator of combination labels.
     evidence
         The evidence sources to stack (:data:`~ptrag_sc.data._evidence.SOURCES`; default all).
+    gene_names
+        The ``G`` genes, for the rule on a perturbed gene's own expression (``None``: not used).
     """
     if kind not in MEMORY_KINDS:
         raise ValueError(f"`memory` must be one of {list(MEMORY_KINDS)}, got {kind!r}.")
@@ -344,20 +447,21 @@ def memory_from_means(
             responses=None,
             n_cells=counts,
         )
-    responses = np.asarray(entry_means, dtype=np.float64) - np.asarray(control_means, dtype=np.float64)
+    control_means = np.asarray(control_means, dtype=np.float64)
+    responses = np.asarray(entry_means, dtype=np.float64) - control_means
     context_cts, ct_code = np.unique(cell_types, return_inverse=True)
     context_sums = np.zeros((len(context_cts), responses.shape[1]))
     np.add.at(context_sums, ct_code, responses)
     context_counts = np.bincount(ct_code, minlength=len(context_cts)).astype(np.int64)
     specific = responses - (context_sums / context_counts[:, None])[ct_code]
-    embeddings = encoder.embed(perturbations)
     memory = RetrievalMemory(
         kind=kind,
         perturbations=perturbations,
         cell_types=cell_types,
-        embeddings=embeddings,
+        embeddings=encoder.embed(perturbations),
         responses=responses.astype(np.float32),
         n_cells=np.asarray(n_cells, dtype=np.int64),
+        gene_names=None if gene_names is None else np.asarray(gene_names).astype(str),
         context_cell_types=context_cts.astype(str),
         context_sums=context_sums,
         context_counts=context_counts,
@@ -365,14 +469,20 @@ def memory_from_means(
     basis = principal_basis(specific, n_response_components)
     memory.response_codes = (specific @ basis).astype(np.float32)
     memory.response_basis = basis
-    _fit_evidence(memory, specific, annotations, sep, evidence)
+    _fit_evidence(memory, specific, control_means, annotations, sep, evidence)
     return memory
 
 
 def _fit_evidence(
-    memory: RetrievalMemory, specific: np.ndarray, annotations: GeneAnnotations | None, sep: str, use: tuple[str, ...] | None
+    memory: RetrievalMemory,
+    specific: np.ndarray,
+    control_means: np.ndarray,
+    annotations: GeneAnnotations | None,
+    sep: str,
+    use: tuple[str, ...] | None,
 ) -> None:
-    """Fit the evidence sources and their stacking weights on the entries (leave-one-out).
+    """Fit the evidence sources, their stack, gate, own-gene rule and confidence on the entries,
+    each entry's own response left out (see :mod:`ptrag_sc.data._evidence`).
 
     Sources outside ``use`` (all by default) get weight 0.
     """
@@ -381,10 +491,10 @@ def _fit_evidence(
     n = len(memory)
     context, _ = memory.contexts(perturbations, cell_types)
     targets = memory.responses - context
-    sources = np.zeros((len(SOURCES), n, specific.shape[1]), dtype=np.float32)
-    sources[0], memory.linear_weights, memory.linear_center, memory.linear_alpha = _as_float32(
-        ridge_leave_one_out(memory.embeddings, specific)
-    )
+    sources = np.zeros((len(ev.SOURCES), n, specific.shape[1]), dtype=np.float32)
+    loo, weights, center, alpha = ev.ridge_leave_one_out(memory.embeddings, specific, cell_types)
+    sources[0] = loo
+    maps = {"embedding_weights": weights.astype(np.float32), "embedding_center": center.astype(np.float32), "embedding_alpha": np.float64(alpha)}
     if annotations is not None:
         matrix, terms = annotations.matrix(perturbations, sep=sep)
     else:
@@ -392,30 +502,92 @@ def _fit_evidence(
     memory.annotation_terms = terms
     memory.annotation_indptr = matrix.indptr.astype(np.int64)
     memory.annotation_indices = matrix.indices.astype(np.int64)
+    projection = np.zeros((matrix.shape[1], 0), dtype=np.float32)
+    a_weights, a_center, a_alpha = np.zeros((0, specific.shape[1])), np.zeros(0), float("nan")
     if matrix.shape[1] and matrix.nnz:
         projection = _principal_directions(matrix, n_components=256)
-        features = np.asarray(matrix @ projection)
-        memory.annotation_projection = projection
-        sources[1], memory.annotation_weights, memory.annotation_center, memory.annotation_alpha = _as_float32(
-            ridge_leave_one_out(features, specific)
-        )
-    else:
-        memory.annotation_projection = np.zeros((matrix.shape[1], 0), dtype=np.float32)
-        memory.annotation_weights = np.zeros((0, specific.shape[1]), dtype=np.float32)
-        memory.annotation_center = np.zeros(0, dtype=np.float32)
-        memory.annotation_alpha = float("nan")
+        loo, a_weights, a_center, a_alpha = ev.ridge_leave_one_out(np.asarray(matrix @ projection), specific, cell_types)
+        sources[1] = loo
+    maps.update(
+        annotation_projection=projection.astype(np.float32),
+        annotation_weights=np.asarray(a_weights, np.float32),
+        annotation_center=np.asarray(a_center, np.float32),
+        annotation_alpha=np.float64(a_alpha),
+    )
+    memory.sources = maps
     same_ct = cell_types[:, None] == cell_types[None, :]
     allowed = same_ct & (perturbations[:, None] != perturbations[None, :])
-    cosine = unit_rows(memory.embeddings) @ unit_rows(memory.embeddings).T
+    cosine = ev.unit_rows(memory.embeddings) @ ev.unit_rows(memory.embeddings).T
     annotation_similarity = jaccard(matrix, matrix) if matrix.nnz else np.zeros_like(cosine)
     for slot, similarity in ((2, cosine), (3, annotation_similarity)):
-        means, has = neighbour_means(similarity, allowed, memory.responses)
+        means, has = ev.neighbour_means(similarity, allowed, memory.responses)
         sources[slot] = np.where(has[:, None], means - context, 0.0)
     other = (perturbations[:, None] == perturbations[None, :]) & ~same_ct
     sources[4], sources[5] = _other_cell_types(other, specific, memory.responses, context)
-    selected = np.array([use is None or name in use for name in SOURCES])
-    memory.stack_weights = fit_stack(sources * selected[:, None, None], targets)
-    memory.stack_loo = np.tensordot(memory.stack_weights, sources, axes=1).astype(np.float32)
+
+    sources *= np.array([use is None or name in use for name in ev.SOURCES])[:, None, None]
+    weights = ev.entry_weights(targets)
+    stack_weights = ev.fit_stack(sources, targets, weights)
+    stacked = np.tensordot(stack_weights, sources, axes=1)
+
+    # How far the stack is to be trusted in a cell type, from its *other* entries.
+    cross = weights**2 * np.einsum("mg,mg->m", targets, stacked, dtype=np.float64)
+    size = weights**2 * np.einsum("mg,mg->m", stacked, stacked, dtype=np.float64)
+    trust_per_type, trust_per_entry, trust_all = ev.trust(cross, size, cell_types)
+    type_code = np.unique(cell_types, return_inverse=True)[1]
+    typical_size = np.sqrt(np.bincount(type_code, weights=np.sum(specific**2, axis=1)) / memory.context_counts)
+    columns = ev.own_gene_columns(perturbations, memory.gene_names, sep)
+    trusted = stacked * trust_per_entry[:, None]
+    features = ev.gate_features(
+        sources,
+        trusted,
+        neighbour_cosine=ev.closest(cosine, allowed),
+        neighbour_jaccard=ev.closest(annotation_similarity, allowed),
+        annotation_depth=np.log1p(np.diff(memory.annotation_indptr).astype(np.float64)),
+        typical_size=typical_size[type_code],
+        # The cell type's trust, not the entry's leave-one-out one: how much that one moves
+        # when the entry is left out depends on the entry's own fit.
+        cell_type_trust=trust_per_type[type_code],
+        own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float),
+        members_measured=memory._members_measured(perturbations, cell_types, sep),
+    )
+    center = features.mean(axis=0)
+    scale = np.where(features.std(axis=0) > 1e-9, features.std(axis=0), 1.0)
+    design = np.column_stack([np.ones(n), (features - center) / scale])
+    gate_coef = ev.fit_gate(trusted, targets, design, weights)
+    estimates = trusted * (2.0 / (1.0 + np.exp(-(design @ gate_coef))))[:, None]
+
+    # The perturbed gene's own expression, from the other entries of the cell type.
+    ratios = ev.own_gene_ratios(memory.responses, control_means, columns)
+    known = np.isfinite(ratios)
+    own_ratio = np.array([np.median(ratios[(cell_types == c) & known]) if ((cell_types == c) & known).any() else np.nan for c in memory.context_cell_types])
+    own_all = float(np.median(ratios[known])) if known.any() else float("nan")
+    loo_ratio = np.full(n, np.nan)
+    for m in np.flatnonzero([len(c) > 0 for c in columns]):
+        others = known & (np.arange(n) != m)
+        pool = ratios[others & (cell_types == cell_types[m])]
+        pool = pool if pool.size else ratios[others]
+        loo_ratio[m] = np.median(pool) if pool.size else np.nan
+    estimates = ev.apply_own_gene(estimates, context, control_means, columns, loo_ratio)
+    estimates = memory._additive(perturbations, cell_types, context, estimates, sep)
+
+    accuracy = ev.row_pearson(context + estimates, memory.responses)
+    memory.evidence_model = ev.EvidenceModel(
+        sources=np.asarray(ev.SOURCES),
+        stack_weights=stack_weights,
+        feature_center=center,
+        feature_scale=scale,
+        gate_coef=gate_coef,
+        confidence_coef=ev.fit_ridge(design, accuracy, ev.CONFIDENCE_PENALTY),
+        cell_types=memory.context_cell_types,
+        typical_size=typical_size,
+        cell_type_trust=trust_per_type,
+        own_gene_ratio=own_ratio,
+        trust_all=trust_all,
+        own_gene_ratio_all=own_all,
+    )
+    memory.entry_estimates = estimates.astype(np.float32)
+    memory.entry_confidence = memory.evidence_model.confidence(features).astype(np.float32)
 
 
 def _other_cell_types(other: np.ndarray, specific: np.ndarray, responses: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -428,11 +600,6 @@ def _other_cell_types(other: np.ndarray, specific: np.ndarray, responses: np.nda
     return spec, np.where(has, raw - context, 0.0)
 
 
-def _as_float32(fit: tuple) -> tuple:
-    loo, weights, center, alpha = fit
-    return loo.astype(np.float32), weights.astype(np.float32), center.astype(np.float32), float(alpha)
-
-
 def _principal_directions(matrix: sp.csr_matrix, n_components: int) -> np.ndarray:
     """Top right singular vectors ``(T, r)`` of a (sparse) entries x terms matrix."""
     if min(matrix.shape) <= 2000:
@@ -443,47 +610,6 @@ def _principal_directions(matrix: sp.csr_matrix, n_components: int) -> np.ndarra
         _, s, vt = randomized_svd(matrix.astype(np.float64), n_components, random_state=0)
     keep = s > (s.max() * 1e-8 if s.size else 0)
     return vt[keep][:n_components].T.astype(np.float32)
-
-
-def ridge_leave_one_out(
-    embeddings: np.ndarray, targets: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Ridge regression of ``targets`` on centred ``embeddings``, with leave-one-out predictions.
-
-    Through the thin SVD ``E - e_bar = U S V^T`` every penalty of ``grid`` (times the mean
-    squared singular value) costs one pass: the fitted values are ``U diag(s²/(s²+a)) U^T Y``,
-    the leverages ``h = sum_j U_ij² s_j²/(s_j²+a)`` and the leave-one-out predictions
-    ``(fit - h y) / (1 - h)`` (exact for the map refitted without the entry; the centre, a mean
-    of embeddings only, is kept). The penalty with the lowest leave-one-out squared error is kept.
-
-    Returns
-    -------
-    ``(leave-one-out predictions (M, G), weights (D, G), centre (D,), penalty)``.
-    """
-    E = np.asarray(embeddings, dtype=np.float64)
-    Y = np.asarray(targets, dtype=np.float64)
-    center = E.mean(axis=0)
-    n = E.shape[0]
-    if n < 2:
-        return np.zeros_like(Y), np.zeros((E.shape[1], Y.shape[1])), center, float("nan")
-    U, s, Vt = np.linalg.svd(E - center, full_matrices=False)
-    keep = s > s.max() * 1e-10 if s.size else s > 0
-    U, s, Vt = U[:, keep], s[keep], Vt[keep]
-    projected = U.T @ Y
-    scale = float(np.mean(s**2)) if s.size else 1.0
-    best = None
-    for factor in grid:
-        alpha = factor * scale
-        shrink = s**2 / (s**2 + alpha)
-        fit = (U * shrink) @ projected
-        leverage = np.minimum((U**2) @ shrink, 1.0 - 1e-6)
-        loo = (fit - leverage[:, None] * Y) / (1.0 - leverage[:, None])
-        error = float(np.square(loo - Y).sum())
-        if best is None or error < best[0]:
-            best = (error, alpha, loo, s / (s**2 + alpha))
-    _, alpha, loo, gain = best
-    weights = (Vt.T * gain) @ projected
-    return loo, weights, center, alpha
 
 
 def principal_basis(responses: np.ndarray, n_components: int) -> np.ndarray:
@@ -549,4 +675,5 @@ def memory_from_cells(
         annotations=annotations,
         sep=sep,
         evidence=evidence,
+        gene_names=data.var_names,
     )

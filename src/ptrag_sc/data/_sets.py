@@ -49,10 +49,13 @@ class SetGroups:
         ``(n_groups,)`` batch code (``-1`` when unknown or not used).
     control_mean
         ``(n_groups, G)`` mean control profile of each group's control pool.
-    context, context_full, stacked
+    context, stacked
         ``(n_groups, G)`` evidence of response memories (see
         :meth:`~ptrag_sc.data.RetrievalMemory.evidence`): the cell type's context response
-        without and with the group's own entry, and the stacked estimate of the specific shift.
+        without the group's own entry, and the evidence's estimate of the specific shift.
+    confidence
+        ``(n_groups,)`` expected Pearson correlation of the group's predicted and measured mean
+        shift (response memories).
     target_shift
         ``(n_groups, G)`` observed mean of each group's cells minus its control mean (groups
         with observed cells: training and validation).
@@ -74,8 +77,8 @@ class SetGroups:
     batch: np.ndarray
     control_mean: np.ndarray
     context: np.ndarray | None = None
-    context_full: np.ndarray | None = None
     stacked: np.ndarray | None = None
+    confidence: np.ndarray | None = None
     target_shift: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -212,7 +215,6 @@ def make_batch(
     }
     for key, table in (
         (TENSORS.CONTEXT_RESPONSE, groups.context),
-        (TENSORS.CONTEXT_FULL, groups.context_full),
         (TENSORS.STACKED_SHIFT, groups.stacked),
     ):
         if table is not None:

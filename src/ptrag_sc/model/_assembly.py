@@ -203,8 +203,7 @@ def install_memory(model, state: dict | None) -> None:
     model._index = None
     if state is not None:
         memory = model.memory
-        specific = memory.specific if memory.kind == "response" else None
-        model.module.set_memory(memory.embeddings, specific, memory.response_codes)
+        model.module.set_memory(memory.embeddings, memory.response_codes)
 
 
 def neighbour_index(model) -> NeighbourIndex | None:

@@ -10,6 +10,7 @@ import torch
 from anndata import AnnData
 
 from .._constants import (
+    CONFIDENCE_SUFFIX,
     OBS_RETRIEVAL_DISTANCE,
     OBS_SOURCE_CELL,
     OBS_UNSEEN_CELL_TYPE,
@@ -87,13 +88,15 @@ def generate(model, data, sources, labels, cell_types, batches, context_index, c
 
     Rows are grouped by (cell type, perturbation[, batch], control context) and cut into sets
     of at most ``cell_set_size``; ``write(rows, predictions)`` receives each batch's output
-    (model gene order). Returns the retrieval distance of every row.
+    (model gene order). Returns the retrieval distance and the confidence of every row (NaN
+    where the model has no response memory; a distance is NaN where nothing was retrieved).
     """
     builder = model._builder()
     groups = builder.prediction_groups(
         labels=labels, cell_types=cell_types, batches=batches, context_index=context_index, context_means=context_means
     )
     distance = np.full(labels.shape[0], np.nan, dtype=np.float32)
+    confidence = np.full(labels.shape[0], np.nan, dtype=np.float32)
     module = model.module
     device = next(module.parameters()).device
     # Sampling draws from a generator of this call's own: torch's global one is left alone, and
@@ -113,17 +116,24 @@ def generate(model, data, sources, labels, cell_types, batches, context_index, c
                 generated = module.generative(**module._get_generative_input(batch, inference))
                 write(out_rows.ravel(), generated[OUTPUTS.PREDICTION].reshape(-1, module.n_genes).cpu().numpy())
                 if OUTPUTS.SET_WEIGHTS in inference:
-                    weights = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy()
-                    weights = weights / np.maximum(weights.sum(-1, keepdims=True), 1e-12)
-                    sims = np.nan_to_num(groups.similarity[set_group], nan=0.0)
-                    per_set = (weights * (1.0 - sims)).sum(-1)
-                    distance[out_rows] = per_set[:, None]
+                    distance[out_rows] = _retrieval_distance(inference[OUTPUTS.SET_WEIGHTS].cpu().numpy(), groups.similarity[set_group])[:, None]
+                if groups.confidence is not None:
+                    confidence[out_rows] = groups.confidence[set_group][:, None]
                 if bar is not None:
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    return distance
+    return distance, confidence
+
+
+def _retrieval_distance(weights: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+    """One minus the similarity of the retrieved candidates, weighted by their selection, per set;
+    NaN where nothing was retrieved (no distance to speak of, rather than a reassuring 0)."""
+    total = weights.sum(-1)
+    sims = np.nan_to_num(similarity, nan=0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (weights * (1.0 - sims)).sum(-1) / total, np.nan)
 
 
 #: Largest table of encoded control cells kept during one prediction.
@@ -167,6 +177,9 @@ def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwr
             raise ValueError(f"`key_added={key_added!r}` is the layer the model reads its input from; choose another name.")
         if key_added in adata.layers and not overwrite:
             raise ValueError(f"`adata.layers[{key_added!r}]` already exists; pass `overwrite=True` to replace it, or another `key_added`.")
+        column = key_added + CONFIDENCE_SUFFIX
+        if model.memory_kind == "response" and model.retrieval != "none" and column in adata.obs.columns and not overwrite:
+            raise ValueError(f"`adata.obs[{column!r}]` already exists; pass `overwrite=True` to replace it, or another `key_added`.")
     data = model._data(adata)
     check_expression(data.matrix, where="the AnnData to predict", warn_counts=True)
     is_control = data.is_control
@@ -199,7 +212,7 @@ def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwr
         writer.write(rows[positions], predictions)
 
     try:
-        generate(
+        _, confidence = generate(
             model,
             data,
             sources[rows],
@@ -221,6 +234,10 @@ def counterfactual(model, adata, indices, batch_size, key_added, inplace, overwr
     if output is not None or not inplace:
         return result
     adata.layers[key_added] = result
+    if model.memory_kind == "response" and model.retrieval != "none":
+        per_cell = np.full(data.n_obs, np.nan, dtype=np.float32)
+        per_cell[rows] = confidence
+        adata.obs[key_added + CONFIDENCE_SUFFIX] = per_cell
     return None
 
 
@@ -314,7 +331,7 @@ def generation(model, adata, perturbations, cell_type, batch_size, key_added, sa
     def write(positions, predictions):
         out[positions] = predictions
 
-    distance = generate(
+    distance, confidence = generate(
         model,
         data,
         sources,
@@ -341,6 +358,7 @@ def generation(model, adata, perturbations, cell_type, batch_size, key_added, sa
             OBS_UNSEEN_PERTURBATION: ~np.isin(labels.astype(str), model.training_perturbations_.astype(str)),
             OBS_UNSEEN_CELL_TYPE: ~np.isin(cell_types[sources].astype(str), model.training_cell_types_.astype(str)),
             OBS_RETRIEVAL_DISTANCE: distance,
+            key_added + CONFIDENCE_SUFFIX: confidence,
         },
         index=pd.Index([f"{p}:{c}" for p, c in zip(shown, source_names, strict=True)]),
     )
@@ -433,10 +451,10 @@ def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd
             else:
                 keep_p = inference[OUTPUTS.ATTENTION].mean(1).cpu().numpy()
                 selected = np.full_like(keep_p, np.nan)
-            weight = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy() if memory.kind == "response" else np.full_like(keep_p, np.nan)
             cand = groups.candidates[set_group]
             valid = cand >= 0
             k = cand.shape[1]
+            confidence = groups.confidence[set_group] if groups.confidence is not None else np.full(len(set_group), np.nan)
             frame = pd.DataFrame(
                 {
                     "query": np.repeat(np.asarray(queries, dtype=object)[_query_order(groups, set_group, canonical)], k),
@@ -447,7 +465,7 @@ def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd
                     "similarity": groups.similarity[set_group].ravel().astype(np.float64),
                     "keep_probability": keep_p.ravel(),
                     "selected_fraction": selected.ravel(),
-                    "weight": weight.ravel(),
+                    "confidence": np.repeat(confidence.astype(np.float64), k),
                 }
             )
             frames.append(frame[valid.ravel()])
@@ -455,9 +473,9 @@ def retrieval_table(model, perturbations, cell_type, adata, n_cells, seed) -> pd
     order = pd.DataFrame({"c": pd.Categorical(out["cell_type"], categories=list(dict.fromkeys(map(str, wanted)))), "q": pd.Categorical(out["query"], categories=queries), "r": out["rank"]})
     out = out.iloc[order.sort_values(["c", "q", "r"], kind="stable").index].reset_index(drop=True)
     out["selected"] = out["selected_fraction"] > 0.5
-    out = out[["query", "cell_type", "rank", "candidate", "candidate_cell_type", "similarity", "keep_probability", "selected_fraction", "selected", "weight"]]
+    out = out[["query", "cell_type", "rank", "candidate", "candidate_cell_type", "similarity", "keep_probability", "selected_fraction", "selected", "confidence"]]
     if memory.kind != "response":
-        out = out.drop(columns=["candidate_cell_type", "weight"])
+        out = out.drop(columns=["candidate_cell_type", "confidence"])
     return out
 
 
@@ -468,7 +486,8 @@ def _query_order(groups, set_group, canonical) -> np.ndarray:
 
 @predicts
 def screen_shifts(model, builder, data, labels, cell_type, cells, context_index, context_means, *, ceiling, fast, energy, batch_size, progress, chunk_size):
-    """Predicted mean shift ``(P, G)``, energy ``(P,)`` and retrieval distance ``(P,)`` of every label.
+    """Predicted mean shift ``(P, G)``, energy ``(P,)``, retrieval distance ``(P,)`` and
+    confidence ``(P,)`` of every label.
 
     The model side of :func:`ptrag_sc.tl.screen`: ``chunk_size`` perturbations at a time, each one
     set of the control ``cells`` of ``cell_type``; with ``fast`` the set mean comes from the evidence
@@ -480,6 +499,7 @@ def screen_shifts(model, builder, data, labels, cell_type, cells, context_index,
     sums = np.zeros((n_labels, n_genes), dtype=np.float64)
     energies = np.zeros(n_labels, dtype=np.float64)
     distances = np.zeros(n_labels, dtype=np.float64)
+    confidences = np.full(n_labels, np.nan, dtype=np.float64)
     weights = np.zeros(n_labels, dtype=np.float64)
     module = model.module
     module.eval()
@@ -503,6 +523,8 @@ def screen_shifts(model, builder, data, labels, cell_type, cells, context_index,
                     context_means=context_means,
                 )
                 row_of_group = start + pd.Index(chunk).get_indexer(groups.perturbation)
+                if groups.confidence is not None:
+                    confidences[row_of_group] = groups.confidence
                 for batch, out_rows, set_group in prediction_batches(groups, data.expression, sources, set_size=model.cell_set_size, batch_size=batch_size):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     inference = module.inference(**module._get_inference_input(batch), sample_retrieval=False)
@@ -521,10 +543,7 @@ def screen_shifts(model, builder, data, labels, cell_type, cells, context_index,
                     np.add.at(sums, rows, shift.cpu().numpy().astype(np.float64) * size)
                     np.add.at(weights, rows, size)
                     if OUTPUTS.SET_WEIGHTS in inference:
-                        w = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy()
-                        w = w / np.maximum(w.sum(-1, keepdims=True), 1e-12)
-                        sims = np.nan_to_num(groups.similarity[set_group], nan=0.0)
-                        np.add.at(distances, rows, (w * (1.0 - sims)).sum(-1) * size)
+                        np.add.at(distances, rows, _retrieval_distance(inference[OUTPUTS.SET_WEIGHTS].cpu().numpy(), groups.similarity[set_group]) * size)
                     else:
                         distances[rows] = np.nan
                 if bar is not None:
@@ -534,4 +553,4 @@ def screen_shifts(model, builder, data, labels, cell_type, cells, context_index,
             bar.close()
     weights = np.maximum(weights, 1e-12)
     energies = energies / weights if energy else np.full(n_labels, np.nan)
-    return (sums / weights[:, None]).astype(np.float32), energies, distances / weights
+    return (sums / weights[:, None]).astype(np.float32), energies, distances / weights, confidences

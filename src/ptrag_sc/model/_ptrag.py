@@ -54,13 +54,17 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
     two-stage retriever adds context: stage 1 takes the ``n_candidates`` memory entries closest
     to the query in the gene-embedding space; stage 2 decides, for each cell and candidate,
     with a hard Gumbel-Softmax over a learned score, which candidates to keep (with a sparsity
-    penalty). With the default response memory, the set's mean shift is the cell type's
-    context response (the mean shift of its other perturbations), plus a stacked estimate of
-    the perturbation's own shift from several evidence sources (``evidence``; weights fitted on
-    the training perturbations with their own entries left out), plus a learned residual from
-    the candidates stage 2 keeps; it is supervised on the pseudobulk of whole groups, and the
-    transformer shapes the cells around it (energy distance). Everything is trained end to
-    end.
+    penalty); the kept candidates enter the cells' encodings. With the default response
+    memory, the set's mean shift is the cell type's context response (the mean shift of its
+    other perturbations) plus the evidence's estimate of the perturbation's own shift: several
+    sources (``evidence``) stacked, scaled per cell type and per query by how well they
+    predicted similar training perturbations with their own entries left out (so a neighbour's
+    strong response is not lent to a perturbation it does not fit), the additive model for
+    combinations and, where the perturbed gene is measured, its typical relative change. Each
+    prediction carries a confidence, the Pearson correlation with the measured shift that the
+    same evidence reached on held-out training perturbations. The transformer shapes the cells
+    around that mean (energy distance, against the observed cells moved to their group's
+    pseudobulk mean).
 
     Parameters
     ----------
@@ -369,8 +373,14 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         cell-type columns, ``ptrag_source_cell`` (obs name of the control cell),
         ``ptrag_unseen_perturbation`` (never measured in training),
         ``ptrag_unseen_cell_type``, ``ptrag_retrieval_distance`` (``1 -`` cosine similarity
-        to the retrieved evidence, weighted by its weight in the prediction; an uncertainty
-        proxy; NaN for ``retrieval="none"``); ``uns["ptrag"]`` records the settings.
+        to the candidates stage 2 kept, weighted by the fraction of cells keeping them; NaN
+        when nothing was kept or for ``retrieval="none"``) and ``<key_added>_confidence``
+        (response memories: the Pearson correlation between the predicted and the measured
+        mean shift that the model expects, learned from how well the same evidence predicted
+        training perturbations with their own entries left out; one number per perturbation
+        and cell type); ``uns["ptrag"]`` records the settings. Counterfactual mode in place
+        also writes ``adata.obs[f"{key_added}_confidence"]`` (NaN for control cells; replaced
+        only with ``overwrite=True``).
         Predictions are non-negative and never exceed the largest value each gene reaches in
         the training data.
         """
@@ -449,7 +459,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         ``candidate_cell_type`` (response memory), ``similarity`` (cosine),
         ``keep_probability`` (mean over cells; vanilla RAG: mean attention weight),
         ``selected_fraction`` (fraction of cells keeping the candidate; NaN for vanilla RAG),
-        ``selected`` (``selected_fraction > 0.5``) and ``weight`` (the candidate's normalised
-        weight in the retrieved shift, response memories).
+        ``selected`` (``selected_fraction > 0.5``) and ``confidence`` (response memories: the
+        query's confidence, as in :meth:`predict`).
         """
         return _predict.retrieval_table(self, perturbations, cell_type, adata, n_cells, seed)

@@ -2,8 +2,8 @@
 
 from .._constants import TENSORS
 from .._shift import apply_shift
-from ._evidence import EvidenceCombiner
+from ._evidence import SelectionOffsets
 from ._losses import energy_distance, pairwise_distances
 from ._module import PTRAGModule
 
-__all__ = ["TENSORS", "EvidenceCombiner", "PTRAGModule", "apply_shift", "energy_distance", "pairwise_distances"]
+__all__ = ["TENSORS", "SelectionOffsets", "PTRAGModule", "apply_shift", "energy_distance", "pairwise_distances"]

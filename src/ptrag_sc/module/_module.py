@@ -24,8 +24,7 @@ from .._constants import (
 )
 from .._shift import shift_scale
 from ._components import FullSetTransformer, PooledSetTransformer, mlp
-from ._evidence import EvidenceCombiner
-from ._fused import generate_cells, recentre, set_mean_max
+from ._evidence import SelectionOffsets
 from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
 
@@ -40,13 +39,18 @@ class PTRAGModule(BaseModuleClass):
         z, w   = Retrieval(h_ctrl, h_pert, candidates)     [B,S,H], [B,K]
         x0     = h_ctrl + h_pert + z     (context_mode="add"; "replace" uses z, as the paper)
         r      = SetTransformer(x0, context=h_pert)        [B,S,H]
-        delta  = Evidence(w, candidates, context, stacked) [B,G]    response memories
+        delta  = context + evidence                        [B,G]    response memories
         y      = min(ReLU(Shift(x_ctrl, delta) + Decoder(r + h_ctrl)), ceiling)   [B,S,G]
 
-    With a response memory the set's mean is ``control mean + delta`` (see
-    :class:`~ptrag_sc.module.EvidenceCombiner`) and the decoder shapes the cells around it
-    (its per-cell part has zero set mean); without one, a set-level decoder learns the mean
-    shift. The loss is the energy distance between each predicted set and its observed set,
+    With a response memory the set's mean is ``control mean + delta``: the cell type's context
+    response plus the evidence's estimate of the perturbation-specific shift, both computed by
+    the data layer with the query's own entry left out (see
+    :meth:`~ptrag_sc.data.RetrievalMemory.evidence`). The decoder shapes the cells around that
+    mean (its per-cell part has zero set mean) and stage 2's selection enters the cells'
+    encodings through ``z``; the mean itself is not learned, since a network that sees which
+    perturbation it predicts can learn the training perturbations' answers but not when
+    evidence transfers. Without a response memory, a set-level decoder learns the mean shift.
+    The loss is the energy distance between each predicted set and its observed set,
     plus ``pseudobulk_weight`` times the squared error of the set's mean shift against the
     group's pseudobulk shift (the mean over all the group's cells, not the 64 of the set),
     normalised by the typical size of a shift, plus ``sparsity_weight`` times the mean keep
@@ -181,18 +185,11 @@ class PTRAGModule(BaseModuleClass):
         self.response_encoder = nn.Linear(n_response_components, n_hidden) if self.uses_responses else None
         self.same_cell_type = nn.Embedding(2, n_hidden) if self.uses_responses else None
         self.relation = nn.Embedding(N_RELATIONS, n_hidden) if retrieval != "none" else None
-        self.evidence = EvidenceCombiner() if self.uses_responses else None
-        if self.evidence is not None and self.selector is None:
-            # The stage-2 logit offsets exist for PT-RAG's selection only; frozen otherwise, so
-            # that every trainable parameter takes part in the loss (data-parallel training
-            # requires it) while saved models keep one layout.
-            self.evidence.relation_bias.requires_grad_(False)
-            self.evidence.similarity_bias.requires_grad_(False)
+        self.selection_offsets = SelectionOffsets() if self.uses_responses and self.selector is not None else None
         # Filled by `set_memory`; not part of the state dict, since the memory is data saved
         # with the model, not a parameter.
         self.register_buffer("memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False)
         self.register_buffer("memory_embedding_row", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("memory_specific", torch.zeros(0, n_genes), persistent=False)
         self.register_buffer("memory_response_codes", torch.zeros(0, n_response_components), persistent=False)
         # Data-derived constants saved with the weights: the largest value each gene reaches in
         # the training data, and the typical squared size of a shift (the pseudobulk loss' unit).
@@ -200,15 +197,13 @@ class PTRAGModule(BaseModuleClass):
         self.register_buffer("shift_scale", torch.ones(()))
 
     # ------------------------------------------------------------------ memory
-    def set_memory(self, embeddings, specific=None, response_codes=None) -> None:
+    def set_memory(self, embeddings, response_codes=None) -> None:
         """Install the retrieval memory.
 
         Parameters
         ----------
         embeddings
             ``[M, D]`` gene embeddings of the entries.
-        specific
-            ``[M, G]`` each entry's shift minus its cell type's context (response memories).
         response_codes
             ``[M, c]`` low-dimensional codes of the specific shifts, ``c <= n_response_components``
             (zero-padded here).
@@ -222,7 +217,6 @@ class PTRAGModule(BaseModuleClass):
         self.memory_embeddings = unique
         self.memory_embedding_row = inverse
         n = embeddings.shape[0]
-        self.memory_specific = as_tensor(specific) if specific is not None else torch.zeros(n, 0, device=device)
         codes = torch.zeros(n, self.n_response_components, device=device)
         if response_codes is not None:
             response_codes = as_tensor(response_codes)
@@ -247,7 +241,6 @@ class PTRAGModule(BaseModuleClass):
             "candidate_same_cell_type": tensors.get(TENSORS.CANDIDATE_SAME_CELL_TYPE),
             "candidate_relation": tensors.get(TENSORS.CANDIDATE_RELATION),
             "context_response": tensors.get(TENSORS.CONTEXT_RESPONSE),
-            "context_full": tensors.get(TENSORS.CONTEXT_FULL),
             "stacked_shift": tensors.get(TENSORS.STACKED_SHIFT),
             "candidate_similarity": tensors.get(TENSORS.CANDIDATE_SIMILARITY),
             "candidate_annotation_similarity": tensors.get(TENSORS.CANDIDATE_ANNOTATION_SIMILARITY),
@@ -280,7 +273,6 @@ class PTRAGModule(BaseModuleClass):
         candidate_same_cell_type: torch.Tensor | None = None,
         candidate_relation: torch.Tensor | None = None,
         context_response: torch.Tensor | None = None,
-        context_full: torch.Tensor | None = None,
         stacked_shift: torch.Tensor | None = None,
         candidate_similarity: torch.Tensor | None = None,
         candidate_annotation_similarity: torch.Tensor | None = None,
@@ -308,16 +300,14 @@ class PTRAGModule(BaseModuleClass):
             if self.selector is not None:
                 sample = self.training if sample_retrieval is None else sample_retrieval
                 bias = None
-                if self.evidence is not None:
+                if self.selection_offsets is not None:
                     similarity = candidate_similarity if candidate_similarity is not None else torch.zeros_like(x0[:, 0, :1]).expand_as(candidates)
                     annotation = candidate_annotation_similarity if candidate_annotation_similarity is not None else torch.zeros_like(similarity)
-                    bias = self.evidence.selection_bias(relation, similarity, annotation)
+                    bias = self.selection_offsets(relation, similarity, annotation)
                 selected = self.selector(h_ctrl, h_pert, h_cand, valid, sample=sample, logit_offset=bias)
                 out[OUTPUTS.KEEP] = selected["keep"]
                 out[OUTPUTS.KEEP_PROBABILITY] = selected["keep_probability"]
-                # A candidate's weight for the set is the fraction of its cells that keep it
-                # (hard decisions; straight-through gradients in training): with nothing kept
-                # the set's mean is the stacked evidence.
+                # The fraction of the set's cells that keep each candidate.
                 set_weights = selected["keep"].mean(dim=1)
             else:
                 selected = self.cross_attention(x0, h_cand, valid)
@@ -327,23 +317,10 @@ class PTRAGModule(BaseModuleClass):
             out[OUTPUTS.SET_WEIGHTS] = set_weights
             context = selected["context"]
             x0 = x0 + context if self.context_mode == "add" else context
-            if self.evidence is not None:
-                if context_response is None or context_full is None or stacked_shift is None:
-                    raise ValueError("A response memory needs the batch's context and stacked evidence.")
-                same = candidate_same_cell_type if candidate_same_cell_type is not None else torch.zeros_like(valid)
-                combined = self.evidence(
-                    set_weights,
-                    valid,
-                    relation,
-                    same,
-                    self.memory_specific,
-                    context_response,
-                    context_full,
-                    stacked_shift,
-                    rows=candidates.clamp_min(0),
-                )
-                out[OUTPUTS.DELTA] = combined["delta"]
-                out[OUTPUTS.SET_WEIGHTS] = combined["weights"]
+            if self.uses_responses:
+                if context_response is None or stacked_shift is None:
+                    raise ValueError("A response memory needs the batch's context response and evidence.")
+                out[OUTPUTS.DELTA] = context_response + stacked_shift
         if self.batch_embedding is not None and batch is not None:
             known = (batch >= 0)[:, None, None].to(x0.dtype)
             x0 = x0 + known * self.batch_embedding(batch.clamp_min(0))[:, None, :]
@@ -373,29 +350,25 @@ class PTRAGModule(BaseModuleClass):
     ) -> dict[str, torch.Tensor]:
         """Run the set transformer and decode gene expression (``delta``: ``[B,G]``)."""
         latent = self.backbone(x0, h_pert[:, None, :]) + h_ctrl
-        scale, offset = None, None
-        if delta is not None and control_mean is not None:
-            # The control cells moved by the evidence: x_ctrl * scale + offset (see `apply_shift`).
-            scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling, set_stats=set_mean_max(x_ctrl))
-        if self.set_decoder is None and self.decoder_rank is None:
-            base = self.decoder(latent)
+        if self.decoder_rank is None:
+            decoded = self.decoder(latent)
         else:
-            # y = x_ctrl' + offset + SetDecoder(mean) + LowRank(latent - mean): the per-cell part
-            # is one matrix product over all the cells of the batch, and the per-set vector joins
-            # the control cells in the same pass over [B, S, G] that clips them.
+            # LowRank(latent - mean) has zero set mean; a learned shift of the set's mean comes
+            # from the last layer's bias and the set decoder.
             set_mean = latent.mean(dim=1, keepdim=True)
-            first, last = self.decoder
-            base = F.linear(first(latent - set_mean), last.weight)
-            set_vector = last.bias.expand(set_mean.shape[0], 1, -1)  # [B,1,G]
+            decoded = self.decoder(latent - set_mean)
             if self.set_decoder is not None:
-                set_vector = set_vector + self.set_decoder(set_mean)
-            offset = set_vector if offset is None else set_vector + offset
-        # The control cells (scaled by the evidence), the offsets, the clip to [0, ceiling] and
-        # the set mean in one pass.
-        prediction, cell_means = generate_cells(base, x_ctrl, scale, self.gene_ceiling, offset)
+                decoded = decoded + self.set_decoder(set_mean)
+        if delta is not None and control_mean is not None:
+            # The control cells moved by the evidence (see `apply_shift`).
+            scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling)
+            cells = x_ctrl * scale + offset + decoded
+        else:
+            cells = x_ctrl + decoded
+        prediction = torch.clamp(F.relu(cells), max=self.gene_ceiling)
         result = {OUTPUTS.PREDICTION: prediction}
         if control_mean is not None:
-            result[OUTPUTS.MEAN_SHIFT] = cell_means - control_mean
+            result[OUTPUTS.MEAN_SHIFT] = prediction.mean(dim=1) - control_mean
         return result
 
     # -------------------------------------------------------------------- loss
@@ -421,7 +394,8 @@ class PTRAGModule(BaseModuleClass):
         if use_pseudobulk:
             # The observed set moved to its group's pseudobulk mean: the energy judges the
             # shape, and agrees with the pseudobulk term about the mean.
-            teacher = recentre(target, tensors[TENSORS.CONTROL_MEAN] + target_shift)
+            centre = tensors[TENSORS.CONTROL_MEAN] + target_shift
+            teacher = target + (centre.unsqueeze(1) - target.mean(dim=1, keepdim=True))
         if self._sinkhorn is None:
             objective = energy_distance(prediction, teacher, include_target_term=include_target_term)
             loss = objective.mean()

@@ -155,12 +155,11 @@ def retrieval_heatmap(
     retrieval_df
         Long DataFrame from ``model.get_retrieval(...)`` (columns ``query``, ``cell_type``,
         ``rank``, ``candidate``, ``candidate_cell_type``, ``similarity``,
-        ``keep_probability``, ``selected_fraction``, ``selected``, ``weight``).
+        ``keep_probability``, ``selected_fraction``, ``selected``, ``confidence``).
     value
         Numeric column to colour by: ``"keep_probability"`` (stage 2, mean over cells; the
-        mean attention weight for vanilla RAG), ``"selected_fraction"``, ``"weight"`` (the
-        candidate's weight in the set's mean shift) or ``"similarity"`` (stage 1 cosine
-        similarity).
+        mean attention weight for vanilla RAG), ``"selected_fraction"`` or ``"similarity"``
+        (stage 1 cosine similarity).
     cell_type
         Cell type(s) to draw (default: every cell type of the frame).
     queries

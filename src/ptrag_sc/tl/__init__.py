@@ -1,9 +1,10 @@
-"""Tools: evaluation metrics, summaries, cell-eval export, honest baselines and in-silico screens."""
+"""Tools: evaluation metrics, summaries, cell-eval export and cell-eval2 scores, honest baselines and in-silico screens."""
 
 from __future__ import annotations
 
 from ._baselines import BASELINES, predict_baseline
 from ._cell_eval import to_cell_eval
+from ._cell_eval2 import score_cell_eval2
 from ._evaluate import LOWER_IS_BETTER, METRIC_COLUMNS, evaluate
 from ._screen import screen
 from ._summarize import summarize
@@ -14,6 +15,7 @@ __all__ = [
     "METRIC_COLUMNS",
     "evaluate",
     "predict_baseline",
+    "score_cell_eval2",
     "screen",
     "summarize",
     "to_cell_eval",

@@ -106,6 +106,31 @@ def discrimination_l1(
     return float(np.mean(others < dist[true_index]))
 
 
+def mean_cosine_to_others(shifts: np.ndarray) -> np.ndarray:
+    """Per row of ``shifts`` ``[n, n_genes]``: the mean cosine similarity to the other rows.
+
+    The mean of the result is the mean pairwise cosine of the rows: near 1 when every
+    perturbation is given (nearly) the same shift, lower when the shifts differ. A row of zero
+    (or non-finite) norm has no direction: its cosines are NaN and it is left out of the other
+    rows' means.
+    All NaN with fewer than two rows.
+    """
+    shifts = np.asarray(shifts, dtype=np.float64)
+    n = shifts.shape[0]
+    out = np.full(n, np.nan)
+    norms = np.linalg.norm(shifts, axis=1)
+    finite = np.isfinite(norms)
+    scale = max(float(norms[finite].max(initial=0.0)), 1e-300)
+    has_direction = finite & (norms > _REL_TOL * scale)
+    if n < 2 or has_direction.sum() < 2:
+        return out
+    unit = shifts[has_direction] / norms[has_direction, None]
+    cosines = np.clip(unit @ unit.T, -1.0, 1.0)
+    np.fill_diagonal(cosines, 0.0)
+    out[has_direction] = cosines.sum(axis=1) / (unit.shape[0] - 1)
+    return out
+
+
 def split_half_pearson(
     cells: np.ndarray, control_mean: np.ndarray, rng: np.random.Generator
 ) -> float:

@@ -115,9 +115,13 @@ def screen(
     ``trained``
         Whether the model trained on this perturbation (in any cell type).
     ``retrieval_distance``
-        ``1 -`` the stage-1 similarity of the evidence retrieved, weighted by its weight in
-        the prediction: an uncertainty proxy (see ``PTRAG.predict``); NaN for
-        ``retrieval="none"``.
+        ``1 -`` the stage-1 similarity of the candidates stage 2 kept, weighted by their weight
+        in the prediction; NaN when nothing was kept or for ``retrieval="none"``.
+    ``confidence``
+        The Pearson correlation the predicted mean shift is expected to reach with a measured
+        one, learned from how well the same evidence predicted the training perturbations with
+        their own entries left out (see ``PTRAG.predict``); NaN without a response memory.
+        Rank candidates by ``score`` and trust those with a high ``confidence``.
     ``shift_<gene>``
         With a signature: the predicted mean shift of each signature gene.
 
@@ -180,7 +184,7 @@ def screen(
         # The same draw for a cell type whichever others are screened with it.
         cells = np.sort(np.random.default_rng(seed).choice(pool, size=min(n_cells, pool.size), replace=False))
         check_expression(data.expression.rows(cells).numpy(), where=f"the control cells of {ct!r}")
-        shifts, energy, distance = screen_shifts(
+        shifts, energy, distance, confidence = screen_shifts(
             model,
             builder,
             data,
@@ -214,6 +218,7 @@ def screen(
                 "observed_score": observed,
                 "trained": trained,
                 "retrieval_distance": distance,
+                "confidence": confidence,
             }
         )
         if weights is not None:
@@ -385,7 +390,7 @@ def _cell_types(model, data, cell_type) -> list[str]:
 def _fast_path(model, effect) -> bool:
     """Whether set means are known without decoding cells (response memory, no learned shift)."""
     module = model.module
-    return effect != "energy" and module.evidence is not None and not module.learned_shift
+    return effect != "energy" and module.uses_responses and not module.learned_shift
 
 
 def _observed(model, data, labels, cell_type, cells, weights, effect) -> tuple[np.ndarray, np.ndarray]:
