@@ -32,7 +32,8 @@ from ptrag_sc.model._io import (
 from ptrag_sc.model._schema import decode, encode
 
 TINY = {"n_hidden": 16, "n_layers": 1, "n_heads": 2, "cell_set_size": 8, "n_candidates": 4}
-#: A model saved by ptrag_sc 0.1.0 (format version 1), with its AnnData and its predictions on it.
+#: A model saved in format version 1 (ptrag_sc 0.1.0, commit 0edcd07), with its AnnData and its
+#: predictions on it (written by tests/data/make_model_v1.py).
 V1_MODEL = Path(__file__).parent / "data" / "model_v1"
 
 
@@ -98,13 +99,16 @@ def _edit_tensors(path: Path, edit) -> None:
 
 
 def _same(a, b) -> bool:
-    """Equal values of the same kinds (dtypes included), recursively; a tuple equals a list."""
+    """Equal values of the same kinds (dtypes included), recursively; a tuple equals a list, a
+    numpy scalar the Python number it is saved as."""
     if isinstance(a, pd.DataFrame):
         try:
             pd.testing.assert_frame_equal(a, b, check_exact=True, check_index_type=True, check_column_type=True)
         except AssertionError:
             return False
         return a.index.dtype == b.index.dtype and a.columns.dtype == b.columns.dtype
+    if isinstance(a, np.generic) and not isinstance(b, np.generic | np.ndarray):  # saved as a plain number
+        return _same(a.item(), b)
     if isinstance(a, np.ndarray | np.generic):
         return (
             isinstance(b, np.ndarray | np.generic)
@@ -323,11 +327,11 @@ def test_version_1_damage_is_reported(tmp_path):
 
 
 def test_missing_or_unknown_memory_fields_are_refused_with_the_version(copy_of):
-    _edit_manifest(copy_of, lambda m: m["attributes"]["memory_"].pop("stack_weights"))
-    _edit_tensors(copy_of, lambda t: {k: v for k, v in t.items() if k != "data.memory_.stack_weights"})
-    with pytest.raises(ModelFileError, match=r"memory \(format version 2, ptrag_sc .*\) lacks the field\(s\) \['stack_weights'\]"):
+    _edit_manifest(copy_of, lambda m: m["attributes"]["memory_"].pop("responses"))
+    _edit_tensors(copy_of, lambda t: {k: v for k, v in t.items() if k != "data.memory_.responses"})
+    with pytest.raises(ModelFileError, match=r"memory \(format version 2, ptrag_sc .*\) lacks the field\(s\) \['responses'\]"):
         PTRAG.load(copy_of, adata=False)
-    _edit_manifest(copy_of, lambda m: m["attributes"]["memory_"].update(stack_weights=None, evidence_v9=1))
+    _edit_manifest(copy_of, lambda m: m["attributes"]["memory_"].update(responses=None, evidence_v9=1))
     with pytest.raises(ModelFileError, match=r"has field\(s\) \['evidence_v9'\] this version does not know"):
         PTRAG.load(copy_of, adata=False)
 

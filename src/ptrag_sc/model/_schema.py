@@ -15,15 +15,16 @@ keys) or one of four tagged forms, the whole schema:
 Arrays of Python objects are kept when all their items are strings or all are numbers
 (``"object": true`` beside the tag). Anything else is refused when saving, with the path of
 the value at fault. Decoding checks every node; the model's own attributes must hold the
-kinds in :data:`KINDS`, its retrieval memory exactly the fields of
-:class:`~ptrag_sc.data.RetrievalMemory` and its weights exactly the module's tensors.
+kinds in :data:`KINDS`, its retrieval memory only fields of
+:class:`~ptrag_sc.data.RetrievalMemory` and all of those without a default, and its weights
+exactly the module's tensors.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -385,13 +386,14 @@ def check_content(content: dict, written: str) -> str | None:
             return f"attribute {name!r} holds a {kind}, not what the model keeps there."
     memory = attributes.get("memory_")
     if isinstance(memory, dict):
-        needed = {f.name for f in fields(RetrievalMemory)}
-        missing, unknown = sorted(needed - set(memory)), sorted(set(memory) - needed)
-        problems = (
-            [f"lacks the field(s) {missing} that this version of ptrag_sc needs"]
-            if missing
-            else []
-        ) + ([f"has field(s) {unknown} this version does not know"] if unknown else [])
+        # Fields by name (a nested part may be saved as "<field>.<name>"); the fields without
+        # a default are those the code cannot do without.
+        known = {f.name: f for f in fields(RetrievalMemory)}
+        saved = {str(k).split(".", 1)[0] for k in memory}
+        required = {n for n, f in known.items() if MISSING is f.default is f.default_factory}
+        missing, unknown = sorted(required - saved), sorted(saved - set(known))
+        problems = [f"lacks the field(s) {missing} that this version needs"] if missing else []
+        problems += [f"has field(s) {unknown} this version does not know"] if unknown else []
         if problems:
             return (
                 f"its retrieval memory ({written}) {' and '.join(problems)}. Load it with the "
