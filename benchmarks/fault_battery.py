@@ -27,7 +27,8 @@ check in a new process, and concurrent saves and predictions). Every case names 
     The call succeeded but should have failed, or its result fails the case's check.
 ``overwrite``
     The user's objects (AnnData, MuData, embedding table) changed beyond the documented keys
-    (``obs['_scvi_*']``, ``uns['_scvi_*']`` and, on success, ``layers[key_added]``).
+    (``obs['_scvi_*']``, ``uns['_scvi_*']`` and, on success, ``layers[key_added]`` with
+    ``obs[key_added + '_confidence']``).
 ``data_loss``
     A file or model folder of the user's that the call had to leave alone changed or went
     missing (a failed save that destroyed the previous model, a replaced h5ad).
@@ -198,7 +199,8 @@ def fingerprint(obj) -> dict:
 
 
 def changes(before: dict, after: dict, allow_layers: tuple[str, ...]) -> list[str]:
-    allowed = tuple(f"layers/{k}" for k in allow_layers)
+    # A layer's prediction comes with its confidence column (documented beside the layer).
+    allowed = tuple(f"layers/{k}" for k in allow_layers) + tuple(f"obs/{k}_confidence" for k in allow_layers)
     return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k) and not (allowed and k.endswith(allowed)))
 
 
