@@ -30,7 +30,7 @@ def test_screen_cell_type_errors_are_plain(model):
     assert message.endswith("Cell type names are case-sensitive: did you mean cell_line_0?")
     with pytest.raises(ValueError, match=rf"3 cell types \({LINES}\): pass"):
         ptrag_sc.tl.screen(model)
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(ValueError, match="No control cells of cell type") as exc:
         ptrag_sc.tl.screen(model, cell_type="liver")
     assert "did you mean" not in str(exc.value)
 

@@ -111,9 +111,13 @@ class TrainingProgress(ProgressBar):
     def is_disabled(self) -> bool:
         return not self._enabled
 
+    @property
+    def stream(self):
+        return sys.stderr if self._stream is None else self._stream
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
-        stream = self._stream or sys.stderr
+        stream = self.stream
         if self._enabled and is_interactive(stream):
             from tqdm import tqdm
 
@@ -130,10 +134,17 @@ class TrainingProgress(ProgressBar):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._bar is not None:
+            self._close()
+        elif self._enabled:
+            print(f"Training: {training_summary(trainer)}, {time.perf_counter() - self._started:.0f} s", file=self.stream, flush=True)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self._enabled:
-            print(f"Training: {training_summary(trainer)}, {time.perf_counter() - self._started:.0f} s", file=self._stream or sys.stderr, flush=True)
 
 
 def training_summary(trainer) -> str:
