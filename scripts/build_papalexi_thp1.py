@@ -32,6 +32,7 @@ import numpy as np
 from scipy import sparse
 
 import ptrag_sc.pp as pp
+from ptrag_sc.datasets._bundled import write_gene_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "src" / "ptrag_sc" / "datasets" / "data"
@@ -86,14 +87,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"No annotation text for targets: {missing}")
     emb = pp.embed_gene_text(texts, model=MODEL, show_progress=False, device="cpu")
-    np.savez_compressed(
-        OUT / "papalexi2021_thp1_gene_embeddings.npz",
-        symbols=np.array(emb.index, dtype=str),
-        embeddings=emb.to_numpy(np.float32),
-        source=texts.loc[emb.index, "source"].to_numpy(dtype=str),
-        matched=texts.loc[emb.index, "matched"].to_numpy(dtype=str),
-        model=np.array(MODEL),
-    )
+    write_gene_embeddings(OUT / "papalexi2021_thp1_gene_embeddings.npz", emb, texts, MODEL)
     print(f"{int(confident.sum()):,} of {raw.n_obs:,} cells, {raw.n_vars} genes, {len(genes)} targets")
     for name in ("papalexi2021_thp1.npz", "papalexi2021_thp1_gene_embeddings.npz"):
         print(f"  {name}: {(OUT / name).stat().st_size:,} bytes")

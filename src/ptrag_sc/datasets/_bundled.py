@@ -13,6 +13,19 @@ def bundled(name: str):
     return files("ptrag_sc.datasets").joinpath("data", name)
 
 
+def write_gene_embeddings(path, embeddings: pd.DataFrame, texts: pd.DataFrame, model: str) -> None:
+    """Write what :func:`read_gene_embeddings` reads: the embeddings (symbol x dimension) and,
+    per symbol, the ``source`` and ``matched`` columns of :func:`ptrag_sc.pp.gene_texts`."""
+    np.savez_compressed(
+        path,
+        symbols=np.array(embeddings.index, dtype=str),
+        embeddings=embeddings.to_numpy(np.float32),
+        source=texts.loc[embeddings.index, "source"].to_numpy(dtype=str),
+        matched=texts.loc[embeddings.index, "matched"].to_numpy(dtype=str),
+        model=np.array(model),
+    )
+
+
 def read_gene_embeddings(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The embeddings (symbol x dimension, float32) and their text source per symbol from a
     bundled npz written by a ``scripts/build_*.py`` (``symbols``, ``embeddings``, ``source``,
