@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
@@ -448,16 +447,13 @@ def embed_gene_text(
     progress = settings.progress_bar if show_progress is None else bool(show_progress)
     encoder = _resolve_model(model, device, not progress)
 
-    from tqdm import tqdm
-
-    from .._utils import is_interactive
+    from tqdm.auto import tqdm
 
     symbols = series.index.tolist()
     values = series.tolist()
     chunks = []
     starts = range(0, len(values), int(batch_size))
-    # On a log file or a pipe the bar would only leave carriage-return updates.
-    for start in tqdm(starts, desc="Embedding gene text", unit="batch", disable=not (progress and is_interactive(sys.stderr))):
+    for start in tqdm(starts, desc="Embedding gene text", unit="batch", disable=not progress):
         batch = values[start : start + int(batch_size)]
         out = encoder.encode(
             batch,
