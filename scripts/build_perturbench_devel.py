@@ -25,9 +25,9 @@ import shutil
 from pathlib import Path
 
 import anndata
-import numpy as np
 
 import ptrag_sc.pp as pp
+from ptrag_sc.datasets._bundled import write_gene_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "src" / "ptrag_sc" / "datasets" / "data"
@@ -66,14 +66,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"No text for perturbed genes: {missing}")
     emb = pp.embed_gene_text(texts, model=MODEL, show_progress=False, device="cpu")
-    np.savez_compressed(
-        OUT / "perturbench_devel_gene_embeddings.npz",
-        symbols=np.array(emb.index, dtype=str),
-        embeddings=emb.to_numpy(np.float32),
-        source=texts.loc[emb.index, "source"].to_numpy(dtype=str),
-        matched=texts.loc[emb.index, "matched"].to_numpy(dtype=str),
-        model=np.array(MODEL),
-    )
+    write_gene_embeddings(OUT / "perturbench_devel_gene_embeddings.npz", emb, texts, MODEL)
     counts = texts["source"].value_counts().to_dict()
     print(f"{len(genes)} perturbed genes: {counts}")
     print("annotation-based:", texts.index[texts["source"] == "annotation"].tolist())

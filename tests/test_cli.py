@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -13,8 +15,8 @@ import tomllib
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import scvi
@@ -94,7 +96,7 @@ def _all_actions(parser: argparse.ArgumentParser, where: str = "ptrag-sc"):
 def test_every_option_has_help():
     actions = list(_all_actions(cli.build_parser()))
     names = {name for name, _ in actions}
-    for expected in ("--output", "--dataset", "--max-steps", "--seed", "-q/--quiet", "-v/--verbose", "--version"):
+    for expected in ("--output", "--overwrite", "--task", "--max-steps", "--seed", "--threads", "-q/--quiet", "-v/--verbose", "--version"):
         assert any(name.endswith(expected) for name in names), (expected, names)
     missing = [name for name, action in actions if not action.help or action.help == argparse.SUPPRESS]
     assert not missing, missing
@@ -105,62 +107,150 @@ def test_console_script_is_main():
     assert pyproject["project"]["scripts"]["ptrag-sc"] == "ptrag_sc.__main__:main"
 
 
-@pytest.mark.parametrize("argv", [["demo", "--max-steps", "0"], ["demo", "--max-steps", "x"], ["demo", "-q", "-v"], []])
-def test_bad_arguments_exit_2(argv, capsys):
+def test_task_names_match_the_demo():
+    from ptrag_sc import _demo
+
+    assert set(cli.TASKS) == set(_demo.TASKS)
+    assert cli.DEFAULT_TASKS == _demo.DEFAULT_TASKS
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["demo", "--max-steps", "0"], "--max-steps: expected a positive integer, got 0"),
+        (["demo", "--max-steps", "x"], "--max-steps: expected a positive integer, got 'x'"),
+        (["demo", "--seed", "-1"], "--seed: expected an integer from 0 to 2**32-1, got -1"),
+        (["demo", "--seed", str(2**32)], "--seed: expected an integer from 0 to 2**32-1"),
+        (["demo", "--threads", "0"], "--threads: expected a positive integer, got 0"),
+        (["demo", "--task", "k562"], "--task: invalid choice: 'k562'"),
+        (["demo", "--task", "thp1", "thp1"], "--task names a task twice"),
+        (["demo", "-q", "-v"], "not allowed with argument"),
+        (["demo", "--output", ""], "must be a non-empty path, got ''"),
+        (["demo", "--output", "   "], "must be a non-empty path"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
-    assert "usage: ptrag-sc" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("ptrag-sc"), lines[0]
+    assert "error: " in lines[0], lines[0]
+    assert match in lines[0], lines[0]
+
+
+def test_bad_output_paths_one_line_exit_2(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    cases = {
+        str(a_file): "is an existing file, not a folder",
+        str(a_file / "below"): "Cannot create the output folder",
+    }
+    for output, match in cases.items():
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--output", output])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert match in err, err
+    assert a_file.read_text() == "mine"
 
 
 @pytest.fixture
 def fake_demo(monkeypatch):
-    """Replace the demo by a stub recording its arguments; restore the settings afterwards."""
+    """Replace the demo by a stub recording its arguments and writing a report; restore the
+    settings afterwards."""
     import ptrag_sc._demo
 
     calls = []
 
     def run_demo(output, **kwargs):
         calls.append(
-            {"output": output, **kwargs, "progress_bar": ptrag_sc.settings.progress_bar, "verbosity": ptrag_sc.settings.verbosity}
+            {
+                "output": output,
+                **kwargs,
+                "progress_bar": ptrag_sc.settings.progress_bar,
+                "verbosity": ptrag_sc.settings.verbosity,
+                "num_threads": ptrag_sc.settings.num_threads,
+            }
         )
+        Path(output, "report.md").write_text("# ptrag_sc demo report\n\n## Bottom line\n\n- **PT-RAG** wins.\n\n## 1. Details\n")
         return pd.DataFrame({"method": ["PT-RAG"], "metric": ["pearson_delta"], "mean": [0.5]})
 
     monkeypatch.setattr(ptrag_sc._demo, "run_demo", run_demo)
-    saved = (ptrag_sc.settings.progress_bar, ptrag_sc.settings.verbosity)
+    saved = (ptrag_sc.settings.progress_bar, ptrag_sc.settings.verbosity, ptrag_sc.settings.num_threads)
     yield calls
-    ptrag_sc.settings.progress_bar, ptrag_sc.settings.verbosity = saved
+    ptrag_sc.settings.progress_bar, ptrag_sc.settings.verbosity, ptrag_sc.settings.num_threads = saved
 
 
 def test_demo_arguments(fake_demo, capsys, tmp_path):
     assert cli.main(["demo", "--output", str(tmp_path)]) == 0
     call = fake_demo[-1]
     assert call["max_steps"] is None  # the model's default length
-    assert call["dataset"] == "perturbench_devel"
-    assert call["seed"] == 0
+    assert call["tasks"] == ("glioblastoma", "thp1")
+    assert (call["seed"], call["overwrite"], call["num_threads"]) == (0, False, 1)
     assert call["verbosity"] == logging.WARNING
-    assert call["progress_bar"] is False  # pytest's output is not a terminal
+    assert call["progress_bar"] is True
+    assert call["log"].enabled
     out = capsys.readouterr().out
-    assert "pearson_delta" in out
-    assert f"Report written to {tmp_path / 'report.md'}" in out
+    assert out.startswith("Bottom line\n- PT-RAG wins.")  # plain text, no markdown
+    assert out.strip().endswith(f"Report written to {tmp_path / 'report.md'}")
 
-    assert cli.main(["demo", "--output", str(tmp_path), "--quiet", "--max-steps", "30", "--seed", "3"]) == 0
+    args = ["demo", "--output", str(tmp_path), "--quiet", "--max-steps", "30", "--seed", "3", "--threads", "2", "--overwrite"]
+    assert cli.main(args) == 0
     call = fake_demo[-1]
-    assert (call["max_steps"], call["seed"], call["progress_bar"]) == (30, 3, False)
+    assert (call["max_steps"], call["seed"], call["num_threads"], call["overwrite"]) == (30, 3, 2, True)
+    assert call["progress_bar"] is False
+    assert not call["log"].enabled
     assert capsys.readouterr().out.strip() == f"Report written to {tmp_path / 'report.md'}"
 
-    assert cli.main(["demo", "--output", str(tmp_path), "--verbose", "--dataset", "synthetic"]) == 0
+    assert cli.main(["demo", "--output", str(tmp_path / "v"), "--verbose", "--task", "synthetic"]) == 0
     assert fake_demo[-1]["verbosity"] == logging.INFO
-    assert fake_demo[-1]["dataset"] == "synthetic"
+    assert fake_demo[-1]["tasks"] == ("synthetic",)
 
 
-def test_demo_progress_bar_on_a_terminal(fake_demo, monkeypatch, tmp_path):
-    terminal = SimpleNamespace(isatty=lambda: True)
-    monkeypatch.setattr(cli, "sys", SimpleNamespace(stdout=terminal, stderr=terminal))
-    cli.main(["demo", "--output", str(tmp_path)])
-    assert fake_demo[-1]["progress_bar"] is True
-    cli.main(["demo", "--output", str(tmp_path), "--quiet"])
-    assert fake_demo[-1]["progress_bar"] is False
+def test_demo_refuses_to_replace_files(fake_demo, capsys, tmp_path):
+    (tmp_path / "report.md").write_text("my own notes")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--output", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "already holds files of a demo run (report.md)" in err
+    assert "--overwrite" in err
+    assert (tmp_path / "report.md").read_text() == "my own notes"
+    assert not fake_demo  # refused before anything ran
+    assert cli.main(["demo", "--output", str(tmp_path), "--overwrite"]) == 0
+
+
+def test_demo_in_a_subprocess_is_quiet_and_line_oriented(tmp_path):
+    """The real command on the synthetic task: progress lines on stderr, nothing else there;
+    the bottom line on stdout; a second run is refused without --overwrite."""
+    out = tmp_path / "out"
+    argv = ["-m", "ptrag_sc", "demo", "--output", str(out), "--task", "synthetic", "--max-steps", "5"]
+    proc = _python(*argv, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "\r" not in proc.stderr
+    phases = ["data", "training PT-RAG", "prediction", "save and reload", "scoring"]
+    assert [line.split("] ", 1)[1].split(":", 1)[0] for line in lines[:-1]] == phases, proc.stderr
+    assert all(line.startswith("[1/1 synthetic] ") for line in lines[:-1])
+    assert "5/5 steps" in lines[1]
+    assert "identical after reloading" in lines[3]
+    assert lines[-1].startswith(f"report written: {out / 'report.md'}")
+    assert proc.stdout.startswith("Bottom line\n")
+    assert proc.stdout.strip().endswith(f"Report written to {out / 'report.md'}")
+    report = (out / "report.md").read_bytes()
+
+    again = _python(*argv, timeout=120)
+    assert again.returncode == 2
+    assert len(again.stderr.splitlines()) == 1
+    assert "Traceback" not in again.stderr
+    assert (out / "report.md").read_bytes() == report
 
 
 # ------------------------------------------------------------ lazy package
@@ -237,9 +327,48 @@ def test_training_is_quiet_by_default(small_data, capfd, caplog):
     text = _train_and_capture(small_data, capfd, caplog, verbosity=logging.WARNING, progress_bar=True)
     for line in CHATTY:
         assert line not in text, (line, text)
-    assert "Epoch" in text  # the progress bar still shows
+    for line in ("Monitored metric", "Signaling Trainer to stop", "Epoch"):
+        assert line not in text, (line, text)
+    # pytest's stderr is not a terminal: one progress line on stderr, nothing on stdout
+    out = capfd.readouterr()
+    assert out.out == ""
     # the state is restored afterwards
     assert logging.getLogger("lightning.pytorch").getEffectiveLevel() == logging.INFO
+
+
+def test_training_progress_line_and_bar(small_data, capfd):
+    settings = ptrag_sc.settings
+    saved = settings.progress_bar
+    try:
+        settings.progress_bar = True
+        scvi.settings.seed = 0
+        model = ptrag_sc.PTRAG(small_data, perturbation_embeddings=small_data.uns["gene_embeddings"], **SMALL_MODEL)
+        capfd.readouterr()
+        model.train(max_steps=200, split_key="split", check_val_every_n_steps=5, early_stopping_patience=1)
+        out = capfd.readouterr()
+        assert out.out == ""
+        assert re.fullmatch(r"Training: \d+/200 steps \(stopped early: no better validation_loss in 1 checks\), \d+ s\n", out.err), out.err
+        model.train(max_steps=5, split_key="split", early_stopping=False)
+        assert re.fullmatch(r"Training: 5/5 steps, \d+ s\n", capfd.readouterr().err)
+
+        from ptrag_sc.train import TrainingProgress
+
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        terminal = Terminal()
+        model.train(max_steps=5, split_key="split", early_stopping=False, callbacks=[TrainingProgress(terminal)])
+        drawn = terminal.getvalue()
+        assert "\r" in drawn
+        assert "Training" in drawn
+        assert "5/5" in drawn
+        assert capfd.readouterr().err == ""
+        settings.progress_bar = False
+        model.train(max_steps=5, split_key="split")
+        assert capfd.readouterr() == ("", "")
+    finally:
+        settings.progress_bar = saved
 
 
 def test_training_messages_with_verbosity_info(small_data, capfd, caplog):
@@ -248,7 +377,7 @@ def test_training_messages_with_verbosity_info(small_data, capfd, caplog):
         assert line in text, (line, text)
     # its warnings depend on the torch and Lightning versions: at least one is there
     assert any(line in text for line in CHATTY[4:]), text
-    assert "Epoch" not in text  # no progress bar
+    assert "Training:" not in text  # no progress line
 
 
 def test_quiet_lightning_restores_state():
@@ -269,3 +398,57 @@ def test_quiet_lightning_restores_state():
             assert logger.level == before
             warnings.warn(chatty, UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else", chatty]
+
+
+# ----------------------------------------------------------------- threads
+def test_num_threads_setting():
+    settings = ptrag_sc.settings
+    saved = settings.num_threads
+    try:
+        assert saved == 1  # the default
+        settings.num_threads = np.int64(3)
+        assert settings.num_threads == 3
+        assert type(settings.num_threads) is int
+        assert "num_threads=3" in repr(settings)
+        settings.num_threads = None
+        assert settings.num_threads is None
+        for bad in (0, -1, 1.5, True, "2"):
+            with pytest.raises(ValueError, match="num_threads"):
+                settings.num_threads = bad
+    finally:
+        settings.num_threads = saved
+
+
+def test_threads_apply_while_the_package_computes_and_are_restored(small_data):
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from ptrag_sc._utils import settings_threads
+
+    class Threads(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(torch.get_num_threads())
+
+    settings = ptrag_sc.settings
+    saved = (settings.num_threads, torch.get_num_threads())
+    try:
+        torch.set_num_threads(1)
+        settings.num_threads = 2
+        with settings_threads():
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        model = ptrag_sc.PTRAG(small_data, perturbation_embeddings=small_data.uns["gene_embeddings"], **SMALL_MODEL)
+        recorder = Threads()
+        model.train(max_steps=3, split_key="split", callbacks=[recorder])
+        assert recorder.seen == [2, 2, 2]
+        assert torch.get_num_threads() == 1
+        settings.num_threads = None
+        torch.set_num_threads(3)
+        with settings_threads():
+            assert torch.get_num_threads() == 3  # torch's own setting
+    finally:
+        settings.num_threads, threads = saved
+        torch.set_num_threads(threads)

@@ -1,9 +1,12 @@
-"""The demo report (``ptrag-sc demo``): sentences, figures, tables, and a second run."""
+"""The demo report (``ptrag-sc demo``): bottom line, sentences, figures, tables, save/reload,
+and the files it refuses to replace."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,103 +14,208 @@ import pytest
 
 import ptrag_sc
 from ptrag_sc import _demo
-from ptrag_sc._demo import FILES, HEADLINE_METRICS, headline_sentence, run_demo
+from ptrag_sc._demo import (
+    FILES,
+    HEADLINE_METRICS,
+    REPORT,
+    SPLIT_HALF_DEFINITION,
+    PhaseLog,
+    headline_sentence,
+    run_demo,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """Run the demo twice into the same folder (the second run must overwrite the first)."""
+    """Both default tasks, 30 training steps each, phase lines captured."""
     out = tmp_path_factory.mktemp("demo")
-    first = run_demo(out, max_steps=30)
-    (out / FILES["report"]).write_text("stale report of an earlier run")
-    second = run_demo(out, max_steps=30)
-    return out, first, second, (out / FILES["report"]).read_text()
+    stream = io.StringIO()
+    summary = run_demo(out, max_steps=30, log=PhaseLog(True, stream))
+    return out, summary, (out / REPORT).read_text(), stream.getvalue()
 
 
-def test_second_run_overwrites(demo):
-    out, first, second, report = demo
-    assert "stale report" not in report
-    assert report.startswith("# ptrag_sc demo report")
-    assert (out / FILES["model"] / "model.safetensors").exists()
-    # the baselines are deterministic: the same numbers twice
-    base = [m for m in first["method"].unique() if m != _demo.MODEL_NAME]
-    a = first[first["method"].isin(base)].reset_index(drop=True)
-    b = second[second["method"].isin(base)].reset_index(drop=True)
-    pd.testing.assert_frame_equal(a, b)
+def _section(report: str, title: str) -> str:
+    return report.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
 
 
-def test_report_headline_sentences(demo):
-    report = demo[3]
+def test_report_opens_with_a_bottom_line_per_task(demo):
+    report = demo[2]
+    assert report.startswith("# ptrag_sc demo report\n\n## Bottom line\n\n")
+    bottom = _section(report, "Bottom line")
+    assert "**Few-shot cell line** (glioblastoma: 4 test perturbations in U87MG):" in bottom
+    assert "**Unseen knockouts** (thp1: 5 test perturbations in THP-1):" in bottom
     for metric, (name, _) in HEADLINE_METRICS.items():
-        lines = [line for line in report.splitlines() if line.startswith(f"- **{name}** (`{metric}`")]
-        assert len(lines) == 1, metric
-        assert re.search(r"\*\*[\w-]+\*\* wins with|a tie between", lines[0]), lines[0]
-        assert ("lower is better" if metric in ptrag_sc.tl.LOWER_IS_BETTER else "higher is better") in lines[0]
+        lines = [line for line in bottom.splitlines() if line.startswith(f"- **{name}** (`{metric}`")]
+        assert len(lines) == 2, metric  # one per task
+        assert "n = 4 test perturbations" in lines[0]
+        assert "n = 5 test perturbations" in lines[1]
+        for line in lines:
+            assert re.search(r"\*\*[\w-]+\*\* wins with|a tie between|no method has perturbation-specific signal", line), line
+            assert ("lower is better" if metric in ptrag_sc.tl.LOWER_IS_BETTER else "higher is better") in line
 
 
-def test_report_split_half_is_not_a_ceiling(demo):
-    report = demo[3]
+def test_one_shift_methods_are_never_ranked_on_the_specific_metric(demo):
+    report = demo[2]
+    for line in report.splitlines():
+        if line.startswith("- **Perturbation-specific"):
+            assert "**control**" not in line, line
+            assert "**context_mean**" not in line, line
+            assert re.search(r"undefined for `control`(, | and )`context_mean`", line), line
+    # in the tables too
+    rows = [line for line in report.splitlines() if line.startswith(("| control |", "| context_mean |"))]
+    assert len(rows) == 4
+    assert all(line.split(" | ")[2] == "undefined" for line in rows)
+
+
+def test_every_number_of_the_bottom_line_comes_from_the_results(demo):
+    out, summary, report = demo[0], demo[1], demo[2]
+    for task in ("glioblastoma", "thp1"):
+        written = pd.read_csv(out / task / FILES["summary"])
+        mine = summary[summary["task"] == task].drop(columns="task").reset_index(drop=True)
+        pd.testing.assert_frame_equal(written, mine, check_dtype=False)
+        model_mean = mine.set_index(["method", "metric"]).loc[(_demo.MODEL_NAME, "pearson_delta"), "mean"]
+        assert f"{model_mean:.3f}" in _section(report, "Bottom line")
+
+
+def test_split_half_has_one_definition_everywhere(demo):
+    report = demo[2]
+    assert report.count(SPLIT_HALF_DEFINITION) == 2  # once per task
     assert "data's own ceiling" not in report
-    assert "It is not a ceiling for `pearson_delta`" in report
     assert re.search(r"\d of 6 methods score above it here", report)
-    # split_half_pearson describes the data, not a method: not a column of the methods table
     header = next(line for line in report.splitlines() if line.startswith("| method |"))
-    assert "split_half_pearson" not in header
+    assert "split_half_pearson" not in header  # it describes the data, not a method
+
+    def flat(text: str) -> str:
+        return " ".join(text.replace("``", "`").split())
+
+    core = flat(SPLIT_HALF_DEFINITION.split(":", 1)[1])  # "how noisy ... either half"
+    for where in (ROOT / "docs" / "concepts.md", ROOT / "docs" / "benchmark.md", ROOT / "docs" / "faq.md"):
+        text = flat(where.read_text())
+        assert core in text, where
+        assert "own ceiling" not in text, where
+    assert core in flat(ptrag_sc.tl.evaluate.__doc__)
+
+
+def test_phase_lines(demo):
+    lines = demo[3].splitlines()
+    phases = ["data", "training PT-RAG", "prediction", "save and reload", "scoring"]
+    for i, task in enumerate(("glioblastoma", "thp1")):
+        mine = lines[i * len(phases) : (i + 1) * len(phases)]
+        assert [line.split("] ", 1)[1].split(":", 1)[0] for line in mine] == phases
+        assert all(line.startswith(f"[{i + 1}/2 {task}] ") and re.search(r"; \d+ s$", line) for line in mine)
+        assert "30/30 steps" in mine[1]
+        assert "identical after reloading" in mine[3]
+    assert lines[-1].startswith(f"report written: {demo[0] / REPORT}")
+    assert len(lines) == 2 * len(phases) + 1
 
 
 def test_report_knn_note(demo):
     # U87MG keeps 4 training perturbations and knn averages k = 5: it is the context mean
-    assert "`knn` equals `context_mean` here" in demo[3]
+    report = demo[2]
+    assert "`knn` equals `context_mean` here" in _section(report, "1. Few-shot cell line")
+    assert "`knn` equals" not in _section(report, "2. Unseen knockouts")
     summary = demo[1]
-    knn = summary[summary["method"] == "knn"].set_index("metric")["mean"]
-    ctx = summary[summary["method"] == "context_mean"].set_index("metric")["mean"]
+    gbm = summary[summary["task"] == "glioblastoma"]
+    knn = gbm[gbm["method"] == "knn"].set_index("metric")["mean"]
+    ctx = gbm[gbm["method"] == "context_mean"].set_index("metric")["mean"]
     np.testing.assert_allclose(knn["pearson_delta"], ctx["pearson_delta"], rtol=1e-6)
 
 
 def test_report_figures(demo):
-    out, report = demo[0], demo[3]
-    for key in ("shift_figure", "retrieval_figure", "history_figure"):
-        name = FILES[key]
-        assert f"]({name})" in report, name
-        data = (out / name).read_bytes()
-        assert data.startswith(PNG) and len(data) > 10_000, name
+    out, report = demo[0], demo[2]
+    for task in ("glioblastoma", "thp1"):
+        for key in ("shift_figure", "retrieval_figure", "history_figure"):
+            name = f"{task}/{FILES[key]}"
+            assert f"]({name})" in report, name
+            data = (out / name).read_bytes()
+            assert data.startswith(PNG), name
+            assert len(data) > 10_000, name
+    assert "A white cell is a candidate that stage 1 did not retrieve for that query" in report
+    assert "`validation_loss`" in report
+    assert "whose weights were kept (step " in report
+    assert "retrieval_distance" not in report
 
 
-def test_report_retrieval_table(demo):
-    report = demo[3]
+def test_report_retrieval_tables(demo):
+    report = demo[2]
     header = "| query | rank | candidate | candidate_cell_type | similarity | keep_probability | selected_fraction |"
-    assert header in report
-    rows = report.split(header, 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]
-    assert len(rows) == 4 * _demo._RETRIEVAL_ROWS
-    cell_types = {row.split("|")[4].strip() for row in rows}
-    assert cell_types <= {"U87MG", "A172", "T98G", "k562"}, cell_types
+    tables = report.split(header)[1:]
+    assert len(tables) == 2
+    for table, n_queries, cell_types in ((tables[0], 4, {"U87MG", "A172", "T98G", "k562"}), (tables[1], 5, {"THP-1"})):
+        rows = table.split("\n\n", 1)[0].strip().splitlines()[1:]
+        assert len(rows) == n_queries * _demo._RETRIEVAL_ROWS
+        assert {row.split("|")[4].strip() for row in rows} <= cell_types
 
 
 def test_report_settings(demo):
-    report = demo[3]
-    settings = json.loads(report.split("```json", 1)[1].split("```", 1)[0])
+    settings = json.loads(demo[2].split("```json", 1)[1].split("```", 1)[0])
     assert settings["max_steps"] == 30
-    assert settings["held_out_cell_line"] == "U87MG"
-    assert settings["epochs_trained"] >= 1
+    assert settings["tasks"] == ["glioblastoma", "thp1"]
+    assert settings["torch_threads"] == ptrag_sc.settings.num_threads
+    assert settings["glioblastoma"]["cell_type"] == "U87MG"
+    assert settings["glioblastoma"]["validation_perturbations"] == ["PLK4"]
+    assert settings["thp1"]["test_perturbations"] == ptrag_sc.datasets.papalexi_thp1_folds()[0]
+    assert settings["thp1"]["validation_perturbations"]  # held out by the model itself
+    assert settings["thp1"]["steps_trained"] == 30
 
 
 def test_csv_outputs(demo):
     out = demo[0]
-    methods = {_demo.MODEL_NAME, *_demo.BASELINE_METHODS}
-    metrics = pd.read_csv(out / FILES["metrics"])
-    assert set(metrics["method"]) == methods
-    assert len(metrics) == len(methods) * len(_demo.TEST)
-    assert set(metrics["gene"]) == set(_demo.TEST)
-    summary = pd.read_csv(out / FILES["summary"])
-    assert {"method", "metric", "mean", "ci_low", "ci_high"} <= set(summary.columns)
-    assert set(summary["metric"]) == set(_demo.REPORT_METRICS)
-    retrieval = pd.read_csv(out / FILES["retrieval"])
-    assert {"query", "candidate", "candidate_cell_type", "keep_probability", "selected"} <= set(retrieval.columns)
-    assert set(retrieval["query"]) == set(_demo.TEST)
-    history = pd.read_csv(out / FILES["history"], index_col=0)
-    assert "train_loss" in history.columns and len(history) >= 1
+    for task, n_test in (("glioblastoma", 4), ("thp1", 5)):
+        folder = out / task
+        methods = {_demo.MODEL_NAME, *_demo.TASKS[task].baselines}
+        metrics = pd.read_csv(folder / FILES["metrics"])
+        assert set(metrics["method"]) == methods
+        assert len(metrics) == len(methods) * n_test
+        summary = pd.read_csv(folder / FILES["summary"])
+        assert set(summary["metric"]) == set(_demo.REPORT_METRICS)
+        retrieval = pd.read_csv(folder / FILES["retrieval"])
+        assert {"query", "candidate", "candidate_cell_type", "keep_probability", "selected"} <= set(retrieval.columns)
+        assert retrieval["query"].nunique() == n_test
+        history = pd.read_csv(folder / FILES["history"], index_col=0)
+        assert {"train_loss", "validation_loss"} <= set(history.columns)
+        assert (folder / FILES["model"] / "model.safetensors").exists()
+
+
+def test_refuses_to_replace_an_earlier_run(demo):
+    out = demo[0]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"already holds files of a demo run \(report.md, glioblastoma/metrics.csv"):
+        run_demo(out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_prepare_output(tmp_path):
+    tasks = ("glioblastoma",)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("kept")
+    assert _demo.prepare_output(tmp_path, tasks, overwrite=False) == tmp_path  # unrelated files are fine
+    assert (tmp_path / "glioblastoma").is_dir()
+    (tmp_path / "glioblastoma" / FILES["metrics"]).write_text("old")
+    with pytest.raises(FileExistsError, match=r"glioblastoma/metrics\.csv"):
+        _demo.prepare_output(tmp_path, tasks, overwrite=False)
+    _demo.prepare_output(tmp_path, tasks, overwrite=True)
+    for bad, match in (("", "non-empty"), (" ", "non-empty"), (None, "non-empty"), (mine, "existing file"), (mine / "x", "Cannot create")):
+        with pytest.raises(ValueError, match=match):
+            _demo.prepare_output(bad, tasks, overwrite=True)
+    assert mine.read_text() == "kept"
+
+
+def test_reload_check_fails_loudly(monkeypatch, tmp_path):
+    """A reloaded model that predicts differently stops the demo."""
+    load = ptrag_sc.PTRAG.load.__func__
+
+    def load_and_change(cls, *args, **kwargs):
+        model = load(cls, *args, **kwargs)
+        next(model.module.parameters()).data.add_(1.0)
+        return model
+
+    monkeypatch.setattr(ptrag_sc.PTRAG, "load", classmethod(load_and_change))
+    with pytest.raises(RuntimeError, match="predicts differently from the model that was saved"):
+        run_demo(tmp_path, tasks=["synthetic"], max_steps=2, log=PhaseLog(False))
 
 
 def test_demo_trains_with_the_model_default(monkeypatch, tmp_path):
@@ -122,15 +230,51 @@ def test_demo_trains_with_the_model_default(monkeypatch, tmp_path):
         raise Stop
 
     monkeypatch.setattr(ptrag_sc.PTRAG, "train", train)
+    stream = io.StringIO()
     with pytest.raises(Stop):
-        run_demo(tmp_path)
+        run_demo(tmp_path, tasks=["thp1"], log=PhaseLog(True, stream))
     assert calls == [((), {"split_key": "split"})]
+    # the phase line says where it failed
+    assert stream.getvalue().splitlines()[-1] == "[1/1 thp1] training PT-RAG: failed"
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"max_steps": 0}, "max_steps"), ({"max_steps": 2.5}, "max_steps"), ({"dataset": "x"}, "dataset")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"max_steps": 2.5}, "max_steps"),
+        ({"tasks": ["x"]}, "tasks"),
+        ({"tasks": []}, "tasks"),
+        ({"tasks": ["thp1", "thp1"]}, "tasks"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
 def test_demo_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run_demo(tmp_path, **kwargs)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_phase_log_on_a_terminal_writes_whole_lines():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        log = PhaseLog(True, stream)
+        with log.phase("[x] step") as done:
+            if stream is pipe:
+                assert stream.getvalue() == "[x] step: "  # visible while the phase runs
+            else:
+                assert stream.getvalue() == ""
+            done.append("did it")
+    assert terminal.getvalue() == pipe.getvalue() == "[x] step: did it; 0 s\n"
+    silent = io.StringIO()
+    with PhaseLog(False, silent).phase("[x] step") as done:
+        done.append("did it")
+    assert silent.getvalue() == ""
 
 
 # --------------------------------------------------------- sentence logic
@@ -146,6 +290,7 @@ def _fake(values: dict[str, list[float]], metric: str = "pearson_delta"):
 def test_sentence_win():
     results, summary = _fake({"PT-RAG": [0.8, 0.82, 0.79, 0.81], "context_mean": [0.5, 0.52, 0.49, 0.51]})
     sentence = headline_sentence(results, summary, "pearson_delta")
+    assert "n = 4 test perturbations" in sentence
     assert "**PT-RAG** wins with 0.805" in sentence
     assert "0.300 above the next best, context_mean (0.505)" in sentence
     assert "excludes 0" in sentence
@@ -164,4 +309,29 @@ def test_sentence_lower_is_better_tie_inside_interval():
     results, summary = _fake({"PT-RAG": [0.30, 0.50, 0.40, 0.60], "linear": [0.35, 0.45, 0.45, 0.55]}, metric="energy")
     sentence = headline_sentence(results, summary, "energy")
     assert "lower is better" in sentence
-    assert "a tie between" in sentence and "inside their 95% bootstrap intervals" in sentence
+    assert "a tie between" in sentence
+    assert "inside their 95% bootstrap intervals" in sentence
+
+
+def test_sentence_no_specific_signal_and_one_shift_methods_left_out():
+    # control has the highest value by noise; it predicts one shift for every perturbation
+    results, summary = _fake(
+        {"PT-RAG": [0.1, -0.2, 0.05, -0.1], "control": [0.9, 0.8, 0.9, 0.85], "linear": [-0.1, 0.2, -0.3, 0.1]},
+        metric="pearson_pert_centred",
+    )
+    sentence = headline_sentence(results, summary, "pearson_pert_centred", one_shift=["control"])
+    assert "no method has perturbation-specific signal here" in sentence
+    assert "the highest is" in sentence
+    assert "control" not in sentence.split("It is undefined")[0]
+    assert "It is undefined for `control`, which predicts one shift for every perturbation" in sentence
+
+
+def test_sentence_specific_signal_ranked_without_one_shift_methods():
+    results, summary = _fake(
+        {"PT-RAG": [0.5, 0.6, 0.55, 0.5], "control": [0.9, 0.8, 0.9, 0.85], "linear": [0.1, 0.0, 0.2, 0.1]},
+        metric="pearson_pert_centred",
+    )
+    sentence = headline_sentence(results, summary, "pearson_pert_centred", one_shift=["control"])
+    assert "**PT-RAG** wins with 0.537" in sentence
+    assert "next best, linear" in sentence
+    assert "**control**" not in sentence

@@ -53,6 +53,7 @@ def test_docs_build_without_warnings(tmp_path):
     for page in (
         "index",
         "installation",
+        "faq",
         "concepts",
         "api",
         "tutorials",

@@ -17,6 +17,7 @@ MODULES = [
     "ptrag_sc.model._ptrag",
     "ptrag_sc.datasets._synthetic",
     "ptrag_sc.datasets._perturbench",
+    "ptrag_sc.datasets._papalexi",
     "ptrag_sc.datasets._replogle",
     "ptrag_sc.pp._embeddings",
     "ptrag_sc.pp._gene_text",

@@ -340,6 +340,7 @@ _REPRO = textwrap.dedent(
     warnings.simplefilter("ignore")
     import scvi, ptrag_sc
     ptrag_sc.settings.progress_bar = False
+    ptrag_sc.settings.num_threads = 2  # the package's default is one thread
     scvi.settings.seed = 0
     a = ptrag_sc.datasets.synthetic(n_cell_types=2, n_perturbations=8, n_genes=24,
                                     n_cells_per_perturbation=16, n_control_cells=40, seed=0)

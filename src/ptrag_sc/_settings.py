@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import numbers
 
 #: The package's logger; :attr:`PTRAGSettings.verbosity` sets its level.
 _LOGGER_NAME = "ptrag_sc"
+#: Torch threads while the package trains and predicts on the CPU, unless set otherwise.
+DEFAULT_NUM_THREADS = 1
 
 
 def _as_level(level: int | str) -> int:
@@ -43,11 +46,19 @@ class PTRAGSettings:
         training also shows PyTorch Lightning's messages (the "GPU available" banners, the
         "💡 Tip" lines, "`Trainer.fit` stopped") and its routine warnings, which are
         silenced otherwise. Independent of :attr:`progress_bar`.
+    num_threads
+        PyTorch threads (``torch.set_num_threads``) while the package trains, predicts or
+        screens on the CPU; torch's own setting is restored afterwards. Default 1: the models
+        gain little from more threads, and a thread count at or above the free cores makes
+        PyTorch's OpenMP threads wait for each other whenever another program runs, many
+        times slower (measured figures in the FAQ). Raise it on a machine with cores to
+        spare; ``None`` leaves torch's own setting.
     """
 
     def __init__(self) -> None:
         self._progress_bar = True
         self._verbosity = logging.WARNING
+        self._num_threads: int | None = DEFAULT_NUM_THREADS
 
     @property
     def progress_bar(self) -> bool:
@@ -77,10 +88,24 @@ class PTRAGSettings:
             logger.addHandler(handler)
             logger.propagate = False
 
+    @property
+    def num_threads(self) -> int | None:
+        """PyTorch threads while the package computes on the CPU (``None``: torch's own)."""
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value: int | None) -> None:
+        if value is not None:
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+                value = int(value)
+            else:
+                raise ValueError(f"`num_threads` must be a positive integer or None, got {value!r}.")
+        self._num_threads = value
+
     def __repr__(self) -> str:
         return (
             f"PTRAGSettings(progress_bar={self.progress_bar}, "
-            f"verbosity={logging.getLevelName(self.verbosity)})"
+            f"verbosity={logging.getLevelName(self.verbosity)}, num_threads={self.num_threads})"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 # lives here, where every path to :class:`ptrag_sc.PTRAG` passes.
 import rich.pretty  # noqa: F401
 import torch
+
+from ._settings import settings
 
 #: Loggers of Lightning's informational messages ("GPU available: ...", "TPU available: ...",
 #: "💡 Tip: ... litlogger ...", "`Trainer.fit` stopped: ..."), all sent by ``rank_zero_info``
@@ -79,3 +82,42 @@ def flush_denormal() -> Iterator[None]:
     finally:
         if changed:
             torch.set_flush_denormal(False)
+
+
+@contextmanager
+def settings_threads() -> Iterator[None]:
+    """Run the block with ``ptrag_sc.settings.num_threads`` PyTorch threads (if set).
+
+    torch's own thread count is restored afterwards. It is read again at every call, because
+    other libraries sharing the OpenMP runtime (numba's parallel functions, used by scanpy)
+    change it.
+    """
+    wanted, previous = settings.num_threads, torch.get_num_threads()
+    if wanted is None or wanted == previous:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def is_interactive(stream) -> bool:
+    """Whether ``stream`` shows ``\\r`` updates in place: a terminal, or a Jupyter cell's output."""
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    return type(stream).__module__.startswith("ipykernel")
+
+
+def progress_bar(total: int, description: str, unit: str, enabled: bool = True):
+    """A tqdm bar on stderr, or ``None`` when disabled or when stderr would only collect its
+    carriage-return updates (a log file, a pipe: see :func:`is_interactive`)."""
+    if not enabled or not is_interactive(sys.stderr):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from importlib.resources import as_file, files
+from importlib.resources import as_file
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import pandas as pd
 
 from .._constants import DEFAULT_CONTROL_GROUP, DEFAULT_PERTURBATION_SEP
+from ._bundled import bundled, read_gene_embeddings
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -23,29 +23,6 @@ _SUBSETS = {
     "gbm": ("dataset", "mcfaline23"),
     "k562": ("cell_type", "k562"),
 }
-
-
-def _data(name: str):
-    return files("ptrag_sc.datasets").joinpath("data", name)
-
-
-def _load_embeddings() -> tuple[pd.DataFrame, pd.DataFrame]:
-    with _data(_EMBEDDINGS).open("rb") as fh, np.load(fh, allow_pickle=False) as npz:
-        symbols = npz["symbols"].astype(str)
-        emb = pd.DataFrame(
-            npz["embeddings"].astype(np.float32),
-            index=pd.Index(symbols, name="gene"),
-            columns=[str(i) for i in range(npz["embeddings"].shape[1])],
-        )
-        source = pd.DataFrame(
-            {
-                "source": npz["source"].astype(str),
-                "matched": npz["matched"].astype(str),
-                "model": str(npz["model"]),
-            },
-            index=pd.Index(symbols, name="gene"),
-        )
-    return emb, source
 
 
 def perturbench_devel(*, subset: Literal["glioblastoma", "gbm", "k562"] | None = None) -> AnnData:
@@ -105,13 +82,13 @@ def perturbench_devel(*, subset: Literal["glioblastoma", "gbm", "k562"] | None =
         raise ValueError(
             f"Unknown subset {subset!r}; use None, 'glioblastoma' (or 'gbm') or 'k562'."
         )
-    with as_file(_data(_H5AD)) as path:
+    with as_file(bundled(_H5AD)) as path:
         adata = anndata.read_h5ad(path)
     if subset is not None:
         column, value = _SUBSETS[subset]
         adata = adata[adata.obs[column] == value].copy()
 
-    emb, source = _load_embeddings()
+    emb, source = read_gene_embeddings(_EMBEDDINGS)
     obs = adata.obs.copy()
     for col in obs.columns:
         if isinstance(obs[col].dtype, pd.CategoricalDtype):

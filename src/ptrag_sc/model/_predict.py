@@ -20,9 +20,10 @@ from .._constants import (
     UNS_KEY,
 )
 from .._settings import settings
-from .._utils import flush_denormal
+from .._utils import flush_denormal, progress_bar, settings_threads
 from ..data import NO_CELL_TYPE, count_prediction_batches, match_controls, prediction_batches
 from ..data._writers import DenseLayerWriter, H5ADWriter, SparseLayerWriter
+from ..pp._symbols import _format_list
 from ._guard import local_random, predicts
 from ._validation import (
     check_anndata,
@@ -74,11 +75,7 @@ def predict(model, adata, perturbations, *, cell_type, indices, batch_size, key_
 
 
 def _progress(total: int, description: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="batch")
+    return progress_bar(total, description, "batch", enabled)
 
 
 @predicts
@@ -104,7 +101,7 @@ def generate(model, data, sources, labels, cell_types, batches, context_index, c
     sampling = local_random(0 if seed is None else seed, device) if sample_retrieval else contextlib.nullcontext()
     bar = _progress(count_prediction_batches(groups, model.cell_set_size, batch_size), "Predicting", progress)
     try:
-        with sampling, flush_denormal():
+        with sampling, flush_denormal(), settings_threads():
             module.eval()
             encoded = _encoded_sources(module, data.expression, sources, groups.cells, device)
             for batch, out_rows, set_group in prediction_batches(
@@ -310,7 +307,7 @@ def generation(model, adata, perturbations, cell_type, batch_size, key_added, sa
         if setup.cell_type_key is not None and cell_type is None:
             raise ValueError(
                 f"The AnnData has no column {setup.cell_type_key!r} (`cell_type_key`): pass `cell_type=` naming the "
-                f"control cells' cell type (trained: {list(model.training_cell_types_)[:10]})."
+                f"control cells' cell type (trained: {_format_list(model.training_cell_types_, limit=10)})."
             )
         cell_types = np.full(data.n_obs, cell_type or NO_CELL_TYPE, dtype=object)
         data.cell_types = cell_types
@@ -505,13 +502,9 @@ def screen_shifts(model, builder, data, labels, cell_type, cells, context_index,
     module.eval()
     device = next(module.parameters()).device
     ceiling_t = torch.as_tensor(ceiling, dtype=torch.float32, device=device)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_labels, desc=f"Screening {cell_type}", unit="perturbation")
+    bar = progress_bar(n_labels, f"Screening {cell_type}", "perturbation", progress)
     try:
-        with torch.inference_mode(), flush_denormal():
+        with torch.inference_mode(), flush_denormal(), settings_threads():
             for start in range(0, n_labels, chunk_size):
                 chunk = labels[start : start + chunk_size]
                 sources = np.tile(cells, len(chunk))

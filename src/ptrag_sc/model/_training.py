@@ -21,10 +21,10 @@ import torch
 from scvi import settings as scvi_settings
 
 from .._settings import settings
-from .._utils import flush_denormal, quiet_lightning
+from .._utils import flush_denormal, quiet_lightning, settings_threads
 from ..data import SetDataModule, column_max, memory_from_cells
 from ..data._sets import n_training_sets
-from ..train import KeepBestWeights
+from ..train import KeepBestWeights, TrainingProgress
 from ._guard import training
 from ._validation import check_expression, check_obs_key, finite_float, positive_int
 
@@ -345,7 +345,7 @@ def run_trainer(model, datamodule, *, plan_kwargs, max_epochs, accelerator, devi
 
     training_plan = model._training_plan_cls(model.module, **(plan_kwargs or {}))
     model.module.train()
-    with flush_denormal(), quiet_lightning(settings.verbosity > logging.INFO):
+    with flush_denormal(), settings_threads(), quiet_lightning(settings.verbosity > logging.INFO):
         try:
             runner = model._train_runner_cls(
                 model,
@@ -466,24 +466,28 @@ def _fit(
     else:
         trainer_kwargs["check_val_every_n_epoch"] = 1
     callbacks = list(trainer_kwargs.get("callbacks", []))
+    if trainer_kwargs["enable_progress_bar"] and "simple_progress_bar" not in trainer_kwargs:
+        from lightning.pytorch.callbacks import ProgressBar
+
+        # Instead of scvi-tools' bar, which counts epochs (here: validation intervals) on stdout.
+        trainer_kwargs["simple_progress_bar"] = False
+        if not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(TrainingProgress())
+    if early_stopping:
+        # Lightning's own callback, not scvi-tools' `early_stopping=True`, which prints its reason
+        # for stopping to stdout; Lightning's logs it, shown at `settings.verbosity` INFO. Under
+        # DDP the validation loss is reduced over the ranks, so every rank stops together.
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        callbacks.append(EarlyStopping(monitor="validation_loss", patience=early_stopping_patience, mode="min", min_delta=0.0, verbose=True))
+        early_stopping = False
     distributed = is_data_parallel(trainer_kwargs.get("strategy"))
     log_dir = None
     if distributed:
-        # scvi-tools' Trainer switches early stopping off under DDP. The validation loss here
-        # is reduced over the ranks (the same value on each), so stopping stays consistent:
-        # the callback is added directly. The history travels from rank 0 through a file, in
-        # a temporary folder rather than the working directory.
-        if early_stopping:
-            from scvi.train import LoudEarlyStopping
-
-            callbacks.append(LoudEarlyStopping(monitor="validation_loss", patience=early_stopping_patience, mode="min", min_delta=0.0, warmup_epochs=0))
-            early_stopping = False
+        # The history travels from rank 0 through a file, in a temporary folder rather than the
+        # working directory.
         log_dir = tempfile.mkdtemp(prefix="ptrag_sc_ddp_")
         trainer_kwargs.setdefault("log_save_dir", log_dir)
-    elif early_stopping:
-        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-        trainer_kwargs.setdefault("early_stopping_mode", "min")
     keeper = KeepBestWeights("validation_loss") if keep_best else None
     if keeper is not None:
         callbacks.append(keeper)

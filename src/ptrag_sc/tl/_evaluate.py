@@ -185,9 +185,11 @@ def evaluate(
       or every perturbation with real cells in ``c`` (``"all"``, using all their cells). The
       target gene(s) of ``p`` are left out of the distance, as in cell-eval. cell-eval's
       ``discrimination_score_l1`` equals ``1 - discrimination_l1 * (n - 1) / n`` without ties;
-    - ``split_half_pearson``: the data's own ceiling for ``pearson_delta``: Pearson between the
-      shifts (vs ``mean(C)``) of two disjoint random halves of ``R`` (``floor(n/2)`` cells each,
-      seeded); NaN with fewer than 4 real cells.
+    - ``split_half_pearson``: the Pearson correlation between the mean shifts from control
+      (``mean(C)``) of two disjoint random halves of a perturbation's real cells (``R``,
+      ``floor(n/2)`` cells each, seeded; NaN with fewer than 4): how noisy the observed shift
+      is (1: no noise). It is not a ceiling for ``pearson_delta``, which compares a prediction
+      with the mean of all the real cells, less noisy than either half.
 
     Random draws use ``seed`` and the group's name, so a group's values do not depend on
     which other groups are evaluated (except ``pearson_pert_centred`` and

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ..pp._symbols import _format_list
+
 if TYPE_CHECKING:
     from ..model import PTRAG
 
@@ -361,7 +363,7 @@ def _cell_types(model, data, cell_type) -> list[str]:
             if wanted is None or len(wanted) != 1:
                 raise ValueError(
                     f"The AnnData has no column {setup.cell_type_key!r} (`cell_type_key`): pass one `cell_type=` naming its "
-                    f"control cells' cell type (trained: {list(model.training_cell_types_)[:10]})."
+                    f"control cells' cell type (trained: {_format_list(model.training_cell_types_, limit=10)})."
                 )
             data.cell_types = np.full(data.n_obs, wanted[0], dtype=object)
             return wanted
@@ -372,15 +374,16 @@ def _cell_types(model, data, cell_type) -> list[str]:
     if wanted is None:
         if len(with_controls) != 1:
             raise ValueError(
-                f"The AnnData has control cells of {len(with_controls)} cell types {with_controls[:10]}: pass `cell_type=` "
+                f"The AnnData has control cells of {len(with_controls)} cell types ({_format_list(with_controls, limit=10)}): pass `cell_type=` "
                 "naming the one(s) to screen."
             )
         return with_controls
     absent = [c for c in wanted if c not in with_controls]
     if absent:
+        same_letters = [c for c in with_controls if c.lower() in {a.lower() for a in absent}]
         raise ValueError(
             f"No control cells of cell type(s) {absent} in `adata.obs[{setup.cell_type_key!r}]` (cell types with control cells: "
-            f"{with_controls[:10]})."
+            f"{_format_list(with_controls, limit=10)})." + (f" Cell type names are case-sensitive: did you mean {_format_list(same_letters)}?" if same_letters else "")
         )
     if len(set(wanted)) != len(wanted):
         raise ValueError(f"`cell_type` lists a cell type twice: {wanted}.")

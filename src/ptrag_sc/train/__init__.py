@@ -1,6 +1,6 @@
 """Training plan and callbacks of PT-RAG."""
 
-from ._callbacks import KeepBestWeights
+from ._callbacks import KeepBestWeights, TrainingProgress, training_summary
 from ._trainingplan import NonFiniteLossError, PTRAGTrainingPlan
 
-__all__ = ["KeepBestWeights", "NonFiniteLossError", "PTRAGTrainingPlan"]
+__all__ = ["KeepBestWeights", "NonFiniteLossError", "PTRAGTrainingPlan", "TrainingProgress", "training_summary"]

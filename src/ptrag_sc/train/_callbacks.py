@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sys
+import time
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
+
+from .._utils import is_interactive
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +75,82 @@ class KeepBestWeights(Callback):
         if BEST_STEP_KEY not in metrics:
             return None, None
         return int(metrics[BEST_STEP_KEY]), int(metrics[BEST_EPOCH_KEY])
+
+
+class TrainingProgress(ProgressBar):
+    """Training progress on stderr, counted in optimisation steps.
+
+    On a terminal or in a notebook: a bar over the steps, with the last validation loss. Otherwise
+    (a log file, a pipe, CI): one line when training ends, with the steps run, the time and why
+    it stopped, instead of carriage-return updates.
+
+    Parameters
+    ----------
+    stream
+        Where to write; ``None`` (default) is ``sys.stderr`` at the start of training.
+    """
+
+    def __init__(self, stream=None) -> None:
+        super().__init__()
+        self._stream = stream
+        self._enabled = True
+        self._bar = None
+        self._started = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def is_disabled(self) -> bool:
+        return not self._enabled
+
+    @property
+    def stream(self):
+        return sys.stderr if self._stream is None else self._stream
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+        stream = self.stream
+        if self._enabled and is_interactive(stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=trainer.max_steps, desc="Training", unit="step", file=stream, dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is not None:
+            self._bar.update(trainer.global_step - self._bar.n)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        loss = trainer.callback_metrics.get("validation_loss")
+        if self._bar is not None and loss is not None and not trainer.sanity_checking:
+            self._bar.set_postfix(validation_loss=f"{float(loss):.4g}", refresh=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._close()
+        elif self._enabled:
+            print(f"Training: {training_summary(trainer)}, {time.perf_counter() - self._started:.0f} s", file=self.stream, flush=True)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def training_summary(trainer) -> str:
+    """``"450/1500 steps (stopped early: no better validation_loss in 5 checks)"``."""
+    text = f"{trainer.global_step}/{trainer.max_steps} steps"
+    stopper = trainer.early_stopping_callback
+    if stopper is not None and trainer.global_step < trainer.max_steps and stopper.wait_count >= stopper.patience:
+        text += f" (stopped early: no better {stopper.monitor} in {stopper.patience} checks)"
+    return text
