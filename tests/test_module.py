@@ -195,6 +195,27 @@ def test_mean_shift_is_the_context_plus_the_evidence_whatever_stage_2_keeps():
     assert not torch.allclose(outputs[0]["x0"], outputs[1]["x0"])
 
 
+def test_generated_set_mean_is_the_evidence_after_the_clip():
+    """The decoder's per-cell part has zero set mean, but keeping cells in [0, ceiling] moves the
+    mean (upwards on sparse genes); the generated set's mean is put back on the evidence."""
+    from ptrag_sc.module import PTRAGModule
+
+    torch.manual_seed(0)
+    module = PTRAGModule(8, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="none")
+    for p in module.decoder.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # large per-cell deviations: many clip at 0
+    x_ctrl = torch.rand(3, 32, 8) * (torch.rand(3, 32, 8) > 0.6)  # sparse, like log1p counts
+    control_mean = x_ctrl.mean(1) + 0.05
+    delta = 0.2 * torch.randn(3, 8)
+    module.set_data_constants(torch.full((8,), 10.0), 1.0)
+    inference = module.inference(x_ctrl, torch.randn(3, 4))
+    out = module.generative(x_ctrl, inference["x0"], inference["h_ctrl"], inference["h_pert"], delta=delta, control_mean=control_mean)
+    target = (control_mean + delta).clamp_min(0)
+    reachable = (x_ctrl > 0).sum(1) >= 4  # genes expressed in enough cells to be scaled exactly
+    torch.testing.assert_close(out["mean_shift"][reachable], (target - control_mean)[reachable], rtol=0, atol=1e-4)
+    assert (out["prediction"] >= 0).all()
+
+
 def test_binary_concrete_sample_and_gradient_are_the_straight_through_soft_sample():
     from ptrag_sc.module._retriever import hard_binary_concrete
 

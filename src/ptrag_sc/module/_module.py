@@ -366,6 +366,11 @@ class PTRAGModule(BaseModuleClass):
         else:
             cells = x_ctrl + decoded
         prediction = torch.clamp(F.relu(cells), max=self.gene_ceiling)
+        if delta is not None and control_mean is not None:
+            # Keeping the decoded cells inside [0, ceiling] moves the set's mean off the evidence
+            # (on sparse genes, upwards); the same rule moves it back.
+            scale, offset = shift_scale(prediction, delta.unsqueeze(1), control_mean, self.gene_ceiling)
+            prediction = torch.clamp(F.relu(prediction * scale + offset), max=self.gene_ceiling)
         result = {OUTPUTS.PREDICTION: prediction}
         if control_mean is not None:
             result[OUTPUTS.MEAN_SHIFT] = prediction.mean(dim=1) - control_mean
