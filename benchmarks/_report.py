@@ -89,13 +89,15 @@ NOT_RANKED = frozenset({"split_half_pearson", *DISCRIMINATION_COLUMNS})
 #: Rows of the README table: (evaluator, metric, label).
 README_ROWS: tuple[tuple[str, str, str], ...] = (
     (CELL_EVAL2, CELL_EVAL2_MEAN, "cell-eval2 vcc2026, rescaled mean (0 generic response, 1 replicate)"),
+    (CELL_EVAL2, "pds_cosine", "cell-eval2 discrimination pds, rescaled"),
+    (OURS, "pearson_pert_centred", "perturbation-centred Pearson (ours)"),
     (CELL_EVAL, "pearson_delta", "Pearson of shift (cell-eval)"),
     (CELL_EVAL, "mse", "MSE (cell-eval, lower better)"),
     (CELL_EVAL, "discrimination_score_l1", "discrimination L1 (cell-eval, 1 best)"),
     (OURS, "energy", "energy distance (ours, lower better)"),
 )
 #: Model columns of the README table (names of ``run_benchmark.MODELS``).
-README_MODELS = ("PT-RAG (default)", "STATE+GenePT", "PT-RAG (paper)")
+README_MODELS = ("PT-RAG (default)",)
 #: Datasets, in the order of the tables.
 DATASET_ORDER = (
     "glioblastoma_fewshot",

@@ -12,7 +12,7 @@ Usage::
 What is written
 ---------------
 - ``README.md``, between ``<!-- benchmark-table:start -->`` and ``<!-- benchmark-table:end -->``:
-  one compact table (dataset, metric, PT-RAG default, STATE+GenePT, PT-RAG paper, best baseline;
+  one compact table (dataset, metric, PT-RAG default, best baseline;
   "mean ± sd" over seeds; bold: the best of the shown columns and every value tied with it).
 - ``docs/benchmark.md``, between ``<!-- BENCHMARK-RESULTS-START`` and ``<!-- BENCHMARK-RESULTS-END``:
   the machine and versions, then per dataset the evaluators' tables (cell-eval2's rescaled

@@ -50,7 +50,8 @@ def _devel():
 
 def _thp1():
     adata = ptrag_sc.datasets.papalexi_thp1()
-    adata.obs["split"] = adata.obs[adata.uns["folds"][0]] if "folds" in adata.uns else adata.obs["split"]
+    test = ptrag_sc.datasets.papalexi_thp1_folds()[0]
+    adata.obs["split"] = np.where(adata.obs["gene"].isin(test), "test", "train")
     return adata, "THP-1"
 
 
@@ -84,7 +85,12 @@ def measure(name: str, make, **model_kwargs) -> dict:
     trust = evidence.per_cell_type(np.array([cell_type]), evidence.cell_type_trust, evidence.trust_all)[0]
     builder = model._builder()
     queries = np.array(tests)
-    reliability = memory.evidence(queries, np.full(n_queries, cell_type), builder.encoder.embed(queries), None)["reliability"]
+    annotations = None
+    if builder.annotations is not None and memory.annotation_terms is not None and len(memory.annotation_terms):
+        annotations, _ = builder.annotations.matrix(queries, sep=builder.encoder.sep, vocabulary=memory.annotation_terms)
+    reliability = memory.evidence(
+        queries, np.full(n_queries, cell_type), builder.encoder.embed(queries), annotations
+    )["reliability"]
     return kept, {
         "case": name,
         "n_test_queries": n_queries,
