@@ -1,4 +1,5 @@
-"""Summaries and tables of benchmark results, shared by ``run_benchmark.py`` and ``make_tables.py``.
+"""Summaries and tables of benchmark results, shared by ``run_benchmark.py`` and
+``make_tables.py``.
 
 This module only reads and formats data frames: it never trains a model, and it imports
 neither torch nor cell-eval (``make_tables.py`` must work from the result files alone).
@@ -65,7 +66,16 @@ CONFIDENCE_TARGETS = ("pearson_delta", "pearson_pert_centred")
 
 #: Metrics shown in the per-dataset tables (every metric is kept in the CSV files).
 TABLE_METRICS: dict[str, tuple[str, ...]] = {
-    OURS: ("pearson_delta", "pearson_pert_centred", "energy", "w1", "w2", "mse", "pearson_delta_de", "split_half_pearson"),
+    OURS: (
+        "pearson_delta",
+        "pearson_pert_centred",
+        "energy",
+        "w1",
+        "w2",
+        "mse",
+        "pearson_delta_de",
+        "split_half_pearson",
+    ),
     CELL_EVAL: (
         "pearson_delta",
         "mse",
@@ -88,7 +98,11 @@ HEADLINE: dict[str, tuple[str, ...]] = {
 NOT_RANKED = frozenset({"split_half_pearson", *DISCRIMINATION_COLUMNS})
 #: Rows of the README table: (evaluator, metric, label).
 README_ROWS: tuple[tuple[str, str, str], ...] = (
-    (CELL_EVAL2, CELL_EVAL2_MEAN, "cell-eval2 vcc2026, rescaled mean (0 generic response, 1 replicate)"),
+    (
+        CELL_EVAL2,
+        CELL_EVAL2_MEAN,
+        "cell-eval2 vcc2026, rescaled mean (0 generic response, 1 replicate)",
+    ),
     (CELL_EVAL2, "pds_cosine", "cell-eval2 discrimination pds, rescaled"),
     (OURS, "pearson_pert_centred", "perturbation-centred Pearson (ours)"),
     (CELL_EVAL, "pearson_delta", "Pearson of shift (cell-eval)"),
@@ -129,7 +143,9 @@ SUMMARY_COLUMNS = [
 def metric_columns(results: pd.DataFrame, evaluator: str, ours: Iterable[str]) -> list[str]:
     """Columns of ``results`` holding the metrics of ``evaluator``."""
     if evaluator == CELL_EVAL:
-        return [c for c in results.columns if c.startswith(CELL_EVAL_PREFIX) and c != CELL_EVAL_ERROR]
+        return [
+            c for c in results.columns if c.startswith(CELL_EVAL_PREFIX) and c != CELL_EVAL_ERROR
+        ]
     return [c for c in ours if c in results.columns]
 
 
@@ -158,7 +174,9 @@ def summarize_seeds(
             message = ""
             if evaluator == CELL_EVAL and err.any():
                 first = frame.loc[err, CELL_EVAL_ERROR].astype(str).iloc[0]
-                message = f"{int(err.sum())} of {len(frame)} pairs not scored by cell-eval: {first}"
+                message = (
+                    f"{int(err.sum())} of {len(frame)} pairs not scored by cell-eval: {first}"
+                )
             for col in cols:
                 metric = col[len(CELL_EVAL_PREFIX) :] if evaluator == CELL_EVAL else col
                 per_seed = []
@@ -188,7 +206,9 @@ def summarize_seeds(
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _summary_row(evaluator, method, kind, metric, per_seed, n_units, lower, error="", scored_by="") -> dict:
+def _summary_row(
+    evaluator, method, kind, metric, per_seed, n_units, lower, error="", scored_by=""
+) -> dict:
     n = len(per_seed)
     return {
         "evaluator": evaluator,
@@ -219,7 +239,10 @@ def summarize_cell_eval2(ce2: pd.DataFrame, *, kinds: dict[str, str]) -> pd.Data
     rows = []
     if ce2 is None or ce2.empty:
         return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    text = {c: ce2[c].fillna("").astype(str) if c in ce2.columns else "" for c in ("refusal", "member_refusal", "scored_by")}
+    text = {
+        c: ce2[c].fillna("").astype(str) if c in ce2.columns else ""
+        for c in ("refusal", "member_refusal", "scored_by")
+    }
     ce2 = ce2.assign(**text)
     for method, frame in ce2.groupby("method", sort=False):
         kind = kinds.get(method, frame["kind"].iloc[0] if "kind" in frame else "baseline")
@@ -246,7 +269,10 @@ def summarize_cell_eval2(ce2: pd.DataFrame, *, kinds: dict[str, str]) -> pd.Data
             if metric == CELL_EVAL2_MEAN:
                 variants.append((f"linear:{metric}", "score_linear", False))
             else:
-                variants += [(f"linear:{metric}", "score_linear", False), (f"value:{metric}", "prediction", CELL_EVAL2_MEMBERS[metric][1])]
+                variants += [
+                    (f"linear:{metric}", "score_linear", False),
+                    (f"value:{metric}", "prediction", CELL_EVAL2_MEMBERS[metric][1]),
+                ]
             for name, column, lower in variants:
                 values = pd.to_numeric(sub[column], errors="coerce")
                 missing = int(values.isna().sum())
@@ -254,11 +280,30 @@ def summarize_cell_eval2(ce2: pd.DataFrame, *, kinds: dict[str, str]) -> pd.Data
                 if missing:
                     reasons = pd.concat([member_refusals, refusals])
                     first = reasons.iloc[0] if len(reasons) else "no value"
-                    error = f"{missing} of {len(sub)} (fold, cell type) units without a value: {first}"
+                    error = (
+                        f"{missing} of {len(sub)} (fold, cell type) units without a value: {first}"
+                    )
                 elif len(refusals) and column != "prediction":
-                    error = f"cell-eval2 refused in {len(refusals)} of {len(sub)} units, rescaled {how}: {refusals.iloc[0]}"
-                per_seed = [] if missing else [float(v.mean()) for _, v in values.groupby(sub["seed"])]
-                rows.append(_summary_row(CELL_EVAL2, method, kind, name, per_seed, n_units, lower, error, how if column != "prediction" else ""))
+                    error = (
+                        f"cell-eval2 refused in {len(refusals)} of {len(sub)} units, "
+                        f"rescaled {how}: {refusals.iloc[0]}"
+                    )
+                per_seed = (
+                    [] if missing else [float(v.mean()) for _, v in values.groupby(sub["seed"])]
+                )
+                rows.append(
+                    _summary_row(
+                        CELL_EVAL2,
+                        method,
+                        kind,
+                        name,
+                        per_seed,
+                        n_units,
+                        lower,
+                        error,
+                        how if column != "prediction" else "",
+                    )
+                )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -290,10 +335,22 @@ def summarize_confidence(results: pd.DataFrame, *, kinds: dict[str, str]) -> pd.
         for target in CONFIDENCE_TARGETS:
             if target not in frame.columns:
                 continue
-            per_seed = [spearman(f[CONFIDENCE_COLUMN], f[target]) for _, f in frame.groupby("seed")]
+            per_seed = [
+                spearman(f[CONFIDENCE_COLUMN], f[target]) for _, f in frame.groupby("seed")
+            ]
             per_seed = [v for v in per_seed if math.isfinite(v)]
             n_pairs = int(len(frame) / max(1, frame["seed"].nunique()))
-            rows.append(_summary_row(CONFIDENCE, method, kinds.get(method, "model"), f"spearman_vs_{target}", per_seed, n_pairs, False))
+            rows.append(
+                _summary_row(
+                    CONFIDENCE,
+                    method,
+                    kinds.get(method, "model"),
+                    f"spearman_vs_{target}",
+                    per_seed,
+                    n_pairs,
+                    False,
+                )
+            )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -316,7 +373,9 @@ def pooled_confidence(results_by_dataset: dict[str, pd.DataFrame]) -> pd.DataFra
     rows = []
     for method, frame in pooled.groupby("method", sort=False):
         for target in CONFIDENCE_TARGETS:
-            per_seed = [spearman(f[CONFIDENCE_COLUMN], f[target]) for _, f in frame.groupby("seed")]
+            per_seed = [
+                spearman(f[CONFIDENCE_COLUMN], f[target]) for _, f in frame.groupby("seed")
+            ]
             per_seed = [v for v in per_seed if math.isfinite(v)]
             rows.append(
                 {
@@ -366,7 +425,9 @@ def _bool(value) -> bool | None:
     return bool(value)
 
 
-def ranking(summary: pd.DataFrame, evaluator: str, metric: str, methods: Sequence[str] | None = None) -> dict:
+def ranking(
+    summary: pd.DataFrame, evaluator: str, metric: str, methods: Sequence[str] | None = None
+) -> dict:
     """Best method of one metric and the methods tied with it.
 
     Returns ``{"order": [(method, mean, sd), ...] best first, "best": name or None,
@@ -383,7 +444,10 @@ def ranking(summary: pd.DataFrame, evaluator: str, metric: str, methods: Sequenc
     if lower is None:
         return out
     sub = sub.sort_values("mean", ascending=lower, kind="stable")
-    order = [(r.method, float(r.mean), float(r.sd) if _finite(r.sd) else np.nan) for r in sub.itertuples()]
+    order = [
+        (r.method, float(r.mean), float(r.sd) if _finite(r.sd) else np.nan)
+        for r in sub.itertuples()
+    ]
     best, bmean, bsd = order[0]
     noise = all(_finite(sd) for _, _, sd in order)
     tied = [best]
@@ -393,7 +457,9 @@ def ranking(summary: pd.DataFrame, evaluator: str, metric: str, methods: Sequenc
     return {"order": order, "best": best, "tied": tied, "noise": noise, "lower": lower}
 
 
-def verdict(summary: pd.DataFrame, evaluator: str, metric: str, *, reference: str = "PT-RAG (default)") -> str:
+def verdict(
+    summary: pd.DataFrame, evaluator: str, metric: str, *, reference: str = "PT-RAG (default)"
+) -> str:
     """One sentence: who wins ``metric`` and whether the win is outside the noise."""
     r = ranking(summary, evaluator, metric)
     if r["best"] is None:
@@ -408,15 +474,21 @@ def verdict(summary: pd.DataFrame, evaluator: str, metric: str, *, reference: st
         return text + f"only {best} has a value ({fmt(*means[best], digits)})."
     second = order[1][0]
     if len(r["tied"]) > 1 and all(means[m][0] == means[best][0] for m in r["tied"]):
-        text += f"**tie**: {', '.join(r['tied'])} have the same value ({fmt(*means[best], digits)})."
+        text += (
+            f"**tie**: {', '.join(r['tied'])} have the same value ({fmt(*means[best], digits)})."
+        )
     elif not r["noise"]:
         text += (
             f"best mean {best} ({fmt(*means[best], digits)}), next {second} "
-            f"({fmt(*means[second], digits)}); the noise is not measured (one seed), so this is not a result."
+            f"({fmt(*means[second], digits)}); the noise is not measured (one seed), so this is "
+            "not a result."
         )
     elif len(r["tied"]) > 1:
         others = ", ".join(f"{m} ({fmt(*means[m], digits)})" for m in r["tied"][1:])
-        text += f"**tie**: {best} has the best mean ({fmt(*means[best], digits)}) but {others} lie within the larger sd."
+        text += (
+            f"**tie**: {best} has the best mean ({fmt(*means[best], digits)}) but {others} "
+            "lie within the larger sd."
+        )
     else:
         diff = abs(means[best][0] - means[second][0])
         noise = max(means[best][1], means[second][1])
@@ -426,7 +498,12 @@ def verdict(summary: pd.DataFrame, evaluator: str, metric: str, *, reference: st
         )
     baselines = summary[(summary["kind"] == "baseline")]["method"].unique().tolist()
     rb = ranking(summary, evaluator, metric, baselines)
-    if reference in means and rb["best"] is not None and best != reference and rb["best"] != reference:
+    if (
+        reference in means
+        and rb["best"] is not None
+        and best != reference
+        and rb["best"] != reference
+    ):
         b = rb["best"]
         ref_mean, ref_sd = means[reference]
         b_mean, b_sd = means[b]
@@ -435,7 +512,10 @@ def verdict(summary: pd.DataFrame, evaluator: str, metric: str, *, reference: st
             rel = "ties with"
         else:
             rel = "is ahead of" if better else "is behind"
-        text += f" {reference} ({fmt(ref_mean, ref_sd, digits)}) {rel} the best baseline, {b} ({fmt(b_mean, b_sd, digits)})."
+        text += (
+            f" {reference} ({fmt(ref_mean, ref_sd, digits)}) {rel} the best baseline, "
+            f"{b} ({fmt(b_mean, b_sd, digits)})."
+        )
     return text
 
 
@@ -465,7 +545,9 @@ def _by_hand(row) -> bool:
     return "by hand" in str(getattr(row, "scored_by", "") or "")
 
 
-def evaluator_table(summary: pd.DataFrame, evaluator: str, metrics: Sequence[str] | None = None) -> list[str]:
+def evaluator_table(
+    summary: pd.DataFrame, evaluator: str, metrics: Sequence[str] | None = None
+) -> list[str]:
     """Markdown rows: methods x metrics, ``mean ± sd``, the best and its ties in bold.
 
     cell-eval2 values rescaled by hand (cell-eval2 refused a comparator) carry a dagger.
@@ -478,7 +560,10 @@ def evaluator_table(summary: pd.DataFrame, evaluator: str, metrics: Sequence[str
     cell = {(r.method, r.metric): r for r in sub.itertuples()}
     bold = {m: set(ranking(summary, evaluator, m)["tied"]) for m in metrics}
     digits = {m: _digits(sub.loc[sub["metric"] == m, "mean"]) for m in metrics}
-    lines = ["| method | " + " | ".join(_header(evaluator, m) for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines = [
+        "| method | " + " | ".join(_header(evaluator, m) for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
     for method in method_order(summary):
         values = []
         for metric in metrics:
@@ -505,13 +590,21 @@ def discrimination_table(summary: pd.DataFrame) -> list[str]:
         (OURS, "cosine_to_others_real", "same, measured shifts"),
         (CELL_EVAL2, "value:pds_cosine", "pds_cosine (raw)"),
         (CELL_EVAL2, "pds_cosine", "pds_cosine (rescaled)"),
-        *((CONFIDENCE, f"spearman_vs_{t}", f"Spearman(confidence, {t})") for t in CONFIDENCE_TARGETS),
+        *(
+            (CONFIDENCE, f"spearman_vs_{t}", f"Spearman(confidence, {t})")
+            for t in CONFIDENCE_TARGETS
+        ),
     ]
     cell = {(r.evaluator, r.method, r.metric): r for r in summary.itertuples()}
-    present = [c for c in columns if any((c[0], m, c[1]) in cell for m in summary["method"].unique())]
+    present = [
+        c for c in columns if any((c[0], m, c[1]) in cell for m in summary["method"].unique())
+    ]
     if not present or not any(c[0] == OURS for c in present):
         return []
-    lines = ["| method | " + " | ".join(label for _, _, label in present) + " |", "|---|" + "---|" * len(present)]
+    lines = [
+        "| method | " + " | ".join(label for _, _, label in present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
     for method in method_order(summary):
         values = []
         for evaluator, metric, _ in present:
@@ -529,10 +622,17 @@ def steps_phrase(settings: dict) -> str:
     steps = settings.get("max_steps_override")
     if steps:
         return f"**SMOKE TEST: `--max-steps {steps}` override, not the defaults a user gets**"
-    return "models trained with `model.train(split_key=\"split\")` defaults (no `max_steps`)"
+    return 'models trained with `model.train(split_key="split")` defaults (no `max_steps`)'
 
 
-def dataset_markdown(name: str, summary: pd.DataFrame, settings: dict, timings: pd.DataFrame | None, *, level: str = "###") -> str:
+def dataset_markdown(
+    name: str,
+    summary: pd.DataFrame,
+    settings: dict,
+    timings: pd.DataFrame | None,
+    *,
+    level: str = "###",
+) -> str:
     """The per-dataset block of ``summary.md`` and ``docs/benchmark.md``."""
     seeds = settings.get("seeds", [])
     n_pairs = int(summary["n_pairs"].max()) if not summary.empty else 0
@@ -542,9 +642,11 @@ def dataset_markdown(name: str, summary: pd.DataFrame, settings: dict, timings: 
     lines = [
         f"{level} {title}",
         "",
-        f"`--dataset {name}`: {len(seeds)} seed(s) {seeds}, {len(settings.get('folds', []))} fold(s), "
+        f"`--dataset {name}`: {len(seeds)} seed(s) {seeds}, {len(settings.get('folds', []))} "
+        "fold(s), "
         f"{n_pairs} (cell type, perturbation) pairs per seed; {steps_phrase(settings)}. "
-        "Each value is the mean ± sd over seeds of the per-seed mean over pairs; bold marks the best "
+        "Each value is the mean ± sd over seeds of the per-seed mean over pairs; bold marks the "
+        "best "
         "mean and every value tied with it (difference smaller than the larger sd).",
         "",
     ]
@@ -553,18 +655,28 @@ def dataset_markdown(name: str, summary: pd.DataFrame, settings: dict, timings: 
     if timings is not None and not timings.empty and "steps_run" in timings.columns:
         t = timings[timings["kind"] == "model"] if "kind" in timings.columns else timings
         if not t.empty:
-            agg = t.groupby("method", sort=False).agg(seconds=("train_seconds", "mean"), steps=("steps_run", "mean"))
+            agg = t.groupby("method", sort=False).agg(
+                seconds=("train_seconds", "mean"), steps=("steps_run", "mean")
+            )
             parts = [f"{m} {r.seconds:.0f} s / {r.steps:.0f} steps" for m, r in agg.iterrows()]
             lines += ["Training (mean per fold): " + "; ".join(parts) + ".", ""]
     ce2_label = (
-        "cell-eval2 {version} (the six `vcc2026` members, log1p input, pdex Wilcoxon DE on CPU; each "
-        "rescaled to (u - b) / (r - b) with cell-eval2's policy: 0 = its generic mean response, 1 = its "
-        "split-half replicate; `mean` averages the rescaled members; per (fold, cell type) unit, then "
+        "cell-eval2 {version} (the six `vcc2026` members, log1p input, pdex Wilcoxon DE on CPU; "
+        "each "
+        "rescaled to (u - b) / (r - b) with cell-eval2's policy: 0 = its generic mean response, 1 "
+        "= its "
+        "split-half replicate; `mean` averages the rescaled members; per (fold, cell type) unit, "
+        "then "
         "over units; † rescaled by hand where cell-eval2 refused a comparator, see below)"
     )
     evaluators = (
-        (CELL_EVAL2, ce2_label.replace("{version}", str(settings.get("versions", {}).get("cell_eval2") or ""))),
-        (CELL_EVAL, "cell-eval 0.8 (`MetricsEvaluator`, profile \"full\")"),
+        (
+            CELL_EVAL2,
+            ce2_label.replace(
+                "{version}", str(settings.get("versions", {}).get("cell_eval2") or "")
+            ),
+        ),
+        (CELL_EVAL, 'cell-eval 0.8 (`MetricsEvaluator`, profile "full")'),
         (OURS, "`ptrag_sc.tl.evaluate`"),
     )
     for evaluator, label in evaluators:
@@ -582,16 +694,21 @@ def dataset_markdown(name: str, summary: pd.DataFrame, settings: dict, timings: 
     rows = discrimination_table(summary)
     if rows:
         lines += [
-            "Discrimination and confidence: the mean pairwise cosine between the mean shifts of a cell "
-            "type's held-out perturbations, predicted next to measured (near 1: every perturbation gets "
-            "the same shift), cell-eval2's pds, and the Spearman correlation over held-out pairs between "
-            "a model's confidence (`obs[\"ptrag_confidence\"]`) and its per-pair accuracy (n/a: no "
+            "Discrimination and confidence: the mean pairwise cosine between the mean shifts of a "
+            "cell "
+            "type's held-out perturbations, predicted next to measured (near 1: every "
+            "perturbation gets "
+            "the same shift), cell-eval2's pds, and the Spearman correlation over held-out pairs "
+            "between "
+            'a model\'s confidence (`obs["ptrag_confidence"]`) and its per-pair accuracy (n/a: no '
             "confidence):",
             "",
             *rows,
             "",
         ]
-    errors = summary[(summary["evaluator"] == CELL_EVAL) & (summary["error"].fillna("").astype(str) != "")]
+    errors = summary[
+        (summary["evaluator"] == CELL_EVAL) & (summary["error"].fillna("").astype(str) != "")
+    ]
     for method, message in errors.groupby("method", sort=False)["error"].first().items():
         lines += [f"- cell-eval **refused** {method}: {message}", ""]
     return "\n".join(lines)
@@ -600,7 +717,9 @@ def dataset_markdown(name: str, summary: pd.DataFrame, settings: dict, timings: 
 def cell_eval2_refusals(summary: pd.DataFrame) -> list[str]:
     """Markdown bullets: each distinct cell-eval2 refusal once (they are properties of the
     data, shared by every method), with the metrics it affects."""
-    sub = summary[(summary["evaluator"] == CELL_EVAL2) & (summary["error"].fillna("").astype(str) != "")]
+    sub = summary[
+        (summary["evaluator"] == CELL_EVAL2) & (summary["error"].fillna("").astype(str) != "")
+    ]
     sub = sub[~sub["metric"].str.contains(":")]
     if sub.empty:
         return []
@@ -652,7 +771,11 @@ def readme_table(blocks: Sequence[tuple[str, pd.DataFrame, dict]]) -> str:
                     return "n/a"
                 refused = _refused(evaluator, r)
                 if refused:
-                    return f"{refused} by {evaluator}" if evaluator == CELL_EVAL else f"{refused} ({evaluator} refused)"
+                    return (
+                        f"{refused} by {evaluator}"
+                        if evaluator == CELL_EVAL
+                        else f"{refused} ({evaluator} refused)"
+                    )
                 text = fmt(r.mean, r.sd, digits)
                 text = f"**{text}**" if method in tied else text
                 return f"{prefix}{text}" + (" †" if _by_hand(r) else "")
@@ -667,11 +790,20 @@ def readme_table(blocks: Sequence[tuple[str, pd.DataFrame, dict]]) -> str:
         + ("/".join(str(s) for s in sorted(seeds)) if seeds else "0")
         + " seeds of the per-seed mean over held-out (cell type, perturbation) pairs"
         + (" (cell-eval2: over (fold, cell type) units)" if with_cell_eval2 else "")
-        + "; bold: the best of the shown columns and every value within the larger sd of it (a tie)"
-        + ("; †: rescaled by hand where cell-eval2 refused a comparator (docs/benchmark.md quotes the refusals)." if with_cell_eval2 else ".")
+        + "; bold: the best of the shown columns and every value within the larger sd of it "
+        "(a tie)"
+        + (
+            "; †: rescaled by hand where cell-eval2 refused a comparator (docs/benchmark.md "
+            "quotes the refusals)."
+            if with_cell_eval2
+            else "."
+        )
     )
     if smoke:
-        caption += f" **SMOKE TEST (`--max-steps` override) for {', '.join(smoke)}: not the defaults a user gets.**"
+        caption += (
+            f" **SMOKE TEST (`--max-steps` override) for {', '.join(smoke)}: not the defaults "
+            "a user gets.**"
+        )
     return "\n".join([caption, "", *lines])
 
 

@@ -1,6 +1,7 @@
 """A minimal network of STATE's shape, for side-by-side speed measurements.
 
-Follows the State Transition model of Adduri et al. (arc-state, ``StateTransitionPerturbationModel``):
+Follows the State Transition model of Adduri et al. (arc-state,
+``StateTransitionPerturbationModel``):
 MLP basal and perturbation encoders applied to every cell (the perturbation embedding is repeated
 per cell), a bidirectional transformer over the cells of a set without positions, a residual in
 latent space, an MLP decoder to genes with a ReLU, and geomloss' energy distance per set. Only the
@@ -40,7 +41,13 @@ class StateReference(nn.Module):
         self.basal_encoder = build_mlp(n_genes, n_hidden, n_hidden, n_encoder_layers)
         self.pert_encoder = build_mlp(pert_dim, n_hidden, n_hidden, n_encoder_layers)
         layer = nn.TransformerEncoderLayer(
-            n_hidden, n_heads, 4 * n_hidden, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            n_hidden,
+            n_heads,
+            4 * n_hidden,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.project_out = build_mlp(n_hidden, n_genes, n_hidden, n_decoder_layers)

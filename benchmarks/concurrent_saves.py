@@ -44,15 +44,26 @@ def _models():
     torch.set_num_threads(1)
     ptrag_sc.settings.progress_bar = False
     data = ptrag_sc.datasets.synthetic(
-        n_cell_types=2, n_perturbations=4, n_genes=40, n_cells_per_perturbation=12, n_control_cells=24, seed=0
+        n_cell_types=2,
+        n_perturbations=4,
+        n_genes=40,
+        n_cells_per_perturbation=12,
+        n_control_cells=24,
+        seed=0,
     )
     PTRAG.setup_anndata(data)
     models = []
     for seed in (0, 1):
         scvi.settings.seed = seed
         model = PTRAG(
-            data, perturbation_embeddings=data.uns["gene_embeddings"], n_hidden=32, n_layers=1, n_heads=2,
-            cell_set_size=8, n_candidates=4, gene_annotations=None,
+            data,
+            perturbation_embeddings=data.uns["gene_embeddings"],
+            n_hidden=32,
+            n_layers=1,
+            n_heads=2,
+            cell_set_size=8,
+            n_candidates=4,
+            gene_annotations=None,
         )
         model.train(max_steps=2)
         models.append(model)
@@ -95,12 +106,17 @@ def run(rounds: int, n_writers: int) -> dict:
     warnings.simplefilter("ignore")
     models = _models()
     references = [_weights_of(m) for m in models]
-    context = multiprocessing.get_context("fork")  # the writers inherit the models: no import per process
+    context = multiprocessing.get_context(
+        "fork"
+    )  # the writers inherit the models: no import per process
     tmp = Path(tempfile.mkdtemp(prefix="ptrag_concurrent_"))
     folder = str(tmp / "model")
     barrier = context.Barrier(n_writers + 1)
     errors, counts, stop = context.Queue(), context.Queue(), context.Event()
-    writers = [context.Process(target=_writer, args=(models[i % 2], folder, rounds, barrier, errors)) for i in range(n_writers)]
+    writers = [
+        context.Process(target=_writer, args=(models[i % 2], folder, rounds, barrier, errors))
+        for i in range(n_writers)
+    ]
     reader = context.Process(target=_reader, args=(folder, stop, counts))
     for process in [*writers, reader]:
         process.start()
@@ -145,10 +161,14 @@ def render(table: pd.DataFrame, output: Path) -> str:
     lines = [
         "# Concurrent saves",
         "",
-        "Each round, `writers` processes call `model.save(folder, overwrite=True)` at the same moment (a "
-        "barrier); the folder is then loaded. *Unloadable*: it does not load, or holds weights of neither "
-        "model. A reader process loads the folder in a loop meanwhile (its failed loads met a folder being "
-        "replaced; they leave nothing broken). `before`: ptrag_sc at the start of issue 19; `after`: with "
+        "Each round, `writers` processes call `model.save(folder, overwrite=True)` at the same "
+        "moment (a "
+        "barrier); the folder is then loaded. *Unloadable*: it does not load, or holds weights of "
+        "neither "
+        "model. A reader process loads the folder in a loop meanwhile (its failed loads met a "
+        "folder being "
+        "replaced; they leave nothing broken). `before`: ptrag_sc at the start of issue 19; "
+        "`after`: with "
         "atomic saves. Written by `benchmarks/concurrent_saves.py`.",
         "",
         table.drop(columns=["ptrag_sc"]).fillna("").to_markdown(index=False),
@@ -170,11 +190,16 @@ def main(argv=None) -> None:
 
     result = {"label": args.label, **run(args.rounds, args.writers)}
     result["ptrag_sc"] = str(Path(ptrag_sc.__file__).parent)
-    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+    result["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+    )
     args.output.mkdir(parents=True, exist_ok=True)
     table_path = args.output / "concurrent_saves.csv"
     table = pd.read_csv(table_path) if table_path.exists() else pd.DataFrame()
-    table = pd.concat([table[table.get("label", pd.Series(dtype=str)) != args.label], pd.DataFrame([result])], ignore_index=True)
+    table = pd.concat(
+        [table[table.get("label", pd.Series(dtype=str)) != args.label], pd.DataFrame([result])],
+        ignore_index=True,
+    )
     table.to_csv(table_path, index=False)
     print(render(table, args.output))
     sys.exit(0 if result["unloadable_rounds"] == 0 else 1)

@@ -2,9 +2,13 @@
 
 Usage::
 
-    python benchmarks/ddp_gpu.py                                      # every GPU: accelerator="gpu", devices=-1, strategy="ddp"
-    python benchmarks/ddp_gpu.py --devices 1                          # one GPU, for the scaling ratio
-    python benchmarks/ddp_gpu.py --accelerator cpu --devices 2 --cells-per-perturbation 64 --steps 30   # CPU smoke check (gloo)
+    # every GPU: accelerator="gpu", devices=-1, strategy="ddp"
+    python benchmarks/ddp_gpu.py
+    # one GPU, for the scaling ratio
+    python benchmarks/ddp_gpu.py --devices 1
+    # CPU smoke check (gloo)
+    python benchmarks/ddp_gpu.py --accelerator cpu --devices 2 \\
+        --cells-per-perturbation 64 --steps 30
 
 Trains the default PT-RAG model on synthetic Perturb-seq data (4 cell types x 200 perturbations x
 128 cells x 2,000 genes by default, 1,536-d gene embeddings) with
@@ -73,7 +77,9 @@ def main() -> None:
     parser.add_argument("--perturbations", type=int, default=200)
     parser.add_argument("--cells-per-perturbation", type=int, default=128)
     parser.add_argument("--genes", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (CPU runs)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per process (CPU runs)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ddp_gpu")
     args = parser.parse_args()
     if args.threads is not None:
@@ -96,7 +102,9 @@ def main() -> None:
     )
     ptrag_sc.PTRAG.setup_anndata(adata)
     # The synthetic genes are not human symbols: no GO annotations (the step is the same).
-    model = ptrag_sc.PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], gene_annotations=None)
+    model = ptrag_sc.PTRAG(
+        adata, perturbation_embeddings=adata.uns["gene_embeddings"], gene_annotations=None
+    )
     clock = _clock()
     start = time.perf_counter()
     model.train(
@@ -115,7 +123,9 @@ def main() -> None:
         return
     stamps = np.asarray(clock.stamps)
     if stamps.size <= args.warmup + 1:
-        raise SystemExit(f"Only {stamps.size} steps were timed; ask for more than --warmup={args.warmup} steps.")
+        raise SystemExit(
+            f"Only {stamps.size} steps were timed; ask for more than --warmup={args.warmup} steps."
+        )
     steady = stamps[args.warmup :]
     step_s = float((steady[-1] - steady[0]) / (len(steady) - 1))
     cells_per_step = args.batch_size * model.cell_set_size
@@ -136,21 +146,27 @@ def main() -> None:
         "cells_per_s_per_device": cells_per_step / step_s,
         "cells_per_s_total": world * cells_per_step / step_s,
         "train_seconds_incl_setup": total,
-        "peak_device_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and args.accelerator != "cpu" else None,
+        "peak_device_memory_gib": torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available() and args.accelerator != "cpu"
+        else None,
         "load_average": os.getloadavg(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"ddp_{args.accelerator}_{world}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"### Data-parallel `PTRAG.train` throughput ({result['device']}, torch {torch.__version__})",
+        f"### Data-parallel `PTRAG.train` throughput ({result['device']}, torch "
+        f"{torch.__version__})",
         "",
-        f"{world} device(s), strategy {result['strategy']}, {args.batch_size} sets x {model.cell_set_size} cells per step and "
-        f"device, {adata.n_vars} genes, default PT-RAG; steady state after {args.warmup} of {result['steps']} steps.",
+        f"{world} device(s), strategy {result['strategy']}, {args.batch_size} sets x "
+        f"{model.cell_set_size} cells per step and "
+        f"device, {adata.n_vars} genes, default PT-RAG; steady state after {args.warmup} of "
+        f"{result['steps']} steps.",
         "",
         "| devices | step (ms) | cells/s per device | cells/s total |",
         "|--:|--:|--:|--:|",
-        f"| {world} | {result['step_ms']:.1f} | {result['cells_per_s_per_device']:.0f} | {result['cells_per_s_total']:.0f} |",
+        f"| {world} | {result['step_ms']:.1f} | {result['cells_per_s_per_device']:.0f} | "
+        f"{result['cells_per_s_total']:.0f} |",
         "",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines))

@@ -3,13 +3,14 @@
 Usage::
 
     python benchmarks/fault_battery.py                      # all cases (about 2 minutes on 1 core)
-    python benchmarks/fault_battery.py --only predict       # cases whose id or API contains "predict"
+    python benchmarks/fault_battery.py --only predict       # cases whose id or API has "predict"
     python benchmarks/fault_battery.py --output DIR --label before
 
 About 320 cases, as a careless or unlucky user would try them, against ``setup_anndata``,
 ``PTRAG(...)``, ``train``, ``predict``, ``get_retrieval``, ``save`` / ``load``,
 ``add_perturbation_embeddings``, ``setup_mudata``, ``tl`` / ``pl`` (plus a reproducibility
-check in a new process, and concurrent saves and predictions). Every case names what a correct outcome is; the runner classifies what happened:
+check in a new process, and concurrent saves and predictions). Every case names what a correct
+outcome is; the runner classifies what happened:
 
 ``clear_error``
     An exception of type ``ValueError``, ``KeyError``, ``TypeError``, ``RuntimeError`` or a
@@ -73,9 +74,34 @@ import scipy.sparse as sp
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "results" / "faults"
-OUTCOMES = ("clear_error", "correct", "obscure_error", "silent_wrong", "overwrite", "data_loss", "outside_write", "code_executed")
-CLEAR_TYPES = (ValueError, KeyError, TypeError, RuntimeError, FileNotFoundError, NotADirectoryError, FileExistsError, OSError)
-TINY = {"n_hidden": 16, "n_layers": 1, "n_heads": 2, "cell_set_size": 8, "n_candidates": 4, "gene_annotations": None}
+OUTCOMES = (
+    "clear_error",
+    "correct",
+    "obscure_error",
+    "silent_wrong",
+    "overwrite",
+    "data_loss",
+    "outside_write",
+    "code_executed",
+)
+CLEAR_TYPES = (
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    FileExistsError,
+    OSError,
+)
+TINY = {
+    "n_hidden": 16,
+    "n_layers": 1,
+    "n_heads": 2,
+    "cell_set_size": 8,
+    "n_candidates": 4,
+    "gene_annotations": None,
+}
 STEPS = 12
 
 
@@ -144,7 +170,9 @@ def files_digest(paths) -> dict[str, str]:
     for path in map(Path, paths):
         entries = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for entry in entries:
-            out[str(entry)] = hashlib.sha1(entry.read_bytes()).hexdigest() if entry.exists() else "absent"
+            out[str(entry)] = (
+                hashlib.sha1(entry.read_bytes()).hexdigest() if entry.exists() else "absent"
+            )
     return out
 
 
@@ -152,10 +180,18 @@ def _digest(values) -> str:
     h = hashlib.sha1()
     if sp.issparse(values):
         values = values.toarray()
-    elif hasattr(values, "shape") and not isinstance(values, np.ndarray | pd.DataFrame | pd.Series):
+    elif hasattr(values, "shape") and not isinstance(
+        values, np.ndarray | pd.DataFrame | pd.Series
+    ):
         values = np.asarray(values[...]) if hasattr(values, "__getitem__") else np.asarray(values)
     if isinstance(values, pd.DataFrame | pd.Series | pd.Index):
-        h.update(pd.util.hash_pandas_object(values.astype(str) if isinstance(values, pd.Index) else values, index=True).to_numpy().tobytes())
+        h.update(
+            pd.util.hash_pandas_object(
+                values.astype(str) if isinstance(values, pd.Index) else values, index=True
+            )
+            .to_numpy()
+            .tobytes()
+        )
         return h.hexdigest()
     array = np.asarray(values)
     if array.dtype == object:
@@ -194,14 +230,24 @@ def fingerprint(obj) -> dict:
             out.update({f"{name}/{k}": v for k, v in fingerprint(mod).items()})
         return out
     if isinstance(obj, pd.DataFrame):
-        return {"frame": _digest(obj), "index": _digest(obj.index), "columns": _digest(obj.columns)}
+        return {
+            "frame": _digest(obj),
+            "index": _digest(obj.index),
+            "columns": _digest(obj.columns),
+        }
     return {"value": _digest(obj)}
 
 
 def changes(before: dict, after: dict, allow_layers: tuple[str, ...]) -> list[str]:
     # A layer's prediction comes with its confidence column (documented beside the layer).
-    allowed = tuple(f"layers/{k}" for k in allow_layers) + tuple(f"obs/{k}_confidence" for k in allow_layers)
-    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k) and not (allowed and k.endswith(allowed)))
+    allowed = tuple(f"layers/{k}" for k in allow_layers) + tuple(
+        f"obs/{k}_confidence" for k in allow_layers
+    )
+    return sorted(
+        k
+        for k in set(before) | set(after)
+        if before.get(k) != after.get(k) and not (allowed and k.endswith(allowed))
+    )
 
 
 def _raised_in(exc: BaseException) -> str:
@@ -210,7 +256,10 @@ def _raised_in(exc: BaseException) -> str:
 
 
 def _is_ours(path: str) -> bool:
-    return "ptrag_sc" in path.replace("\\", "/").split("/site-packages/")[-1] or Path(path).resolve() == Path(__file__).resolve()
+    return (
+        "ptrag_sc" in path.replace("\\", "/").split("/site-packages/")[-1]
+        or Path(path).resolve() == Path(__file__).resolve()
+    )
 
 
 @dataclass
@@ -270,7 +319,15 @@ class Env:
         PTRAG.setup_anndata(adata, **(setup or {}))
         return PTRAG(adata, perturbation_embeddings=self.emb(adata), **{**TINY, **kwargs})
 
-    def fit(self, adata=None, *, setup: dict | None = None, steps: int = STEPS, train: dict | None = None, **kwargs):
+    def fit(
+        self,
+        adata=None,
+        *,
+        setup: dict | None = None,
+        steps: int = STEPS,
+        train: dict | None = None,
+        **kwargs,
+    ):
         import scvi
 
         adata = self.data() if adata is None else adata
@@ -307,7 +364,9 @@ class Env:
         import torch
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model_state_dict": _Bomb(str(self.marker)), "attr_dict": {"registry_": {}}}, path)
+        torch.save(
+            {"model_state_dict": _Bomb(str(self.marker)), "attr_dict": {"registry_": {}}}, path
+        )
 
 
 class _Bomb:
@@ -328,7 +387,16 @@ def run_case(env: Env, item: Case) -> Record:
     try:
         trial = item.build(env)
     except Exception as exc:  # the case itself could not be prepared: a harness fault
-        return Record(item.id, item.api, item.description, item.from_issue, item.group, "harness_error", f"{type(exc).__name__}: {exc}", 0.0)
+        return Record(
+            item.id,
+            item.api,
+            item.description,
+            item.from_issue,
+            item.group,
+            "harness_error",
+            f"{type(exc).__name__}: {exc}",
+            0.0,
+        )
     before = [fingerprint(obj) for obj in trial.watch]
     kept_before, outside_before = files_digest(trial.keep), files_digest(trial.outside)
     result, error = None, None
@@ -344,7 +412,11 @@ def run_case(env: Env, item: Case) -> Record:
                 signal.signal(signal.SIGINT, previous_sigint)
                 detail = "SIGINT handler left changed; "
     after = [fingerprint(obj) for obj in trial.watch]
-    changed = [c for b, a in zip(before, after, strict=True) for c in changes(b, a, trial.allow_layers if error is None else ())]
+    changed = [
+        c
+        for b, a in zip(before, after, strict=True)
+        for c in changes(b, a, trial.allow_layers if error is None else ())
+    ]
     post = (True, "")
     if trial.after is not None:
         try:
@@ -356,7 +428,10 @@ def run_case(env: Env, item: Case) -> Record:
     if env.marker.exists():
         outcome, detail = "code_executed", detail + "the planted pickle ran"
     elif written_outside:
-        outcome, detail = "outside_write", detail + f"changed outside the folder: {written_outside[:3]}"
+        outcome, detail = (
+            "outside_write",
+            detail + f"changed outside the folder: {written_outside[:3]}",
+        )
     elif lost:
         outcome, detail = "data_loss", detail + f"changed or removed: {lost[:3]}"
     elif changed:
@@ -379,7 +454,9 @@ def run_case(env: Env, item: Case) -> Record:
             why.append(f"type {etype}")
         if not post[0]:
             why.append(post[1])
-        detail += f"{etype}: {_one_line(message)}" + (f" [{'; '.join(why)}]" if outcome != "clear_error" else "")
+        detail += f"{etype}: {_one_line(message)}" + (
+            f" [{'; '.join(why)}]" if outcome != "clear_error" else ""
+        )
     elif trial.check is None:
         outcome, detail = "silent_wrong", detail + "accepted without an error"
         if not post[0]:
@@ -396,7 +473,18 @@ def run_case(env: Env, item: Case) -> Record:
         if ok and not post[0]:
             ok, why = False, post[1]
         outcome, detail = ("correct" if ok else "silent_wrong"), detail + ("" if ok else why)
-    return Record(item.id, item.api, item.description, item.from_issue, item.group, outcome, detail, time.perf_counter() - start, etype, _short(where))
+    return Record(
+        item.id,
+        item.api,
+        item.description,
+        item.from_issue,
+        item.group,
+        outcome,
+        detail,
+        time.perf_counter() - start,
+        etype,
+        _short(where),
+    )
 
 
 def _short(path: str) -> str:
@@ -414,8 +502,11 @@ def ok() -> Callable[[Any], tuple[bool, str]]:
     return lambda _: (True, "")
 
 
-def prediction_ok(adata, *, reference=None, columns=None, atol=1e-5, ceiling_from=None) -> Callable:
-    """Finite, non-negative, within each gene's range in ``ceiling_from`` (default ``adata``), equal to a reference."""
+def prediction_ok(
+    adata, *, reference=None, columns=None, atol=1e-5, ceiling_from=None
+) -> Callable:
+    """Finite, non-negative, within each gene's range in ``ceiling_from`` (default ``adata``),
+    equal to a reference."""
 
     def check(pred):
         pred = np.asarray(pred)
@@ -434,7 +525,10 @@ def prediction_ok(adata, *, reference=None, columns=None, atol=1e-5, ceiling_fro
         if reference is not None:
             ref = reference if columns is None else reference[:, columns]
             if not np.allclose(pred, ref, atol=atol):
-                return False, f"differs from the reference (max |diff| {np.abs(pred - ref).max():.3g})"
+                return (
+                    False,
+                    f"differs from the reference (max |diff| {np.abs(pred - ref).max():.3g})",
+                )
         return True, ""
 
     return check
@@ -449,7 +543,14 @@ def layer_ok(adata, key: str, **kwargs) -> Callable:
     return check
 
 
-def generated_ok(n_expected: int, *, labels: list[str] | None = None, cell_type: str | None = None, ceiling=None, reference=None) -> Callable:
+def generated_ok(
+    n_expected: int,
+    *,
+    labels: list[str] | None = None,
+    cell_type: str | None = None,
+    ceiling=None,
+    reference=None,
+) -> Callable:
     def check(out):
         X = np.asarray(out.X)
         if out.n_obs != n_expected:
@@ -477,7 +578,9 @@ def trained_state(model) -> dict:
     return {
         "weights": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
         "memory": json.dumps(_jsonable(model.memory_), sort_keys=True),
-        "history": None if model.history_ is None else {k: v.to_json() for k, v in model.history_.items()},
+        "history": None
+        if model.history_ is None
+        else {k: v.to_json() for k, v in model.history_.items()},
         "is_trained": model.is_trained_,
         "torch": torch.__version__,
     }
@@ -487,7 +590,11 @@ def _jsonable(value):
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
-        return hashlib.sha1(np.ascontiguousarray(value).view(np.uint8).tobytes() if value.dtype != object else str(value.tolist()).encode()).hexdigest()
+        return hashlib.sha1(
+            np.ascontiguousarray(value).view(np.uint8).tobytes()
+            if value.dtype != object
+            else str(value.tolist()).encode()
+        ).hexdigest()
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, pd.DataFrame | pd.Series):
@@ -530,7 +637,11 @@ def _registered(adata, *, n_perturbations=None, controls=None):
         manager = PTRAG._get_most_recent_anndata_manager(adata)
         perts = manager.get_state_registry("perturbation")["perturbations"]
         if n_perturbations is not None and len(perts) != n_perturbations:
-            return False, f"{len(perts)} perturbations registered ({list(perts)}), expected {n_perturbations}"
+            return (
+                False,
+                f"{len(perts)} perturbations registered ({list(perts)}), expected "
+                f"{n_perturbations}",
+            )
         if controls is not None:
             n = manager.get_state_registry("perturbation")["n_control_cells"]
             if n != controls:
@@ -809,7 +920,9 @@ def float64(env):
 @case("setup_anndata", "perturbation_key is also cell_type_key")
 def same_key_twice(env):
     a = env.data()
-    return Trial(_setup(a, cell_type_key="gene"), ("cell_type_key", "perturbation_key"), watch=(a,))
+    return Trial(
+        _setup(a, cell_type_key="gene"), ("cell_type_key", "perturbation_key"), watch=(a,)
+    )
 
 
 @case("setup_anndata", "batch_key equal to cell_type_key")
@@ -886,7 +999,12 @@ def backed(env):
 @case("setup_anndata", "cell type labels with surrounding spaces in another run")
 def unicode_cell_types(env):
     a = env.data()
-    a.obs["cell_line"] = a.obs["cell_line"].astype(str).map({"cell_line_0": "Zelllinie_Ä", "cell_line_1": "細胞株"}).astype("category")
+    a.obs["cell_line"] = (
+        a.obs["cell_line"]
+        .astype(str)
+        .map({"cell_line_0": "Zelllinie_Ä", "cell_line_1": "細胞株"})
+        .astype("category")
+    )
     return Trial(_setup(a), check=_registered(a), watch=(a,))
 
 
@@ -906,7 +1024,9 @@ def _option_case(name: str, value, tokens=None, *, issue=False):
         call, a = _build(env, **{name: value})
         return Trial(call, tokens or (name,), watch=(a,))
 
-    build.__name__ = f"{name}_{str(value).replace('.', 'p').replace('-', 'minus').replace(' ', '')}"
+    build.__name__ = (
+        f"{name}_{str(value).replace('.', 'p').replace('-', 'minus').replace(' ', '')}"
+    )
     case("PTRAG", f"{name}={value!r}", issue=issue)(build)
 
 
@@ -1021,7 +1141,9 @@ def embeddings_lower(env):
     a = env.data()
     emb = env.emb(a).rename(index=str.lower)
     call, a = _build(env, emb=emb)
-    return Trial(call, check=lambda m: (m.perturbation_embeddings.shape[0] == 6, ""), watch=(a, emb))
+    return Trial(
+        call, check=lambda m: (m.perturbation_embeddings.shape[0] == 6, ""), watch=(a, emb)
+    )
 
 
 @case("PTRAG", "embeddings whose values reach 1e30")
@@ -1048,7 +1170,11 @@ def not_registered(env):
     from ptrag_sc import PTRAG
 
     a = env.data()
-    return Trial(lambda: PTRAG(a, perturbation_embeddings=env.emb(a), **TINY), ("setup_anndata",), watch=(a,))
+    return Trial(
+        lambda: PTRAG(a, perturbation_embeddings=env.emb(a), **TINY),
+        ("setup_anndata",),
+        watch=(a,),
+    )
 
 
 @case("PTRAG", "neither adata nor registry")
@@ -1113,26 +1239,134 @@ for _name, _desc, _kwargs, _tokens, _issue in [
     ("max_steps_bool", "max_steps=True", {"max_steps": True}, ("max_steps",), False),
     ("max_epochs_fraction", "max_epochs=0.5", {"max_epochs": 0.5}, ("max_epochs",), False),
     ("batch_size_0", "batch_size=0", {"max_steps": 5, "batch_size": 0}, ("batch_size",), True),
-    ("batch_size_negative", "batch_size=-1", {"max_steps": 5, "batch_size": -1}, ("batch_size",), False),
-    ("batch_size_fraction", "batch_size=1.5", {"max_steps": 5, "batch_size": 1.5}, ("batch_size",), False),
-    ("nan_loss", "plan_kwargs={'lr': 1e6}: the loss becomes NaN", {"max_steps": 60, "plan_kwargs": {"lr": 1e6}}, ("lr",), True),
-    ("plan_typo", "plan_kwargs typo 'learning_rate'", {"max_steps": 5, "plan_kwargs": {"learning_rate": 1e-3}}, ("learning_rate",), True),
-    ("plan_not_dict", "plan_kwargs is a list", {"max_steps": 5, "plan_kwargs": [("lr", 1e-3)]}, ("plan_kwargs",), False),
+    (
+        "batch_size_negative",
+        "batch_size=-1",
+        {"max_steps": 5, "batch_size": -1},
+        ("batch_size",),
+        False,
+    ),
+    (
+        "batch_size_fraction",
+        "batch_size=1.5",
+        {"max_steps": 5, "batch_size": 1.5},
+        ("batch_size",),
+        False,
+    ),
+    (
+        "nan_loss",
+        "plan_kwargs={'lr': 1e6}: the loss becomes NaN",
+        {"max_steps": 60, "plan_kwargs": {"lr": 1e6}},
+        ("lr",),
+        True,
+    ),
+    (
+        "plan_typo",
+        "plan_kwargs typo 'learning_rate'",
+        {"max_steps": 5, "plan_kwargs": {"learning_rate": 1e-3}},
+        ("learning_rate",),
+        True,
+    ),
+    (
+        "plan_not_dict",
+        "plan_kwargs is a list",
+        {"max_steps": 5, "plan_kwargs": [("lr", 1e-3)]},
+        ("plan_kwargs",),
+        False,
+    ),
     ("lr_zero", "plan_kwargs lr=0", {"max_steps": 5, "plan_kwargs": {"lr": 0}}, ("lr",), False),
-    ("lr_nan", "plan_kwargs lr=nan", {"max_steps": 5, "plan_kwargs": {"lr": float("nan")}}, ("lr",), False),
-    ("weight_decay_negative", "plan_kwargs weight_decay=-1", {"max_steps": 5, "plan_kwargs": {"weight_decay": -1.0}}, ("weight_decay",), False),
-    ("early_stopping_no_val", "early_stopping=True without validation", {"max_steps": 5, "validation_size": 0, "early_stopping": True}, ("early_stopping",), True),
-    ("validation_size_big", "validation_size=1.5", {"max_steps": 5, "validation_size": 1.5}, ("validation_size",), False),
-    ("validation_size_nan", "validation_size=nan", {"max_steps": 5, "validation_size": float("nan")}, ("validation_size",), False),
-    ("split_key_missing", "split_key names a missing column", {"max_steps": 5, "split_key": "split"}, ("split_key",), False),
-    ("check_val_0", "check_val_every_n_steps=0", {"max_steps": 5, "check_val_every_n_steps": 0}, ("check_val_every_n_steps",), False),
-    ("patience_0", "early_stopping_patience=0", {"max_steps": 5, "early_stopping_patience": 0}, ("early_stopping_patience",), False),
-    ("trainer_typo", "trainer kwarg typo max_epoch=3", {"max_steps": 5, "max_epoch": 3}, ("max_epoch",), False),
-    ("accelerator_bad", "accelerator='tpu' (not available)", {"max_steps": 5, "accelerator": "tpu"}, ("accelerator", "tpu"), False),
-    ("accelerator_typo", "accelerator='cpuu'", {"max_steps": 5, "accelerator": "cpuu"}, ("accelerator", "cpuu"), False),
+    (
+        "lr_nan",
+        "plan_kwargs lr=nan",
+        {"max_steps": 5, "plan_kwargs": {"lr": float("nan")}},
+        ("lr",),
+        False,
+    ),
+    (
+        "weight_decay_negative",
+        "plan_kwargs weight_decay=-1",
+        {"max_steps": 5, "plan_kwargs": {"weight_decay": -1.0}},
+        ("weight_decay",),
+        False,
+    ),
+    (
+        "early_stopping_no_val",
+        "early_stopping=True without validation",
+        {"max_steps": 5, "validation_size": 0, "early_stopping": True},
+        ("early_stopping",),
+        True,
+    ),
+    (
+        "validation_size_big",
+        "validation_size=1.5",
+        {"max_steps": 5, "validation_size": 1.5},
+        ("validation_size",),
+        False,
+    ),
+    (
+        "validation_size_nan",
+        "validation_size=nan",
+        {"max_steps": 5, "validation_size": float("nan")},
+        ("validation_size",),
+        False,
+    ),
+    (
+        "split_key_missing",
+        "split_key names a missing column",
+        {"max_steps": 5, "split_key": "split"},
+        ("split_key",),
+        False,
+    ),
+    (
+        "check_val_0",
+        "check_val_every_n_steps=0",
+        {"max_steps": 5, "check_val_every_n_steps": 0},
+        ("check_val_every_n_steps",),
+        False,
+    ),
+    (
+        "patience_0",
+        "early_stopping_patience=0",
+        {"max_steps": 5, "early_stopping_patience": 0},
+        ("early_stopping_patience",),
+        False,
+    ),
+    (
+        "trainer_typo",
+        "trainer kwarg typo max_epoch=3",
+        {"max_steps": 5, "max_epoch": 3},
+        ("max_epoch",),
+        False,
+    ),
+    (
+        "accelerator_bad",
+        "accelerator='tpu' (not available)",
+        {"max_steps": 5, "accelerator": "tpu"},
+        ("accelerator", "tpu"),
+        False,
+    ),
+    (
+        "accelerator_typo",
+        "accelerator='cpuu'",
+        {"max_steps": 5, "accelerator": "cpuu"},
+        ("accelerator", "cpuu"),
+        False,
+    ),
     ("devices_zero", "devices=0", {"max_steps": 5, "devices": 0}, ("devices",), False),
-    ("callbacks_not_list", "callbacks= a single callback, not a list", {"max_steps": 5, "callbacks": "x"}, ("callbacks",), False),
-    ("gradient_clip_negative", "gradient_clip_val=-1", {"max_steps": 5, "gradient_clip_val": -1.0}, ("gradient_clip_val",), False),
+    (
+        "callbacks_not_list",
+        "callbacks= a single callback, not a list",
+        {"max_steps": 5, "callbacks": "x"},
+        ("callbacks",),
+        False,
+    ),
+    (
+        "gradient_clip_negative",
+        "gradient_clip_val=-1",
+        {"max_steps": 5, "gradient_clip_val": -1.0},
+        ("gradient_clip_val",),
+        False,
+    ),
 ]:
     _train_case(_name, _desc, _kwargs, _tokens, issue=_issue)
 
@@ -1166,7 +1400,9 @@ def split_only_test(env):
     a = env.data()
     a.obs["split"] = np.where(a.obs["gene"] == "non-targeting", "train", "test")
     model, a, call = _train(env, data=a, train={"max_steps": 5, "split_key": "split"})
-    return Trial(call, ("training split", "split", "no perturbed"), watch=(a,), after=untrained(model))
+    return Trial(
+        call, ("training split", "split", "no perturbed"), watch=(a,), after=untrained(model)
+    )
 
 
 @case("train", "cell_set_size larger than every group (10,000)", issue=True)
@@ -1179,7 +1415,11 @@ def huge_cell_set(env):
 def single_cell_groups(env):
     a = env.data()
     gene = a.obs["gene"].astype(str).to_numpy()
-    first = ~pd.Series(list(zip(gene, a.obs["cell_line"].astype(str), strict=True))).duplicated().to_numpy()
+    first = (
+        ~pd.Series(list(zip(gene, a.obs["cell_line"].astype(str), strict=True)))
+        .duplicated()
+        .to_numpy()
+    )
     a = a[(gene == "non-targeting") | first].copy()
     model, a, call = _train(env, data=a, train={"max_steps": 5})
     return Trial(call, ("single cell", "group", "cells"), watch=(a,), after=untrained(model))
@@ -1226,7 +1466,11 @@ def second_train_mode(env):
         model.train(max_steps=4, callbacks=[Spy()])
         return seen
 
-    return Trial(call, check=lambda s: (len(s) > 0 and all(s), f"module.training during steps: {s}"), watch=(a,))
+    return Trial(
+        call,
+        check=lambda s: (len(s) > 0 and all(s), f"module.training during steps: {s}"),
+        watch=(a,),
+    )
 
 
 class _Boom(RuntimeError):
@@ -1244,12 +1488,21 @@ def _raising_callback(exc: BaseException, at: int = 3):
     return Raiser()
 
 
-@case("train", "an exception from a callback mid-training leaves the trained model as it was", issue=True)
+@case(
+    "train",
+    "an exception from a callback mid-training leaves the trained model as it was",
+    issue=True,
+)
 def exception_mid_training(env):
     model, a = env.fit()
     before = trained_state(model)
     cb = _raising_callback(_Boom("boom: raised by a test callback"))
-    return Trial(lambda: model.train(max_steps=20, callbacks=[cb]), ("boom",), watch=(a,), after=lambda: same_state(model, before))
+    return Trial(
+        lambda: model.train(max_steps=20, callbacks=[cb]),
+        ("boom",),
+        watch=(a,),
+        after=lambda: same_state(model, before),
+    )
 
 
 @case("train", "Ctrl+C (KeyboardInterrupt) mid-training leaves the model as it was", issue=True)
@@ -1293,7 +1546,9 @@ def exception_first_training(env):
             return False, "weights changed"
         return True, ""
 
-    return Trial(lambda: model.train(max_steps=20, callbacks=[cb]), ("boom",), watch=(a,), after=after)
+    return Trial(
+        lambda: model.train(max_steps=20, callbacks=[cb]), ("boom",), watch=(a,), after=after
+    )
 
 
 def _fit_predict(env, a=None, *, setup=None, train=None, **kwargs):
@@ -1309,8 +1564,16 @@ def _fit_predict(env, a=None, *, setup=None, train=None, **kwargs):
 for _name, _desc, _kwargs in [
     ("n_candidates_large", "n_candidates=64, more than the memory holds", {"n_candidates": 64}),
     ("retrieval_none", "retrieval='none'", {"retrieval": "none"}),
-    ("vanilla_embedding_memory", "retrieval='vanilla', memory='embedding'", {"retrieval": "vanilla", "memory": "embedding"}),
-    ("full_backbone_replace", "backbone='full', context_mode='replace'", {"backbone": "full", "context_mode": "replace"}),
+    (
+        "vanilla_embedding_memory",
+        "retrieval='vanilla', memory='embedding'",
+        {"retrieval": "vanilla", "memory": "embedding"},
+    ),
+    (
+        "full_backbone_replace",
+        "backbone='full', context_mode='replace'",
+        {"backbone": "full", "context_mode": "replace"},
+    ),
     ("sinkhorn", "loss='sinkhorn'", {"loss": "sinkhorn"}),
     ("go_annotations", "gene_annotations='go' on synthetic symbols", {"gene_annotations": "go"}),
     ("no_evidence", "evidence=()", {"evidence": ()}),
@@ -1371,7 +1634,12 @@ def val_without_embedding(env):
     # on a model whose vocabulary lacks the validation gene.
     model = PTRAG(a, perturbation_embeddings=env.emb(a), **TINY)
     model._encoder = type(model._encoder)(emb, sep="+")
-    return Trial(lambda: model.train(max_steps=5, split_key="split"), ("GENE0011",), watch=(a,), after=untrained(model))
+    return Trial(
+        lambda: model.train(max_steps=5, split_key="split"),
+        ("GENE0011",),
+        watch=(a,),
+        after=untrained(model),
+    )
 
 
 @case("train", "same seed twice in one process gives identical predictions")
@@ -1390,7 +1658,9 @@ def same_seed_twice(env):
             out.append(model.predict(b, inplace=False))
         return out
 
-    return Trial(call, check=lambda o: (np.array_equal(o[0], o[1]), "predictions differ"), watch=(a,))
+    return Trial(
+        call, check=lambda o: (np.array_equal(o[0], o[1]), "predictions differ"), watch=(a,)
+    )
 
 
 @case("train", "no seed set (scvi.settings.seed=None)")
@@ -1430,20 +1700,80 @@ for _name, _desc, _kwargs, _tokens, _issue in [
     ("key_added_empty", "key_added=''", {"key_added": ""}, ("key_added",), False),
     ("key_added_int", "key_added=5", {"key_added": 5}, ("key_added",), False),
     ("indices_empty", "indices=[]", {"indices": []}, ("indices",), True),
-    ("indices_mask", "indices as a boolean mask", {"indices": np.ones(204, dtype=bool)}, ("indices",), False),
-    ("indices_out_of_range", "indices out of range", {"indices": [0, 10_000]}, ("indices",), False),
+    (
+        "indices_mask",
+        "indices as a boolean mask",
+        {"indices": np.ones(204, dtype=bool)},
+        ("indices",),
+        False,
+    ),
+    (
+        "indices_out_of_range",
+        "indices out of range",
+        {"indices": [0, 10_000]},
+        ("indices",),
+        False,
+    ),
     ("indices_float", "indices as floats", {"indices": [0.0, 1.0]}, ("indices",), False),
-    ("cell_type_counterfactual", "cell_type= in counterfactual mode", {"cell_type": "cell_line_0"}, ("cell_type",), False),
+    (
+        "cell_type_counterfactual",
+        "cell_type= in counterfactual mode",
+        {"cell_type": "cell_line_0"},
+        ("cell_type",),
+        False,
+    ),
     ("seed_negative", "seed=-1", {"seed": -1, "sample_retrieval": True}, ("seed",), False),
     ("seed_string", "seed='a'", {"seed": "a"}, ("seed",), False),
-    ("perturbations_duplicated", "perturbations=['GENE0011', 'GENE0011']", {"perturbations": ["GENE0011", "GENE0011"]}, ("perturbations", "GENE0011"), True),
-    ("perturbations_duplicated_normalised", "perturbations=['GENE0011', ' gene0011']", {"perturbations": ["GENE0011", " gene0011"]}, ("perturbations", "GENE0011"), True),
+    (
+        "perturbations_duplicated",
+        "perturbations=['GENE0011', 'GENE0011']",
+        {"perturbations": ["GENE0011", "GENE0011"]},
+        ("perturbations", "GENE0011"),
+        True,
+    ),
+    (
+        "perturbations_duplicated_normalised",
+        "perturbations=['GENE0011', ' gene0011']",
+        {"perturbations": ["GENE0011", " gene0011"]},
+        ("perturbations", "GENE0011"),
+        True,
+    ),
     ("perturbations_empty", "perturbations=[]", {"perturbations": []}, ("perturbations",), False),
-    ("perturbations_control", "perturbations holds the control label", {"perturbations": ["non-targeting"]}, ("perturbations", "non-targeting"), False),
-    ("perturbations_unknown", "perturbations holds a gene without a vector", {"perturbations": ["NOTAGENE"]}, ("NOTAGENE",), False),
-    ("perturbations_nan", "perturbations holds NaN", {"perturbations": [float("nan")]}, ("nan", "perturbations"), False),
-    ("perturbations_with_indices", "perturbations and indices together", {"perturbations": ["GENE0011"], "indices": [0]}, ("indices",), False),
-    ("generation_unknown_cell_type", "generation with a cell_type that is absent", {"perturbations": ["GENE0011"], "cell_type": "liver"}, ("cell_type", "liver"), False),
+    (
+        "perturbations_control",
+        "perturbations holds the control label",
+        {"perturbations": ["non-targeting"]},
+        ("perturbations", "non-targeting"),
+        False,
+    ),
+    (
+        "perturbations_unknown",
+        "perturbations holds a gene without a vector",
+        {"perturbations": ["NOTAGENE"]},
+        ("NOTAGENE",),
+        False,
+    ),
+    (
+        "perturbations_nan",
+        "perturbations holds NaN",
+        {"perturbations": [float("nan")]},
+        ("nan", "perturbations"),
+        False,
+    ),
+    (
+        "perturbations_with_indices",
+        "perturbations and indices together",
+        {"perturbations": ["GENE0011"], "indices": [0]},
+        ("indices",),
+        False,
+    ),
+    (
+        "generation_unknown_cell_type",
+        "generation with a cell_type that is absent",
+        {"perturbations": ["GENE0011"], "cell_type": "liver"},
+        ("cell_type", "liver"),
+        False,
+    ),
     ("inplace_string", "inplace='no'", {"inplace": "no"}, ("inplace",), False),
 ]:
     _predict_case(_name, _desc, _kwargs, _tokens, issue=_issue)
@@ -1454,7 +1784,9 @@ def key_added_existing(env):
     model, adata, _ = env.trained
     a = adata.copy()
     a.layers["mine"] = a.X * 2
-    return Trial(lambda: model.predict(a, key_added="mine"), ("key_added", "mine", "overwrite"), watch=(a,))
+    return Trial(
+        lambda: model.predict(a, key_added="mine"), ("key_added", "mine", "overwrite"), watch=(a,)
+    )
 
 
 @case("predict", "key_added names an existing layer, overwrite=True")
@@ -1462,7 +1794,12 @@ def key_added_overwrite(env):
     model, adata, ref = env.trained
     a = adata.copy()
     a.layers["mine"] = a.X * 2
-    return Trial(lambda: model.predict(a, key_added="mine", overwrite=True), check=layer_ok(a, "mine", reference=ref), watch=(a,), allow_layers=("mine",))
+    return Trial(
+        lambda: model.predict(a, key_added="mine", overwrite=True),
+        check=layer_ok(a, "mine", reference=ref),
+        watch=(a,),
+        allow_layers=("mine",),
+    )
 
 
 @case("predict", "key_added is the layer the model reads, even with overwrite=True", issue=True)
@@ -1470,7 +1807,11 @@ def key_added_input_layer(env):
     a = env.data()
     a.layers["norm"] = a.X.copy()
     model, _ = env.fit(a, setup={"layer": "norm"})
-    return Trial(lambda: model.predict(a, key_added="norm", overwrite=True), ("key_added", "norm"), watch=(a,))
+    return Trial(
+        lambda: model.predict(a, key_added="norm", overwrite=True),
+        ("key_added", "norm"),
+        watch=(a,),
+    )
 
 
 @case("predict", "indices with a duplicate")
@@ -1485,7 +1826,9 @@ def indices_duplicate(env):
     def check(pred):
         return (np.array_equal(pred, single), "differs from the prediction with each index once")
 
-    return Trial(lambda: model.predict(a, indices=idx, inplace=False), ("indices",), check=check, watch=(a,))
+    return Trial(
+        lambda: model.predict(a, indices=idx, inplace=False), ("indices",), check=check, watch=(a,)
+    )
 
 
 @case("predict", "genes in reverse order", issue=True)
@@ -1493,7 +1836,12 @@ def genes_reversed(env):
     model, adata, ref = env.trained
     a = adata[:, adata.var_names[::-1]].copy()
     order = adata.var_names.get_indexer(a.var_names)
-    return Trial(lambda: model.predict(a, inplace=False), ("order", "var_names"), check=prediction_ok(a, reference=ref, columns=order), watch=(a,))
+    return Trial(
+        lambda: model.predict(a, inplace=False),
+        ("order", "var_names"),
+        check=prediction_ok(a, reference=ref, columns=order),
+        watch=(a,),
+    )
 
 
 @case("predict", "a gene missing")
@@ -1508,14 +1856,27 @@ def genes_extra(env):
     import anndata as ad
 
     model, adata, ref = env.trained
-    extra = ad.AnnData(np.ones((adata.n_obs, 2), dtype=np.float32), obs=adata.obs, var=pd.DataFrame(index=["EXTRA1", "EXTRA2"]))
+    extra = ad.AnnData(
+        np.ones((adata.n_obs, 2), dtype=np.float32),
+        obs=adata.obs,
+        var=pd.DataFrame(index=["EXTRA1", "EXTRA2"]),
+    )
     a = ad.concat([adata, extra], axis=1, merge="first")
     a.obs = adata.obs.copy()
 
     def check(pred):
-        return prediction_ok(a)(pred) if False else (np.allclose(pred[:, :20], ref, atol=1e-5) and np.allclose(pred[:, 20:], 1.0), "differs from the reference")
+        return (
+            prediction_ok(a)(pred)
+            if False
+            else (
+                np.allclose(pred[:, :20], ref, atol=1e-5) and np.allclose(pred[:, 20:], 1.0),
+                "differs from the reference",
+            )
+        )
 
-    return Trial(lambda: model.predict(a, inplace=False), ("EXTRA1", "genes"), check=check, watch=(a,))
+    return Trial(
+        lambda: model.predict(a, inplace=False), ("EXTRA1", "genes"), check=check, watch=(a,)
+    )
 
 
 @case("predict", "an AnnData view (inplace)")
@@ -1531,7 +1892,9 @@ def predict_view(env):
     def check(result):
         if "ptrag" not in result.layers:
             return False, "no layer written"
-        return prediction_ok(parent[:150].copy(), ceiling_from=adata)(np.asarray(result.layers["ptrag"]))
+        return prediction_ok(parent[:150].copy(), ceiling_from=adata)(
+            np.asarray(result.layers["ptrag"])
+        )
 
     return Trial(call, ("view",), check=check, watch=(parent,))
 
@@ -1541,7 +1904,12 @@ def predict_view_not_inplace(env):
     model, adata, ref = env.trained
     parent = adata.copy()
     v = parent[:150]
-    return Trial(lambda: model.predict(v, inplace=False), ("view",), check=prediction_ok(parent[:150].copy(), ceiling_from=adata), watch=(parent,))
+    return Trial(
+        lambda: model.predict(v, inplace=False),
+        ("view",),
+        check=prediction_ok(parent[:150].copy(), ceiling_from=adata),
+        watch=(parent,),
+    )
 
 
 @case("predict", "NaN in X")
@@ -1564,8 +1932,12 @@ def predict_huge(env):
 def predict_new_cell_type(env):
     model, adata, _ = env.trained
     a = adata.copy()
-    a.obs["cell_line"] = a.obs["cell_line"].astype(str).replace({"cell_line_1": "new_line"}).astype("category")
-    return Trial(lambda: model.predict(a, inplace=False), ("new_line",), check=prediction_ok(a), watch=(a,))
+    a.obs["cell_line"] = (
+        a.obs["cell_line"].astype(str).replace({"cell_line_1": "new_line"}).astype("category")
+    )
+    return Trial(
+        lambda: model.predict(a, inplace=False), ("new_line",), check=prediction_ok(a), watch=(a,)
+    )
 
 
 @case("predict", "a batch never seen in training")
@@ -1573,8 +1945,12 @@ def predict_new_batch(env):
     a = env.data(n_batches=2)
     model, _ = env.fit(a, setup={"batch_key": "gem_group"})
     b = a.copy()
-    b.obs["gem_group"] = b.obs["gem_group"].astype(str).replace({"batch2": "batch9"}).astype("category")
-    return Trial(lambda: model.predict(b, inplace=False), ("batch9",), check=prediction_ok(b), watch=(b,))
+    b.obs["gem_group"] = (
+        b.obs["gem_group"].astype(str).replace({"batch2": "batch9"}).astype("category")
+    )
+    return Trial(
+        lambda: model.predict(b, inplace=False), ("batch9",), check=prediction_ok(b), watch=(b,)
+    )
 
 
 @case("predict", "perturbation column missing in counterfactual mode")
@@ -1598,7 +1974,9 @@ def sample_retrieval_repeat(env):
     a = adata.copy()
 
     def call():
-        return model.predict(a, inplace=False, sample_retrieval=True, seed=3), model.predict(a, inplace=False, sample_retrieval=True, seed=3)
+        return model.predict(a, inplace=False, sample_retrieval=True, seed=3), model.predict(
+            a, inplace=False, sample_retrieval=True, seed=3
+        )
 
     return Trial(call, check=lambda r: (np.array_equal(r[0], r[1]), "differs"), watch=(a,))
 
@@ -1607,8 +1985,15 @@ def sample_retrieval_repeat(env):
 def predict_label_variants(env):
     model, adata, ref = env.trained
     a = adata.copy()
-    a.obs["gene"] = a.obs["gene"].astype(str).map(lambda g: g if g == "non-targeting" else f" {g.lower()} ").astype("category")
-    return Trial(lambda: model.predict(a, inplace=False), check=prediction_ok(a, reference=ref), watch=(a,))
+    a.obs["gene"] = (
+        a.obs["gene"]
+        .astype(str)
+        .map(lambda g: g if g == "non-targeting" else f" {g.lower()} ")
+        .astype("category")
+    )
+    return Trial(
+        lambda: model.predict(a, inplace=False), check=prediction_ok(a, reference=ref), watch=(a,)
+    )
 
 
 @case("predict", "a perturbation unseen in training but embeddable")
@@ -1623,7 +2008,9 @@ def predict_unseen_perturbation(env):
 def predict_not_inplace(env):
     model, adata, ref = env.trained
     a = adata.copy()
-    return Trial(lambda: model.predict(a, inplace=False), check=prediction_ok(a, reference=ref), watch=(a,))
+    return Trial(
+        lambda: model.predict(a, inplace=False), check=prediction_ok(a, reference=ref), watch=(a,)
+    )
 
 
 @case("predict", "raw integer counts to predict from")
@@ -1631,20 +2018,32 @@ def predict_raw_counts(env):
     model, adata, _ = env.trained
     a = adata.copy()
     a.X = np.round(np.expm1(a.X) * 3).astype(np.float32)
-    return Trial(lambda: model.predict(a, inplace=False), ("raw counts", "integer"), check=lambda p: (np.isfinite(p).all(), ""), watch=(a,), warns="raw counts")
+    return Trial(
+        lambda: model.predict(a, inplace=False),
+        ("raw counts", "integer"),
+        check=lambda p: (np.isfinite(p).all(), ""),
+        watch=(a,),
+        warns="raw counts",
+    )
 
 
 @case("predict", "generation from an AnnData without control cells")
 def generation_no_controls(env):
     model, adata, _ = env.trained
     a = adata[adata.obs["gene"] != "non-targeting"].copy()
-    return Trial(lambda: model.predict(a, perturbations=["GENE0011"]), ("control", "non-targeting"), watch=(a,))
+    return Trial(
+        lambda: model.predict(a, perturbations=["GENE0011"]),
+        ("control", "non-targeting"),
+        watch=(a,),
+    )
 
 
 @case("predict", "counterfactual with a cell type lacking controls")
 def counterfactual_no_controls(env):
     model, adata, _ = env.trained
-    keep = ~((adata.obs["cell_line"] == "cell_line_1") & (adata.obs["gene"] == "non-targeting")).to_numpy()
+    keep = ~(
+        (adata.obs["cell_line"] == "cell_line_1") & (adata.obs["gene"] == "non-targeting")
+    ).to_numpy()
     a = adata[keep].copy()
     return Trial(lambda: model.predict(a), ("cell_line_1",), watch=(a,))
 
@@ -1661,7 +2060,11 @@ def predict_sparse(env):
     model, adata, ref = env.trained
     a = adata.copy()
     a.X = sp.csr_matrix(a.X)
-    return Trial(lambda: model.predict(a, inplace=False), check=lambda p: (np.allclose(p, ref, atol=1e-5), "differs from dense"), watch=(a,))
+    return Trial(
+        lambda: model.predict(a, inplace=False),
+        check=lambda p: (np.allclose(p, ref, atol=1e-5), "differs from dense"),
+        watch=(a,),
+    )
 
 
 @case("predict", "backed AnnData predicts like in memory")
@@ -1672,7 +2075,10 @@ def predict_backed(env):
     path = env.path("predict_backed.h5ad")
     adata.copy().write_h5ad(path)
     b = ad.read_h5ad(path, backed="r")
-    return Trial(lambda: model.predict(b, inplace=False), check=lambda p: (np.allclose(p, ref, atol=1e-5), "differs from in memory"))
+    return Trial(
+        lambda: model.predict(b, inplace=False),
+        check=lambda p: (np.allclose(p, ref, atol=1e-5), "differs from in memory"),
+    )
 
 
 @case("predict", "indices pointing only at control cells")
@@ -1681,7 +2087,12 @@ def indices_controls_only(env):
     a = adata.copy()
     rows = np.flatnonzero(a.obs["gene"] == "non-targeting")[:3]
     X = np.asarray(a.X)
-    return Trial(lambda: model.predict(a, indices=rows, inplace=False), ("indices", "control"), check=lambda p: (np.allclose(p, X), "changed control cells"), watch=(a,))
+    return Trial(
+        lambda: model.predict(a, indices=rows, inplace=False),
+        ("indices", "control"),
+        check=lambda p: (np.allclose(p, X), "changed control cells"),
+        watch=(a,),
+    )
 
 
 @case("predict", "generation: perturbations='GENE0011' (a string)")
@@ -1689,7 +2100,11 @@ def generation_string(env):
     model, adata, _ = env.trained
     a = adata.copy()
     n = int((a.obs["gene"] == "non-targeting").sum())
-    return Trial(lambda: model.predict(a, perturbations="GENE0011"), check=generated_ok(n, labels=["GENE0011"], ceiling=np.asarray(a.X).max(0)), watch=(a,))
+    return Trial(
+        lambda: model.predict(a, perturbations="GENE0011"),
+        check=generated_ok(n, labels=["GENE0011"], ceiling=np.asarray(a.X).max(0)),
+        watch=(a,),
+    )
 
 
 @case("predict", "generation: 'B+A' equals 'A+B'")
@@ -1698,7 +2113,11 @@ def generation_combination_order(env):
     a = adata.copy()
     ctrl = a[a.obs["gene"] == "non-targeting"].copy()
     ab = model.predict(ctrl, perturbations=["GENE0011+GENE0013"])
-    return Trial(lambda: model.predict(ctrl, perturbations=["GENE0013+GENE0011"]), check=generated_ok(ctrl.n_obs, labels=["GENE0013+GENE0011"], reference=np.asarray(ab.X)), watch=(a, ctrl))
+    return Trial(
+        lambda: model.predict(ctrl, perturbations=["GENE0013+GENE0011"]),
+        check=generated_ok(ctrl.n_obs, labels=["GENE0013+GENE0011"], reference=np.asarray(ab.X)),
+        watch=(a, ctrl),
+    )
 
 
 @case("predict", "generation without a cell-type column and without cell_type=", issue=True)
@@ -1706,15 +2125,23 @@ def generation_no_cell_type(env):
     model, adata, _ = env.trained
     ctrl = adata[adata.obs["gene"] == "non-targeting"].copy()
     del ctrl.obs["cell_line"]
-    return Trial(lambda: model.predict(ctrl, perturbations=["GENE0011"]), ("cell_type",), watch=(ctrl,))
+    return Trial(
+        lambda: model.predict(ctrl, perturbations=["GENE0011"]), ("cell_type",), watch=(ctrl,)
+    )
 
 
 @case("predict", "generation without a cell-type column, cell_type='cell_line_0'")
 def generation_cell_type_given(env):
     model, adata, _ = env.trained
-    ctrl = adata[(adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] == "cell_line_0")].copy()
+    ctrl = adata[
+        (adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] == "cell_line_0")
+    ].copy()
     del ctrl.obs["cell_line"]
-    return Trial(lambda: model.predict(ctrl, perturbations=["GENE0011"], cell_type="cell_line_0"), check=generated_ok(ctrl.n_obs, cell_type="cell_line_0"), watch=(ctrl,))
+    return Trial(
+        lambda: model.predict(ctrl, perturbations=["GENE0011"], cell_type="cell_line_0"),
+        check=generated_ok(ctrl.n_obs, cell_type="cell_line_0"),
+        watch=(ctrl,),
+    )
 
 
 @case("predict", "generation with batch_size=1 equals the default batch size")
@@ -1722,7 +2149,11 @@ def generation_batch_size_one(env):
     model, adata, _ = env.trained
     ctrl = adata[adata.obs["gene"] == "non-targeting"].copy()
     ref = np.asarray(model.predict(ctrl, perturbations=["GENE0011", "GENE0013"]).X)
-    return Trial(lambda: model.predict(ctrl, perturbations=["GENE0011", "GENE0013"], batch_size=1), check=generated_ok(2 * ctrl.n_obs, reference=ref), watch=(ctrl,))
+    return Trial(
+        lambda: model.predict(ctrl, perturbations=["GENE0011", "GENE0013"], batch_size=1),
+        check=generated_ok(2 * ctrl.n_obs, reference=ref),
+        watch=(ctrl,),
+    )
 
 
 @case("predict", "generation with an unseen cell type column value")
@@ -1730,14 +2161,24 @@ def generation_new_cell_type(env):
     model, adata, _ = env.trained
     ctrl = adata[adata.obs["gene"] == "non-targeting"].copy()
     ctrl.obs["cell_line"] = "new_line"
-    return Trial(lambda: model.predict(ctrl, perturbations=["GENE0011"]), ("new_line",), check=generated_ok(ctrl.n_obs, cell_type="new_line"), watch=(ctrl,))
+    return Trial(
+        lambda: model.predict(ctrl, perturbations=["GENE0011"]),
+        ("new_line",),
+        check=generated_ok(ctrl.n_obs, cell_type="new_line"),
+        watch=(ctrl,),
+    )
 
 
 @case("predict", "counterfactual output stays within each gene's training range")
 def counterfactual_range(env):
     model, adata, ref = env.trained
     a = adata.copy()
-    return Trial(lambda: model.predict(a), check=layer_ok(a, "ptrag", reference=ref), watch=(a,), allow_layers=("ptrag",))
+    return Trial(
+        lambda: model.predict(a),
+        check=layer_ok(a, "ptrag", reference=ref),
+        watch=(a,),
+        allow_layers=("ptrag",),
+    )
 
 
 # ------------------------------------------------------------------------ get_retrieval
@@ -1755,7 +2196,9 @@ def _retrieval_ok(table) -> tuple[bool, str]:
 def _retrieval_case(name, description, args, kwargs, tokens, *, issue=False, check=None):
     def build(env):
         model, adata, _ = env.trained
-        return Trial(lambda: model.get_retrieval(*args, **kwargs), tokens, check=check, watch=(adata,))
+        return Trial(
+            lambda: model.get_retrieval(*args, **kwargs), tokens, check=check, watch=(adata,)
+        )
 
     build.__name__ = name
     case("get_retrieval", description, issue=issue)(build)
@@ -1763,19 +2206,83 @@ def _retrieval_case(name, description, args, kwargs, tokens, *, issue=False, che
 
 for _name, _desc, _args, _kwargs, _tokens, _issue, _check in [
     ("n_cells_zero", "n_cells=0", (["GENE0011"],), {"n_cells": 0}, ("n_cells",), True, None),
-    ("n_cells_negative", "n_cells=-5", (["GENE0011"],), {"n_cells": -5}, ("n_cells",), False, None),
-    ("n_cells_fraction", "n_cells=2.5", (["GENE0011"],), {"n_cells": 2.5}, ("n_cells",), False, None),
+    (
+        "n_cells_negative",
+        "n_cells=-5",
+        (["GENE0011"],),
+        {"n_cells": -5},
+        ("n_cells",),
+        False,
+        None,
+    ),
+    (
+        "n_cells_fraction",
+        "n_cells=2.5",
+        (["GENE0011"],),
+        {"n_cells": 2.5},
+        ("n_cells",),
+        False,
+        None,
+    ),
     ("empty", "perturbations=[]", ([],), {}, ("perturbations",), False, None),
-    ("duplicated", "duplicated perturbations", (["GENE0011", "gene0011"],), {}, ("perturbations", "GENE0011"), False, None),
+    (
+        "duplicated",
+        "duplicated perturbations",
+        (["GENE0011", "gene0011"],),
+        {},
+        ("perturbations", "GENE0011"),
+        False,
+        None,
+    ),
     ("unknown_gene", "a gene without a vector", (["NOTAGENE"],), {}, ("NOTAGENE",), False, None),
-    ("unknown_cell_type", "cell_type='liver'", (["GENE0011"],), {"cell_type": "liver"}, ("liver",), False, None),
-    ("cell_type_list_unknown", "cell_type list with an unknown entry", (["GENE0011"],), {"cell_type": ["cell_line_0", "liver"]}, ("liver",), False, None),
+    (
+        "unknown_cell_type",
+        "cell_type='liver'",
+        (["GENE0011"],),
+        {"cell_type": "liver"},
+        ("liver",),
+        False,
+        None,
+    ),
+    (
+        "cell_type_list_unknown",
+        "cell_type list with an unknown entry",
+        (["GENE0011"],),
+        {"cell_type": ["cell_line_0", "liver"]},
+        ("liver",),
+        False,
+        None,
+    ),
     ("seed_negative", "seed=-1", (["GENE0011"],), {"seed": -1}, ("seed",), False, None),
     ("string_query", "perturbations='GENE0011'", ("GENE0011",), {}, (), False, _retrieval_ok),
-    ("normal", "two queries, all cell types", (["GENE0011", "GENE0013+PGENE0001"],), {}, (), False, _retrieval_ok),
-    ("n_cells_large", "n_cells larger than the control pool", (["GENE0011"],), {"n_cells": 10_000}, (), False, _retrieval_ok),
+    (
+        "normal",
+        "two queries, all cell types",
+        (["GENE0011", "GENE0013+PGENE0001"],),
+        {},
+        (),
+        False,
+        _retrieval_ok,
+    ),
+    (
+        "n_cells_large",
+        "n_cells larger than the control pool",
+        (["GENE0011"],),
+        {"n_cells": 10_000},
+        (),
+        False,
+        _retrieval_ok,
+    ),
     ("n_cells_one", "n_cells=1", (["GENE0011"],), {"n_cells": 1}, (), False, _retrieval_ok),
-    ("control_query", "the control label as a query", (["non-targeting"],), {}, ("non-targeting", "perturbations"), False, None),
+    (
+        "control_query",
+        "the control label as a query",
+        (["non-targeting"],),
+        {},
+        ("non-targeting", "perturbations"),
+        False,
+        None,
+    ),
 ]:
     _retrieval_case(_name, _desc, _args, _kwargs, _tokens, issue=_issue, check=_check)
 
@@ -1797,7 +2304,9 @@ def retrieval_none_model(env):
 def retrieval_no_controls(env):
     model, adata, _ = env.trained
     a = adata[adata.obs["gene"] != "non-targeting"].copy()
-    return Trial(lambda: model.get_retrieval(["GENE0011"], adata=a), ("control", "cell_line"), watch=(a,))
+    return Trial(
+        lambda: model.get_retrieval(["GENE0011"], adata=a), ("control", "cell_line"), watch=(a,)
+    )
 
 
 # --------------------------------------------------------------------------- save/load
@@ -1844,7 +2353,10 @@ def roundtrip_with_adata(env):
     model, adata, ref = env.trained
     path = env.path("with_adata")
     model.save(path, save_anndata=True)
-    return Trial(lambda: _load(path)().predict(inplace=False), check=lambda p: (np.array_equal(p, ref), "differs after load"))
+    return Trial(
+        lambda: _load(path)().predict(inplace=False),
+        check=lambda p: (np.array_equal(p, ref), "differs after load"),
+    )
 
 
 @case("save", "save and load with a prefix")
@@ -1852,13 +2364,18 @@ def roundtrip_prefix(env):
     model, adata, ref = env.trained
     path = env.path("prefix")
     model.save(path, prefix="a_")
-    return Trial(lambda: _load(path, adata.copy(), prefix="a_")().predict(adata, inplace=False), check=lambda p: (np.array_equal(p, ref), "differs"))
+    return Trial(
+        lambda: _load(path, adata.copy(), prefix="a_")().predict(adata, inplace=False),
+        check=lambda p: (np.array_equal(p, ref), "differs"),
+    )
 
 
 @case("save", "a torch.save option (save_kwargs)")
 def save_kwargs(env):
     model = env.trained[0]
-    return Trial(lambda: model.save(env.path("sk"), save_kwargs={"pickle_protocol": 2}), ("save_kwargs",))
+    return Trial(
+        lambda: model.save(env.path("sk"), save_kwargs={"pickle_protocol": 2}), ("save_kwargs",)
+    )
 
 
 @case("load", "a directory that does not exist")
@@ -1929,7 +2446,11 @@ def load_pickle_bomb_beside_model(env):
     model, adata, ref = env.trained
     path = env.copy_saved()
     env.pickle_bomb(path / "model.pt")
-    return Trial(lambda: _load(path, adata.copy())().predict(adata, inplace=False), ("model.pt",), check=lambda p: (np.array_equal(p, ref), "differs"))
+    return Trial(
+        lambda: _load(path, adata.copy())().predict(adata, inplace=False),
+        ("model.pt",),
+        check=lambda p: (np.array_equal(p, ref), "differs"),
+    )
 
 
 @case("load", "load_registry on a crafted model.pt", issue=True)
@@ -1956,7 +2477,9 @@ def convert_untrusted(env):
 
     path = env.path("bomb_convert")
     env.pickle_bomb(path / "model.pt")
-    return Trial(lambda: PTRAG.convert_legacy_model(path, env.path("converted")), ("trust_pickle",))
+    return Trial(
+        lambda: PTRAG.convert_legacy_model(path, env.path("converted")), ("trust_pickle",)
+    )
 
 
 @case("load", "an object (pickled) array planted in model_arrays.npz (format version 1)")
@@ -2006,7 +2529,11 @@ def load_foreign_manifest(env):
 def load_bad_checksum(env):
     path = env.copy_saved()
     m = json.loads((path / "model.json").read_text())
-    text = json.dumps(m).replace(m["files"][next(iter(m["files"]))]["sha256"], "0" * 64) if "files" in m else None
+    text = (
+        json.dumps(m).replace(m["files"][next(iter(m["files"]))]["sha256"], "0" * 64)
+        if "files" in m
+        else None
+    )
     if text is None:
         w = path / "model.safetensors"
         data = bytearray(w.read_bytes())
@@ -2043,7 +2570,12 @@ def load_genes_reversed(env):
     model, adata, ref = env.trained
     b = adata[:, adata.var_names[::-1]].copy()
     order = adata.var_names.get_indexer(b.var_names)
-    return Trial(lambda: _load(env.saved, b)().predict(b, inplace=False), ("order", "var_names", "genes"), check=prediction_ok(b, reference=ref, columns=order), watch=(b,))
+    return Trial(
+        lambda: _load(env.saved, b)().predict(b, inplace=False),
+        ("order", "var_names", "genes"),
+        check=prediction_ok(b, reference=ref, columns=order),
+        watch=(b,),
+    )
 
 
 @case("load", "an AnnData missing a gene")
@@ -2057,8 +2589,15 @@ def load_gene_missing(env):
 def load_new_cell_type(env):
     model, adata, _ = env.trained
     b = adata.copy()
-    b.obs["cell_line"] = b.obs["cell_line"].astype(str).replace({"cell_line_1": "new_line"}).astype("category")
-    return Trial(lambda: _load(env.saved, b)().predict(b, inplace=False), ("new_line",), check=prediction_ok(b), watch=(b,))
+    b.obs["cell_line"] = (
+        b.obs["cell_line"].astype(str).replace({"cell_line_1": "new_line"}).astype("category")
+    )
+    return Trial(
+        lambda: _load(env.saved, b)().predict(b, inplace=False),
+        ("new_line",),
+        check=prediction_ok(b),
+        watch=(b,),
+    )
 
 
 @case("load", "an AnnData without the perturbation column")
@@ -2074,7 +2613,9 @@ def load_view(env):
     model, adata, _ = env.trained
     parent = adata.copy()
     v = parent[:150]
-    return Trial(_load(env.saved, v), ("view",), check=lambda m: (m.is_trained_, ""), watch=(parent,))
+    return Trial(
+        _load(env.saved, v), ("view",), check=lambda m: (m.is_trained_, ""), watch=(parent,)
+    )
 
 
 @case("load", "an AnnData with NaN")
@@ -2109,15 +2650,28 @@ def load_then_train(env):
         m.train(max_steps=3, callbacks=[Spy()])
         return seen
 
-    return Trial(call, check=lambda s: (len(s) > 0 and all(s), f"module.training during steps: {s}"), watch=(b,))
+    return Trial(
+        call,
+        check=lambda s: (len(s) > 0 and all(s), f"module.training during steps: {s}"),
+        watch=(b,),
+    )
 
 
 @case("load", "labels in lower case after load")
 def load_label_variants(env):
     model, adata, ref = env.trained
     b = adata.copy()
-    b.obs["gene"] = b.obs["gene"].astype(str).map(lambda g: g if g == "non-targeting" else g.lower()).astype("category")
-    return Trial(lambda: _load(env.saved, b)().predict(b, inplace=False), check=prediction_ok(b, reference=ref), watch=(b,))
+    b.obs["gene"] = (
+        b.obs["gene"]
+        .astype(str)
+        .map(lambda g: g if g == "non-targeting" else g.lower())
+        .astype("category")
+    )
+    return Trial(
+        lambda: _load(env.saved, b)().predict(b, inplace=False),
+        check=prediction_ok(b, reference=ref),
+        watch=(b,),
+    )
 
 
 # ----------------------------------------------------------- add_perturbation_embeddings
@@ -2139,13 +2693,17 @@ def add_wrong_dims(env):
 def add_clash(env):
     model, adata = env.fit()
     new = _extra_embedding(env, adata, names=("GENE0011",))
-    return Trial(lambda: model.add_perturbation_embeddings(new), ("overwrite", "GENE0011"), watch=(new,))
+    return Trial(
+        lambda: model.add_perturbation_embeddings(new), ("overwrite", "GENE0011"), watch=(new,)
+    )
 
 
 @case("add_perturbation_embeddings", "a numpy array")
 def add_array(env):
     model, adata = env.fit()
-    return Trial(lambda: model.add_perturbation_embeddings(np.ones((2, 32))), ("DataFrame", "embeddings"))
+    return Trial(
+        lambda: model.add_perturbation_embeddings(np.ones((2, 32))), ("DataFrame", "embeddings")
+    )
 
 
 @case("add_perturbation_embeddings", "a NaN")
@@ -2189,7 +2747,10 @@ def add_then_generate(env):
 
     def check(out):
         good, why = generated_ok(ctrl.n_obs, labels=["NEWGENE"])(out)
-        return (good and bool(out.obs["ptrag_unseen_perturbation"].all()), why or "not flagged unseen")
+        return (
+            good and bool(out.obs["ptrag_unseen_perturbation"].all()),
+            why or "not flagged unseen",
+        )
 
     return Trial(call, check=check, watch=(new, ctrl))
 
@@ -2203,7 +2764,11 @@ def add_overwrite(env):
         model.add_perturbation_embeddings(new, overwrite=True)
         return model.get_perturbation_embedding(["GENE0011"])
 
-    return Trial(call, check=lambda e: (np.allclose(e.to_numpy(), new.to_numpy()), "vector not replaced"), watch=(new,))
+    return Trial(
+        call,
+        check=lambda e: (np.allclose(e.to_numpy(), new.to_numpy()), "vector not replaced"),
+        watch=(new,),
+    )
 
 
 @case("add_perturbation_embeddings", "added vectors survive save and load")
@@ -2217,7 +2782,11 @@ def add_save_load(env):
         model.save(path)
         return _load(path, adata.copy())().get_perturbation_embedding(["NEWGENE"])
 
-    return Trial(call, check=lambda e: (np.allclose(e.to_numpy(), new.to_numpy()), "vector lost"), watch=(new,))
+    return Trial(
+        call,
+        check=lambda e: (np.allclose(e.to_numpy(), new.to_numpy()), "vector lost"),
+        watch=(new,),
+    )
 
 
 # ------------------------------------------------------------------------ setup_mudata
@@ -2312,13 +2881,19 @@ def mudata_unassigned_raise(env):
     rna = m.mod["rna"]
     rna.obs["gene"] = rna.obs["gene"].astype(str)
     rna.obs.iloc[0, rna.obs.columns.get_loc("gene")] = "unassigned"
-    return Trial(_setup_mudata(m, excluded_cells="raise"), ("excluded_cells", "unassigned"), watch=(m,))
+    return Trial(
+        _setup_mudata(m, excluded_cells="raise"), ("excluded_cells", "unassigned"), watch=(m,)
+    )
 
 
 @case("setup_mudata", "assign_kwargs sets a reserved key")
 def mudata_reserved(env):
     m = _mudata(env)
-    return Trial(_setup_mudata(m, assign_kwargs={"inplace": False}), ("assign_kwargs", "inplace"), watch=(m,))
+    return Trial(
+        _setup_mudata(m, assign_kwargs={"inplace": False}),
+        ("assign_kwargs", "inplace"),
+        watch=(m,),
+    )
 
 
 # ------------------------------------------------------------ issue 19: reliability, round 2
@@ -2363,8 +2938,13 @@ def _loads_as(path: Path, model, adata, **kwargs) -> Callable[[], tuple[bool, st
         try:
             loaded = _load(path, _unregistered(adata), **kwargs)()
         except Exception as exc:
-            return False, f"the folder no longer loads: {type(exc).__name__}: {_one_line(str(exc), 120)}"
-        same = np.array_equal(loaded.predict(inplace=False), model.predict(_unregistered(adata), inplace=False))
+            return (
+                False,
+                f"the folder no longer loads: {type(exc).__name__}: {_one_line(str(exc), 120)}",
+            )
+        same = np.array_equal(
+            loaded.predict(inplace=False), model.predict(_unregistered(adata), inplace=False)
+        )
         return same, "the folder loads another model than the one saved before"
 
     return check
@@ -2380,7 +2960,11 @@ def _failing_save(env, name: str, fail: Callable[[], None], description: str):
         old, new, adata = _model_pair(env)
         path = env.path(name)
         old.save(path, save_anndata=True)
-        originals = {k: getattr(_files, k) for k in ("write_bytes", "fsync_path", "swap_in") if hasattr(_files, k)}
+        originals = {
+            k: getattr(_files, k)
+            for k in ("write_bytes", "fsync_path", "swap_in")
+            if hasattr(_files, k)
+        }
 
         def call():
             try:
@@ -2402,8 +2986,13 @@ def _failing_save(env, name: str, fail: Callable[[], None], description: str):
             left = [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
             return not left, f"temporary folder(s) left: {left}"
 
-        interrupted = lambda result: (result == "interrupted", "the interrupt did not reach the caller")  # noqa: E731
-        return Trial(call, ("space", "I/O", "too large"), check=interrupted, keep=(path,), after=after)
+        interrupted = lambda result: (
+            result == "interrupted",
+            "the interrupt did not reach the caller",
+        )  # noqa: E731
+        return Trial(
+            call, ("space", "I/O", "too large"), check=interrupted, keep=(path,), after=after
+        )
 
     build.__name__ = name
     case("save", description, group=G1)(build)
@@ -2432,13 +3021,16 @@ def _raise_in(attr, error):
 
 
 def _file_size_limit(n_bytes):
-    """A full disk, whatever the code writing: files cannot grow beyond ``n_bytes`` (RLIMIT_FSIZE)."""
+    """A full disk, whatever the code writing: files cannot grow beyond ``n_bytes``
+    (RLIMIT_FSIZE)."""
 
     def fail(files, originals):
         import resource
 
         previous = resource.getrlimit(resource.RLIMIT_FSIZE)
-        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        handler = signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # a write past the limit fails (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, previous[1]))
 
         def restore():
@@ -2451,11 +3043,36 @@ def _file_size_limit(n_bytes):
 
 
 files_restore: list = []
-_failing_save(None, "overwrite_disk_full_weights", _file_size_limit(16_000), "an overwriting save: the disk fills up while the weights are written")
-_failing_save(None, "overwrite_disk_full_adata", _file_size_limit(80_000), "an overwriting save: the disk fills up while the AnnData is written")
-_failing_save(None, "overwrite_io_error_manifest", _disk_full_on("model.json"), "an I/O error (disk full) writing the manifest")
-_failing_save(None, "overwrite_io_error_swap", _raise_in("swap_in", OSError(5, "I/O error")), "an I/O error when the new folder is swapped in")
-_failing_save(None, "overwrite_interrupted", _raise_in("fsync_path", KeyboardInterrupt("interrupted")), "Ctrl+C during an overwriting save")
+_failing_save(
+    None,
+    "overwrite_disk_full_weights",
+    _file_size_limit(16_000),
+    "an overwriting save: the disk fills up while the weights are written",
+)
+_failing_save(
+    None,
+    "overwrite_disk_full_adata",
+    _file_size_limit(80_000),
+    "an overwriting save: the disk fills up while the AnnData is written",
+)
+_failing_save(
+    None,
+    "overwrite_io_error_manifest",
+    _disk_full_on("model.json"),
+    "an I/O error (disk full) writing the manifest",
+)
+_failing_save(
+    None,
+    "overwrite_io_error_swap",
+    _raise_in("swap_in", OSError(5, "I/O error")),
+    "an I/O error when the new folder is swapped in",
+)
+_failing_save(
+    None,
+    "overwrite_interrupted",
+    _raise_in("fsync_path", KeyboardInterrupt("interrupted")),
+    "Ctrl+C during an overwriting save",
+)
 
 
 def _save_repeatedly(model, target, rounds):
@@ -2472,7 +3089,10 @@ def concurrent_processes(env):
 
     def call():
         context = multiprocessing.get_context("fork")
-        writers = [context.Process(target=_save_repeatedly, args=(m, target, 5)) for m in (old, new, old, new)]
+        writers = [
+            context.Process(target=_save_repeatedly, args=(m, target, 5))
+            for m in (old, new, old, new)
+        ]
         for w in writers:
             w.start()
         for w in writers:
@@ -2482,7 +3102,9 @@ def concurrent_processes(env):
         return _load(target, _unregistered(adata))().predict(inplace=False)
 
     refs = [m.predict(_unregistered(adata), inplace=False) for m in (old, new)]
-    return Trial(call, check=lambda p: (any(np.array_equal(p, r) for r in refs), "a mix of two saves"))
+    return Trial(
+        call, check=lambda p: (any(np.array_equal(p, r) for r in refs), "a mix of two saves")
+    )
 
 
 @case("save", "a link to a user file planted as adata.h5ad in the model folder", group=G1)
@@ -2491,7 +3113,11 @@ def link_planted_adata(env):
     path, outside = env.copy_saved(), env.path("precious.h5ad")
     outside.write_bytes(b"the user's own data")
     (path / "adata.h5ad").symlink_to(outside)
-    return Trial(lambda: model.save(path, overwrite=True, save_anndata=True), ("adata.h5ad",), outside=(outside,))
+    return Trial(
+        lambda: model.save(path, overwrite=True, save_anndata=True),
+        ("adata.h5ad",),
+        outside=(outside,),
+    )
 
 
 @case("save", "links to a user file planted at the old temporary names", group=G1)
@@ -2501,7 +3127,12 @@ def link_planted_temporary(env):
     outside.write_bytes(b"the user's notes")
     for name in (".model.safetensors.tmp", ".model_arrays.npz.tmp", ".model.json.tmp"):
         (path / name).symlink_to(outside)
-    return Trial(lambda: model.save(path, overwrite=True), check=ok(), outside=(outside,), after=_loads_as(path, model, adata))
+    return Trial(
+        lambda: model.save(path, overwrite=True),
+        check=ok(),
+        outside=(outside,),
+        after=_loads_as(path, model, adata),
+    )
 
 
 @case("save", "the model folder is a link to another folder", group=G1)
@@ -2520,7 +3151,10 @@ def prefix_dotdot(env):
     return Trial(
         lambda: model.save(path, prefix="../evil_"),
         ("prefix",),
-        after=lambda: (sorted(p.name for p in env.tmp.iterdir() if p.name != path.name) == before, "a file was written beside the folder"),
+        after=lambda: (
+            sorted(p.name for p in env.tmp.iterdir() if p.name != path.name) == before,
+            "a file was written beside the folder",
+        ),
     )
 
 
@@ -2550,7 +3184,11 @@ def user_adata_in_folder(env):
     model, adata, _ = env.trained
     path = env.copy_saved()
     adata.copy().write_h5ad(path / "adata.h5ad")
-    return Trial(lambda: model.save(path, overwrite=True, save_anndata=True), ("adata.h5ad",), keep=(path / "adata.h5ad",))
+    return Trial(
+        lambda: model.save(path, overwrite=True, save_anndata=True),
+        ("adata.h5ad",),
+        keep=(path / "adata.h5ad",),
+    )
 
 
 @case("save", "overwrite keeps the user's other files (notes, another prefix)", group=G1)
@@ -2560,7 +3198,12 @@ def overwrite_keeps_files(env):
     (path / "notes.txt").write_text("mine")
     model.save(path, prefix="other_", overwrite=True)
     keep = (path / "notes.txt", path / "other_model.json", path / "other_model.safetensors")
-    return Trial(lambda: model.save(path, overwrite=True), check=ok(), keep=keep, after=_loads_as(path, model, adata))
+    return Trial(
+        lambda: model.save(path, overwrite=True),
+        check=ok(),
+        keep=keep,
+        after=_loads_as(path, model, adata),
+    )
 
 
 def _saved_with_adata(env, name):
@@ -2597,7 +3240,10 @@ def load_link_weights(env):
 @case("load", "a folder saved by ptrag_sc 0.1.0 (format version 1)", group=G1)
 def load_version_1(env):
     reference = np.load(V1_MODEL / "reference_prediction.npy")
-    return Trial(lambda: _load(V1_MODEL)().predict(inplace=False), check=lambda p: (np.allclose(p, reference, atol=1e-6), "predictions changed"))
+    return Trial(
+        lambda: _load(V1_MODEL)().predict(inplace=False),
+        check=lambda p: (np.allclose(p, reference, atol=1e-6), "predictions changed"),
+    )
 
 
 @case("load", "a memory lacking a field this version needs", group=G1)
@@ -2653,7 +3299,15 @@ def registration_fails_midway(env):
         finally:
             CategoricalObsField.register_field = register
 
-    return Trial(call, ("batch",), watch=(a,), after=lambda: (not [c for c in a.obs if str(c).startswith("_scvi")], "_scvi_* columns left"))
+    return Trial(
+        call,
+        ("batch",),
+        watch=(a,),
+        after=lambda: (
+            not [c for c in a.obs if str(c).startswith("_scvi")],
+            "_scvi_* columns left",
+        ),
+    )
 
 
 @case("setup_mudata", "kept cells without a cell type (NaN), cells to drop", group=G2)
@@ -2688,7 +3342,11 @@ def _backed(env):
 @case("predict", "output= the file the backed input is read from", group=G3)
 def output_is_input(env):
     model, backed, path = _backed(env)
-    return Trial(lambda: model.predict(backed, output=path, overwrite=True), ("output", "read from"), keep=(path,))
+    return Trial(
+        lambda: model.predict(backed, output=path, overwrite=True),
+        ("output", "read from"),
+        keep=(path,),
+    )
 
 
 @case("predict", "output= an existing folder", group=G3)
@@ -2697,7 +3355,11 @@ def output_is_folder(env):
     folder = env.path("outdir")
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
-    return Trial(lambda: model.predict(adata, output=folder, overwrite=True), ("output", "folder"), keep=(folder,))
+    return Trial(
+        lambda: model.predict(adata, output=folder, overwrite=True),
+        ("output", "folder"),
+        keep=(folder,),
+    )
 
 
 @case("predict", "output= with an obs column h5py cannot write (ints and strings)", group=G3)
@@ -2709,8 +3371,14 @@ def output_mixed_obs(env):
     a.obs["note"] = note
     target = env.path("pred.h5ad")
     return Trial(
-        lambda: model.predict(a, output=target), ("note",), watch=(a,),
-        after=lambda: (not target.exists() and not [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}")], "a file was left behind"),
+        lambda: model.predict(a, output=target),
+        ("note",),
+        watch=(a,),
+        after=lambda: (
+            not target.exists()
+            and not [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}")],
+            "a file was left behind",
+        ),
     )
 
 
@@ -2749,7 +3417,14 @@ def output_link(env):
         out.file.close()
         return values
 
-    return Trial(call, check=lambda X: (not link.is_symlink() and X.shape == ref.shape, "the link was written through"), outside=(outside,))
+    return Trial(
+        call,
+        check=lambda X: (
+            not link.is_symlink() and X.shape == ref.shape,
+            "the link was written through",
+        ),
+        outside=(outside,),
+    )
 
 
 @case("predict", "two threads, sample_retrieval=True, seeds 1 and 2, four calls each", group=G4)
@@ -2757,7 +3432,10 @@ def threads_seeds(env):
     import threading
 
     model, adata, _ = env.trained
-    expected = {seed: model.predict(adata, inplace=False, sample_retrieval=True, seed=seed) for seed in (1, 2)}
+    expected = {
+        seed: model.predict(adata, inplace=False, sample_retrieval=True, seed=seed)
+        for seed in (1, 2)
+    }
 
     def call():
         results, errors = {1: [], 2: []}, []
@@ -2765,7 +3443,9 @@ def threads_seeds(env):
         def run(seed):
             try:
                 for _ in range(4):
-                    results[seed].append(model.predict(adata, inplace=False, sample_retrieval=True, seed=seed))
+                    results[seed].append(
+                        model.predict(adata, inplace=False, sample_retrieval=True, seed=seed)
+                    )
             except Exception as exc:
                 errors.append(exc)
 
@@ -2778,7 +3458,13 @@ def threads_seeds(env):
             raise errors[0]
         return results
 
-    return Trial(call, check=lambda r: (all(np.array_equal(x, expected[s]) for s in r for x in r[s]), "a thread got the other's random numbers"))
+    return Trial(
+        call,
+        check=lambda r: (
+            all(np.array_equal(x, expected[s]) for s in r for x in r[s]),
+            "a thread got the other's random numbers",
+        ),
+    )
 
 
 @case("predict", "sample_retrieval=True leaves torch's global generator alone", group=G4)
@@ -2817,7 +3503,11 @@ def predict_during_training(env):
             raise RuntimeError(errors[0])
         return modes
 
-    return Trial(call, ("training",), after=lambda: (all(modes) and len(modes) == 3, f"the network left training mode: {modes}"))
+    return Trial(
+        call,
+        ("training",),
+        after=lambda: (all(modes) and len(modes) == 3, f"the network left training mode: {modes}"),
+    )
 
 
 @case("train", "train while a prediction holds the model (another thread)", group=G4)
@@ -2904,7 +3594,12 @@ def signature_twice(env):
 
     model, adata, _ = env.trained
     gene = str(adata.var_names[0])
-    return Trial(lambda: ptrag_sc.tl.screen(model, cell_type="cell_line_0", signature=[gene, gene.lower(), str(adata.var_names[1])]), ("signature", gene))
+    return Trial(
+        lambda: ptrag_sc.tl.screen(
+            model, cell_type="cell_line_0", signature=[gene, gene.lower(), str(adata.var_names[1])]
+        ),
+        ("signature", gene),
+    )
 
 
 @case("tl.screen", "a gene under both 'up' and 'down' of a signature", group=G6)
@@ -2913,7 +3608,12 @@ def signature_up_and_down(env):
 
     model, adata, _ = env.trained
     gene = str(adata.var_names[0])
-    return Trial(lambda: ptrag_sc.tl.screen(model, cell_type="cell_line_0", signature={"up": [gene], "down": [gene]}), ("signature", gene))
+    return Trial(
+        lambda: ptrag_sc.tl.screen(
+            model, cell_type="cell_line_0", signature={"up": [gene], "down": [gene]}
+        ),
+        ("signature", gene),
+    )
 
 
 # --------------------------------------------------------------------- reproducibility
@@ -2945,7 +3645,15 @@ def new_process_repro(env):
     def call():
         env_vars = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         outs = [
-            subprocess.run([sys.executable, str(script), "2"], capture_output=True, text=True, env=env_vars, check=True).stdout.strip().splitlines()[-1]
+            subprocess.run(
+                [sys.executable, str(script), "2"],
+                capture_output=True,
+                text=True,
+                env=env_vars,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
             for _ in range(2)
         ]
         return outs
@@ -2957,10 +3665,22 @@ def new_process_repro(env):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--only", default=None, help="run the cases whose id (or issue-19 class) contains this text")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="run the cases whose id (or issue-19 class) contains this text",
+    )
     parser.add_argument("--label", default="", help="suffix of the output files (e.g. 'before')")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--memory-gb", type=float, default=6.0, help="address-space limit of the process (a case that asks for more fails instead of being killed)")
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=6.0,
+        help=(
+            "address-space limit of the process (a case that asks for more fails instead of "
+            "being killed)"
+        ),
+    )
     args = parser.parse_args(argv)
     import resource
 
@@ -2983,7 +3703,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     scvi.settings.verbosity = logging.ERROR
 
-    selected = [c for c in CASES if args.only is None or args.only in c.id or (c.group and args.only in c.group)]
+    selected = [
+        c
+        for c in CASES
+        if args.only is None or args.only in c.id or (c.group and args.only in c.group)
+    ]
     records = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ptrag_faults_") as tmp:
@@ -3001,7 +3725,11 @@ def main(argv: list[str] | None = None) -> int:
     frame.to_csv(args.output / f"cases{suffix}.csv", index=False)
     (args.output / f"summary{suffix}.md").write_text(_summary(frame, total, args))
     counts = frame["outcome"].value_counts()
-    print("\n" + ", ".join(f"{k}: {int(counts.get(k, 0))}" for k in (*OUTCOMES, "harness_error")) + f"  ({len(frame)} cases, {total:.0f} s)")
+    print(
+        "\n"
+        + ", ".join(f"{k}: {int(counts.get(k, 0))}" for k in (*OUTCOMES, "harness_error"))
+        + f"  ({len(frame)} cases, {total:.0f} s)"
+    )
     return 0
 
 
@@ -3011,41 +3739,76 @@ def _summary(frame: pd.DataFrame, total: float, args) -> str:
     counts = frame["outcome"].value_counts()
     commit = ""
     with contextlib.suppress(Exception):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(ptrag_sc.__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(ptrag_sc.__file__).parent,
+        ).stdout.strip()
     lines = [
         "# Fault battery",
         "",
-        f"{len(frame)} cases in {total:.0f} s on {platform.machine()} ({os.cpu_count()} CPU cores, "
+        f"{len(frame)} cases in {total:.0f} s on {platform.machine()} ({os.cpu_count()} CPU "
+        "cores, "
         f"{args.threads} torch thread(s); load average at the end {os.getloadavg()[0]:.1f}), "
-        f"ptrag_sc {ptrag_sc.__version__} from `{Path(ptrag_sc.__file__).parent}`" + (f" at commit {commit}" if commit else "") + ".",
+        f"ptrag_sc {ptrag_sc.__version__} from `{Path(ptrag_sc.__file__).parent}`"
+        + (f" at commit {commit}" if commit else "")
+        + ".",
         "",
         "| outcome | cases | target |",
         "|---|---:|---|",
     ]
-    targets = {"silent_wrong": "0", "overwrite": "0", "data_loss": "0", "outside_write": "0", "code_executed": "0", "obscure_error": "at most 5 (issue 19's cases: at most 2)"}
+    targets = {
+        "silent_wrong": "0",
+        "overwrite": "0",
+        "data_loss": "0",
+        "outside_write": "0",
+        "code_executed": "0",
+        "obscure_error": "at most 5 (issue 19's cases: at most 2)",
+    }
     for name in (*OUTCOMES, "harness_error"):
         lines.append(f"| {name} | {int(counts.get(name, 0))} | {targets.get(name, '')} |")
-    lines += ["", "By API:", "", frame.pivot_table(index="api", columns="outcome", values="id", aggfunc="count", fill_value=0).to_markdown(), ""]
+    lines += [
+        "",
+        "By API:",
+        "",
+        frame.pivot_table(
+            index="api", columns="outcome", values="id", aggfunc="count", fill_value=0
+        ).to_markdown(),
+        "",
+    ]
     grouped = frame[frame["group"].fillna("") != ""]
     if len(grouped):
         lines += [
             "## Issue 19's cases, by class",
             "",
-            grouped.pivot_table(index="group", columns="outcome", values="id", aggfunc="count", fill_value=0).to_markdown(),
+            grouped.pivot_table(
+                index="group", columns="outcome", values="id", aggfunc="count", fill_value=0
+            ).to_markdown(),
             "",
             "| case | outcome | detail |",
             "|---|---|---|",
         ]
-        lines += [f"| `{r.id}` ({r.description}) | {r.outcome} | {_one_line(r.detail, 160).replace('|', '/')} |" for r in grouped.itertuples()]
+        lines += [
+            f"| `{r.id}` ({r.description}) | {r.outcome} | "
+            f"{_one_line(r.detail, 160).replace('|', '/')} |"
+            for r in grouped.itertuples()
+        ]
         lines.append("")
     issue = frame[frame["from_issue"]]
     lines += ["## The cases named in issue 9", "", "| case | outcome | detail |", "|---|---|---|"]
-    lines += [f"| `{r.id}` ({r.description}) | {r.outcome} | {_one_line(r.detail, 160).replace('|', '/')} |" for r in issue.itertuples()]
+    lines += [
+        f"| `{r.id}` ({r.description}) | {r.outcome} | "
+        f"{_one_line(r.detail, 160).replace('|', '/')} |"
+        for r in issue.itertuples()
+    ]
     lines.append("")
     bad = frame[~frame["outcome"].isin(["clear_error", "correct"])]
     if len(bad):
         lines += ["## Cases that are neither a clear error nor a correct result", ""]
-        lines += [f"- `{r.id}` ({r.description}): **{r.outcome}**. {r.detail}" for r in bad.itertuples()]
+        lines += [
+            f"- `{r.id}` ({r.description}): **{r.outcome}**. {r.detail}" for r in bad.itertuples()
+        ]
     return "\n".join(lines) + "\n"
 
 

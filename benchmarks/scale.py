@@ -69,11 +69,14 @@ def machine() -> str:
     load = os.getloadavg()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     cpu = report.cpu_name()
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
+    average = "/".join(f"{value:.1f}" for value in load[:3])
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, load average {average}"
 
 
 # ----------------------------------------------------------------------------------- build
-def build(path: Path, cells_per_perturbation: int, controls: int, n_perturbations: int = N_PERTURBATIONS) -> dict:
+def build(
+    path: Path, cells_per_perturbation: int, controls: int, n_perturbations: int = N_PERTURBATIONS
+) -> dict:
     """Write the scaled preset to ``path`` without holding its expression matrix in memory."""
     import h5py
     import scipy.sparse as sp
@@ -105,7 +108,10 @@ def build(path: Path, cells_per_perturbation: int, controls: int, n_perturbation
                     sparse=True,
                     **kwargs,
                 )
-                part = sp.csr_matrix((part.data, part.indices.astype(np.int32), part.indptr.astype(np.int64)), shape=part.shape)
+                part = sp.csr_matrix(
+                    (part.data, part.indices.astype(np.int32), part.indptr.astype(np.int64)),
+                    shape=part.shape,
+                )
                 if start == 0:
                     write_elem(f, "X", part, dataset_kwargs={"indptr_dtype": np.int64})
                 else:
@@ -205,7 +211,11 @@ def run(path: Path, *, max_steps: int, output: Path, threads: int) -> dict:
     phases.wrap(_predict, "check_expression", "input check (a pass over X)")
     phases.wrap(_training, "_memory", "train: retrieval memory (a pass over X)")
     phases.wrap(_builder.SetBuilder, "control_contexts", "control means (a pass over controls)")
-    phases.wrap(_builder.SetBuilder, "training_groups", "train: groups, candidates, evidence (a pass over X)")
+    phases.wrap(
+        _builder.SetBuilder,
+        "training_groups",
+        "train: groups, candidates, evidence (a pass over X)",
+    )
     phases.wrap(_training, "column_max", "train: gene ceilings (a pass over X)")
     phases.wrap(ptrag_sc.PTRAG, "_run_trainer", "train: optimisation and validation (Lightning)")
     phases.wrap(_sets.SetBatchDataset, "__getitem__", "train: reading rows and assembling batches")
@@ -241,11 +251,15 @@ def run(path: Path, *, max_steps: int, output: Path, threads: int) -> dict:
         n_vars=int(adata.n_vars),
         memory_entries=len(model.memory),
         training_steps=int(phases.rows["train: training steps (forward)"]["calls"]),
-        validation_batches=int(phases.rows.get("train: validation steps (forward)", {"calls": 0})["calls"]),
+        validation_batches=int(
+            phases.rows.get("train: validation steps (forward)", {"calls": 0})["calls"]
+        ),
         best_step=model.best_step_,
         predicted_cells=int(predicted.sum()),
         output_gib=output.stat().st_size / 1024**3,
-        controls_copied_exactly=bool(np.array_equal(got[~predicted[rows]], source[~predicted[rows]])),
+        controls_copied_exactly=bool(
+            np.array_equal(got[~predicted[rows]], source[~predicted[rows]])
+        ),
         predictions_finite=bool(np.isfinite(got).all()),
         peak_rss_gib=peak_rss_gib(),
         phases=phases.rows,
@@ -259,40 +273,56 @@ def run(path: Path, *, max_steps: int, output: Path, threads: int) -> dict:
 # ---------------------------------------------------------------------------------- tables
 def table(build_info: dict, result: dict) -> str:
     lines = [
-        f"### Out-of-core PT-RAG at {result['n_obs']:,} cells x {result['n_vars']:,} genes (backed h5ad)",
+        f"### Out-of-core PT-RAG at {result['n_obs']:,} cells x {result['n_vars']:,} genes "
+        "(backed h5ad)",
         "",
-        f"Machine: {result['machine_before']} at the start of the run, {result['machine_after']} at its end "
-        f"(other jobs shared the 2 cores). {result['threads']} torch thread; torch {result['torch']}.",
+        f"Machine: {result['machine_before']} at the start of the run, {result['machine_after']} "
+        "at its end "
+        f"(other jobs shared the 2 cores). {result['threads']} torch thread; torch "
+        f"{result['torch']}.",
         "",
-        f"Data: the `replogle_nadig_like` preset scaled to {result['n_obs']:,} cells (4 cell lines x "
+        f"Data: the `replogle_nadig_like` preset scaled to {result['n_obs']:,} cells (4 cell "
+        "lines x "
         f"(10,000 controls + 2,000 perturbations x 120 cells)), CSR float32 h5ad of "
-        f"{build_info.get('file_gib', float('nan')):.2f} GiB (density {build_info.get('density', float('nan')):.3f}); "
-        f"written chunk by chunk in {build_info.get('total_seconds', float('nan')):.0f} s with a peak RSS of "
+        f"{build_info.get('file_gib', float('nan')):.2f} GiB (density "
+        f"{build_info.get('density', float('nan')):.3f}); "
+        f"written chunk by chunk in {build_info.get('total_seconds', float('nan')):.0f} s with a "
+        "peak RSS of "
         f"{build_info.get('peak_rss_gib', float('nan')):.2f} GiB (its own process).",
         "",
         f"Run: `read_h5ad(backed='r')`, `setup_anndata`, `PTRAG(...)` with default options, "
-        f"`train(max_steps={result['max_steps']})` (default validation: held-out groups, early stopping), "
+        f"`train(max_steps={result['max_steps']})` (default validation: held-out groups, early "
+        "stopping), "
         f"`predict(adata, output=...)` (counterfactual, every perturbed cell, written to a new "
         f"{result['output_gib']:.2f} GiB h5ad). Memory: {result['memory_entries']:,} entries; "
-        f"{result['training_steps']} training steps, {result['validation_batches']} validation batches; "
+        f"{result['training_steps']} training steps, {result['validation_batches']} validation "
+        "batches; "
         f"{result['predicted_cells']:,} cells predicted.",
         "",
         f"**Peak RSS of the training + prediction process: {result['peak_rss_gib']:.2f} GiB** "
-        f"(control rows copied exactly: {result['controls_copied_exactly']}; predictions finite: {result['predictions_finite']}).",
+        f"(control rows copied exactly: {result['controls_copied_exactly']}; predictions finite: "
+        f"{result['predictions_finite']}).",
         "",
         "| phase | seconds | calls | peak RSS after (GiB) |",
         "|:--|--:|--:|--:|",
     ]
     for name, row in result["phases"].items():
-        lines.append(f"| {name} | {row['seconds']:.1f} | {row['calls']} | {row['peak_rss_gib_after']:.2f} |")
+        lines.append(
+            f"| {name} | {row['seconds']:.1f} | {row['calls']} | {row['peak_rss_gib_after']:.2f} |"
+        )
     lines.append("")
-    lines.append("Phases nest: the `train:` and `predict:` rows are parts of the totals; the input check and the control means occur in setup, train and predict.")
+    lines.append(
+        "Phases nest: the `train:` and `predict:` rows are parts of the totals; the input check "
+        "and the control means occur in setup, train and predict."
+    )
     lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", nargs="?", default="all", choices=["all", "build", "run"])
     parser.add_argument("--data", type=Path, default=None, help="h5ad file to build or reuse")
     parser.add_argument("--cells-per-perturbation", type=int, default=120)
@@ -301,7 +331,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--json", type=Path, default=None, help="(run) where to write the run's result")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="(run) where to write the run's result"
+    )
     args = parser.parse_args()
     n_cells = N_CELL_TYPES * (args.controls + args.perturbations * args.cells_per_perturbation)
     data = args.data or Path(os.environ.get("TMPDIR", "/tmp")) / f"ptrag_scale_{n_cells}.h5ad"
@@ -312,19 +344,41 @@ def main() -> None:
         build_json.write_text(json.dumps(info, indent=1))
         return
     if args.command == "run":
-        result = run(data, max_steps=args.max_steps, output=data.with_suffix(".predicted.h5ad"), threads=args.threads)
+        result = run(
+            data,
+            max_steps=args.max_steps,
+            output=data.with_suffix(".predicted.h5ad"),
+            threads=args.threads,
+        )
         args.json.write_text(json.dumps(result, indent=1))
         return
     script = [sys.executable, __file__, "--data", str(data), "--threads", str(args.threads)]
     if not data.exists():
         print(f"building {data} ...", flush=True)
-        subprocess.run([*script, "build", "--cells-per-perturbation", str(args.cells_per_perturbation), "--controls", str(args.controls), "--perturbations", str(args.perturbations)], check=True)
+        subprocess.run(
+            [
+                *script,
+                "build",
+                "--cells-per-perturbation",
+                str(args.cells_per_perturbation),
+                "--controls",
+                str(args.controls),
+                "--perturbations",
+                str(args.perturbations),
+            ],
+            check=True,
+        )
     build_info = json.loads(build_json.read_text()) if build_json.exists() else {}
     args.out.mkdir(parents=True, exist_ok=True)
     result_json = args.out / "run.json"
-    subprocess.run([*script, "run", "--max-steps", str(args.max_steps), "--json", str(result_json)], check=True)
+    subprocess.run(
+        [*script, "run", "--max-steps", str(args.max_steps), "--json", str(result_json)],
+        check=True,
+    )
     result = json.loads(result_json.read_text())
-    (args.out / "scale.json").write_text(json.dumps({"build": build_info, "run": result}, indent=1))
+    (args.out / "scale.json").write_text(
+        json.dumps({"build": build_info, "run": result}, indent=1)
+    )
     result_json.unlink()
     text = table(build_info, result)
     (args.out / "scale.md").write_text(text)

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/screen_speed.py                      # 20,000 genes; 64 and 500 control cells; energy path
+    # 20,000 genes; 64 and 500 control cells; energy path
+    python benchmarks/screen_speed.py
     python benchmarks/screen_speed.py --n-genes 2000 --no-energy   # a quick check
 
 Setup: a default :class:`ptrag_sc.PTRAG` (response memory, H=128, 4 layers, K=32) on
@@ -50,11 +51,29 @@ def peak_rss_gib() -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-genes", type=int, default=20_000, help="genes with an embedding to screen (default 20,000)")
-    parser.add_argument("--n-cells", type=int, nargs="+", default=[64, 500], help="control cells per gene (default: 64 500)")
-    parser.add_argument("--no-energy", action="store_true", help="skip the generative path (effect='energy')")
+    parser.add_argument(
+        "--n-genes",
+        type=int,
+        default=20_000,
+        help="genes with an embedding to screen (default 20,000)",
+    )
+    parser.add_argument(
+        "--n-cells",
+        type=int,
+        nargs="+",
+        default=[64, 500],
+        help="control cells per gene (default: 64 500)",
+    )
+    parser.add_argument(
+        "--no-energy", action="store_true", help="skip the generative path (effect='energy')"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--train-steps", type=int, default=30, help="training steps before the screen (speed does not depend on them)")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=30,
+        help="training steps before the screen (speed does not depend on them)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "screen")
     args = parser.parse_args(argv)
 
@@ -83,11 +102,21 @@ def main(argv: list[str] | None = None) -> None:
     symbols = pd.unique(GeneAnnotations().terms.index.astype(str).str.upper())
     names = [g for g in symbols if g not in have][: max(0, args.n_genes - len(have))]
     rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(len(names), model.perturbation_embeddings.shape[1])).astype(np.float32)
-    model.add_perturbation_embeddings(pd.DataFrame(vectors, index=names, columns=model.perturbation_embeddings.columns))
+    vectors = rng.normal(size=(len(names), model.perturbation_embeddings.shape[1])).astype(
+        np.float32
+    )
+    model.add_perturbation_embeddings(
+        pd.DataFrame(vectors, index=names, columns=model.perturbation_embeddings.columns)
+    )
     n_genes = model.perturbation_embeddings.shape[0]
-    n_controls = int(((adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] == "k562")).sum())
-    print(f"data {data_seconds:.0f}s, train {train_seconds:.0f}s; screening {n_genes} genes on k562 ({n_controls} control cells)", flush=True)
+    n_controls = int(
+        ((adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] == "k562")).sum()
+    )
+    print(
+        f"data {data_seconds:.0f}s, train {train_seconds:.0f}s; screening {n_genes} genes on k562 "
+        f"({n_controls} control cells)",
+        flush=True,
+    )
 
     runs = [("set level (response memory)", n, "shift_norm") for n in args.n_cells]
     if not args.no_energy:
@@ -122,11 +151,16 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`python benchmarks/screen_speed.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
-        f"Machine: {platform.platform()}, {cpus} CPU cores available, torch threads {args.threads}; load average "
-        f"(1 min) {load_start[0]:.1f} at the start (the machine was shared with other jobs, so these are upper bounds).",
-        f"Model: default PTRAG (response memory of {len(model.memory)} entries, H=128, 4 layers, K=32, 2,000 genes, "
-        f"1,536-d embeddings), trained {args.train_steps} steps. Screen: {n_genes} genes with an embedding, cell type k562 "
-        f"({n_controls} control cells). Peak RSS is the whole process's (data and model included).",
+        f"Machine: {platform.platform()}, {cpus} CPU cores available, torch threads "
+        f"{args.threads}; load average "
+        f"(1 min) {load_start[0]:.1f} at the start (the machine was shared with other jobs, so "
+        "these are upper bounds).",
+        f"Model: default PTRAG (response memory of {len(model.memory)} entries, H=128, 4 layers, "
+        "K=32, 2,000 genes, "
+        f"1,536-d embeddings), trained {args.train_steps} steps. Screen: {n_genes} genes with an "
+        "embedding, cell type k562 "
+        f"({n_controls} control cells). Peak RSS is the whole process's (data and model "
+        "included).",
         "",
         frame.to_markdown(index=False),
         "",

@@ -80,7 +80,9 @@ def baseline_shifts(adata, method: str, embeddings, groups: list[tuple[str, str]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        ptrag_sc.tl.predict_baseline(adata, method, split_key="split", gene_embeddings=embeddings, key_added="_b")
+        ptrag_sc.tl.predict_baseline(
+            adata, method, split_key="split", gene_embeddings=embeddings, key_added="_b"
+        )
     gene = adata.obs[PERT].astype(str).to_numpy()
     line = adata.obs[CT].astype(str).to_numpy()
     X = dense(adata.X)
@@ -99,7 +101,9 @@ def train(adata, embeddings, seed: int):
     import ptrag_sc
 
     scvi.settings.seed = seed
-    ptrag_sc.PTRAG.setup_anndata(adata, perturbation_key=PERT, cell_type_key=CT, control_group=CONTROL)
+    ptrag_sc.PTRAG.setup_anndata(
+        adata, perturbation_key=PERT, cell_type_key=CT, control_group=CONTROL
+    )
     model = ptrag_sc.PTRAG(adata, perturbation_embeddings=embeddings)
     t0 = time.perf_counter()
     model.train(split_key="split")
@@ -135,7 +139,9 @@ def synthetic(seed: int) -> list[dict]:
     predictions = {"PT-RAG screen": shifts.loc[held]}
     groups = [(held_line, p) for p in held]
     for method in ("linear", "knn", "other_cell_types"):
-        predictions[f"baseline: {method}"] = baseline_shifts(adata, method, embeddings, groups).loc[held]
+        predictions[f"baseline: {method}"] = baseline_shifts(
+            adata, method, embeddings, groups
+        ).loc[held]
     true_held = true.loc[[f"{held_line}:{p}" for p in held]].to_numpy()
     sig_rng = np.random.default_rng(seed + 1)
     signatures = []
@@ -143,7 +149,11 @@ def synthetic(seed: int) -> list[dict]:
         effect = true.loc[f"{held_line}:{p}"].sort_values()
         signatures.append((effect.index[-10:].tolist(), effect.index[:10].tolist()))
     rows = []
-    subsets = {"all held-out": np.ones(len(held), bool), "measured in other lines": np.isin(held, test), "never measured": np.isin(held, unseen)}
+    subsets = {
+        "all held-out": np.ones(len(held), bool),
+        "measured in other lines": np.isin(held, test),
+        "never measured": np.isin(held, unseen),
+    }
     for name, pred in predictions.items():
         pred = pred.loc[held]
         for subset, mask in subsets.items():
@@ -151,9 +161,13 @@ def synthetic(seed: int) -> list[dict]:
             t_norm = np.linalg.norm(true_held[mask], axis=1)
             sig_rho, sig_prec = [], []
             for up, down in signatures:
-                ps = pred.loc[mask, up].mean(1).to_numpy() - pred.loc[mask, down].mean(1).to_numpy()
+                ps = (
+                    pred.loc[mask, up].mean(1).to_numpy() - pred.loc[mask, down].mean(1).to_numpy()
+                )
                 cols = pd.Index(true.columns)
-                ts = true_held[mask][:, cols.get_indexer(up)].mean(1) - true_held[mask][:, cols.get_indexer(down)].mean(1)
+                ts = true_held[mask][:, cols.get_indexer(up)].mean(1) - true_held[mask][
+                    :, cols.get_indexer(down)
+                ].mean(1)
                 sig_rho.append(spearmanr(ps, ts).statistic)
                 sig_prec.append(precision_at(ps, ts, K))
             rows.append(
@@ -182,7 +196,11 @@ def synthetic(seed: int) -> list[dict]:
             }
         )
     for r in rows:
-        r.update(train_seconds=round(seconds, 1), screen_seconds=round(screen_seconds, 1), screened=len(table))
+        r.update(
+            train_seconds=round(seconds, 1),
+            screen_seconds=round(screen_seconds, 1),
+            screened=len(table),
+        )
     return rows
 
 
@@ -220,7 +238,9 @@ def real(name: str, seed: int) -> list[dict]:
         combos = [p for p in test if "+" in p]
         table = ptrag_sc.tl.screen(model, cell_type=held_line, combinations=combos or None)
         table = table.set_index("perturbation")
-        base = baseline_shifts(adata, baseline, adata.uns["gene_embeddings"], [(held_line, p) for p in test])
+        base = baseline_shifts(
+            adata, baseline, adata.uns["gene_embeddings"], [(held_line, p) for p in test]
+        )
         baseline_name = baseline
         ctrl = X[(gene == CONTROL) & (line == held_line)].mean(0)
         for p in test:
@@ -233,17 +253,39 @@ def real(name: str, seed: int) -> list[dict]:
             pooled["half_b"].append(np.linalg.norm(X[halves[1]].mean(0) - ctrl))
         print(f"[{name}] fold {fold}: trained in {sec:.0f}s", flush=True)
     observed = np.asarray(pooled["observed"])
-    common = {"dataset": name, "perturbations": "held-out (pooled over folds)", "n": len(observed), "train_seconds": round(float(np.mean(seconds)), 1)}
+    common = {
+        "dataset": name,
+        "perturbations": "held-out (pooled over folds)",
+        "n": len(observed),
+        "train_seconds": round(float(np.mean(seconds)), 1),
+    }
     return [
-        {**common, "method": "PT-RAG screen", "effect_spearman": spearmanr(pooled["PT-RAG screen"], observed).statistic},
-        {**common, "method": f"baseline: {baseline_name}", "effect_spearman": spearmanr(pooled["baseline"], observed).statistic},
-        {**common, "method": "split-half ceiling", "effect_spearman": spearmanr(pooled["half_a"], pooled["half_b"]).statistic},
+        {
+            **common,
+            "method": "PT-RAG screen",
+            "effect_spearman": spearmanr(pooled["PT-RAG screen"], observed).statistic,
+        },
+        {
+            **common,
+            "method": f"baseline: {baseline_name}",
+            "effect_spearman": spearmanr(pooled["baseline"], observed).statistic,
+        },
+        {
+            **common,
+            "method": "split-half ceiling",
+            "effect_spearman": spearmanr(pooled["half_a"], pooled["half_b"]).statistic,
+        },
     ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["synthetic", "glioblastoma_fewshot", "k562_doubles"], nargs="+", default=None)
+    parser.add_argument(
+        "--only",
+        choices=["synthetic", "glioblastoma_fewshot", "k562_doubles"],
+        nargs="+",
+        default=None,
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "screen")
@@ -268,14 +310,18 @@ def main(argv: list[str] | None = None) -> None:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count()
-    shown = frame.drop(columns=[c for c in ("train_seconds", "screen_seconds", "screened") if c in frame.columns])
+    shown = frame.drop(
+        columns=[c for c in ("train_seconds", "screen_seconds", "screened") if c in frame.columns]
+    )
     lines = [
         "# In-silico screen validation",
         "",
         f"`python benchmarks/screen_validation.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
-        f"Machine: {platform.platform()}, {cpus} CPU cores, torch threads {args.threads}, load average {load:.1f} at the start; "
-        f"seed {args.seed}; wall time {time.perf_counter() - started:.0f} s. Default `PTRAG` trained with "
+        f"Machine: {platform.platform()}, {cpus} CPU cores, torch threads {args.threads}, load "
+        f"average {load:.1f} at the start; "
+        f"seed {args.seed}; wall time {time.perf_counter() - started:.0f} s. Default `PTRAG` "
+        "trained with "
         "`model.train(split_key='split')`; scores on held-out perturbations only.",
         "",
         shown.to_markdown(index=False, floatfmt=".3f"),

@@ -38,10 +38,19 @@ OPTIONS = ("embedding", "go", "response")
 def memory_of(adata, embeddings):
     from ptrag_sc.data import PerturbationData, PerturbationEncoder, SetupArgs, memory_from_cells
 
-    setup = SetupArgs(perturbation_key="gene", control_group="non-targeting", cell_type_key="cell_line", batch_key=None, layer=None, sep="+")
+    setup = SetupArgs(
+        perturbation_key="gene",
+        control_group="non-targeting",
+        cell_type_key="cell_line",
+        batch_key=None,
+        layer=None,
+        sep="+",
+    )
     data = PerturbationData(adata, setup, adata.var_names)
     encoder = PerturbationEncoder(embeddings)
-    return memory_from_cells("response", data, np.ones(adata.n_obs, bool), encoder, evidence=()), encoder
+    return memory_from_cells(
+        "response", data, np.ones(adata.n_obs, bool), encoder, evidence=()
+    ), encoder
 
 
 def score(memory, encoder, option, rng) -> dict:
@@ -57,11 +66,18 @@ def score(memory, encoder, option, rng) -> dict:
             values = []
             for i in range(len(perts)):
                 pool = np.flatnonzero(perts != perts[i])
-                draws = [np.corrcoef(specific[i], specific[rng.choice(pool, k, replace=False)].mean(0))[0, 1] for _ in range(20)]
+                draws = [
+                    np.corrcoef(specific[i], specific[rng.choice(pool, k, replace=False)].mean(0))[
+                        0, 1
+                    ]
+                    for _ in range(20)
+                ]
                 values.append(np.nanmean(draws))
             out[f"pearson_top{k}"] = float(np.nanmean(values))
         return out
-    index = NeighbourIndex(memory, n_candidates=len(memory), backend="exact", similarity=make_similarity(option))
+    index = NeighbourIndex(
+        memory, n_candidates=len(memory), backend="exact", similarity=make_similarity(option)
+    )
     cand, _, _, _ = index.query(perts, encoder.embed(perts), cts)
     for k in KS:
         values = []
@@ -85,17 +101,39 @@ def main(argv=None) -> None:
     real = ptrag_sc.datasets.perturbench_devel()
     real = real[~real.obs["gene"].astype(str).str.contains("+", regex=False).to_numpy()].copy()
     datasets["bundled glioblastoma + K562 (real)"] = (real, real.uns["gene_embeddings"])
-    syn = ptrag_sc.datasets.synthetic(n_cell_types=3, n_perturbations=120, n_genes=500, n_cells_per_perturbation=30, n_control_cells=200, n_batches=1, seed=0)
-    symbols = [g for g in pd.unique(GeneAnnotations().terms.index.astype(str).str.upper()) if g.isalnum()][:2000:16][:120]
+    syn = ptrag_sc.datasets.synthetic(
+        n_cell_types=3,
+        n_perturbations=120,
+        n_genes=500,
+        n_cells_per_perturbation=30,
+        n_control_cells=200,
+        n_batches=1,
+        seed=0,
+    )
+    symbols = [
+        g for g in pd.unique(GeneAnnotations().terms.index.astype(str).str.upper()) if g.isalnum()
+    ][:2000:16][:120]
     rename = dict(zip(syn.uns["gene_embeddings"].index, symbols, strict=True))
-    syn.obs["gene"] = syn.obs["gene"].astype(str).map(lambda g: rename.get(g, g)).astype("category")
-    datasets["synthetic, renamed to real genes (GO unrelated: negative control)"] = (syn, syn.uns["gene_embeddings"].rename(index=rename))
+    syn.obs["gene"] = (
+        syn.obs["gene"].astype(str).map(lambda g: rename.get(g, g)).astype("category")
+    )
+    datasets["synthetic, renamed to real genes (GO unrelated: negative control)"] = (
+        syn,
+        syn.uns["gene_embeddings"].rename(index=rename),
+    )
     rows = []
     for name, (adata, embeddings) in datasets.items():
         memory, encoder = memory_of(adata, embeddings)
         rng = np.random.default_rng(0)
         for option in (*OPTIONS, "random"):
-            rows.append({"dataset": name, "similarity": option, "entries": len(memory), **score(memory, encoder, option, rng)})
+            rows.append(
+                {
+                    "dataset": name,
+                    "similarity": option,
+                    "entries": len(memory),
+                    **score(memory, encoder, option, rng),
+                }
+            )
             print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(args.out / "similarity_retrieval.csv", index=False)
@@ -104,8 +142,10 @@ def main(argv=None) -> None:
             "# Stage-1 neighbours by similarity choice",
             "",
             "`python benchmarks/similarity_retrieval.py` (no training; "
-            f"{platform.platform()}, {os.cpu_count()} CPUs). Mean Pearson between a memory entry's specific shift and "
-            "the mean specific shift of its top-k candidates of *other* perturbations (its own entries left out).",
+            f"{platform.platform()}, {os.cpu_count()} CPUs). Mean Pearson between a memory "
+            "entry's specific shift and "
+            "the mean specific shift of its top-k candidates of *other* perturbations (its own "
+            "entries left out).",
             "",
             frame.to_markdown(index=False, floatfmt=".3f"),
             "",

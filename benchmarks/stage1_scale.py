@@ -44,25 +44,40 @@ def embeddings(n: int, dim: int, programs: int, seed: int = 0) -> np.ndarray:
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, 1 << 16):
         rows = slice(start, min(start + (1 << 16), n))
-        block = centres[program[rows]] + rng.normal(0.0, 0.6 / np.sqrt(dim), size=(program[rows].size, dim)).astype(np.float32)
+        block = centres[program[rows]] + rng.normal(
+            0.0, 0.6 / np.sqrt(dim), size=(program[rows].size, dim)
+        ).astype(np.float32)
         out[rows] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
 
 def recall(approx: np.ndarray, exact: np.ndarray) -> float:
     """Mean fraction of each query's exact top-K found by the approximate search."""
-    hits = [np.intersect1d(a[a >= 0], e[e >= 0]).size / max(1, (e >= 0).sum()) for a, e in zip(approx, exact, strict=True)]
+    hits = [
+        np.intersect1d(a[a >= 0], e[e >= 0]).size / max(1, (e >= 0).sum())
+        for a, e in zip(approx, exact, strict=True)
+    ]
     return float(np.mean(hits))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--programs", type=int, default=1000)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--sample", type=int, default=2000, help="queries checked against the exact search")
-    parser.add_argument("--n-probe", type=int, nargs="*", default=[4, 16], help="other n_probe values checked on the sample")
+    parser.add_argument(
+        "--sample", type=int, default=2000, help="queries checked against the exact search"
+    )
+    parser.add_argument(
+        "--n-probe",
+        type=int,
+        nargs="*",
+        default=[4, 16],
+        help="other n_probe values checked on the sample",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -123,7 +138,9 @@ def main() -> None:
             continue
         approx_index.n_probe = n_probe
         t0, c0 = time.perf_counter(), time.process_time()
-        found, _, _, _ = approx_index.query(labels[subset], emb[subset], no_ct[subset], chunk_size=16384)
+        found, _, _, _ = approx_index.query(
+            labels[subset], emb[subset], no_ct[subset], chunk_size=16384
+        )
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows.append(
             {
@@ -134,6 +151,7 @@ def main() -> None:
                 "default": False,
             }
         )
+    n_lists = approx_index._lists.n_lists
     result = {
         "entries": args.entries,
         "dim": args.dim,
@@ -141,8 +159,10 @@ def main() -> None:
         "k": args.k,
         "threads": args.threads,
         "index": (
-            f"{approx_index._lists.n_lists} faiss k-means lists (spherical, {index_module.KMEANS_ITERATIONS} iterations on "
-            f"{min(args.entries, index_module.KMEANS_POINTS_PER_LIST * approx_index._lists.n_lists):,} entries); each query scored "
+            f"{n_lists} faiss k-means lists (spherical, "
+            f"{index_module.KMEANS_ITERATIONS} iterations on "
+            f"{min(args.entries, index_module.KMEANS_POINTS_PER_LIST * n_lists):,} entries); "
+            "each query scored "
             f"exactly against the entries of its n_probe nearest lists (nearest centroids)"
         ),
         "data_seconds": t_data,
@@ -164,28 +184,35 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "stage1.json").write_text(json.dumps(result, indent=1))
     lines = [
-        f"### Stage 1 at scale: {args.entries:,} memory entries, {args.dim}-d clustered embeddings ({args.programs} programs), K = {args.k}",
+        f"### Stage 1 at scale: {args.entries:,} memory entries, {args.dim}-d clustered "
+        f"embeddings ({args.programs} programs), K = {args.k}",
         "",
         f"Machine: {result['machine_before']} (before); {result['machine_after']} (after). "
         f"{args.threads} thread(s), faiss {faiss.__version__}.",
         "",
-        "Wall-clock seconds, and in brackets the CPU seconds the process got (one thread: what the wall",
+        "Wall-clock seconds, and in brackets the CPU seconds the process got (one thread: what "
+        "the wall",
         "time would be on an idle core; other jobs shared the 2 cores).",
         "",
         f"- Index: {result['index']}; built in **{t_build:.1f} s** ({c_build:.1f} s CPU).",
-        f"- Neighbour table for all {args.entries:,} entries (each excluding itself): {t_query:.1f} s "
+        f"- Neighbour table for all {args.entries:,} entries (each excluding itself): "
+        f"{t_query:.1f} s "
         f"({c_query:.1f} s CPU; {args.entries / t_query:,.0f} queries/s).",
-        f"- Exact search (chunked, at most {index_module.EXACT_PAIRS_PER_CHUNK:,} scores at a time): "
-        f"{1e3 * t_exact / sample.size:.1f} ms/query ({1e3 * c_exact / sample.size:.1f} ms CPU) on {sample.size:,} sampled queries "
+        f"- Exact search (chunked, at most {index_module.EXACT_PAIRS_PER_CHUNK:,} scores at a "
+        "time): "
+        f"{1e3 * t_exact / sample.size:.1f} ms/query ({1e3 * c_exact / sample.size:.1f} ms CPU) "
+        f"on {sample.size:,} sampled queries "
         f"(the full table would take about {result['exact_full_table_hours_estimate']:.1f} h).",
         f"- Peak RSS of the process: {result['peak_rss_gib']:.2f} GiB.",
         "",
-        f"Recall on {sample.size:,} sampled queries; ms per query from the full table (default) or a random tenth of the queries.",
+        f"Recall on {sample.size:,} sampled queries; ms per query from the full table (default) "
+        "or a random tenth of the queries.",
         "",
         f"| n_probe | recall@{args.k} vs exact | ms per query | CPU ms per query |",
         "|--:|--:|--:|--:|",
         *(
-            f"| {r['n_probe']}{' (default)' if r['default'] else ''} | {r['recall_at_k']:.4f} | {r['ms_per_query']:.3f} | {r['cpu_ms_per_query']:.3f} |"
+            f"| {r['n_probe']}{' (default)' if r['default'] else ''} | {r['recall_at_k']:.4f} | "
+            f"{r['ms_per_query']:.3f} | {r['cpu_ms_per_query']:.3f} |"
             for r in rows
         ),
         "",

@@ -13,15 +13,14 @@ import pandas as pd
 import pytest
 
 import ptrag_sc
-from ptrag_sc import _demo
-from ptrag_sc._demo import (
+from ptrag_sc import _demo, _demo_report
+from ptrag_sc._demo import PhaseLog, run_demo
+from ptrag_sc._demo_report import (
     FILES,
     HEADLINE_METRICS,
     REPORT,
     SPLIT_HALF_DEFINITION,
-    PhaseLog,
     headline_sentence,
-    run_demo,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -76,7 +75,7 @@ def test_every_number_of_the_bottom_line_comes_from_the_results(demo):
         written = pd.read_csv(out / task / FILES["summary"])
         mine = summary[summary["task"] == task].drop(columns="task").reset_index(drop=True)
         pd.testing.assert_frame_equal(written, mine, check_dtype=False)
-        model_mean = mine.set_index(["method", "metric"]).loc[(_demo.MODEL_NAME, "pearson_delta"), "mean"]
+        model_mean = mine.set_index(["method", "metric"]).loc[(_demo_report.MODEL_NAME, "pearson_delta"), "mean"]
         assert f"{model_mean:.3f}" in _section(report, "Bottom line")
 
 
@@ -146,7 +145,7 @@ def test_report_retrieval_tables(demo):
     assert len(tables) == 2
     for table, n_queries, cell_types in ((tables[0], 4, {"U87MG", "A172", "T98G", "k562"}), (tables[1], 5, {"THP-1"})):
         rows = table.split("\n\n", 1)[0].strip().splitlines()[1:]
-        assert len(rows) == n_queries * _demo._RETRIEVAL_ROWS
+        assert len(rows) == n_queries * _demo_report.RETRIEVAL_ROWS
         assert {row.split("|")[4].strip() for row in rows} <= cell_types
 
 
@@ -166,12 +165,12 @@ def test_csv_outputs(demo):
     out = demo[0]
     for task, n_test in (("glioblastoma", 4), ("thp1", 5)):
         folder = out / task
-        methods = {_demo.MODEL_NAME, *_demo.TASKS[task].baselines}
+        methods = {_demo_report.MODEL_NAME, *_demo.TASKS[task].baselines}
         metrics = pd.read_csv(folder / FILES["metrics"])
         assert set(metrics["method"]) == methods
         assert len(metrics) == len(methods) * n_test
         summary = pd.read_csv(folder / FILES["summary"])
-        assert set(summary["metric"]) == set(_demo.REPORT_METRICS)
+        assert set(summary["metric"]) == set(_demo_report.REPORT_METRICS)
         retrieval = pd.read_csv(folder / FILES["retrieval"])
         assert {"query", "candidate", "candidate_cell_type", "keep_probability", "selected"} <= set(retrieval.columns)
         assert retrieval["query"].nunique() == n_test

@@ -9,6 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import NoReturn
 
 #: Tasks of ``ptrag-sc demo`` (``ptrag_sc._demo.TASKS``, named here to keep ``--help`` light).
 TASKS = ("glioblastoma", "thp1", "synthetic")
@@ -32,10 +37,24 @@ def _version() -> str:
 class _VersionAction(argparse.Action):
     """``--version`` that looks the version up only when asked."""
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str = argparse.SUPPRESS,
+        default: str = argparse.SUPPRESS,
+        help: str | None = None,
+    ) -> None:
+        super().__init__(
+            option_strings=option_strings, dest=dest, default=default, nargs=0, help=help
+        )
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
         print(f"{parser.prog} {_version()}")
         parser.exit()
 
@@ -43,7 +62,7 @@ class _VersionAction(argparse.Action):
 class _Parser(argparse.ArgumentParser):
     """An argument parser that reports a bad argument in one line (exit status 2)."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -55,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: ptrag-sc demo --output demo_output",
     )
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     demo = sub.add_parser(
         "demo",
         help="train, predict, evaluate against baselines and write a report",
@@ -103,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seed,
         default=0,
         metavar="N",
-        help="random seed of training, the baselines and the bootstrap intervals, 0 to 2**32-1 (default: 0)",
+        help=(
+            "random seed of training, the baselines and the bootstrap intervals, "
+            "0 to 2**32-1 (default: 0)"
+        ),
     )
     demo.add_argument(
         "--threads",
@@ -134,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _integer(minimum: int, maximum: int | None, expected: str):
+def _integer(minimum: int, maximum: int | None, expected: str) -> Callable[[str], int]:
     """An argparse ``type`` accepting integers from ``minimum`` to ``maximum``."""
 
     def convert(text: str) -> int:
@@ -181,14 +205,22 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.exit(2, f"ptrag-sc demo: error: {exc}\n")
 
     from . import settings
-    from ._demo import bottom_line_text, run_demo
+    from ._demo import run_demo
+    from ._demo_report import bottom_line_text
 
     settings.num_threads = args.threads
     settings.progress_bar = not args.quiet
     if args.verbose:
         settings.verbosity = logging.INFO
     try:
-        run_demo(args.output, tasks=tasks, max_steps=args.max_steps, seed=args.seed, overwrite=args.overwrite, log=PhaseLog(not args.quiet))
+        run_demo(
+            args.output,
+            tasks=tasks,
+            max_steps=args.max_steps,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            log=PhaseLog(not args.quiet),
+        )
     except KeyboardInterrupt:
         print("ptrag-sc demo: interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,11 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from typing import BinaryIO
 
 __all__ = [
     "LinkError",
@@ -64,7 +69,9 @@ def make_sibling_folder(target: Path, tag: str) -> Path:
     raise FileExistsError(f"Could not create a temporary folder beside {target}.")
 
 
-def _open(path, flags: int, dir_fd: int | None = None, mode: int = 0o666) -> int:
+def _open(
+    path: str | os.PathLike[str], flags: int, dir_fd: int | None = None, mode: int = 0o666
+) -> int:
     try:
         return os.open(path, flags | _NOFOLLOW | _CLOEXEC, mode, dir_fd=dir_fd)
     except OSError as exc:
@@ -99,12 +106,12 @@ def open_folder(path: Path) -> int:
     return os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
 
 
-def open_file(name: str, dir_fd: int):
+def open_file(name: str, dir_fd: int) -> BinaryIO:
     """A binary file object for the plain file ``name`` in the folder ``dir_fd``."""
     return os.fdopen(_open(name, os.O_RDONLY, dir_fd), "rb")
 
 
-def digest(handle) -> dict:
+def digest(handle: BinaryIO) -> dict:
     """``{"bytes", "sha256"}`` of an open binary file, read by blocks (then rewound)."""
     sha, size = hashlib.sha256(), 0
     for block in iter(lambda: handle.read(1 << 20), b""):
@@ -114,7 +121,7 @@ def digest(handle) -> dict:
     return {"bytes": size, "sha256": sha.hexdigest()}
 
 
-def open_verified(name: str, dir_fd: int, expected: dict, recorded_in: str):
+def open_verified(name: str, dir_fd: int, expected: dict, recorded_in: str) -> BinaryIO:
     """The plain file ``name`` of the folder ``dir_fd``, open, if its size and SHA-256 are
     ``expected`` (as :func:`digest` gives them); else a ``ValueError`` saying how it differs."""
     handle = open_file(name, dir_fd)
@@ -149,7 +156,7 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path):
+def folder_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (``flock``), so writers beside each other take turns.
 
     Without ``fcntl`` (Windows) or on file systems without locks, nothing is locked: each writer
@@ -210,7 +217,7 @@ def swap_in(new: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def replacing_folder(target: Path, *, overwrite: bool, keep_out: set[str]):
+def replacing_folder(target: Path, *, overwrite: bool, keep_out: set[str]) -> Iterator[Path]:
     """A new, empty folder to fill; when the block succeeds it replaces ``target`` whole.
 
     The entries of an existing ``target`` other than ``keep_out`` are carried over (hard links),
@@ -278,7 +285,7 @@ def carry_over(old: Path, new: Path, skip: set[str]) -> None:
                 link_or_copy(entry.path, str(new / entry.name))
 
 
-def download_missing(folder: Path, names: list[str], source) -> None:
+def download_missing(folder: Path, names: list[str], source: str | Mapping[str, str]) -> None:
     """Download the files ``names`` absent from ``folder``, each written whole or not at all.
 
     ``source`` is a base URL (names appended) or a mapping of name to URL (names it lacks are

@@ -27,7 +27,9 @@ def _as_level(level: int | str) -> int:
         if level < 0:
             raise ValueError(f"`verbosity` must be a non-negative logging level, got {level}.")
         return level
-    raise TypeError(f"`verbosity` must be a logging level (int or name), got {type(level).__name__}.")
+    raise TypeError(
+        f"`verbosity` must be a logging level (int or name), got {type(level).__name__}."
+    )
 
 
 class PTRAGSettings:
@@ -99,7 +101,9 @@ class PTRAGSettings:
             if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
                 value = int(value)
             else:
-                raise ValueError(f"`num_threads` must be a positive integer or None, got {value!r}.")
+                raise ValueError(
+                    f"`num_threads` must be a positive integer or None, got {value!r}."
+                )
         self._num_threads = value
 
     def __repr__(self) -> str:

@@ -16,4 +16,10 @@ from ._perturbench import perturbench_devel
 from ._replogle import read_replogle_nadig
 from ._synthetic import synthetic
 
-__all__ = ["papalexi_thp1", "papalexi_thp1_folds", "perturbench_devel", "read_replogle_nadig", "synthetic"]
+__all__ = [
+    "papalexi_thp1",
+    "papalexi_thp1_folds",
+    "perturbench_devel",
+    "read_replogle_nadig",
+    "synthetic",
+]

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:
+    import os
+    from importlib.resources.abc import Traversable
 
-def bundled(name: str):
+
+def bundled(name: str) -> Traversable:
     """A file of ``ptrag_sc/datasets/data`` (an importlib resource)."""
     return files("ptrag_sc.datasets").joinpath("data", name)
 
 
-def write_gene_embeddings(path, embeddings: pd.DataFrame, texts: pd.DataFrame, model: str) -> None:
+def write_gene_embeddings(
+    path: str | os.PathLike[str], embeddings: pd.DataFrame, texts: pd.DataFrame, model: str
+) -> None:
     """Write what :func:`read_gene_embeddings` reads: the embeddings (symbol x dimension) and,
     per symbol, the ``source`` and ``matched`` columns of :func:`ptrag_sc.pp.gene_texts`."""
     np.savez_compressed(

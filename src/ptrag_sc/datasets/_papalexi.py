@@ -95,7 +95,10 @@ def papalexi_thp1() -> AnnData:
     adata.uns["gene_embedding_source"] = source
     adata.uns["dataset"] = {
         "name": "papalexi_thp1",
-        "source": "Katsevich-Lab/sceptredata data/lowmoi_example_data.rda (commit ec722d5df90dfd34ace6cc9a5745ab6a5c2a6731)",
+        "source": (
+            "Katsevich-Lab/sceptredata data/lowmoi_example_data.rda "
+            "(commit ec722d5df90dfd34ace6cc9a5745ab6a5c2a6731)"
+        ),
         "license": "MIT (sceptredata authors, 2024)",
         "citation": [
             "Papalexi et al., Nat Genet 53:322 (2021)",
@@ -136,7 +139,13 @@ def papalexi_thp1_folds(n_folds: int = 5, *, seed: int = 0) -> list[list[str]]:
     """
     embeddings, _ = read_gene_embeddings(_EMBEDDINGS)
     targets = sorted(embeddings.index)
-    if isinstance(n_folds, bool) or not isinstance(n_folds, int | np.integer) or not 1 <= n_folds <= len(targets):
-        raise ValueError(f"`n_folds` must be an integer from 1 to {len(targets)}, got {n_folds!r}.")
+    if (
+        isinstance(n_folds, bool)
+        or not isinstance(n_folds, int | np.integer)
+        or not 1 <= n_folds <= len(targets)
+    ):
+        raise ValueError(
+            f"`n_folds` must be an integer from 1 to {len(targets)}, got {n_folds!r}."
+        )
     order = np.random.default_rng(seed).permutation(targets)
     return [sorted(str(g) for g in fold) for fold in np.array_split(order, n_folds)]

@@ -14,6 +14,7 @@ import pandas as pd
 from .._constants import DEFAULT_CONTROL_GROUP
 
 if TYPE_CHECKING:
+    import h5py
     from anndata import AnnData
 
 __all__ = ["read_replogle_nadig"]
@@ -23,7 +24,9 @@ REQUIRED_OBS = ("gene", "cell_line", "gem_group")
 UNS_NAME_KEYS = ("hvg_names", "X_hvg_names", "hvg_genes", "highly_variable_genes", "hvg")
 
 
-def _names_from_uns(f, width: int, hvg_key: str) -> tuple[np.ndarray | None, str | None]:
+def _names_from_uns(
+    f: h5py.File, width: int, hvg_key: str
+) -> tuple[np.ndarray | None, str | None]:
     from anndata.io import read_elem
 
     if "uns" not in f:
@@ -100,7 +103,9 @@ def read_replogle_nadig(
     --------
     >>> import ptrag_sc
     >>> adata = ptrag_sc.datasets.read_replogle_nadig("replogle.h5ad")  # doctest: +SKIP
-    >>> ptrag_sc.pp.few_shot_split(adata, held_out="hepg2", preset="replogle_nadig")  # doctest: +SKIP
+    >>> ptrag_sc.pp.few_shot_split(
+    ...     adata, held_out="hepg2", preset="replogle_nadig"
+    ... )  # doctest: +SKIP
     """
     import anndata
     import h5py
@@ -163,7 +168,8 @@ def read_replogle_nadig(
             names = np.asarray(list(var_names), dtype=str)
             if names.shape[0] != width:
                 raise ValueError(
-                    f"`var_names` has {names.shape[0]} names but obsm[{hvg_key!r}] has {width} columns."
+                    f"`var_names` has {names.shape[0]} names but obsm[{hvg_key!r}] has {width} "
+                    "columns."
                 )
             source = "argument"
         else:

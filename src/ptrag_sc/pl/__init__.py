@@ -25,4 +25,11 @@ from ._retrieval import retrieval_heatmap
 from ._screen import screen
 from ._shifts import shift_scatter
 
-__all__ = ["confidence", "metric_comparison", "retrieval_heatmap", "screen", "shift_scatter", "training_history"]
+__all__ = [
+    "confidence",
+    "metric_comparison",
+    "retrieval_heatmap",
+    "screen",
+    "shift_scatter",
+    "training_history",
+]

@@ -74,9 +74,13 @@ def confidence(
     >>> ptrag_sc.settings.progress_bar = False
     >>> scvi.settings.seed = 0
     >>> adata = ptrag_sc.datasets.synthetic(n_perturbations=12, n_genes=60)
-    >>> ptrag_sc.pp.few_shot_split(adata, held_out="cell_line_0", val_fraction=0.2, test_fraction=0.4, seed=0)
+    >>> ptrag_sc.pp.few_shot_split(
+    ...     adata, held_out="cell_line_0", val_fraction=0.2, test_fraction=0.4, seed=0
+    ... )
     >>> ptrag_sc.PTRAG.setup_anndata(adata)
-    >>> model = ptrag_sc.PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], n_hidden=32, n_layers=1)
+    >>> model = ptrag_sc.PTRAG(
+    ...     adata, perturbation_embeddings=adata.uns["gene_embeddings"], n_hidden=32, n_layers=1
+    ... )
     >>> model.train(max_steps=50, split_key="split")
     >>> model.predict(adata, key_added="ptrag")
     >>> scores = ptrag_sc.tl.evaluate(adata, pred_layer="ptrag", split_key="split")
@@ -86,38 +90,61 @@ def confidence(
 
     check_save(save)
     if not isinstance(results, pd.DataFrame):
-        raise TypeError(f"`results` must be the DataFrame of `ptrag_sc.tl.evaluate`, got {type(results).__name__}.")
+        raise TypeError(
+            "`results` must be the DataFrame of `ptrag_sc.tl.evaluate`, got "
+            f"{type(results).__name__}."
+        )
     if confidence_key not in adata.obs.columns:
         raise ValueError(
-            f"`adata.obs` has no column {confidence_key!r}: predict in place with a response memory "
-            "(`model.predict(adata, key_added=...)` writes `obs[key_added + '_confidence']`) or pass "
-            "`confidence_key=`."
+            f"`adata.obs` has no column {confidence_key!r}: predict in place with a response "
+            "memory (`model.predict(adata, key_added=...)` writes "
+            "`obs[key_added + '_confidence']`) or pass `confidence_key=`."
         )
     cell_type_col = cell_type_key or "cell_type"
     for column in (metric, perturbation_key, cell_type_col):
         if column not in results.columns:
-            raise ValueError(f"`results` has no column {column!r} (columns: {list(results.columns)}).")
+            raise ValueError(
+                f"`results` has no column {column!r} (columns: {list(results.columns)})."
+            )
     obs = adata.obs
     keys = {perturbation_key: obs[perturbation_key].astype(str).to_numpy()}
-    keys[cell_type_col] = obs[cell_type_key].astype(str).to_numpy() if cell_type_key else np.full(adata.n_obs, "all")
+    keys[cell_type_col] = (
+        obs[cell_type_key].astype(str).to_numpy() if cell_type_key else np.full(adata.n_obs, "all")
+    )
     per_pair = (
         pd.DataFrame({**keys, "confidence": obs[confidence_key].to_numpy(dtype=float)})
         .dropna()
         .groupby([cell_type_col, perturbation_key], observed=True)["confidence"]
         .mean()
     )
-    rows = results[[cell_type_col, perturbation_key, metric]].astype({cell_type_col: str, perturbation_key: str})
-    pairs = rows.join(per_pair, on=[cell_type_col, perturbation_key]).dropna(subset=["confidence", metric])
+    rows = results[[cell_type_col, perturbation_key, metric]].astype(
+        {cell_type_col: str, perturbation_key: str}
+    )
+    pairs = rows.join(per_pair, on=[cell_type_col, perturbation_key]).dropna(
+        subset=["confidence", metric]
+    )
     if pairs.empty:
-        raise ValueError(f"No (cell type, perturbation) of `results` has a confidence in `obs[{confidence_key!r}]`.")
+        raise ValueError(
+            "No (cell type, perturbation) of `results` has a confidence in "
+            f"`obs[{confidence_key!r}]`."
+        )
 
     fig, ax_ = single_ax(ax, figsize)
     ax_.scatter(pairs["confidence"], pairs[metric], s=28, color="#3b6ea5", alpha=0.8)
     if label:
         for _, row in pairs.iterrows():
-            ax_.annotate(str(row[perturbation_key]), (row["confidence"], row[metric]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+            ax_.annotate(
+                str(row[perturbation_key]),
+                (row["confidence"], row[metric]),
+                fontsize=7,
+                xytext=(3, 2),
+                textcoords="offset points",
+            )
     rho = spearmanr(pairs["confidence"], pairs[metric]).statistic if len(pairs) > 2 else np.nan
     ax_.set_xlabel(f"confidence ({confidence_key})")
     ax_.set_ylabel(f"measured {metric}")
-    ax_.set_title(f"Spearman {rho:.2f}, n = {len(pairs)}" if np.isfinite(rho) else f"n = {len(pairs)}", fontsize="medium")
+    ax_.set_title(
+        f"Spearman {rho:.2f}, n = {len(pairs)}" if np.isfinite(rho) else f"n = {len(pairs)}",
+        fontsize="medium",
+    )
     return finish(fig, ax_, show=show, save=save, created=ax is None)

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
     from matplotlib.axes import Axes
 
+    from ..model import PTRAG
+
 #: Panels of :func:`training_history` and the ``model.history`` keys each one draws.
 PANELS = {
     "energy": ("train_energy", "validation_energy"),
@@ -30,7 +32,7 @@ _YLABEL = {
 
 
 def training_history(
-    model_or_history,
+    model_or_history: PTRAG | Mapping[str, pd.DataFrame],
     *,
     panels: Sequence[str] | str | None = None,
     mark_best: bool = True,
@@ -137,7 +139,7 @@ def training_history(
     return finish(fig, result, show=show, save=save, created=created)
 
 
-def _history(obj) -> tuple[dict, int | None]:
+def _history(obj: object) -> tuple[dict, int | None]:
     """The history dict and the kept epoch (``None`` when unknown)."""
     if isinstance(obj, Mapping):
         if not obj:
@@ -154,7 +156,7 @@ def _history(obj) -> tuple[dict, int | None]:
     return dict(obj.history), None if best is None else int(best)
 
 
-def _series(value, key: str) -> pd.Series:
+def _series(value: object, key: str) -> pd.Series:
     if isinstance(value, pd.DataFrame):
         if value.shape[1] != 1:
             raise ValueError(f"history[{key!r}] must have one column, got {value.shape[1]}.")

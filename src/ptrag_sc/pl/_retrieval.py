@@ -146,8 +146,8 @@ def retrieval_heatmap(
     :meth:`ptrag_sc.PTRAG.get_retrieval`): rows are the query perturbations, columns the
     stage-1 candidates (``"GENE @ cell type"`` for a response memory, where the same gene
     measured in different cell types is a different entry), ordered by the best rank they
-    reach (a ``"<context mean>"`` row, if the table has one, comes last). Blank cells: candidate not
-    retrieved for that query. With ``mark_selected``, a white dot marks the candidates that
+    reach (a ``"<context mean>"`` row, if the table has one, comes last). Blank cells: candidate
+    not retrieved for that query. With ``mark_selected``, a white dot marks the candidates that
     stage 2 keeps for most cells (``selected``).
 
     Parameters

@@ -75,11 +75,15 @@ def screen(
     >>> ax = ptrag_sc.pl.screen(hits, n_top=5, show=False)
     """
     if not isinstance(screen_df, pd.DataFrame):
-        raise TypeError(f"`screen_df` must be the DataFrame returned by `ptrag_sc.tl.screen(...)`, got {type(screen_df).__name__}.")
+        raise TypeError(
+            "`screen_df` must be the DataFrame returned by `ptrag_sc.tl.screen(...)`, got "
+            f"{type(screen_df).__name__}."
+        )
     missing = [c for c in _REQUIRED if c not in screen_df.columns]
     if missing:
         raise ValueError(
-            f"`screen_df` lacks column(s) {missing}; expected the output of `ptrag_sc.tl.screen(...)` "
+            f"`screen_df` lacks column(s) {missing}; expected the output of "
+            "`ptrag_sc.tl.screen(...)` "
             f"(columns: {list(screen_df.columns)})."
         )
     if screen_df.empty:
@@ -96,8 +100,14 @@ def screen(
         wanted = [cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type]
         absent = [c for c in wanted if c not in present]
         if absent:
-            raise ValueError(f"`cell_type` {absent} not in the table (cell types: {present[:10]}).")
-    highlight = [] if highlight is None else ([highlight] if isinstance(highlight, str) else [str(h) for h in highlight])
+            raise ValueError(
+                f"`cell_type` {absent} not in the table (cell types: {present[:10]})."
+            )
+    highlight = (
+        []
+        if highlight is None
+        else ([highlight] if isinstance(highlight, str) else [str(h) for h in highlight])
+    )
     unknown = sorted(set(highlight) - set(df["perturbation"].astype(str)))
     if unknown:
         raise ValueError(f"`highlight` names perturbation(s) not in the table: {unknown[:10]}.")
@@ -109,20 +119,43 @@ def screen(
     return finish(fig, axes[0] if len(axes) == 1 else axes, show=show, save=save, created=created)
 
 
-def _panel(ax, df: pd.DataFrame, cell_type: str, n_top: int, highlight: list[str]) -> None:
+def _panel(ax: Axes, df: pd.DataFrame, cell_type: str, n_top: int, highlight: list[str]) -> None:
     rank = df["rank"].to_numpy(dtype=float)
     score = df["score"].to_numpy(dtype=float)
     if "measured_in_cell_type" in df.columns:
         measured = df["measured_in_cell_type"].to_numpy(dtype=bool)
-        ax.scatter(rank[~measured], score[~measured], s=6, color=_UNMEASURED, alpha=0.6, linewidths=0, label="predicted only", rasterized=len(df) > 2000)
-        ax.scatter(rank[measured], score[measured], s=14, color=_MEASURED, alpha=0.9, linewidths=0, label="measured in this cell type")
+        ax.scatter(
+            rank[~measured],
+            score[~measured],
+            s=6,
+            color=_UNMEASURED,
+            alpha=0.6,
+            linewidths=0,
+            label="predicted only",
+            rasterized=len(df) > 2000,
+        )
+        ax.scatter(
+            rank[measured],
+            score[measured],
+            s=14,
+            color=_MEASURED,
+            alpha=0.9,
+            linewidths=0,
+            label="measured in this cell type",
+        )
         ax.legend(loc="upper right", fontsize=7, frameon=False)
     else:
-        ax.scatter(rank, score, s=6, color=_UNMEASURED, alpha=0.7, linewidths=0, rasterized=len(df) > 2000)
+        ax.scatter(
+            rank, score, s=6, color=_UNMEASURED, alpha=0.7, linewidths=0, rasterized=len(df) > 2000
+        )
     names = df["perturbation"].astype(str).to_numpy()
-    labelled = list(range(min(n_top, len(df)))) + [i for i in np.flatnonzero(np.isin(names, highlight)) if i >= n_top]
+    labelled = list(range(min(n_top, len(df)))) + [
+        i for i in np.flatnonzero(np.isin(names, highlight)) if i >= n_top
+    ]
     for j, i in enumerate(labelled):
-        ax.scatter([rank[i]], [score[i]], s=24, facecolors="none", edgecolors="black", linewidths=0.7)
+        ax.scatter(
+            [rank[i]], [score[i]], s=24, facecolors="none", edgecolors="black", linewidths=0.7
+        )
         ax.annotate(
             names[i],
             (rank[i], score[i]),
@@ -135,4 +168,7 @@ def _panel(ax, df: pd.DataFrame, cell_type: str, n_top: int, highlight: list[str
         ax.set_xscale("log")
     ax.set_xlabel("rank")
     ax.set_ylabel("score")
-    ax.set_title(f"{cell_type}: {len(df)} perturbations" if cell_type else f"{len(df)} perturbations", fontsize=9)
+    ax.set_title(
+        f"{cell_type}: {len(df)} perturbations" if cell_type else f"{len(df)} perturbations",
+        fontsize=9,
+    )

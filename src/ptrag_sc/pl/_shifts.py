@@ -138,7 +138,7 @@ def compute_shifts(
             f"cell_type={wanted_ct}, split_key={split_key!r}, split_values={split_values})."
         )
 
-    def real_rows(idx) -> np.ndarray:
+    def real_rows(idx: np.ndarray) -> np.ndarray:
         rows = dense_rows(real_mat, idx)
         return rows if gene_idx is None else rows[:, gene_idx]
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 _NON_INTERACTIVE = ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template")
 
 
-def check_ax(ax) -> None:
+def check_ax(ax: object) -> None:
     """Raise a TypeError unless ``ax`` is ``None`` or a matplotlib Axes."""
     from matplotlib.axes import Axes
 
@@ -24,7 +24,7 @@ def check_ax(ax) -> None:
         raise TypeError(f"`ax` must be a matplotlib Axes or None, got {type(ax).__name__}.")
 
 
-def check_save(save) -> None:
+def check_save(save: object) -> None:
     """Raise a TypeError unless ``save`` is ``None``, a str or a path."""
     if save is not None and (isinstance(save, bool) or not isinstance(save, str | os.PathLike)):
         raise TypeError(
@@ -83,7 +83,14 @@ def grid(
     return fig, flat[:n_panels]
 
 
-def finish(fig: Figure, axes, *, show: bool | None, save, created: bool):
+def finish(
+    fig: Figure,
+    axes: Axes | list[Axes],
+    *,
+    show: bool | None,
+    save: str | os.PathLike[str] | None,
+    created: bool,
+) -> Axes | list[Axes] | None:
     """Save and/or show the figure; return the Axes unless the figure was shown.
 
     ``show=None`` shows the figure when the function made it (``created``), scanpy-style;

@@ -1,4 +1,5 @@
-"""Preprocessing: guide assignment, gene embeddings, gene texts, symbol resolution and few-shot splits.
+"""Preprocessing: guide assignment, gene embeddings, gene texts, symbol resolution and few-shot
+splits.
 
 Perturbation labels of a screen with guide capture (ECCITE-seq, CROP-seq) come from its guide
 counts (:func:`assign_guides`).

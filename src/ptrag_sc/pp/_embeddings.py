@@ -360,7 +360,8 @@ def _texts_as_series(texts: Any) -> pd.Series:
     if isinstance(texts, pd.DataFrame):
         if "text" not in texts.columns:
             raise ValueError(
-                f"A DataFrame of texts needs a 'text' column; it has {list(map(str, texts.columns))}."
+                "A DataFrame of texts needs a 'text' column; it has "
+                f"{list(map(str, texts.columns))}."
             )
         series = texts["text"]
     elif isinstance(texts, pd.Series):

@@ -1,4 +1,5 @@
-"""Guide assignment: which gRNA (and so which target gene) each cell of a Perturb-seq screen got."""
+"""Guide assignment: which gRNA (and so which target gene) each cell of a Perturb-seq screen
+got."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from .._constants import DEFAULT_CONTROL_GROUP
 from ._symbols import _format_list
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from anndata import AnnData
 
 __all__ = ["GUIDE_ASSIGNED", "assign_guides", "guide_columns"]
@@ -139,7 +142,8 @@ def assign_guides(
     >>> import pandas as pd
     >>> import ptrag_sc
     >>> counts = np.array([[12, 1, 0], [0, 9, 6], [2, 0, 0], [0, 0, 7]])
-    >>> var = pd.DataFrame({"target_gene": ["STAT1", "IRF1", "non-targeting"]}, index=["STAT1g1", "IRF1g1", "NTg1"])
+    >>> targets = {"target_gene": ["STAT1", "IRF1", "non-targeting"]}
+    >>> var = pd.DataFrame(targets, index=["STAT1g1", "IRF1g1", "NTg1"])
     >>> guides = ad.AnnData(counts.astype(np.float32), var=var)
     >>> ptrag_sc.pp.assign_guides(guides)
     >>> guides.obs["guide_target"].tolist()
@@ -151,18 +155,25 @@ def assign_guides(
 
     if not isinstance(guides, AnnData):
         raise TypeError(
-            f"`guides` must be an AnnData of guide counts (cells x guides), got {type(guides).__name__}. "
+            "`guides` must be an AnnData of guide counts (cells x guides), got "
+            f"{type(guides).__name__}. "
             "For a MuData pass its guide modality, e.g. `mdata.mod['gdo']`."
         )
     if copy and not inplace:
-        raise ValueError("`copy=True` returns a copy with the columns written; it cannot be combined with `inplace=False`.")
+        raise ValueError(
+            "`copy=True` returns a copy with the columns written; it cannot be combined with "
+            "`inplace=False`."
+        )
     min_umi = _check_number("min_umi", min_umi)
     min_ratio = _check_number("min_ratio", min_ratio)
     if min_umi <= 0:
-        raise ValueError(f"`min_umi` must be positive (a guide needs UMIs to be called), got {min_umi}.")
+        raise ValueError(
+            f"`min_umi` must be positive (a guide needs UMIs to be called), got {min_umi}."
+        )
     if min_ratio < 1:
         raise ValueError(
-            f"`min_ratio` must be at least 1 (the top guide's count over the second's), got {min_ratio}."
+            "`min_ratio` must be at least 1 (the top guide's count over the second's), got "
+            f"{min_ratio}."
         )
     if guides.n_vars == 0:
         raise ValueError("`guides` has no guides (0 variables).")
@@ -170,14 +181,15 @@ def assign_guides(
         columns = list(map(str, guides.var.columns))
         raise KeyError(
             f"`target_key={target_key!r}` is not a column of `guides.var`. Existing columns: "
-            f"{columns[:30]}{' ...' if len(columns) > 30 else ''}. Add each guide's target gene, e.g. "
-            "`guides.var['target_gene'] = ...`."
+            f"{columns[:30]}{' ...' if len(columns) > 30 else ''}. Add each guide's target gene, "
+            "e.g. `guides.var['target_gene'] = ...`."
         )
     targets = guides.var[target_key]
     if targets.isna().any():
         bad = guides.var_names[targets.isna().to_numpy()].tolist()
         raise ValueError(
-            f"`guides.var[{target_key!r}]` has no target for {len(bad)} guide(s): {_format_list(bad, 10)}. "
+            f"`guides.var[{target_key!r}]` has no target for {len(bad)} guide(s): "
+            f"{_format_list(bad, 10)}. "
             "Give control guides their control label (see `control_targets`)."
         )
     if isinstance(control_targets, str):
@@ -187,8 +199,9 @@ def assign_guides(
     is_control = np.isin(targets, control_targets)
     if not is_control.any():
         warnings.warn(
-            f"No guide targets any of `control_targets={control_targets}` in `guides.var[{target_key!r}]` "
-            f"(targets include {_format_list(sorted(set(targets)), 10)}); no cell will be labelled "
+            f"No guide targets any of `control_targets={control_targets}` in "
+            f"`guides.var[{target_key!r}]` (targets include "
+            f"{_format_list(sorted(set(targets)), 10)}); no cell will be labelled "
             f"{control_group!r}.",
             UserWarning,
             stacklevel=2,
@@ -200,15 +213,22 @@ def assign_guides(
     if layer is None:
         X, where = guides.X, "`guides.X`"
         if X is None:
-            raise ValueError("`guides.X` is empty; pass `layer=` naming the layer with guide counts.")
+            raise ValueError(
+                "`guides.X` is empty; pass `layer=` naming the layer with guide counts."
+            )
     else:
         if layer not in guides.layers:
-            raise KeyError(f"`layer={layer!r}` is not in `guides.layers`. Existing layers: {list(guides.layers.keys())}.")
+            raise KeyError(
+                f"`layer={layer!r}` is not in `guides.layers`. Existing layers: "
+                f"{list(guides.layers.keys())}."
+            )
         X, where = guides.layers[layer], f"`guides.layers[{layer!r}]`"
     top_idx, top, second = _top_two(X, where)
 
     assigned = (top >= min_umi) & (top >= min_ratio * second) & (top > second)
-    status = np.where(top < min_umi, unassigned, np.where(assigned, GUIDE_ASSIGNED, multiplet)).astype(object)
+    status = np.where(
+        top < min_umi, unassigned, np.where(assigned, GUIDE_ASSIGNED, multiplet)
+    ).astype(object)
     guide = status.copy()
     target = status.copy()
     guide[assigned] = guide_names[top_idx[assigned]]
@@ -220,7 +240,9 @@ def assign_guides(
             names["target"]: pd.Categorical(target),
             names["top_umi"]: top,
             names["second_umi"]: second,
-            names["status"]: pd.Categorical(status, categories=_unique([GUIDE_ASSIGNED, unassigned, multiplet])),
+            names["status"]: pd.Categorical(
+                status, categories=_unique([GUIDE_ASSIGNED, unassigned, multiplet])
+            ),
         },
         index=guides.obs_names.copy(),
     )
@@ -232,7 +254,7 @@ def assign_guides(
     return out if copy else None
 
 
-def _check_number(name: str, value) -> float:
+def _check_number(name: str, value: object) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError) as err:
@@ -246,12 +268,20 @@ def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _check_labels(unassigned, multiplet, control_group, guide_labels: np.ndarray, guide_names: np.ndarray) -> None:
+def _check_labels(
+    unassigned: object,
+    multiplet: object,
+    control_group: object,
+    guide_labels: np.ndarray,
+    guide_names: np.ndarray,
+) -> None:
     for name, value in (("unassigned", unassigned), ("multiplet", multiplet)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"`{name}` must be a non-empty string, got {value!r}.")
         if value == GUIDE_ASSIGNED:
-            raise ValueError(f"`{name}={value!r}` is the status of assigned cells; choose another label.")
+            raise ValueError(
+                f"`{name}={value!r}` is the status of assigned cells; choose another label."
+            )
         if value == str(control_group):
             raise ValueError(f"`{name}={value!r}` equals `control_group`; choose another label.")
         if value in set(guide_labels):
@@ -262,24 +292,28 @@ def _check_labels(unassigned, multiplet, control_group, guide_labels: np.ndarray
         raise ValueError(f"`unassigned` and `multiplet` must differ, both are {unassigned!r}.")
 
 
-def _check_counts(values: np.ndarray, rows, where: str) -> None:
+def _check_counts(
+    values: np.ndarray, rows: Callable[[np.ndarray], np.ndarray], where: str
+) -> None:
     """Reject NaN, infinite and negative counts; ``rows(mask)`` gives the rows of bad values."""
     bad = ~np.isfinite(values)
     if bad.any():
         cells = rows(bad)
         raise ValueError(
-            f"{where} holds NaN or infinite guide counts in {len(cells)}+ cell(s) (first rows: {cells[:5].tolist()})."
+            f"{where} holds NaN or infinite guide counts in {len(cells)}+ cell(s) (first rows: "
+            f"{cells[:5].tolist()})."
         )
     bad = values < 0
     if bad.any():
         cells = rows(bad)
         raise ValueError(
-            f"{where} holds negative guide counts in {len(cells)}+ cell(s) (first rows: {cells[:5].tolist()}, "
+            f"{where} holds negative guide counts in {len(cells)}+ cell(s) (first rows: "
+            f"{cells[:5].tolist()}, "
             f"min {values.min():.3g}); pass raw UMI counts."
         )
 
 
-def _top_two(X, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _top_two(X: np.ndarray | sp.spmatrix, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row: column of the largest value (``-1`` if none stored), the largest and second
     largest values (float64; missing ones are 0). Ties go to the lowest column."""
     n_obs, n_vars = X.shape
@@ -316,7 +350,9 @@ def _top_two(X, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not (np.issubdtype(block.dtype, np.number) or block.dtype == bool):
             raise TypeError(f"{where} must hold numbers, got dtype {block.dtype}.")
         block = block.astype(np.float64, copy=False)
-        _check_counts(block, lambda bad, start=start: np.flatnonzero(bad.any(axis=1)) + start, where)
+        _check_counts(
+            block, lambda bad, start=start: np.flatnonzero(bad.any(axis=1)) + start, where
+        )
         stop = start + block.shape[0]
         top_idx[start:stop] = np.argmax(block, axis=1)
         top[start:stop] = block[np.arange(block.shape[0]), top_idx[start:stop]]

@@ -1,4 +1,5 @@
-"""Tools: evaluation metrics, summaries, cell-eval export and cell-eval2 scores, honest baselines and in-silico screens."""
+"""Tools: evaluation metrics, summaries, cell-eval export and cell-eval2 scores, honest baselines
+and in-silico screens."""
 
 from __future__ import annotations
 

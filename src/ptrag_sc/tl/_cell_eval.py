@@ -114,7 +114,9 @@ def to_cell_eval(
     >>> adata = ptrag_sc.datasets.perturbench_devel(subset="glioblastoma")
     >>> ptrag_sc.pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=["MAPK1", "SGK1"])
     >>> ptrag_sc.tl.predict_baseline(adata, "context_mean", split_key="split", key_added="ptrag")
-    >>> pred, real = ptrag_sc.tl.to_cell_eval(adata, cell_type_key="cell_line", cell_types="U87MG", split_key="split")
+    >>> pred, real = ptrag_sc.tl.to_cell_eval(
+    ...     adata, cell_type_key="cell_line", cell_types="U87MG", split_key="split"
+    ... )
     >>> sorted(set(pred.obs["target_gene"])), pred.shape == real.shape
     (['MAPK1', 'SGK1', 'non-targeting'], True)
 

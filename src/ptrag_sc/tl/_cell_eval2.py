@@ -1,4 +1,5 @@
-"""Score a prediction with cell-eval2's vcc2026 members, rescaled between the generic response and a replicate."""
+"""Score a prediction with cell-eval2's vcc2026 members, rescaled between the generic response
+and a replicate."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from ._cell_eval import to_cell_eval
 from ._utils import as_str_tuple, labels
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
+    from types import ModuleType
+    from typing import Any
 
     from anndata import AnnData
 
@@ -251,7 +254,7 @@ def score_cell_eval2(
     return pd.concat(frames, ignore_index=True)
 
 
-def _import_cell_eval2():
+def _import_cell_eval2() -> ModuleType:
     try:
         import cell_eval2
         import pdex  # noqa: F401  (the DE backend cell-eval2 is told to use)
@@ -260,7 +263,7 @@ def _import_cell_eval2():
     return cell_eval2
 
 
-def _config(cell_eval2, real, num_threads: int):
+def _config(cell_eval2: ModuleType, real: AnnData, num_threads: int) -> Any:
     """cell-eval2's vcc2026 preset, on log1p input, pdex DE on CPU, for the pair's labels."""
     base = cell_eval2.EvalConfig.from_preset("vcc2026")
     targets = set(real.obs[_PERT_COL].astype(str)) - {_CONTROL}
@@ -277,7 +280,7 @@ def _config(cell_eval2, real, num_threads: int):
     )
 
 
-def _members(cfg) -> list[str]:
+def _members(cfg: Any) -> list[str]:
     """The scored members of the profile, under the names cell-eval2 emits."""
     from cell_eval2.catalog import _NAME_TO_CANONICAL, CATALOG
     from cell_eval2.run import metric_output_names
@@ -286,20 +289,20 @@ def _members(cfg) -> list[str]:
     return [n for n in names if CATALOG[_NAME_TO_CANONICAL.get(n, n)].scoring.scored]
 
 
-def _mean_row(agg) -> dict[str, float]:
+def _mean_row(agg: Any) -> dict[str, float]:
     """``{metric: mean}`` of an ``aggregate_metrics_wide`` frame."""
     row = agg.filter(agg["statistic"] == "mean").drop("statistic")
     return {k: _float(v) for k, v in row.row(0, named=True).items()}
 
 
-def _float(value) -> float:
+def _float(value: object) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
 
 
-def _replicate_policy(policy, replicate: float):
+def _replicate_policy(policy: Any, replicate: float) -> Any:
     """The member's cell-eval2 policy anchored at the replicate; None when none is usable."""
     if not math.isfinite(replicate):
         return None
@@ -313,7 +316,9 @@ def _refusal(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _member_by_member(members, cfg, values_of) -> tuple[dict[str, float], dict[str, str]]:
+def _member_by_member(
+    members: list[str], cfg: Any, values_of: Callable[[Any], dict[str, float]]
+) -> tuple[dict[str, float], dict[str, str]]:
     """Each member computed alone with ``values_of(config) -> {metric: value}``.
 
     Returns the values and, for the members cell-eval2 refused, the refusal text.
@@ -327,7 +332,16 @@ def _member_by_member(members, cfg, values_of) -> tuple[dict[str, float], dict[s
     return values, refusals
 
 
-def _references(cell_eval2, real, cfg, members, *, n_splits, seed, cache) -> dict:
+def _references(
+    cell_eval2: ModuleType,
+    real: AnnData,
+    cfg: Any,
+    members: list[str],
+    *,
+    n_splits: int,
+    seed: int,
+    cache: dict,
+) -> dict:
     """Baseline and replicate of one context (cached on the real cells and the settings)."""
     digest = hashlib.sha1()
     digest.update("\n".join(map(str, real.obs_names)).encode())
@@ -339,12 +353,12 @@ def _references(cell_eval2, real, cfg, members, *, n_splits, seed, cache) -> dic
     from cell_eval2.anchor import _derive_seeds, build_meta, compute_replicate_anchor
     from cell_eval2.catalog import resolve_metrics
 
-    def baseline_of(config, allow_degenerate=True):
+    def baseline_of(config: Any, allow_degenerate: bool = True) -> Any:
         return cell_eval2.build_generic_baseline(
             real, config=config, emit="tile", allow_degenerate=allow_degenerate
         )
 
-    def replicate_of(config):
+    def replicate_of(config: Any) -> dict[str, float]:
         _, anchor = compute_replicate_anchor(
             real, config=config, base_seed=seed, n_splits=n_splits
         )
@@ -394,7 +408,14 @@ def _references(cell_eval2, real, cfg, members, *, n_splits, seed, cache) -> dic
 
 
 def _score_one_context(
-    cell_eval2, pred, real, *, n_splits, seed, num_threads, cache
+    cell_eval2: ModuleType,
+    pred: AnnData,
+    real: AnnData,
+    *,
+    n_splits: int,
+    seed: int,
+    num_threads: int,
+    cache: dict,
 ) -> pd.DataFrame:
     from cell_eval2.anchor import write_anchor
     from cell_eval2.baseline import build_run_meta

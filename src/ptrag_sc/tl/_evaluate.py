@@ -54,10 +54,20 @@ METRIC_COLUMNS = (
     "split_half_pearson",
 )
 #: Metrics of :data:`METRIC_COLUMNS` where lower is better (the others: higher is better).
-LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "mse_pca", "w1", "w2", "mmd", "energy", "discrimination_l1"})
+LOWER_IS_BETTER = frozenset(
+    {"mse", "rmse", "mae", "mse_pca", "w1", "w2", "mmd", "energy", "discrimination_l1"}
+)
 
 
-def resolve_inputs(adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group):
+def resolve_inputs(
+    adata: AnnData,
+    reference: AnnData | None,
+    pred_layer: str,
+    real_layer: str | None,
+    perturbation_key: str,
+    cell_type_key: str | None,
+    control_group: str,
+) -> tuple:
     """Matrices and labels shared by :func:`evaluate` and :func:`ptrag_sc.pl.shift_scatter`.
 
     Returns ``(pred matrix, real matrix, reference AnnData, its name in messages, gene index
@@ -264,7 +274,8 @@ def evaluate(
         raise ValueError(f"`ot_large={ot_large!r}` must be 'subsample' or 'sinkhorn'.")
     if discrimination_reference not in ("evaluated", "all"):
         raise ValueError(
-            f"`discrimination_reference={discrimination_reference!r}` must be 'evaluated' or 'all'."
+            f"`discrimination_reference={discrimination_reference!r}` must be 'evaluated' or "
+            "'all'."
         )
     if n_top_de < 1 or n_pcs < 1 or ot_max_cells < 2 or pca_max_cells < 2:
         raise ValueError(
