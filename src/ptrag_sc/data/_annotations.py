@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._symbols import gene_table, resolve_gene_symbols
+
 
 @lru_cache(maxsize=1)
 def _shipped_go() -> pd.Series:
-    from ..pp._gene_text import _annotations
-
-    table = _annotations()
+    table = gene_table()
     return table["go"].fillna("").astype(str)
 
 
@@ -38,8 +38,6 @@ class GeneAnnotations:
         unknown = sorted({g for g in genes if g not in self._resolved and g not in self._index})
         if not unknown:
             return
-        from ..pp import resolve_gene_symbols
-
         mapping = resolve_gene_symbols(unknown, self._index, warn=False).mapping
         for gene in unknown:
             symbol = mapping.get(gene)
@@ -49,9 +47,7 @@ class GeneAnnotations:
         if gene not in self._resolved:
             symbol = gene if gene in self._index else None
             if symbol is None:
-                from ..pp import resolve_gene_symbols
-
-                symbol = resolve_gene_symbols([gene], self._index, warn=False).mapping.get(gene)
+                        symbol = resolve_gene_symbols([gene], self._index, warn=False).mapping.get(gene)
             if symbol is None:
                 self._resolved[gene] = []
             else:

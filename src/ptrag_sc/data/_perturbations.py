@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._symbols import resolve_gene_symbols
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
@@ -119,8 +121,6 @@ class PerturbationEncoder:
         if not self.aliases:
             return None
         if gene not in self._resolved:
-            from ..pp import resolve_gene_symbols
-
             mapping = resolve_gene_symbols([gene], self.table.index, warn=False).mapping
             self._resolved[gene] = mapping.get(gene)
         return self._resolved[gene]

@@ -20,10 +20,10 @@ from .._constants import (
     UNS_KEY,
 )
 from .._settings import settings
+from .._symbols import _format_list
 from .._utils import flush_denormal, progress_bar, settings_threads
 from ..data import NO_CELL_TYPE, count_prediction_batches, match_controls, prediction_batches
 from ..data._writers import DenseLayerWriter, H5ADWriter, SparseLayerWriter
-from ..pp._symbols import _format_list
 from ._guard import local_random, predicts
 from ._validation import (
     check_anndata,

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ..pp._symbols import _format_list
+from .._symbols import _format_list
 
 if TYPE_CHECKING:
     from ..model import PTRAG

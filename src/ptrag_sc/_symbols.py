@@ -1,4 +1,8 @@
-"""Gene-symbol resolution: exact, case-insensitive and alias / previous-symbol matching."""
+"""Gene symbols: resolution (exact, case-insensitive, aliases and previous symbols) and the
+shipped gene tables it reads (NCBI Gene via Bioconductor org.Hs.eg.db 3.16, in ``pp/data``).
+
+Below the data layer, which resolves labels and annotations through it; re-exported by
+:mod:`ptrag_sc.pp`."""
 
 from __future__ import annotations
 
@@ -19,7 +23,18 @@ _USER_PRIORITY = -1
 
 
 def _data_path(name: str):
-    return files("ptrag_sc.pp").joinpath(_DATA, name)
+    """A shipped gene table (read from the package folder, without importing ``pp``)."""
+    return files("ptrag_sc") / "pp" / _DATA / name
+
+
+@lru_cache(maxsize=1)
+def gene_table() -> pd.DataFrame:
+    """The shipped table of human genes (name, type, GO terms), indexed by official symbol."""
+    with _data_path("gene_annotations.tsv.gz").open("rb") as fh:
+        df = pd.read_csv(
+            fh, sep="\t", compression="gzip", dtype=str, keep_default_na=False, na_values=[]
+        )
+    return df.set_index("symbol")
 
 
 @lru_cache(maxsize=1)
