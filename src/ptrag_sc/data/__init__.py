@@ -4,7 +4,6 @@ its index, and the sets and batches the module consumes (for training and predic
 from ._builder import SetBuilder, count_prediction_batches, prediction_batches
 from ._cells import NO_CELL_TYPE, PerturbationData, SetupArgs, expression_matrix
 from ._datamodule import SetDataModule
-from ._evidence import SOURCES as EVIDENCE_SOURCES
 from ._fields import PerturbationField
 from ._index import NeighbourIndex
 from ._matrix import ExpressionMatrix, column_max, group_means, group_sums
@@ -12,6 +11,7 @@ from ._memory import RetrievalMemory, build_memory, memory_from_cells, memory_fr
 from ._pairing import match_controls
 from ._perturbations import PerturbationEncoder, normalise_labels, validate_embedding_table
 from ._sets import SetGroups
+from ._sources import SOURCES as EVIDENCE_SOURCES
 
 __all__ = [
     "EVIDENCE_SOURCES",

@@ -172,14 +172,19 @@ class _Folder:
             raise _error(path, f"not safetensors: {type(exc).__name__}: {exc}.") from None
 
 
-def _read_v2(folder: _Folder) -> dict:
+def _read(folder: _Folder) -> dict:
     content = _schema.deserialise(folder.manifest, folder.tensors())
     return {**content, "adata": ADATA_FNAME in folder.manifest["files"]}
 
 
-#: Format versions read (1: ptrag_sc 0.1.0), each by a function giving a folder's content in the
-#: current form: ``var_names``, ``registry``, ``attributes``, ``state`` (weights), ``adata``.
-MIGRATIONS = {1: _legacy.read_v1, 2: _read_v2}
+#: Format versions read (1: ptrag_sc 0.1.0; 3: the evidence sources' fits by source name), each
+#: by a function giving a folder's content in the current form: ``var_names``, ``registry``,
+#: ``attributes``, ``state`` (weights), ``adata``.
+MIGRATIONS = {
+    1: _legacy.read_v1,
+    2: lambda folder: _legacy.sources_by_name(_read(folder)),
+    3: _read,
+}
 
 
 def read_model_files(dir_path, prefix=None, backup_url=None) -> tuple[Path, dict]:

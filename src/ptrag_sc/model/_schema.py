@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from ..data import RetrievalMemory
+from ..data._sources import SOURCES
 
 __all__ = [
     "FORMAT_NAME",
@@ -51,7 +52,7 @@ __all__ = [
 #: Name written into every manifest; anything else is not a ptrag_sc model.
 FORMAT_NAME = "ptrag_sc.model"
 #: Version of the layout written (``ptrag_sc.model._io.MIGRATIONS`` lists those read).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 _TAGS = {"$tensor": {"object"}, "$strings": {"shape", "object"}, "$float": set(), "$frame": set()}
 _OPTIONAL = (type(None),)
@@ -394,6 +395,11 @@ def check_content(content: dict, written: str) -> str | None:
         missing, unknown = sorted(required - saved), sorted(saved - set(known))
         problems = [f"lacks the field(s) {missing} that this version needs"] if missing else []
         problems += [f"has field(s) {unknown} this version does not know"] if unknown else []
+        stacked = np.ravel(memory.get("evidence_model.sources", [])).astype(str)
+        foreign = sorted(map(str, set(stacked) - set(SOURCES)))
+        problems += [f"stacks evidence source(s) {foreign} this version does not have"] * bool(
+            foreign
+        )
         if problems:
             return (
                 f"its retrieval memory ({written}) {' and '.join(problems)}. Load it with the "

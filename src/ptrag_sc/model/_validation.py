@@ -139,7 +139,7 @@ def check_model_options(options: dict) -> dict:
     options["dropout"] = finite_float("dropout", options["dropout"], minimum=0.0, maximum=1.0)
     check_choice("gene_annotations", options["gene_annotations"], ("go", None))
     if options["evidence"] is not None:
-        from ..data._evidence import SOURCES
+        from ..data._sources import SOURCES
 
         if isinstance(options["evidence"], str):
             raise ValueError(f"`evidence` must be a list of source names, got the string {options['evidence']!r}.")
