@@ -62,8 +62,8 @@ def test_evidence_from_other_cell_types_carries_a_shared_effect():
 def test_target_shift_is_the_whole_group_pseudobulk():
     data = make_small_adata(n_perturbations=5)
     model = _model(data)
-    view = model._data(data)
-    groups = model._builder().training_groups(view, ~view.is_control, view.is_control)
+    view = model.state.data(data)
+    groups = model.state.builder.training_groups(view, ~view.is_control, view.is_control)
     gene = data.obs["gene"].astype(str).to_numpy()
     line = data.obs["cell_line"].astype(str).to_numpy()
     for i, (p, ct) in enumerate(zip(groups.perturbation, groups.cell_type, strict=True)):

@@ -125,8 +125,8 @@ def test_training_groups_never_retrieve_their_own_entry(trained):
     model, data = trained
     memory = model.memory
     names = memory.entry_names()
-    view = model._data(data)
-    groups = model._builder().training_groups(view, ~view.is_control, view.is_control)
+    view = model.state.data(data)
+    groups = model.state.builder.training_groups(view, ~view.is_control, view.is_control)
     for p, ct, row in zip(groups.perturbation, groups.cell_type, groups.candidates, strict=True):
         assert f"{p}@{ct}" not in set(names[row[row >= 0]])
         # The same perturbation in the other training cell types is among the candidates.

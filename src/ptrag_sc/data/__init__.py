@@ -12,11 +12,13 @@ from ._pairing import match_controls
 from ._perturbations import PerturbationEncoder, normalise_labels, validate_embedding_table
 from ._sets import SetGroups
 from ._sources import SOURCES as EVIDENCE_SOURCES
+from ._state import ModelState
 
 __all__ = [
     "EVIDENCE_SOURCES",
     "NO_CELL_TYPE",
     "ExpressionMatrix",
+    "ModelState",
     "NeighbourIndex",
     "PerturbationData",
     "PerturbationEncoder",

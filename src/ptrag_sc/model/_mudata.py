@@ -31,13 +31,14 @@ from ._validation import (
     check_controls_per_cell_type,
     check_expression,
     check_setup_arguments,
+    check_trained,
     expression_matrix,
 )
 
 if TYPE_CHECKING:
     from mudata import MuData
 
-__all__ = ["MuDataMixin", "is_mudata", "rna_modality"]
+__all__ = ["MuDataMixin", "is_mudata", "model_input", "rna_modality"]
 
 logger = logging.getLogger(__name__)
 
@@ -430,6 +431,14 @@ class MuDataMixin:
             model_adata=getattr(self, "_adata", None),
             var_names=self.var_names if initialised else None,
         )
+
+
+def model_input(model: MuDataMixin, adata: AnnData | MuData | None) -> AnnData | None:
+    """What a trained model's prediction reads: ``adata``, the RNA modality of a MuData, or by
+    default the model's own AnnData (``None`` when it was loaded without one)."""
+    adata = model._resolve_adata(adata)
+    check_trained(model)
+    return model.adata if adata is None else adata
 
 
 def _check_modality(mdata, name: str, argument: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import inspect
 import logging
@@ -13,6 +12,8 @@ import signal
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,14 +23,19 @@ from scvi import settings as scvi_settings
 
 from .._settings import settings
 from .._utils import flush_denormal, quiet_lightning, settings_threads
-from ..data import SetDataModule, column_max, memory_from_cells
+from ..data import SetDataModule, column_max
 from ..data._sets import n_training_sets
 from ..train import KeepBestWeights, TrainingProgress
 from ._guard import training
 from ._validation import check_expression, check_obs_key, finite_float, positive_int
 
 if TYPE_CHECKING:
-    from ..data import PerturbationData
+    from anndata import AnnData
+    from scvi.train import TrainRunner
+
+    from ..data import ModelState, PerturbationData, RetrievalMemory
+    from ..module import PTRAGModule
+    from ..train import PTRAGTrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -201,94 +207,94 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
 
 
-def _snapshot(model) -> dict:
-    """Everything `train` may change, to restore when it fails or is interrupted."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
-        "memory": copy.deepcopy(model._memory_state),
-        "attributes": {
-            name: copy.deepcopy(getattr(model, name, None))
-            for name in (
-                "is_trained_",
-                "history_",
-                "training_perturbations_",
-                "training_cell_types_",
-                "validation_perturbations_",
-                "best_epoch_",
-                "best_step_",
-                "train_indices_",
-                "validation_indices_",
-                "test_indices_",
-            )
-        },
-        "training": model.module.training,
-    }
+@dataclass
+class Trained:
+    """What :func:`train` gives the model: its new state (memory and training perturbations)
+    and when the kept weights were reached."""
+
+    state: ModelState
+    best_step: int | None
+    best_epoch: int | None
+    validation_perturbations: np.ndarray
 
 
-def _restore(model, snapshot: dict) -> None:
-    model.memory_ = snapshot["memory"]
-    with torch.no_grad():
-        model.module.load_state_dict(snapshot["state"])
-    for name, value in snapshot["attributes"].items():
-        setattr(model, name, value)
-    model.module.train(snapshot["training"])
+def _seed(distributed: bool) -> int:
+    """The seed of the split and the sampling plans.
+
+    scvi-tools leaves its seed unset (None) until a user sets one: then sampling is random,
+    except under data-parallel training, where every process must draw the same split and the
+    same plans (with ``strategy="ddp"`` each process runs this code on its own).
+    """
+    if scvi_settings.seed is not None:
+        return int(scvi_settings.seed)
+    if distributed:
+        logger.info(
+            "Data-parallel training without `scvi.settings.seed`: sampling with seed 0 on every "
+            "process."
+        )
+        return 0
+    return int(np.random.default_rng().integers(2**31))
 
 
 def train(
-    model,
+    state: ModelState,
+    module: PTRAGModule,
+    adata: AnnData,
     *,
-    max_epochs,
-    max_steps,
-    batch_size,
-    split_key,
-    validation_size,
-    early_stopping,
-    early_stopping_patience,
-    keep_best,
-    check_val_every_n_steps,
-    accelerator,
-    devices,
-    plan_kwargs,
-    trainer_kwargs,
-) -> None:
-    """The body of :meth:`PTRAG.train` (see there)."""
-    if model.adata is None:
-        raise ValueError("This model has no AnnData attached: load it with `PTRAG.load(dir, adata=...)` to train.")
+    runner: Callable[..., TrainRunner],
+    plan_cls: type[PTRAGTrainingPlan],
+    max_epochs: int | None,
+    max_steps: int | None,
+    batch_size: int,
+    split_key: str | None,
+    validation_size: float | None,
+    early_stopping: bool | None,
+    early_stopping_patience: int,
+    keep_best: bool,
+    check_val_every_n_steps: int | None,
+    accelerator: str,
+    devices: int | list[int] | str,
+    plan_kwargs: dict | None,
+    trainer_kwargs: dict,
+) -> Trained:
+    """The body of :meth:`PTRAG.train` (see there): checks, split, memory, sets, and scvi-tools'
+    ``runner`` (a :class:`~scvi.train.TrainRunner` of the model, given its other arguments).
+
+    If training fails or is interrupted, the network is left as it was.
+    """
     batch_size = positive_int("batch_size", batch_size)
     max_steps = positive_int("max_steps", max_steps, allow_none=True)
     max_epochs = positive_int("max_epochs", max_epochs, allow_none=True)
     early_stopping_patience = positive_int("early_stopping_patience", early_stopping_patience)
-    check_val_every_n_steps = positive_int("check_val_every_n_steps", check_val_every_n_steps, allow_none=True)
+    check_val_every_n_steps = positive_int(
+        "check_val_every_n_steps", check_val_every_n_steps, allow_none=True
+    )
     if validation_size is not None:
-        validation_size = finite_float("validation_size", validation_size, minimum=0.0, maximum=1.0)
+        validation_size = finite_float(
+            "validation_size", validation_size, minimum=0.0, maximum=1.0
+        )
     if plan_kwargs is not None and not isinstance(plan_kwargs, dict):
         raise TypeError(f"`plan_kwargs` must be a dict, got {type(plan_kwargs).__name__}.")
     check_trainer_kwargs(trainer_kwargs)
     # Built first: a typo in `plan_kwargs` fails here, before anything changes.
-    model._training_plan_cls(model.module, **(plan_kwargs or {}))
+    plan_cls(module, **(plan_kwargs or {}))
 
-    # scvi-tools leaves the seed unset (None) until a user sets one: then sampling is random,
-    # except under data-parallel training, where every process must draw the same split and
-    # the same plans (with `strategy="ddp"` each process runs this code on its own).
-    distributed = is_data_parallel(trainer_kwargs.get("strategy"))
-    if scvi_settings.seed is not None:
-        seed = int(scvi_settings.seed)
-    elif distributed:
-        seed = 0
-        logger.info("Data-parallel training without `scvi.settings.seed`: sampling with seed 0 on every process.")
-    else:
-        seed = int(np.random.default_rng().integers(2**31))
-    data = model._data(model.adata)
+    seed = _seed(is_data_parallel(trainer_kwargs.get("strategy")))
+    data = state.data(adata)
     # The AnnData may have changed since `setup_anndata` checked it.
-    check_expression(data.matrix, where="`adata.X`" if model._setup.layer is None else f"`adata.layers[{model._setup.layer!r}]`")
-    train_mask, val_mask, test_mask = split_masks(data, model.adata, split_key)
+    layer = state.setup.layer
+    where = "`adata.X`" if layer is None else f"`adata.layers[{layer!r}]`"
+    check_expression(data.matrix, where=where)
+    train_mask, val_mask, test_mask = split_masks(data, adata, split_key)
     is_control = data.is_control
     if not (train_mask & ~is_control).any():
         raise ValueError("The training split holds no perturbed cells.")
-    model._encoder.check(np.unique(data.labels[~is_control]), context=" in the training AnnData")
+    labels = np.unique(data.labels[~is_control])
+    state.encoder.check(labels, context=" in the training AnnData")
     auto_held = np.zeros(data.n_obs, dtype=bool)
     if not (val_mask & ~is_control).any() and validation_size != 0.0:
-        auto_held = hold_out_groups(data, train_mask, validation_size or DEFAULT_VALIDATION_SIZE, seed)
+        fraction = validation_size or DEFAULT_VALIDATION_SIZE
+        auto_held = hold_out_groups(data, train_mask, fraction, seed)
         val_mask = val_mask | auto_held
         train_mask = train_mask & ~auto_held
     has_val = bool((val_mask & ~is_control).any())
@@ -296,18 +302,23 @@ def train(
         early_stopping = has_val
     if early_stopping and not has_val:
         raise ValueError(
-            "`early_stopping=True` needs validation perturbations: give 'val' cells in `split_key`, "
-            "or leave `validation_size` at its default."
+            "`early_stopping=True` needs validation perturbations: give 'val' cells in "
+            "`split_key`, or leave `validation_size` at its default."
         )
 
-    snapshot = _snapshot(model)
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    mode = module.training
     watcher = _InterruptWatcher()
-    trainer_kwargs = {**trainer_kwargs, "callbacks": [*(trainer_kwargs.get("callbacks") or []), watcher.callback]}
-    with training(model), _keep_sigint():
+    callbacks = [*(trainer_kwargs.get("callbacks") or []), watcher.callback]
+    trainer_kwargs = {**trainer_kwargs, "callbacks": callbacks}
+    with training(module), _keep_sigint():
         try:
-            _fit(
-                model,
+            trained = _fit(
+                state,
+                module,
                 data,
+                runner=runner,
+                plan_cls=plan_cls,
                 train_mask=train_mask,
                 val_mask=val_mask,
                 test_mask=test_mask,
@@ -324,31 +335,53 @@ def train(
                 plan_kwargs=plan_kwargs,
                 trainer_kwargs=trainer_kwargs,
             )
-            if auto_held.any() and model.retrieval != "none":
+            if auto_held.any() and state.retrieval != "none":
                 # The held-out groups were training data: after model selection they join the
                 # memory, as evidence for predictions.
-                model.memory_ = _memory(model, data, train_mask | auto_held).to_dict()
+                memory = _install(module, trained.state.build_memory(data, train_mask | auto_held, module.n_response_components))
+                trained.state = trained.state.replace(memory=memory)
         except BaseException as exc:
-            _restore(model, snapshot)
+            if state.memory is not None:
+                _install(module, state.memory)
+            with torch.no_grad():
+                module.load_state_dict(weights)
+            module.train(mode)
             if watcher.interrupted and isinstance(exc, SystemExit):
                 # Lightning answers Ctrl+C with `sys.exit(1)`, which would end a script or a
                 # notebook cell as if the program had finished: give back the interrupt.
-                raise KeyboardInterrupt("`train()` was interrupted; the model is as it was before the call.") from None
+                raise KeyboardInterrupt(
+                    "`train()` was interrupted; the model is as it was before the call."
+                ) from None
             raise
     held = data.labels[auto_held | (val_mask & ~is_control)]
-    model.validation_perturbations_ = np.unique(held.astype(str))
+    trained.validation_perturbations = np.unique(held.astype(str))
+    return trained
 
 
-def run_trainer(model, datamodule, *, plan_kwargs, max_epochs, accelerator, devices, early_stopping, trainer_kwargs) -> None:
-    """The body of ``PTRAG._run_trainer``: hand the data module and the training plan to scvi-tools' runner."""
+def _install(module: PTRAGModule, memory: RetrievalMemory) -> RetrievalMemory:
+    """The network's tables of ``memory`` (what its candidate encoder reads)."""
+    module.set_memory(memory.embeddings, memory.response_codes)
+    return memory
+
+
+def run_trainer(
+    runner: Callable[..., TrainRunner],
+    training_plan: PTRAGTrainingPlan,
+    datamodule: SetDataModule,
+    *,
+    max_epochs: int,
+    accelerator: str,
+    devices: int | list[int] | str,
+    early_stopping: bool,
+    trainer_kwargs: dict,
+) -> TrainRunner:
+    """Hand the data module and the training plan to scvi-tools' runner, and run it."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    training_plan = model._training_plan_cls(model.module, **(plan_kwargs or {}))
-    model.module.train()
+    training_plan.module.train()
     with flush_denormal(), settings_threads(), quiet_lightning(settings.verbosity > logging.INFO):
         try:
-            runner = model._train_runner_cls(
-                model,
+            started = runner(
                 training_plan=training_plan,
                 data_splitter=datamodule,
                 max_epochs=max_epochs,
@@ -358,87 +391,74 @@ def run_trainer(model, datamodule, *, plan_kwargs, max_epochs, accelerator, devi
                 **trainer_kwargs,
             )
         except (MisconfigurationException, ImportError, ValueError, TypeError) as exc:
-            extra = {k: trainer_kwargs[k] for k in ("strategy", "num_nodes", "precision") if k in trainer_kwargs}
+            names = ("strategy", "num_nodes", "precision")
+            extra = "".join(f", `{k}={trainer_kwargs[k]!r}`" for k in names if k in trainer_kwargs)
             raise ValueError(
-                f"The trainer cannot be set up with `accelerator={accelerator!r}`, `devices={devices!r}`"
-                + "".join(f", `{k}={v!r}`" for k, v in extra.items())
-                + f": {exc} Check these arguments of `train()` (`accelerator='cpu'` always works)."
+                f"The trainer cannot be set up with `accelerator={accelerator!r}`, "
+                f"`devices={devices!r}`{extra}: {exc} Check these arguments of `train()` "
+                "(`accelerator='cpu'` always works)."
             ) from exc
-        runner()
-    model.module.eval()
-
-
-def _memory(model, data, train_mask):
-    return memory_from_cells(
-        model.memory_kind,
-        data,
-        train_mask,
-        model._encoder,
-        n_response_components=model.module.n_response_components,
-        annotations=model._annotations,
-        sep=model._setup.sep,
-        evidence=model.evidence,
-    )
+        started()
+    training_plan.module.eval()
+    return started
 
 
 def _fit(
-    model,
-    data,
+    state: ModelState,
+    module: PTRAGModule,
+    data: PerturbationData,
     *,
-    train_mask,
-    val_mask,
-    test_mask,
-    seed,
-    max_epochs,
-    max_steps,
-    batch_size,
-    early_stopping,
-    early_stopping_patience,
-    keep_best,
-    check_val_every_n_steps,
-    accelerator,
-    devices,
-    plan_kwargs,
-    trainer_kwargs,
-) -> None:
+    runner: Callable[..., TrainRunner],
+    plan_cls: type[PTRAGTrainingPlan],
+    train_mask: np.ndarray,
+    val_mask: np.ndarray,
+    test_mask: np.ndarray,
+    seed: int,
+    max_epochs: int | None,
+    max_steps: int | None,
+    batch_size: int,
+    early_stopping: bool,
+    early_stopping_patience: int,
+    keep_best: bool,
+    check_val_every_n_steps: int | None,
+    accelerator: str,
+    devices: int | list[int] | str,
+    plan_kwargs: dict | None,
+    trainer_kwargs: dict,
+) -> Trained:
     is_control = data.is_control
     perturbed_train = train_mask & ~is_control
-    model.training_perturbations_ = np.unique(data.labels[perturbed_train].astype(str))
-    model.training_cell_types_ = np.unique(data.cell_types[perturbed_train].astype(str))
-    model.memory_ = _memory(model, data, train_mask).to_dict() if model.retrieval != "none" else None
-    builder = model._builder()
+    memory = None
+    if state.retrieval != "none":
+        memory = _install(module, state.build_memory(data, train_mask, module.n_response_components))
+    state = state.replace(
+        memory=memory,
+        training_perturbations=np.unique(data.labels[perturbed_train].astype(str)),
+        training_cell_types=np.unique(data.cell_types[perturbed_train].astype(str)),
+    )
+    builder = state.builder
     contexts = builder.control_contexts(data, is_control)
     train_groups = builder.training_groups(data, perturbed_train, is_control, contexts=contexts)
     val_groups = None
     if (val_mask & ~is_control).any():
-        val_groups = builder.training_groups(data, val_mask & ~is_control, is_control, contexts=contexts)
+        val_member = val_mask & ~is_control
+        val_groups = builder.training_groups(data, val_member, is_control, contexts=contexts)
     for name, groups in (("training", train_groups), ("validation", val_groups)):
         if groups is not None and int(groups.sizes.max()) < 2:
-            raise ValueError(f"Every {name} group has a single cell: sets need at least 2 cells per (perturbation, cell type).")
-    largest = int(pd.DataFrame({"p": data.labels[perturbed_train], "c": data.cell_types[perturbed_train]}).value_counts().max())
-    if model.cell_set_size > MAX_SET_OVERSAMPLING * largest:
-        raise ValueError(
-            f"`cell_set_size={model.cell_set_size}` is larger than every training group: the largest "
-            f"(perturbation, cell type) group has {largest} cells, so every set would only repeat cells "
-            f"(and cost memory for nothing). Build the model with `cell_set_size` <= {largest}."
-        )
-    if model.cell_set_size > largest:
-        # Small screens (e.g. 40 cells per group) with the default of 64: sets repeat some cells,
-        # which costs time but not correctness; say so rather than refuse the defaults.
-        warnings.warn(
-            f"`cell_set_size={model.cell_set_size}` is larger than every training group (the largest has "
-            f"{largest} cells): sets repeat cells. `cell_set_size={largest}` trains faster for the same data.",
-            UserWarning,
-            stacklevel=3,
-        )
+            raise ValueError(
+                f"Every {name} group has a single cell: sets need at least 2 cells per "
+                "(perturbation, cell type)."
+            )
+    _check_set_size(state.cell_set_size, data, perturbed_train)
 
     # The largest value a gene reaches in the training data bounds what the model generates.
     ceiling = data.column_stats(column_max(data.matrix, train_mask | is_control))
     baseline = train_groups.context if train_groups.context is not None else 0.0
     scale = float(np.mean(np.sum(np.square(train_groups.target_shift - baseline), axis=1)))
-    model.module.set_data_constants(ceiling, scale)
+    module.set_data_constants(ceiling, scale)
 
-    steps_per_pass = max(1, math.ceil(int(n_training_sets(train_groups.sizes, model.cell_set_size).sum()) / batch_size))
+    n_sets = int(n_training_sets(train_groups.sizes, state.cell_set_size).sum())
+    steps_per_pass = max(1, math.ceil(n_sets / batch_size))
     if max_steps is None:
         max_steps = max_epochs * steps_per_pass if max_epochs is not None else DEFAULT_MAX_STEPS
     interval = check_val_every_n_steps or int(np.clip(max_steps // 30, 10, 50))
@@ -450,7 +470,7 @@ def _fit(
         train_idx=np.flatnonzero(train_mask),
         val_idx=np.flatnonzero(val_mask),
         test_idx=np.flatnonzero(test_mask),
-        set_size=model.cell_set_size,
+        set_size=state.cell_set_size,
         batch_size=batch_size,
         seed=seed,
         steps_per_epoch=interval,
@@ -479,7 +499,15 @@ def _fit(
         # DDP the validation loss is reduced over the ranks, so every rank stops together.
         from lightning.pytorch.callbacks import EarlyStopping
 
-        callbacks.append(EarlyStopping(monitor="validation_loss", patience=early_stopping_patience, mode="min", min_delta=0.0, verbose=True))
+        callbacks.append(
+            EarlyStopping(
+                monitor="validation_loss",
+                patience=early_stopping_patience,
+                mode="min",
+                min_delta=0.0,
+                verbose=True,
+            )
+        )
         early_stopping = False
     distributed = is_data_parallel(trainer_kwargs.get("strategy"))
     log_dir = None
@@ -498,9 +526,10 @@ def _fit(
     try:
         with deterministic_algorithms(deterministic), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="early_stopping was automatically disabled")
-            model._run_trainer(
+            started = run_trainer(
+                runner,
+                plan_cls(module, **(plan_kwargs or {})),
                 datamodule,
-                plan_kwargs=plan_kwargs,
                 max_epochs=math.ceil(max_steps / interval),
                 accelerator=accelerator,
                 devices=devices,
@@ -515,5 +544,29 @@ def _fit(
         best_step, best_epoch = keeper.best_step, keeper.best_epoch
         if best_step is None:
             # `ddp_spawn`: the callback ran in the worker processes.
-            best_step, best_epoch = KeepBestWeights.from_metrics(model.trainer.callback_metrics)
-    model.best_epoch_, model.best_step_ = best_epoch, best_step
+            metrics = started.trainer.callback_metrics
+            best_step, best_epoch = KeepBestWeights.from_metrics(metrics)
+    return Trained(state, best_step, best_epoch, np.zeros(0, dtype=str))
+
+
+def _check_set_size(cell_set_size: int, data: PerturbationData, perturbed_train: np.ndarray) -> None:
+    """Refuse sets far larger than every training group; warn when sets must repeat cells."""
+    groups = pd.DataFrame({"p": data.labels[perturbed_train], "c": data.cell_types[perturbed_train]})
+    largest = int(groups.value_counts().max())
+    if cell_set_size > MAX_SET_OVERSAMPLING * largest:
+        raise ValueError(
+            f"`cell_set_size={cell_set_size}` is larger than every training group: the largest "
+            f"(perturbation, cell type) group has {largest} cells, so every set would only "
+            f"repeat cells (and cost memory for nothing). Build the model with `cell_set_size` "
+            f"<= {largest}."
+        )
+    if cell_set_size > largest:
+        # Small screens (e.g. 40 cells per group) with the default of 64: sets repeat some
+        # cells, which costs time but not correctness; say so rather than refuse the defaults.
+        warnings.warn(
+            f"`cell_set_size={cell_set_size}` is larger than every training group (the largest "
+            f"has {largest} cells): sets repeat cells. `cell_set_size={largest}` trains faster "
+            "for the same data.",
+            UserWarning,
+            stacklevel=4,
+        )

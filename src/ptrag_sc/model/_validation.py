@@ -34,6 +34,7 @@ __all__ = [
     "check_seed",
     "check_setup",
     "check_setup_arguments",
+    "check_trained",
     "expression_matrix",
     "positive_int",
     "restore_on_error",
@@ -84,6 +85,12 @@ def check_seed(name: str, value, *, allow_none: bool = True) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
         raise ValueError(f"`{name}` must be an integer >= 0{' or None' if allow_none else ''}, got {value!r}.")
     return int(value)
+
+
+def check_trained(model: object) -> None:
+    """Raise a ``RuntimeError`` unless ``model`` is trained."""
+    if not model.is_trained_:
+        raise RuntimeError("Model not trained. Call `model.train()` first.")
 
 
 def check_anndata(adata, argument: str = "adata", *, allow_none: bool = False) -> None:
