@@ -14,10 +14,11 @@ from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
+from .._checks import check_anndata
 from .._constants import REGISTRY_KEYS
 from ..data import PerturbationEncoder, PerturbationField
 from ..data._similarity import describe
-from ._validation import check_anndata, check_setup
+from ._validation import check_setup
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

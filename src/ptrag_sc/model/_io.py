@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import _files
+from .._checks import check_anndata
 from . import _legacy, _schema
 from ._mudata import is_mudata, rna_modality
-from ._validation import check_anndata, check_control_label, check_genes, restore_on_error
+from ._validation import check_control_label, check_genes, restore_on_error
 
 if TYPE_CHECKING:
     from anndata import AnnData

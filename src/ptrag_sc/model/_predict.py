@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from .._checks import check_anndata, check_flag, check_seed, positive_int
 from .._constants import (
     CONFIDENCE_SUFFIX,
     OBS_RETRIEVAL_DISTANCE,
@@ -32,16 +33,9 @@ from .._settings import settings
 from .._symbols import _format_list
 from .._utils import flush_denormal, progress_bar, settings_threads
 from ..data import NO_CELL_TYPE, count_prediction_batches, match_controls, prediction_batches
+from ..data._checks import check_controls_per_cell_type, check_expression
 from ..data._writers import DenseLayerWriter, H5ADWriter, SparseLayerWriter
 from ._guard import local_random, predicting
-from ._validation import (
-    check_anndata,
-    check_controls_per_cell_type,
-    check_expression,
-    check_flag,
-    check_seed,
-    positive_int,
-)
 
 if TYPE_CHECKING:
     import os

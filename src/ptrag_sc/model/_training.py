@@ -21,13 +21,14 @@ import pandas as pd
 import torch
 from scvi import settings as scvi_settings
 
+from .._checks import finite_float, positive_int
 from .._settings import settings
 from .._utils import flush_denormal, quiet_lightning, settings_threads
 from ..data import SetDataModule, column_max
+from ..data._checks import check_expression, check_obs_key
 from ..data._sets import n_training_sets
 from ..train import KeepBestWeights, TrainingProgress
 from ._guard import training
-from ._validation import check_expression, check_obs_key, finite_float, positive_int
 
 if TYPE_CHECKING:
     from anndata import AnnData

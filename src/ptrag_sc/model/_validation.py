@@ -1,121 +1,37 @@
-"""Early checks on user input, with errors that name the argument or value at fault."""
+"""Checks of a model's registration, options and size, with errors that name the value at fault."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import numbers
 import os
-import warnings
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from .._checks import check_anndata, check_choice, check_key_type, finite_float, positive_int
 from .._constants import BACKBONES, CONTEXT_MODES, INDEX_BACKENDS, LOSSES, MEMORY_KINDS, RETRIEVALS
 from ..data._cells import expression_matrix
-from ..data._fields import missing_obs_key_error
-from ..data._matrix import iter_row_chunks
+from ..data._checks import check_controls_per_cell_type, check_expression, check_obs_key
 from ..data._perturbations import normalise_labels
 
 __all__ = [
-    "check_anndata",
     "check_categories",
-    "check_choice",
     "check_control_label",
-    "check_controls_per_cell_type",
-    "check_expression",
-    "check_flag",
     "check_genes",
     "check_model_options",
     "check_model_size",
-    "check_obs_key",
-    "check_seed",
     "check_setup",
     "check_setup_arguments",
     "check_trained",
-    "expression_matrix",
-    "positive_int",
     "restore_on_error",
 ]
-
-#: Largest integer option accepted (sizes beyond it cannot be allocated or indexed).
-MAX_INT = 2**31 - 1
-#: Largest absolute value accepted in an expression matrix (log1p data stays below ~15).
-MAX_EXPRESSION = 1e4
-
-
-def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False):
-    """``value`` as an int ``>= minimum`` (booleans and fractions are refused)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral | float) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    if int(value) < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    if int(value) > MAX_INT:
-        raise ValueError(f"`{name}` must be an integer below 2**31, got {value!r}.")
-    return int(value)
-
-
-def finite_float(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None) -> float:
-    """``value`` as a finite float within bounds (``strict``: ``> minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-    value = float(value)
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"`{name}` must be {'>' if strict else '>='} {minimum}, got {value!r}.")
-    if maximum is not None and value >= maximum:
-        raise ValueError(f"`{name}` must be < {maximum}, got {value!r}.")
-    return value
-
-
-def check_flag(name: str, value) -> bool:
-    """``value`` as a bool (``True``/``False``, numpy booleans too); anything else is refused."""
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-    return bool(value)
-
-
-def check_seed(name: str, value, *, allow_none: bool = True) -> int | None:
-    """A seed: ``None`` (when allowed) or an integer ``>= 0``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0{' or None' if allow_none else ''}, got {value!r}.")
-    return int(value)
-
 
 def check_trained(model: object) -> None:
     """Raise a ``RuntimeError`` unless ``model`` is trained."""
     if not model.is_trained_:
         raise RuntimeError("Model not trained. Call `model.train()` first.")
-
-
-def check_anndata(adata, argument: str = "adata", *, allow_none: bool = False) -> None:
-    """Raise a ``TypeError`` naming ``argument`` unless ``adata`` is an AnnData (or a MuData, resolved before)."""
-    from anndata import AnnData
-
-    if adata is None and allow_none:
-        return
-    if not isinstance(adata, AnnData):
-        hint = ""
-        if isinstance(adata, pd.DataFrame):
-            hint = " Build one with `anndata.AnnData(X=frame.to_numpy(), obs=..., var=pd.DataFrame(index=frame.columns))`."
-        raise TypeError(f"`{argument}` must be an AnnData (or a MuData), got {type(adata).__name__}.{hint}")
-
-
-def check_key_type(name: str, value, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, str):
-        raise TypeError(f"`{name}` must be a column name (str){' or None' if allow_none else ''}, got {value!r}.")
-
-
-def check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
 def check_model_options(options: dict) -> dict:
@@ -264,104 +180,6 @@ def check_model_size(model_cls, options: dict, **shape) -> None:
         f"The model for {shape['n_genes']} genes would need at least {size(needed)} to train, and there are "
         f"{size(available)} of memory: select fewer genes (e.g. highly variable ones)."
     )
-
-
-def check_obs_key(adata, key: str | None, argument: str) -> None:
-    """Raise a ``KeyError`` listing the obs columns when ``key`` is not one of them."""
-    if key is not None and key not in adata.obs.columns:
-        raise missing_obs_key_error(adata, key, argument)
-
-
-def check_expression(X, *, where: str, warn_counts: bool = False) -> None:
-    """Reject NaN, infinite and negative expression values (streamed by chunks), naming the first bad cells.
-
-    The model generates non-negative log-normalised expression; raw counts must be normalised
-    (``sc.pp.normalize_total`` then ``sc.pp.log1p``) and z-scored data is not supported. With
-    ``warn_counts``, integer-valued data (raw counts) gets a warning saying so.
-    """
-    all_integer = warn_counts
-    largest = 0.0
-    for start, block in iter_row_chunks(X):
-        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
-        if values.size == 0:
-            continue
-        low, high, all_integer = _scan(values, all_integer)
-        # Cells are located only when something is wrong.
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0:
-            _raise_bad_values(block, values, start, where)
-        largest = max(largest, float(high))
-    if largest > MAX_EXPRESSION:
-        raise ValueError(
-            f"{where} holds values up to {largest:.3g}: PTRAG models log-normalised expression "
-            "(typically below 15). Run `sc.pp.normalize_total` + `sc.pp.log1p` first."
-        )
-    if warn_counts and all_integer and largest > 0:
-        warnings.warn(
-            f"{where} holds only integer values, which look like raw counts. PTRAG models "
-            "log-normalised expression: run `sc.pp.normalize_total(adata)` and `sc.pp.log1p(adata)` "
-            "(keep the counts in a layer) before `setup_anndata`.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-#: Values per slice in :func:`_scan`: a slice stays in cache between its reductions.
-_SLICE = 1 << 18
-
-
-def _scan(values: np.ndarray, integer: bool):
-    """Minimum and maximum of ``values`` (NaN when one is NaN) and whether all are integer.
-
-    One read of memory: each cache-sized slice is reduced twice while in cache. The integer
-    test (``floor(v) == v``; ``np.mod`` costs ~20x more per value) runs only while ``integer``
-    holds and stops at the first slice with a fraction, so log-normalised data settle it at
-    once and only integer data (raw counts) are tested through.
-    """
-    test = integer and values.dtype.kind == "f"  # other dtypes hold integers only
-    lows, highs = [], []
-    for i in range(0, values.size, _SLICE):
-        part = values[i : i + _SLICE]
-        lows.append(part.min())
-        highs.append(part.max())
-        if test:
-            integer = test = bool(np.array_equal(np.floor(part), part))
-    return np.min(lows), np.max(highs), integer
-
-
-def _raise_bad_values(block, values: np.ndarray, start: int, where: str) -> None:
-    """Raise the error of :func:`check_expression` for a chunk holding NaN, infinite or negative values."""
-    if sp.issparse(block):
-        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    else:
-        rows = np.repeat(np.arange(block.shape[0]), block.shape[1])
-    bad_nan = ~np.isfinite(values)
-    if bad_nan.any():
-        cells = np.unique(rows[bad_nan] + start)
-        raise ValueError(
-            f"{where} holds NaN or infinite values in {len(cells)}+ cell(s) (first rows: "
-            f"{cells[:5].tolist()}). Remove or impute them before registering."
-        )
-    bad_neg = values < 0
-    cells = np.unique(rows[bad_neg] + start)
-    raise ValueError(
-        f"{where} holds negative values in {len(cells)}+ cell(s) (first rows: "
-        f"{cells[:5].tolist()}, min {values.min():.3g}). PTRAG models non-negative "
-        "log-normalised expression: keep raw counts in a layer and run "
-        "`sc.pp.normalize_total` + `sc.pp.log1p`, not `sc.pp.scale`."
-    )
-
-
-def check_controls_per_cell_type(is_control: np.ndarray, cell_types: np.ndarray, *, where: str) -> None:
-    """Every cell type holding perturbed cells needs control cells."""
-    frame = pd.DataFrame({"ct": cell_types, "ctrl": is_control})
-    has_ctrl = frame.groupby("ct", observed=True)["ctrl"].any()
-    missing = has_ctrl.index[~has_ctrl.to_numpy()].astype(str).tolist()
-    if missing:
-        raise ValueError(
-            f"No control cells for cell type(s) {missing[:10]} in {where}: perturbed cells are "
-            "generated from control cells of their own cell type. Add control cells of these "
-            "cell types or drop their cells."
-        )
 
 
 def check_setup_arguments(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, where: str = "adata") -> None:

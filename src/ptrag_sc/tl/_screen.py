@@ -151,16 +151,12 @@ def screen(
     >>> int(hits["rank"].iloc[0])
     1
     """
+    from .._checks import check_choice, positive_int
     from .._settings import settings
+    from ..data._checks import check_controls_per_cell_type, check_expression
     from ..model import PTRAG as Model
     from ..model._mudata import model_input
     from ..model._predict import check_batch_size, context_index
-    from ..model._validation import (
-        check_choice,
-        check_controls_per_cell_type,
-        check_expression,
-        positive_int,
-    )
 
     if not isinstance(model, Model):
         hint = ""
