@@ -30,6 +30,7 @@ from .._constants import (
 )
 from ._memory import RetrievalMemory
 from ._similarity import StageOneSimilarity
+from ._sources import unit_rows
 
 #: Memories larger than this use faiss when ``index_backend="auto"`` and faiss is installed.
 FAISS_AUTO_THRESHOLD = 100_000
@@ -43,11 +44,6 @@ DEFAULT_N_PROBE = 8
 QUERIES_PER_PASS = 1 << 18
 #: k-means iterations and training points per list of the approximate search.
 KMEANS_ITERATIONS, KMEANS_POINTS_PER_LIST = 10, 40
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def n_lists_for(n_entries: int) -> int:
@@ -111,7 +107,7 @@ class NeighbourIndex:
             backend = "exact"
         self.sep = sep
         self.n_candidates = int(n_candidates)
-        self._keys = _normalise(memory.embeddings)
+        self._keys = unit_rows(memory.embeddings)
         self._pert_vocab = pd.Index(np.unique(memory.perturbations.astype(str)))
         self._ct_vocab = pd.Index(np.unique(memory.cell_types.astype(str)))
         self._mem_pert = self._pert_vocab.get_indexer(memory.perturbations.astype(str))
@@ -193,7 +189,7 @@ class NeighbourIndex:
         """
         perturbations = np.asarray(perturbations).astype(str)
         cell_types = np.asarray(cell_types).astype(str)
-        q = _normalise(np.asarray(embeddings, dtype=np.float32))
+        q = unit_rows(np.asarray(embeddings, dtype=np.float32))
         n, k = q.shape[0], self.n_candidates
         cand = np.full((n, k), -1, dtype=np.int64)
         sim = np.full((n, k), np.nan, dtype=np.float32)
@@ -385,7 +381,7 @@ class _Lists:
             verbose=False,
         )
         kmeans.train(np.ascontiguousarray(sample))
-        self.centroids = torch.from_numpy(_normalise(kmeans.centroids))
+        self.centroids = torch.from_numpy(unit_rows(kmeans.centroids))
         own = self.nearest(keys, 1)[:, 0]
         self.members = np.argsort(own, kind="stable")
         self.start = np.searchsorted(own[self.members], np.arange(self.n_lists + 1))

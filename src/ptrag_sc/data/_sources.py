@@ -261,6 +261,7 @@ def _stored(fitted: dict) -> dict[str, np.ndarray]:
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 

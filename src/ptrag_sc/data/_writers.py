@@ -178,7 +178,7 @@ class SparseLayerWriter(_Writer):
         for rows, block in self._unpredicted_blocks():
             self._rows.append(rows)
             self._pieces.append(sp.csr_matrix(block, dtype=np.float32))
-        n_obs, n_vars = self.shape
+        n_obs = self.shape[0]
         row_nnz = np.zeros(n_obs, dtype=np.int64)
         for rows, piece in zip(self._rows, self._pieces, strict=True):
             row_nnz[rows] = np.diff(piece.indptr)

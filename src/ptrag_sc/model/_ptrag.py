@@ -35,7 +35,7 @@ from ..train import PTRAGTrainingPlan
 from . import _assembly, _docs, _predict, _training
 from ._io import SafeSaveMixin
 from ._mudata import MuDataMixin, model_input
-from ._validation import check_model_options, check_model_size, check_trained, restore_on_error
+from ._validation import check_model_options, check_model_size, restore_on_error
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -278,9 +278,6 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         if memory is not None:
             self.module.set_memory(memory.embeddings, memory.response_codes)
         self.state = self.state.replace(memory=memory)
-
-    def _require_trained(self) -> None:
-        check_trained(self)
 
     # ---------------------------------------------------------------- training
     @_docs.fill

@@ -17,15 +17,18 @@ Arrays of Python objects are kept when all their items are strings or all are nu
 the value at fault. Decoding checks every node; the model's own attributes must hold the
 kinds in :data:`KINDS`, its retrieval memory only fields of
 :class:`~ptrag_sc.data.RetrievalMemory` and all of those without a default, and its weights
-exactly the module's tensors.
+exactly the module's tensors. :func:`build_model` makes the model a checked content describes.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import MISSING, fields
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,10 +37,18 @@ import torch
 from ..data import RetrievalMemory
 from ..data._sources import SOURCES
 
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from scvi.model.base import BaseModelClass
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KINDS",
+    "MANIFEST_FNAME",
+    "WEIGHTS_FNAME",
+    "ModelFileError",
+    "build_model",
     "check_content",
     "check_header",
     "check_state",
@@ -45,10 +56,13 @@ __all__ = [
     "decode",
     "deserialise",
     "encode",
+    "file_error",
     "header",
     "serialise",
 ]
 
+MANIFEST_FNAME = "model.json"
+WEIGHTS_FNAME = "model.safetensors"
 #: Name written into every manifest; anything else is not a ptrag_sc model.
 FORMAT_NAME = "ptrag_sc.model"
 #: Version of the layout written (``ptrag_sc.model._io.MIGRATIONS`` lists those read).
@@ -75,6 +89,14 @@ KINDS = {
         (np.ndarray, *_OPTIONAL),
     ),
 }
+
+
+class ModelFileError(ValueError):
+    """A model folder or one of its files cannot be loaded (missing, damaged, foreign or newer)."""
+
+
+def file_error(path: Path, what: str) -> ModelFileError:
+    return ModelFileError(f"Cannot load {path}: {what}")
 
 
 def _unsupported(path: str, why: str) -> TypeError:
@@ -430,3 +452,35 @@ def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
         if names
     ]
     return "; ".join(parts) if parts else None
+
+
+def build_model(
+    cls: type, source: Path, content: dict, adata: AnnData | None, device: torch.device
+) -> BaseModelClass:
+    """The model the content describes (scvi-tools' ``_initialize_model``), weights loaded."""
+    arguments = constructor_arguments(content)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "adata", "registry"}
+    if set(arguments) - accepted:
+        unknown = sorted(set(arguments) - accepted)
+        raise file_error(source, f"it has constructor argument(s) {unknown} {cls.__name__} lacks.")
+    try:
+        model = cls(adata, registry=content["registry"], **arguments)
+    except Exception as exc:  # the arguments come from the file: its fault, cause attached
+        why = f"{type(exc).__name__}: {exc}"
+        raise file_error(source, f"the model it describes cannot be built: {why}") from exc
+    for name, value in content["attributes"].items():
+        try:
+            if name != "init_params_":
+                setattr(model, name, value)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            raise file_error(source, f"attribute {name!r} cannot be restored: {why}") from exc
+    problem = check_state(model.module.state_dict(), content["state"])
+    if problem:
+        weights = source.with_name(source.name.replace(MANIFEST_FNAME, WEIGHTS_FNAME))
+        why = f"the weights ({content['written']}) do not fit the model {source.name} describes"
+        raise file_error(weights, f"{why}: {problem}.")
+    model.module.load_state_dict(content["state"], strict=True)
+    model.to_device(device)
+    model.module.eval()
+    return model
