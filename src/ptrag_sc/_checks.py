@@ -22,7 +22,9 @@ __all__ = [
 MAX_INT = 2**31 - 1
 
 
-def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False):
+def positive_int(
+    name: str, value: object, *, minimum: int = 1, allow_none: bool = False
+) -> int | None:
     """``value`` as an int ``>= minimum`` (booleans and fractions are refused)."""
     if value is None and allow_none:
         return None
@@ -35,7 +37,14 @@ def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False
     return int(value)
 
 
-def finite_float(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None) -> float:
+def finite_float(
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    maximum: float | None = None,
+) -> float:
     """``value`` as a finite float within bounds (``strict``: ``> minimum``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
@@ -47,14 +56,14 @@ def finite_float(name: str, value, *, minimum: float | None = None, strict: bool
     return value
 
 
-def check_flag(name: str, value) -> bool:
+def check_flag(name: str, value: object) -> bool:
     """``value`` as a bool (``True``/``False``, numpy booleans too); anything else is refused."""
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
     return bool(value)
 
 
-def check_seed(name: str, value, *, allow_none: bool = True) -> int | None:
+def check_seed(name: str, value: object, *, allow_none: bool = True) -> int | None:
     """A seed: ``None`` (when allowed) or an integer ``>= 0``."""
     if value is None and allow_none:
         return None
@@ -63,7 +72,7 @@ def check_seed(name: str, value, *, allow_none: bool = True) -> int | None:
     return int(value)
 
 
-def check_anndata(adata, argument: str = "adata", *, allow_none: bool = False) -> None:
+def check_anndata(adata: object, argument: str = "adata", *, allow_none: bool = False) -> None:
     """Raise a ``TypeError`` naming ``argument`` unless ``adata`` is an AnnData (or a MuData, resolved before)."""
     from anndata import AnnData
 
@@ -76,13 +85,13 @@ def check_anndata(adata, argument: str = "adata", *, allow_none: bool = False) -
         raise TypeError(f"`{argument}` must be an AnnData (or a MuData), got {type(adata).__name__}.{hint}")
 
 
-def check_key_type(name: str, value, *, allow_none: bool) -> None:
+def check_key_type(name: str, value: object, *, allow_none: bool) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, str):
         raise TypeError(f"`{name}` must be a column name (str){' or None' if allow_none else ''}, got {value!r}.")
 
 
-def check_choice(name: str, value, allowed: tuple) -> None:
+def check_choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")

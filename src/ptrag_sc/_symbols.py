@@ -12,8 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = ["SymbolResolution", "resolve_gene_symbols"]
 
@@ -22,7 +26,7 @@ _DATA = "data"
 _USER_PRIORITY = -1
 
 
-def _data_path(name: str):
+def _data_path(name: str) -> Traversable:
     """A shipped gene table (read from the package folder, without importing ``pp``)."""
     return files("ptrag_sc") / "pp" / _DATA / name
 

@@ -103,7 +103,7 @@ def settings_threads() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def is_interactive(stream) -> bool:
+def is_interactive(stream: object) -> bool:
     """Whether ``stream`` shows ``\\r`` updates in place: a terminal, or a Jupyter cell's output."""
     try:
         if stream.isatty():

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from .._symbols import gene_table, resolve_gene_symbols
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
 
 @lru_cache(maxsize=1)
@@ -33,7 +37,7 @@ class GeneAnnotations:
         self._index = pd.Index(self.terms.index.astype(str).str.upper())
         self._resolved: dict[str, list[str]] = {}
 
-    def _prefetch(self, genes) -> None:
+    def _prefetch(self, genes: Iterable[str]) -> None:
         """Resolve every not yet resolved gene that is not a symbol of the table in one call (aliases)."""
         unknown = sorted({g for g in genes if g not in self._resolved and g not in self._index})
         if not unknown:
@@ -54,7 +58,7 @@ class GeneAnnotations:
                 self._resolved[gene] = self.terms.iloc[self._index.get_loc(symbol)].split()
         return self._resolved[gene]
 
-    def matrix(self, labels, *, sep: str = "+", vocabulary: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    def matrix(self, labels: Sequence[str] | np.ndarray, *, sep: str = "+", vocabulary: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
         """Binary ``(n, T)`` matrix of the terms of each label (a combination: union of its genes').
 
         Returns the matrix and the term vocabulary (``vocabulary`` when given: terms outside it

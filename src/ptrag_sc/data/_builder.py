@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ._annotations import GeneAnnotations
     from ._cells import PerturbationData
     from ._index import NeighbourIndex
+    from ._matrix import ExpressionMatrix
     from ._memory import RetrievalMemory
     from ._perturbations import PerturbationEncoder
 
@@ -224,7 +225,7 @@ class SetBuilder:
 
 def prediction_batches(
     groups: SetGroups,
-    expression,
+    expression: ExpressionMatrix,
     sources: np.ndarray,
     *,
     set_size: int,

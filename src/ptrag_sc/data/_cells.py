@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,13 @@ import pandas as pd
 from ._fields import missing_obs_key_error
 from ._matrix import ExpressionMatrix, RowSubset, group_means, is_backed
 from ._perturbations import normalise_labels
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from ._matrix import MatrixLike
 
 #: Cell type of every cell when the model was set up without ``cell_type_key``.
 NO_CELL_TYPE = "all"
@@ -27,7 +35,7 @@ class SetupArgs:
     sep: str
 
 
-def expression_matrix(adata, layer: str | None):
+def expression_matrix(adata: AnnData, layer: str | None) -> MatrixLike:
     """``adata.X`` or ``adata.layers[layer]``, with an error listing the layers if absent.
 
     For a view of an AnnData whose ``X`` is on disk (``adata[mask]`` on
@@ -47,7 +55,7 @@ def expression_matrix(adata, layer: str | None):
     return adata.layers[layer]
 
 
-def _backed_view_matrix(adata) -> RowSubset | None:
+def _backed_view_matrix(adata: AnnData) -> RowSubset | None:
     """The rows of a view of an AnnData with an on-disk ``X`` as a lazy :class:`RowSubset`.
 
     ``None`` for anything else (in-memory data, or an anndata without the view internals used
@@ -67,7 +75,7 @@ def _backed_view_matrix(adata) -> RowSubset | None:
     return RowSubset(matrix, rows, None if np.array_equal(columns, np.arange(parent.n_vars)) else columns)
 
 
-def gene_columns(var_names, model_var_names) -> np.ndarray | None:
+def gene_columns(var_names: pd.Index, model_var_names: pd.Index) -> np.ndarray | None:
     """Column of ``var_names`` holding each of the model's genes; ``None`` when already in order.
 
     Raises a ``ValueError`` naming missing genes when the AnnData lacks some of them.
@@ -113,11 +121,11 @@ class PerturbationData:
 
     def __init__(
         self,
-        adata,
+        adata: AnnData,
         setup: SetupArgs,
-        var_names,
+        var_names: Sequence[str],
         *,
-        batch_categories=None,
+        batch_categories: np.ndarray | None = None,
         require_labels: bool = True,
     ) -> None:
         self.adata = adata
@@ -162,7 +170,7 @@ class PerturbationData:
             raise ValueError(f"`adata.obs[{key!r}]` (`cell_type_key`) has missing values, e.g. in cells {bad}.")
         return values.astype(str).to_numpy().astype(object)
 
-    def _batch_codes(self, categories) -> np.ndarray:
+    def _batch_codes(self, categories: np.ndarray | None) -> np.ndarray:
         key = self.setup.batch_key
         if key is None or categories is None or key not in self.adata.obs.columns:
             return np.full(self.n_obs, -1, dtype=np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -11,19 +12,24 @@ import scipy.sparse as sp
 from ._fields import missing_obs_key_error
 from ._matrix import iter_row_chunks
 
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ._matrix import MatrixLike
+
 __all__ = ["check_controls_per_cell_type", "check_expression", "check_obs_key"]
 
 #: Largest absolute value accepted in an expression matrix (log1p data stays below ~15).
 MAX_EXPRESSION = 1e4
 
 
-def check_obs_key(adata, key: str | None, argument: str) -> None:
+def check_obs_key(adata: AnnData, key: str | None, argument: str) -> None:
     """Raise a ``KeyError`` listing the obs columns when ``key`` is not one of them."""
     if key is not None and key not in adata.obs.columns:
         raise missing_obs_key_error(adata, key, argument)
 
 
-def check_expression(X, *, where: str, warn_counts: bool = False) -> None:
+def check_expression(X: MatrixLike, *, where: str, warn_counts: bool = False) -> None:
     """Reject NaN, infinite and negative expression values (streamed by chunks), naming the first bad cells.
 
     The model generates non-negative log-normalised expression; raw counts must be normalised
@@ -60,7 +66,7 @@ def check_expression(X, *, where: str, warn_counts: bool = False) -> None:
 _SLICE = 1 << 18
 
 
-def _scan(values: np.ndarray, integer: bool):
+def _scan(values: np.ndarray, integer: bool) -> tuple[float, float, bool]:
     """Minimum and maximum of ``values`` (NaN when one is NaN) and whether all are integer.
 
     One read of memory: each cache-sized slice is reduced twice while in cache. The integer
@@ -79,7 +85,9 @@ def _scan(values: np.ndarray, integer: bool):
     return np.min(lows), np.max(highs), integer
 
 
-def _raise_bad_values(block, values: np.ndarray, start: int, where: str) -> None:
+def _raise_bad_values(
+    block: np.ndarray | sp.csr_matrix, values: np.ndarray, start: int, where: str
+) -> None:
     """Raise the error of :func:`check_expression` for a chunk holding NaN, infinite or negative values."""
     if sp.issparse(block):
         rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))

@@ -47,6 +47,7 @@ from ._sources import SOURCES, Rows, unit_rows
 if TYPE_CHECKING:
     from ._annotations import GeneAnnotations
     from ._memory import RetrievalMemory
+    from ._sources import EvidenceSource
 
 #: What the gate and the confidence read about a query.
 GATE_FEATURES = (
@@ -231,7 +232,7 @@ def fit_gate(trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weigh
     total = float(np.sum(w2 * np.einsum("mg,mg->m", targets, targets, dtype=np.float64))) or 1.0
     n = len(design)
 
-    def objective(coef):
+    def objective(coef: np.ndarray) -> tuple[float, np.ndarray]:
         sig = 1.0 / (1.0 + np.exp(-(design @ coef)))
         r = 2.0 * sig
         value = np.sum(r * r * size - 2.0 * r * cross) / total + GATE_PENALTY * coef @ coef / n
@@ -263,7 +264,7 @@ def trust(cross: np.ndarray, size: np.ndarray, groups: np.ndarray) -> tuple[np.n
     group_cross = np.bincount(codes, weights=cross)
     group_size = np.bincount(codes, weights=size)
 
-    def scale(c, s):
+    def scale(c: np.ndarray, s: np.ndarray) -> np.ndarray:
         return np.maximum((c + prior * overall) / np.maximum(s + prior, 1e-12), 0.0)
 
     return scale(group_cross, group_size), scale(group_cross[codes] - cross, group_size[codes] - size), overall
@@ -302,7 +303,7 @@ def apply_own_gene(specific: np.ndarray, context: np.ndarray, control_mean: np.n
     return out
 
 
-def _source(name: str):
+def _source(name: str) -> EvidenceSource:
     try:
         return SOURCES[name]
     except KeyError:

@@ -231,7 +231,7 @@ class NeighbourIndex:
                 relation[row, is_member] = RELATION_MEMBER
         return cand, sim, same, relation
 
-    def _exact(self, q, pert_codes, ct_codes, prior=None):
+    def _exact(self, q: np.ndarray, pert_codes: np.ndarray, ct_codes: np.ndarray, prior: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``K`` of each query among all entries by one matrix product.
 
         Holds one ``(n, M)`` float32 score matrix (plus a boolean one for response memories).
@@ -266,7 +266,7 @@ class NeighbourIndex:
             out[rows] = np.einsum("nd,nkd->nk", q[rows], self._keys[np.maximum(idx[rows], 0)])
         return out
 
-    def _search_lists(self, q, pert_codes, ct_codes, cand, sim) -> None:
+    def _search_lists(self, q: torch.Tensor, pert_codes: torch.Tensor, ct_codes: torch.Tensor, cand: np.ndarray, sim: np.ndarray) -> None:
         """Approximate search: each query against the entries of its ``n_probe`` nearest lists.
 
         Organised by list: the queries probing a list are scored against its entries by one
@@ -312,7 +312,7 @@ class NeighbourIndex:
             cand[rows] = idx
             sim[rows] = self._cosines(block_q, idx)
 
-    def _ranking(self, q, pert_codes, ct_codes, entries: np.ndarray | None = None) -> torch.Tensor:
+    def _ranking(self, q: torch.Tensor, pert_codes: torch.Tensor, ct_codes: torch.Tensor, entries: np.ndarray | None = None) -> torch.Tensor:
         """Scores of queries against all entries (or ``entries``, sorted): cosine, + 1e-5 for the
         query's cell type (response memories), ``-inf`` for the query's own entries."""
         keys = self._keys if entries is None else self._keys[entries]
@@ -328,7 +328,7 @@ class NeighbourIndex:
         ranking[torch.from_numpy(rows), torch.from_numpy(excluded)] = -torch.inf
         return ranking
 
-    def _search_faiss(self, q, pert_codes, ct_codes):
+    def _search_faiss(self, q: np.ndarray, pert_codes: np.ndarray, ct_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """faiss search for ``K`` plus room for the excluded entry and for ties between cell types."""
         extra = len(self._ct_vocab) if self.memory.kind == "response" else 1
         k = min(self.n_candidates + extra, len(self.memory))

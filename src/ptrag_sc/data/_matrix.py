@@ -12,9 +12,20 @@ them, so a batch of scattered cells costs a handful of reads, not one per cell.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import h5py
+    from anndata.abc import CSCDataset, CSRDataset
+
+    #: An expression matrix as an AnnData holds it: dense, sparse, or backed on disk.
+    MatrixLike = np.ndarray | sp.spmatrix | sp.sparray | h5py.Dataset | CSRDataset | CSCDataset
 
 #: Rows per chunk when streaming over a matrix.
 CHUNK_ROWS = 16384
@@ -27,12 +38,12 @@ CACHE_LIMIT = 1024**3
 MERGE_GAP_VALUES = 1 << 14
 
 
-def is_backed(matrix) -> bool:
+def is_backed(matrix: MatrixLike) -> bool:
     """Whether ``matrix`` lives on disk (h5py dataset, anndata sparse dataset, zarr array, :class:`RowSubset`)."""
     return not isinstance(matrix, np.ndarray | np.matrix) and not sp.issparse(matrix)
 
 
-def _csr_group(matrix):
+def _csr_group(matrix: MatrixLike) -> h5py.Group | None:
     """The storage group of an on-disk CSR matrix (anndata's CSR dataset), else ``None``."""
     group = getattr(matrix, "group", None)
     if group is None or getattr(matrix, "format", None) != "csr":
@@ -67,7 +78,7 @@ class BackedReader:
         An on-disk dense array (h5py, zarr) or an anndata CSR dataset.
     """
 
-    def __init__(self, matrix) -> None:
+    def __init__(self, matrix: MatrixLike) -> None:
         self.matrix = matrix
         self.shape = tuple(matrix.shape)
         group = _csr_group(matrix)
@@ -77,7 +88,7 @@ class BackedReader:
             self._indices = group["indices"]
             self._indptr = np.asarray(group["indptr"][...], dtype=np.int64)
 
-    def read(self, rows: np.ndarray, *, sparse: bool = False):
+    def read(self, rows: np.ndarray, *, sparse: bool = False) -> np.ndarray | sp.csr_matrix:
         """Rows ``rows`` (sorted, unique) as a CSR matrix (``sparse=True``, CSR sources only) or dense float32."""
         rows = np.asarray(rows, dtype=np.int64)
         if not self.sparse:
@@ -130,7 +141,7 @@ def _ranks(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
-def _to_dense(block) -> np.ndarray:
+def _to_dense(block: MatrixLike) -> np.ndarray:
     if sp.issparse(block):
         return block.toarray().astype(np.float32, copy=False)
     return np.asarray(block, dtype=np.float32)
@@ -152,7 +163,7 @@ class RowSubset:
         Parent column of each column of the subset, or ``None`` for all.
     """
 
-    def __init__(self, matrix, rows: np.ndarray, columns: np.ndarray | None = None) -> None:
+    def __init__(self, matrix: MatrixLike, rows: np.ndarray, columns: np.ndarray | None = None) -> None:
         self.matrix = matrix
         self.rows = np.asarray(rows, dtype=np.int64)
         self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
@@ -160,10 +171,10 @@ class RowSubset:
         self._reader = BackedReader(matrix) if is_backed(matrix) else None
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         return np.dtype(np.float32)
 
-    def read(self, positions: np.ndarray, *, sparse: bool = False):
+    def read(self, positions: np.ndarray, *, sparse: bool = False) -> np.ndarray | sp.csr_matrix:
         """Rows at ``positions`` (any order) of the subset; CSR when ``sparse`` and the source is CSR."""
         parent = self.rows[np.asarray(positions, dtype=np.int64)]
         unique, inverse = np.unique(parent, return_inverse=True)
@@ -178,14 +189,14 @@ class RowSubset:
             block = block[inverse.ravel()]
         return block
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: int | slice | np.ndarray) -> sp.csr_matrix:
         if isinstance(key, tuple):
             raise TypeError("A RowSubset is indexed by rows only: `subset[rows]`.")
         positions = np.arange(self.shape[0])[key]
         return self.read(np.atleast_1d(positions), sparse=True)
 
 
-def read_rows(matrix, rows: np.ndarray):
+def read_rows(matrix: MatrixLike, rows: np.ndarray) -> np.ndarray:
     """Rows ``rows`` of any supported matrix as dense float32 ``(len(rows), G)``.
 
     On-disk arrays are read once per requested row, in sorted windows, and put back in the
@@ -207,7 +218,7 @@ def _read_backed(reader: BackedReader, rows: np.ndarray) -> np.ndarray:
     return block if unique.size == rows.size and np.all(np.diff(rows) > 0) else block[inverse.ravel()]
 
 
-def iter_row_chunks(matrix, chunk_rows: int = CHUNK_ROWS, mask: np.ndarray | None = None):
+def iter_row_chunks(matrix: MatrixLike, chunk_rows: int = CHUNK_ROWS, mask: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray | sp.csr_matrix]]:
     """``(start, block)`` over consecutive row chunks; ``block`` is sparse CSR or dense.
 
     With a boolean ``mask``, chunks without a selected row are skipped (not read) and each
@@ -229,7 +240,7 @@ def iter_row_chunks(matrix, chunk_rows: int = CHUNK_ROWS, mask: np.ndarray | Non
             yield start, np.asarray(block)
 
 
-def group_sums(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def group_sums(matrix: MatrixLike, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Sum of the rows of each group (``codes < 0`` ignored), streamed by chunks.
 
     Returns ``(sums float64 [n_groups, G], counts int64 [n_groups])``. A sparse indicator
@@ -251,7 +262,7 @@ def group_sums(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK
     return sums, counts
 
 
-def group_means(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+def group_means(matrix: MatrixLike, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """Mean row of each group (``codes < 0`` ignored); float64 ``[n_groups, G]``, NaN for empty groups."""
     sums, counts = group_sums(matrix, codes, n_groups, chunk_rows)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -260,7 +271,7 @@ def group_means(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUN
     return means
 
 
-def column_max(matrix, mask: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+def column_max(matrix: MatrixLike, mask: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """Largest value of each column over the rows of ``mask`` (all rows by default), float32."""
     out = np.zeros(matrix.shape[1], dtype=np.float32)
     for start, block in iter_row_chunks(matrix, chunk_rows, mask=mask):
@@ -300,7 +311,7 @@ class ExpressionMatrix:
         the other rows. Ignored for in-memory matrices.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None = None, *, cache: np.ndarray | None = None) -> None:
+    def __init__(self, matrix: MatrixLike, columns: np.ndarray | None = None, *, cache: np.ndarray | None = None) -> None:
         self.shape = (matrix.shape[0], matrix.shape[1] if columns is None else len(columns))
         self._columns = None if columns is None else np.asarray(columns, dtype=np.int64)
         self._dense: torch.Tensor | None = None

@@ -27,6 +27,8 @@ from ._matrix import group_means
 
 if TYPE_CHECKING:
     from ._annotations import GeneAnnotations
+    from ._cells import PerturbationData
+    from ._matrix import MatrixLike
     from ._perturbations import PerturbationEncoder
 
 
@@ -229,7 +231,7 @@ class RetrievalMemory:
         return ev.query(self, perturbations, cell_types, embeddings, annotations, control_mean, sep)
 
 
-def _plain(value):
+def _plain(value: object) -> object:
     if isinstance(value, np.ndarray) and value.dtype == object:
         return value.astype(str)
     return value
@@ -238,7 +240,7 @@ def _plain(value):
 def build_memory(
     kind: MemoryKind,
     *,
-    X,
+    X: MatrixLike,
     perturbations: np.ndarray,
     cell_types: np.ndarray,
     is_control: np.ndarray,
@@ -385,7 +387,7 @@ def principal_basis(responses: np.ndarray, n_components: int) -> np.ndarray:
 
 def memory_from_cells(
     kind: MemoryKind,
-    data,
+    data: PerturbationData,
     train_mask: np.ndarray,
     encoder: PerturbationEncoder,
     *,

@@ -188,7 +188,7 @@ def normalise_label(label: str, *, control_group: str, sep: str = "+") -> str:
     return sep.join(sorted(dict.fromkeys(genes)))
 
 
-def normalise_labels(labels, *, control_group: str, sep: str = "+") -> np.ndarray:
+def normalise_labels(labels: Iterable[str] | np.ndarray, *, control_group: str, sep: str = "+") -> np.ndarray:
     """Canonical perturbation labels, as the model groups and embeds them.
 
     One rule: surrounding whitespace is removed (also around the members of a combination);

@@ -36,6 +36,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ._annotations import GeneAnnotations
     from ._memory import RetrievalMemory
 
@@ -50,7 +52,7 @@ _SAME = 1e6
 _TIE = 1e-6
 
 
-def _canonical(names, what: str) -> pd.Index:
+def _canonical(names: Iterable[object], what: str) -> pd.Index:
     index = pd.Index([str(v).strip().upper() for v in names])
     if index.has_duplicates:
         dup = index[index.duplicated()].unique()[:5].tolist()
@@ -63,7 +65,7 @@ def _canonical(names, what: str) -> pd.Index:
     return index
 
 
-def validate_similarity_table(table) -> pd.DataFrame:
+def validate_similarity_table(table: pd.DataFrame) -> pd.DataFrame:
     """Check a user-supplied gene x gene similarity and return it with canonical gene names.
 
     Rows are query genes and columns candidate genes (symbols, matched upper-case like the
@@ -102,7 +104,7 @@ def validate_similarity_table(table) -> pd.DataFrame:
     return pd.DataFrame(values, index=index, columns=columns)
 
 
-def describe(similarity) -> str:
+def describe(similarity: str | pd.DataFrame) -> str:
     """A short name of a ``similarity`` option (for summaries)."""
     if isinstance(similarity, pd.DataFrame):
         return f"table {similarity.shape[0]}x{similarity.shape[1]}"
@@ -173,7 +175,7 @@ class AnnotationSimilarity(StageOneSimilarity):
         bound._terms = terms
         return bound
 
-    def values(self, perturbations, cell_types) -> np.ndarray:
+    def values(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         labels = np.asarray(perturbations).astype(str)
         uniques, inverse = np.unique(labels, return_inverse=True)
         inter_matrix, _ = self.annotations.matrix(uniques, sep=self.sep, vocabulary=self._terms)
@@ -209,7 +211,7 @@ class ResponseSimilarity(StageOneSimilarity):
         bound._entries_of = dict(zip(labels, np.split(order, starts[1:]), strict=True))
         return bound
 
-    def values(self, perturbations, cell_types) -> np.ndarray:
+    def values(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         perturbations = np.asarray(perturbations).astype(str)
         cell_types = np.asarray(cell_types).astype(str)
         # Each query's profile: the mean of its specific shifts in the memory's other cell types.
@@ -285,7 +287,7 @@ class TableSimilarity(StageOneSimilarity):
         bound._entry_covered = covered
         return bound
 
-    def values(self, perturbations, cell_types) -> np.ndarray:
+    def values(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         labels = np.asarray(perturbations).astype(str)
         uniques, inverse = np.unique(labels, return_inverse=True)
         query_map, covered = self._combine(uniques, self._rows)
@@ -295,7 +297,7 @@ class TableSimilarity(StageOneSimilarity):
         return out[inverse.ravel()]
 
 
-def make_similarity(option, *, annotations: GeneAnnotations | None = None, sep: str = "+") -> StageOneSimilarity | None:
+def make_similarity(option: str | pd.DataFrame, *, annotations: GeneAnnotations | None = None, sep: str = "+") -> StageOneSimilarity | None:
     """The stage-1 prior of a ``similarity`` option (``None`` for the embedding cosine).
 
     Parameters

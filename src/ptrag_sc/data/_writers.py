@@ -19,6 +19,7 @@ import io
 import mmap
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,6 +35,14 @@ from ._matrix import (
     read_rows,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import pandas as pd
+    from anndata import AnnData
+
+    from ._matrix import MatrixLike
+
 #: Encoding of an h5ad dense array (anndata's on-disk format).
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
@@ -42,7 +51,7 @@ _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 _COMMIT_AT_ONCE_BYTES = 64 * 2**20
 
 
-def committed_zeros(shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+def committed_zeros(shape: tuple[int, int], dtype: np.dtype | type = np.float32) -> np.ndarray:
     """A zero-filled array whose memory the kernel commits in one call.
 
     A fresh ``np.zeros`` array has its pages committed one fault at a time as predictions are
@@ -84,7 +93,7 @@ class _Writer:
         Boolean mask of the rows that will be predicted.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+    def __init__(self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray) -> None:
         self.matrix = matrix
         self.shape = (int(matrix.shape[0]), int(matrix.shape[1]))
         self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
@@ -113,7 +122,7 @@ class _Writer:
         out[:, self.columns] = values
         return out
 
-    def _unpredicted_blocks(self):
+    def _unpredicted_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(rows, block)`` for the rows that are not predicted, chunk by chunk (CSR or dense)."""
         keep = ~self.predicted
         for start, block in iter_row_chunks(self.matrix, mask=keep):
@@ -130,7 +139,7 @@ class DenseLayerWriter(_Writer):
     predicted, and the predicted rows' values in genes the model does not predict.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+    def __init__(self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray) -> None:
         super().__init__(matrix, columns, predicted)
         # Zeros, not empty: no stale memory could ever show through.
         self.layer = committed_zeros(self.shape, np.float32)
@@ -162,7 +171,7 @@ class SparseLayerWriter(_Writer):
     are copied into the final arrays, whose pages are only committed as they are filled.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+    def __init__(self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray) -> None:
         super().__init__(matrix, columns, predicted)
         self._rows: list[np.ndarray] = []
         self._pieces: list[sp.csr_matrix] = []
@@ -204,7 +213,7 @@ def _check_writable(frames: dict, uns: dict) -> None:
     import h5py
     from anndata.io import write_elem
 
-    def fails(key: str, value) -> Exception | None:
+    def fails(key: str, value: object) -> Exception | None:
         with h5py.File(io.BytesIO(), "w") as f:
             try:
                 write_elem(f, key, value)
@@ -264,16 +273,16 @@ class H5ADWriter(_Writer):
 
     def __init__(
         self,
-        path,
+        path: str | os.PathLike,
         *,
-        obs,
-        var,
+        obs: pd.DataFrame,
+        var: pd.DataFrame,
         uns: dict,
-        matrix,
+        matrix: MatrixLike,
         columns: np.ndarray | None,
         predicted: np.ndarray,
         overwrite: bool = False,
-        input_file=None,
+        input_file: str | os.PathLike | None = None,
     ) -> None:
         import h5py
         from anndata.io import write_elem
@@ -335,7 +344,7 @@ class H5ADWriter(_Writer):
         rows = np.asarray(rows, dtype=np.int64)
         self._write_rows(rows, self._full_rows(rows, values))
 
-    def finish(self):
+    def finish(self) -> AnnData:
         """Copy the rows that were not predicted, put the file in place and open it ``backed="r"``."""
         import anndata
 

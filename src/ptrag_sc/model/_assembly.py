@@ -23,6 +23,7 @@ from ._validation import check_setup
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from anndata import AnnData
     from scvi.module.base import BaseModuleClass
 
     from ..data import ModelState
@@ -52,16 +53,16 @@ MODULE_OPTIONS = (
 
 # ------------------------------------------------------------------ registration
 def register(
-    cls,
-    adata,
+    cls: type,
+    adata: AnnData,
     setup_method_args: dict,
     *,
-    perturbation_key,
-    control_group,
-    cell_type_key,
-    batch_key,
-    layer,
-    perturbation_sep,
+    perturbation_key: str,
+    control_group: str,
+    cell_type_key: str | None,
+    batch_key: str | None,
+    layer: str | None,
+    perturbation_sep: str,
     kwargs: dict,
 ) -> None:
     """The body of :meth:`PTRAG.setup_anndata`: check, declare the fields, register."""
@@ -95,7 +96,7 @@ def register(
     cls.register_manager(adata_manager)
 
 
-def check_registered(model_cls, adata, registry) -> None:
+def check_registered(model_cls: type, adata: AnnData | None, registry: dict | None) -> None:
     """A model is built from a registered AnnData, or from a saved registry (loading)."""
     if adata is None and registry is None:
         raise ValueError(

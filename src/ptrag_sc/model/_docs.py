@@ -9,6 +9,9 @@ each block back into its docstring at import time, in the way of scvi-tools'
 from __future__ import annotations
 
 import inspect
+from typing import TypeVar
+
+_Documented = TypeVar("_Documented")
 
 __all__ = ["BLOCKS", "fill"]
 
@@ -193,7 +196,7 @@ BLOCKS = {
 }
 
 
-def fill(obj):
+def fill(obj: _Documented) -> _Documented:
     """Fill the ``%(name)s`` fields of the docstring of ``obj`` (a class or a function) from :data:`BLOCKS`.
 
     The docstring is dedented first (as ``inspect.cleandoc`` does; Sphinx and ``help()`` do the

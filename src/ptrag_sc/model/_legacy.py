@@ -12,10 +12,14 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    from ._io import _Folder
 
 #: Format version 1's arrays.
 V1_ARRAYS_FNAME = "model_arrays.npz"
@@ -38,7 +42,7 @@ def sources_by_name(content: dict) -> dict:
     return content
 
 
-def _value(node, path: str, arrays: dict[str, np.ndarray]):
+def _value(node: object, path: str, arrays: dict[str, np.ndarray]) -> object:
     """A value of a version-1 manifest: the node types that version wrote for PTRAG."""
     if node is None or isinstance(node, bool | int | float | str):
         return node
@@ -74,7 +78,7 @@ def _value(node, path: str, arrays: dict[str, np.ndarray]):
     raise ValueError(f"{path}: node type {kind!r} is not read by this version of ptrag_sc")
 
 
-def read_v1(folder) -> dict:
+def read_v1(folder: _Folder) -> dict:
     """A version-1 folder's content (``folder``: the open folder of ``_io``).
 
     Raises ``ValueError`` / ``KeyError`` / ``TypeError`` for malformed content (the caller

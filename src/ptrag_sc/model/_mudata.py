@@ -42,7 +42,7 @@ _SCVI_UUID_KEY = "_scvi_uuid"
 _RESERVED_ASSIGN_KWARGS = ("inplace", "copy")
 
 
-def is_mudata(data) -> bool:
+def is_mudata(data: object) -> bool:
     """Whether ``data`` is a :class:`~mudata.MuData` (without importing mudata needlessly)."""
     if isinstance(data, AnnData) or data is None:
         return False
@@ -53,7 +53,7 @@ def is_mudata(data) -> bool:
     return isinstance(data, MuData)
 
 
-def _describe(mdata) -> str:
+def _describe(mdata: MuData) -> str:
     return ", ".join(f"{name!r} ({mod.n_obs} x {mod.n_vars})" for name, mod in mdata.mod.items())
 
 
@@ -143,7 +143,7 @@ class MuDataMixin:
         assign_kwargs: dict | None = None,
         overwrite: bool = False,
         excluded_cells: Literal["drop", "raise"] = "drop",
-        **kwargs,
+        **kwargs: object,
     ) -> None:
         """Label the cells of a MuData from its guides and register its RNA modality.
 
@@ -415,7 +415,7 @@ class MuDataMixin:
             **kwargs,
         )
 
-    def _resolve_adata(self, adata):
+    def _resolve_adata(self, adata: AnnData | MuData | None) -> AnnData | None:
         """``adata`` itself, or the RNA AnnData of a MuData (see :func:`rna_modality`)."""
         if not is_mudata(adata):
             return adata
@@ -436,14 +436,14 @@ def model_input(model: MuDataMixin, adata: AnnData | MuData | None) -> AnnData |
     return model.adata if adata is None else adata
 
 
-def _check_modality(mdata, name: str, argument: str) -> None:
+def _check_modality(mdata: MuData, name: str, argument: str) -> None:
     if name not in mdata.mod:
         raise KeyError(f"`{argument}={name!r}` is not a modality of the MuData. Modalities: {_describe(mdata)}.")
     if not isinstance(mdata.mod[name], AnnData):
         raise TypeError(f"`mdata.mod[{name!r}]` is a {type(mdata.mod[name]).__name__}, not an AnnData.")
 
 
-def _obs_source(mdata, rna_mod: str, key: str, argument: str) -> pd.DataFrame:
+def _obs_source(mdata: MuData, rna_mod: str, key: str, argument: str) -> pd.DataFrame:
     """The obs frame holding ``key``, aligned to the RNA cells: the RNA modality's, else
     ``mdata.obs``."""
     rna = mdata.mod[rna_mod]
@@ -459,7 +459,7 @@ def _obs_source(mdata, rna_mod: str, key: str, argument: str) -> pd.DataFrame:
     )
 
 
-def _update(mdata) -> None:
+def _update(mdata: MuData) -> None:
     """``mdata.update()`` without mudata's notice about its future pull default."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module="mudata")

@@ -186,7 +186,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         batch_key: str | None = None,
         layer: str | None = None,
         perturbation_sep: str = DEFAULT_PERTURBATION_SEP,
-        **kwargs,
+        **kwargs: object,
     ) -> None:
         """Register an AnnData for :class:`PTRAG`.
 
@@ -296,7 +296,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
-        **trainer_kwargs,
+        **trainer_kwargs: object,
     ) -> None:
         """Train the model on sets of cells, choosing its length on held-out perturbations.
 

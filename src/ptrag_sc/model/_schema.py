@@ -28,7 +28,7 @@ import numbers
 from dataclasses import MISSING, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,8 @@ from ..data import RetrievalMemory
 from ..data._sources import SOURCES
 
 if TYPE_CHECKING:
+    from collections.abc import Container
+
     from anndata import AnnData
     from scvi.model.base import BaseModelClass
 
@@ -107,7 +109,7 @@ def _unsupported(path: str, why: str) -> TypeError:
     )
 
 
-def encode(value, path: str, tensors: dict[str, torch.Tensor]):
+def encode(value: object, path: str, tensors: dict[str, torch.Tensor]) -> object:
     """The JSON node of ``value``; its number arrays are added to ``tensors``.
 
     Raises
@@ -180,7 +182,7 @@ def _encode_array(array: np.ndarray, path: str, tensors: dict) -> dict:
     return {"$tensor": key, **node}
 
 
-def decode(node, path: str, arrays: dict[str, np.ndarray], used: set[str]):
+def decode(node: object, path: str, arrays: dict[str, np.ndarray], used: set[str]) -> object:
     """Inverse of :func:`encode` (``arrays``: the file's arrays by key; keys read go to ``used``).
 
     Raises
@@ -228,7 +230,7 @@ def decode(node, path: str, arrays: dict[str, np.ndarray], used: set[str]):
     return array.astype(object) if node.get("object") else array
 
 
-def _decode_frame(value, path: str, arrays: dict, used: set) -> pd.DataFrame:
+def _decode_frame(value: dict, path: str, arrays: dict, used: set) -> pd.DataFrame:
     if not isinstance(value, dict) or set(value) != {"values", "index", "columns", "names"}:
         raise ValueError(f"{path}: a frame has 'values', 'index', 'columns' and 'names'")
     parts = {
@@ -255,12 +257,12 @@ def _decode_frame(value, path: str, arrays: dict, used: set) -> pd.DataFrame:
     )
 
 
-def no_constant(name: str):
+def no_constant(name: str) -> NoReturn:
     """``parse_constant`` of :func:`json.loads`: ``NaN`` and ``Infinity`` are not JSON."""
     raise ValueError(f"{name} is not JSON (ptrag_sc never writes it)")
 
 
-def header(model) -> dict:
+def header(model: BaseModelClass) -> dict:
     """The manifest's first entries: format, version, model class, library versions."""
     versions = {}
     for package in ("ptrag_sc", "scvi-tools", "torch"):
@@ -276,7 +278,7 @@ def header(model) -> dict:
     }
 
 
-def check_header(manifest, readable) -> str:
+def check_header(manifest: dict, readable: Container[int]) -> str:
     """Who wrote ``manifest`` (``"format version N, ptrag_sc X"``).
 
     Raises
@@ -310,7 +312,7 @@ def check_header(manifest, readable) -> str:
     return written
 
 
-def serialise(model) -> tuple[dict, dict[str, torch.Tensor]]:
+def serialise(model: BaseModelClass) -> tuple[dict, dict[str, torch.Tensor]]:
     """``model`` as manifest values (``var_names``, ``registry``, ``attributes``) and the tensors
     they refer to, the module's ``state_dict`` under ``module.``.
 

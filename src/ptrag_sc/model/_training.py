@@ -12,7 +12,7 @@ import signal
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from ._guard import training
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from lightning.pytorch import LightningModule, Trainer
     from scvi.train import TrainRunner
 
     from ..data import ModelState, PerturbationData, RetrievalMemory
@@ -55,7 +56,7 @@ MIN_TRAINING_GROUPS_PER_CELL_TYPE = 3
 _SPLIT_VALUES = {"train", "val", "validation", "test"}
 
 
-def is_data_parallel(strategy) -> bool:
+def is_data_parallel(strategy: object) -> bool:
     """Whether a Lightning ``strategy`` (name or instance) trains data-parallel over processes."""
     if isinstance(strategy, str):
         return "ddp" in strategy
@@ -64,7 +65,9 @@ def is_data_parallel(strategy) -> bool:
     return isinstance(strategy, DDPStrategy)
 
 
-def split_masks(data: PerturbationData, adata, split_key: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_masks(
+    data: PerturbationData, adata: AnnData, split_key: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training, validation and test masks from ``adata.obs[split_key]`` (all training without one)."""
     n = data.n_obs
     if split_key is None:
@@ -155,7 +158,9 @@ class _InterruptWatcher:
         watcher = self
 
         class _Callback(Callback):
-            def on_exception(self, trainer, pl_module, exception):
+            def on_exception(
+                self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+            ) -> None:
                 if isinstance(exception, KeyboardInterrupt):
                     watcher.interrupted = True
 
@@ -164,7 +169,7 @@ class _InterruptWatcher:
 
 
 @contextlib.contextmanager
-def _keep_sigint():
+def _keep_sigint() -> Iterator[None]:
     """Restore the Ctrl+C handler that Lightning sets to "ignore" when it handles an interrupt."""
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main else None
@@ -175,7 +180,7 @@ def _keep_sigint():
             signal.signal(signal.SIGINT, handler)
 
 
-def runs_on_cpu(accelerator, devices) -> bool:
+def runs_on_cpu(accelerator: object, devices: object) -> bool:
     """Whether Lightning will train on the CPU with these device arguments."""
     if isinstance(accelerator, str) and accelerator.lower() == "cpu":
         return True
@@ -186,7 +191,7 @@ def runs_on_cpu(accelerator, devices) -> bool:
 
 
 @contextlib.contextmanager
-def deterministic_algorithms(enabled: bool):
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """Use PyTorch's deterministic algorithms while the block runs (when ``enabled``).
 
     On the CPU with more than one thread, the backward pass of an indexing with repeated

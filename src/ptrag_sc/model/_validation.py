@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import numbers
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,11 @@ from .._constants import BACKBONES, CONTEXT_MODES, INDEX_BACKENDS, LOSSES, MEMOR
 from ..data._cells import expression_matrix
 from ..data._checks import check_controls_per_cell_type, check_expression, check_obs_key
 from ..data._perturbations import normalise_labels
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from anndata import AnnData
 
 __all__ = [
     "check_categories",
@@ -117,7 +123,9 @@ def _physical_memory() -> int | None:
         return None
 
 
-def training_bytes(module_cls, options: dict, *, n_genes: int, n_dims: int, n_batch: int) -> float:
+def training_bytes(
+    module_cls: type, options: dict, *, n_genes: int, n_dims: int, n_batch: int
+) -> float:
     """Least memory a training step takes: the parameters with their gradients and two Adam
     moments, and the activations of one set (``batch_size=1``), forward and backward."""
     import torch
@@ -145,7 +153,7 @@ def training_bytes(module_cls, options: dict, *, n_genes: int, n_dims: int, n_ba
     return activations + 16.0 * n_params
 
 
-def check_model_size(model_cls, options: dict, **shape) -> None:
+def check_model_size(model_cls: type, options: dict, **shape: int) -> None:
     """Refuse sizes whose training cannot fit in this machine's memory, naming the option at fault.
 
     ``shape``: ``n_genes``, ``n_dims`` and ``n_batch`` of the data. The option named is the one
@@ -182,7 +190,17 @@ def check_model_size(model_cls, options: dict, **shape) -> None:
     )
 
 
-def check_setup_arguments(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, where: str = "adata") -> None:
+def check_setup_arguments(
+    adata: AnnData,
+    *,
+    perturbation_key: str,
+    control_group: str,
+    cell_type_key: str | None,
+    batch_key: str | None,
+    layer: str | None,
+    sep: str,
+    where: str = "adata",
+) -> None:
     """The checks of :func:`check_setup` that read no obs column (``setup_mudata`` runs them first)."""
     check_anndata(adata, where)
     check_key_type("perturbation_key", perturbation_key, allow_none=False)
@@ -215,7 +233,17 @@ def check_setup_arguments(adata, *, perturbation_key, control_group, cell_type_k
         raise ValueError(f"`perturbation_sep` must be a non-empty string, got {sep!r}.")
 
 
-def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, transfer: bool) -> None:
+def check_setup(
+    adata: AnnData,
+    *,
+    perturbation_key: str,
+    control_group: str,
+    cell_type_key: str | None,
+    batch_key: str | None,
+    layer: str | None,
+    sep: str,
+    transfer: bool,
+) -> None:
     """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
     check_setup_arguments(
         adata,
@@ -261,7 +289,7 @@ def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_
     check_controls_per_cell_type(is_control, cell_types, where="the AnnData")
 
 
-def check_categories(values: pd.Series, where: str, cell_names) -> None:
+def check_categories(values: pd.Series, where: str, cell_names: pd.Index) -> None:
     """A cell-type or batch column scvi-tools can turn into categories: no missing value, and
     no mix of strings with numbers (which cannot be sorted: ``'<' not supported``)."""
     missing = values.isna().to_numpy()
@@ -277,7 +305,7 @@ def check_categories(values: pd.Series, where: str, cell_names) -> None:
             )
 
 
-def check_genes(adata, var_names: np.ndarray, dir_path) -> None:
+def check_genes(adata: AnnData, var_names: np.ndarray, dir_path: str | os.PathLike) -> None:
     """``adata`` has exactly a saved model's genes, in the model's order."""
     reference = pd.Index(np.asarray(var_names).astype(str))
     genes = pd.Index(np.asarray(adata.var_names).astype(str))
@@ -298,7 +326,7 @@ def check_genes(adata, var_names: np.ndarray, dir_path) -> None:
     )
 
 
-def check_control_label(adata, setup_args: dict, embeddings) -> None:
+def check_control_label(adata: AnnData, setup_args: dict, embeddings: pd.DataFrame | None) -> None:
     """Loading onto data labelled with another control label: say so, instead of blaming the model.
 
     Without a cell labelled with the saved ``control_group``, labels that have no gene
@@ -326,7 +354,7 @@ def check_control_label(adata, setup_args: dict, embeddings) -> None:
 
 
 @contextlib.contextmanager
-def restore_on_error(adata):
+def restore_on_error(adata: AnnData | None) -> Iterator[None]:
     """Undo scvi-tools' registration keys written into ``adata`` if the block fails.
 
     Registration (``obs['_scvi_*']``, ``uns['_scvi_*']``) is the only write of ``setup_anndata``

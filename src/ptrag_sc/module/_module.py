@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -27,6 +29,9 @@ from ._components import FullSetTransformer, PooledSetTransformer, mlp
 from ._evidence import SelectionOffsets
 from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class PTRAGModule(BaseModuleClass):
@@ -197,7 +202,7 @@ class PTRAGModule(BaseModuleClass):
         self.register_buffer("shift_scale", torch.ones(()))
 
     # ------------------------------------------------------------------ memory
-    def set_memory(self, embeddings, response_codes=None) -> None:
+    def set_memory(self, embeddings: np.ndarray | torch.Tensor, response_codes: np.ndarray | torch.Tensor | None = None) -> None:
         """Install the retrieval memory.
 
         Parameters
@@ -223,7 +228,7 @@ class PTRAGModule(BaseModuleClass):
             codes[:, : response_codes.shape[1]] = response_codes[:, : self.n_response_components]
         self.memory_response_codes = codes
 
-    def set_data_constants(self, gene_ceiling, shift_scale: float) -> None:
+    def set_data_constants(self, gene_ceiling: np.ndarray | torch.Tensor, shift_scale: float) -> None:
         """Install the per-gene ceiling of generated values and the unit of the pseudobulk loss."""
         self.gene_ceiling.copy_(torch.as_tensor(gene_ceiling, dtype=torch.float32))
         self.shift_scale.fill_(float(max(shift_scale, 1e-8)))
@@ -233,7 +238,7 @@ class PTRAGModule(BaseModuleClass):
         return self.retrieval != "none"
 
     # --------------------------------------------------------------- inference
-    def _get_inference_input(self, tensors: dict, **kwargs) -> dict:
+    def _get_inference_input(self, tensors: dict, **kwargs: object) -> dict:
         return {
             "x_ctrl": tensors[TENSORS.X_CTRL],
             "pert_embedding": tensors[TENSORS.PERT_EMBEDDING],
@@ -247,7 +252,7 @@ class PTRAGModule(BaseModuleClass):
             "batch": tensors.get(TENSORS.BATCH),
         }
 
-    def _encode_candidates(self, candidates, same_cell_type=None, relation=None):
+    def _encode_candidates(self, candidates: torch.Tensor, same_cell_type: torch.Tensor | None = None, relation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``h_cand`` ``[B,K,H]`` and ``valid`` ``[B,K]`` of the stage-1 candidates."""
         valid = candidates >= 0
         index = candidates.clamp_min(0)
@@ -328,7 +333,7 @@ class PTRAGModule(BaseModuleClass):
         return out
 
     # -------------------------------------------------------------- generative
-    def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs: object) -> dict:
         return {
             "x_ctrl": tensors[TENSORS.X_CTRL],
             "x0": inference_outputs["x0"],

@@ -31,9 +31,11 @@ from ._utils import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from anndata import AnnData
+
+    from ..data._matrix import MatrixLike
 
 #: Names accepted by :func:`predict_baseline`.
 BASELINES = ("control", "other_cell_types", "context_mean", "linear", "knn", "additive")
@@ -358,7 +360,7 @@ def _apply(x_ctrl: np.ndarray, delta: np.ndarray, control_mean: np.ndarray, ceil
     return torch.minimum(torch.relu(scaled + offset), ceiling)[0].numpy()
 
 
-def _dense_float32(matrix) -> np.ndarray:
+def _dense_float32(matrix: MatrixLike) -> np.ndarray:
     if sparse.issparse(matrix):
         return matrix.toarray().astype(np.float32, copy=False)
     return np.array(matrix, dtype=np.float32, copy=True)
@@ -367,7 +369,7 @@ def _dense_float32(matrix) -> np.ndarray:
 class _TrainingStats:
     """Training control means, per-(cell type, perturbation) shifts and context shifts."""
 
-    def __init__(self, matrix, pert, ct, is_ctrl, train) -> None:
+    def __init__(self, matrix: MatrixLike, pert: np.ndarray, ct: np.ndarray, is_ctrl: np.ndarray, train: np.ndarray) -> None:
         self.cell_types = sorted(set(ct))
         ctrl_train = is_ctrl & train
         ctrl_codes = np.full(ct.shape[0], -1, dtype=np.int64)
@@ -407,7 +409,7 @@ class _Embedder:
     validated and missing genes raise a ValueError naming them.
     """
 
-    def __init__(self, table: pd.DataFrame, control_group: str, sep: str, needed) -> None:
+    def __init__(self, table: pd.DataFrame, control_group: str, sep: str, needed: Iterable[str]) -> None:
         from ..data._perturbations import PerturbationEncoder
 
         self.encoder = PerturbationEncoder(table, sep=sep)

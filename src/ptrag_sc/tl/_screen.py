@@ -363,7 +363,7 @@ def _requested(
     return canonical.astype(object), np.asarray(shown, dtype=object)
 
 
-def _signature_weights(signature, var_names: pd.Index) -> tuple[np.ndarray | None, list[str]]:
+def _signature_weights(signature: Sequence[str] | Mapping[str, Sequence[str]] | pd.Series | None, var_names: pd.Index) -> tuple[np.ndarray | None, list[str]]:
     """Weights ``(G,)`` of the signature over the model's genes and its genes (model spelling)."""
     if signature is None:
         return None, []

@@ -5,11 +5,18 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 
 from .._utils import is_interactive
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import TextIO
+
+    import lightning.pytorch as pl
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +48,7 @@ class KeepBestWeights(Callback):
         self.best_step: int | None = None
         self._state: dict | None = None
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get(self.monitor)
@@ -53,7 +60,7 @@ class KeepBestWeights(Callback):
             self.best, self.best_epoch, self.best_step = value, trainer.current_epoch, trainer.global_step
             self._state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._state is None:
             return
         with torch.no_grad():
@@ -70,7 +77,7 @@ class KeepBestWeights(Callback):
         return {BEST_STEP_KEY: float(self.best_step), BEST_EPOCH_KEY: float(self.best_epoch)}
 
     @staticmethod
-    def from_metrics(metrics) -> tuple[int | None, int | None]:
+    def from_metrics(metrics: Mapping[str, object]) -> tuple[int | None, int | None]:
         """``(best_step, best_epoch)`` as :meth:`summary` left them in ``trainer.callback_metrics``."""
         if BEST_STEP_KEY not in metrics:
             return None, None
@@ -90,7 +97,7 @@ class TrainingProgress(ProgressBar):
         Where to write; ``None`` (default) is ``sys.stderr`` at the start of training.
     """
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__()
         self._stream = stream
         self._enabled = True
@@ -112,10 +119,10 @@ class TrainingProgress(ProgressBar):
         return not self._enabled
 
     @property
-    def stream(self):
+    def stream(self) -> TextIO:
         return sys.stderr if self._stream is None else self._stream
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
         stream = self.stream
         if self._enabled and is_interactive(stream):
@@ -123,22 +130,22 @@ class TrainingProgress(ProgressBar):
 
             self._bar = tqdm(total=trainer.max_steps, desc="Training", unit="step", file=stream, dynamic_ncols=True)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int) -> None:
         if self._bar is not None:
             self._bar.update(trainer.global_step - self._bar.n)
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loss = trainer.callback_metrics.get("validation_loss")
         if self._bar is not None and loss is not None and not trainer.sanity_checking:
             self._bar.set_postfix(validation_loss=f"{float(loss):.4g}", refresh=False)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._bar is not None:
             self._close()
         elif self._enabled:
             print(f"Training: {training_summary(trainer)}, {time.perf_counter() - self._started:.0f} s", file=self.stream, flush=True)
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close()
 
     def _close(self) -> None:
@@ -147,7 +154,7 @@ class TrainingProgress(ProgressBar):
             self._bar = None
 
 
-def training_summary(trainer) -> str:
+def training_summary(trainer: pl.Trainer) -> str:
     """``"450/1500 steps (stopped early: no better validation_loss in 5 checks)"``."""
     text = f"{trainer.global_step}/{trainer.max_steps} steps"
     stopper = trainer.early_stopping_callback

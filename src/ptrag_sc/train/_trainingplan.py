@@ -5,12 +5,17 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from scvi.train import TrainingPlan
 
 from .._constants import TENSORS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from scvi.module.base import BaseModuleClass, LossOutput
 
 #: Metrics logged per epoch, as ``{train,validation}_{name}`` (those a module reports).
 METRICS = ("loss", "energy", "mean_error", "active_ratio")
@@ -20,12 +25,12 @@ class NonFiniteLossError(FloatingPointError, RuntimeError):
     """Raised when the training loss becomes NaN or infinite (a ``FloatingPointError`` and a ``RuntimeError``)."""
 
 
-def _parameters(fn) -> set[str]:
+def _parameters(fn: Callable) -> set[str]:
     params = inspect.signature(fn).parameters.values()
     return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
 
 
-def _check_plan_kwargs(module, kwargs: dict) -> None:
+def _check_plan_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
     """Names neither :class:`scvi.train.TrainingPlan` nor the module's loss takes fail now, not at step 1."""
     own = {"lr", "weight_decay", "evidence_lr", "optimizer", "eps", "reduce_lr_on_plateau", "lr_scheduler_metric"}
     # The KL warm-up of VAEs does not apply (and is set by this plan).
@@ -88,7 +93,7 @@ class PTRAGTrainingPlan(TrainingPlan):
 
     def __init__(
         self,
-        module,
+        module: BaseModuleClass,
         *,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
@@ -97,7 +102,7 @@ class PTRAGTrainingPlan(TrainingPlan):
         eps: float = 1e-8,
         reduce_lr_on_plateau: bool = False,
         lr_scheduler_metric: str = "validation_loss",
-        **kwargs,
+        **kwargs: object,
     ) -> None:
         for name, value in (("lr", lr), ("evidence_lr", evidence_lr), ("eps", eps)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -126,7 +131,7 @@ class PTRAGTrainingPlan(TrainingPlan):
         # at every step (the memory alone can be hundreds of MB).
         self._ddp_params_and_buffers_to_ignore = [f"module.{name}" for name, _ in module.named_buffers()]
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict:
         """AdamW (fused kernels) with a faster, undecayed group for the evidence weights."""
         evidence = getattr(self.module, "evidence", None)
         fast = {id(p) for p in evidence.parameters()} if evidence is not None else set()
@@ -145,7 +150,7 @@ class PTRAGTrainingPlan(TrainingPlan):
         return config
 
     # ------------------------------------------------------------------ metrics
-    def _accumulate(self, prefix: str, output, weight: torch.Tensor) -> None:
+    def _accumulate(self, prefix: str, output: LossOutput, weight: torch.Tensor) -> None:
         """Add a batch's metrics, weighted by its sets, to this epoch's running sums."""
         values = {"loss": output.loss, **output.extra_metrics}
         sums = self._metric_sums.get(prefix)
@@ -174,7 +179,7 @@ class PTRAGTrainingPlan(TrainingPlan):
             if weight > 0:
                 self.log(f"{prefix}_{name}", (total / weight).float(), on_step=False, on_epoch=True, prog_bar=name == "loss" and prefix == "train", sync_dist=self.use_sync_dist)
 
-    def _step(self, batch: dict, prefix: str):
+    def _step(self, batch: dict, prefix: str) -> torch.Tensor:
         _, _, output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
@@ -187,11 +192,11 @@ class PTRAGTrainingPlan(TrainingPlan):
         self._accumulate(prefix, output, weight)
         return output.loss
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimisation step on a batch of sets."""
         return self._step(batch, "train")
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The objective on a batch of held-out sets."""
         self._step(batch, "validation")
 
