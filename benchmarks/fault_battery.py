@@ -3517,7 +3517,7 @@ def train_while_predicting(env):
     model, adata = env.fit(steps=2)
 
     def call():
-        with predicting(model):
+        with predicting(model.module):
             model.train(max_steps=1)
 
     return Trial(call, ("prediction is running",), watch=(adata,))

@@ -1,4 +1,5 @@
-"""Checks of user arguments, with errors that name the argument at fault (every layer uses them)."""
+"""Checks of user arguments, with errors that name the argument at fault (every layer uses
+them)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ def positive_int(
     """``value`` as an int ``>= minimum`` (booleans and fractions are refused)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral | float) or (isinstance(value, float) and not value.is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral | float)
+        or (isinstance(value, float) and not value.is_integer())
+    ):
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     if int(value) < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
@@ -46,7 +51,11 @@ def finite_float(
     maximum: float | None = None,
 ) -> float:
     """``value`` as a finite float within bounds (``strict``: ``> minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+    ):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     value = float(value)
     if minimum is not None and (value <= minimum if strict else value < minimum):
@@ -68,12 +77,15 @@ def check_seed(name: str, value: object, *, allow_none: bool = True) -> int | No
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0{' or None' if allow_none else ''}, got {value!r}.")
+        raise ValueError(
+            f"`{name}` must be an integer >= 0{' or None' if allow_none else ''}, got {value!r}."
+        )
     return int(value)
 
 
 def check_anndata(adata: object, argument: str = "adata", *, allow_none: bool = False) -> None:
-    """Raise a ``TypeError`` naming ``argument`` unless ``adata`` is an AnnData (or a MuData, resolved before)."""
+    """Raise a ``TypeError`` naming ``argument`` unless ``adata`` is an AnnData (or a MuData,
+    resolved before)."""
     from anndata import AnnData
 
     if adata is None and allow_none:
@@ -81,15 +93,23 @@ def check_anndata(adata: object, argument: str = "adata", *, allow_none: bool = 
     if not isinstance(adata, AnnData):
         hint = ""
         if isinstance(adata, pd.DataFrame):
-            hint = " Build one with `anndata.AnnData(X=frame.to_numpy(), obs=..., var=pd.DataFrame(index=frame.columns))`."
-        raise TypeError(f"`{argument}` must be an AnnData (or a MuData), got {type(adata).__name__}.{hint}")
+            hint = (
+                " Build one with `anndata.AnnData(X=frame.to_numpy(), obs=..., "
+                "var=pd.DataFrame(index=frame.columns))`."
+            )
+        raise TypeError(
+            f"`{argument}` must be an AnnData (or a MuData), got {type(adata).__name__}.{hint}"
+        )
 
 
 def check_key_type(name: str, value: object, *, allow_none: bool) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, str):
-        raise TypeError(f"`{name}` must be a column name (str){' or None' if allow_none else ''}, got {value!r}.")
+        raise TypeError(
+            f"`{name}` must be a column name (str){' or None' if allow_none else ''}, got "
+            f"{value!r}."
+        )
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:

@@ -133,7 +133,8 @@ def resolve_gene_symbols(
     """Match gene symbols (e.g. perturbation labels) to the entries of a vocabulary.
 
     Each query is matched, in this order, (1) exactly, (2) case-insensitively and ignoring
-    surrounding whitespace (in queries and vocabulary alike: ``" stat1 "`` finds ``STAT1``), (3) through
+    surrounding whitespace (in queries and vocabulary alike: ``" stat1 "`` finds ``STAT1``), (3)
+    through
     gene aliases and previous symbols, in both directions: an old label finds the current
     symbol (``AARS`` -> ``AARS1``, ``KIAA1804`` -> ``MAP3K21``) and a current label finds an
     old vocabulary entry (``MAP3K21`` -> ``KIAA1804``). An official symbol is never re-read as

@@ -104,7 +104,8 @@ def settings_threads() -> Iterator[None]:
 
 
 def is_interactive(stream: object) -> bool:
-    """Whether ``stream`` shows ``\\r`` updates in place: a terminal, or a Jupyter cell's output."""
+    """Whether ``stream`` shows ``\\r`` updates in place: a terminal, or a Jupyter cell's
+    output."""
     try:
         if stream.isatty():
             return True

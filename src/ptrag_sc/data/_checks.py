@@ -30,7 +30,8 @@ def check_obs_key(adata: AnnData, key: str | None, argument: str) -> None:
 
 
 def check_expression(X: MatrixLike, *, where: str, warn_counts: bool = False) -> None:
-    """Reject NaN, infinite and negative expression values (streamed by chunks), naming the first bad cells.
+    """Reject NaN, infinite and negative expression values (streamed by chunks), naming the first
+    bad cells.
 
     The model generates non-negative log-normalised expression; raw counts must be normalised
     (``sc.pp.normalize_total`` then ``sc.pp.log1p``) and z-scored data is not supported. With
@@ -55,8 +56,8 @@ def check_expression(X: MatrixLike, *, where: str, warn_counts: bool = False) ->
     if warn_counts and all_integer and largest > 0:
         warnings.warn(
             f"{where} holds only integer values, which look like raw counts. PTRAG models "
-            "log-normalised expression: run `sc.pp.normalize_total(adata)` and `sc.pp.log1p(adata)` "
-            "(keep the counts in a layer) before `setup_anndata`.",
+            "log-normalised expression: run `sc.pp.normalize_total(adata)` and "
+            "`sc.pp.log1p(adata)` (keep the counts in a layer) before `setup_anndata`.",
             UserWarning,
             stacklevel=3,
         )
@@ -88,7 +89,8 @@ def _scan(values: np.ndarray, integer: bool) -> tuple[float, float, bool]:
 def _raise_bad_values(
     block: np.ndarray | sp.csr_matrix, values: np.ndarray, start: int, where: str
 ) -> None:
-    """Raise the error of :func:`check_expression` for a chunk holding NaN, infinite or negative values."""
+    """Raise the error of :func:`check_expression` for a chunk holding NaN, infinite or negative
+    values."""
     if sp.issparse(block):
         rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
     else:
@@ -110,7 +112,9 @@ def _raise_bad_values(
     )
 
 
-def check_controls_per_cell_type(is_control: np.ndarray, cell_types: np.ndarray, *, where: str) -> None:
+def check_controls_per_cell_type(
+    is_control: np.ndarray, cell_types: np.ndarray, *, where: str
+) -> None:
     """Every cell type holding perturbed cells needs control cells."""
     frame = pd.DataFrame({"ct": cell_types, "ctrl": is_control})
     has_ctrl = frame.groupby("ct", observed=True)["ctrl"].any()

@@ -2,7 +2,8 @@
 
 Each *source* (:mod:`~ptrag_sc.data._sources`) estimates the specific shift of a query (q, c):
 its mean shift minus the context response of cell type c (the mean shift of c's other
-perturbations). :func:`fit` combines the sources in steps, each fitted on the memory's entries in exactly the situation of a held-out
+perturbations). :func:`fit` combines the sources in steps, each fitted on the memory's entries in
+exactly the situation of a held-out
 perturbation, that is with the entry's own response left out:
 
 1. **Stack.** Non-negative least-squares weights of the sources (stacked regression, Breiman
@@ -84,7 +85,8 @@ def row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def entry_weights(targets: np.ndarray) -> np.ndarray:
-    """``1 / sqrt(|y|^2 + median |y|^2)``: a perturbation with a huge response does not decide alone."""
+    """``1 / sqrt(|y|^2 + median |y|^2)``: a perturbation with a huge response does not decide
+    alone."""
     norms = np.sum(np.square(targets, dtype=np.float64), axis=1)
     return 1.0 / np.sqrt(norms + np.median(norms) + 1e-12)
 
@@ -94,7 +96,9 @@ def closest(similarity: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.where(allowed, similarity, -np.inf).max(axis=1, initial=-np.inf).clip(min=0.0)
 
 
-def fit_stack(sources: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def fit_stack(
+    sources: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Non-negative least-squares weights of ``S`` sources for ``targets``.
 
     ``sources`` is ``(S, M, G)``, ``targets`` ``(M, G)``; each entry counts with ``weights``
@@ -200,8 +204,11 @@ class EvidenceModel:
     def from_dict(cls, state: dict) -> EvidenceModel:
         return cls(**{f.name: state[f.name] for f in fields(cls)})
 
-    def per_cell_type(self, cell_types: np.ndarray, values: np.ndarray, fallback: float) -> np.ndarray:
-        """``values`` (one per fitted cell type) looked up for ``cell_types``; ``fallback`` elsewhere."""
+    def per_cell_type(
+        self, cell_types: np.ndarray, values: np.ndarray, fallback: float
+    ) -> np.ndarray:
+        """``values`` (one per fitted cell type) looked up for ``cell_types``; ``fallback``
+        elsewhere."""
         row = pd.Index(self.cell_types.astype(str)).get_indexer(np.asarray(cell_types).astype(str))
         return np.where(row >= 0, np.asarray(values, np.float64)[np.maximum(row, 0)], fallback)
 
@@ -218,7 +225,9 @@ class EvidenceModel:
         return np.clip(self.standardise(features) @ self.confidence_coef, -1.0, 1.0)
 
 
-def fit_gate(trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def fit_gate(
+    trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
     """Coefficients ``b`` of the gate ``r = 2 sigmoid(design @ b)`` minimising
     ``sum_m w_m^2 |y_m - r_m s_m|^2 / sum_m w_m^2 |y_m|^2 + GATE_PENALTY |b|^2 / M``
     (``s``: the trusted stack of each entry).
@@ -244,13 +253,16 @@ def fit_gate(trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weigh
 
 
 def fit_ridge(design: np.ndarray, target: np.ndarray, penalty: float) -> np.ndarray:
-    """Ridge coefficients of ``target`` on ``design`` (its first column, the intercept, unpenalised)."""
+    """Ridge coefficients of ``target`` on ``design`` (its first column, the intercept,
+    unpenalised)."""
     reg = penalty * np.eye(design.shape[1])
     reg[0, 0] = 0.0
     return np.linalg.solve(design.T @ design + reg, design.T @ target)
 
 
-def trust(cross: np.ndarray, size: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def trust(
+    cross: np.ndarray, size: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Least-squares scale ``sum <y, s> / sum |s|^2`` of an estimate ``s`` of ``y``, per group.
 
     ``cross`` and ``size`` hold each entry's (weighted) ``<y, s>`` and ``|s|^2``. A group's
@@ -267,11 +279,18 @@ def trust(cross: np.ndarray, size: np.ndarray, groups: np.ndarray) -> tuple[np.n
     def scale(c: np.ndarray, s: np.ndarray) -> np.ndarray:
         return np.maximum((c + prior * overall) / np.maximum(s + prior, 1e-12), 0.0)
 
-    return scale(group_cross, group_size), scale(group_cross[codes] - cross, group_size[codes] - size), overall
+    return (
+        scale(group_cross, group_size),
+        scale(group_cross[codes] - cross, group_size[codes] - size),
+        overall,
+    )
 
 
-def own_gene_columns(labels: np.ndarray, gene_names: np.ndarray | None, sep: str) -> list[np.ndarray]:
-    """For each label, the columns of its member genes among ``gene_names`` (matched upper-case)."""
+def own_gene_columns(
+    labels: np.ndarray, gene_names: np.ndarray | None, sep: str
+) -> list[np.ndarray]:
+    """For each label, the columns of its member genes among ``gene_names`` (matched
+    upper-case)."""
     if gene_names is None or not len(gene_names):
         return [np.zeros(0, np.int64) for _ in labels]
     index = pd.Index(np.char.upper(np.asarray(gene_names).astype(str)))
@@ -285,8 +304,11 @@ def own_gene_columns(labels: np.ndarray, gene_names: np.ndarray | None, sep: str
     return out
 
 
-def own_gene_ratios(responses: np.ndarray, control_means: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
-    """Relative change ``shift / control mean`` of each single-gene entry's own gene (NaN otherwise)."""
+def own_gene_ratios(
+    responses: np.ndarray, control_means: np.ndarray, columns: list[np.ndarray]
+) -> np.ndarray:
+    """Relative change ``shift / control mean`` of each single-gene entry's own gene (NaN
+    otherwise)."""
     ratios = np.full(len(columns), np.nan)
     for m, cols in enumerate(columns):
         if len(cols) == 1 and control_means[m, cols[0]] >= MIN_OWN_GENE_MEAN:
@@ -294,8 +316,15 @@ def own_gene_ratios(responses: np.ndarray, control_means: np.ndarray, columns: l
     return ratios
 
 
-def apply_own_gene(specific: np.ndarray, context: np.ndarray, control_mean: np.ndarray, columns: list[np.ndarray], ratio: np.ndarray) -> np.ndarray:
-    """Set each query's own genes to ``ratio * control mean`` (as a specific shift: minus the context)."""
+def apply_own_gene(
+    specific: np.ndarray,
+    context: np.ndarray,
+    control_mean: np.ndarray,
+    columns: list[np.ndarray],
+    ratio: np.ndarray,
+) -> np.ndarray:
+    """Set each query's own genes to ``ratio * control mean`` (as a specific shift: minus the
+    context)."""
     out = specific.copy()
     for i, cols in enumerate(columns):
         if len(cols) and np.isfinite(ratio[i]):

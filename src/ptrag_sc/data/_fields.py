@@ -76,7 +76,9 @@ class PerturbationField(BaseAnnDataField):
             )
         from ._perturbations import normalise_labels
 
-        return normalise_labels(labels.astype(str).to_numpy(), control_group=self.control_group, sep=self.sep)
+        return normalise_labels(
+            labels.astype(str).to_numpy(), control_group=self.control_group, sep=self.sep
+        )
 
     def validate_field(self, adata: AnnData) -> None:
         labels = self._labels(adata)
@@ -102,7 +104,9 @@ class PerturbationField(BaseAnnDataField):
         self.validate_field(adata)
         return self._state(adata)
 
-    def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs: object) -> dict:
+    def transfer_field(
+        self, state_registry: dict, adata_target: AnnData, **kwargs: object
+    ) -> dict:
         # Controls are not required here: a prediction AnnData may hold only perturbed cells
         # when the model's own training controls are used.
         self._labels(adata_target)

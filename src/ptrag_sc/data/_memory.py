@@ -52,7 +52,8 @@ class RetrievalMemory:
     n_cells
         Training cells behind each entry.
     gene_names
-        The ``G`` genes of the responses (the model's genes), to find a perturbed gene's own column.
+        The ``G`` genes of the responses (the model's genes), to find a perturbed gene's own
+        column.
     response_codes, response_basis
         Specific shifts projected on their top principal directions ``(M, c)`` and the
         ``(G, c)`` directions: what the candidate encoder reads.
@@ -124,7 +125,9 @@ class RetrievalMemory:
             if key.startswith("sources."):
                 source, name = key.removeprefix("sources.").split(".", 1)
                 sources.setdefault(source, {})[name] = value
-        model = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("evidence_model.")}
+        model = {
+            k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("evidence_model.")
+        }
         return cls(
             **kwargs,
             sources=sources or None,
@@ -135,7 +138,9 @@ class RetrievalMemory:
         """Readable name of each entry (``"GENE"`` or ``"GENE@cell type"``)."""
         if self.kind == "embedding":
             return self.perturbations.astype(str)
-        return np.char.add(np.char.add(self.perturbations.astype(str), "@"), self.cell_types.astype(str))
+        return np.char.add(
+            np.char.add(self.perturbations.astype(str), "@"), self.cell_types.astype(str)
+        )
 
     # ------------------------------------------------------------------ evidence
     @property
@@ -151,15 +156,22 @@ class RetrievalMemory:
     @property
     def specific(self) -> np.ndarray:
         """``(M, G)`` each entry's response minus its cell type's context."""
-        rows = pd.Index(self.context_cell_types.astype(str)).get_indexer(self.cell_types.astype(str))
+        rows = pd.Index(self.context_cell_types.astype(str)).get_indexer(
+            self.cell_types.astype(str)
+        )
         return (self.responses - self.context_full[rows]).astype(np.float32)
 
     def entry_index(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         """Entry of each (perturbation, cell type) query, ``-1`` when absent."""
-        names = np.char.add(np.char.add(np.asarray(perturbations).astype(str), "@"), np.asarray(cell_types).astype(str))
+        names = np.char.add(
+            np.char.add(np.asarray(perturbations).astype(str), "@"),
+            np.asarray(cell_types).astype(str),
+        )
         return pd.Index(self.entry_names()).get_indexer(names)
 
-    def contexts(self, perturbations: np.ndarray, cell_types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def contexts(
+        self, perturbations: np.ndarray, cell_types: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Context responses of queries: leaving the query's own entry out, and all entries.
 
         For a query (q, c) the first is the mean of the memory's (p, c) responses over
@@ -195,7 +207,9 @@ class RetrievalMemory:
         """The entries' binary annotation matrix ``(M, T)``."""
         n_terms = 0 if self.annotation_terms is None else len(self.annotation_terms)
         data = np.ones(len(self.annotation_indices), dtype=np.float32)
-        return sp.csr_matrix((data, self.annotation_indices, self.annotation_indptr), shape=(len(self), n_terms))
+        return sp.csr_matrix(
+            (data, self.annotation_indices, self.annotation_indptr), shape=(len(self), n_terms)
+        )
 
     def evidence(
         self,
@@ -228,7 +242,9 @@ class RetrievalMemory:
         scale of the stacked sources; NaN for memory entries, whose estimates were computed
         with their own entry left out).
         """
-        return ev.query(self, perturbations, cell_types, embeddings, annotations, control_mean, sep)
+        return ev.query(
+            self, perturbations, cell_types, embeddings, annotations, control_mean, sep
+        )
 
 
 def _plain(value: object) -> object:
@@ -252,7 +268,8 @@ def build_memory(
 
     A convenience for arrays; the model builds its memory with :func:`memory_from_cells`
     (streamed expression, GO annotations, the ``evidence`` option). Here no annotations are
-    used (the annotation sources are zero) and the other evidence sources are all stacked. Only cells with ``train_mask`` contribute, and the response of a (perturbation, cell type)
+    used (the annotation sources are zero) and the other evidence sources are all stacked. Only
+    cells with ``train_mask`` contribute, and the response of a (perturbation, cell type)
     entry is the mean of its training cells minus the mean of that cell type's training
     control cells. See :func:`memory_from_means` for the rest.
     """
@@ -260,7 +277,9 @@ def build_memory(
     cell_types = np.asarray(cell_types).astype(str)
     perturbed = train_mask & ~is_control
     if not perturbed.any():
-        raise ValueError("The training split holds no perturbed cells: nothing to build the memory from.")
+        raise ValueError(
+            "The training split holds no perturbed cells: nothing to build the memory from."
+        )
     keys = pd.MultiIndex.from_arrays([perturbations[perturbed], cell_types[perturbed]])
     codes, uniques = pd.factorize(keys, sort=True)
     entry_of_cell = np.full(perturbations.shape[0], -1, dtype=np.int64)
@@ -285,7 +304,9 @@ def build_memory(
         perturbations=entry_pert,
         cell_types=entry_ct,
         entry_means=entry_means,
-        control_means=None if control_means is None else control_means[control_ct.get_indexer(entry_ct)],
+        control_means=None
+        if control_means is None
+        else control_means[control_ct.get_indexer(entry_ct)],
         n_cells=np.bincount(codes, minlength=len(uniques)),
         encoder=encoder,
         n_response_components=n_response_components,
@@ -339,7 +360,9 @@ def memory_from_means(
     cell_types = np.asarray(cell_types).astype(str)
     if kind == "embedding":
         labels, inverse = np.unique(perturbations, return_inverse=True)
-        counts = np.bincount(inverse, weights=np.asarray(n_cells, dtype=np.float64), minlength=len(labels)).astype(np.int64)
+        counts = np.bincount(
+            inverse, weights=np.asarray(n_cells, dtype=np.float64), minlength=len(labels)
+        ).astype(np.int64)
         return RetrievalMemory(
             kind=kind,
             perturbations=labels,
@@ -403,8 +426,12 @@ def memory_from_cells(
     """
     perturbed = train_mask & ~data.is_control
     if not perturbed.any():
-        raise ValueError("The training split holds no perturbed cells: nothing to build the memory from.")
-    keys = pd.MultiIndex.from_arrays([data.labels[perturbed].astype(str), data.cell_types[perturbed].astype(str)])
+        raise ValueError(
+            "The training split holds no perturbed cells: nothing to build the memory from."
+        )
+    keys = pd.MultiIndex.from_arrays(
+        [data.labels[perturbed].astype(str), data.cell_types[perturbed].astype(str)]
+    )
     codes, uniques = pd.factorize(keys, sort=True)
     entry_of_cell = np.full(data.n_obs, -1, dtype=np.int64)
     entry_of_cell[perturbed] = codes
@@ -412,7 +439,15 @@ def memory_from_cells(
     entry_ct = np.asarray(uniques.get_level_values(1)).astype(str)
     n_cells = np.bincount(codes, minlength=len(uniques))
     if kind == "embedding":
-        return memory_from_means(kind, perturbations=entry_pert, cell_types=entry_ct, entry_means=None, control_means=None, n_cells=n_cells, encoder=encoder)
+        return memory_from_means(
+            kind,
+            perturbations=entry_pert,
+            cell_types=entry_ct,
+            entry_means=None,
+            control_means=None,
+            n_cells=n_cells,
+            encoder=encoder,
+        )
     control_ct = pd.Index(np.unique(entry_ct))
     ctrl_mask = train_mask & data.is_control
     ctrl_codes = np.full(data.n_obs, -1, dtype=np.int64)
@@ -420,9 +455,14 @@ def memory_from_cells(
     ctrl_counts = np.bincount(ctrl_codes[ctrl_codes >= 0], minlength=len(control_ct))
     if np.any(ctrl_counts == 0):
         missing = control_ct[ctrl_counts == 0].tolist()
-        raise ValueError(f"No training control cells for cell type(s) {missing}: the response memory needs them to measure shifts.")
+        raise ValueError(
+            f"No training control cells for cell type(s) {missing}: the response memory needs "
+            "them to measure shifts."
+        )
     # One streaming pass for the entries and the controls together.
-    codes_all = np.where(entry_of_cell >= 0, entry_of_cell, np.where(ctrl_codes >= 0, ctrl_codes + len(uniques), -1))
+    codes_all = np.where(
+        entry_of_cell >= 0, entry_of_cell, np.where(ctrl_codes >= 0, ctrl_codes + len(uniques), -1)
+    )
     means = data.means(codes_all, len(uniques) + len(control_ct))
     entry_means, control_means = means[: len(uniques)], means[len(uniques) :]
     return memory_from_means(

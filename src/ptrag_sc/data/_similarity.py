@@ -57,8 +57,8 @@ def _canonical(names: Iterable[object], what: str) -> pd.Index:
     if index.has_duplicates:
         dup = index[index.duplicated()].unique()[:5].tolist()
         raise ValueError(
-            f"The `similarity` table's {what} hold duplicated genes after upper-casing, e.g. {dup}; "
-            "keep one row / column per gene."
+            f"The `similarity` table's {what} hold duplicated genes after upper-casing, e.g. "
+            f"{dup}; keep one row / column per gene."
         )
     if (index == "").any():
         raise ValueError(f"The `similarity` table's {what} hold an empty gene name.")
@@ -82,24 +82,35 @@ def validate_similarity_table(table: pd.DataFrame) -> pd.DataFrame:
     """
     if not isinstance(table, pd.DataFrame):
         raise TypeError(
-            "`similarity` must be 'embedding', 'go', 'response' or a pandas DataFrame (query genes as the "
-            f"index, candidate genes as the columns), got {type(table).__name__}."
+            "`similarity` must be 'embedding', 'go', 'response' or a pandas DataFrame (query "
+            f"genes as the index, candidate genes as the columns), got {type(table).__name__}."
         )
     if table.shape[0] == 0 or table.shape[1] == 0:
-        raise ValueError(f"The `similarity` table is empty (shape {table.shape}); give genes as its index and columns.")
+        raise ValueError(
+            f"The `similarity` table is empty (shape {table.shape}); give genes as its index and "
+            "columns."
+        )
     index = _canonical(table.index, "index (query genes)")
     columns = _canonical(table.columns, "columns (candidate genes)")
-    non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c])]
+    non_numeric = [
+        c
+        for c in table.columns
+        if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c])
+    ]
     if non_numeric:
-        raise ValueError(f"The `similarity` table has non-numeric column(s) {list(map(str, non_numeric[:5]))}; values must be numbers.")
+        raise ValueError(
+            f"The `similarity` table has non-numeric column(s) {list(map(str, non_numeric[:5]))}; "
+            "values must be numbers."
+        )
     values = table.to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ValueError(
             f"The `similarity` table holds {int(bad.sum())} NaN or infinite value(s), e.g. at "
-            f"({table.index[r]!r}, {table.columns[c]!r}); fill pairs the prior says nothing about with a "
-            "number (e.g. 0) or leave the gene out (genes absent from the table fall back to the embedding)."
+            f"({table.index[r]!r}, {table.columns[c]!r}); fill pairs the prior says nothing about "
+            "with a number (e.g. 0) or leave the gene out (genes absent from the table fall back "
+            "to the embedding)."
         )
     return pd.DataFrame(values, index=index, columns=columns)
 
@@ -129,8 +140,15 @@ class StageOneSimilarity:
         """``(n, M)`` float64 prior similarity of each query to each entry, NaN where undefined."""
         raise NotImplementedError
 
-    def scores(self, perturbations: np.ndarray, cell_types: np.ndarray, cosine: np.ndarray, same_perturbation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The similarity stage 1 reports ``(n, M)`` float32 and the ranking it sorts by ``(n, M)`` float64.
+    def scores(
+        self,
+        perturbations: np.ndarray,
+        cell_types: np.ndarray,
+        cosine: np.ndarray,
+        same_perturbation: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The similarity stage 1 reports ``(n, M)`` float32 and the ranking it sorts by ``(n, M)``
+        float64.
 
         Parameters
         ----------
@@ -199,7 +217,9 @@ class ResponseSimilarity(StageOneSimilarity):
 
     def bind(self, memory: RetrievalMemory) -> ResponseSimilarity:
         if memory.kind != "response" or memory.responses is None:
-            raise ValueError("`similarity='response'` needs a response memory (`memory='response'`).")
+            raise ValueError(
+                "`similarity='response'` needs a response memory (`memory='response'`)."
+            )
         bound = ResponseSimilarity()
         specific = memory.specific.astype(np.float64)
         bound._specific = specific
@@ -255,7 +275,8 @@ class TableSimilarity(StageOneSimilarity):
         return [m.strip().upper() for m in str(label).split(self.sep) if m.strip()]
 
     def _combine(self, labels: np.ndarray, index: pd.Index) -> tuple[sp.csr_matrix, np.ndarray]:
-        """``(n, len(index))`` averaging map of each label onto the index, and whether it is covered.
+        """``(n, len(index))`` averaging map of each label onto the index, and whether it is
+        covered.
 
         A label is its own row / column when the table has it, else the mean of its genes' when
         the table has all of them (a combination ``A+B``), else not covered.
@@ -282,7 +303,9 @@ class TableSimilarity(StageOneSimilarity):
     def bind(self, memory: RetrievalMemory) -> TableSimilarity:
         bound = TableSimilarity.__new__(TableSimilarity)
         bound.__dict__.update(self.__dict__)
-        mapping, covered = self._combine(memory.perturbations.astype(str), pd.Index(self.table.columns))
+        mapping, covered = self._combine(
+            memory.perturbations.astype(str), pd.Index(self.table.columns)
+        )
         bound._entry_map = mapping.T.tocsr()  # (n_columns, M)
         bound._entry_covered = covered
         return bound
@@ -297,7 +320,9 @@ class TableSimilarity(StageOneSimilarity):
         return out[inverse.ravel()]
 
 
-def make_similarity(option: str | pd.DataFrame, *, annotations: GeneAnnotations | None = None, sep: str = "+") -> StageOneSimilarity | None:
+def make_similarity(
+    option: str | pd.DataFrame, *, annotations: GeneAnnotations | None = None, sep: str = "+"
+) -> StageOneSimilarity | None:
     """The stage-1 prior of a ``similarity`` option (``None`` for the embedding cosine).
 
     Parameters
@@ -322,5 +347,6 @@ def make_similarity(option: str | pd.DataFrame, *, annotations: GeneAnnotations 
     if option == "response":
         return ResponseSimilarity()
     raise ValueError(
-        f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query genes x candidate genes), got {option!r}."
+        f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query genes x "
+        f"candidate genes), got {option!r}."
     )

@@ -281,7 +281,9 @@ def neighbour_means(
     score = np.where(allowed & (similarity > 0), similarity, -np.inf)
     k = min(k, score.shape[1])
     if k == 0:
-        return np.zeros((score.shape[0], responses.shape[1]), np.float32), np.zeros(score.shape[0], bool)
+        return np.zeros((score.shape[0], responses.shape[1]), np.float32), np.zeros(
+            score.shape[0], bool
+        )
     top = np.argpartition(-score, k - 1, axis=1)[:, :k]
     valid = np.isfinite(np.take_along_axis(score, top, axis=1))
     counts = valid.sum(axis=1)
@@ -338,7 +340,9 @@ def ridge_leave_one_out(
         fit = y_mean + (U * shrink) @ projected
         leverage = np.minimum(1.0 / n + (U**2) @ shrink, 1.0 - 1e-6)
         same_group = sizes[codes] / n + np.einsum("mr,r,rm->m", U, shrink, group_sums[:, codes])
-        loo = (fit - leverage[:, None] * Y + ((same_group - leverage)[:, None] * moved)) / (1.0 - leverage[:, None])
+        loo = (fit - leverage[:, None] * Y + ((same_group - leverage)[:, None] * moved)) / (
+            1.0 - leverage[:, None]
+        )
         error = float(np.square(loo - Y).sum())
         if best is None or error < best[0]:
             best = (error, alpha, loo, s / (s**2 + alpha))

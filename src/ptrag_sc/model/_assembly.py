@@ -28,7 +28,14 @@ if TYPE_CHECKING:
 
     from ..data import ModelState
 
-__all__ = ["check_registered", "embedding_frame", "embedding_table", "module", "register", "summary"]
+__all__ = [
+    "check_registered",
+    "embedding_frame",
+    "embedding_table",
+    "module",
+    "register",
+    "summary",
+]
 
 #: Constructor options handed to the module unchanged.
 MODULE_OPTIONS = (
@@ -100,7 +107,8 @@ def check_registered(model_cls: type, adata: AnnData | None, registry: dict | No
     """A model is built from a registered AnnData, or from a saved registry (loading)."""
     if adata is None and registry is None:
         raise ValueError(
-            "Pass `adata`, an AnnData set up with `PTRAG.setup_anndata` (or load a saved model with `PTRAG.load`)."
+            "Pass `adata`, an AnnData set up with `PTRAG.setup_anndata` (or load a saved model "
+            "with `PTRAG.load`)."
         )
     if adata is not None:
         check_anndata(adata)
@@ -113,7 +121,9 @@ def check_registered(model_cls: type, adata: AnnData | None, registry: dict | No
 
 
 # ------------------------------------------------------------------------ parts
-def module(module_cls: type, state: ModelState, n_genes: int, n_batch: int, options: dict) -> BaseModuleClass:
+def module(
+    module_cls: type, state: ModelState, n_genes: int, n_batch: int, options: dict
+) -> BaseModuleClass:
     """The network of a new model, for its ``state`` and validated constructor ``options``."""
     return module_cls(
         n_genes,
@@ -129,16 +139,22 @@ def summary(options: dict, n_dims: int, n_genes: int) -> str:
     shown += ("n_candidates", "context_mode")
     text = ", ".join(f"{name}={options[name]!r}" for name in shown)
     similarity = describe(options["similarity"])
-    return f"PTRAG model: {text}, similarity={similarity}, embedding dims={n_dims}, genes={n_genes}."
+    return (
+        f"PTRAG model: {text}, similarity={similarity}, embedding dims={n_dims}, genes={n_genes}."
+    )
 
 
-def embedding_table(state: ModelState, embeddings: pd.DataFrame, *, overwrite: bool) -> pd.DataFrame:
-    """The body of :meth:`PTRAG.add_perturbation_embeddings`: the model's table with ``embeddings``."""
+def embedding_table(
+    state: ModelState, embeddings: pd.DataFrame, *, overwrite: bool
+) -> pd.DataFrame:
+    """The body of :meth:`PTRAG.add_perturbation_embeddings`: the model's table with
+    ``embeddings``."""
     encoder = state.encoder
     new = PerturbationEncoder(embeddings).table
     if new.shape[1] != encoder.n_dims:
         raise ValueError(
-            f"The new embeddings have {new.shape[1]} dimensions; the model's have {encoder.n_dims}."
+            f"The new embeddings have {new.shape[1]} dimensions; the model's have "
+            f"{encoder.n_dims}."
         )
     clash = new.index.intersection(encoder.table.index)
     if len(clash) and not overwrite:
@@ -152,7 +168,9 @@ def embedding_table(state: ModelState, embeddings: pd.DataFrame, *, overwrite: b
 
 def embedding_frame(state: ModelState, perturbations: str | Sequence[str]) -> pd.DataFrame:
     """The body of :meth:`PTRAG.get_perturbation_embedding`."""
-    labels = [str(p) for p in ([perturbations] if isinstance(perturbations, str) else perturbations)]
+    labels = [
+        str(p) for p in ([perturbations] if isinstance(perturbations, str) else perturbations)
+    ]
     return pd.DataFrame(
         state.encoder.embed(labels),
         index=pd.Index(labels, name="perturbation"),

@@ -1,4 +1,5 @@
-"""The longest parameter sections of :class:`~ptrag_sc.PTRAG`'s docstrings, filled in by :func:`fill`.
+"""The longest parameter sections of :class:`~ptrag_sc.PTRAG`'s docstrings, filled in by
+:func:`fill`.
 
 The constructor has two dozen options, ``train`` and ``predict`` a dozen each: their
 parameter reference lives here, so that the model class shows its wiring. :func:`fill` puts
@@ -197,7 +198,8 @@ BLOCKS = {
 
 
 def fill(obj: _Documented) -> _Documented:
-    """Fill the ``%(name)s`` fields of the docstring of ``obj`` (a class or a function) from :data:`BLOCKS`.
+    """Fill the ``%(name)s`` fields of the docstring of ``obj`` (a class or a function) from
+    :data:`BLOCKS`.
 
     The docstring is dedented first (as ``inspect.cleandoc`` does; Sphinx and ``help()`` do the
     same), so a field stands alone on its line at the indentation of the section it belongs to.

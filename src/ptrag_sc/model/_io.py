@@ -122,7 +122,9 @@ def _read_manifest(source: Path) -> dict:
         manifest = json.loads(raw.decode("utf-8"), parse_constant=_schema.no_constant)
         return {**manifest, "written": _schema.check_header(manifest, MIGRATIONS)}
     except UnicodeDecodeError as exc:
-        raise file_error(source, f"the file is not UTF-8 text (damaged? no model?): {exc}.") from None
+        raise file_error(
+            source, f"the file is not UTF-8 text (damaged? no model?): {exc}."
+        ) from None
     except RecursionError:
         raise file_error(source, "the JSON is nested too deeply.") from None
     except json.JSONDecodeError as exc:
@@ -341,9 +343,13 @@ class SafeSaveMixin:
         source, content = read_model_files(dir_path, prefix, backup_url)
         registry = content["registry"]
         if registry.get("model_name") not in (None, cls.__name__):
-            raise file_error(source, f"it holds a {registry['model_name']} model, not {cls.__name__}.")
+            raise file_error(
+                source, f"it holds a {registry['model_name']} model, not {cls.__name__}."
+            )
         if registry.get("setup_method_name", "setup_anndata") != "setup_anndata":
-            raise file_error(source, f"unsupported setup method {registry['setup_method_name']!r}.")
+            raise file_error(
+                source, f"unsupported setup method {registry['setup_method_name']!r}."
+            )
         if adata is None and content["adata"]:
             adata = _saved_adata(source, content["manifest"], _prefix(prefix))
         elif adata is None:

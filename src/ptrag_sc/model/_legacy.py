@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 #: Format version 1's arrays.
 V1_ARRAYS_FNAME = "model_arrays.npz"
 #: Prefixes of the memory's keys before format version 3, and the source each belongs to.
-_SOURCE_PREFIXES = {"sources.embedding_": "linear_embedding", "sources.annotation_": "linear_annotation"}
+_SOURCE_PREFIXES = {
+    "sources.embedding_": "linear_embedding",
+    "sources.annotation_": "linear_annotation",
+}
 
 
 def sources_by_name(content: dict) -> dict:

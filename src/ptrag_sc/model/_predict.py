@@ -228,7 +228,9 @@ def generate(
         )
         with progress_bar(total, "Predicting", "batch", progress) as advance:
             for step in steps:
-                generated = module.generative(**module._get_generative_input(step.batch, step.inference))
+                generated = module.generative(
+                    **module._get_generative_input(step.batch, step.inference)
+                )
                 predictions = generated[OUTPUTS.PREDICTION].reshape(-1, module.n_genes)
                 write(step.rows.ravel(), predictions.cpu().numpy())
                 distance[step.rows] = step.distance[:, None]
@@ -238,14 +240,16 @@ def generate(
 
 
 def context_index(names: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Position in ``names`` of each context key (object arrays of str, as the builder makes them)."""
+    """Position in ``names`` of each context key (object arrays of str, as the builder makes
+    them)."""
     return pd.Index(names).get_indexer(keys)
 
 
 def record(
     state: ModelState, mode: str, sample_retrieval: bool, seed: int | None, **columns: str
 ) -> dict:
-    """What a prediction records in ``uns["ptrag"]`` (``columns``: ``cell_type_key``, ``layer``)."""
+    """What a prediction records in ``uns["ptrag"]`` (``columns``: ``cell_type_key``,
+    ``layer``)."""
     return {
         "mode": mode,
         "retrieval": state.retrieval,
@@ -376,7 +380,8 @@ def counterfactual(
     output: str | os.PathLike | None = None,
     sparse: bool = False,
 ) -> np.ndarray | object | None:
-    """Counterfactual prediction of every perturbed cell of ``adata`` (see :meth:`PTRAG.predict`)."""
+    """Counterfactual prediction of every perturbed cell of ``adata`` (see
+    :meth:`PTRAG.predict`)."""
     if inplace and output is None:
         _check_layer_key(state, adata, key_added, overwrite)
     data = state.data(adata)

@@ -43,7 +43,13 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
 #: What scvi-tools' runner writes on the model; put back when training fails.
-_RUNNER_WRITES = ("is_trained_", "history_", "train_indices_", "validation_indices_", "test_indices_")
+_RUNNER_WRITES = (
+    "is_trained_",
+    "history_",
+    "train_indices_",
+    "validation_indices_",
+    "test_indices_",
+)
 
 
 def _option(name: str, doc: str) -> property:
@@ -96,13 +102,15 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
     >>> model.predict(adata)  # counterfactual: writes adata.layers["ptrag"]
     >>> adata.layers["ptrag"].shape == adata.shape
     True
-    >>> controls = adata[(adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] == "U87MG")]
+    >>> controls = adata[(adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] ==
+    "U87MG")]
     >>> generated = model.predict(controls, perturbations=["MAPK1", "MAPK1+SGK1"])  # generation
     >>> generated.n_obs == 2 * controls.n_obs
     True
     >>> table = model.get_retrieval(["MAPK1"], cell_type="U87MG")
     >>> first = table.iloc[0]  # MAPK1 itself, measured in another cell line
-    >>> first["candidate"], first["candidate_cell_type"] != "U87MG", round(float(first["similarity"]), 3)
+    >>> first["candidate"], first["candidate_cell_type"] != "U87MG",
+    round(float(first["similarity"]), 3)
     ('MAPK1', True, 1.0)
 
     Notes
@@ -322,7 +330,8 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         -------
         None. ``model.history`` holds ``train_loss``, ``train_energy``, ``train_mean_error``,
         ``validation_loss``, ``validation_energy``, ``validation_mean_error`` and, for PT-RAG,
-        ``train_active_ratio`` and ``validation_active_ratio``. If training fails or is interrupted, the model is left as it
+        ``train_active_ratio`` and ``validation_active_ratio``. If training fails or is
+        interrupted, the model is left as it
         was before the call.
         """
         if self.adata is None:
@@ -407,7 +416,8 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         -------
         Counterfactual mode: ``None`` (``inplace=True``; writes ``adata.layers[key_added]``), an
         ``(n_obs, n_vars)`` float32 array (``inplace=False``; CSR with ``sparse=True``), or with
-        ``output`` the new file opened with ``anndata.read_h5ad(output, backed="r")``. Generation mode: a new :class:`~anndata.AnnData`
+        ``output`` the new file opened with ``anndata.read_h5ad(output, backed="r")``. Generation
+        mode: a new :class:`~anndata.AnnData`
         with the prediction in ``.X`` and ``.layers[key_added]``; obs: the perturbation and
         cell-type columns, ``ptrag_source_cell`` (obs name of the control cell),
         ``ptrag_unseen_perturbation`` (never measured in training),
@@ -440,7 +450,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
             sparse=sparse,
         )
 
-    def add_perturbation_embeddings(self, embeddings: pd.DataFrame, *, overwrite: bool = False) -> None:
+    def add_perturbation_embeddings(
+        self, embeddings: pd.DataFrame, *, overwrite: bool = False
+    ) -> None:
         """Add gene vectors, so that more genes (or combinations) can be predicted.
 
         The model's weights do not depend on which genes have vectors: a gene measured nowhere

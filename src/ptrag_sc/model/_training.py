@@ -68,29 +68,40 @@ def is_data_parallel(strategy: object) -> bool:
 def split_masks(
     data: PerturbationData, adata: AnnData, split_key: str | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training, validation and test masks from ``adata.obs[split_key]`` (all training without one)."""
+    """Training, validation and test masks from ``adata.obs[split_key]`` (all training without
+    one)."""
     n = data.n_obs
     if split_key is None:
         return np.ones(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     check_obs_key(adata, split_key, "split_key")
     column = adata.obs[split_key]
     if column.isna().any():
-        raise ValueError(f"`adata.obs[{split_key!r}]` (`split_key`) has missing values; every cell needs 'train', 'val' or 'test'.")
+        raise ValueError(
+            f"`adata.obs[{split_key!r}]` (`split_key`) has missing values; every cell needs "
+            "'train', 'val' or 'test'."
+        )
     split = column.astype(str).str.strip().str.lower().to_numpy()
     unknown = sorted(set(np.unique(split)) - _SPLIT_VALUES)
     if unknown:
-        raise ValueError(f"`adata.obs[{split_key!r}]` holds values {unknown[:5]}; expected 'train', 'val' (or 'validation') and 'test'.")
+        raise ValueError(
+            f"`adata.obs[{split_key!r}]` holds values {unknown[:5]}; expected 'train', 'val' (or "
+            "'validation') and 'test'."
+        )
     return split == "train", np.isin(split, ["val", "validation"]), split == "test"
 
 
-def hold_out_groups(data: PerturbationData, train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def hold_out_groups(
+    data: PerturbationData, train: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
     """Cells of a random ``fraction`` of the training (perturbation, cell type) groups.
 
     At least one group and at most ``MAX_AUTO_VALIDATION_GROUPS``; a cell type keeps at least
     ``MIN_TRAINING_GROUPS_PER_CELL_TYPE`` training groups, so its context stays measured.
     """
     perturbed = train & ~data.is_control
-    frame = pd.DataFrame({"p": data.labels[perturbed].astype(str), "c": data.cell_types[perturbed].astype(str)})
+    frame = pd.DataFrame(
+        {"p": data.labels[perturbed].astype(str), "c": data.cell_types[perturbed].astype(str)}
+    )
     groups = frame.drop_duplicates().sort_values(["c", "p"]).reset_index(drop=True)
     rng = np.random.default_rng([seed, 7])
     order = rng.permutation(len(groups))
@@ -123,34 +134,54 @@ def _trainer_arguments() -> set[str]:
 
     names = set(_RUNNER_KEYS)
     for fn in (pl.Trainer.__init__, Trainer.__init__):
-        names |= {p.name for p in inspect.signature(fn).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        names |= {
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
     return names - {"self"}
 
 
 def check_trainer_kwargs(trainer_kwargs: dict) -> None:
-    """Unknown Lightning arguments, callbacks that are not a list and a negative clip value fail here."""
+    """Unknown Lightning arguments, callbacks that are not a list and a negative clip value fail
+    here."""
     unknown = sorted(set(trainer_kwargs) - _trainer_arguments())
     if unknown:
-        known = sorted(_trainer_arguments() | {"max_epochs", "max_steps", "batch_size", "split_key", "validation_size", "plan_kwargs"})
+        known = sorted(
+            _trainer_arguments()
+            | {
+                "max_epochs",
+                "max_steps",
+                "batch_size",
+                "split_key",
+                "validation_size",
+                "plan_kwargs",
+            }
+        )
         hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
         hint = "; ".join(f"did you mean `{h[0]}` for `{u}`?" for u, h in hints.items() if h)
         raise TypeError(
-            f"`train()` got unknown argument(s) {unknown}: neither arguments of `train` nor of the "
-            f"Lightning Trainer.{' ' + hint if hint else ''}"
+            f"`train()` got unknown argument(s) {unknown}: neither arguments of `train` nor of "
+            f"the Lightning Trainer.{' ' + hint if hint else ''}"
         )
     callbacks = trainer_kwargs.get("callbacks")
     if callbacks is not None:
         from lightning.pytorch.callbacks import Callback
 
-        if not isinstance(callbacks, list | tuple) or not all(isinstance(c, Callback) for c in callbacks):
-            raise TypeError(f"`callbacks` must be a list of Lightning `Callback` objects, got {callbacks!r}.")
+        if not isinstance(callbacks, list | tuple) or not all(
+            isinstance(c, Callback) for c in callbacks
+        ):
+            raise TypeError(
+                f"`callbacks` must be a list of Lightning `Callback` objects, got {callbacks!r}."
+            )
     clip = trainer_kwargs.get("gradient_clip_val")
     if clip is not None:
         finite_float("gradient_clip_val", clip, minimum=0.0)
 
 
 class _InterruptWatcher:
-    """Records whether Lightning handled a ``KeyboardInterrupt`` (it turns Ctrl+C into ``SystemExit``)."""
+    """Records whether Lightning handled a ``KeyboardInterrupt`` (it turns Ctrl+C into
+    ``SystemExit``)."""
 
     def __init__(self) -> None:
         from lightning.pytorch.callbacks import Callback
@@ -344,7 +375,12 @@ def train(
             if auto_held.any() and state.retrieval != "none":
                 # The held-out groups were training data: after model selection they join the
                 # memory, as evidence for predictions.
-                memory = _install(module, trained.state.build_memory(data, train_mask | auto_held, module.n_response_components))
+                memory = _install(
+                    module,
+                    trained.state.build_memory(
+                        data, train_mask | auto_held, module.n_response_components
+                    ),
+                )
                 trained.state = trained.state.replace(memory=memory)
         except BaseException as exc:
             if state.memory is not None:
@@ -436,7 +472,9 @@ def _fit(
     perturbed_train = train_mask & ~is_control
     memory = None
     if state.retrieval != "none":
-        memory = _install(module, state.build_memory(data, train_mask, module.n_response_components))
+        memory = _install(
+            module, state.build_memory(data, train_mask, module.n_response_components)
+        )
     state = state.replace(
         memory=memory,
         training_perturbations=np.unique(data.labels[perturbed_train].astype(str)),
@@ -555,9 +593,13 @@ def _fit(
     return Trained(state, best_step, best_epoch, np.zeros(0, dtype=str))
 
 
-def _check_set_size(cell_set_size: int, data: PerturbationData, perturbed_train: np.ndarray) -> None:
+def _check_set_size(
+    cell_set_size: int, data: PerturbationData, perturbed_train: np.ndarray
+) -> None:
     """Refuse sets far larger than every training group; warn when sets must repeat cells."""
-    groups = pd.DataFrame({"p": data.labels[perturbed_train], "c": data.cell_types[perturbed_train]})
+    groups = pd.DataFrame(
+        {"p": data.labels[perturbed_train], "c": data.cell_types[perturbed_train]}
+    )
     largest = int(groups.value_counts().max())
     if cell_set_size > MAX_SET_OVERSAMPLING * largest:
         raise ValueError(

@@ -58,28 +58,50 @@ def check_model_options(options: dict) -> dict:
     for name in ("n_hidden", "n_layers", "n_heads", "n_candidates", "n_set_tokens"):
         options[name] = positive_int(name, options[name])
     options["cell_set_size"] = positive_int("cell_set_size", options["cell_set_size"], minimum=2)
-    options["decoder_rank"] = positive_int("decoder_rank", options["decoder_rank"], allow_none=True)
-    options["n_scorer_hidden"] = positive_int("n_scorer_hidden", options["n_scorer_hidden"], allow_none=True)
+    options["decoder_rank"] = positive_int(
+        "decoder_rank", options["decoder_rank"], allow_none=True
+    )
+    options["n_scorer_hidden"] = positive_int(
+        "n_scorer_hidden", options["n_scorer_hidden"], allow_none=True
+    )
     if options["n_hidden"] % options["n_heads"]:
-        raise ValueError(f"`n_hidden` ({options['n_hidden']}) must be divisible by `n_heads` ({options['n_heads']}).")
-    options["sparsity_weight"] = finite_float("sparsity_weight", options["sparsity_weight"], minimum=0.0)
-    options["pseudobulk_weight"] = finite_float("pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0)
-    options["gumbel_tau"] = finite_float("gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True)
+        raise ValueError(
+            f"`n_hidden` ({options['n_hidden']}) must be divisible by `n_heads` "
+            f"({options['n_heads']})."
+        )
+    options["sparsity_weight"] = finite_float(
+        "sparsity_weight", options["sparsity_weight"], minimum=0.0
+    )
+    options["pseudobulk_weight"] = finite_float(
+        "pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0
+    )
+    options["gumbel_tau"] = finite_float(
+        "gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True
+    )
     options["dropout"] = finite_float("dropout", options["dropout"], minimum=0.0, maximum=1.0)
     check_choice("gene_annotations", options["gene_annotations"], ("go", None))
     if options["evidence"] is not None:
         from ..data._sources import SOURCES
 
         if isinstance(options["evidence"], str):
-            raise ValueError(f"`evidence` must be a list of source names, got the string {options['evidence']!r}.")
+            raise ValueError(
+                "`evidence` must be a list of source names, got the string "
+                f"{options['evidence']!r}."
+            )
         unknown = sorted(set(options["evidence"]) - set(SOURCES))
         if unknown:
-            raise ValueError(f"`evidence` names unknown source(s) {unknown}; choose from {list(SOURCES)}.")
+            raise ValueError(
+                f"`evidence` names unknown source(s) {unknown}; choose from {list(SOURCES)}."
+            )
     for name in ("match_batch",):
         if not isinstance(options[name], bool | np.bool_):
             raise ValueError(f"`{name}` must be True or False, got {options[name]!r}.")
-    if options["learned_shift"] is not None and not isinstance(options["learned_shift"], bool | np.bool_):
-        raise ValueError(f"`learned_shift` must be True, False or None, got {options['learned_shift']!r}.")
+    if options["learned_shift"] is not None and not isinstance(
+        options["learned_shift"], bool | np.bool_
+    ):
+        raise ValueError(
+            f"`learned_shift` must be True, False or None, got {options['learned_shift']!r}."
+        )
     similarity = options["similarity"]
     if isinstance(similarity, pd.DataFrame):
         from ..data._similarity import validate_similarity_table
@@ -90,20 +112,34 @@ def check_model_options(options: dict) -> dict:
 
         if not isinstance(similarity, str) or similarity not in SIMILARITIES:
             raise ValueError(
-                f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query genes as the index, "
-                f"candidate genes as the columns), got {similarity!r}."
+                f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query "
+                f"genes as the index, candidate genes as the columns), got {similarity!r}."
             )
     if not (isinstance(similarity, str) and similarity == "embedding"):
         if options["retrieval"] == "none":
-            raise ValueError("`similarity` chooses what stage 1 retrieves by; with `retrieval='none'` nothing is retrieved: leave it at 'embedding'.")
-        if isinstance(similarity, str) and similarity == "response" and options["memory"] != "response":
-            raise ValueError("`similarity='response'` compares measured responses: it needs `memory='response'`.")
+            raise ValueError(
+                "`similarity` chooses what stage 1 retrieves by; with `retrieval='none'` nothing "
+                "is retrieved: leave it at 'embedding'."
+            )
+        if (
+            isinstance(similarity, str)
+            and similarity == "response"
+            and options["memory"] != "response"
+        ):
+            raise ValueError(
+                "`similarity='response'` compares measured responses: it needs "
+                "`memory='response'`."
+            )
         if options["index_backend"] == "faiss":
-            raise ValueError("`index_backend='faiss'` searches gene embeddings only; with `similarity` other than 'embedding' use 'auto' or 'exact'.")
+            raise ValueError(
+                "`index_backend='faiss'` searches gene embeddings only; with `similarity` other "
+                "than 'embedding' use 'auto' or 'exact'."
+            )
     return options
 
 
-#: Options that size the network, tried one by one at their default to find which makes it too large.
+#: Options that size the network, tried one by one at their default to find which makes it too
+#: large.
 SIZE_OPTIONS = (
     "n_hidden",
     "n_layers",
@@ -130,16 +166,24 @@ def training_bytes(
     moments, and the activations of one set (``batch_size=1``), forward and backward."""
     import torch
 
-    cells, hidden, candidates = options["cell_set_size"], options["n_hidden"], options["n_candidates"]
+    cells, hidden, candidates = (
+        options["cell_set_size"],
+        options["n_hidden"],
+        options["n_candidates"],
+    )
     scorer = options["n_scorer_hidden"] or hidden
     tokens = options["n_set_tokens"] + 1
     # Per cell: its hidden states, stage 2's (candidate x scorer) layer, predicted and observed
     # expression, and attention (over the pooled tokens, or every cell in each layer of the
     # full backbone); per set: the energy distance's three cell-by-cell matrices.
-    attention = options["n_heads"] * (tokens if options["backbone"] == "pooled" else options["n_layers"] * cells)
+    attention = options["n_heads"] * (
+        tokens if options["backbone"] == "pooled" else options["n_layers"] * cells
+    )
     per_cell = 16 * hidden + candidates * scorer + 2 * n_genes + attention
     pooled_layers = options["n_layers"] * 8 * hidden * tokens
-    activations = 4.0 * 3 * (cells * per_cell + 3 * cells**2 + candidates * n_genes + pooled_layers)
+    activations = (
+        4.0 * 3 * (cells * per_cell + 3 * cells**2 + candidates * n_genes + pooled_layers)
+    )
     # Parameters grow linearly with depth: two shallow networks built on the meta device
     # (nothing allocated) give the count for any depth.
     accepted = inspect.signature(module_cls.__init__).parameters
@@ -147,7 +191,9 @@ def training_bytes(
     counts = []
     for depth in (1, 2):
         with torch.device("meta"):
-            module = module_cls(n_genes, n_dims, n_batch=n_batch, **{**module_options, "n_layers": depth})
+            module = module_cls(
+                n_genes, n_dims, n_batch=n_batch, **{**module_options, "n_layers": depth}
+            )
         counts.append(sum(p.numel() for p in module.parameters()))
     n_params = counts[0] + (options["n_layers"] - 1) * (counts[1] - counts[0])
     return activations + 16.0 * n_params
@@ -179,14 +225,14 @@ def check_model_size(model_cls: type, options: dict, **shape: int) -> None:
     if shrunk:
         name = min(shrunk, key=shrunk.get)
         raise ValueError(
-            f"`{name}={options[name]}` makes the model too large for this machine: training it, even one set "
-            f"at a time, needs at least {size(needed)} (parameters, gradients, optimiser state, "
-            f"activations) and there are {size(available)} of memory; with `{name}={defaults[name]}` "
-            f"(the default) it would need about {size(shrunk[name])}."
+            f"`{name}={options[name]}` makes the model too large for this machine: training it, "
+            f"even one set at a time, needs at least {size(needed)} (parameters, gradients, "
+            f"optimiser state, activations) and there are {size(available)} of memory; with "
+            f"`{name}={defaults[name]}` (the default) it would need about {size(shrunk[name])}."
         )
     raise ValueError(
-        f"The model for {shape['n_genes']} genes would need at least {size(needed)} to train, and there are "
-        f"{size(available)} of memory: select fewer genes (e.g. highly variable ones)."
+        f"The model for {shape['n_genes']} genes would need at least {size(needed)} to train, and "
+        f"there are {size(available)} of memory: select fewer genes (e.g. highly variable ones)."
     )
 
 
@@ -201,7 +247,8 @@ def check_setup_arguments(
     sep: str,
     where: str = "adata",
 ) -> None:
-    """The checks of :func:`check_setup` that read no obs column (``setup_mudata`` runs them first)."""
+    """The checks of :func:`check_setup` that read no obs column (``setup_mudata`` runs them
+    first)."""
     check_anndata(adata, where)
     check_key_type("perturbation_key", perturbation_key, allow_none=False)
     check_key_type("cell_type_key", cell_type_key, allow_none=True)
@@ -211,14 +258,14 @@ def check_setup_arguments(
     for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
         if key is not None and key == perturbation_key:
             raise ValueError(
-                f"`{argument}={key!r}` is also the `perturbation_key`: the perturbation labels cannot be "
-                f"the {argument.split('_key')[0].replace('_', ' ')} too. Pass the column that holds it "
-                "(or None)."
+                f"`{argument}={key!r}` is also the `perturbation_key`: the perturbation labels "
+                f"cannot be the {argument.split('_key')[0].replace('_', ' ')} too. Pass the "
+                "column that holds it (or None)."
             )
     if adata.is_view:
         raise ValueError(
-            f"`{where}` is a view of another AnnData; registration writes keys into it. Pass a copy: "
-            "`adata = adata[mask].copy()`."
+            f"`{where}` is a view of another AnnData; registration writes keys into it. Pass a "
+            "copy: `adata = adata[mask].copy()`."
         )
     if adata.n_vars == 0:
         raise ValueError(f"`{where}` has no genes (n_vars = 0).")
@@ -226,7 +273,10 @@ def check_setup_arguments(
         raise ValueError(f"`{where}` has no cells (n_obs = 0).")
     if adata.var_names.has_duplicates:
         dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"`{where}.var_names` has duplicated genes (e.g. {dup}); run `.var_names_make_unique()`.")
+        raise ValueError(
+            f"`{where}.var_names` has duplicated genes (e.g. {dup}); run "
+            "`.var_names_make_unique()`."
+        )
     if not isinstance(control_group, str) or not control_group.strip():
         raise ValueError(f"`control_group` must be a non-empty string, got {control_group!r}.")
     if not isinstance(sep, str) or not sep or sep.isspace():
@@ -258,16 +308,22 @@ def check_setup(
     for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
         check_obs_key(adata, key, argument)
         if key is not None:
-            check_categories(adata.obs[key], f"`adata.obs[{key!r}]` (`{argument}`)", adata.obs_names)
+            check_categories(
+                adata.obs[key], f"`adata.obs[{key!r}]` (`{argument}`)", adata.obs_names
+            )
     raw = adata.obs[perturbation_key]
     if raw.isna().any():
         bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
         raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has missing values in {int(raw.isna().sum())} cell(s), e.g. {bad}. "
-            f"Label every cell (controls as {control_group!r})."
+            f"`adata.obs[{perturbation_key!r}]` has missing values in {int(raw.isna().sum())} "
+            f"cell(s), e.g. {bad}. Label every cell (controls as {control_group!r})."
         )
     X = expression_matrix(adata, layer)
-    check_expression(X, where="`adata.X`" if layer is None else f"`adata.layers[{layer!r}]`", warn_counts=not transfer)
+    check_expression(
+        X,
+        where="`adata.X`" if layer is None else f"`adata.layers[{layer!r}]`",
+        warn_counts=not transfer,
+    )
     if transfer:
         return
     labels = normalise_labels(raw.astype(str).to_numpy(), control_group=control_group, sep=sep)
@@ -276,7 +332,8 @@ def check_setup(
         bad = adata.obs_names[empty][:5].tolist()
         raise ValueError(
             f"`adata.obs[{perturbation_key!r}]` has empty labels (blank or only separators) in "
-            f"{int(empty.sum())} cell(s), e.g. {bad}. Label every cell (controls as {control_group!r})."
+            f"{int(empty.sum())} cell(s), e.g. {bad}. Label every cell (controls as "
+            f"{control_group!r})."
         )
     is_control = labels == control_group
     if not is_control.any():
@@ -285,7 +342,11 @@ def check_setup(
             f"No control cells: `control_group={control_group!r}` does not occur in "
             f"`adata.obs[{perturbation_key!r}]`. Values present include {values}."
         )
-    cell_types = adata.obs[cell_type_key].astype(str).to_numpy() if cell_type_key is not None else np.full(adata.n_obs, "all")
+    cell_types = (
+        adata.obs[cell_type_key].astype(str).to_numpy()
+        if cell_type_key is not None
+        else np.full(adata.n_obs, "all")
+    )
     check_controls_per_cell_type(is_control, cell_types, where="the AnnData")
 
 
@@ -294,14 +355,23 @@ def check_categories(values: pd.Series, where: str, cell_names: pd.Index) -> Non
     no mix of strings with numbers (which cannot be sorted: ``'<' not supported``)."""
     missing = values.isna().to_numpy()
     if missing.any():
-        raise ValueError(f"{where} has missing values, e.g. in cells {list(cell_names[missing][:5])}.")
+        raise ValueError(
+            f"{where} has missing values, e.g. in cells {list(cell_names[missing][:5])}."
+        )
     items = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
     if items.dtype == object:
-        kinds = {"str" if isinstance(v, str) else "number" if isinstance(v, numbers.Number) else type(v).__name__ for v in pd.unique(items)}
+        kinds = {
+            "str"
+            if isinstance(v, str)
+            else "number"
+            if isinstance(v, numbers.Number)
+            else type(v).__name__
+            for v in pd.unique(items)
+        }
         if len(kinds) > 1:
             raise ValueError(
-                f"{where} mixes values of types {sorted(kinds)}, which cannot be ordered as categories. "
-                "Make it one type, e.g. `.astype(str)`."
+                f"{where} mixes values of types {sorted(kinds)}, which cannot be ordered as "
+                "categories. Make it one type, e.g. `.astype(str)`."
             )
 
 
@@ -314,15 +384,16 @@ def check_genes(adata: AnnData, var_names: np.ndarray, dir_path: str | os.PathLi
     missing, extra = reference.difference(genes), genes.difference(reference)
     if len(missing) == 0 and len(extra) == 0:
         raise ValueError(
-            "The AnnData has the model's genes in a different order; predictions and training would "
-            "mix up genes. Reorder it first: `genes = PTRAG.load(dir_path, adata=False).var_names`, "
-            f"then `adata = adata[:, genes].copy()` (dir_path={str(dir_path)!r})."
+            "The AnnData has the model's genes in a different order; predictions and training "
+            "would mix up genes. Reorder it first: `genes = PTRAG.load(dir_path, "
+            "adata=False).var_names`, then `adata = adata[:, genes].copy()` "
+            f"(dir_path={str(dir_path)!r})."
         )
     raise ValueError(
         f"The AnnData's genes differ from the {len(reference)} genes the model was trained on: "
         f"{len(missing)} missing (e.g. {missing[:5].tolist()}), {len(extra)} extra (e.g. "
-        f"{extra[:5].tolist()}). If it holds all of them, subset it with `adata[:, model.var_names]` "
-        "(model loaded without an AnnData)."
+        f"{extra[:5].tolist()}). If it holds all of them, subset it with `adata[:, "
+        "model.var_names]` (model loaded without an AnnData)."
     )
 
 
@@ -336,7 +407,11 @@ def check_control_label(adata: AnnData, setup_args: dict, embeddings: pd.DataFra
 
     key, control = setup_args.get("perturbation_key"), setup_args.get("control_group")
     sep = setup_args.get("perturbation_sep", "+")
-    if key not in adata.obs.columns or not isinstance(embeddings, pd.DataFrame) or adata.obs[key].isna().any():
+    if (
+        key not in adata.obs.columns
+        or not isinstance(embeddings, pd.DataFrame)
+        or adata.obs[key].isna().any()
+    ):
         return  # registration names these problems
     raw = pd.unique(adata.obs[key].astype(str).to_numpy())
     labels = normalise_labels(raw, control_group=control, sep=sep)
@@ -346,10 +421,10 @@ def check_control_label(adata: AnnData, setup_args: dict, embeddings: pd.DataFra
     written = [r for r, label in zip(raw, labels, strict=True) if label in unknown]
     if written:
         raise ValueError(
-            f"No cell of `adata.obs[{key!r}]` has the control label {control!r} the model was saved with "
-            f"(`control_group`), and the label(s) {written[:5]} have no gene embedding. If they mark "
-            f"the control cells, relabel them: `adata.obs[{key!r}] = adata.obs[{key!r}]"
-            f".replace({{{written[0]!r}: {control!r}}})`."
+            f"No cell of `adata.obs[{key!r}]` has the control label {control!r} the model was "
+            f"saved with (`control_group`), and the label(s) {written[:5]} have no gene "
+            f"embedding. If they mark the control cells, relabel them: `adata.obs[{key!r}] = "
+            f"adata.obs[{key!r}].replace({{{written[0]!r}: {control!r}}})`."
         )
 
 

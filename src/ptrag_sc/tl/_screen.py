@@ -145,7 +145,8 @@ def screen(
     >>> ptrag_sc.PTRAG.setup_anndata(adata, perturbation_key="gene", cell_type_key="cell_line")
     >>> model = ptrag_sc.PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"])
     >>> model.train(max_steps=20)
-    >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG", signature={"up": ["CDKN1A"], "down": ["MKI67"]})
+    >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG", signature={"up": ["CDKN1A"], "down":
+    ["MKI67"]})
     >>> list(hits.columns[:4])
     ['cell_type', 'perturbation', 'score', 'rank']
     >>> int(hits["rank"].iloc[0])
@@ -162,7 +163,9 @@ def screen(
         hint = ""
         if isinstance(model, AnnData):
             hint = " The model comes first: `tl.screen(model, adata, ...)`."
-        raise TypeError(f"`model` must be a trained PTRAG model, got {type(model).__name__}.{hint}")
+        raise TypeError(
+            f"`model` must be a trained PTRAG model, got {type(model).__name__}.{hint}"
+        )
     if adata is not None and not isinstance(adata, AnnData) and type(adata).__name__ != "MuData":
         raise TypeError(
             "`adata` must be an AnnData (or a MuData) with control cells, got "
@@ -286,7 +289,10 @@ def _predicted(
     confidences = np.full(n_labels, np.nan, dtype=np.float64)
     weights = np.zeros(n_labels, dtype=np.float64)
     description = f"Screening {cell_type}"
-    with evaluating(module) as device, progress_bar(n_labels, description, "perturbation", progress) as advance:
+    with (
+        evaluating(module) as device,
+        progress_bar(n_labels, description, "perturbation", progress) as advance,
+    ):
         ceiling_t = torch.as_tensor(ceiling, dtype=torch.float32, device=device)
         for start in range(0, n_labels, CHUNK_PERTURBATIONS):
             chunk = labels[start : start + CHUNK_PERTURBATIONS]
@@ -343,7 +349,13 @@ def _requested(
     combinations: Sequence[str] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Canonical labels to screen and the labels shown in the table."""
-    extra = [] if combinations is None else [combinations] if isinstance(combinations, str) else list(combinations)
+    extra = (
+        []
+        if combinations is None
+        else [combinations]
+        if isinstance(combinations, str)
+        else list(combinations)
+    )
     if perturbations is not None:
         listed = [perturbations] if isinstance(perturbations, str) else list(perturbations)
         if not listed:
@@ -363,20 +375,29 @@ def _requested(
     return canonical.astype(object), np.asarray(shown, dtype=object)
 
 
-def _signature_weights(signature: Sequence[str] | Mapping[str, Sequence[str]] | pd.Series | None, var_names: pd.Index) -> tuple[np.ndarray | None, list[str]]:
+def _signature_weights(
+    signature: Sequence[str] | Mapping[str, Sequence[str]] | pd.Series | None, var_names: pd.Index
+) -> tuple[np.ndarray | None, list[str]]:
     """Weights ``(G,)`` of the signature over the model's genes and its genes (model spelling)."""
     if signature is None:
         return None, []
     if isinstance(signature, pd.Series):
-        if not pd.api.types.is_numeric_dtype(signature) or not np.all(np.isfinite(signature.to_numpy(dtype=float))):
+        if not pd.api.types.is_numeric_dtype(signature) or not np.all(
+            np.isfinite(signature.to_numpy(dtype=float))
+        ):
             raise ValueError("A `signature` Series maps genes to finite numeric weights.")
         if signature.index.has_duplicates:
-            raise ValueError(f"The `signature` Series lists genes twice: {signature.index[signature.index.duplicated()][:5].tolist()}.")
+            raise ValueError(
+                "The `signature` Series lists genes twice: "
+                f"{signature.index[signature.index.duplicated()][:5].tolist()}."
+            )
         parts = [(list(map(str, signature.index)), signature.to_numpy(dtype=float), False)]
     elif isinstance(signature, Mapping):
         unknown = sorted(set(signature) - {"up", "down"})
         if unknown:
-            raise ValueError(f"A `signature` mapping has the keys 'up' and/or 'down', got {unknown}.")
+            raise ValueError(
+                f"A `signature` mapping has the keys 'up' and/or 'down', got {unknown}."
+            )
         parts = []
         for key, sign in (("up", 1.0), ("down", -1.0)):
             genes = signature.get(key)
@@ -394,8 +415,8 @@ def _signature_weights(signature: Sequence[str] | Mapping[str, Sequence[str]] | 
         parts = [(genes, np.ones(len(genes)), True)]
     else:
         raise TypeError(
-            "`signature` must be a list of genes, a {'up': [...], 'down': [...]} mapping or a pandas Series gene -> weight, "
-            f"got {type(signature).__name__}."
+            "`signature` must be a list of genes, a {'up': [...], 'down': [...]} mapping or a "
+            f"pandas Series gene -> weight, got {type(signature).__name__}."
         )
     upper = pd.Index(var_names.astype(str).str.upper())
     weights = np.zeros(len(var_names), dtype=np.float64)
@@ -404,11 +425,20 @@ def _signature_weights(signature: Sequence[str] | Mapping[str, Sequence[str]] | 
     positions = []
     for genes, _, _ in parts:
         position = var_names.get_indexer(genes)
-        fallback = upper.get_indexer([g.upper() for g in genes]) if not upper.has_duplicates else np.full(len(genes), -1)
+        fallback = (
+            upper.get_indexer([g.upper() for g in genes])
+            if not upper.has_duplicates
+            else np.full(len(genes), -1)
+        )
         positions.append(np.where(position >= 0, position, fallback))
-    # A gene listed twice (as written, in another case, or under 'up' and 'down') would count twice.
-    listed = pd.DataFrame({"gene": [g for genes, _, _ in parts for g in genes], "at": np.concatenate(positions)})
-    repeated = listed["gene"].duplicated(keep=False) | ((listed["at"] >= 0) & listed["at"].duplicated(keep=False))
+    # A gene listed twice (as written, in another case, or under 'up' and 'down') would count
+    # twice.
+    listed = pd.DataFrame(
+        {"gene": [g for genes, _, _ in parts for g in genes], "at": np.concatenate(positions)}
+    )
+    repeated = listed["gene"].duplicated(keep=False) | (
+        (listed["at"] >= 0) & listed["at"].duplicated(keep=False)
+    )
     twice = sorted(set(listed.loc[repeated, "gene"]))
     if twice:
         raise ValueError(
@@ -425,52 +455,69 @@ def _signature_weights(signature: Sequence[str] | Mapping[str, Sequence[str]] | 
         used += [str(var_names[p]) for p in position[present]]
     if not used:
         raise ValueError(
-            f"None of the signature genes is among the model's {len(var_names)} genes (e.g. {dropped[:5]}); "
-            f"the model predicts {var_names[:5].tolist()}..."
+            f"None of the signature genes is among the model's {len(var_names)} genes (e.g. "
+            f"{dropped[:5]}); the model predicts {var_names[:5].tolist()}..."
         )
     if dropped:
         warnings.warn(
-            f"{len(dropped)} signature gene(s) are not among the model's genes and are left out: {dropped[:10]}.",
+            f"{len(dropped)} signature gene(s) are not among the model's genes and are left out: "
+            f"{dropped[:10]}.",
             UserWarning,
             stacklevel=3,
         )
     return weights, list(dict.fromkeys(used))
 
 
-def _cell_types(state: ModelState, data: PerturbationData, cell_type: str | Sequence[str] | None) -> list[str]:
+def _cell_types(
+    state: ModelState, data: PerturbationData, cell_type: str | Sequence[str] | None
+) -> list[str]:
     """The cell types to screen (sets ``data.cell_types`` when the AnnData has no such column)."""
     from ..data import NO_CELL_TYPE
 
     setup = state.setup
-    wanted = None if cell_type is None else ([cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type])
+    wanted = (
+        None
+        if cell_type is None
+        else ([cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type])
+    )
     if wanted is not None and not wanted:
         raise ValueError("`cell_type` is empty.")
     if not data.has_cell_types:
         if setup.cell_type_key is not None:
             if wanted is None or len(wanted) != 1:
                 raise ValueError(
-                    f"The AnnData has no column {setup.cell_type_key!r} (`cell_type_key`): pass one `cell_type=` naming its "
-                    f"control cells' cell type (trained: {_format_list(state.training_cell_types, limit=10)})."
+                    f"The AnnData has no column {setup.cell_type_key!r} (`cell_type_key`): pass "
+                    "one `cell_type=` naming its control cells' cell type (trained: "
+                    f"{_format_list(state.training_cell_types, limit=10)})."
                 )
             data.cell_types = np.full(data.n_obs, wanted[0], dtype=object)
             return wanted
         if wanted not in (None, [NO_CELL_TYPE]):
-            raise ValueError(f"The model was set up without `cell_type_key`: leave `cell_type=None` (got {cell_type!r}).")
+            raise ValueError(
+                "The model was set up without `cell_type_key`: leave `cell_type=None` (got "
+                f"{cell_type!r})."
+            )
         return [NO_CELL_TYPE]
     with_controls = sorted(set(data.cell_types[data.is_control].astype(str)))
     if wanted is None:
         if len(with_controls) != 1:
             raise ValueError(
-                f"The AnnData has control cells of {len(with_controls)} cell types ({_format_list(with_controls, limit=10)}): pass `cell_type=` "
-                "naming the one(s) to screen."
+                f"The AnnData has control cells of {len(with_controls)} cell types "
+                f"({_format_list(with_controls, limit=10)}): pass `cell_type=` naming the one(s) "
+                "to screen."
             )
         return with_controls
     absent = [c for c in wanted if c not in with_controls]
     if absent:
         same_letters = [c for c in with_controls if c.lower() in {a.lower() for a in absent}]
         raise ValueError(
-            f"No control cells of cell type(s) {absent} in `adata.obs[{setup.cell_type_key!r}]` (cell types with control cells: "
-            f"{_format_list(with_controls, limit=10)})." + (f" Cell type names are case-sensitive: did you mean {_format_list(same_letters)}?" if same_letters else "")
+            f"No control cells of cell type(s) {absent} in `adata.obs[{setup.cell_type_key!r}]` "
+            f"(cell types with control cells: {_format_list(with_controls, limit=10)})."
+            + (
+                f" Cell type names are case-sensitive: did you mean {_format_list(same_letters)}?"
+                if same_letters
+                else ""
+            )
         )
     if len(set(wanted)) != len(wanted):
         raise ValueError(f"`cell_type` lists a cell type twice: {wanted}.")
@@ -486,7 +533,8 @@ def _observed(
     weights: np.ndarray | None,
     effect: str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The score of the observed cells of measured labels (NaN otherwise) and which are measured."""
+    """The score of the observed cells of measured labels (NaN otherwise) and which are
+    measured."""
     from ._metrics import energy_distance
 
     in_type = data.cell_types == cell_type

@@ -3,4 +3,10 @@
 from ._callbacks import KeepBestWeights, TrainingProgress, training_summary
 from ._trainingplan import NonFiniteLossError, PTRAGTrainingPlan
 
-__all__ = ["KeepBestWeights", "NonFiniteLossError", "PTRAGTrainingPlan", "TrainingProgress", "training_summary"]
+__all__ = [
+    "KeepBestWeights",
+    "NonFiniteLossError",
+    "PTRAGTrainingPlan",
+    "TrainingProgress",
+    "training_summary",
+]

@@ -25,7 +25,8 @@ BEST_STEP_KEY, BEST_EPOCH_KEY = "keep_best_step", "keep_best_epoch"
 
 
 class KeepBestWeights(Callback):
-    """Keep, in memory, the module weights of the best validation check and restore them at the end.
+    """Keep, in memory, the module weights of the best validation check and restore them at the
+    end.
 
     Parameters
     ----------
@@ -55,9 +56,15 @@ class KeepBestWeights(Callback):
         if value is None:
             return
         value = float(value)
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        better = self.best is None or (
+            value < self.best if self.mode == "min" else value > self.best
+        )
         if better:
-            self.best, self.best_epoch, self.best_step = value, trainer.current_epoch, trainer.global_step
+            self.best, self.best_epoch, self.best_step = (
+                value,
+                trainer.current_epoch,
+                trainer.global_step,
+            )
             self._state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -67,18 +74,24 @@ class KeepBestWeights(Callback):
             pl_module.module.load_state_dict(self._state)
         # Spawned data-parallel workers send `callback_metrics` back to the launching process,
         # whose copy of this callback never ran: the best step travels with them.
-        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in self.summary().items()})
-        logger.info("Restored the weights of step %s (%s = %.4g).", self.best_step, self.monitor, self.best)
+        trainer.callback_metrics.update(
+            {key: torch.tensor(value) for key, value in self.summary().items()}
+        )
+        logger.info(
+            "Restored the weights of step %s (%s = %.4g).", self.best_step, self.monitor, self.best
+        )
 
     def summary(self) -> dict[str, float]:
-        """``{BEST_STEP_KEY: step, BEST_EPOCH_KEY: epoch}`` of the restored weights (empty before)."""
+        """``{BEST_STEP_KEY: step, BEST_EPOCH_KEY: epoch}`` of the restored weights (empty
+        before)."""
         if self.best_step is None:
             return {}
         return {BEST_STEP_KEY: float(self.best_step), BEST_EPOCH_KEY: float(self.best_epoch)}
 
     @staticmethod
     def from_metrics(metrics: Mapping[str, object]) -> tuple[int | None, int | None]:
-        """``(best_step, best_epoch)`` as :meth:`summary` left them in ``trainer.callback_metrics``."""
+        """``(best_step, best_epoch)`` as :meth:`summary` left them in
+        ``trainer.callback_metrics``."""
         if BEST_STEP_KEY not in metrics:
             return None, None
         return int(metrics[BEST_STEP_KEY]), int(metrics[BEST_EPOCH_KEY])
@@ -128,9 +141,22 @@ class TrainingProgress(ProgressBar):
         if self._enabled and is_interactive(stream):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=trainer.max_steps, desc="Training", unit="step", file=stream, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=trainer.max_steps,
+                desc="Training",
+                unit="step",
+                file=stream,
+                dynamic_ncols=True,
+            )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
         if self._bar is not None:
             self._bar.update(trainer.global_step - self._bar.n)
 
@@ -143,9 +169,16 @@ class TrainingProgress(ProgressBar):
         if self._bar is not None:
             self._close()
         elif self._enabled:
-            print(f"Training: {training_summary(trainer)}, {time.perf_counter() - self._started:.0f} s", file=self.stream, flush=True)
+            print(
+                f"Training: {training_summary(trainer)}, "
+                f"{time.perf_counter() - self._started:.0f} s",
+                file=self.stream,
+                flush=True,
+            )
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._close()
 
     def _close(self) -> None:
@@ -158,6 +191,10 @@ def training_summary(trainer: pl.Trainer) -> str:
     """``"450/1500 steps (stopped early: no better validation_loss in 5 checks)"``."""
     text = f"{trainer.global_step}/{trainer.max_steps} steps"
     stopper = trainer.early_stopping_callback
-    if stopper is not None and trainer.global_step < trainer.max_steps and stopper.wait_count >= stopper.patience:
+    if (
+        stopper is not None
+        and trainer.global_step < trainer.max_steps
+        and stopper.wait_count >= stopper.patience
+    ):
         text += f" (stopped early: no better {stopper.monitor} in {stopper.patience} checks)"
     return text
