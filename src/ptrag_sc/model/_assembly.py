@@ -17,8 +17,8 @@ from scvi.data.fields import CategoricalObsField, LayerField
 from .._checks import check_anndata
 from .._constants import REGISTRY_KEYS
 from ..data import PerturbationEncoder, PerturbationField
+from ..data._checks import check_setup
 from ..data._similarity import describe
-from ._validation import check_setup
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

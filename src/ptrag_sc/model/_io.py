@@ -24,10 +24,11 @@ import torch
 
 from .. import _files
 from .._checks import check_anndata
+from ..data._checks import check_control_label, check_genes
 from . import _legacy, _schema
 from ._mudata import is_mudata, rna_modality
 from ._schema import MANIFEST_FNAME, WEIGHTS_FNAME, ModelFileError, build_model, file_error
-from ._validation import check_control_label, check_genes, restore_on_error
+from ._validation import restore_on_error
 
 if TYPE_CHECKING:
     from typing import BinaryIO

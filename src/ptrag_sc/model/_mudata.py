@@ -25,10 +25,15 @@ from .._constants import (
     DEFAULT_PERTURBATION_SEP,
 )
 from ..data._cells import expression_matrix
-from ..data._checks import check_controls_per_cell_type, check_expression
+from ..data._checks import (
+    check_categories,
+    check_controls_per_cell_type,
+    check_expression,
+    check_setup_arguments,
+)
 from ..data._perturbations import normalise_labels
 from ..pp._guides import GUIDE_ASSIGNED, assign_guides, guide_columns
-from ._validation import check_categories, check_setup_arguments, check_trained
+from ._validation import check_trained
 
 if TYPE_CHECKING:
     from mudata import MuData

@@ -1,21 +1,17 @@
-"""Checks of a model's registration, options and size, with errors that name the value at fault."""
+"""Checks of a model's options and size, with errors that name the value at fault."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import numbers
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .._checks import check_anndata, check_choice, check_key_type, finite_float, positive_int
+from .._checks import check_choice, finite_float, positive_int
 from .._constants import BACKBONES, CONTEXT_MODES, INDEX_BACKENDS, LOSSES, MEMORY_KINDS, RETRIEVALS
-from ..data._cells import expression_matrix
-from ..data._checks import check_controls_per_cell_type, check_expression, check_obs_key
-from ..data._perturbations import normalise_labels
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -23,13 +19,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = [
-    "check_categories",
-    "check_control_label",
-    "check_genes",
     "check_model_options",
     "check_model_size",
-    "check_setup",
-    "check_setup_arguments",
     "check_trained",
     "restore_on_error",
 ]
@@ -234,198 +225,6 @@ def check_model_size(model_cls: type, options: dict, **shape: int) -> None:
         f"The model for {shape['n_genes']} genes would need at least {size(needed)} to train, and "
         f"there are {size(available)} of memory: select fewer genes (e.g. highly variable ones)."
     )
-
-
-def check_setup_arguments(
-    adata: AnnData,
-    *,
-    perturbation_key: str,
-    control_group: str,
-    cell_type_key: str | None,
-    batch_key: str | None,
-    layer: str | None,
-    sep: str,
-    where: str = "adata",
-) -> None:
-    """The checks of :func:`check_setup` that read no obs column (``setup_mudata`` runs them
-    first)."""
-    check_anndata(adata, where)
-    check_key_type("perturbation_key", perturbation_key, allow_none=False)
-    check_key_type("cell_type_key", cell_type_key, allow_none=True)
-    check_key_type("batch_key", batch_key, allow_none=True)
-    if layer is not None and not isinstance(layer, str):
-        raise TypeError(f"`layer` must be a layer name (str) or None, got {layer!r}.")
-    for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
-        if key is not None and key == perturbation_key:
-            raise ValueError(
-                f"`{argument}={key!r}` is also the `perturbation_key`: the perturbation labels "
-                f"cannot be the {argument.split('_key')[0].replace('_', ' ')} too. Pass the "
-                "column that holds it (or None)."
-            )
-    if adata.is_view:
-        raise ValueError(
-            f"`{where}` is a view of another AnnData; registration writes keys into it. Pass a "
-            "copy: `adata = adata[mask].copy()`."
-        )
-    if adata.n_vars == 0:
-        raise ValueError(f"`{where}` has no genes (n_vars = 0).")
-    if adata.n_obs == 0:
-        raise ValueError(f"`{where}` has no cells (n_obs = 0).")
-    if adata.var_names.has_duplicates:
-        dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(
-            f"`{where}.var_names` has duplicated genes (e.g. {dup}); run "
-            "`.var_names_make_unique()`."
-        )
-    if not isinstance(control_group, str) or not control_group.strip():
-        raise ValueError(f"`control_group` must be a non-empty string, got {control_group!r}.")
-    if not isinstance(sep, str) or not sep or sep.isspace():
-        raise ValueError(f"`perturbation_sep` must be a non-empty string, got {sep!r}.")
-
-
-def check_setup(
-    adata: AnnData,
-    *,
-    perturbation_key: str,
-    control_group: str,
-    cell_type_key: str | None,
-    batch_key: str | None,
-    layer: str | None,
-    sep: str,
-    transfer: bool,
-) -> None:
-    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
-    check_setup_arguments(
-        adata,
-        perturbation_key=perturbation_key,
-        control_group=control_group,
-        cell_type_key=cell_type_key,
-        batch_key=batch_key,
-        layer=layer,
-        sep=sep,
-    )
-    check_obs_key(adata, perturbation_key, "perturbation_key")
-    for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
-        check_obs_key(adata, key, argument)
-        if key is not None:
-            check_categories(
-                adata.obs[key], f"`adata.obs[{key!r}]` (`{argument}`)", adata.obs_names
-            )
-    raw = adata.obs[perturbation_key]
-    if raw.isna().any():
-        bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
-        raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has missing values in {int(raw.isna().sum())} "
-            f"cell(s), e.g. {bad}. Label every cell (controls as {control_group!r})."
-        )
-    X = expression_matrix(adata, layer)
-    check_expression(
-        X,
-        where="`adata.X`" if layer is None else f"`adata.layers[{layer!r}]`",
-        warn_counts=not transfer,
-    )
-    if transfer:
-        return
-    labels = normalise_labels(raw.astype(str).to_numpy(), control_group=control_group, sep=sep)
-    empty = labels == ""
-    if empty.any():
-        bad = adata.obs_names[empty][:5].tolist()
-        raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has empty labels (blank or only separators) in "
-            f"{int(empty.sum())} cell(s), e.g. {bad}. Label every cell (controls as "
-            f"{control_group!r})."
-        )
-    is_control = labels == control_group
-    if not is_control.any():
-        values = sorted(map(str, pd.unique(raw.astype(str))))[:10]
-        raise ValueError(
-            f"No control cells: `control_group={control_group!r}` does not occur in "
-            f"`adata.obs[{perturbation_key!r}]`. Values present include {values}."
-        )
-    cell_types = (
-        adata.obs[cell_type_key].astype(str).to_numpy()
-        if cell_type_key is not None
-        else np.full(adata.n_obs, "all")
-    )
-    check_controls_per_cell_type(is_control, cell_types, where="the AnnData")
-
-
-def check_categories(values: pd.Series, where: str, cell_names: pd.Index) -> None:
-    """A cell-type or batch column scvi-tools can turn into categories: no missing value, and
-    no mix of strings with numbers (which cannot be sorted: ``'<' not supported``)."""
-    missing = values.isna().to_numpy()
-    if missing.any():
-        raise ValueError(
-            f"{where} has missing values, e.g. in cells {list(cell_names[missing][:5])}."
-        )
-    items = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
-    if items.dtype == object:
-        kinds = {
-            "str"
-            if isinstance(v, str)
-            else "number"
-            if isinstance(v, numbers.Number)
-            else type(v).__name__
-            for v in pd.unique(items)
-        }
-        if len(kinds) > 1:
-            raise ValueError(
-                f"{where} mixes values of types {sorted(kinds)}, which cannot be ordered as "
-                "categories. Make it one type, e.g. `.astype(str)`."
-            )
-
-
-def check_genes(adata: AnnData, var_names: np.ndarray, dir_path: str | os.PathLike) -> None:
-    """``adata`` has exactly a saved model's genes, in the model's order."""
-    reference = pd.Index(np.asarray(var_names).astype(str))
-    genes = pd.Index(np.asarray(adata.var_names).astype(str))
-    if genes.equals(reference):
-        return
-    missing, extra = reference.difference(genes), genes.difference(reference)
-    if len(missing) == 0 and len(extra) == 0:
-        raise ValueError(
-            "The AnnData has the model's genes in a different order; predictions and training "
-            "would mix up genes. Reorder it first: `genes = PTRAG.load(dir_path, "
-            "adata=False).var_names`, then `adata = adata[:, genes].copy()` "
-            f"(dir_path={str(dir_path)!r})."
-        )
-    raise ValueError(
-        f"The AnnData's genes differ from the {len(reference)} genes the model was trained on: "
-        f"{len(missing)} missing (e.g. {missing[:5].tolist()}), {len(extra)} extra (e.g. "
-        f"{extra[:5].tolist()}). If it holds all of them, subset it with `adata[:, "
-        "model.var_names]` (model loaded without an AnnData)."
-    )
-
-
-def check_control_label(adata: AnnData, setup_args: dict, embeddings: pd.DataFrame | None) -> None:
-    """Loading onto data labelled with another control label: say so, instead of blaming the model.
-
-    Without a cell labelled with the saved ``control_group``, labels that have no gene
-    embedding are most likely the data's own control label.
-    """
-    from ..data._perturbations import PerturbationEncoder
-
-    key, control = setup_args.get("perturbation_key"), setup_args.get("control_group")
-    sep = setup_args.get("perturbation_sep", "+")
-    if (
-        key not in adata.obs.columns
-        or not isinstance(embeddings, pd.DataFrame)
-        or adata.obs[key].isna().any()
-    ):
-        return  # registration names these problems
-    raw = pd.unique(adata.obs[key].astype(str).to_numpy())
-    labels = normalise_labels(raw, control_group=control, sep=sep)
-    if (labels == control).any():
-        return
-    unknown = set(PerturbationEncoder(embeddings, sep=sep).missing(labels))
-    written = [r for r, label in zip(raw, labels, strict=True) if label in unknown]
-    if written:
-        raise ValueError(
-            f"No cell of `adata.obs[{key!r}]` has the control label {control!r} the model was "
-            f"saved with (`control_group`), and the label(s) {written[:5]} have no gene "
-            f"embedding. If they mark the control cells, relabel them: `adata.obs[{key!r}] = "
-            f"adata.obs[{key!r}].replace({{{written[0]!r}: {control!r}}})`."
-        )
 
 
 @contextlib.contextmanager

@@ -156,8 +156,8 @@ def screen(
     from .._settings import settings
     from ..data._checks import check_controls_per_cell_type, check_expression
     from ..model import PTRAG as Model
+    from ..model._inference import check_batch_size, context_index
     from ..model._mudata import model_input
-    from ..model._predict import check_batch_size, context_index
 
     if not isinstance(model, Model):
         hint = ""
@@ -279,7 +279,7 @@ def _predicted(
     of ``cell_type``; with ``fast`` the set mean comes from the evidence alone (no cells
     decoded).
     """
-    from ..model._predict import evaluating, run
+    from ..model._inference import evaluating, run
     from ..module import energy_distance
 
     n_labels, n_cells = len(labels), cells.size
