@@ -257,10 +257,10 @@ class MuDataMixin:
         >>> rng = np.random.default_rng(0)
         >>> rna = ad.AnnData(np.log1p(rng.poisson(2.0, (6, 4))).astype(np.float32))
         >>> rna.obs["cell_line"] = "THP-1"
-        >>> var = pd.DataFrame({"target_gene": ["STAT1", "non-targeting"]}, index=["STAT1g1",
-        "NTg1"])
-        >>> counts = np.array([[20, 0], [0, 15], [9, 8], [30, 1], [1, 0], [0, 11]],
-        dtype=np.float32)
+        >>> targets = ["STAT1", "non-targeting"]
+        >>> var = pd.DataFrame({"target_gene": targets}, index=["STAT1g1", "NTg1"])
+        >>> counts = [[20, 0], [0, 15], [9, 8], [30, 1], [1, 0], [0, 11]]
+        >>> counts = np.array(counts, dtype=np.float32)
         >>> gdo = ad.AnnData(counts, obs=pd.DataFrame(index=rna.obs_names), var=var)
         >>> mdata = md.MuData({"rna": rna, "gdo": gdo})
         >>> ptrag_sc.PTRAG.setup_mudata(mdata, guide_mod="gdo")

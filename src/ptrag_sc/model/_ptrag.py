@@ -102,15 +102,15 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
     >>> model.predict(adata)  # counterfactual: writes adata.layers["ptrag"]
     >>> adata.layers["ptrag"].shape == adata.shape
     True
-    >>> controls = adata[(adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] ==
-    "U87MG")]
+    >>> is_control = adata.obs["gene"] == "non-targeting"
+    >>> controls = adata[is_control & (adata.obs["cell_line"] == "U87MG")]
     >>> generated = model.predict(controls, perturbations=["MAPK1", "MAPK1+SGK1"])  # generation
     >>> generated.n_obs == 2 * controls.n_obs
     True
     >>> table = model.get_retrieval(["MAPK1"], cell_type="U87MG")
     >>> first = table.iloc[0]  # MAPK1 itself, measured in another cell line
-    >>> first["candidate"], first["candidate_cell_type"] != "U87MG",
-    round(float(first["similarity"]), 3)
+    >>> similarity = round(float(first["similarity"]), 3)
+    >>> first["candidate"], first["candidate_cell_type"] != "U87MG", similarity
     ('MAPK1', True, 1.0)
 
     Notes

@@ -145,8 +145,8 @@ def screen(
     >>> ptrag_sc.PTRAG.setup_anndata(adata, perturbation_key="gene", cell_type_key="cell_line")
     >>> model = ptrag_sc.PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"])
     >>> model.train(max_steps=20)
-    >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG", signature={"up": ["CDKN1A"], "down":
-    ["MKI67"]})
+    >>> signature = {"up": ["CDKN1A"], "down": ["MKI67"]}
+    >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG", signature=signature)
     >>> list(hits.columns[:4])
     ['cell_type', 'perturbation', 'score', 'rank']
     >>> int(hits["rank"].iloc[0])
