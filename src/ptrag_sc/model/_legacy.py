@@ -19,7 +19,16 @@ import pandas as pd
 import torch
 
 if TYPE_CHECKING:
-    from ._io import _Folder
+    from typing import Protocol
+
+    class _Folder(Protocol):
+        """What is read of an open model folder (``model._io`` opens it)."""
+
+        manifest: dict
+
+        def read(self, name: str) -> bytes: ...
+
+        def tensors(self) -> dict[str, torch.Tensor]: ...
 
 #: Format version 1's arrays.
 V1_ARRAYS_FNAME = "model_arrays.npz"
