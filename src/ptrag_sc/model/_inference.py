@@ -84,6 +84,10 @@ class Step:
     distance: np.ndarray
     confidence: np.ndarray
 
+    def decode(self, module: PTRAGModule) -> dict[str, torch.Tensor]:
+        """The generative pass of this step's sets: cells decoded from the inference."""
+        return module.generative(**module._get_generative_input(self.batch, self.inference))
+
 
 def run(
     module: PTRAGModule,
@@ -210,9 +214,7 @@ def generate(
         )
         with progress_bar(total, "Predicting", "batch", progress) as advance:
             for step in steps:
-                generated = module.generative(
-                    **module._get_generative_input(step.batch, step.inference)
-                )
+                generated = step.decode(module)
                 predictions = generated[OUTPUTS.PREDICTION].reshape(-1, module.n_genes)
                 write(step.rows.ravel(), predictions.cpu().numpy())
                 distance[step.rows] = step.distance[:, None]

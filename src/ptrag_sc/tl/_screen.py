@@ -320,8 +320,7 @@ def _predicted(
                     mean = control_mean + step.inference[OUTPUTS.DELTA]
                     shift = torch.minimum(mean.clamp_min(0.0), ceiling_t) - control_mean
                 else:
-                    inputs = module._get_generative_input(step.batch, step.inference)
-                    generated = module.generative(**inputs)
+                    generated = step.decode(module)
                     shift = generated[OUTPUTS.MEAN_SHIFT]
                     if energy:
                         e = energy_distance(
