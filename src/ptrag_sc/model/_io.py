@@ -117,9 +117,10 @@ def _manifest_path(dir_path: Path, prefix: str) -> Path:
     raise ModelFileError(f"{where} {found}: not written by {by}.")
 
 
-def _read_manifest(source: Path) -> dict:
+def _read_manifest(source: Path, folder_fd: int) -> dict:
     try:
-        raw = _files.read_bytes(source)
+        with _files.open_file(source.name, folder_fd) as handle:
+            raw = handle.read()
         manifest = json.loads(raw.decode("utf-8"), parse_constant=_schema.no_constant)
         return {**manifest, "written": _schema.check_header(manifest, MIGRATIONS)}
     except UnicodeDecodeError as exc:
@@ -138,9 +139,16 @@ def _read_manifest(source: Path) -> dict:
 class _Folder:
     """An open model folder: its files are read relative to it, checked, never through a link."""
 
-    def __init__(self, source: Path, manifest: dict, prefix: str) -> None:
-        self.source, self.manifest, self.prefix = source, manifest, prefix
+    def __init__(self, source: Path, prefix: str, manifest: dict | None = None) -> None:
+        self.source, self.prefix = source, prefix
         self.fd = _files.open_folder(source.parent)
+        # Read through the open folder: a save that swaps in a new folder meanwhile cannot
+        # pair one save's manifest with another's files.
+        try:
+            self.manifest = _read_manifest(source, self.fd) if manifest is None else manifest
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         os.close(self.fd)
@@ -197,12 +205,12 @@ def read_model_files(
         dir_path.mkdir(parents=True, exist_ok=True)
         _files.download_missing(dir_path, [f"{prefix}{MANIFEST_FNAME}"], backup_url)
     source = _manifest_path(dir_path, prefix)
-    manifest = _read_manifest(source)
-    if backup_url is not None:
-        names = [f"{prefix}{name}" for name in manifest["files"]]
-        _files.download_missing(dir_path, names, backup_url)
     try:
-        with contextlib.closing(_Folder(source, manifest, prefix)) as folder:
+        with contextlib.closing(_Folder(source, prefix)) as folder:
+            manifest = folder.manifest
+            if backup_url is not None:
+                names = [f"{prefix}{name}" for name in manifest["files"]]
+                _files.download_missing(dir_path, names, backup_url)
             content = MIGRATIONS[manifest["format_version"]](folder)
     except (ModelFileError, FileNotFoundError):
         raise
@@ -222,7 +230,7 @@ def _saved_adata(source: Path, manifest: dict, prefix: str) -> AnnData:
 
     path = source.with_name(f"{prefix}{ADATA_FNAME}")
     try:
-        with contextlib.closing(_Folder(source, manifest, prefix)) as folder:
+        with contextlib.closing(_Folder(source, prefix, manifest)) as folder:
             if ADATA_FNAME in manifest["files"]:
                 handle = folder.open(ADATA_FNAME)
             else:  # format version 1 recorded no checksum
