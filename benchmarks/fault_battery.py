@@ -1633,7 +1633,7 @@ def val_without_embedding(env):
     # The constructor checks every registered perturbation: give it the full table, then train
     # on a model whose vocabulary lacks the validation gene.
     model = PTRAG(a, perturbation_embeddings=env.emb(a), **TINY)
-    model._encoder = type(model._encoder)(emb, sep="+")
+    model.state = model.state.replace(encoder=type(model.state.encoder)(emb, sep="+"))
     return Trial(
         lambda: model.train(max_steps=5, split_key="split"),
         ("GENE0011",),
@@ -3517,7 +3517,7 @@ def train_while_predicting(env):
     model, adata = env.fit(steps=2)
 
     def call():
-        with predicting(model):
+        with predicting(model.module):
             model.train(max_steps=1)
 
     return Trial(call, ("prediction is running",), watch=(adata,))

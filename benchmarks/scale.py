@@ -199,17 +199,17 @@ def run(path: Path, *, max_steps: int, output: Path, threads: int) -> dict:
     import scvi
 
     import ptrag_sc
-    from ptrag_sc.data import _builder, _sets, _writers
-    from ptrag_sc.model import _predict, _training, _validation
+    from ptrag_sc.data import ModelState, _builder, _checks, _sets, _writers
+    from ptrag_sc.model import _predict, _training
     from ptrag_sc.train import PTRAGTrainingPlan
 
     ptrag_sc.settings.progress_bar = False
     scvi.settings.seed = 0
     phases = Phases()
     # Parts of `setup_anndata`, `train` and `predict`, timed where they happen.
-    phases.wrap(_validation, "check_expression", "input check (a pass over X)")
+    phases.wrap(_checks, "check_expression", "input check (a pass over X)")
     phases.wrap(_predict, "check_expression", "input check (a pass over X)")
-    phases.wrap(_training, "_memory", "train: retrieval memory (a pass over X)")
+    phases.wrap(ModelState, "build_memory", "train: retrieval memory (a pass over X)")
     phases.wrap(_builder.SetBuilder, "control_contexts", "control means (a pass over controls)")
     phases.wrap(
         _builder.SetBuilder,
@@ -217,7 +217,7 @@ def run(path: Path, *, max_steps: int, output: Path, threads: int) -> dict:
         "train: groups, candidates, evidence (a pass over X)",
     )
     phases.wrap(_training, "column_max", "train: gene ceilings (a pass over X)")
-    phases.wrap(ptrag_sc.PTRAG, "_run_trainer", "train: optimisation and validation (Lightning)")
+    phases.wrap(_training, "run_trainer", "train: optimisation and validation (Lightning)")
     phases.wrap(_sets.SetBatchDataset, "__getitem__", "train: reading rows and assembling batches")
     phases.wrap(PTRAGTrainingPlan, "training_step", "train: training steps (forward)")
     phases.wrap(PTRAGTrainingPlan, "validation_step", "train: validation steps (forward)")

@@ -366,27 +366,27 @@ def end_to_end(threads: list[int], steps: int, repeats: int) -> pd.DataFrame:
 
 def profile_training(path: Path, steps: int = 50) -> None:
     """cProfile of ``steps`` default training steps (the Lightning fit only), top functions."""
-    from ptrag_sc.model import _ptrag
+    from ptrag_sc.model import _training
 
     adata = _synthetic()
     torch.set_num_threads(1)
     profiler = cProfile.Profile()
-    run = _ptrag.PTRAG._run_trainer
+    run = _training.run_trainer
 
-    def profiled(self, *args, **kwargs):
+    def profiled(*args, **kwargs):
         profiler.enable()
         try:
-            return run(self, *args, **kwargs)
+            return run(*args, **kwargs)
         finally:
             profiler.disable()
 
-    _ptrag.PTRAG._run_trainer = profiled
+    _training.run_trainer = profiled
     try:
         start = time.perf_counter()
         _train(adata, "ptrag", steps)
         seconds = time.perf_counter() - start
     finally:
-        _ptrag.PTRAG._run_trainer = run
+        _training.run_trainer = run
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     out.write(

@@ -7,6 +7,8 @@ outputs stay in the data's range; seeds agree.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,8 +62,8 @@ def test_evidence_from_other_cell_types_carries_a_shared_effect():
 def test_target_shift_is_the_whole_group_pseudobulk():
     data = make_small_adata(n_perturbations=5)
     model = _model(data)
-    view = model._data(data)
-    groups = model._builder().training_groups(view, ~view.is_control, view.is_control)
+    view = model.state.data(data)
+    groups = model.state.builder.training_groups(view, ~view.is_control, view.is_control)
     gene = data.obs["gene"].astype(str).to_numpy()
     line = data.obs["cell_line"].astype(str).to_numpy()
     for i, (p, ct) in enumerate(zip(groups.perturbation, groups.cell_type, strict=True)):
@@ -150,3 +152,49 @@ def test_outputs_stay_in_range_on_sparse_real_data():
     assert (pred >= 0).all()
     generated = model.predict(adata[adata.obs["gene"] == "non-targeting"].copy(), perturbations=targets[:3])
     assert generated.X.max() <= data_max.max() + 1e-5
+
+
+def test_a_new_evidence_source_is_stacked_saved_and_predicts(monkeypatch, tmp_path):
+    # docs/contributing.md: a source is one class in data/_sources.py, registered by name. This
+    # toy one knows every group's measured shift (also the test groups'): the stack must give
+    # it the weight and the predictions of held-out perturbations must follow it.
+    from ptrag_sc.data._sources import SOURCES, EvidenceSource
+
+    data = make_small_adata()
+    data.obs["split"] = few_shot_split(data)
+    gene = data.obs["gene"].astype(str).to_numpy()
+    line = data.obs["cell_line"].astype(str).to_numpy()
+    measured = {}
+    for ct in set(line):
+        control = data.X[(gene == "non-targeting") & (line == ct)].mean(0)
+        for p in set(gene[line == ct]) - {"non-targeting"}:
+            measured[p, ct] = data.X[(gene == p) & (line == ct)].mean(0) - control
+
+    class MeasuredShift(EvidenceSource):
+        name = "measured_shift"
+
+        def queries(self, rows, fitted):
+            keys = zip(rows.perturbations, rows.cell_types, strict=True)
+            return np.stack([measured[key] for key in keys]) - rows.context
+
+    monkeypatch.setitem(SOURCES, "measured_shift", MeasuredShift())
+    assert list(ptrag_sc.data.EVIDENCE_SOURCES)[-1] == "measured_shift"
+    model = _model(data)
+    model.train(max_steps=20, split_key="split")
+    evidence = model.memory.evidence_model
+    weights = dict(zip(evidence.sources, evidence.stack_weights, strict=True))
+    assert weights["measured_shift"] > 0.8
+    assert sum(weights.values()) < 1.2
+    model.predict(data, key_added="pred")
+    assert min(r for _, _, r in _test_shifts(data, np.asarray(data.layers["pred"]))) > 0.95
+    # Saved and loaded by name; a model saved before the source existed keeps its own sources,
+    # and one whose source this version lacks is refused, naming it.
+    model.save(tmp_path / "m")
+    loaded = PTRAG.load(tmp_path / "m", data)
+    np.testing.assert_array_equal(loaded.predict(data, inplace=False), data.layers["pred"])
+    older = Path(__file__).parent / "data" / "model_v1"
+    reference = np.load(older / "reference_prediction.npy")
+    np.testing.assert_allclose(PTRAG.load(older).predict(inplace=False), reference, atol=1e-6)
+    monkeypatch.delitem(SOURCES, "measured_shift")
+    with pytest.raises(ValueError, match=r"stacks evidence source\(s\) \['measured_shift'\]"):
+        PTRAG.load(tmp_path / "m", data)

@@ -43,7 +43,7 @@ def pair(tmp_path_factory):
 
 def test_backed_training_and_prediction_equal_in_memory(pair):
     memory, model_memory, backed, model_backed, _ = pair
-    assert backed.isbacked and model_backed._data(backed).expression.backed
+    assert backed.isbacked and model_backed.state.data(backed).expression.backed
     for a, b in zip(model_memory.module.state_dict().values(), model_backed.module.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     np.testing.assert_array_equal(model_memory.predict(memory, inplace=False), model_backed.predict(backed, inplace=False))
@@ -59,7 +59,7 @@ def test_sparse_layer_and_output_file_equal_the_dense_layer(pair, tmp_path):
     assert out.isbacked and out.shape == backed.shape
     np.testing.assert_array_equal(out.X[:], dense)
     predicted = out.obs["ptrag_predicted"].to_numpy()
-    np.testing.assert_array_equal(predicted, ~model._data(backed).is_control)
+    np.testing.assert_array_equal(predicted, ~model.state.data(backed).is_control)
     assert list(out.obs_names) == list(backed.obs_names) and out.uns["ptrag"]["mode"] == "counterfactual"
     out.file.close()
 
@@ -153,7 +153,7 @@ def test_zarr_backed_sparse_x(pair, tmp_path):
     group = zarr.open(store, mode="r")
     lazy = ad.AnnData(X=ad.io.sparse_dataset(group["X"]), obs=ad.io.read_elem(group["obs"]), var=ad.io.read_elem(group["var"]), uns=ad.io.read_elem(group["uns"]))
     model = _fit(lazy)
-    assert model._data(lazy).expression.backed
+    assert model.state.data(lazy).expression.backed
     np.testing.assert_array_equal(model.predict(lazy, inplace=False), model_memory.predict(memory, inplace=False))
 
 

@@ -96,7 +96,7 @@ def test_predict_during_training_is_refused_and_training_unchanged(trained):
 def test_train_while_predicting_is_refused(trained):
     model, _ = trained
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    with predicting(model), pytest.raises(RuntimeError, match="a prediction is running for this model"):
+    with predicting(model.module), pytest.raises(RuntimeError, match="a prediction is running for this model"):
         model.train(max_steps=1)
     for name, value in model.module.state_dict().items():
         assert torch.equal(value, before[name])

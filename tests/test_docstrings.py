@@ -21,7 +21,7 @@ MODULES = [
     "ptrag_sc.datasets._replogle",
     "ptrag_sc.pp._embeddings",
     "ptrag_sc.pp._gene_text",
-    "ptrag_sc.pp._symbols",
+    "ptrag_sc._symbols",
     "ptrag_sc.pp._split",
 ]
 

@@ -78,8 +78,8 @@ def test_check_expression_streams_every_chunk(sparse, monkeypatch):
     """Bad values, the value ceiling and the raw-count test see every chunk and every slice, not the first."""
     import warnings
 
+    from ptrag_sc.data import _checks as _validation
     from ptrag_sc.data._matrix import CHUNK_ROWS
-    from ptrag_sc.model import _validation
 
     monkeypatch.setattr(_validation, "_SLICE", 7)
     n = CHUNK_ROWS + 40

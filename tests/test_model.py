@@ -161,11 +161,11 @@ def test_generation_of_unseen_perturbation_and_combination(trained):
     model_emb = pd.concat([emb, extra])
     novel = PTRAG.load.__self__
     assert novel is PTRAG
-    model._encoder = ptrag_sc.data.PerturbationEncoder(model_emb)
+    model.state = model.state.replace(encoder=ptrag_sc.data.PerturbationEncoder(model_emb))
     out2 = model.predict(controls, perturbations=["NOVELGENE"], cell_type=str(controls.obs["cell_line"].iloc[0]))
     assert out2.obs["ptrag_unseen_perturbation"].all()
     assert set(out2.obs["cell_line"]) == {str(controls.obs["cell_line"].iloc[0])}
-    model._encoder = ptrag_sc.data.PerturbationEncoder(emb)
+    model.state = model.state.replace(encoder=ptrag_sc.data.PerturbationEncoder(emb))
 
 
 def test_generation_without_perturbation_column(trained):
@@ -319,23 +319,23 @@ def test_old_gene_symbols_find_their_vectors():
 
 def test_prediction_encodes_each_control_cell_once_with_the_same_result(trained, monkeypatch):
     """Counterfactual and generation predictions equal those that encode controls per set."""
-    from ptrag_sc.model import _predict
+    from ptrag_sc.model import _inference
 
     model, data = trained
     used = []
-    encode = _predict._encoded_sources
+    encode = _inference.encoded_sources
 
     def spy(*args, **kwargs):
         result = encode(*args, **kwargs)
         used.append(result is not None)
         return result
 
-    monkeypatch.setattr(_predict, "_encoded_sources", spy)
+    monkeypatch.setattr(_inference, "encoded_sources", spy)
     asked = [str(p) for p in model.training_perturbations_[:2]]
     counterfactual = model.predict(data, inplace=False)
     generated = model.predict(data, perturbations=asked).X
     assert used == [True, True]
-    monkeypatch.setattr(_predict, "_MAX_ENCODED_BYTES", 0)
+    monkeypatch.setattr(_inference, "_MAX_ENCODED_BYTES", 0)
     np.testing.assert_allclose(model.predict(data, inplace=False), counterfactual, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.predict(data, perturbations=asked).X, generated, rtol=1e-5, atol=1e-5)
     assert used == [True, True, False, False]

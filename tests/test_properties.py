@@ -35,8 +35,8 @@ from lightning.pytorch.callbacks import Callback
 import ptrag_sc
 from ptrag_sc import PTRAG
 from ptrag_sc.data import normalise_labels
-from ptrag_sc.model._training import deterministic_algorithms
 from ptrag_sc.train import NonFiniteLossError
+from ptrag_sc.train._runner import deterministic_algorithms
 
 TINY = {"n_hidden": 8, "n_layers": 1, "n_heads": 2, "cell_set_size": 2, "n_candidates": 3, "n_set_tokens": 2, "gene_annotations": None}
 CONTROL = "non-targeting"

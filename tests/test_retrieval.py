@@ -125,8 +125,8 @@ def test_training_groups_never_retrieve_their_own_entry(trained):
     model, data = trained
     memory = model.memory
     names = memory.entry_names()
-    view = model._data(data)
-    groups = model._builder().training_groups(view, ~view.is_control, view.is_control)
+    view = model.state.data(data)
+    groups = model.state.builder.training_groups(view, ~view.is_control, view.is_control)
     for p, ct, row in zip(groups.perturbation, groups.cell_type, groups.candidates, strict=True):
         assert f"{p}@{ct}" not in set(names[row[row >= 0]])
         # The same perturbation in the other training cell types is among the candidates.
@@ -170,7 +170,7 @@ def test_ridge_leave_one_out_is_the_refit_without_the_entry():
     """No part of an entry's response reaches its own leave-one-out estimate: the map, its centre
     and intercept, and the other entries' specific shifts (whose cell-type context included the
     entry) are all recomputed without it."""
-    from ptrag_sc.data._evidence import ridge_leave_one_out
+    from ptrag_sc.data._sources import ridge_leave_one_out
 
     rng = np.random.default_rng(0)
     E = rng.normal(size=(14, 30))  # more dimensions than entries: the leak was exact there
@@ -190,7 +190,8 @@ def test_ridge_leave_one_out_is_the_refit_without_the_entry():
 def test_ridge_leave_one_out_carries_no_signal_from_pure_noise():
     """With responses unrelated to the embeddings, the leave-one-out estimates do not correlate
     with the entries' own specific shifts (a leak through the shared centre made them ~1)."""
-    from ptrag_sc.data._evidence import ridge_leave_one_out, row_cosines
+    from ptrag_sc.data._evidence import row_cosines
+    from ptrag_sc.data._sources import ridge_leave_one_out
 
     rng = np.random.default_rng(3)
     E = rng.normal(size=(20, 384))

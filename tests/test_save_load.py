@@ -329,17 +329,44 @@ def test_version_1_damage_is_reported(tmp_path):
 def test_missing_or_unknown_memory_fields_are_refused_with_the_version(copy_of):
     _edit_manifest(copy_of, lambda m: m["attributes"]["memory_"].pop("responses"))
     _edit_tensors(copy_of, lambda t: {k: v for k, v in t.items() if k != "data.memory_.responses"})
-    with pytest.raises(ModelFileError, match=r"memory \(format version 2, ptrag_sc .*\) lacks the field\(s\) \['responses'\]"):
+    with pytest.raises(ModelFileError, match=r"memory \(format version 3, ptrag_sc .*\) lacks the field\(s\) \['responses'\]"):
         PTRAG.load(copy_of, adata=False)
     _edit_manifest(copy_of, lambda m: m["attributes"]["memory_"].update(responses=None, evidence_v9=1))
     with pytest.raises(ModelFileError, match=r"has field\(s\) \['evidence_v9'\] this version does not know"):
         PTRAG.load(copy_of, adata=False)
 
 
+def test_version_2_folder_reads_the_sources_fits_by_name(copy_of, tiny):
+    # Format version 2 kept what the evidence sources fitted under one prefix.
+    model, data = tiny
+    prefix = {"linear_embedding": "embedding", "linear_annotation": "annotation"}
+
+    def as_version_2(manifest):
+        manifest["format_version"] = 2
+        memory = manifest["attributes"]["memory_"]
+        for key in [k for k in memory if k.startswith("sources.")]:
+            source, name = key.removeprefix("sources.").split(".", 1)
+            memory[f"sources.{prefix[source]}_{name}"] = memory.pop(key)
+
+    _edit_manifest(copy_of, as_version_2)
+    loaded = PTRAG.load(copy_of, adata=_fresh(data))
+    assert set(loaded.memory.sources) == set(model.memory.sources) == set(prefix)
+    np.testing.assert_array_equal(loaded.predict(inplace=False), model.predict(data, inplace=False))
+
+
+def test_an_evidence_source_this_version_lacks_is_named(copy_of):
+    def rename(manifest):
+        manifest["attributes"]["memory_"]["evidence_model.sources"]["$strings"][0] = "future"
+
+    _edit_manifest(copy_of, rename)
+    with pytest.raises(ModelFileError, match=r"stacks evidence source\(s\) \['future'\] this version"):
+        PTRAG.load(copy_of, adata=False)
+
+
 def test_weight_mismatch_names_the_tensors(copy_of):
     first = next(k for k in load_file(str(copy_of / WEIGHTS_FNAME)) if k.startswith("module."))
     _edit_tensors(copy_of, lambda t: {**{k: v for k, v in t.items() if k != first}, "module.extra": torch.zeros(1)})
-    with pytest.raises(ModelFileError, match=rf"model\.safetensors.*format version 2.*missing \['{first[7:]}'\]; unexpected \['extra'\]"):
+    with pytest.raises(ModelFileError, match=rf"model\.safetensors.*format version 3.*missing \['{first[7:]}'\]; unexpected \['extra'\]"):
         PTRAG.load(copy_of, adata=False)
 
 
@@ -531,7 +558,7 @@ def test_malicious_pickles_never_run(copy_of, tmp_path):
         (lambda m: m["registry"].pop("setup_args"), r"registry lacks"),
         (lambda m: m.update(attributes=["not", "a", "dict"]), r"lacks a valid 'attributes'"),
         (lambda m: m.pop("files"), r"lacks a valid 'files'"),
-        (lambda m: m.update(format_version=99), r"format version 99.*reads format versions \[1, 2\]\. Upgrade ptrag_sc"),
+        (lambda m: m.update(format_version=99), r"format version 99.*reads format versions \[1, 2, 3\]\. Upgrade ptrag_sc"),
         (lambda m: m.update(format_version=0), r"invalid format_version 0"),
         (lambda m: m.update(format_version="2"), r"invalid format_version '2'"),
     ],

@@ -83,7 +83,7 @@ def measure(name: str, make, **model_kwargs) -> dict:
     n_queries = len(tests)
     memory, evidence = model.memory, model.memory.evidence_model
     trust = evidence.per_cell_type(np.array([cell_type]), evidence.cell_type_trust, evidence.trust_all)[0]
-    builder = model._builder()
+    builder = model.state.builder
     queries = np.array(tests)
     annotations = None
     if builder.annotations is not None and memory.annotation_terms is not None and len(memory.annotation_terms):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ._settings import settings
 
 if TYPE_CHECKING:
-    from . import data, datasets, model, module, pl, pp, tl
+    from . import data, datasets, model, module, pl, pp, tl  # noqa: F401 (model: not in __all__)
     from .model import PTRAG
 
 __version__ = "0.1.0"
@@ -25,7 +25,7 @@ _SUBMODULES = frozenset({"data", "datasets", "model", "module", "pl", "pp", "tl"
 _ATTRIBUTES = {"PTRAG": "model"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     import importlib
 
     if name in _SUBMODULES:

@@ -40,7 +40,8 @@ UNS_KEY = "ptrag"
 
 
 class TENSORS:
-    """Keys of the batch dictionaries the data layer builds and :class:`~ptrag_sc.module.PTRAGModule` reads.
+    """Keys of the batch dictionaries the data layer builds and
+    :class:`~ptrag_sc.module.PTRAGModule` reads.
 
     One batch holds ``B`` sets of ``S`` cells; ``G`` genes, ``D`` embedding dimensions, ``K``
     stage-1 candidates.
@@ -52,14 +53,20 @@ class TENSORS:
     CANDIDATES = "candidates"  #: ``[B, K]`` memory entries from stage 1, ``-1`` = padding
     CANDIDATE_SAME_CELL_TYPE = "candidate_same_cell_type"  #: ``[B, K]`` bool
     CANDIDATE_RELATION = "candidate_relation"  #: ``[B, K]`` relation code (``RELATION_*``)
-    CONTEXT_RESPONSE = "context_response"  #: ``[B, G]`` mean response of the cell type's *other* perturbations
-    STACKED_SHIFT = "stacked_shift"  #: ``[B, G]`` the stacked evidence's estimate of the perturbation-specific shift
+    # : ``[B, G]`` mean response of the cell type's *other* perturbations
+    CONTEXT_RESPONSE = "context_response"
+    # : ``[B, G]`` the stacked evidence's estimate of the perturbation-specific shift
+    STACKED_SHIFT = "stacked_shift"
     CANDIDATE_SIMILARITY = "candidate_similarity"  #: ``[B, K]`` stage-1 similarity (0 for padding)
-    CANDIDATE_ANNOTATION_SIMILARITY = "candidate_annotation_similarity"  #: ``[B, K]`` annotation Jaccard
+    # : ``[B, K]`` annotation Jaccard
+    CANDIDATE_ANNOTATION_SIMILARITY = "candidate_annotation_similarity"
     CONTROL_MEAN = "control_mean"  #: ``[B, G]`` mean control profile of each set's context
-    TARGET_SHIFT = "target_shift"  #: ``[B, G]`` the group's observed mean shift (all its cells), training and validation
+    # : ``[B, G]`` the group's observed mean shift (all its cells), training and validation
+    TARGET_SHIFT = "target_shift"
     BATCH = "batch"  #: ``[B]`` batch code, ``-1`` = unknown
-    METRIC_WEIGHT = "metric_weight"  #: ``[B]`` weight of each set in the logged metrics (absent: 1; 0 pads data-parallel validation)
+    # : ``[B]`` weight of each set in the logged metrics (absent: 1; 0 pads data-parallel
+    # validation)
+    METRIC_WEIGHT = "metric_weight"
 
 
 class OUTPUTS:

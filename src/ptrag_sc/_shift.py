@@ -1,4 +1,5 @@
-"""How a mean shift is applied to a set of control cells (shared by the model and the baselines)."""
+"""How a mean shift is applied to a set of control cells (shared by the model and the
+baselines)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # scvi-tools 1.4.2 calls ``rich.pretty`` in ``view_anndata_setup`` without importing it. This
@@ -103,8 +103,9 @@ def settings_threads() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def is_interactive(stream) -> bool:
-    """Whether ``stream`` shows ``\\r`` updates in place: a terminal, or a Jupyter cell's output."""
+def is_interactive(stream: object) -> bool:
+    """Whether ``stream`` shows ``\\r`` updates in place: a terminal, or a Jupyter cell's
+    output."""
     try:
         if stream.isatty():
             return True
@@ -113,11 +114,17 @@ def is_interactive(stream) -> bool:
     return type(stream).__module__.startswith("ipykernel")
 
 
-def progress_bar(total: int, description: str, unit: str, enabled: bool = True):
-    """A tqdm bar on stderr, or ``None`` when disabled or when stderr would only collect its
-    carriage-return updates (a log file, a pipe: see :func:`is_interactive`)."""
+@contextmanager
+def progress_bar(
+    total: int, description: str, unit: str, enabled: bool = True
+) -> Iterator[Callable[[int], object]]:
+    """A tqdm bar on stderr, as its ``update`` function; a no-op when disabled or when stderr
+    would only collect its carriage-return updates (a log file, a pipe: see
+    :func:`is_interactive`)."""
     if not enabled or not is_interactive(sys.stderr):
-        return None
+        yield lambda n=1: None
+        return
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr)
+    with tqdm(total=total, desc=description, unit=unit, file=sys.stderr) as bar:
+        yield bar.update

@@ -4,7 +4,6 @@ its index, and the sets and batches the module consumes (for training and predic
 from ._builder import SetBuilder, count_prediction_batches, prediction_batches
 from ._cells import NO_CELL_TYPE, PerturbationData, SetupArgs, expression_matrix
 from ._datamodule import SetDataModule
-from ._evidence import SOURCES as EVIDENCE_SOURCES
 from ._fields import PerturbationField
 from ._index import NeighbourIndex
 from ._matrix import ExpressionMatrix, column_max, group_means, group_sums
@@ -12,11 +11,20 @@ from ._memory import RetrievalMemory, build_memory, memory_from_cells, memory_fr
 from ._pairing import match_controls
 from ._perturbations import PerturbationEncoder, normalise_labels, validate_embedding_table
 from ._sets import SetGroups
+from ._sources import SOURCES
+from ._state import ModelState
+
+#: The evidence sources by name, in stacking order (``evidence=`` takes a list of these names):
+#: ridge maps from the gene embedding and from GO annotations, the means of the nearest
+#: neighbours by embedding and by annotation, and the other cell types' (specific and raw)
+#: shifts of the same perturbation. A new source is one class in ``data/_sources.py``.
+EVIDENCE_SOURCES = SOURCES
 
 __all__ = [
     "EVIDENCE_SOURCES",
     "NO_CELL_TYPE",
     "ExpressionMatrix",
+    "ModelState",
     "NeighbourIndex",
     "PerturbationData",
     "PerturbationEncoder",

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._symbols import gene_table, resolve_gene_symbols
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
 
 @lru_cache(maxsize=1)
 def _shipped_go() -> pd.Series:
-    from ..pp._gene_text import _annotations
-
-    table = _annotations()
+    table = gene_table()
     return table["go"].fillna("").astype(str)
 
 
@@ -33,24 +37,23 @@ class GeneAnnotations:
         self._index = pd.Index(self.terms.index.astype(str).str.upper())
         self._resolved: dict[str, list[str]] = {}
 
-    def _prefetch(self, genes) -> None:
-        """Resolve every not yet resolved gene that is not a symbol of the table in one call (aliases)."""
+    def _prefetch(self, genes: Iterable[str]) -> None:
+        """Resolve every not yet resolved gene that is not a symbol of the table in one call
+        (aliases)."""
         unknown = sorted({g for g in genes if g not in self._resolved and g not in self._index})
         if not unknown:
             return
-        from ..pp import resolve_gene_symbols
-
         mapping = resolve_gene_symbols(unknown, self._index, warn=False).mapping
         for gene in unknown:
             symbol = mapping.get(gene)
-            self._resolved[gene] = [] if symbol is None else self.terms.iloc[self._index.get_loc(symbol)].split()
+            self._resolved[gene] = (
+                [] if symbol is None else self.terms.iloc[self._index.get_loc(symbol)].split()
+            )
 
     def _gene_terms(self, gene: str) -> list[str]:
         if gene not in self._resolved:
             symbol = gene if gene in self._index else None
             if symbol is None:
-                from ..pp import resolve_gene_symbols
-
                 symbol = resolve_gene_symbols([gene], self._index, warn=False).mapping.get(gene)
             if symbol is None:
                 self._resolved[gene] = []
@@ -58,15 +61,34 @@ class GeneAnnotations:
                 self._resolved[gene] = self.terms.iloc[self._index.get_loc(symbol)].split()
         return self._resolved[gene]
 
-    def matrix(self, labels, *, sep: str = "+", vocabulary: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Binary ``(n, T)`` matrix of the terms of each label (a combination: union of its genes').
+    def matrix(
+        self,
+        labels: Sequence[str] | np.ndarray,
+        *,
+        sep: str = "+",
+        vocabulary: np.ndarray | None = None,
+    ) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Binary ``(n, T)`` matrix of the terms of each label (a combination: union of its
+        genes').
 
         Returns the matrix and the term vocabulary (``vocabulary`` when given: terms outside it
         are dropped, so queries are coded like the memory).
         """
         labels = [str(label) for label in labels]
-        self._prefetch({m.strip() for label in labels for m in label.upper().split(sep) if m.strip()})
-        sets = [sorted({t for m in label.upper().split(sep) if m.strip() for t in self._gene_terms(m.strip())}) for label in labels]
+        self._prefetch(
+            {m.strip() for label in labels for m in label.upper().split(sep) if m.strip()}
+        )
+        sets = [
+            sorted(
+                {
+                    t
+                    for m in label.upper().split(sep)
+                    if m.strip()
+                    for t in self._gene_terms(m.strip())
+                }
+            )
+            for label in labels
+        ]
         if vocabulary is None:
             vocabulary = np.array(sorted({t for s in sets for t in s}), dtype=str)
         position = {t: i for i, t in enumerate(vocabulary)}
@@ -76,7 +98,9 @@ class GeneAnnotations:
             rows.extend([i] * len(hit))
             cols.extend(hit)
         data = np.ones(len(rows), dtype=np.float32)
-        return sp.csr_matrix((data, (rows, cols)), shape=(len(labels), len(vocabulary))), np.asarray(vocabulary, dtype=str)
+        return sp.csr_matrix(
+            (data, (rows, cols)), shape=(len(labels), len(vocabulary))
+        ), np.asarray(vocabulary, dtype=str)
 
 
 def jaccard(a: sp.csr_matrix, b: sp.csr_matrix) -> np.ndarray:

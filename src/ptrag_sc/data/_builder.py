@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ._annotations import GeneAnnotations
     from ._cells import PerturbationData
     from ._index import NeighbourIndex
+    from ._matrix import ExpressionMatrix
     from ._memory import RetrievalMemory
     from ._perturbations import PerturbationEncoder
 
@@ -62,7 +63,9 @@ class SetBuilder:
         self.annotations = annotations
 
     # ----------------------------------------------------------------- contexts
-    def control_contexts(self, data: PerturbationData, control_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def control_contexts(
+        self, data: PerturbationData, control_mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Context key of every cell and the mean control profile of every context.
 
         A cell's context is its cell type, or (cell type, batch) when matching on batch and
@@ -76,7 +79,9 @@ class SetBuilder:
         keys = data.contexts(match_batch=False)
         if self.match_batch and data.setup.batch_key is not None:
             with_batch = data.contexts(match_batch=True)
-            keys = np.where(np.isin(with_batch, np.unique(with_batch[control_mask])), with_batch, keys)
+            keys = np.where(
+                np.isin(with_batch, np.unique(with_batch[control_mask])), with_batch, keys
+            )
         codes, uniques = pd.factorize(np.where(control_mask, keys, None), sort=True)
         means = data.means(codes, len(uniques)).astype(np.float32)
         return keys, (np.asarray(uniques, dtype=object), means)
@@ -91,8 +96,14 @@ class SetBuilder:
     ) -> dict:
         """Embedding, candidates and evidence of each group."""
         n = labels.shape[0]
-        embedding = self.encoder.embed(labels) if n else np.zeros((0, self.encoder.n_dims), np.float32)
-        out = {"embedding": embedding, "batch": batches.astype(np.int64), "control_mean": control_mean}
+        embedding = (
+            self.encoder.embed(labels) if n else np.zeros((0, self.encoder.n_dims), np.float32)
+        )
+        out = {
+            "embedding": embedding,
+            "batch": batches.astype(np.int64),
+            "control_mean": control_mean,
+        }
         if self.index is not None and n:
             cand, sim, same, relation = self.index.query(labels, embedding, cell_types)
         else:
@@ -104,14 +115,26 @@ class SetBuilder:
         annotations = None
         memory = self.memory
         if memory is not None and memory.kind == "response" and n:
-            if self.annotations is not None and memory.annotation_terms is not None and len(memory.annotation_terms):
-                annotations, _ = self.annotations.matrix(labels, sep=self.encoder.sep, vocabulary=memory.annotation_terms)
+            if (
+                self.annotations is not None
+                and memory.annotation_terms is not None
+                and len(memory.annotation_terms)
+            ):
+                annotations, _ = self.annotations.matrix(
+                    labels, sep=self.encoder.sep, vocabulary=memory.annotation_terms
+                )
                 entries = memory.annotation_matrix()
                 for start in range(0, n, 1024):
                     rows = slice(start, min(start + 1024, n))
                     block = jaccard(annotations[rows], entries)
-                    annotation_similarity[rows] = np.where(cand[rows] >= 0, np.take_along_axis(block, np.maximum(cand[rows], 0), axis=1), 0.0)
-            evidence = memory.evidence(labels, cell_types, embedding, annotations, control_mean, sep=self.encoder.sep)
+                    annotation_similarity[rows] = np.where(
+                        cand[rows] >= 0,
+                        np.take_along_axis(block, np.maximum(cand[rows], 0), axis=1),
+                        0.0,
+                    )
+            evidence = memory.evidence(
+                labels, cell_types, embedding, annotations, control_mean, sep=self.encoder.sep
+            )
             out.update(
                 context=evidence["context"],
                 stacked=evidence["stacked"],
@@ -134,12 +157,15 @@ class SetBuilder:
         *,
         contexts: tuple[np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> SetGroups:
-        """Groups of the ``member`` cells by (cell type, perturbation[, batch]), with control pools.
+        """Groups of the ``member`` cells by (cell type, perturbation[, batch]), with control
+        pools.
 
         Each group's controls are drawn from the ``control_mask`` cells of its context; its
         target shift is the mean of its cells minus its context's control mean.
         """
-        keys, (context_names, context_means) = contexts or self.control_contexts(data, control_mask)
+        keys, (context_names, context_means) = contexts or self.control_contexts(
+            data, control_mask
+        )
         use_batch = self.match_batch and data.setup.batch_key is not None
         ct_codes = pd.factorize(data.cell_types, sort=True)[0]
         pert_codes = pd.factorize(data.labels, sort=True)[0]
@@ -153,13 +179,16 @@ class SetBuilder:
         group_pool = pool_of_context[group_context]
         if np.any(group_pool < 0):
             missing = sorted(set(data.cell_types[first[group_pool < 0]].astype(str)))
-            raise ValueError(f"No control cells for cell type(s) {missing[:10]}: every cell type with perturbed cells needs control cells.")
+            raise ValueError(
+                f"No control cells for cell type(s) {missing[:10]}: every cell type with "
+                "perturbed cells needs control cells."
+            )
         if use_batch:
             fallback = int(np.sum(keys[first].astype(str) == data.cell_types[first].astype(str)))
             if fallback:
                 warnings.warn(
-                    f"{fallback} group(s) have no control cells in their own batch; their controls "
-                    "come from the whole cell type.",
+                    f"{fallback} group(s) have no control cells in their own batch; their "
+                    "controls come from the whole cell type.",
                     UserWarning,
                     stacklevel=3,
                 )
@@ -168,7 +197,11 @@ class SetBuilder:
         control_mean = context_means[group_context]
         group_code = np.full(data.n_obs, -1, dtype=np.int64)
         group_code[cells] = np.repeat(np.arange(len(first)), np.diff(start))
-        target = (data.means(group_code, len(first)) - control_mean).astype(np.float32) if len(first) else None
+        target = (
+            (data.means(group_code, len(first)) - control_mean).astype(np.float32)
+            if len(first)
+            else None
+        )
         return SetGroups(
             cells=cells,
             cell_start=start,
@@ -178,7 +211,12 @@ class SetBuilder:
             perturbation=labels,
             cell_type=cell_types,
             target_shift=target,
-            **self._group_level(labels, cell_types, batch_key[first] if use_batch else np.full(len(first), -1), control_mean),
+            **self._group_level(
+                labels,
+                cell_types,
+                batch_key[first] if use_batch else np.full(len(first), -1),
+                control_mean,
+            ),
         )
 
     def prediction_groups(
@@ -224,7 +262,7 @@ class SetBuilder:
 
 def prediction_batches(
     groups: SetGroups,
-    expression,
+    expression: ExpressionMatrix,
     sources: np.ndarray,
     *,
     set_size: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,13 @@ import pandas as pd
 from ._fields import missing_obs_key_error
 from ._matrix import ExpressionMatrix, RowSubset, group_means, is_backed
 from ._perturbations import normalise_labels
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from ._matrix import MatrixLike
 
 #: Cell type of every cell when the model was set up without ``cell_type_key``.
 NO_CELL_TYPE = "all"
@@ -27,7 +35,7 @@ class SetupArgs:
     sep: str
 
 
-def expression_matrix(adata, layer: str | None):
+def expression_matrix(adata: AnnData, layer: str | None) -> MatrixLike:
     """``adata.X`` or ``adata.layers[layer]``, with an error listing the layers if absent.
 
     For a view of an AnnData whose ``X`` is on disk (``adata[mask]`` on
@@ -43,11 +51,14 @@ def expression_matrix(adata, layer: str | None):
             raise ValueError("`adata.X` is empty; pass `layer=` naming the expression layer.")
         return adata.X
     if layer not in adata.layers:
-        raise KeyError(f"`layer={layer!r}` is not in `adata.layers`. Existing layers: {list(adata.layers.keys())}.")
+        raise KeyError(
+            f"`layer={layer!r}` is not in `adata.layers`. Existing layers: "
+            f"{list(adata.layers.keys())}."
+        )
     return adata.layers[layer]
 
 
-def _backed_view_matrix(adata) -> RowSubset | None:
+def _backed_view_matrix(adata: AnnData) -> RowSubset | None:
     """The rows of a view of an AnnData with an on-disk ``X`` as a lazy :class:`RowSubset`.
 
     ``None`` for anything else (in-memory data, or an anndata without the view internals used
@@ -64,10 +75,12 @@ def _backed_view_matrix(adata) -> RowSubset | None:
         return None
     rows = np.arange(parent.n_obs)[oidx]
     columns = np.arange(parent.n_vars)[vidx]
-    return RowSubset(matrix, rows, None if np.array_equal(columns, np.arange(parent.n_vars)) else columns)
+    return RowSubset(
+        matrix, rows, None if np.array_equal(columns, np.arange(parent.n_vars)) else columns
+    )
 
 
-def gene_columns(var_names, model_var_names) -> np.ndarray | None:
+def gene_columns(var_names: pd.Index, model_var_names: pd.Index) -> np.ndarray | None:
     """Column of ``var_names`` holding each of the model's genes; ``None`` when already in order.
 
     Raises a ``ValueError`` naming missing genes when the AnnData lacks some of them.
@@ -78,19 +91,23 @@ def gene_columns(var_names, model_var_names) -> np.ndarray | None:
         return None
     if var_names.has_duplicates:
         dup = var_names[var_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"The AnnData has duplicated gene names (e.g. {dup}); make them unique with `adata.var_names_make_unique()`.")
+        raise ValueError(
+            f"The AnnData has duplicated gene names (e.g. {dup}); make them unique with "
+            "`adata.var_names_make_unique()`."
+        )
     columns = var_names.get_indexer(reference)
     missing = reference[columns < 0]
     if len(missing):
         raise ValueError(
-            f"The AnnData lacks {len(missing)} of the {len(reference)} genes the model was trained on "
-            f"(e.g. {missing[:5].tolist()}). Predictions need every one of them."
+            f"The AnnData lacks {len(missing)} of the {len(reference)} genes the model was "
+            f"trained on (e.g. {missing[:5].tolist()}). Predictions need every one of them."
         )
     return columns
 
 
 class PerturbationData:
-    """Per-cell arrays of an AnnData registered (or transferred) for a :class:`~ptrag_sc.PTRAG` model.
+    """Per-cell arrays of an AnnData registered (or transferred) for a :class:`~ptrag_sc.PTRAG`
+    model.
 
     Labels are normalised with :func:`~ptrag_sc.data.normalise_labels` (surrounding
     whitespace removed, gene symbols upper-cased, combination members sorted), so that
@@ -113,11 +130,11 @@ class PerturbationData:
 
     def __init__(
         self,
-        adata,
+        adata: AnnData,
         setup: SetupArgs,
-        var_names,
+        var_names: Sequence[str],
         *,
-        batch_categories=None,
+        batch_categories: np.ndarray | None = None,
         require_labels: bool = True,
     ) -> None:
         self.adata = adata
@@ -129,12 +146,20 @@ class PerturbationData:
             raw = obs[key]
             if raw.isna().any():
                 bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
-                raise ValueError(f"`adata.obs[{key!r}]` has missing values, e.g. in cells {bad}. Label every cell.")
-            self.labels = normalise_labels(raw.astype(str).to_numpy(), control_group=setup.control_group, sep=setup.sep)
+                raise ValueError(
+                    f"`adata.obs[{key!r}]` has missing values, e.g. in cells {bad}. Label every "
+                    "cell."
+                )
+            self.labels = normalise_labels(
+                raw.astype(str).to_numpy(), control_group=setup.control_group, sep=setup.sep
+            )
             empty = self.labels == ""
             if empty.any():
                 bad = adata.obs_names[empty][:5].tolist()
-                raise ValueError(f"`adata.obs[{key!r}]` has empty labels (blank or only separators), e.g. in cells {bad}. Label every cell.")
+                raise ValueError(
+                    f"`adata.obs[{key!r}]` has empty labels (blank or only separators), e.g. in "
+                    f"cells {bad}. Label every cell."
+                )
             self.has_labels = True
         elif require_labels:
             raise missing_obs_key_error(adata, key, "perturbation_key")
@@ -143,12 +168,16 @@ class PerturbationData:
             self.has_labels = False
         self.is_control = self.labels == setup.control_group
         self.cell_types = self._cell_types()
-        self.has_cell_types = setup.cell_type_key is not None and setup.cell_type_key in obs.columns
+        self.has_cell_types = (
+            setup.cell_type_key is not None and setup.cell_type_key in obs.columns
+        )
         self.batches = self._batch_codes(batch_categories)
         self.matrix = expression_matrix(adata, setup.layer)
         self.columns = gene_columns(adata.var_names, var_names)
         #: The model's genes, in the order expression is read.
-        self.var_names = np.asarray(adata.var_names if var_names is None else var_names).astype(str)
+        self.var_names = np.asarray(adata.var_names if var_names is None else var_names).astype(
+            str
+        )
         # Control cells are drawn by every set: an on-disk matrix keeps them in memory.
         self.expression = ExpressionMatrix(self.matrix, self.columns, cache=self.is_control)
 
@@ -159,17 +188,21 @@ class PerturbationData:
         values = self.adata.obs[key]
         if values.isna().any():
             bad = self.adata.obs_names[values.isna().to_numpy()][:5].tolist()
-            raise ValueError(f"`adata.obs[{key!r}]` (`cell_type_key`) has missing values, e.g. in cells {bad}.")
+            raise ValueError(
+                f"`adata.obs[{key!r}]` (`cell_type_key`) has missing values, e.g. in cells {bad}."
+            )
         return values.astype(str).to_numpy().astype(object)
 
-    def _batch_codes(self, categories) -> np.ndarray:
+    def _batch_codes(self, categories: np.ndarray | None) -> np.ndarray:
         key = self.setup.batch_key
         if key is None or categories is None or key not in self.adata.obs.columns:
             return np.full(self.n_obs, -1, dtype=np.int64)
         values = self.adata.obs[key]
         if values.isna().any():
             bad = self.adata.obs_names[values.isna().to_numpy()][:5].tolist()
-            raise ValueError(f"`adata.obs[{key!r}]` (`batch_key`) has missing values, e.g. in cells {bad}.")
+            raise ValueError(
+                f"`adata.obs[{key!r}]` (`batch_key`) has missing values, e.g. in cells {bad}."
+            )
         mapping = pd.Index(np.asarray(categories).astype(str))
         return mapping.get_indexer(values.astype(str).to_numpy()).astype(np.int64)
 

@@ -78,9 +78,16 @@ class SetDataModule(pl.LightningDataModule):
             num_replicas=world,
             rank=rank,
         )
-        return DataLoader(SetBatchDataset(self.expression, groups), sampler=sampler, batch_size=None, num_workers=0)
+        return DataLoader(
+            SetBatchDataset(self.expression, groups),
+            sampler=sampler,
+            batch_size=None,
+            num_workers=0,
+        )
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+    def transfer_batch_to_device(
+        self, batch: object, device: torch.device, dataloader_idx: int
+    ) -> object:
         """Move a batch (a flat dict of tensors) without Lightning's generic traversal."""
         if isinstance(batch, dict) and all(isinstance(v, torch.Tensor) for v in batch.values()):
             if all(v.device == device for v in batch.values()):

@@ -1,8 +1,9 @@
 """Evidence for a perturbation's mean shift, fitted on the memory with each entry left out.
 
-Each *source* estimates the specific shift of a query (q, c): its mean shift minus the context
-response of cell type c (the mean shift of c's other perturbations). The sources are combined
-in three steps, each fitted on the memory's entries in exactly the situation of a held-out
+Each *source* (:mod:`~ptrag_sc.data._sources`) estimates the specific shift of a query (q, c):
+its mean shift minus the context response of cell type c (the mean shift of c's other
+perturbations). :func:`fit` combines the sources in steps, each fitted on the memory's entries in
+exactly the situation of a held-out
 perturbation, that is with the entry's own response left out:
 
 1. **Stack.** Non-negative least-squares weights of the sources (stacked regression, Breiman
@@ -35,19 +36,20 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 from scipy.optimize import minimize
 
-#: The stacked sources, in order.
-SOURCES = (
-    "linear_embedding",  # ridge map from the gene embedding (Ahlmann-Eltze et al. 2025)
-    "linear_annotation",  # ridge map from the gene's GO annotations
-    "neighbours_embedding",  # mean response of the nearest entries by embedding cosine
-    "neighbours_annotation",  # mean response of the nearest entries by annotation Jaccard
-    "other_cell_types",  # the same perturbation's specific shift in other cell types
-    "other_cell_types_raw",  # its mean shift in other cell types, as is
-)
+from ._sources import SOURCES, Rows, unit_rows
+
+if TYPE_CHECKING:
+    from ._annotations import GeneAnnotations
+    from ._memory import RetrievalMemory
+    from ._sources import EvidenceSource
+
 #: What the gate and the confidence read about a query.
 GATE_FEATURES = (
     "neighbour_cosine",  # embedding cosine to the closest other perturbation of its cell type
@@ -60,13 +62,8 @@ GATE_FEATURES = (
     "own_gene_measured",  # the perturbed gene is among the measured genes
     "members_measured",  # fraction of a combination's members measured in the cell type
 )
-#: Neighbours averaged by the neighbour sources.
-N_NEIGHBOURS = 5
 #: Queries per chunk when computing similarities to all entries.
 CHUNK = 1024
-#: Ridge penalties tried (times the mean squared singular value of the centred features); the
-#: one with the lowest leave-one-out error is used.
-RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 #: Prior strength, in entries, pulling a cell type's trust towards the trust over all entries.
 TRUST_PRIOR = 5.0
 #: Penalty on the gate's coefficients (per entry), pulling the gate towards the plain stack.
@@ -75,11 +72,6 @@ GATE_PENALTY = 1.0
 CONFIDENCE_PENALTY = 1.0
 #: A gene's control mean below this (log1p units) is too low to measure its relative change.
 MIN_OWN_GENE_MEAN = 0.05
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -93,32 +85,10 @@ def row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def entry_weights(targets: np.ndarray) -> np.ndarray:
-    """``1 / sqrt(|y|^2 + median |y|^2)``: a perturbation with a huge response does not decide alone."""
+    """``1 / sqrt(|y|^2 + median |y|^2)``: a perturbation with a huge response does not decide
+    alone."""
     norms = np.sum(np.square(targets, dtype=np.float64), axis=1)
     return 1.0 / np.sqrt(norms + np.median(norms) + 1e-12)
-
-
-def neighbour_means(
-    similarity: np.ndarray,
-    allowed: np.ndarray,
-    responses: np.ndarray,
-    k: int = N_NEIGHBOURS,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of ``responses`` over the ``k`` most similar allowed entries of each query.
-
-    Entries with zero similarity are never neighbours. Returns ``(means (n, G), has_neighbours
-    (n,))``; rows without neighbours are zero.
-    """
-    score = np.where(allowed & (similarity > 0), similarity, -np.inf)
-    k = min(k, score.shape[1])
-    if k == 0:
-        return np.zeros((score.shape[0], responses.shape[1]), np.float32), np.zeros(score.shape[0], bool)
-    top = np.argpartition(-score, k - 1, axis=1)[:, :k]
-    valid = np.isfinite(np.take_along_axis(score, top, axis=1))
-    counts = valid.sum(axis=1)
-    sums = np.einsum("nk,nkg->ng", valid.astype(np.float64), responses[top])
-    means = np.divide(sums, counts[:, None], out=np.zeros_like(sums), where=counts[:, None] > 0)
-    return means.astype(np.float32), counts > 0
 
 
 def closest(similarity: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -126,63 +96,9 @@ def closest(similarity: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.where(allowed, similarity, -np.inf).max(axis=1, initial=-np.inf).clip(min=0.0)
 
 
-def ridge_leave_one_out(
-    features: np.ndarray,
-    targets: np.ndarray,
-    groups: np.ndarray,
-    grid: tuple[float, ...] = RIDGE_GRID,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Ridge map from features to specific shifts, with exact leave-one-out predictions.
-
-    The map is ``(x - x_bar) W``: ridge regression with an unpenalised intercept on the
-    centred features. ``targets`` are specific shifts, each entry's shift minus the mean of its
-    ``groups`` (its cell type). The leave-one-out prediction of entry ``m`` is that of the map
-    refitted on the other entries *and* with their specific shifts recomputed without ``m``
-    (removing ``m`` moves its cell type's context, which shifts the other targets of that cell
-    type by ``y_m / (n_c - 1)``), so no part of ``y_m`` reaches its own prediction. Through the
-    thin SVD ``X - x_bar = U S V^T`` each penalty ``a`` of ``grid`` (times the mean squared
-    singular value) costs one pass: with ``H = 11^T / M + U diag(s^2 / (s^2 + a)) U^T``, the
-    refitted prediction is ``(H y - h y_m) / (1 - h)`` plus ``(H 1_c - h) / (1 - h)`` times that
-    shift. The penalty with the lowest leave-one-out squared error is kept.
-
-    Returns
-    -------
-    ``(leave-one-out predictions (M, G), weights (D, G), centre (D,), penalty)``.
-    """
-    X = np.asarray(features, dtype=np.float64)
-    Y = np.asarray(targets, dtype=np.float64)
-    center = X.mean(axis=0)
-    n = X.shape[0]
-    if n < 3:
-        return np.zeros_like(Y), np.zeros((X.shape[1], Y.shape[1])), center, float("nan")
-    codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
-    sizes = np.bincount(codes)
-    U, s, Vt = np.linalg.svd(X - center, full_matrices=False)
-    keep = s > s.max() * 1e-10 if s.size else s > 0
-    U, s, Vt = U[:, keep], s[keep], Vt[keep]
-    y_mean = Y.mean(axis=0)
-    projected = U.T @ (Y - y_mean)
-    group_sums = np.zeros((U.shape[1], sizes.size))
-    np.add.at(group_sums.T, codes, U)  # U^T 1_c for every group c
-    scale = float(np.mean(s**2)) if s.size else 1.0
-    moved = Y / np.maximum(sizes[codes] - 1, 1)[:, None]
-    best = None
-    for factor in grid:
-        alpha = factor * scale
-        shrink = s**2 / (s**2 + alpha)
-        fit = y_mean + (U * shrink) @ projected
-        leverage = np.minimum(1.0 / n + (U**2) @ shrink, 1.0 - 1e-6)
-        same_group = sizes[codes] / n + np.einsum("mr,r,rm->m", U, shrink, group_sums[:, codes])
-        loo = (fit - leverage[:, None] * Y + ((same_group - leverage)[:, None] * moved)) / (1.0 - leverage[:, None])
-        error = float(np.square(loo - Y).sum())
-        if best is None or error < best[0]:
-            best = (error, alpha, loo, s / (s**2 + alpha))
-    _, alpha, loo, gain = best
-    weights = (Vt.T * gain) @ projected
-    return loo, weights, center, alpha
-
-
-def fit_stack(sources: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def fit_stack(
+    sources: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Non-negative least-squares weights of ``S`` sources for ``targets``.
 
     ``sources`` is ``(S, M, G)``, ``targets`` ``(M, G)``; each entry counts with ``weights``
@@ -213,7 +129,7 @@ def fit_stack(sources: np.ndarray, targets: np.ndarray, weights: np.ndarray | No
 
 
 def gate_features(
-    sources: np.ndarray,
+    sources: dict[str, np.ndarray],
     stacked: np.ndarray,
     *,
     neighbour_cosine: np.ndarray,
@@ -224,15 +140,19 @@ def gate_features(
     own_gene_measured: np.ndarray,
     members_measured: np.ndarray,
 ) -> np.ndarray:
-    """``(n, F)`` values of :data:`GATE_FEATURES` for ``n`` queries (``sources``: ``(S, n, G)``)."""
+    """``(n, F)`` values of :data:`GATE_FEATURES` for ``n`` queries (``sources``: their
+    ``(n, G)`` estimates by source name; a source the model lacks reads as zeros)."""
+    zeros = np.zeros_like(stacked)
     return np.column_stack(
         [
             neighbour_cosine,
             neighbour_jaccard,
-            row_cosines(sources[0], sources[1]),
+            row_cosines(
+                sources.get("linear_embedding", zeros), sources.get("linear_annotation", zeros)
+            ),
             np.linalg.norm(stacked, axis=1) / np.maximum(typical_size, 1e-12),
             annotation_depth,
-            np.abs(sources[4]).sum(axis=1) > 0,
+            np.abs(sources.get("other_cell_types", zeros)).sum(axis=1) > 0,
             cell_type_trust,
             own_gene_measured,
             members_measured,
@@ -284,10 +204,11 @@ class EvidenceModel:
     def from_dict(cls, state: dict) -> EvidenceModel:
         return cls(**{f.name: state[f.name] for f in fields(cls)})
 
-    def per_cell_type(self, cell_types: np.ndarray, values: np.ndarray, fallback: float) -> np.ndarray:
-        """``values`` (one per fitted cell type) looked up for ``cell_types``; ``fallback`` elsewhere."""
-        import pandas as pd
-
+    def per_cell_type(
+        self, cell_types: np.ndarray, values: np.ndarray, fallback: float
+    ) -> np.ndarray:
+        """``values`` (one per fitted cell type) looked up for ``cell_types``; ``fallback``
+        elsewhere."""
         row = pd.Index(self.cell_types.astype(str)).get_indexer(np.asarray(cell_types).astype(str))
         return np.where(row >= 0, np.asarray(values, np.float64)[np.maximum(row, 0)], fallback)
 
@@ -304,7 +225,9 @@ class EvidenceModel:
         return np.clip(self.standardise(features) @ self.confidence_coef, -1.0, 1.0)
 
 
-def fit_gate(trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def fit_gate(
+    trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
     """Coefficients ``b`` of the gate ``r = 2 sigmoid(design @ b)`` minimising
     ``sum_m w_m^2 |y_m - r_m s_m|^2 / sum_m w_m^2 |y_m|^2 + GATE_PENALTY |b|^2 / M``
     (``s``: the trusted stack of each entry).
@@ -318,7 +241,7 @@ def fit_gate(trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weigh
     total = float(np.sum(w2 * np.einsum("mg,mg->m", targets, targets, dtype=np.float64))) or 1.0
     n = len(design)
 
-    def objective(coef):
+    def objective(coef: np.ndarray) -> tuple[float, np.ndarray]:
         sig = 1.0 / (1.0 + np.exp(-(design @ coef)))
         r = 2.0 * sig
         value = np.sum(r * r * size - 2.0 * r * cross) / total + GATE_PENALTY * coef @ coef / n
@@ -330,13 +253,16 @@ def fit_gate(trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weigh
 
 
 def fit_ridge(design: np.ndarray, target: np.ndarray, penalty: float) -> np.ndarray:
-    """Ridge coefficients of ``target`` on ``design`` (its first column, the intercept, unpenalised)."""
+    """Ridge coefficients of ``target`` on ``design`` (its first column, the intercept,
+    unpenalised)."""
     reg = penalty * np.eye(design.shape[1])
     reg[0, 0] = 0.0
     return np.linalg.solve(design.T @ design + reg, design.T @ target)
 
 
-def trust(cross: np.ndarray, size: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def trust(
+    cross: np.ndarray, size: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Least-squares scale ``sum <y, s> / sum |s|^2`` of an estimate ``s`` of ``y``, per group.
 
     ``cross`` and ``size`` hold each entry's (weighted) ``<y, s>`` and ``|s|^2``. A group's
@@ -350,18 +276,23 @@ def trust(cross: np.ndarray, size: np.ndarray, groups: np.ndarray) -> tuple[np.n
     group_cross = np.bincount(codes, weights=cross)
     group_size = np.bincount(codes, weights=size)
 
-    def scale(c, s):
+    def scale(c: np.ndarray, s: np.ndarray) -> np.ndarray:
         return np.maximum((c + prior * overall) / np.maximum(s + prior, 1e-12), 0.0)
 
-    return scale(group_cross, group_size), scale(group_cross[codes] - cross, group_size[codes] - size), overall
+    return (
+        scale(group_cross, group_size),
+        scale(group_cross[codes] - cross, group_size[codes] - size),
+        overall,
+    )
 
 
-def own_gene_columns(labels: np.ndarray, gene_names: np.ndarray | None, sep: str) -> list[np.ndarray]:
-    """For each label, the columns of its member genes among ``gene_names`` (matched upper-case)."""
+def own_gene_columns(
+    labels: np.ndarray, gene_names: np.ndarray | None, sep: str
+) -> list[np.ndarray]:
+    """For each label, the columns of its member genes among ``gene_names`` (matched
+    upper-case)."""
     if gene_names is None or not len(gene_names):
         return [np.zeros(0, np.int64) for _ in labels]
-    import pandas as pd
-
     index = pd.Index(np.char.upper(np.asarray(gene_names).astype(str)))
     if index.has_duplicates:
         index = index.where(~index.duplicated(keep=False), "")
@@ -373,8 +304,11 @@ def own_gene_columns(labels: np.ndarray, gene_names: np.ndarray | None, sep: str
     return out
 
 
-def own_gene_ratios(responses: np.ndarray, control_means: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
-    """Relative change ``shift / control mean`` of each single-gene entry's own gene (NaN otherwise)."""
+def own_gene_ratios(
+    responses: np.ndarray, control_means: np.ndarray, columns: list[np.ndarray]
+) -> np.ndarray:
+    """Relative change ``shift / control mean`` of each single-gene entry's own gene (NaN
+    otherwise)."""
     ratios = np.full(len(columns), np.nan)
     for m, cols in enumerate(columns):
         if len(cols) == 1 and control_means[m, cols[0]] >= MIN_OWN_GENE_MEAN:
@@ -382,10 +316,243 @@ def own_gene_ratios(responses: np.ndarray, control_means: np.ndarray, columns: l
     return ratios
 
 
-def apply_own_gene(specific: np.ndarray, context: np.ndarray, control_mean: np.ndarray, columns: list[np.ndarray], ratio: np.ndarray) -> np.ndarray:
-    """Set each query's own genes to ``ratio * control mean`` (as a specific shift: minus the context)."""
+def apply_own_gene(
+    specific: np.ndarray,
+    context: np.ndarray,
+    control_mean: np.ndarray,
+    columns: list[np.ndarray],
+    ratio: np.ndarray,
+) -> np.ndarray:
+    """Set each query's own genes to ``ratio * control mean`` (as a specific shift: minus the
+    context)."""
     out = specific.copy()
     for i, cols in enumerate(columns):
         if len(cols) and np.isfinite(ratio[i]):
             out[i, cols] = ratio[i] * control_mean[i, cols] - context[i, cols]
+    return out
+
+
+def _source(name: str) -> EvidenceSource:
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise ValueError(
+            f"The model's evidence stacks the source {name!r}, which this version of ptrag_sc "
+            f"does not have (it has {list(SOURCES)}). Load it with the version that wrote it."
+        ) from None
+
+
+def fit(
+    memory: RetrievalMemory,
+    specific: np.ndarray,
+    control_means: np.ndarray,
+    annotations: GeneAnnotations | None,
+    sep: str,
+    use: tuple[str, ...] | None,
+) -> None:
+    """Fit every source of :data:`~ptrag_sc.data._sources.SOURCES`, their stack, trust, gate,
+    own-gene rule and confidence on the memory's entries, each entry's own response left out;
+    sets the memory's annotations, ``sources``, ``evidence_model``, ``entry_estimates`` and
+    ``entry_confidence``. Sources outside ``use`` (all by default) get weight 0."""
+    perturbations = memory.perturbations.astype(str)
+    cell_types = memory.cell_types.astype(str)
+    n = len(memory)
+    if annotations is not None:
+        matrix, terms = annotations.matrix(perturbations, sep=sep)
+    else:
+        matrix, terms = sp.csr_matrix((n, 0), dtype=np.float32), np.zeros(0, dtype=str)
+    memory.annotation_terms = terms
+    memory.annotation_indptr = matrix.indptr.astype(np.int64)
+    memory.annotation_indices = matrix.indices.astype(np.int64)
+    context, _ = memory.contexts(perturbations, cell_types)
+    rows = Rows.of_entries(memory, specific, context)
+    names = tuple(SOURCES)
+    sources = np.zeros((len(names), n, specific.shape[1]), dtype=np.float32)
+    memory.sources = {}
+    for i, name in enumerate(names):
+        sources[i], fitted = SOURCES[name].entries(rows)
+        if fitted:
+            memory.sources[name] = fitted
+    sources *= np.array([use is None or name in use for name in names])[:, None, None]
+
+    targets = memory.responses - context
+    weights = entry_weights(targets)
+    stack_weights = fit_stack(sources, targets, weights)
+    stacked = np.tensordot(stack_weights, sources, axes=1)
+    # How far the stack is to be trusted in a cell type, from its *other* entries.
+    cross = weights**2 * np.einsum("mg,mg->m", targets, stacked, dtype=np.float64)
+    size = weights**2 * np.einsum("mg,mg->m", stacked, stacked, dtype=np.float64)
+    trust_per_type, trust_per_entry, trust_all = trust(cross, size, cell_types)
+    type_code = np.unique(cell_types, return_inverse=True)[1]
+    squares = np.bincount(type_code, weights=np.sum(specific**2, axis=1))
+    typical_size = np.sqrt(squares / memory.context_counts)
+    columns = own_gene_columns(perturbations, memory.gene_names, sep)
+    trusted = stacked * trust_per_entry[:, None]
+    features = gate_features(
+        dict(zip(names, sources, strict=True)),
+        trusted,
+        neighbour_cosine=closest(rows.cosine, rows.allowed),
+        neighbour_jaccard=closest(rows.jaccard, rows.allowed),
+        annotation_depth=rows.annotation_depth(),
+        typical_size=typical_size[type_code],
+        # The cell type's trust, not the entry's leave-one-out one: how much that one moves
+        # when the entry is left out depends on the entry's own fit.
+        cell_type_trust=trust_per_type[type_code],
+        own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float),
+        members_measured=members_measured(memory, perturbations, cell_types, sep),
+    )
+    center = features.mean(axis=0)
+    scale = np.where(features.std(axis=0) > 1e-9, features.std(axis=0), 1.0)
+    design = np.column_stack([np.ones(n), (features - center) / scale])
+    gate_coef = fit_gate(trusted, targets, design, weights)
+    estimates = trusted * (2.0 / (1.0 + np.exp(-(design @ gate_coef))))[:, None]
+
+    # The perturbed gene's own expression, from the other entries of the cell type.
+    ratios = own_gene_ratios(memory.responses, control_means, columns)
+    known = np.isfinite(ratios)
+    own_ratio = np.array(
+        [
+            np.median(ratios[(cell_types == c) & known])
+            if ((cell_types == c) & known).any()
+            else np.nan
+            for c in memory.context_cell_types
+        ]
+    )
+    own_all = float(np.median(ratios[known])) if known.any() else float("nan")
+    loo_ratio = np.full(n, np.nan)
+    for m in np.flatnonzero([len(c) > 0 for c in columns]):
+        others = known & (np.arange(n) != m)
+        pool = ratios[others & (cell_types == cell_types[m])]
+        pool = pool if pool.size else ratios[others]
+        loo_ratio[m] = np.median(pool) if pool.size else np.nan
+    estimates = apply_own_gene(estimates, context, control_means, columns, loo_ratio)
+    estimates = additive(memory, perturbations, cell_types, context, estimates, sep)
+
+    accuracy = row_pearson(context + estimates, memory.responses)
+    memory.evidence_model = EvidenceModel(
+        sources=np.asarray(names),
+        stack_weights=stack_weights,
+        feature_center=center,
+        feature_scale=scale,
+        gate_coef=gate_coef,
+        confidence_coef=fit_ridge(design, accuracy, CONFIDENCE_PENALTY),
+        cell_types=memory.context_cell_types,
+        typical_size=typical_size,
+        cell_type_trust=trust_per_type,
+        own_gene_ratio=own_ratio,
+        trust_all=trust_all,
+        own_gene_ratio_all=own_all,
+    )
+    memory.entry_estimates = estimates.astype(np.float32)
+    memory.entry_confidence = memory.evidence_model.confidence(features).astype(np.float32)
+
+
+def query(
+    memory: RetrievalMemory,
+    perturbations: np.ndarray,
+    cell_types: np.ndarray,
+    embeddings: np.ndarray,
+    annotations: sp.csr_matrix | None,
+    control_mean: np.ndarray | None,
+    sep: str,
+) -> dict[str, np.ndarray]:
+    """The body of :meth:`RetrievalMemory.evidence <ptrag_sc.data.RetrievalMemory.evidence>`."""
+    perturbations = np.asarray(perturbations).astype(str)
+    cell_types = np.asarray(cell_types).astype(str)
+    context, full = memory.contexts(perturbations, cell_types)
+    own = memory.entry_index(perturbations, cell_types)
+    stacked = np.zeros_like(context)
+    confidence = np.zeros(len(perturbations))
+    reliability = np.full(len(perturbations), np.nan)
+    is_entry = own >= 0
+    stacked[is_entry] = memory.entry_estimates[own[is_entry]]
+    confidence[is_entry] = memory.entry_confidence[own[is_entry]]
+    new = np.flatnonzero(~is_entry)
+    model = memory.evidence_model
+    names = [str(name) for name in model.sources]
+    for start in range(0, new.size, CHUNK):
+        idx = new[start : start + CHUNK]
+        q_pert, q_ct, q_context = perturbations[idx], cell_types[idx], context[idx]
+        rows = Rows.of_queries(
+            memory,
+            q_pert,
+            q_ct,
+            embeddings[idx],
+            None if annotations is None else annotations[idx],
+            q_context,
+        )
+        sources = np.zeros((len(names), len(idx), context.shape[1]), dtype=np.float32)
+        for i, name in enumerate(names):
+            sources[i] = _source(name).queries(rows, (memory.sources or {}).get(name, {}))
+        trusted = model.per_cell_type(q_ct, model.cell_type_trust, model.trust_all)
+        columns = own_gene_columns(q_pert, memory.gene_names, sep)
+        estimate = np.tensordot(model.stack_weights, sources, axes=1) * trusted[:, None]
+        mean_size = float(np.mean(model.typical_size))
+        measured = np.array([len(c) > 0 for c in columns], dtype=float)
+        features = gate_features(
+            dict(zip(names, sources, strict=True)),
+            estimate,
+            neighbour_cosine=closest(rows.cosine, rows.allowed),
+            neighbour_jaccard=closest(rows.jaccard, rows.allowed),
+            annotation_depth=rows.annotation_depth(),
+            typical_size=model.per_cell_type(q_ct, model.typical_size, mean_size),
+            cell_type_trust=trusted,
+            own_gene_measured=measured * (control_mean is not None),
+            members_measured=members_measured(memory, q_pert, q_ct, sep),
+        )
+        gate = model.gate(features)
+        estimate = estimate * gate[:, None]
+        reliability[idx] = trusted * gate
+        if control_mean is not None:
+            ratio = model.per_cell_type(q_ct, model.own_gene_ratio, model.own_gene_ratio_all)
+            ratio = np.where(np.isfinite(ratio), ratio, model.own_gene_ratio_all)
+            means = np.asarray(control_mean)[idx]
+            estimate = apply_own_gene(estimate, q_context, means, columns, ratio)
+        stacked[idx] = additive(memory, q_pert, q_ct, q_context, estimate, sep)
+        confidence[idx] = model.confidence(features)
+    return {
+        "context": context,
+        "context_full": full,
+        "stacked": stacked,
+        "confidence": confidence.astype(np.float32),
+        "reliability": reliability.astype(np.float32),
+    }
+
+
+def members_measured(
+    memory: RetrievalMemory, perturbations: np.ndarray, cell_types: np.ndarray, sep: str
+) -> np.ndarray:
+    """Fraction of each combination's members with an entry in its cell type (0 for single
+    perturbations)."""
+    out = np.zeros(len(perturbations))
+    for i, label in enumerate(perturbations):
+        members = str(label).split(sep)
+        if len(members) > 1:
+            entries = memory.entry_index(np.array(members), np.full(len(members), cell_types[i]))
+            out[i] = np.mean(entries >= 0)
+    return out
+
+
+def additive(
+    memory: RetrievalMemory,
+    perturbations: np.ndarray,
+    cell_types: np.ndarray,
+    context: np.ndarray,
+    estimate: np.ndarray,
+    sep: str,
+) -> np.ndarray:
+    """Combinations' specific shifts by the additive model: the sum of the members' shifts in
+    the query's cell type (measured, or its context response where a member was not), minus
+    the query's context. Single perturbations keep ``estimate``."""
+    members = [str(p).split(sep) for p in perturbations]
+    combos = np.flatnonzero([len(m) > 1 for m in members])
+    if combos.size == 0:
+        return estimate
+    out = estimate.copy()
+    _, full = memory.contexts(perturbations[combos], cell_types[combos])
+    for row, i in enumerate(combos):
+        entries = memory.entry_index(np.array(members[i]), np.full(len(members[i]), cell_types[i]))
+        measured = entries[entries >= 0]
+        total = memory.responses[measured].sum(axis=0) + (len(entries) - measured.size) * full[row]
+        out[i] = total - context[i]
     return out

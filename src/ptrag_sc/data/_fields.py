@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import rich
 from scvi.data.fields import BaseAnnDataField
 
+if TYPE_CHECKING:
+    from anndata import AnnData
 
-def missing_obs_key_error(adata, key: str, argument: str) -> KeyError:
+
+def missing_obs_key_error(adata: AnnData, key: str, argument: str) -> KeyError:
     """A ``KeyError`` naming the missing obs column and listing the ones that exist."""
     columns = list(map(str, adata.obs.columns))
     return KeyError(
@@ -59,7 +64,7 @@ class PerturbationField(BaseAnnDataField):
     def is_empty(self) -> bool:
         return False
 
-    def _labels(self, adata) -> np.ndarray:
+    def _labels(self, adata: AnnData) -> np.ndarray:
         if self.attr_key not in adata.obs.columns:
             raise missing_obs_key_error(adata, self.attr_key, "perturbation_key")
         labels = adata.obs[self.attr_key]
@@ -71,9 +76,11 @@ class PerturbationField(BaseAnnDataField):
             )
         from ._perturbations import normalise_labels
 
-        return normalise_labels(labels.astype(str).to_numpy(), control_group=self.control_group, sep=self.sep)
+        return normalise_labels(
+            labels.astype(str).to_numpy(), control_group=self.control_group, sep=self.sep
+        )
 
-    def validate_field(self, adata) -> None:
+    def validate_field(self, adata: AnnData) -> None:
         labels = self._labels(adata)
         if not (labels == self.control_group).any():
             values = pd.unique(labels)
@@ -83,7 +90,7 @@ class PerturbationField(BaseAnnDataField):
                 f"{sorted(map(str, values))[:10]}."
             )
 
-    def _state(self, adata) -> dict:
+    def _state(self, adata: AnnData) -> dict:
         labels = self._labels(adata)
         perturbations = np.unique(labels[labels != self.control_group]).astype(str)
         return {
@@ -93,11 +100,13 @@ class PerturbationField(BaseAnnDataField):
             "n_control_cells": int((labels == self.control_group).sum()),
         }
 
-    def register_field(self, adata) -> dict:
+    def register_field(self, adata: AnnData) -> dict:
         self.validate_field(adata)
         return self._state(adata)
 
-    def transfer_field(self, state_registry: dict, adata_target, **kwargs) -> dict:
+    def transfer_field(
+        self, state_registry: dict, adata_target: AnnData, **kwargs: object
+    ) -> dict:
         # Controls are not required here: a prediction AnnData may hold only perturbed cells
         # when the model's own training controls are used.
         self._labels(adata_target)

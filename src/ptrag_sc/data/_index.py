@@ -30,6 +30,7 @@ from .._constants import (
 )
 from ._memory import RetrievalMemory
 from ._similarity import StageOneSimilarity
+from ._sources import unit_rows
 
 #: Memories larger than this use faiss when ``index_backend="auto"`` and faiss is installed.
 FAISS_AUTO_THRESHOLD = 100_000
@@ -45,13 +46,9 @@ QUERIES_PER_PASS = 1 << 18
 KMEANS_ITERATIONS, KMEANS_POINTS_PER_LIST = 10, 40
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def n_lists_for(n_entries: int) -> int:
-    """Lists of the approximate search for ``n_entries`` entries: about ``sqrt(M)``, 1 to 65,536."""
+    """Lists of the approximate search for ``n_entries`` entries: about ``sqrt(M)``, 1 to
+    65,536."""
     return int(np.clip(round(np.sqrt(n_entries)), 1, 65536))
 
 
@@ -107,22 +104,31 @@ class NeighbourIndex:
         self.similarity = None if similarity is None else similarity.bind(memory)
         if self.similarity is not None:
             if backend == "faiss":
-                raise ValueError("`index_backend='faiss'` searches gene embeddings only; with a `similarity` other than 'embedding' use 'exact' or 'auto'.")
+                raise ValueError(
+                    "`index_backend='faiss'` searches gene embeddings only; with a `similarity` "
+                    "other than 'embedding' use 'exact' or 'auto'."
+                )
             backend = "exact"
         self.sep = sep
         self.n_candidates = int(n_candidates)
-        self._keys = _normalise(memory.embeddings)
+        self._keys = unit_rows(memory.embeddings)
         self._pert_vocab = pd.Index(np.unique(memory.perturbations.astype(str)))
         self._ct_vocab = pd.Index(np.unique(memory.cell_types.astype(str)))
         self._mem_pert = self._pert_vocab.get_indexer(memory.perturbations.astype(str))
         self._mem_ct = self._ct_vocab.get_indexer(memory.cell_types.astype(str))
         # Entries of each perturbation, to exclude a query's own entries without an (n, M) mask.
         self._by_pert = np.argsort(self._mem_pert, kind="stable")
-        self._pert_start = np.searchsorted(self._mem_pert[self._by_pert], np.arange(len(self._pert_vocab) + 1))
+        self._pert_start = np.searchsorted(
+            self._mem_pert[self._by_pert], np.arange(len(self._pert_vocab) + 1)
+        )
         if backend == "auto":
-            backend = "faiss" if len(memory) > FAISS_AUTO_THRESHOLD and _faiss_available() else "exact"
+            backend = (
+                "faiss" if len(memory) > FAISS_AUTO_THRESHOLD and _faiss_available() else "exact"
+            )
         if backend not in INDEX_BACKENDS:
-            raise ValueError(f"`index_backend` must be one of {list(INDEX_BACKENDS)}, got {backend!r}.")
+            raise ValueError(
+                f"`index_backend` must be one of {list(INDEX_BACKENDS)}, got {backend!r}."
+            )
         self.backend = backend
         self.approximate = False
         self._faiss = None
@@ -130,9 +136,15 @@ class NeighbourIndex:
         if backend == "faiss":
             if not _faiss_available():
                 raise ImportError('The faiss backend needs faiss: pip install "ptrag-sc[faiss]".')
-            self.approximate = len(memory) > APPROXIMATE_THRESHOLD if approximate is None else bool(approximate)
+            self.approximate = (
+                len(memory) > APPROXIMATE_THRESHOLD if approximate is None else bool(approximate)
+            )
             if self.approximate:
-                self._lists = _Lists(self._keys, n_lists_for(len(memory)), DEFAULT_N_PROBE if n_probe is None else int(n_probe))
+                self._lists = _Lists(
+                    self._keys,
+                    n_lists_for(len(memory)),
+                    DEFAULT_N_PROBE if n_probe is None else int(n_probe),
+                )
             else:
                 import faiss
 
@@ -150,19 +162,25 @@ class NeighbourIndex:
             raise ValueError("`n_probe` applies to the approximate search only.")
         self._lists.set_probe(int(value))
 
-    def _codes(self, perturbations: np.ndarray, cell_types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _codes(
+        self, perturbations: np.ndarray, cell_types: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Memory vocabulary codes of query labels (``-2`` when absent, never matching)."""
         p = self._pert_vocab.get_indexer(perturbations)
         c = self._ct_vocab.get_indexer(cell_types)
         return np.where(p < 0, -2, p), np.where(c < 0, -2, c)
 
-    def _excluded(self, pert_codes: np.ndarray, ct_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _excluded(
+        self, pert_codes: np.ndarray, ct_codes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(query row, entry)`` pairs a query must not retrieve (its own entries)."""
         safe = np.maximum(pert_codes, 0)
         counts = np.where(pert_codes >= 0, self._pert_start[safe + 1] - self._pert_start[safe], 0)
         rows = np.repeat(np.arange(pert_codes.shape[0]), counts)
         first = np.repeat(self._pert_start[safe], counts)
-        entries = self._by_pert[first + (np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts))]
+        entries = self._by_pert[
+            first + (np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts))
+        ]
         if self.memory.kind == "response":
             keep = self._mem_ct[entries] == ct_codes[rows]
             rows, entries = rows[keep], entries[keep]
@@ -193,7 +211,7 @@ class NeighbourIndex:
         """
         perturbations = np.asarray(perturbations).astype(str)
         cell_types = np.asarray(cell_types).astype(str)
-        q = _normalise(np.asarray(embeddings, dtype=np.float32))
+        q = unit_rows(np.asarray(embeddings, dtype=np.float32))
         n, k = q.shape[0], self.n_candidates
         cand = np.full((n, k), -1, dtype=np.int64)
         sim = np.full((n, k), np.nan, dtype=np.float32)
@@ -203,20 +221,31 @@ class NeighbourIndex:
             chunk_size = max(1, min(chunk_size, (1 << 24) // max(1, len(self.memory))))
             for start in range(0, n, chunk_size):
                 rows = slice(start, min(start + chunk_size, n))
-                idx, val = self._exact(q[rows], pert_codes[rows], ct_codes[rows], prior=(perturbations[rows], cell_types[rows]))
+                idx, val = self._exact(
+                    q[rows],
+                    pert_codes[rows],
+                    ct_codes[rows],
+                    prior=(perturbations[rows], cell_types[rows]),
+                )
                 cand[rows, : idx.shape[1]] = idx
                 sim[rows, : val.shape[1]] = val
         elif self._lists is not None:
             self._search_lists(q, pert_codes, ct_codes, cand, sim)
         else:
             if self._faiss is None:
-                chunk_size = max(1, min(chunk_size, EXACT_PAIRS_PER_CHUNK // max(1, len(self.memory))))
+                chunk_size = max(
+                    1, min(chunk_size, EXACT_PAIRS_PER_CHUNK // max(1, len(self.memory)))
+                )
             for start in range(0, n, chunk_size):
                 stop = min(start + chunk_size, n)
                 if self._faiss is None:
-                    idx, val = self._exact(q[start:stop], pert_codes[start:stop], ct_codes[start:stop])
+                    idx, val = self._exact(
+                        q[start:stop], pert_codes[start:stop], ct_codes[start:stop]
+                    )
                 else:
-                    idx, val = self._search_faiss(q[start:stop], pert_codes[start:stop], ct_codes[start:stop])
+                    idx, val = self._search_faiss(
+                        q[start:stop], pert_codes[start:stop], ct_codes[start:stop]
+                    )
                 cand[start:stop, : idx.shape[1]] = idx
                 sim[start:stop, : val.shape[1]] = val
         valid = cand >= 0
@@ -225,7 +254,11 @@ class NeighbourIndex:
         if self.memory.kind == "response":
             same[valid] = self._mem_ct[cand[valid]] == np.repeat(ct_codes, valid.sum(axis=1))
         safe = np.maximum(cand, 0)
-        relation = np.where(valid & (self._mem_pert[safe] == pert_codes[:, None]), RELATION_SAME_PERTURBATION, RELATION_OTHER)
+        relation = np.where(
+            valid & (self._mem_pert[safe] == pert_codes[:, None]),
+            RELATION_SAME_PERTURBATION,
+            RELATION_OTHER,
+        )
         combination = np.flatnonzero(np.char.find(perturbations, self.sep) >= 0)
         if combination.size:
             mem_labels = self.memory.perturbations.astype(str)
@@ -235,7 +268,13 @@ class NeighbourIndex:
                 relation[row, is_member] = RELATION_MEMBER
         return cand, sim, same, relation
 
-    def _exact(self, q, pert_codes, ct_codes, prior=None):
+    def _exact(
+        self,
+        q: np.ndarray,
+        pert_codes: np.ndarray,
+        ct_codes: np.ndarray,
+        prior: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``K`` of each query among all entries by one matrix product.
 
         Holds one ``(n, M)`` float32 score matrix (plus a boolean one for response memories).
@@ -251,26 +290,40 @@ class NeighbourIndex:
             similarity, order = self.similarity.scores(*prior, cosine.numpy(), same)
             reported, ranking = torch.from_numpy(similarity), torch.from_numpy(np.array(order))
             if self.memory.kind == "response":
-                ranking.add_(torch.from_numpy(ct_codes[:, None] == self._mem_ct[None, :]), alpha=1e-5)
+                ranking.add_(
+                    torch.from_numpy(ct_codes[:, None] == self._mem_ct[None, :]), alpha=1e-5
+                )
             rows, excluded = self._excluded(pert_codes, ct_codes)
             ranking[torch.from_numpy(rows), torch.from_numpy(excluded)] = -torch.inf
         k = min(self.n_candidates, ranking.shape[1])
         top = torch.topk(ranking, k, dim=1)
         del ranking
         idx = top.indices.numpy().astype(np.int64)
-        val = self._cosines(q, idx) if reported is None else torch.gather(reported, 1, top.indices).numpy()
+        val = (
+            self._cosines(q, idx)
+            if reported is None
+            else torch.gather(reported, 1, top.indices).numpy()
+        )
         idx[~np.isfinite(top.values.numpy())] = -1
         return idx, val
 
     def _cosines(self, q: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """Cosine of each query with its entries ``idx`` (``(n, K)``; ``-1`` gives garbage), by chunks."""
+        """Cosine of each query with its entries ``idx`` (``(n, K)``; ``-1`` gives garbage), by
+        chunks."""
         out = np.empty(idx.shape, dtype=np.float32)
         for start in range(0, idx.shape[0], chunk):
             rows = slice(start, start + chunk)
             out[rows] = np.einsum("nd,nkd->nk", q[rows], self._keys[np.maximum(idx[rows], 0)])
         return out
 
-    def _search_lists(self, q, pert_codes, ct_codes, cand, sim) -> None:
+    def _search_lists(
+        self,
+        q: torch.Tensor,
+        pert_codes: torch.Tensor,
+        ct_codes: torch.Tensor,
+        cand: np.ndarray,
+        sim: np.ndarray,
+    ) -> None:
         """Approximate search: each query against the entries of its ``n_probe`` nearest lists.
 
         Organised by list: the queries probing a list are scored against its entries by one
@@ -299,7 +352,9 @@ class NeighbourIndex:
                     step = max(1, EXACT_PAIRS_PER_CHUNK // entries.size)
                     for first in range(0, queries.size, step):
                         chosen = queries[first : first + step]
-                        rank = self._ranking(block_q[chosen], block_pert[chosen], block_ct[chosen], entries)
+                        rank = self._ranking(
+                            block_q[chosen], block_pert[chosen], block_ct[chosen], entries
+                        )
                         if choice:
                             better = (rank > best_rank[chosen, -1:]).any(dim=1).numpy()
                             if not better.any():
@@ -307,7 +362,9 @@ class NeighbourIndex:
                             chosen, rank = chosen[better], rank[torch.from_numpy(better)]
                         top = torch.topk(rank, min(k, entries.size), dim=1)
                         merged_rank = torch.cat([best_rank[chosen], top.values], dim=1)
-                        merged_idx = torch.cat([best_idx[chosen], torch.from_numpy(entries)[top.indices]], dim=1)
+                        merged_idx = torch.cat(
+                            [best_idx[chosen], torch.from_numpy(entries)[top.indices]], dim=1
+                        )
                         keep = torch.topk(merged_rank, k, dim=1)
                         best_rank[chosen] = keep.values
                         best_idx[chosen] = torch.gather(merged_idx, 1, keep.indices)
@@ -316,7 +373,13 @@ class NeighbourIndex:
             cand[rows] = idx
             sim[rows] = self._cosines(block_q, idx)
 
-    def _ranking(self, q, pert_codes, ct_codes, entries: np.ndarray | None = None) -> torch.Tensor:
+    def _ranking(
+        self,
+        q: torch.Tensor,
+        pert_codes: torch.Tensor,
+        ct_codes: torch.Tensor,
+        entries: np.ndarray | None = None,
+    ) -> torch.Tensor:
         """Scores of queries against all entries (or ``entries``, sorted): cosine, + 1e-5 for the
         query's cell type (response memories), ``-inf`` for the query's own entries."""
         keys = self._keys if entries is None else self._keys[entries]
@@ -327,13 +390,18 @@ class NeighbourIndex:
         rows, excluded = self._excluded(pert_codes, ct_codes)
         if rows.size and entries is not None:
             position = np.searchsorted(entries, excluded)
-            found = (position < entries.size) & (entries[np.minimum(position, entries.size - 1)] == excluded)
+            found = (position < entries.size) & (
+                entries[np.minimum(position, entries.size - 1)] == excluded
+            )
             rows, excluded = rows[found], position[found]
         ranking[torch.from_numpy(rows), torch.from_numpy(excluded)] = -torch.inf
         return ranking
 
-    def _search_faiss(self, q, pert_codes, ct_codes):
-        """faiss search for ``K`` plus room for the excluded entry and for ties between cell types."""
+    def _search_faiss(
+        self, q: np.ndarray, pert_codes: np.ndarray, ct_codes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """faiss search for ``K`` plus room for the excluded entry and for ties between cell
+        types."""
         extra = len(self._ct_vocab) if self.memory.kind == "response" else 1
         k = min(self.n_candidates + extra, len(self.memory))
         val, idx = self._faiss.search(q, k)
@@ -373,7 +441,11 @@ class _Lists:
         n_entries, dim = keys.shape
         self.n_lists = max(1, min(int(n_lists), n_entries))
         n_train = min(n_entries, KMEANS_POINTS_PER_LIST * self.n_lists)
-        sample = keys if n_train == n_entries else keys[np.sort(np.random.default_rng(0).choice(n_entries, n_train, replace=False))]
+        sample = (
+            keys
+            if n_train == n_entries
+            else keys[np.sort(np.random.default_rng(0).choice(n_entries, n_train, replace=False))]
+        )
         kmeans = faiss.Kmeans(
             dim,
             self.n_lists,
@@ -385,19 +457,24 @@ class _Lists:
             verbose=False,
         )
         kmeans.train(np.ascontiguousarray(sample))
-        self.centroids = torch.from_numpy(_normalise(kmeans.centroids))
+        self.centroids = torch.from_numpy(unit_rows(kmeans.centroids))
         own = self.nearest(keys, 1)[:, 0]
         self.members = np.argsort(own, kind="stable")
         self.start = np.searchsorted(own[self.members], np.arange(self.n_lists + 1))
         self.set_probe(n_probe)
 
     def nearest(self, x: np.ndarray, k: int) -> np.ndarray:
-        """The ``k`` lists whose centroids are nearest to each row of ``x`` (matrix products by chunks)."""
+        """The ``k`` lists whose centroids are nearest to each row of ``x`` (matrix products by
+        chunks)."""
         out = np.empty((x.shape[0], k), dtype=np.int64)
         step = max(1, EXACT_PAIRS_PER_CHUNK // self.n_lists)
         for start in range(0, x.shape[0], step):
-            scores = torch.from_numpy(np.ascontiguousarray(x[start : start + step])) @ self.centroids.T
-            out[start : start + scores.shape[0]] = (scores.argmax(1, keepdim=True) if k == 1 else torch.topk(scores, k, dim=1).indices).numpy()
+            scores = (
+                torch.from_numpy(np.ascontiguousarray(x[start : start + step])) @ self.centroids.T
+            )
+            out[start : start + scores.shape[0]] = (
+                scores.argmax(1, keepdim=True) if k == 1 else torch.topk(scores, k, dim=1).indices
+            ).numpy()
         return out
 
     def set_probe(self, n_probe: int) -> None:

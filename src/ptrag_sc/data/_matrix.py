@@ -12,9 +12,20 @@ them, so a batch of scattered cells costs a handful of reads, not one per cell.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import h5py
+    from anndata.abc import CSCDataset, CSRDataset
+
+    #: An expression matrix as an AnnData holds it: dense, sparse, or backed on disk.
+    MatrixLike = np.ndarray | sp.spmatrix | sp.sparray | h5py.Dataset | CSRDataset | CSCDataset
 
 #: Rows per chunk when streaming over a matrix.
 CHUNK_ROWS = 16384
@@ -27,12 +38,13 @@ CACHE_LIMIT = 1024**3
 MERGE_GAP_VALUES = 1 << 14
 
 
-def is_backed(matrix) -> bool:
-    """Whether ``matrix`` lives on disk (h5py dataset, anndata sparse dataset, zarr array, :class:`RowSubset`)."""
+def is_backed(matrix: MatrixLike) -> bool:
+    """Whether ``matrix`` lives on disk (h5py dataset, anndata sparse dataset, zarr array,
+    :class:`RowSubset`)."""
     return not isinstance(matrix, np.ndarray | np.matrix) and not sp.issparse(matrix)
 
 
-def _csr_group(matrix):
+def _csr_group(matrix: MatrixLike) -> h5py.Group | None:
     """The storage group of an on-disk CSR matrix (anndata's CSR dataset), else ``None``."""
     group = getattr(matrix, "group", None)
     if group is None or getattr(matrix, "format", None) != "csr":
@@ -67,7 +79,7 @@ class BackedReader:
         An on-disk dense array (h5py, zarr) or an anndata CSR dataset.
     """
 
-    def __init__(self, matrix) -> None:
+    def __init__(self, matrix: MatrixLike) -> None:
         self.matrix = matrix
         self.shape = tuple(matrix.shape)
         group = _csr_group(matrix)
@@ -77,8 +89,9 @@ class BackedReader:
             self._indices = group["indices"]
             self._indptr = np.asarray(group["indptr"][...], dtype=np.int64)
 
-    def read(self, rows: np.ndarray, *, sparse: bool = False):
-        """Rows ``rows`` (sorted, unique) as a CSR matrix (``sparse=True``, CSR sources only) or dense float32."""
+    def read(self, rows: np.ndarray, *, sparse: bool = False) -> np.ndarray | sp.csr_matrix:
+        """Rows ``rows`` (sorted, unique) as a CSR matrix (``sparse=True``, CSR sources only) or
+        dense float32."""
         rows = np.asarray(rows, dtype=np.int64)
         if not self.sparse:
             return self._read_dense(rows)
@@ -90,7 +103,9 @@ class BackedReader:
             return np.empty((0, self.shape[1]), dtype=np.float32)
         gap = max(1, MERGE_GAP_VALUES // max(1, self.shape[1]))
         windows = _windows(rows, rows + 1, gap)
-        blocks = [np.asarray(self.matrix[lo:hi], dtype=np.float32) for _, _, lo, hi in windows.tolist()]
+        blocks = [
+            np.asarray(self.matrix[lo:hi], dtype=np.float32) for _, _, lo, hi in windows.tolist()
+        ]
         block = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
         offset = np.cumsum(windows[:, 3] - windows[:, 2]) - (windows[:, 3] - windows[:, 2])
         window_of_row = np.repeat(np.arange(windows.shape[0]), windows[:, 1] - windows[:, 0])
@@ -120,8 +135,14 @@ class BackedReader:
         base = starts - windows[window_of_value, 2] + offset[window_of_value]
         source = np.repeat(base, lengths) + _ranks(lengths)
         if source.size == data.shape[0]:
-            return sp.csr_matrix((np.asarray(data, np.float32), indices, out_indptr), shape=(rows.size, self.shape[1]))
-        return sp.csr_matrix((np.asarray(data[source], np.float32), indices[source], out_indptr), shape=(rows.size, self.shape[1]))
+            return sp.csr_matrix(
+                (np.asarray(data, np.float32), indices, out_indptr),
+                shape=(rows.size, self.shape[1]),
+            )
+        return sp.csr_matrix(
+            (np.asarray(data[source], np.float32), indices[source], out_indptr),
+            shape=(rows.size, self.shape[1]),
+        )
 
 
 def _ranks(lengths: np.ndarray) -> np.ndarray:
@@ -130,7 +151,7 @@ def _ranks(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
-def _to_dense(block) -> np.ndarray:
+def _to_dense(block: MatrixLike) -> np.ndarray:
     if sp.issparse(block):
         return block.toarray().astype(np.float32, copy=False)
     return np.asarray(block, dtype=np.float32)
@@ -152,7 +173,9 @@ class RowSubset:
         Parent column of each column of the subset, or ``None`` for all.
     """
 
-    def __init__(self, matrix, rows: np.ndarray, columns: np.ndarray | None = None) -> None:
+    def __init__(
+        self, matrix: MatrixLike, rows: np.ndarray, columns: np.ndarray | None = None
+    ) -> None:
         self.matrix = matrix
         self.rows = np.asarray(rows, dtype=np.int64)
         self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
@@ -160,11 +183,12 @@ class RowSubset:
         self._reader = BackedReader(matrix) if is_backed(matrix) else None
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         return np.dtype(np.float32)
 
-    def read(self, positions: np.ndarray, *, sparse: bool = False):
-        """Rows at ``positions`` (any order) of the subset; CSR when ``sparse`` and the source is CSR."""
+    def read(self, positions: np.ndarray, *, sparse: bool = False) -> np.ndarray | sp.csr_matrix:
+        """Rows at ``positions`` (any order) of the subset; CSR when ``sparse`` and the source is
+        CSR."""
         parent = self.rows[np.asarray(positions, dtype=np.int64)]
         unique, inverse = np.unique(parent, return_inverse=True)
         if self._reader is not None:
@@ -178,14 +202,14 @@ class RowSubset:
             block = block[inverse.ravel()]
         return block
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: int | slice | np.ndarray) -> sp.csr_matrix:
         if isinstance(key, tuple):
             raise TypeError("A RowSubset is indexed by rows only: `subset[rows]`.")
         positions = np.arange(self.shape[0])[key]
         return self.read(np.atleast_1d(positions), sparse=True)
 
 
-def read_rows(matrix, rows: np.ndarray):
+def read_rows(matrix: MatrixLike, rows: np.ndarray) -> np.ndarray:
     """Rows ``rows`` of any supported matrix as dense float32 ``(len(rows), G)``.
 
     On-disk arrays are read once per requested row, in sorted windows, and put back in the
@@ -204,10 +228,14 @@ def read_rows(matrix, rows: np.ndarray):
 def _read_backed(reader: BackedReader, rows: np.ndarray) -> np.ndarray:
     unique, inverse = np.unique(rows, return_inverse=True)
     block = reader.read(unique)
-    return block if unique.size == rows.size and np.all(np.diff(rows) > 0) else block[inverse.ravel()]
+    return (
+        block if unique.size == rows.size and np.all(np.diff(rows) > 0) else block[inverse.ravel()]
+    )
 
 
-def iter_row_chunks(matrix, chunk_rows: int = CHUNK_ROWS, mask: np.ndarray | None = None):
+def iter_row_chunks(
+    matrix: MatrixLike, chunk_rows: int = CHUNK_ROWS, mask: np.ndarray | None = None
+) -> Iterator[tuple[int, np.ndarray | sp.csr_matrix]]:
     """``(start, block)`` over consecutive row chunks; ``block`` is sparse CSR or dense.
 
     With a boolean ``mask``, chunks without a selected row are skipped (not read) and each
@@ -229,7 +257,9 @@ def iter_row_chunks(matrix, chunk_rows: int = CHUNK_ROWS, mask: np.ndarray | Non
             yield start, np.asarray(block)
 
 
-def group_sums(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def group_sums(
+    matrix: MatrixLike, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
     """Sum of the rows of each group (``codes < 0`` ignored), streamed by chunks.
 
     Returns ``(sums float64 [n_groups, G], counts int64 [n_groups])``. A sparse indicator
@@ -245,14 +275,19 @@ def group_sums(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK
         local = codes[start : start + block.shape[0]]
         keep = np.flatnonzero(local >= 0)
         present, row_group = np.unique(local[keep], return_inverse=True)
-        indicator = sp.csr_matrix((np.ones(keep.size), (row_group.ravel(), keep)), shape=(present.size, block.shape[0]))
+        indicator = sp.csr_matrix(
+            (np.ones(keep.size), (row_group.ravel(), keep)), shape=(present.size, block.shape[0])
+        )
         part = indicator @ block
         sums[present] += part.toarray() if sp.issparse(part) else np.asarray(part)
     return sums, counts
 
 
-def group_means(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
-    """Mean row of each group (``codes < 0`` ignored); float64 ``[n_groups, G]``, NaN for empty groups."""
+def group_means(
+    matrix: MatrixLike, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUNK_ROWS
+) -> np.ndarray:
+    """Mean row of each group (``codes < 0`` ignored); float64 ``[n_groups, G]``, NaN for empty
+    groups."""
     sums, counts = group_sums(matrix, codes, n_groups, chunk_rows)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts[:, None]
@@ -260,7 +295,9 @@ def group_means(matrix, codes: np.ndarray, n_groups: int, chunk_rows: int = CHUN
     return means
 
 
-def column_max(matrix, mask: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+def column_max(
+    matrix: MatrixLike, mask: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS
+) -> np.ndarray:
     """Largest value of each column over the rows of ``mask`` (all rows by default), float32."""
     out = np.zeros(matrix.shape[1], dtype=np.float32)
     for start, block in iter_row_chunks(matrix, chunk_rows, mask=mask):
@@ -271,7 +308,11 @@ def column_max(matrix, mask: np.ndarray | None = None, chunk_rows: int = CHUNK_R
         if block.shape[0] == 0:
             continue
         block_max = block.max(axis=0)
-        block_max = block_max.toarray().ravel() if sp.issparse(block_max) else np.asarray(block_max).ravel()
+        block_max = (
+            block_max.toarray().ravel()
+            if sp.issparse(block_max)
+            else np.asarray(block_max).ravel()
+        )
         np.maximum(out, block_max.astype(np.float32), out=out)
     return out
 
@@ -300,7 +341,13 @@ class ExpressionMatrix:
         the other rows. Ignored for in-memory matrices.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None = None, *, cache: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        matrix: MatrixLike,
+        columns: np.ndarray | None = None,
+        *,
+        cache: np.ndarray | None = None,
+    ) -> None:
         self.shape = (matrix.shape[0], matrix.shape[1] if columns is None else len(columns))
         self._columns = None if columns is None else np.asarray(columns, dtype=np.int64)
         self._dense: torch.Tensor | None = None
@@ -322,7 +369,9 @@ class ExpressionMatrix:
             else:
                 self._source = matrix.tocsr().astype(np.float32, copy=False)
         else:
-            self._dense = torch.from_numpy(np.ascontiguousarray(np.asarray(matrix), dtype=np.float32))
+            self._dense = torch.from_numpy(
+                np.ascontiguousarray(np.asarray(matrix), dtype=np.float32)
+            )
 
     @property
     def backed(self) -> bool:
@@ -344,14 +393,22 @@ class ExpressionMatrix:
         for start, block in iter_row_chunks(self._source, mask=mask):
             local = np.flatnonzero(mask[start : start + block.shape[0]])
             block = block[local] if local.size < block.shape[0] else block
-            block = sp.csr_matrix(block, dtype=np.float32) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
-            size += block.data.nbytes + block.indices.nbytes if sp.issparse(block) else block.nbytes
+            block = (
+                sp.csr_matrix(block, dtype=np.float32)
+                if sp.issparse(block)
+                else np.asarray(block, dtype=np.float32)
+            )
+            size += (
+                block.data.nbytes + block.indices.nbytes if sp.issparse(block) else block.nbytes
+            )
             if size > CACHE_LIMIT:
                 return  # too large: these rows are read from disk per batch
             blocks.append(block)
         if not blocks:
             return
-        self._cache = sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.concatenate(blocks)
+        self._cache = (
+            sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.concatenate(blocks)
+        )
         self._cache_position = np.full(self._source.shape[0], -1, dtype=np.int64)
         self._cache_position[rows] = np.arange(rows.size)
 
@@ -360,7 +417,11 @@ class ExpressionMatrix:
         if self._cache_mask is not None:
             self._load_cache()
         if self._cache is None:
-            return _read_backed(self._reader, flat) if self._reader is not None else read_rows(self._source, flat)
+            return (
+                _read_backed(self._reader, flat)
+                if self._reader is not None
+                else read_rows(self._source, flat)
+            )
         position = self._cache_position[flat]
         cached = position >= 0
         if cached.all():
@@ -368,7 +429,11 @@ class ExpressionMatrix:
         out = np.empty((flat.size, self._source.shape[1]), dtype=np.float32)
         out[cached] = _to_dense(self._cache[position[cached]])
         rest = flat[~cached]
-        out[~cached] = _read_backed(self._reader, rest) if self._reader is not None else read_rows(self._source, rest)
+        out[~cached] = (
+            _read_backed(self._reader, rest)
+            if self._reader is not None
+            else read_rows(self._source, rest)
+        )
         return out
 
     def rows(self, index: np.ndarray) -> torch.Tensor:

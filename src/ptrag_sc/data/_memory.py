@@ -23,10 +23,12 @@ import scipy.sparse as sp
 
 from .._constants import MEMORY_KINDS, MemoryKind
 from . import _evidence as ev
-from ._annotations import GeneAnnotations, jaccard
 from ._matrix import group_means
 
 if TYPE_CHECKING:
+    from ._annotations import GeneAnnotations
+    from ._cells import PerturbationData
+    from ._matrix import MatrixLike
     from ._perturbations import PerturbationEncoder
 
 
@@ -50,7 +52,8 @@ class RetrievalMemory:
     n_cells
         Training cells behind each entry.
     gene_names
-        The ``G`` genes of the responses (the model's genes), to find a perturbed gene's own column.
+        The ``G`` genes of the responses (the model's genes), to find a perturbed gene's own
+        column.
     response_codes, response_basis
         Specific shifts projected on their top principal directions ``(M, c)`` and the
         ``(G, c)`` directions: what the candidate encoder reads.
@@ -59,10 +62,11 @@ class RetrievalMemory:
     annotation_terms, annotation_indptr, annotation_indices
         The entries' annotation terms (GO), as a CSR matrix ``(M, T)``.
     sources
-        The evidence sources' maps: ``linear_embedding`` (weights ``(D, G)``, centre
-        ``(D,)``), ``linear_annotation`` (projection ``(T, r)``, weights ``(r, G)``, centre
-        ``(r,)``), and their ridge penalties.
-    evidence
+        What each evidence source fitted, by source name (:mod:`~ptrag_sc.data._sources`):
+        ``linear_embedding`` (``weights`` ``(D, G)``, ``center`` ``(D,)``, ridge penalty
+        ``alpha``), ``linear_annotation`` (``projection`` ``(T, r)``, ``weights`` ``(r, G)``,
+        ``center`` ``(r,)``, ``alpha``).
+    evidence_model
         The fitted combination of the sources (:class:`~ptrag_sc.data._evidence.EvidenceModel`).
     entry_estimates, entry_confidence
         Each entry's evidence estimate of its specific shift ``(M, G)`` and its confidence
@@ -84,7 +88,7 @@ class RetrievalMemory:
     annotation_terms: np.ndarray | None = None
     annotation_indptr: np.ndarray | None = None
     annotation_indices: np.ndarray | None = None
-    sources: dict[str, np.ndarray] | None = None
+    sources: dict[str, dict[str, np.ndarray]] | None = None
     evidence_model: ev.EvidenceModel | None = None
     entry_estimates: np.ndarray | None = None
     entry_confidence: np.ndarray | None = None
@@ -95,14 +99,15 @@ class RetrievalMemory:
     def to_dict(self) -> dict:
         """Plain arrays and numbers by name (strings as unicode arrays), for saving with the model.
 
-        The source maps and the evidence model are flattened as ``"sources.<name>"`` and
-        ``"evidence_model.<name>"``.
+        What the sources fitted and the evidence model are flattened as
+        ``"sources.<source>.<name>"`` and ``"evidence_model.<name>"``.
         """
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "sources":
-                out.update({f"sources.{k}": v for k, v in (value or {}).items()})
+                for source, fitted in (value or {}).items():
+                    out.update({f"sources.{source}.{k}": v for k, v in fitted.items()})
                 continue
             if f.name == "evidence_model":
                 if value is not None:
@@ -115,8 +120,14 @@ class RetrievalMemory:
     def from_dict(cls, state: dict) -> RetrievalMemory:
         known = {f.name for f in fields(cls)} - {"sources", "evidence_model"}
         kwargs = {k: v for k, v in state.items() if k in known}
-        sources = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("sources.")}
-        model = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("evidence_model.")}
+        sources: dict[str, dict] = {}
+        for key, value in state.items():
+            if key.startswith("sources."):
+                source, name = key.removeprefix("sources.").split(".", 1)
+                sources.setdefault(source, {})[name] = value
+        model = {
+            k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("evidence_model.")
+        }
         return cls(
             **kwargs,
             sources=sources or None,
@@ -127,7 +138,9 @@ class RetrievalMemory:
         """Readable name of each entry (``"GENE"`` or ``"GENE@cell type"``)."""
         if self.kind == "embedding":
             return self.perturbations.astype(str)
-        return np.char.add(np.char.add(self.perturbations.astype(str), "@"), self.cell_types.astype(str))
+        return np.char.add(
+            np.char.add(self.perturbations.astype(str), "@"), self.cell_types.astype(str)
+        )
 
     # ------------------------------------------------------------------ evidence
     @property
@@ -143,15 +156,22 @@ class RetrievalMemory:
     @property
     def specific(self) -> np.ndarray:
         """``(M, G)`` each entry's response minus its cell type's context."""
-        rows = pd.Index(self.context_cell_types.astype(str)).get_indexer(self.cell_types.astype(str))
+        rows = pd.Index(self.context_cell_types.astype(str)).get_indexer(
+            self.cell_types.astype(str)
+        )
         return (self.responses - self.context_full[rows]).astype(np.float32)
 
     def entry_index(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         """Entry of each (perturbation, cell type) query, ``-1`` when absent."""
-        names = np.char.add(np.char.add(np.asarray(perturbations).astype(str), "@"), np.asarray(cell_types).astype(str))
+        names = np.char.add(
+            np.char.add(np.asarray(perturbations).astype(str), "@"),
+            np.asarray(cell_types).astype(str),
+        )
         return pd.Index(self.entry_names()).get_indexer(names)
 
-    def contexts(self, perturbations: np.ndarray, cell_types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def contexts(
+        self, perturbations: np.ndarray, cell_types: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Context responses of queries: leaving the query's own entry out, and all entries.
 
         For a query (q, c) the first is the mean of the memory's (p, c) responses over
@@ -187,7 +207,9 @@ class RetrievalMemory:
         """The entries' binary annotation matrix ``(M, T)``."""
         n_terms = 0 if self.annotation_terms is None else len(self.annotation_terms)
         data = np.ones(len(self.annotation_indices), dtype=np.float32)
-        return sp.csr_matrix((data, self.annotation_indices, self.annotation_indptr), shape=(len(self), n_terms))
+        return sp.csr_matrix(
+            (data, self.annotation_indices, self.annotation_indptr), shape=(len(self), n_terms)
+        )
 
     def evidence(
         self,
@@ -220,117 +242,12 @@ class RetrievalMemory:
         scale of the stacked sources; NaN for memory entries, whose estimates were computed
         with their own entry left out).
         """
-        perturbations = np.asarray(perturbations).astype(str)
-        cell_types = np.asarray(cell_types).astype(str)
-        context, full = self.contexts(perturbations, cell_types)
-        own = self.entry_index(perturbations, cell_types)
-        stacked = np.zeros_like(context)
-        confidence = np.zeros(len(perturbations))
-        reliability = np.full(len(perturbations), np.nan)
-        is_entry = own >= 0
-        stacked[is_entry] = self.entry_estimates[own[is_entry]]
-        confidence[is_entry] = self.entry_confidence[own[is_entry]]
-        new = np.flatnonzero(~is_entry)
-        model = self.evidence_model
-        for start in range(0, new.size, ev.CHUNK):
-            rows = new[start : start + ev.CHUNK]
-            sources, features = self._query_sources(
-                perturbations[rows], cell_types[rows], embeddings[rows], None if annotations is None else annotations[rows], context[rows]
-            )
-            trust = model.per_cell_type(cell_types[rows], model.cell_type_trust, model.trust_all)
-            columns = ev.own_gene_columns(perturbations[rows], self.gene_names, sep)
-            estimate = np.tensordot(model.stack_weights, sources, axes=1) * trust[:, None]
-            features = ev.gate_features(
-                sources,
-                estimate,
-                typical_size=model.per_cell_type(cell_types[rows], model.typical_size, float(np.mean(model.typical_size))),
-                cell_type_trust=trust,
-                own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float) * (control_mean is not None),
-                members_measured=self._members_measured(perturbations[rows], cell_types[rows], sep),
-                **features,
-            )
-            gate = model.gate(features)
-            estimate = estimate * gate[:, None]
-            reliability[rows] = trust * gate
-            if control_mean is not None:
-                ratio = model.per_cell_type(cell_types[rows], model.own_gene_ratio, model.own_gene_ratio_all)
-                ratio = np.where(np.isfinite(ratio), ratio, model.own_gene_ratio_all)
-                estimate = ev.apply_own_gene(estimate, context[rows], np.asarray(control_mean)[rows], columns, ratio)
-            estimate = self._additive(perturbations[rows], cell_types[rows], context[rows], estimate, sep)
-            stacked[rows] = estimate
-            confidence[rows] = model.confidence(features)
-        return {
-            "context": context,
-            "context_full": full,
-            "stacked": stacked,
-            "confidence": confidence.astype(np.float32),
-            "reliability": reliability.astype(np.float32),
-        }
-
-    def _members_measured(self, perturbations: np.ndarray, cell_types: np.ndarray, sep: str) -> np.ndarray:
-        """Fraction of each combination's members with an entry in its cell type (0 for single perturbations)."""
-        out = np.zeros(len(perturbations))
-        for i, label in enumerate(perturbations):
-            members = str(label).split(sep)
-            if len(members) > 1:
-                out[i] = np.mean(self.entry_index(np.array(members), np.full(len(members), cell_types[i])) >= 0)
-        return out
-
-    def _additive(self, perturbations: np.ndarray, cell_types: np.ndarray, context: np.ndarray, estimate: np.ndarray, sep: str) -> np.ndarray:
-        """Combinations' specific shifts by the additive model: the sum of the members' shifts in
-        the query's cell type (measured, or its context response where a member was not),
-        minus the query's context. Single perturbations keep ``estimate``."""
-        members = [str(p).split(sep) for p in perturbations]
-        combos = np.flatnonzero([len(m) > 1 for m in members])
-        if combos.size == 0:
-            return estimate
-        out = estimate.copy()
-        _, full = self.contexts(perturbations[combos], cell_types[combos])
-        for row, i in enumerate(combos):
-            entries = self.entry_index(np.array(members[i]), np.full(len(members[i]), cell_types[i]))
-            measured = entries[entries >= 0]
-            total = self.responses[measured].sum(axis=0) + (len(entries) - measured.size) * full[row]
-            out[i] = total - context[i]
-        return out
-
-    def _query_sources(self, perturbations, cell_types, embeddings, annotations, context) -> tuple[np.ndarray, dict]:
-        """``(S, n, G)`` evidence sources of queries that are not memory entries, and the
-        similarity features of the gate."""
-        n, n_genes = len(perturbations), self.responses.shape[1]
-        out = np.zeros((len(ev.SOURCES), n, n_genes), dtype=np.float32)
-        maps = self.sources
-        out[0] = (np.asarray(embeddings, np.float64) - maps["embedding_center"]) @ maps["embedding_weights"]
-        entry_ct = self.cell_types.astype(str)
-        entry_pert = self.perturbations.astype(str)
-        same_ct = cell_types[:, None] == entry_ct[None, :]
-        # A cell type without entries takes its neighbours from every cell type, through their
-        # specific shifts.
-        known = same_ct.any(axis=1)
-        allowed = np.where(known[:, None], same_ct, True) & (perturbations[:, None] != entry_pert[None, :])
-        specific = self.specific
-        cosine = ev.unit_rows(np.asarray(embeddings, np.float32)) @ ev.unit_rows(self.embeddings).T
-        if annotations is not None and self.annotation_terms is not None and len(self.annotation_terms):
-            out[1] = (annotations @ maps["annotation_projection"] - maps["annotation_center"]) @ maps["annotation_weights"]
-            annotation_similarity = jaccard(annotations, self.annotation_matrix())
-            depth = np.log1p(np.asarray(annotations.sum(axis=1), dtype=np.float64).ravel())
-        else:
-            annotation_similarity = np.zeros_like(cosine)
-            depth = np.zeros(n)
-        for slot, similarity in zip((2, 3), (cosine, annotation_similarity), strict=True):
-            raw_mean, has = ev.neighbour_means(similarity, allowed & known[:, None], self.responses)
-            spec_mean, has_spec = ev.neighbour_means(similarity, allowed & ~known[:, None], specific)
-            out[slot] = np.where(known[:, None], np.where(has[:, None], raw_mean - context, 0.0), np.where(has_spec[:, None], spec_mean, 0.0))
-        other = (perturbations[:, None] == entry_pert[None, :]) & ~same_ct
-        out[4], out[5] = _other_cell_types(other, specific, self.responses, context)
-        features = {
-            "neighbour_cosine": ev.closest(cosine, allowed),
-            "neighbour_jaccard": ev.closest(annotation_similarity, allowed),
-            "annotation_depth": depth,
-        }
-        return out, features
+        return ev.query(
+            self, perturbations, cell_types, embeddings, annotations, control_mean, sep
+        )
 
 
-def _plain(value):
+def _plain(value: object) -> object:
     if isinstance(value, np.ndarray) and value.dtype == object:
         return value.astype(str)
     return value
@@ -339,7 +256,7 @@ def _plain(value):
 def build_memory(
     kind: MemoryKind,
     *,
-    X,
+    X: MatrixLike,
     perturbations: np.ndarray,
     cell_types: np.ndarray,
     is_control: np.ndarray,
@@ -351,7 +268,8 @@ def build_memory(
 
     A convenience for arrays; the model builds its memory with :func:`memory_from_cells`
     (streamed expression, GO annotations, the ``evidence`` option). Here no annotations are
-    used (the annotation sources are zero) and the other evidence sources are all stacked. Only cells with ``train_mask`` contribute, and the response of a (perturbation, cell type)
+    used (the annotation sources are zero) and the other evidence sources are all stacked. Only
+    cells with ``train_mask`` contribute, and the response of a (perturbation, cell type)
     entry is the mean of its training cells minus the mean of that cell type's training
     control cells. See :func:`memory_from_means` for the rest.
     """
@@ -359,7 +277,9 @@ def build_memory(
     cell_types = np.asarray(cell_types).astype(str)
     perturbed = train_mask & ~is_control
     if not perturbed.any():
-        raise ValueError("The training split holds no perturbed cells: nothing to build the memory from.")
+        raise ValueError(
+            "The training split holds no perturbed cells: nothing to build the memory from."
+        )
     keys = pd.MultiIndex.from_arrays([perturbations[perturbed], cell_types[perturbed]])
     codes, uniques = pd.factorize(keys, sort=True)
     entry_of_cell = np.full(perturbations.shape[0], -1, dtype=np.int64)
@@ -384,7 +304,9 @@ def build_memory(
         perturbations=entry_pert,
         cell_types=entry_ct,
         entry_means=entry_means,
-        control_means=None if control_means is None else control_means[control_ct.get_indexer(entry_ct)],
+        control_means=None
+        if control_means is None
+        else control_means[control_ct.get_indexer(entry_ct)],
         n_cells=np.bincount(codes, minlength=len(uniques)),
         encoder=encoder,
         n_response_components=n_response_components,
@@ -428,7 +350,7 @@ def memory_from_means(
     sep
         Separator of combination labels.
     evidence
-        The evidence sources to stack (:data:`~ptrag_sc.data._evidence.SOURCES`; default all).
+        The evidence sources to stack (:data:`~ptrag_sc.data.EVIDENCE_SOURCES`; default all).
     gene_names
         The ``G`` genes, for the rule on a perturbed gene's own expression (``None``: not used).
     """
@@ -438,7 +360,9 @@ def memory_from_means(
     cell_types = np.asarray(cell_types).astype(str)
     if kind == "embedding":
         labels, inverse = np.unique(perturbations, return_inverse=True)
-        counts = np.bincount(inverse, weights=np.asarray(n_cells, dtype=np.float64), minlength=len(labels)).astype(np.int64)
+        counts = np.bincount(
+            inverse, weights=np.asarray(n_cells, dtype=np.float64), minlength=len(labels)
+        ).astype(np.int64)
         return RetrievalMemory(
             kind=kind,
             perturbations=labels,
@@ -469,147 +393,8 @@ def memory_from_means(
     basis = principal_basis(specific, n_response_components)
     memory.response_codes = (specific @ basis).astype(np.float32)
     memory.response_basis = basis
-    _fit_evidence(memory, specific, control_means, annotations, sep, evidence)
+    ev.fit(memory, specific, control_means, annotations, sep, evidence)
     return memory
-
-
-def _fit_evidence(
-    memory: RetrievalMemory,
-    specific: np.ndarray,
-    control_means: np.ndarray,
-    annotations: GeneAnnotations | None,
-    sep: str,
-    use: tuple[str, ...] | None,
-) -> None:
-    """Fit the evidence sources, their stack, gate, own-gene rule and confidence on the entries,
-    each entry's own response left out (see :mod:`ptrag_sc.data._evidence`).
-
-    Sources outside ``use`` (all by default) get weight 0.
-    """
-    perturbations = memory.perturbations.astype(str)
-    cell_types = memory.cell_types.astype(str)
-    n = len(memory)
-    context, _ = memory.contexts(perturbations, cell_types)
-    targets = memory.responses - context
-    sources = np.zeros((len(ev.SOURCES), n, specific.shape[1]), dtype=np.float32)
-    loo, weights, center, alpha = ev.ridge_leave_one_out(memory.embeddings, specific, cell_types)
-    sources[0] = loo
-    maps = {"embedding_weights": weights.astype(np.float32), "embedding_center": center.astype(np.float32), "embedding_alpha": np.float64(alpha)}
-    if annotations is not None:
-        matrix, terms = annotations.matrix(perturbations, sep=sep)
-    else:
-        matrix, terms = sp.csr_matrix((n, 0), dtype=np.float32), np.zeros(0, dtype=str)
-    memory.annotation_terms = terms
-    memory.annotation_indptr = matrix.indptr.astype(np.int64)
-    memory.annotation_indices = matrix.indices.astype(np.int64)
-    projection = np.zeros((matrix.shape[1], 0), dtype=np.float32)
-    a_weights, a_center, a_alpha = np.zeros((0, specific.shape[1])), np.zeros(0), float("nan")
-    if matrix.shape[1] and matrix.nnz:
-        projection = _principal_directions(matrix, n_components=256)
-        loo, a_weights, a_center, a_alpha = ev.ridge_leave_one_out(np.asarray(matrix @ projection), specific, cell_types)
-        sources[1] = loo
-    maps.update(
-        annotation_projection=projection.astype(np.float32),
-        annotation_weights=np.asarray(a_weights, np.float32),
-        annotation_center=np.asarray(a_center, np.float32),
-        annotation_alpha=np.float64(a_alpha),
-    )
-    memory.sources = maps
-    same_ct = cell_types[:, None] == cell_types[None, :]
-    allowed = same_ct & (perturbations[:, None] != perturbations[None, :])
-    cosine = ev.unit_rows(memory.embeddings) @ ev.unit_rows(memory.embeddings).T
-    annotation_similarity = jaccard(matrix, matrix) if matrix.nnz else np.zeros_like(cosine)
-    for slot, similarity in ((2, cosine), (3, annotation_similarity)):
-        means, has = ev.neighbour_means(similarity, allowed, memory.responses)
-        sources[slot] = np.where(has[:, None], means - context, 0.0)
-    other = (perturbations[:, None] == perturbations[None, :]) & ~same_ct
-    sources[4], sources[5] = _other_cell_types(other, specific, memory.responses, context)
-
-    sources *= np.array([use is None or name in use for name in ev.SOURCES])[:, None, None]
-    weights = ev.entry_weights(targets)
-    stack_weights = ev.fit_stack(sources, targets, weights)
-    stacked = np.tensordot(stack_weights, sources, axes=1)
-
-    # How far the stack is to be trusted in a cell type, from its *other* entries.
-    cross = weights**2 * np.einsum("mg,mg->m", targets, stacked, dtype=np.float64)
-    size = weights**2 * np.einsum("mg,mg->m", stacked, stacked, dtype=np.float64)
-    trust_per_type, trust_per_entry, trust_all = ev.trust(cross, size, cell_types)
-    type_code = np.unique(cell_types, return_inverse=True)[1]
-    typical_size = np.sqrt(np.bincount(type_code, weights=np.sum(specific**2, axis=1)) / memory.context_counts)
-    columns = ev.own_gene_columns(perturbations, memory.gene_names, sep)
-    trusted = stacked * trust_per_entry[:, None]
-    features = ev.gate_features(
-        sources,
-        trusted,
-        neighbour_cosine=ev.closest(cosine, allowed),
-        neighbour_jaccard=ev.closest(annotation_similarity, allowed),
-        annotation_depth=np.log1p(np.diff(memory.annotation_indptr).astype(np.float64)),
-        typical_size=typical_size[type_code],
-        # The cell type's trust, not the entry's leave-one-out one: how much that one moves
-        # when the entry is left out depends on the entry's own fit.
-        cell_type_trust=trust_per_type[type_code],
-        own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float),
-        members_measured=memory._members_measured(perturbations, cell_types, sep),
-    )
-    center = features.mean(axis=0)
-    scale = np.where(features.std(axis=0) > 1e-9, features.std(axis=0), 1.0)
-    design = np.column_stack([np.ones(n), (features - center) / scale])
-    gate_coef = ev.fit_gate(trusted, targets, design, weights)
-    estimates = trusted * (2.0 / (1.0 + np.exp(-(design @ gate_coef))))[:, None]
-
-    # The perturbed gene's own expression, from the other entries of the cell type.
-    ratios = ev.own_gene_ratios(memory.responses, control_means, columns)
-    known = np.isfinite(ratios)
-    own_ratio = np.array([np.median(ratios[(cell_types == c) & known]) if ((cell_types == c) & known).any() else np.nan for c in memory.context_cell_types])
-    own_all = float(np.median(ratios[known])) if known.any() else float("nan")
-    loo_ratio = np.full(n, np.nan)
-    for m in np.flatnonzero([len(c) > 0 for c in columns]):
-        others = known & (np.arange(n) != m)
-        pool = ratios[others & (cell_types == cell_types[m])]
-        pool = pool if pool.size else ratios[others]
-        loo_ratio[m] = np.median(pool) if pool.size else np.nan
-    estimates = ev.apply_own_gene(estimates, context, control_means, columns, loo_ratio)
-    estimates = memory._additive(perturbations, cell_types, context, estimates, sep)
-
-    accuracy = ev.row_pearson(context + estimates, memory.responses)
-    memory.evidence_model = ev.EvidenceModel(
-        sources=np.asarray(ev.SOURCES),
-        stack_weights=stack_weights,
-        feature_center=center,
-        feature_scale=scale,
-        gate_coef=gate_coef,
-        confidence_coef=ev.fit_ridge(design, accuracy, ev.CONFIDENCE_PENALTY),
-        cell_types=memory.context_cell_types,
-        typical_size=typical_size,
-        cell_type_trust=trust_per_type,
-        own_gene_ratio=own_ratio,
-        trust_all=trust_all,
-        own_gene_ratio_all=own_all,
-    )
-    memory.entry_estimates = estimates.astype(np.float32)
-    memory.entry_confidence = memory.evidence_model.confidence(features).astype(np.float32)
-
-
-def _other_cell_types(other: np.ndarray, specific: np.ndarray, responses: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The query's mean specific shift in other cell types, and its mean shift there minus the query's context."""
-    counts = other.sum(axis=1)[:, None]
-    weights = other.astype(np.float32)
-    has = counts > 0
-    spec = np.divide(weights @ specific.astype(np.float32), counts, out=np.zeros((other.shape[0], specific.shape[1]), np.float32), where=has)
-    raw = np.divide(weights @ responses.astype(np.float32), counts, out=np.zeros_like(spec), where=has)
-    return spec, np.where(has, raw - context, 0.0)
-
-
-def _principal_directions(matrix: sp.csr_matrix, n_components: int) -> np.ndarray:
-    """Top right singular vectors ``(T, r)`` of a (sparse) entries x terms matrix."""
-    if min(matrix.shape) <= 2000:
-        _, s, vt = np.linalg.svd(matrix.toarray().astype(np.float64), full_matrices=False)
-    else:
-        from sklearn.utils.extmath import randomized_svd
-
-        _, s, vt = randomized_svd(matrix.astype(np.float64), n_components, random_state=0)
-    keep = s > (s.max() * 1e-8 if s.size else 0)
-    return vt[keep][:n_components].T.astype(np.float32)
 
 
 def principal_basis(responses: np.ndarray, n_components: int) -> np.ndarray:
@@ -625,7 +410,7 @@ def principal_basis(responses: np.ndarray, n_components: int) -> np.ndarray:
 
 def memory_from_cells(
     kind: MemoryKind,
-    data,
+    data: PerturbationData,
     train_mask: np.ndarray,
     encoder: PerturbationEncoder,
     *,
@@ -641,8 +426,12 @@ def memory_from_cells(
     """
     perturbed = train_mask & ~data.is_control
     if not perturbed.any():
-        raise ValueError("The training split holds no perturbed cells: nothing to build the memory from.")
-    keys = pd.MultiIndex.from_arrays([data.labels[perturbed].astype(str), data.cell_types[perturbed].astype(str)])
+        raise ValueError(
+            "The training split holds no perturbed cells: nothing to build the memory from."
+        )
+    keys = pd.MultiIndex.from_arrays(
+        [data.labels[perturbed].astype(str), data.cell_types[perturbed].astype(str)]
+    )
     codes, uniques = pd.factorize(keys, sort=True)
     entry_of_cell = np.full(data.n_obs, -1, dtype=np.int64)
     entry_of_cell[perturbed] = codes
@@ -650,7 +439,15 @@ def memory_from_cells(
     entry_ct = np.asarray(uniques.get_level_values(1)).astype(str)
     n_cells = np.bincount(codes, minlength=len(uniques))
     if kind == "embedding":
-        return memory_from_means(kind, perturbations=entry_pert, cell_types=entry_ct, entry_means=None, control_means=None, n_cells=n_cells, encoder=encoder)
+        return memory_from_means(
+            kind,
+            perturbations=entry_pert,
+            cell_types=entry_ct,
+            entry_means=None,
+            control_means=None,
+            n_cells=n_cells,
+            encoder=encoder,
+        )
     control_ct = pd.Index(np.unique(entry_ct))
     ctrl_mask = train_mask & data.is_control
     ctrl_codes = np.full(data.n_obs, -1, dtype=np.int64)
@@ -658,9 +455,14 @@ def memory_from_cells(
     ctrl_counts = np.bincount(ctrl_codes[ctrl_codes >= 0], minlength=len(control_ct))
     if np.any(ctrl_counts == 0):
         missing = control_ct[ctrl_counts == 0].tolist()
-        raise ValueError(f"No training control cells for cell type(s) {missing}: the response memory needs them to measure shifts.")
+        raise ValueError(
+            f"No training control cells for cell type(s) {missing}: the response memory needs "
+            "them to measure shifts."
+        )
     # One streaming pass for the entries and the controls together.
-    codes_all = np.where(entry_of_cell >= 0, entry_of_cell, np.where(ctrl_codes >= 0, ctrl_codes + len(uniques), -1))
+    codes_all = np.where(
+        entry_of_cell >= 0, entry_of_cell, np.where(ctrl_codes >= 0, ctrl_codes + len(uniques), -1)
+    )
     means = data.means(codes_all, len(uniques) + len(control_ct))
     entry_means, control_means = means[: len(uniques)], means[len(uniques) :]
     return memory_from_means(

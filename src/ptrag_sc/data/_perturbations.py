@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._symbols import resolve_gene_symbols
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
@@ -29,7 +31,8 @@ def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
     TypeError
         If ``embeddings`` is not a :class:`~pandas.DataFrame`.
     ValueError
-        If the table is empty, has blank or duplicated symbols (after stripping and upper-casing), non-numeric
+        If the table is empty, has blank or duplicated symbols (after stripping and upper-casing),
+        non-numeric
         columns, NaN/inf values, values beyond ``1e6`` in absolute value (they overflow the
         network in float32) or all-zero rows (a zero vector has no direction to retrieve by).
     """
@@ -48,14 +51,18 @@ def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
     try:
         values = embeddings.to_numpy(dtype=np.float32)
     except (TypeError, ValueError) as err:
+        numeric = pd.api.types.is_numeric_dtype
+        columns = [c for c in embeddings.columns if not numeric(embeddings[c])]
         raise ValueError(
-            "`perturbation_embeddings` must hold numbers only; non-numeric columns: "
-            f"{[c for c in embeddings.columns if not pd.api.types.is_numeric_dtype(embeddings[c])][:5]}"
+            f"`perturbation_embeddings` must hold numbers only; non-numeric columns: {columns[:5]}"
         ) from err
     # Symbols are read as labels are: surrounding whitespace removed, upper-cased.
     symbols = pd.Index(embeddings.index.astype(str).str.strip().str.upper(), name="gene")
     if (symbols == "").any():
-        raise ValueError(f"`perturbation_embeddings` has {int((symbols == '').sum())} blank gene symbol(s) in its index.")
+        raise ValueError(
+            f"`perturbation_embeddings` has {int((symbols == '').sum())} blank gene symbol(s) in "
+            "its index."
+        )
     duplicated = symbols[symbols.duplicated()].unique().tolist()
     if duplicated:
         raise ValueError(
@@ -78,9 +85,9 @@ def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
     zero = ~np.any(values != 0, axis=1)
     if zero.any():
         raise ValueError(
-            f"`perturbation_embeddings` has all-zero rows for {symbols[zero][:10].tolist()}: a zero "
-            "vector has no direction for cosine retrieval. Drop these rows (GenePT files carry "
-            "such a row for 'ctrl')."
+            f"`perturbation_embeddings` has all-zero rows for {symbols[zero][:10].tolist()}: a "
+            "zero vector has no direction for cosine retrieval. Drop these rows (GenePT files "
+            "carry such a row for 'ctrl')."
         )
     return pd.DataFrame(values, index=symbols, columns=[str(c) for c in embeddings.columns])
 
@@ -119,8 +126,6 @@ class PerturbationEncoder:
         if not self.aliases:
             return None
         if gene not in self._resolved:
-            from ..pp import resolve_gene_symbols
-
             mapping = resolve_gene_symbols([gene], self.table.index, warn=False).mapping
             self._resolved[gene] = mapping.get(gene)
         return self._resolved[gene]
@@ -150,7 +155,9 @@ class PerturbationEncoder:
         missing = self.missing(labels)
         if missing:
             genes = sorted({g for gs in missing.values() for g in gs})
-            examples = ", ".join(f"{k!r} (no vector for {v})" for k, v in list(missing.items())[:5])
+            examples = ", ".join(
+                f"{k!r} (no vector for {v})" for k, v in list(missing.items())[:5]
+            )
             raise ValueError(
                 f"{len(missing)} perturbation(s){context} have no gene embedding: {examples}"
                 f"{' ...' if len(missing) > 5 else ''}. {len(genes)} gene(s) are missing from "
@@ -188,7 +195,9 @@ def normalise_label(label: str, *, control_group: str, sep: str = "+") -> str:
     return sep.join(sorted(dict.fromkeys(genes)))
 
 
-def normalise_labels(labels, *, control_group: str, sep: str = "+") -> np.ndarray:
+def normalise_labels(
+    labels: Iterable[str] | np.ndarray, *, control_group: str, sep: str = "+"
+) -> np.ndarray:
     """Canonical perturbation labels, as the model groups and embeds them.
 
     One rule: surrounding whitespace is removed (also around the members of a combination);
@@ -210,5 +219,7 @@ def normalise_labels(labels, *, control_group: str, sep: str = "+") -> np.ndarra
     if not all(isinstance(u, str) for u in uniques):
         values = values.astype(str)
         uniques, codes = np.unique(values, return_inverse=True)
-    canonical = np.array([normalise_label(u, control_group=control_group, sep=sep) for u in uniques], dtype=object)
+    canonical = np.array(
+        [normalise_label(u, control_group=control_group, sep=sep) for u in uniques], dtype=object
+    )
     return canonical[codes.ravel()].reshape(values.shape)

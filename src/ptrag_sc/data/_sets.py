@@ -97,7 +97,9 @@ class SetGroups:
         return self.pool[start[:, None] + offsets]
 
 
-def index_groups(keys: list[np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def index_groups(
+    keys: list[np.ndarray], mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Group the cells of ``mask`` by the joint value of ``keys``.
 
     Returns the sorted cell indices, the start offset of each group and the index of each
@@ -109,7 +111,9 @@ def index_groups(keys: list[np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, 
     columns = [np.asarray(k)[idx] for k in keys]
     joint = _joint_code(columns)
     if joint is None:
-        _, first, codes = np.unique(np.stack(columns, axis=1), axis=0, return_index=True, return_inverse=True)
+        _, first, codes = np.unique(
+            np.stack(columns, axis=1), axis=0, return_index=True, return_inverse=True
+        )
     else:
         _, first, codes = np.unique(joint, return_index=True, return_inverse=True)
     order = np.argsort(codes.ravel(), kind="stable")
@@ -149,7 +153,8 @@ def n_training_sets(sizes: np.ndarray, set_size: int) -> np.ndarray:
 def plan_sets(
     groups: SetGroups, set_size: int, rng: np.random.Generator, *, shuffle: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One epoch of training sets: every group yields ``ceil(n_g / S)`` sets of exactly ``S`` cells.
+    """One epoch of training sets: every group yields ``ceil(n_g / S)`` sets of exactly ``S``
+    cells.
 
     Cells are taken without replacement in a random order; the last set of a group (and every
     set of a group smaller than ``S``) is completed by drawing from the group with replacement.
@@ -167,7 +172,11 @@ def plan_sets(
     overflow = slot >= size
     random_slot = np.floor(rng.random(slot.shape) * size).astype(np.int64)
     slot = np.where(overflow, random_slot, slot)
-    keys = rng.random(groups.cells.shape[0]) if shuffle else np.arange(groups.cells.shape[0], dtype=float)
+    keys = (
+        rng.random(groups.cells.shape[0])
+        if shuffle
+        else np.arange(groups.cells.shape[0], dtype=float)
+    )
     group_of_cell = np.repeat(np.arange(len(groups)), sizes)
     order = np.lexsort((keys, group_of_cell))
     shuffled = groups.cells[order]
@@ -210,8 +219,12 @@ def make_batch(
         TENSORS.CANDIDATE_RELATION: torch.from_numpy(groups.candidate_relation[group]),
         TENSORS.BATCH: torch.from_numpy(groups.batch[group]),
         TENSORS.CONTROL_MEAN: torch.from_numpy(groups.control_mean[group]),
-        TENSORS.CANDIDATE_SIMILARITY: torch.from_numpy(np.nan_to_num(groups.similarity[group], nan=0.0)),
-        TENSORS.CANDIDATE_ANNOTATION_SIMILARITY: torch.from_numpy(groups.annotation_similarity[group]),
+        TENSORS.CANDIDATE_SIMILARITY: torch.from_numpy(
+            np.nan_to_num(groups.similarity[group], nan=0.0)
+        ),
+        TENSORS.CANDIDATE_ANNOTATION_SIMILARITY: torch.from_numpy(
+            groups.annotation_similarity[group]
+        ),
     }
     for key, table in (
         (TENSORS.CONTEXT_RESPONSE, groups.context),
@@ -297,12 +310,21 @@ class SetBatchSampler(Sampler):
         self.seed, self.shuffle, self.steps_per_epoch = seed, shuffle, steps_per_epoch
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
-        self._fixed = None if shuffle else self._validation_share(self._batches(np.random.default_rng(seed)))
+        self._fixed = (
+            None if shuffle else self._validation_share(self._batches(np.random.default_rng(seed)))
+        )
 
     def _batches(self, rng: np.random.Generator) -> list:
         group, cells, controls = plan_sets(self.groups, self.set_size, rng, shuffle=self.shuffle)
         bounds = range(0, group.shape[0], self.batch_size)
-        return [(group[i : i + self.batch_size], cells[i : i + self.batch_size], controls[i : i + self.batch_size]) for i in bounds]
+        return [
+            (
+                group[i : i + self.batch_size],
+                cells[i : i + self.batch_size],
+                controls[i : i + self.batch_size],
+            )
+            for i in bounds
+        ]
 
     def _validation_share(self, batches: list) -> list:
         if self.num_replicas == 1:
@@ -339,5 +361,7 @@ class SetBatchSampler(Sampler):
             return len(self._fixed)
         if self.steps_per_epoch is not None:
             return self.steps_per_epoch
-        n_batches = -(-int(n_training_sets(self.groups.sizes, self.set_size).sum()) // self.batch_size)
+        n_batches = -(
+            -int(n_training_sets(self.groups.sizes, self.set_size).sum()) // self.batch_size
+        )
         return n_batches // self.num_replicas

@@ -36,6 +36,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ._annotations import GeneAnnotations
     from ._memory import RetrievalMemory
 
@@ -50,20 +52,20 @@ _SAME = 1e6
 _TIE = 1e-6
 
 
-def _canonical(names, what: str) -> pd.Index:
+def _canonical(names: Iterable[object], what: str) -> pd.Index:
     index = pd.Index([str(v).strip().upper() for v in names])
     if index.has_duplicates:
         dup = index[index.duplicated()].unique()[:5].tolist()
         raise ValueError(
-            f"The `similarity` table's {what} hold duplicated genes after upper-casing, e.g. {dup}; "
-            "keep one row / column per gene."
+            f"The `similarity` table's {what} hold duplicated genes after upper-casing, e.g. "
+            f"{dup}; keep one row / column per gene."
         )
     if (index == "").any():
         raise ValueError(f"The `similarity` table's {what} hold an empty gene name.")
     return index
 
 
-def validate_similarity_table(table) -> pd.DataFrame:
+def validate_similarity_table(table: pd.DataFrame) -> pd.DataFrame:
     """Check a user-supplied gene x gene similarity and return it with canonical gene names.
 
     Rows are query genes and columns candidate genes (symbols, matched upper-case like the
@@ -80,29 +82,40 @@ def validate_similarity_table(table) -> pd.DataFrame:
     """
     if not isinstance(table, pd.DataFrame):
         raise TypeError(
-            "`similarity` must be 'embedding', 'go', 'response' or a pandas DataFrame (query genes as the "
-            f"index, candidate genes as the columns), got {type(table).__name__}."
+            "`similarity` must be 'embedding', 'go', 'response' or a pandas DataFrame (query "
+            f"genes as the index, candidate genes as the columns), got {type(table).__name__}."
         )
     if table.shape[0] == 0 or table.shape[1] == 0:
-        raise ValueError(f"The `similarity` table is empty (shape {table.shape}); give genes as its index and columns.")
+        raise ValueError(
+            f"The `similarity` table is empty (shape {table.shape}); give genes as its index and "
+            "columns."
+        )
     index = _canonical(table.index, "index (query genes)")
     columns = _canonical(table.columns, "columns (candidate genes)")
-    non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c])]
+    non_numeric = [
+        c
+        for c in table.columns
+        if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c])
+    ]
     if non_numeric:
-        raise ValueError(f"The `similarity` table has non-numeric column(s) {list(map(str, non_numeric[:5]))}; values must be numbers.")
+        raise ValueError(
+            f"The `similarity` table has non-numeric column(s) {list(map(str, non_numeric[:5]))}; "
+            "values must be numbers."
+        )
     values = table.to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ValueError(
             f"The `similarity` table holds {int(bad.sum())} NaN or infinite value(s), e.g. at "
-            f"({table.index[r]!r}, {table.columns[c]!r}); fill pairs the prior says nothing about with a "
-            "number (e.g. 0) or leave the gene out (genes absent from the table fall back to the embedding)."
+            f"({table.index[r]!r}, {table.columns[c]!r}); fill pairs the prior says nothing about "
+            "with a number (e.g. 0) or leave the gene out (genes absent from the table fall back "
+            "to the embedding)."
         )
     return pd.DataFrame(values, index=index, columns=columns)
 
 
-def describe(similarity) -> str:
+def describe(similarity: str | pd.DataFrame) -> str:
     """A short name of a ``similarity`` option (for summaries)."""
     if isinstance(similarity, pd.DataFrame):
         return f"table {similarity.shape[0]}x{similarity.shape[1]}"
@@ -127,8 +140,15 @@ class StageOneSimilarity:
         """``(n, M)`` float64 prior similarity of each query to each entry, NaN where undefined."""
         raise NotImplementedError
 
-    def scores(self, perturbations: np.ndarray, cell_types: np.ndarray, cosine: np.ndarray, same_perturbation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The similarity stage 1 reports ``(n, M)`` float32 and the ranking it sorts by ``(n, M)`` float64.
+    def scores(
+        self,
+        perturbations: np.ndarray,
+        cell_types: np.ndarray,
+        cosine: np.ndarray,
+        same_perturbation: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The similarity stage 1 reports ``(n, M)`` float32 and the ranking it sorts by ``(n, M)``
+        float64.
 
         Parameters
         ----------
@@ -173,7 +193,7 @@ class AnnotationSimilarity(StageOneSimilarity):
         bound._terms = terms
         return bound
 
-    def values(self, perturbations, cell_types) -> np.ndarray:
+    def values(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         labels = np.asarray(perturbations).astype(str)
         uniques, inverse = np.unique(labels, return_inverse=True)
         inter_matrix, _ = self.annotations.matrix(uniques, sep=self.sep, vocabulary=self._terms)
@@ -197,7 +217,9 @@ class ResponseSimilarity(StageOneSimilarity):
 
     def bind(self, memory: RetrievalMemory) -> ResponseSimilarity:
         if memory.kind != "response" or memory.responses is None:
-            raise ValueError("`similarity='response'` needs a response memory (`memory='response'`).")
+            raise ValueError(
+                "`similarity='response'` needs a response memory (`memory='response'`)."
+            )
         bound = ResponseSimilarity()
         specific = memory.specific.astype(np.float64)
         bound._specific = specific
@@ -209,7 +231,7 @@ class ResponseSimilarity(StageOneSimilarity):
         bound._entries_of = dict(zip(labels, np.split(order, starts[1:]), strict=True))
         return bound
 
-    def values(self, perturbations, cell_types) -> np.ndarray:
+    def values(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         perturbations = np.asarray(perturbations).astype(str)
         cell_types = np.asarray(cell_types).astype(str)
         # Each query's profile: the mean of its specific shifts in the memory's other cell types.
@@ -253,7 +275,8 @@ class TableSimilarity(StageOneSimilarity):
         return [m.strip().upper() for m in str(label).split(self.sep) if m.strip()]
 
     def _combine(self, labels: np.ndarray, index: pd.Index) -> tuple[sp.csr_matrix, np.ndarray]:
-        """``(n, len(index))`` averaging map of each label onto the index, and whether it is covered.
+        """``(n, len(index))`` averaging map of each label onto the index, and whether it is
+        covered.
 
         A label is its own row / column when the table has it, else the mean of its genes' when
         the table has all of them (a combination ``A+B``), else not covered.
@@ -280,12 +303,14 @@ class TableSimilarity(StageOneSimilarity):
     def bind(self, memory: RetrievalMemory) -> TableSimilarity:
         bound = TableSimilarity.__new__(TableSimilarity)
         bound.__dict__.update(self.__dict__)
-        mapping, covered = self._combine(memory.perturbations.astype(str), pd.Index(self.table.columns))
+        mapping, covered = self._combine(
+            memory.perturbations.astype(str), pd.Index(self.table.columns)
+        )
         bound._entry_map = mapping.T.tocsr()  # (n_columns, M)
         bound._entry_covered = covered
         return bound
 
-    def values(self, perturbations, cell_types) -> np.ndarray:
+    def values(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         labels = np.asarray(perturbations).astype(str)
         uniques, inverse = np.unique(labels, return_inverse=True)
         query_map, covered = self._combine(uniques, self._rows)
@@ -295,7 +320,9 @@ class TableSimilarity(StageOneSimilarity):
         return out[inverse.ravel()]
 
 
-def make_similarity(option, *, annotations: GeneAnnotations | None = None, sep: str = "+") -> StageOneSimilarity | None:
+def make_similarity(
+    option: str | pd.DataFrame, *, annotations: GeneAnnotations | None = None, sep: str = "+"
+) -> StageOneSimilarity | None:
     """The stage-1 prior of a ``similarity`` option (``None`` for the embedding cosine).
 
     Parameters
@@ -320,5 +347,6 @@ def make_similarity(option, *, annotations: GeneAnnotations | None = None, sep: 
     if option == "response":
         return ResponseSimilarity()
     raise ValueError(
-        f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query genes x candidate genes), got {option!r}."
+        f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query genes x "
+        f"candidate genes), got {option!r}."
     )

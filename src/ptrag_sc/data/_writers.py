@@ -6,7 +6,8 @@ model's output (in the model's genes; other genes keep their input values), the 
 predictions one batch at a time, in the order the model makes them (grouped by perturbation,
 not by row), and fill the rest from the input matrix chunk by chunk:
 
-- :class:`DenseLayerWriter`: a float32 array in memory (what ``adata.layers[key]`` gets by default);
+- :class:`DenseLayerWriter`: a float32 array in memory (what ``adata.layers[key]`` gets by
+default);
 - :class:`SparseLayerWriter`: a CSR matrix built from per-batch pieces; no dense copy of the
   whole layer is ever made (zeros of the non-negative output stay implicit);
 - :class:`H5ADWriter`: a new h5ad file whose ``X`` is the prediction, written row by row to its
@@ -19,6 +20,7 @@ import io
 import mmap
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,6 +36,14 @@ from ._matrix import (
     read_rows,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import pandas as pd
+    from anndata import AnnData
+
+    from ._matrix import MatrixLike
+
 #: Encoding of an h5ad dense array (anndata's on-disk format).
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
@@ -42,7 +52,7 @@ _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 _COMMIT_AT_ONCE_BYTES = 64 * 2**20
 
 
-def committed_zeros(shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+def committed_zeros(shape: tuple[int, int], dtype: np.dtype | type = np.float32) -> np.ndarray:
     """A zero-filled array whose memory the kernel commits in one call.
 
     A fresh ``np.zeros`` array has its pages committed one fault at a time as predictions are
@@ -61,7 +71,8 @@ def committed_zeros(shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
-    """Runs of consecutive values in sorted ``rows``: ``(position of first, row of first, length)``."""
+    """Runs of consecutive values in sorted ``rows``: ``(position of first, row of first,
+    length)``."""
     if rows.size == 0:
         return []
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -84,7 +95,9 @@ class _Writer:
         Boolean mask of the rows that will be predicted.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+    def __init__(
+        self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray
+    ) -> None:
         self.matrix = matrix
         self.shape = (int(matrix.shape[0]), int(matrix.shape[1]))
         self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
@@ -113,7 +126,7 @@ class _Writer:
         out[:, self.columns] = values
         return out
 
-    def _unpredicted_blocks(self):
+    def _unpredicted_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(rows, block)`` for the rows that are not predicted, chunk by chunk (CSR or dense)."""
         keep = ~self.predicted
         for start, block in iter_row_chunks(self.matrix, mask=keep):
@@ -124,13 +137,16 @@ class _Writer:
 
 
 class DenseLayerWriter(_Writer):
-    """Predictions into a dense float32 array the shape of the input (``adata.layers[key]`` by default).
+    """Predictions into a dense float32 array the shape of the input (``adata.layers[key]`` by
+    default).
 
     Only what the predictions do not overwrite is copied from the input: the rows that are not
     predicted, and the predicted rows' values in genes the model does not predict.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+    def __init__(
+        self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray
+    ) -> None:
         super().__init__(matrix, columns, predicted)
         # Zeros, not empty: no stale memory could ever show through.
         self.layer = committed_zeros(self.shape, np.float32)
@@ -162,7 +178,9 @@ class SparseLayerWriter(_Writer):
     are copied into the final arrays, whose pages are only committed as they are filled.
     """
 
-    def __init__(self, matrix, columns: np.ndarray | None, predicted: np.ndarray) -> None:
+    def __init__(
+        self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray
+    ) -> None:
         super().__init__(matrix, columns, predicted)
         self._rows: list[np.ndarray] = []
         self._pieces: list[sp.csr_matrix] = []
@@ -178,7 +196,7 @@ class SparseLayerWriter(_Writer):
         for rows, block in self._unpredicted_blocks():
             self._rows.append(rows)
             self._pieces.append(sp.csr_matrix(block, dtype=np.float32))
-        n_obs, n_vars = self.shape
+        n_obs = self.shape[0]
         row_nnz = np.zeros(n_obs, dtype=np.int64)
         for rows, piece in zip(self._rows, self._pieces, strict=True):
             row_nnz[rows] = np.diff(piece.indptr)
@@ -191,11 +209,15 @@ class SparseLayerWriter(_Writer):
         while self._pieces:
             rows, piece = self._rows.pop(), self._pieces.pop()
             lengths = np.diff(piece.indptr)
-            target = np.repeat(indptr[rows], lengths) + (np.arange(piece.nnz) - np.repeat(piece.indptr[:-1], lengths))
+            target = np.repeat(indptr[rows], lengths) + (
+                np.arange(piece.nnz) - np.repeat(piece.indptr[:-1], lengths)
+            )
             data[target] = piece.data
             indices[target] = piece.indices
             del piece
-        return sp.csr_matrix((data, indices, indptr.astype(index_dtype, copy=False)), shape=self.shape)
+        return sp.csr_matrix(
+            (data, indices, indptr.astype(index_dtype, copy=False)), shape=self.shape
+        )
 
 
 def _check_writable(frames: dict, uns: dict) -> None:
@@ -204,7 +226,7 @@ def _check_writable(frames: dict, uns: dict) -> None:
     import h5py
     from anndata.io import write_elem
 
-    def fails(key: str, value) -> Exception | None:
+    def fails(key: str, value: object) -> Exception | None:
         with h5py.File(io.BytesIO(), "w") as f:
             try:
                 write_elem(f, key, value)
@@ -220,9 +242,10 @@ def _check_writable(frames: dict, uns: dict) -> None:
             if error is not None:
                 kinds = sorted({type(v).__name__ for v in frame[column].tolist()})
                 raise ValueError(
-                    f"`adata.{name}[{column!r}]` cannot be written to an h5ad file (values of types {kinds}: "
-                    f"{type(error).__name__}). Convert it first, e.g. `adata.{name}[{column!r}] = "
-                    f"adata.{name}[{column!r}].astype(str)`, or drop it."
+                    f"`adata.{name}[{column!r}]` cannot be written to an h5ad file (values of "
+                    f"types {kinds}: {type(error).__name__}). Convert it first, e.g. "
+                    f"`adata.{name}[{column!r}] = adata.{name}[{column!r}].astype(str)`, or drop "
+                    "it."
                 )
         raise ValueError(f"`adata.{name}` cannot be written to an h5ad file (its index?).")
     error = fails("uns", uns)
@@ -264,16 +287,16 @@ class H5ADWriter(_Writer):
 
     def __init__(
         self,
-        path,
+        path: str | os.PathLike,
         *,
-        obs,
-        var,
+        obs: pd.DataFrame,
+        var: pd.DataFrame,
         uns: dict,
-        matrix,
+        matrix: MatrixLike,
         columns: np.ndarray | None,
         predicted: np.ndarray,
         overwrite: bool = False,
-        input_file=None,
+        input_file: str | os.PathLike | None = None,
     ) -> None:
         import h5py
         from anndata.io import write_elem
@@ -284,15 +307,29 @@ class H5ADWriter(_Writer):
         self._fd = None
         shown = f"`output={os.fspath(path)!r}`"
         if self.path.suffix.lower() == ".zarr":
-            raise ValueError(f"{shown}: predictions are written as an h5ad file; name a `.h5ad` path.")
+            raise ValueError(
+                f"{shown}: predictions are written as an h5ad file; name a `.h5ad` path."
+            )
         if self.path.is_dir():
-            raise ValueError(f"{shown} is a folder; name the file to write, e.g. `{self.path / 'predictions.h5ad'}`.")
+            raise ValueError(
+                f"{shown} is a folder; name the file to write, e.g. "
+                f"`{self.path / 'predictions.h5ad'}`."
+            )
         if os.path.lexists(self.path) and not overwrite:
-            raise FileExistsError(f"{shown} already exists; pass `overwrite=True` to replace it, or another path.")
+            raise FileExistsError(
+                f"{shown} already exists; pass `overwrite=True` to replace it, or another path."
+            )
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"The folder of {shown} does not exist; create it first.")
-        if input_file is not None and os.path.exists(self.path) and os.path.samefile(self.path, input_file):
-            raise ValueError(f"{shown} is the file the AnnData is read from (backed mode); write to another file.")
+        if (
+            input_file is not None
+            and os.path.exists(self.path)
+            and os.path.samefile(self.path, input_file)
+        ):
+            raise ValueError(
+                f"{shown} is the file the AnnData is read from (backed mode); write to another "
+                "file."
+            )
         _check_writable({"obs": obs, "var": var}, dict(uns))
         # Written under a unique temporary name beside the target, renamed over it at the end:
         # a failure leaves the old file, and nothing is written through a link.
@@ -302,7 +339,8 @@ class H5ADWriter(_Writer):
             with h5py.File(self._partial, "w-") as f:
                 f.attrs["encoding-type"] = "anndata"
                 f.attrs["encoding-version"] = "0.1.0"
-                # Contiguous storage, allocated now and never pre-filled: every row is written once.
+                # Contiguous storage, allocated now and never pre-filled: every row is written
+                # once.
                 dcpl = h5p.create(h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
                 dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
@@ -329,19 +367,26 @@ class H5ADWriter(_Writer):
         buffer = memoryview(values).cast("B")
         for position, row, length in _runs(rows):
             start = position * self._row_bytes
-            os.pwrite(self._fd, buffer[start : start + length * self._row_bytes], self._offset + row * self._row_bytes)
+            os.pwrite(
+                self._fd,
+                buffer[start : start + length * self._row_bytes],
+                self._offset + row * self._row_bytes,
+            )
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         self._write_rows(rows, self._full_rows(rows, values))
 
-    def finish(self):
-        """Copy the rows that were not predicted, put the file in place and open it ``backed="r"``."""
+    def finish(self) -> AnnData:
+        """Copy the rows that were not predicted, put the file in place and open it
+        ``backed="r"``."""
         import anndata
 
         try:
             for rows, block in self._unpredicted_blocks():
-                self._write_rows(rows, block.toarray() if sp.issparse(block) else np.asarray(block))
+                self._write_rows(
+                    rows, block.toarray() if sp.issparse(block) else np.asarray(block)
+                )
             os.fsync(self._fd)
             self._close()
             os.replace(self._partial, self.path)

@@ -1,4 +1,5 @@
-"""The longest parameter sections of :class:`~ptrag_sc.PTRAG`'s docstrings, filled in by :func:`fill`.
+"""The longest parameter sections of :class:`~ptrag_sc.PTRAG`'s docstrings, filled in by
+:func:`fill`.
 
 The constructor has two dozen options, ``train`` and ``predict`` a dozen each: their
 parameter reference lives here, so that the model class shows its wiring. :func:`fill` puts
@@ -9,6 +10,9 @@ each block back into its docstring at import time, in the way of scvi-tools'
 from __future__ import annotations
 
 import inspect
+from typing import TypeVar
+
+_Documented = TypeVar("_Documented")
 
 __all__ = ["BLOCKS", "fill"]
 
@@ -193,8 +197,9 @@ BLOCKS = {
 }
 
 
-def fill(obj):
-    """Fill the ``%(name)s`` fields of the docstring of ``obj`` (a class or a function) from :data:`BLOCKS`.
+def fill(obj: _Documented) -> _Documented:
+    """Fill the ``%(name)s`` fields of the docstring of ``obj`` (a class or a function) from
+    :data:`BLOCKS`.
 
     The docstring is dedented first (as ``inspect.cleandoc`` does; Sphinx and ``help()`` do the
     same), so a field stands alone on its line at the indentation of the section it belongs to.

@@ -9,13 +9,13 @@ cannot get its hold is refused with an error that says why, instead of waiting.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["local_random", "predicting", "predicts", "training"]
+__all__ = ["local_random", "predicting", "training"]
 
 
 class _Usage:
@@ -29,15 +29,15 @@ _USAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _USAGE_LOCK = threading.Lock()
 
 
-def _usage(model) -> _Usage:
+def _usage(module: torch.nn.Module) -> _Usage:
     with _USAGE_LOCK:
-        return _USAGE.setdefault(model.module, _Usage())
+        return _USAGE.setdefault(module, _Usage())
 
 
 @contextlib.contextmanager
-def predicting(model):
-    """A shared hold on ``model``'s network for a prediction (refused while it trains)."""
-    usage = _usage(model)
+def predicting(module: torch.nn.Module) -> Iterator[None]:
+    """A shared hold on a model's network for a prediction (refused while it trains)."""
+    usage = _usage(module)
     with usage.lock:
         if usage.training:
             raise RuntimeError(
@@ -54,21 +54,10 @@ def predicting(model):
             usage.predictions -= 1
 
 
-def predicts(function):
-    """Run ``function(model, ...)`` under :func:`predicting` ``(model)``."""
-
-    @functools.wraps(function)
-    def wrapper(model, *args, **kwargs):
-        with predicting(model):
-            return function(model, *args, **kwargs)
-
-    return wrapper
-
-
 @contextlib.contextmanager
-def training(model):
-    """The exclusive hold on ``model``'s network for ``train`` (refused while in use)."""
-    usage = _usage(model)
+def training(module: torch.nn.Module) -> Iterator[None]:
+    """The exclusive hold on a model's network for ``train`` (refused while in use)."""
+    usage = _usage(module)
     with usage.lock:
         if usage.training or usage.predictions:
             what = "`train()` is already running" if usage.training else "a prediction is running"
@@ -96,7 +85,9 @@ class _Generator(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.generator = generator
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
+    ) -> object:
         kwargs = kwargs or {}
         if func in self.RANDOM and kwargs.get("generator") is None:
             kwargs = {**kwargs, "generator": self.generator}
@@ -104,7 +95,7 @@ class _Generator(torch.overrides.TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def local_random(seed: int, device: torch.device):
+def local_random(seed: int, device: torch.device) -> Iterator[None]:
     """Random numbers drawn in this block come from a generator of its own, seeded with ``seed``.
 
     torch's global generator is neither read nor advanced, so predictions in other threads

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import warnings
@@ -24,35 +23,36 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import _files
+from .._checks import check_anndata
+from ..data._checks import check_control_label, check_genes
 from . import _legacy, _schema
 from ._mudata import is_mudata, rna_modality
-from ._validation import check_anndata, check_control_label, check_genes, restore_on_error
+from ._schema import MANIFEST_FNAME, WEIGHTS_FNAME, ModelFileError, build_model, file_error
+from ._validation import restore_on_error
 
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from anndata import AnnData
+    from scvi.model.base import BaseModelClass
 
 FORMAT_NAME, FORMAT_VERSION = _schema.FORMAT_NAME, _schema.FORMAT_VERSION
-MANIFEST_FNAME = "model.json"
-WEIGHTS_FNAME = "model.safetensors"
 ADATA_FNAME = "adata.h5ad"
 LEGACY_FNAME = "model.pt"  # scvi-tools' pickle: opened only by `convert_legacy_model`
+#: A folder argument.
+PathArg = str | os.PathLike
 
 
-class ModelFileError(ValueError):
-    """A model folder or one of its files cannot be loaded (missing, damaged, foreign or newer)."""
-
-
-def _error(path: Path, what: str) -> ModelFileError:
-    return ModelFileError(f"Cannot load {path}: {what}")
-
-
-def _prefix(prefix) -> str:
+def _prefix(prefix: str | None) -> str:
     if prefix is not None and (not isinstance(prefix, str) or set(prefix) & {"/", "\\", "\0"}):
         raise ValueError(f"`prefix` must be a file name prefix, not a path: {prefix!r}")
     return prefix or ""
 
 
-def save_model(model, dir_path, *, prefix, overwrite, save_anndata, anndata_source=None, **kwargs):
+def save_model(
+    model: BaseModelClass, dir_path: PathArg, *, prefix: str | None, overwrite: bool,
+    save_anndata: bool, anndata_source: Path | None = None, **kwargs: object,
+) -> None:
     """Write ``model`` to ``dir_path`` whole or not at all (``anndata_source``: h5ad to copy)."""
     from safetensors.torch import save
 
@@ -117,45 +117,55 @@ def _manifest_path(dir_path: Path, prefix: str) -> Path:
     raise ModelFileError(f"{where} {found}: not written by {by}.")
 
 
-def _read_manifest(source: Path) -> dict:
+def _read_manifest(source: Path, folder_fd: int) -> dict:
     try:
-        raw = _files.read_bytes(source)
+        with _files.open_file(source.name, folder_fd) as handle:
+            raw = handle.read()
         manifest = json.loads(raw.decode("utf-8"), parse_constant=_schema.no_constant)
         return {**manifest, "written": _schema.check_header(manifest, MIGRATIONS)}
     except UnicodeDecodeError as exc:
-        raise _error(source, f"the file is not UTF-8 text (damaged? no model?): {exc}.") from None
+        raise file_error(
+            source, f"the file is not UTF-8 text (damaged? no model?): {exc}."
+        ) from None
     except RecursionError:
-        raise _error(source, "the JSON is nested too deeply.") from None
+        raise file_error(source, "the JSON is nested too deeply.") from None
     except json.JSONDecodeError as exc:
         why = f"not valid JSON (truncated or damaged?): {exc}" if raw.strip() else "empty"
-        raise _error(source, f"the file is {why}.") from None
+        raise file_error(source, f"the file is {why}.") from None
     except ValueError as exc:  # a link, another tool's file, another version
-        raise _error(source, str(exc)) from None
+        raise file_error(source, str(exc)) from None
 
 
 class _Folder:
     """An open model folder: its files are read relative to it, checked, never through a link."""
 
-    def __init__(self, source: Path, manifest: dict, prefix: str) -> None:
-        self.source, self.manifest, self.prefix = source, manifest, prefix
+    def __init__(self, source: Path, prefix: str, manifest: dict | None = None) -> None:
+        self.source, self.prefix = source, prefix
         self.fd = _files.open_folder(source.parent)
+        # Read through the open folder: a save that swaps in a new folder meanwhile cannot
+        # pair one save's manifest with another's files.
+        try:
+            self.manifest = _read_manifest(source, self.fd) if manifest is None else manifest
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         os.close(self.fd)
 
-    def open(self, name: str):
+    def open(self, name: str) -> BinaryIO:
         """The listed file ``name``, open, checked to be as recorded (size and SHA-256)."""
         path = self.source.with_name(f"{self.prefix}{name}")
         expected = self.manifest["files"].get(name)
         if not isinstance(expected, dict):
-            raise _error(self.source, f"the manifest does not describe {name}.")
+            raise file_error(self.source, f"the manifest does not describe {name}.")
         try:
             return _files.open_verified(path.name, self.fd, expected, self.source.name)
         except FileNotFoundError:
             what = f"{path.name} is missing (listed in {self.source.name})"
             raise FileNotFoundError(f"Cannot load {path.parent}: {what}.") from None
         except ValueError as exc:  # a link, or another content
-            raise _error(path, str(exc)) from None
+            raise file_error(path, str(exc)) from None
 
     def read(self, name: str) -> bytes:
         with self.open(name) as handle:
@@ -169,52 +179,58 @@ class _Folder:
             return load(data)
         except Exception as exc:  # SafetensorError and friends: a damaged or foreign file
             path = self.source.with_name(f"{self.prefix}{WEIGHTS_FNAME}")
-            raise _error(path, f"not safetensors: {type(exc).__name__}: {exc}.") from None
+            raise file_error(path, f"not safetensors: {type(exc).__name__}: {exc}.") from None
 
 
-def _read_v2(folder: _Folder) -> dict:
+def _read(folder: _Folder) -> dict:
     content = _schema.deserialise(folder.manifest, folder.tensors())
     return {**content, "adata": ADATA_FNAME in folder.manifest["files"]}
 
+#: Format versions read (1: ptrag_sc 0.1.0; 3: the evidence sources' fits by source name), each
+#: by a function giving a folder's content in the current form: ``var_names``, ``registry``,
+#: ``attributes``, ``state`` (weights), ``adata``.
+MIGRATIONS = {
+    1: _legacy.read_v1,
+    2: lambda folder: _legacy.sources_by_name(_read(folder)),
+    3: _read,
+}
 
-#: Format versions read (1: ptrag_sc 0.1.0), each by a function giving a folder's content in the
-#: current form: ``var_names``, ``registry``, ``attributes``, ``state`` (weights), ``adata``.
-MIGRATIONS = {1: _legacy.read_v1, 2: _read_v2}
 
-
-def read_model_files(dir_path, prefix=None, backup_url=None) -> tuple[Path, dict]:
+def read_model_files(
+    dir_path: PathArg, prefix: str | None = None, backup_url: str | dict | None = None
+) -> tuple[Path, dict]:
     """The checked content of a model folder (see :data:`MIGRATIONS`) and its manifest's path."""
     prefix, dir_path = _prefix(prefix), Path(dir_path)
     if backup_url is not None:
         dir_path.mkdir(parents=True, exist_ok=True)
         _files.download_missing(dir_path, [f"{prefix}{MANIFEST_FNAME}"], backup_url)
     source = _manifest_path(dir_path, prefix)
-    manifest = _read_manifest(source)
-    if backup_url is not None:
-        names = [f"{prefix}{name}" for name in manifest["files"]]
-        _files.download_missing(dir_path, names, backup_url)
     try:
-        with contextlib.closing(_Folder(source, manifest, prefix)) as folder:
+        with contextlib.closing(_Folder(source, prefix)) as folder:
+            manifest = folder.manifest
+            if backup_url is not None:
+                names = [f"{prefix}{name}" for name in manifest["files"]]
+                _files.download_missing(dir_path, names, backup_url)
             content = MIGRATIONS[manifest["format_version"]](folder)
     except (ModelFileError, FileNotFoundError):
         raise
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-        raise _error(source, f"malformed entry {exc}.") from None
+        raise file_error(source, f"malformed entry {exc}.") from None
     except RecursionError:
-        raise _error(source, "the JSON is nested too deeply.") from None
+        raise file_error(source, "the JSON is nested too deeply.") from None
     problem = _schema.check_content(content, manifest["written"])
     if problem:
-        raise _error(source, problem)
+        raise file_error(source, problem)
     return source, {**content, "written": manifest["written"], "manifest": manifest}
 
 
-def _saved_adata(source: Path, manifest: dict, prefix: str):
+def _saved_adata(source: Path, manifest: dict, prefix: str) -> AnnData:
     """The AnnData saved with the model, checked against the manifest (from format 2 on)."""
     from anndata import read_h5ad
 
     path = source.with_name(f"{prefix}{ADATA_FNAME}")
     try:
-        with contextlib.closing(_Folder(source, manifest, prefix)) as folder:
+        with contextlib.closing(_Folder(source, prefix, manifest)) as folder:
             if ADATA_FNAME in manifest["files"]:
                 handle = folder.open(ADATA_FNAME)
             else:  # format version 1 recorded no checksum
@@ -224,37 +240,7 @@ def _saved_adata(source: Path, manifest: dict, prefix: str):
     except (ModelFileError, FileNotFoundError):
         raise
     except Exception as exc:  # h5py's errors of a damaged file, a link
-        raise _error(path, f"not a readable h5ad file: {type(exc).__name__}: {exc}") from None
-
-
-def _build(cls, source: Path, content: dict, adata, device):
-    """The model the content describes (scvi-tools' ``_initialize_model``), weights loaded."""
-    arguments = _schema.constructor_arguments(content)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "adata", "registry"}
-    if set(arguments) - accepted:
-        unknown = sorted(set(arguments) - accepted)
-        raise _error(source, f"it has constructor argument(s) {unknown} {cls.__name__} lacks.")
-    try:
-        model = cls(adata, registry=content["registry"], **arguments)
-    except Exception as exc:  # the arguments come from the file: its fault, cause attached
-        why = f"{type(exc).__name__}: {exc}"
-        raise _error(source, f"the model it describes cannot be built: {why}") from exc
-    for name, value in content["attributes"].items():
-        try:
-            if name != "init_params_":
-                setattr(model, name, value)
-        except Exception as exc:
-            why = f"{type(exc).__name__}: {exc}"
-            raise _error(source, f"attribute {name!r} cannot be restored: {why}") from exc
-    problem = _schema.check_state(model.module.state_dict(), content["state"])
-    if problem:
-        weights = source.with_name(source.name.replace(MANIFEST_FNAME, WEIGHTS_FNAME))
-        why = f"the weights ({content['written']}) do not fit the model {source.name} describes"
-        raise _error(weights, f"{why}: {problem}.")
-    model.module.load_state_dict(content["state"], strict=True)
-    model.to_device(device)
-    model.module.eval()
-    return model
+        raise file_error(path, f"not a readable h5ad file: {type(exc).__name__}: {exc}") from None
 
 
 class SafeSaveMixin:
@@ -271,7 +257,7 @@ class SafeSaveMixin:
         prefix: str | None = None,
         overwrite: bool = False,
         save_anndata: bool = False,
-        **anndata_write_kwargs,
+        **anndata_write_kwargs: object,
     ) -> None:
         """Save the model: weights, settings, training state and (optionally) the AnnData.
 
@@ -305,8 +291,8 @@ class SafeSaveMixin:
         for name in ("save_kwargs", "legacy_mudata_format", "datamodule"):
             if anndata_write_kwargs.pop(name, None) not in (None, False):
                 raise TypeError(f"`{name}` is an option of scvi-tools' `torch.save`, not used.")
-        options = {"prefix": prefix, "overwrite": overwrite, "save_anndata": save_anndata}
-        save_model(self, dir_path, **options, **anndata_write_kwargs)
+        save_model(self, dir_path, prefix=prefix, overwrite=overwrite, save_anndata=save_anndata,
+                   **anndata_write_kwargs)
 
     @classmethod
     def load(
@@ -317,7 +303,7 @@ class SafeSaveMixin:
         device: int | str = "auto",
         prefix: str | None = None,
         backup_url: str | dict | None = None,
-    ):
+    ) -> BaseModelClass:
         """Load a model written by :meth:`save`, without running any code from the directory.
 
         Files are read never through a symbolic link and checked against the sizes and SHA-256
@@ -366,9 +352,13 @@ class SafeSaveMixin:
         source, content = read_model_files(dir_path, prefix, backup_url)
         registry = content["registry"]
         if registry.get("model_name") not in (None, cls.__name__):
-            raise _error(source, f"it holds a {registry['model_name']} model, not {cls.__name__}.")
+            raise file_error(
+                source, f"it holds a {registry['model_name']} model, not {cls.__name__}."
+            )
         if registry.get("setup_method_name", "setup_anndata") != "setup_anndata":
-            raise _error(source, f"unsupported setup method {registry['setup_method_name']!r}.")
+            raise file_error(
+                source, f"unsupported setup method {registry['setup_method_name']!r}."
+            )
         if adata is None and content["adata"]:
             adata = _saved_adata(source, content["manifest"], _prefix(prefix))
         elif adata is None:
@@ -381,7 +371,7 @@ class SafeSaveMixin:
                 embeddings = _schema.constructor_arguments(content).get("perturbation_embeddings")
                 check_control_label(adata, registry["setup_args"], embeddings)
                 cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
-            model = _build(cls, source, content, adata, device)
+            model = build_model(cls, source, content, adata, device)
             if adata is not None:
                 model._validate_anndata(adata)
         return model
@@ -399,7 +389,7 @@ class SafeSaveMixin:
         AnnDataManager.view_setup_method_args(SafeSaveMixin.load_registry(dir_path, prefix))
 
     @classmethod
-    def convert_legacy_save(cls, *args, **kwargs):
+    def convert_legacy_save(cls, *args: object, **kwargs: object) -> None:
         """Not supported: scvi-tools' converter unpickles; see :meth:`convert_legacy_model`."""
         raise NotImplementedError(
             "scvi-tools' `convert_legacy_save` reads pickle files. Use `PTRAG.convert_legacy_model"
@@ -408,7 +398,8 @@ class SafeSaveMixin:
 
     @classmethod
     def convert_legacy_model(
-        cls, dir_path, output_dir_path, *, trust_pickle=False, prefix=None, overwrite=False
+        cls, dir_path: PathArg, output_dir_path: PathArg, *, trust_pickle: bool = False,
+        prefix: str | None = None, overwrite: bool = False,
     ) -> None:
         """Convert a model saved in scvi-tools' pickle format (``model.pt``) to the safe format.
 
@@ -441,8 +432,8 @@ class SafeSaveMixin:
             raise ModelFileError(str(exc)) from None
         problem = _schema.check_content(content, content["written"])
         if problem:
-            raise _error(legacy, problem)
-        model = _build(cls, legacy, content, None, torch.device("cpu"))
+            raise file_error(legacy, problem)
+        model = build_model(cls, legacy, content, None, torch.device("cpu"))
         source = adata if adata.is_file() else None
         options = {"prefix": prefix, "overwrite": overwrite, "save_anndata": source is not None}
         save_model(model, output_dir_path, **options, anndata_source=source)

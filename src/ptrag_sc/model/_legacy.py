@@ -1,7 +1,8 @@
-"""Model files of earlier formats: ptrag_sc's format version 1 and scvi-tools' pickle.
+"""Model files of earlier formats: ptrag_sc's format versions 1 and 2, and scvi-tools' pickle.
 
 Format version 1 (ptrag_sc 0.1.0) kept the manifest's values as a typed tree over
-``model_arrays.npz``; :func:`read_v1` reads it into the current form (see
+``model_arrays.npz``; :func:`read_v1` reads it. Versions 1 and 2 kept what the evidence sources
+fitted under one prefix; :func:`sources_by_name` renames it (see
 :data:`~ptrag_sc.model._io.MIGRATIONS`). scvi-tools' ``model.pt`` is a pickle: only
 :func:`read_pickle`, behind ``convert_legacy_model(trust_pickle=True)``, opens one.
 """
@@ -11,16 +12,49 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class _Folder(Protocol):
+        """What is read of an open model folder (``model._io`` opens it)."""
+
+        manifest: dict
+
+        def read(self, name: str) -> bytes: ...
+
+        def tensors(self) -> dict[str, torch.Tensor]: ...
+
 #: Format version 1's arrays.
 V1_ARRAYS_FNAME = "model_arrays.npz"
+#: Prefixes of the memory's keys before format version 3, and the source each belongs to.
+_SOURCE_PREFIXES = {
+    "sources.embedding_": "linear_embedding",
+    "sources.annotation_": "linear_annotation",
+}
 
 
-def _value(node, path: str, arrays: dict[str, np.ndarray]):
+def sources_by_name(content: dict) -> dict:
+    """``content`` with the memory's ``sources.embedding_weights`` (format versions 1 and 2)
+    read as ``sources.linear_embedding.weights`` (version 3: by source name)."""
+    memory = content["attributes"].get("memory_")
+    if isinstance(memory, dict):
+        renamed = {}
+        for key, value in memory.items():
+            for prefix, source in _SOURCE_PREFIXES.items():
+                if str(key).startswith(prefix):
+                    key = f"sources.{source}.{key.removeprefix(prefix)}"
+            renamed[key] = value
+        content["attributes"]["memory_"] = renamed
+    return content
+
+
+def _value(node: object, path: str, arrays: dict[str, np.ndarray]) -> object:
     """A value of a version-1 manifest: the node types that version wrote for PTRAG."""
     if node is None or isinstance(node, bool | int | float | str):
         return node
@@ -56,7 +90,7 @@ def _value(node, path: str, arrays: dict[str, np.ndarray]):
     raise ValueError(f"{path}: node type {kind!r} is not read by this version of ptrag_sc")
 
 
-def read_v1(folder) -> dict:
+def read_v1(folder: _Folder) -> dict:
     """A version-1 folder's content (``folder``: the open folder of ``_io``).
 
     Raises ``ValueError`` / ``KeyError`` / ``TypeError`` for malformed content (the caller
@@ -75,13 +109,13 @@ def read_v1(folder) -> dict:
         ) from None
     manifest = folder.manifest
     attributes = {k: _value(v, k, arrays) for k, v in manifest["attributes"].items()}
-    return {
+    return sources_by_name({
         "var_names": _value(manifest["var_names"], "var_names", arrays),
         "registry": _value(manifest["registry"], "registry", arrays),
         "attributes": attributes,
         "state": folder.tensors(),
         "adata": manifest.get("anndata_saved") is True,
-    }
+    })
 
 
 def read_pickle(path: Path) -> dict:
@@ -100,9 +134,9 @@ def read_pickle(path: Path) -> dict:
             f"{path} is not a scvi-tools model file (expected a dict with 'model_state_dict' and "
             "'attr_dict' holding 'registry_')."
         )
-    return {
+    return sources_by_name({
         "var_names": np.asarray(payload.get("var_names", [])).astype(str),
         "registry": attributes.pop("registry_"),
         "attributes": attributes,
         "state": {k: v for k, v in state.items() if k != "pyro_param_store"},
-    }
+    })

@@ -24,20 +24,21 @@ from .._constants import (
     DEFAULT_PERTURBATION_KEY,
     DEFAULT_PERTURBATION_SEP,
 )
-from ..data._perturbations import normalise_labels
-from ..pp._guides import GUIDE_ASSIGNED, assign_guides, guide_columns
-from ._validation import (
+from ..data._cells import expression_matrix
+from ..data._checks import (
     check_categories,
     check_controls_per_cell_type,
     check_expression,
     check_setup_arguments,
-    expression_matrix,
 )
+from ..data._perturbations import normalise_labels
+from ..pp._guides import GUIDE_ASSIGNED, assign_guides, guide_columns
+from ._validation import check_trained
 
 if TYPE_CHECKING:
     from mudata import MuData
 
-__all__ = ["MuDataMixin", "is_mudata", "rna_modality"]
+__all__ = ["MuDataMixin", "is_mudata", "model_input", "rna_modality"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ _SCVI_UUID_KEY = "_scvi_uuid"
 _RESERVED_ASSIGN_KWARGS = ("inplace", "copy")
 
 
-def is_mudata(data) -> bool:
+def is_mudata(data: object) -> bool:
     """Whether ``data`` is a :class:`~mudata.MuData` (without importing mudata needlessly)."""
     if isinstance(data, AnnData) or data is None:
         return False
@@ -57,7 +58,7 @@ def is_mudata(data) -> bool:
     return isinstance(data, MuData)
 
 
-def _describe(mdata) -> str:
+def _describe(mdata: MuData) -> str:
     return ", ".join(f"{name!r} ({mod.n_obs} x {mod.n_vars})" for name, mod in mdata.mod.items())
 
 
@@ -102,13 +103,17 @@ def rna_modality(
             )
     if var_names is not None:
         reference = pd.Index(np.asarray(var_names).astype(str))
-        same = [name for name, mod in mods.items() if pd.Index(mod.var_names.astype(str)).equals(reference)]
+        same = [
+            name
+            for name, mod in mods.items()
+            if pd.Index(mod.var_names.astype(str)).equals(reference)
+        ]
         if len(same) == 1:
             return mods[same[0]]
         if len(same) > 1:
             raise ValueError(
-                f"Several modalities of the MuData have the model's genes: {same}. Pass the AnnData "
-                f"itself, e.g. `mdata.mod[{same[0]!r}]`."
+                f"Several modalities of the MuData have the model's genes: {same}. Pass the "
+                f"AnnData itself, e.g. `mdata.mod[{same[0]!r}]`."
             )
     if default is not None and default in mods:
         return mods[default]
@@ -147,7 +152,7 @@ class MuDataMixin:
         assign_kwargs: dict | None = None,
         overwrite: bool = False,
         excluded_cells: Literal["drop", "raise"] = "drop",
-        **kwargs,
+        **kwargs: object,
     ) -> None:
         """Label the cells of a MuData from its guides and register its RNA modality.
 
@@ -252,8 +257,10 @@ class MuDataMixin:
         >>> rng = np.random.default_rng(0)
         >>> rna = ad.AnnData(np.log1p(rng.poisson(2.0, (6, 4))).astype(np.float32))
         >>> rna.obs["cell_line"] = "THP-1"
-        >>> var = pd.DataFrame({"target_gene": ["STAT1", "non-targeting"]}, index=["STAT1g1", "NTg1"])
-        >>> counts = np.array([[20, 0], [0, 15], [9, 8], [30, 1], [1, 0], [0, 11]], dtype=np.float32)
+        >>> targets = ["STAT1", "non-targeting"]
+        >>> var = pd.DataFrame({"target_gene": targets}, index=["STAT1g1", "NTg1"])
+        >>> counts = [[20, 0], [0, 15], [9, 8], [30, 1], [1, 0], [0, 11]]
+        >>> counts = np.array(counts, dtype=np.float32)
         >>> gdo = ad.AnnData(counts, obs=pd.DataFrame(index=rna.obs_names), var=var)
         >>> mdata = md.MuData({"rna": rna, "gdo": gdo})
         >>> ptrag_sc.PTRAG.setup_mudata(mdata, guide_mod="gdo")
@@ -263,16 +270,22 @@ class MuDataMixin:
         {'assigned': 4, 'unassigned': 1, 'multiplet': 1}
         """
         if not is_mudata(mdata):
-            hint = f" For an AnnData use `{cls.__name__}.setup_anndata`." if isinstance(mdata, AnnData) else ""
+            hint = (
+                f" For an AnnData use `{cls.__name__}.setup_anndata`."
+                if isinstance(mdata, AnnData)
+                else ""
+            )
             raise TypeError(f"`mdata` must be a MuData, got {type(mdata).__name__}.{hint}")
         if "modalities" in kwargs:
             raise TypeError(
-                f"`{cls.__name__}.setup_mudata` takes `rna_mod=` and `guide_mod=` instead of scvi-tools' "
-                "`modalities=`: the model reads one modality (RNA), and the guide modality only "
-                "provides its labels."
+                f"`{cls.__name__}.setup_mudata` takes `rna_mod=` and `guide_mod=` instead of "
+                "scvi-tools' `modalities=`: the model reads one modality (RNA), and the guide "
+                "modality only provides its labels."
             )
         if excluded_cells not in ("drop", "raise"):
-            raise ValueError(f"`excluded_cells` must be 'drop' or 'raise', got {excluded_cells!r}.")
+            raise ValueError(
+                f"`excluded_cells` must be 'drop' or 'raise', got {excluded_cells!r}."
+            )
         _check_modality(mdata, rna_mod, "rna_mod")
         rna = mdata.mod[rna_mod]
         check_setup_arguments(
@@ -288,11 +301,14 @@ class MuDataMixin:
         assign_kwargs = dict(assign_kwargs or {})
         reserved = sorted(set(assign_kwargs) & set(_RESERVED_ASSIGN_KWARGS))
         if reserved:
-            raise ValueError(f"`assign_kwargs` must not set {reserved}: `setup_mudata` writes the assignment itself.")
+            raise ValueError(
+                f"`assign_kwargs` must not set {reserved}: `setup_mudata` writes the assignment "
+                "itself."
+            )
         if assign_kwargs.get("control_group", control_group) != control_group:
             raise ValueError(
-                f"`assign_kwargs['control_group']={assign_kwargs['control_group']!r}` differs from "
-                f"`control_group={control_group!r}`; set `control_group` only."
+                f"`assign_kwargs['control_group']={assign_kwargs['control_group']!r}` differs "
+                f"from `control_group={control_group!r}`; set `control_group` only."
             )
         unassigned = assign_kwargs.get("unassigned", "unassigned")
         multiplet = assign_kwargs.get("multiplet", "multiplet")
@@ -304,13 +320,16 @@ class MuDataMixin:
                 raise ValueError(f"`guide_mod` and `rna_mod` are the same modality ({rna_mod!r}).")
             if perturbation_key in rna.obs.columns and not overwrite:
                 raise ValueError(
-                    f"`mdata.mod[{rna_mod!r}].obs` already has a column {perturbation_key!r}. Pass "
-                    "`overwrite=True` to replace it with the guide assignment, choose another "
-                    f"`perturbation_key`, or use it as it is with `guide_mod=None`."
+                    f"`mdata.mod[{rna_mod!r}].obs` already has a column {perturbation_key!r}. "
+                    "Pass `overwrite=True` to replace it with the guide assignment, choose "
+                    "another `perturbation_key`, or use it as it is with `guide_mod=None`."
                 )
             guides = mdata.mod[guide_mod]
             if not guides.obs_names.is_unique:
-                raise ValueError(f"`mdata.mod[{guide_mod!r}]` has duplicated obs names; run `mdata.obs_names_make_unique()`.")
+                raise ValueError(
+                    f"`mdata.mod[{guide_mod!r}]` has duplicated obs names; run "
+                    "`mdata.obs_names_make_unique()`."
+                )
             assign_kwargs["control_group"] = control_group
             assignment = assign_guides(guides, inplace=False, **assign_kwargs)
             columns = guide_columns(assign_kwargs.get("key_added", "guide"))
@@ -334,7 +353,9 @@ class MuDataMixin:
             keep = ~excluded
             counts = {
                 "assigned": int(keep.sum()),
-                "unassigned": int((~missing & (labels.astype(str) == unassigned)).sum() + missing.sum()),
+                "unassigned": int(
+                    (~missing & (labels.astype(str) == unassigned)).sum() + missing.sum()
+                ),
                 "multiplet": int((~missing & (labels.astype(str) == multiplet)).sum()),
             }
             missing_guides = np.zeros(rna.n_obs, dtype=bool)
@@ -343,46 +364,65 @@ class MuDataMixin:
         if n_excluded and excluded_cells == "raise":
             raise ValueError(
                 f"{n_excluded} cell(s) of `mdata.mod[{rna_mod!r}]` have no single perturbation "
-                f"({counts['unassigned']} unassigned, {counts['multiplet']} multiplets) in {where}. "
-                "Pass `excluded_cells='drop'` to remove them from the RNA modality, or filter them first."
+                f"({counts['unassigned']} unassigned, {counts['multiplet']} multiplets) in "
+                f"{where}. Pass `excluded_cells='drop'` to remove them from the RNA modality, or "
+                "filter them first."
             )
         if not keep.any():
-            raise ValueError(f"No cell of `mdata.mod[{rna_mod!r}]` has a single perturbation in {where}.")
+            raise ValueError(
+                f"No cell of `mdata.mod[{rna_mod!r}]` has a single perturbation in {where}."
+            )
 
         # 2. Checks of the kept cells before anything is written.
         context = {}
         for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
             if key is not None:
                 context[key] = _obs_source(mdata, rna_mod, key, argument)[key]
-                where_key = f"`obs[{key!r}]` (`{argument}`) of the kept cells of `mdata.mod[{rna_mod!r}]`"
+                where_key = (
+                    f"`obs[{key!r}]` (`{argument}`) of the kept cells of `mdata.mod[{rna_mod!r}]`"
+                )
                 check_categories(context[key][keep], where_key, rna.obs_names[keep])
         kept_labels = labels[keep].astype(str)
-        blank = normalise_labels(kept_labels, control_group=control_group, sep=perturbation_sep) == ""
+        blank = (
+            normalise_labels(kept_labels, control_group=control_group, sep=perturbation_sep) == ""
+        )
         if blank.any():
             raise ValueError(
-                f"{int(blank.sum())} kept cell(s) of {where} have empty labels (blank or only separators), "
-                f"e.g. {rna.obs_names[keep][blank][:5].tolist()}."
+                f"{int(blank.sum())} kept cell(s) of {where} have empty labels (blank or only "
+                f"separators), e.g. {rna.obs_names[keep][blank][:5].tolist()}."
             )
         if not (kept_labels == control_group).any():
             found = sorted(set(kept_labels))[:10]
             raise ValueError(
-                f"No control cells: `control_group={control_group!r}` does not occur among the kept "
-                f"cells of {where}. Labels present include {found}."
+                f"No control cells: `control_group={control_group!r}` does not occur among the "
+                f"kept cells of {where}. Labels present include {found}."
                 + (
-                    " Control guides are those whose target is in `assign_kwargs['control_targets']` "
-                    "(default ('non-targeting',))."
+                    " Control guides are those whose target is in "
+                    "`assign_kwargs['control_targets']` (default ('non-targeting',))."
                     if guide_mod is not None
                     else ""
                 )
             )
         cell_types = (
-            context[cell_type_key].astype(str).to_numpy()[keep] if cell_type_key is not None else np.full(keep.sum(), "all")
+            context[cell_type_key].astype(str).to_numpy()[keep]
+            if cell_type_key is not None
+            else np.full(keep.sum(), "all")
         )
-        check_controls_per_cell_type(kept_labels == control_group, cell_types, where=f"the kept cells of `mdata.mod[{rna_mod!r}]`")
+        check_controls_per_cell_type(
+            kept_labels == control_group,
+            cell_types,
+            where=f"the kept cells of `mdata.mod[{rna_mod!r}]`",
+        )
         X = expression_matrix(rna, layer)
-        check_expression(X, where=f"`mdata.mod[{rna_mod!r}].X`" if layer is None else f"`mdata.mod[{rna_mod!r}].layers[{layer!r}]`")
+        check_expression(
+            X,
+            where=f"`mdata.mod[{rna_mod!r}].X`"
+            if layer is None
+            else f"`mdata.mod[{rna_mod!r}].layers[{layer!r}]`",
+        )
 
-        # 3. Write: the guide assignment, then drop the excluded cells, then the labels and context.
+        # 3. Write: the guide assignment, then drop the excluded cells, then the labels and
+        # context.
         if guide_mod is not None:
             for column in assignment.columns:
                 guides.obs[column] = assignment[column].values  # positional (obs names may repeat)
@@ -396,12 +436,16 @@ class MuDataMixin:
             rna.obs[perturbation_key] = rna.obs[perturbation_key].cat.remove_unused_categories()
         for key, values in context.items():
             if key not in rna.obs.columns:
-                rna.obs[key] = values.to_numpy()[keep] if not isinstance(values.dtype, pd.CategoricalDtype) else values.array[keep]
+                rna.obs[key] = (
+                    values.to_numpy()[keep]
+                    if not isinstance(values.dtype, pd.CategoricalDtype)
+                    else values.array[keep]
+                )
         if n_excluded:
             _update(mdata)
             logger.info(
-                "setup_mudata: %d cell(s) kept; %d unassigned (%d without guide data) and %d multiplet(s) "
-                "removed from mdata.mod[%r].",
+                "setup_mudata: %d cell(s) kept; %d unassigned (%d without guide data) and %d "
+                "multiplet(s) removed from mdata.mod[%r].",
                 counts["assigned"],
                 counts["unassigned"],
                 int(missing_guides.sum()),
@@ -419,7 +463,7 @@ class MuDataMixin:
             **kwargs,
         )
 
-    def _resolve_adata(self, adata):
+    def _resolve_adata(self, adata: AnnData | MuData | None) -> AnnData | None:
         """``adata`` itself, or the RNA AnnData of a MuData (see :func:`rna_modality`)."""
         if not is_mudata(adata):
             return adata
@@ -432,14 +476,27 @@ class MuDataMixin:
         )
 
 
-def _check_modality(mdata, name: str, argument: str) -> None:
+def model_input(model: MuDataMixin, adata: AnnData | MuData | None) -> AnnData | None:
+    """What a trained model's prediction reads: ``adata``, the RNA modality of a MuData, or by
+    default the model's own AnnData (``None`` when it was loaded without one)."""
+    adata = model._resolve_adata(adata)
+    check_trained(model)
+    return model.adata if adata is None else adata
+
+
+def _check_modality(mdata: MuData, name: str, argument: str) -> None:
     if name not in mdata.mod:
-        raise KeyError(f"`{argument}={name!r}` is not a modality of the MuData. Modalities: {_describe(mdata)}.")
+        raise KeyError(
+            f"`{argument}={name!r}` is not a modality of the MuData. Modalities: "
+            f"{_describe(mdata)}."
+        )
     if not isinstance(mdata.mod[name], AnnData):
-        raise TypeError(f"`mdata.mod[{name!r}]` is a {type(mdata.mod[name]).__name__}, not an AnnData.")
+        raise TypeError(
+            f"`mdata.mod[{name!r}]` is a {type(mdata.mod[name]).__name__}, not an AnnData."
+        )
 
 
-def _obs_source(mdata, rna_mod: str, key: str, argument: str) -> pd.DataFrame:
+def _obs_source(mdata: MuData, rna_mod: str, key: str, argument: str) -> pd.DataFrame:
     """The obs frame holding ``key``, aligned to the RNA cells: the RNA modality's, else
     ``mdata.obs``."""
     rna = mdata.mod[rna_mod]
@@ -447,15 +504,18 @@ def _obs_source(mdata, rna_mod: str, key: str, argument: str) -> pd.DataFrame:
         return rna.obs
     if key in mdata.obs.columns:
         if not mdata.obs_names.is_unique:
-            raise ValueError("`mdata.obs_names` are not unique; run `mdata.obs_names_make_unique()`.")
+            raise ValueError(
+                "`mdata.obs_names` are not unique; run `mdata.obs_names_make_unique()`."
+            )
         return mdata.obs[[key]].reindex(rna.obs_names)
     raise KeyError(
         f"`{argument}={key!r}` is a column neither of `mdata.mod[{rna_mod!r}].obs` "
-        f"({list(map(str, rna.obs.columns))[:30]}) nor of `mdata.obs` ({list(map(str, mdata.obs.columns))[:30]})."
+        f"({list(map(str, rna.obs.columns))[:30]}) nor of `mdata.obs` "
+        f"({list(map(str, mdata.obs.columns))[:30]})."
     )
 
 
-def _update(mdata) -> None:
+def _update(mdata: MuData) -> None:
     """``mdata.update()`` without mudata's notice about its future pull default."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module="mudata")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from typing import TYPE_CHECKING, Literal
 
@@ -18,6 +20,7 @@ from .._constants import (
     DEFAULT_PERTURBATION_KEY,
     DEFAULT_PERTURBATION_SEP,
     DEFAULT_PRED_LAYER,
+    REGISTRY_KEYS,
     Backbone,
     ContextMode,
     IndexBackend,
@@ -25,13 +28,13 @@ from .._constants import (
     MemoryKind,
     Retrieval,
 )
-from ..data import RetrievalMemory
+from ..data import ModelState, PerturbationEncoder, RetrievalMemory
 from ..data._similarity import Similarity
 from ..module import PTRAGModule
 from ..train import PTRAGTrainingPlan
 from . import _assembly, _docs, _predict, _training
 from ._io import SafeSaveMixin
-from ._mudata import MuDataMixin
+from ._mudata import MuDataMixin, model_input
 from ._validation import check_model_options, check_model_size, restore_on_error
 
 if TYPE_CHECKING:
@@ -39,10 +42,27 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-    from ..data import PerturbationData, SetBuilder, SetupArgs
-    from ..data._index import NeighbourIndex
+#: What scvi-tools' runner writes on the model; put back when training fails.
+_RUNNER_WRITES = (
+    "is_trained_",
+    "history_",
+    "train_indices_",
+    "validation_indices_",
+    "test_indices_",
+)
 
-_NOT_TRAINED = "Model not trained. Call `model.train()` first."
+
+def _option(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.state, name), doc=doc)
+
+
+def _trained(name: str, doc: str) -> property:
+    """A saved attribute held by the state (what the model was trained on)."""
+
+    def set_value(self: PTRAG, value: np.ndarray | None) -> None:
+        self.state = self.state.replace(**{name: value})
+
+    return property(lambda self: getattr(self.state, name), set_value, doc=doc)
 
 
 @_docs.fill
@@ -82,13 +102,15 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
     >>> model.predict(adata)  # counterfactual: writes adata.layers["ptrag"]
     >>> adata.layers["ptrag"].shape == adata.shape
     True
-    >>> controls = adata[(adata.obs["gene"] == "non-targeting") & (adata.obs["cell_line"] == "U87MG")]
+    >>> is_control = adata.obs["gene"] == "non-targeting"
+    >>> controls = adata[is_control & (adata.obs["cell_line"] == "U87MG")]
     >>> generated = model.predict(controls, perturbations=["MAPK1", "MAPK1+SGK1"])  # generation
     >>> generated.n_obs == 2 * controls.n_obs
     True
     >>> table = model.get_retrieval(["MAPK1"], cell_type="U87MG")
     >>> first = table.iloc[0]  # MAPK1 itself, measured in another cell line
-    >>> first["candidate"], first["candidate_cell_type"] != "U87MG", round(float(first["similarity"]), 3)
+    >>> similarity = round(float(first["similarity"]), 3)
+    >>> first["candidate"], first["candidate_cell_type"] != "U87MG", similarity
     ('MAPK1', True, 1.0)
 
     Notes
@@ -132,18 +154,32 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         learned_shift: bool | None = None,
         similarity: Similarity | pd.DataFrame = "embedding",
     ) -> None:
-        options = {k: v for k, v in locals().items() if k not in ("self", "adata", "registry", "perturbation_embeddings", "__class__")}
-        options = check_model_options(options)
+        skip = ("self", "adata", "registry", "perturbation_embeddings", "__class__")
+        options = check_model_options({k: v for k, v in locals().items() if k not in skip})
         adata = self._resolve_adata(adata)
         _assembly.check_registered(type(self), adata, registry)
         super().__init__(adata, registry)
-        if registry is None and isinstance(perturbation_embeddings, pd.DataFrame):  # not on load: it may only predict
-            n_batch = self.summary_stats.n_batch if self._setup.batch_key is not None else 0
+        n_genes = self.summary_stats.n_vars
+        n_batch = self.summary_stats.n_batch if self.registry_["setup_args"]["batch_key"] else 0
+        if registry is None and isinstance(perturbation_embeddings, pd.DataFrame):
+            # Not on load: a loaded model may only predict.
             n_dims = perturbation_embeddings.shape[1]
-            check_model_size(type(self), options, n_genes=self.summary_stats.n_vars, n_dims=n_dims, n_batch=n_batch)
-        _assembly.assemble(self, adata, perturbation_embeddings, options)
+            shape = {"n_genes": n_genes, "n_dims": n_dims, "n_batch": n_batch}
+            check_model_size(type(self), options, **shape)
+        self.state = ModelState.build(
+            self.registry_, self.get_var_names(), perturbation_embeddings, options
+        )
+        if adata is not None:
+            field = self.registry_["field_registries"][REGISTRY_KEYS.PERTURBATION_KEY]
+            registered = field["state_registry"]["perturbations"]
+            self.state.encoder.check(registered, context=" in the registered AnnData")
+        self.module = _assembly.module(self._module_cls, self.state, n_genes, n_batch, options)
+        self.best_epoch_ = self.best_step_ = self.validation_perturbations_ = None
+        n_dims = self.state.encoder.n_dims
+        self._model_summary_string = _assembly.summary(options, n_dims, n_genes)
         # What the constructor was called with (canonical types: `16.0` is saved as `16`).
-        self.init_params_ = self._get_init_params({"perturbation_embeddings": perturbation_embeddings, **options})
+        arguments = {"perturbation_embeddings": perturbation_embeddings, **options}
+        self.init_params_ = self._get_init_params(arguments)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -158,7 +194,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         batch_key: str | None = None,
         layer: str | None = None,
         perturbation_sep: str = DEFAULT_PERTURBATION_SEP,
-        **kwargs,
+        **kwargs: object,
     ) -> None:
         """Register an AnnData for :class:`PTRAG`.
 
@@ -204,55 +240,52 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
             )
 
     # ------------------------------------------------------------- properties
-    def _field_state(self, key: str) -> dict:
-        return self.registry_["field_registries"][key]["state_registry"]
+    #: What retrieval and the data layer need (:class:`~ptrag_sc.data.ModelState`): prediction,
+    #: training, screens and saving read it, never the model.
+    state: ModelState
 
-    @property
-    def _setup(self) -> SetupArgs:
-        return _assembly.setup_args(self.registry_)
+    retrieval = _option("retrieval", "The ``retrieval`` option.")
+    memory_kind = _option("memory_kind", "The ``memory`` option.")
+    n_candidates = _option("n_candidates", "Stage-1 candidates per query.")
+    cell_set_size = _option("cell_set_size", "Cells per set.")
+    match_batch = _option("match_batch", "The ``match_batch`` option.")
+    index_backend = _option("index_backend", "The ``index_backend`` option.")
+    evidence = _option("evidence", "The evidence sources stacked (``None``: all).")
+    similarity = _option("similarity", "What stage 1 ranks memory entries by.")
+    training_perturbations_ = _trained("training_perturbations", "Perturbations trained on.")
+    training_cell_types_ = _trained("training_cell_types", "Cell types trained on.")
 
     @property
     def control_group(self) -> str:
         """Label of control cells."""
-        return self._setup.control_group
+        return self.state.setup.control_group
 
     @property
     def var_names(self) -> pd.Index:
         """Genes the model predicts, in order."""
-        return pd.Index(self.get_var_names())
+        return self.state.var_names
 
     @property
     def perturbation_embeddings(self) -> pd.DataFrame:
         """The validated gene-embedding table (upper-case symbols, float32)."""
-        return self._encoder.table
+        return self.state.encoder.table
 
     @property
     def memory(self) -> RetrievalMemory | None:
         """The retrieval memory built from training cells (``None`` before training)."""
-        return None if self._memory_state is None else RetrievalMemory.from_dict(self._memory_state)
+        return self.state.memory
 
     @property
     def memory_(self) -> dict | None:
         # Saved with the model (attributes ending in "_" are); setting it installs the memory.
-        return self._memory_state
+        return None if self.state.memory is None else self.state.memory.to_dict()
 
     @memory_.setter
-    def memory_(self, state: dict | None) -> None:
-        _assembly.install_memory(self, state)
-
-    def _neighbour_index(self) -> NeighbourIndex | None:
-        return _assembly.neighbour_index(self)
-
-    def _data(self, adata: AnnData, *, require_labels: bool = True) -> PerturbationData:
-        """The data layer's view of ``adata`` in this model's registration and gene order."""
-        return _assembly.data_view(self, adata, require_labels=require_labels)
-
-    def _builder(self) -> SetBuilder:
-        return _assembly.set_builder(self)
-
-    def _require_trained(self) -> None:
-        if not self.is_trained_:
-            raise RuntimeError(_NOT_TRAINED)
+    def memory_(self, saved: dict | None) -> None:
+        memory = None if saved is None else RetrievalMemory.from_dict(saved)
+        if memory is not None:
+            self.module.set_memory(memory.embeddings, memory.response_codes)
+        self.state = self.state.replace(memory=memory)
 
     # ---------------------------------------------------------------- training
     @_docs.fill
@@ -271,7 +304,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
-        **trainer_kwargs,
+        **trainer_kwargs: object,
     ) -> None:
         """Train the model on sets of cells, choosing its length on held-out perturbations.
 
@@ -297,29 +330,44 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         -------
         None. ``model.history`` holds ``train_loss``, ``train_energy``, ``train_mean_error``,
         ``validation_loss``, ``validation_energy``, ``validation_mean_error`` and, for PT-RAG,
-        ``train_active_ratio`` and ``validation_active_ratio``. If training fails or is interrupted, the model is left as it
+        ``train_active_ratio`` and ``validation_active_ratio``. If training fails or is
+        interrupted, the model is left as it
         was before the call.
         """
-        return _training.train(
-            self,
-            max_epochs=max_epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            split_key=split_key,
-            validation_size=validation_size,
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            keep_best=keep_best,
-            check_val_every_n_steps=check_val_every_n_steps,
-            accelerator=accelerator,
-            devices=devices,
-            plan_kwargs=plan_kwargs,
-            trainer_kwargs=trainer_kwargs,
-        )
-
-    def _run_trainer(self, datamodule, **kwargs) -> None:
-        """Hand the data module and the training plan to scvi-tools' runner (a method, so that profilers can wrap it)."""
-        _training.run_trainer(self, datamodule, **kwargs)
+        if self.adata is None:
+            raise ValueError(
+                "This model has no AnnData attached: load it with `PTRAG.load(dir, adata=...)` "
+                "to train."
+            )
+        written = {name: copy.deepcopy(getattr(self, name, None)) for name in _RUNNER_WRITES}
+        try:
+            trained = _training.train(
+                self.state,
+                self.module,
+                self.adata,
+                runner=functools.partial(self._train_runner_cls, self),
+                plan_cls=self._training_plan_cls,
+                max_epochs=max_epochs,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                split_key=split_key,
+                validation_size=validation_size,
+                early_stopping=early_stopping,
+                early_stopping_patience=early_stopping_patience,
+                keep_best=keep_best,
+                check_val_every_n_steps=check_val_every_n_steps,
+                accelerator=accelerator,
+                devices=devices,
+                plan_kwargs=plan_kwargs,
+                trainer_kwargs=trainer_kwargs,
+            )
+        except BaseException:
+            for name, value in written.items():
+                setattr(self, name, value)
+            raise
+        self.state = trained.state
+        self.best_step_, self.best_epoch_ = trained.best_step, trained.best_epoch
+        self.validation_perturbations_ = trained.validation_perturbations
 
     # -------------------------------------------------------------- prediction
     @_docs.fill
@@ -368,7 +416,8 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         -------
         Counterfactual mode: ``None`` (``inplace=True``; writes ``adata.layers[key_added]``), an
         ``(n_obs, n_vars)`` float32 array (``inplace=False``; CSR with ``sparse=True``), or with
-        ``output`` the new file opened with ``anndata.read_h5ad(output, backed="r")``. Generation mode: a new :class:`~anndata.AnnData`
+        ``output`` the new file opened with ``anndata.read_h5ad(output, backed="r")``. Generation
+        mode: a new :class:`~anndata.AnnData`
         with the prediction in ``.X`` and ``.layers[key_added]``; obs: the perturbation and
         cell-type columns, ``ptrag_source_cell`` (obs name of the control cell),
         ``ptrag_unseen_perturbation`` (never measured in training),
@@ -385,8 +434,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         the training data.
         """
         return _predict.predict(
-            self,
-            adata,
+            self.state,
+            self.module,
+            model_input(self, adata),
             perturbations,
             cell_type=cell_type,
             indices=indices,
@@ -400,7 +450,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
             sparse=sparse,
         )
 
-    def add_perturbation_embeddings(self, embeddings: pd.DataFrame, *, overwrite: bool = False) -> None:
+    def add_perturbation_embeddings(
+        self, embeddings: pd.DataFrame, *, overwrite: bool = False
+    ) -> None:
         """Add gene vectors, so that more genes (or combinations) can be predicted.
 
         The model's weights do not depend on which genes have vectors: a gene measured nowhere
@@ -414,7 +466,10 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         overwrite
             Replace the vectors of genes the model already has (default: error).
         """
-        _assembly.add_embeddings(self, embeddings, overwrite=overwrite)
+        table = _assembly.embedding_table(self.state, embeddings, overwrite=overwrite)
+        encoder = PerturbationEncoder(table, sep=self.state.encoder.sep)
+        self.state = self.state.replace(encoder=encoder)
+        self.init_params_["non_kwargs"]["perturbation_embeddings"] = table
 
     # ---------------------------------------------------------- introspection
     def get_perturbation_embedding(self, perturbations: Sequence[str]) -> pd.DataFrame:
@@ -424,7 +479,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         -------
         DataFrame indexed by perturbation label, one column per embedding dimension.
         """
-        return _assembly.embedding_frame(self, perturbations)
+        return _assembly.embedding_frame(self.state, perturbations)
 
     def get_retrieval(
         self,
@@ -462,4 +517,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         ``selected`` (``selected_fraction > 0.5``) and ``confidence`` (response memories: the
         query's confidence, as in :meth:`predict`).
         """
-        return _predict.retrieval_table(self, perturbations, cell_type, adata, n_cells, seed)
+        adata = model_input(self, adata)
+        return _predict.retrieval_table(
+            self.state, self.module, perturbations, cell_type, adata, n_cells, seed
+        )

@@ -17,26 +17,40 @@ Arrays of Python objects are kept when all their items are strings or all are nu
 the value at fault. Decoding checks every node; the model's own attributes must hold the
 kinds in :data:`KINDS`, its retrieval memory only fields of
 :class:`~ptrag_sc.data.RetrievalMemory` and all of those without a default, and its weights
-exactly the module's tensors.
+exactly the module's tensors. :func:`build_model` makes the model a checked content describes.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import MISSING, fields
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..data import RetrievalMemory
+from ..data._sources import SOURCES
+
+if TYPE_CHECKING:
+    from collections.abc import Container
+
+    from anndata import AnnData
+    from scvi.model.base import BaseModelClass
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KINDS",
+    "MANIFEST_FNAME",
+    "WEIGHTS_FNAME",
+    "ModelFileError",
+    "build_model",
     "check_content",
     "check_header",
     "check_state",
@@ -44,14 +58,17 @@ __all__ = [
     "decode",
     "deserialise",
     "encode",
+    "file_error",
     "header",
     "serialise",
 ]
 
+MANIFEST_FNAME = "model.json"
+WEIGHTS_FNAME = "model.safetensors"
 #: Name written into every manifest; anything else is not a ptrag_sc model.
 FORMAT_NAME = "ptrag_sc.model"
 #: Version of the layout written (``ptrag_sc.model._io.MIGRATIONS`` lists those read).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 _TAGS = {"$tensor": {"object"}, "$strings": {"shape", "object"}, "$float": set(), "$frame": set()}
 _OPTIONAL = (type(None),)
@@ -76,6 +93,14 @@ KINDS = {
 }
 
 
+class ModelFileError(ValueError):
+    """A model folder or one of its files cannot be loaded (missing, damaged, foreign or newer)."""
+
+
+def file_error(path: Path, what: str) -> ModelFileError:
+    return ModelFileError(f"Cannot load {path}: {what}")
+
+
 def _unsupported(path: str, why: str) -> TypeError:
     return TypeError(
         f"Cannot save `{path}`: {why}. Model files hold only None, bool, int, float, str, lists, "
@@ -84,7 +109,7 @@ def _unsupported(path: str, why: str) -> TypeError:
     )
 
 
-def encode(value, path: str, tensors: dict[str, torch.Tensor]):
+def encode(value: object, path: str, tensors: dict[str, torch.Tensor]) -> object:
     """The JSON node of ``value``; its number arrays are added to ``tensors``.
 
     Raises
@@ -157,7 +182,7 @@ def _encode_array(array: np.ndarray, path: str, tensors: dict) -> dict:
     return {"$tensor": key, **node}
 
 
-def decode(node, path: str, arrays: dict[str, np.ndarray], used: set[str]):
+def decode(node: object, path: str, arrays: dict[str, np.ndarray], used: set[str]) -> object:
     """Inverse of :func:`encode` (``arrays``: the file's arrays by key; keys read go to ``used``).
 
     Raises
@@ -205,7 +230,7 @@ def decode(node, path: str, arrays: dict[str, np.ndarray], used: set[str]):
     return array.astype(object) if node.get("object") else array
 
 
-def _decode_frame(value, path: str, arrays: dict, used: set) -> pd.DataFrame:
+def _decode_frame(value: dict, path: str, arrays: dict, used: set) -> pd.DataFrame:
     if not isinstance(value, dict) or set(value) != {"values", "index", "columns", "names"}:
         raise ValueError(f"{path}: a frame has 'values', 'index', 'columns' and 'names'")
     parts = {
@@ -232,12 +257,12 @@ def _decode_frame(value, path: str, arrays: dict, used: set) -> pd.DataFrame:
     )
 
 
-def no_constant(name: str):
+def no_constant(name: str) -> NoReturn:
     """``parse_constant`` of :func:`json.loads`: ``NaN`` and ``Infinity`` are not JSON."""
     raise ValueError(f"{name} is not JSON (ptrag_sc never writes it)")
 
 
-def header(model) -> dict:
+def header(model: BaseModelClass) -> dict:
     """The manifest's first entries: format, version, model class, library versions."""
     versions = {}
     for package in ("ptrag_sc", "scvi-tools", "torch"):
@@ -253,7 +278,7 @@ def header(model) -> dict:
     }
 
 
-def check_header(manifest, readable) -> str:
+def check_header(manifest: dict, readable: Container[int]) -> str:
     """Who wrote ``manifest`` (``"format version N, ptrag_sc X"``).
 
     Raises
@@ -287,7 +312,7 @@ def check_header(manifest, readable) -> str:
     return written
 
 
-def serialise(model) -> tuple[dict, dict[str, torch.Tensor]]:
+def serialise(model: BaseModelClass) -> tuple[dict, dict[str, torch.Tensor]]:
     """``model`` as manifest values (``var_names``, ``registry``, ``attributes``) and the tensors
     they refer to, the module's ``state_dict`` under ``module.``.
 
@@ -394,6 +419,11 @@ def check_content(content: dict, written: str) -> str | None:
         missing, unknown = sorted(required - saved), sorted(saved - set(known))
         problems = [f"lacks the field(s) {missing} that this version needs"] if missing else []
         problems += [f"has field(s) {unknown} this version does not know"] if unknown else []
+        stacked = np.ravel(memory.get("evidence_model.sources", [])).astype(str)
+        foreign = sorted(map(str, set(stacked) - set(SOURCES)))
+        problems += [f"stacks evidence source(s) {foreign} this version does not have"] * bool(
+            foreign
+        )
         if problems:
             return (
                 f"its retrieval memory ({written}) {' and '.join(problems)}. Load it with the "
@@ -424,3 +454,35 @@ def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
         if names
     ]
     return "; ".join(parts) if parts else None
+
+
+def build_model(
+    cls: type, source: Path, content: dict, adata: AnnData | None, device: torch.device
+) -> BaseModelClass:
+    """The model the content describes (scvi-tools' ``_initialize_model``), weights loaded."""
+    arguments = constructor_arguments(content)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "adata", "registry"}
+    if set(arguments) - accepted:
+        unknown = sorted(set(arguments) - accepted)
+        raise file_error(source, f"it has constructor argument(s) {unknown} {cls.__name__} lacks.")
+    try:
+        model = cls(adata, registry=content["registry"], **arguments)
+    except Exception as exc:  # the arguments come from the file: its fault, cause attached
+        why = f"{type(exc).__name__}: {exc}"
+        raise file_error(source, f"the model it describes cannot be built: {why}") from exc
+    for name, value in content["attributes"].items():
+        try:
+            if name != "init_params_":
+                setattr(model, name, value)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            raise file_error(source, f"attribute {name!r} cannot be restored: {why}") from exc
+    problem = check_state(model.module.state_dict(), content["state"])
+    if problem:
+        weights = source.with_name(source.name.replace(MANIFEST_FNAME, WEIGHTS_FNAME))
+        why = f"the weights ({content['written']}) do not fit the model {source.name} describes"
+        raise file_error(weights, f"{why}: {problem}.")
+    model.module.load_state_dict(content["state"], strict=True)
+    model.to_device(device)
+    model.module.eval()
+    return model

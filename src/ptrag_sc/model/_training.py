@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import difflib
-import inspect
 import logging
 import math
 import shutil
-import signal
 import tempfile
-import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,16 +16,30 @@ import pandas as pd
 import torch
 from scvi import settings as scvi_settings
 
+from .._checks import finite_float, positive_int
 from .._settings import settings
-from .._utils import flush_denormal, quiet_lightning, settings_threads
-from ..data import SetDataModule, column_max, memory_from_cells
+from ..data import SetDataModule, column_max
+from ..data._checks import check_expression, check_obs_key
 from ..data._sets import n_training_sets
 from ..train import KeepBestWeights, TrainingProgress
+from ..train._runner import (
+    InterruptWatcher,
+    check_trainer_kwargs,
+    deterministic_algorithms,
+    is_data_parallel,
+    keep_sigint,
+    run_trainer,
+    runs_on_cpu,
+)
 from ._guard import training
-from ._validation import check_expression, check_obs_key, finite_float, positive_int
 
 if TYPE_CHECKING:
-    from ..data import PerturbationData
+    from anndata import AnnData
+    from scvi.train import TrainRunner
+
+    from ..data import ModelState, PerturbationData, RetrievalMemory
+    from ..module import PTRAGModule
+    from ..train import PTRAGTrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -48,39 +58,43 @@ MIN_TRAINING_GROUPS_PER_CELL_TYPE = 3
 _SPLIT_VALUES = {"train", "val", "validation", "test"}
 
 
-def is_data_parallel(strategy) -> bool:
-    """Whether a Lightning ``strategy`` (name or instance) trains data-parallel over processes."""
-    if isinstance(strategy, str):
-        return "ddp" in strategy
-    from lightning.pytorch.strategies import DDPStrategy
-
-    return isinstance(strategy, DDPStrategy)
-
-
-def split_masks(data: PerturbationData, adata, split_key: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training, validation and test masks from ``adata.obs[split_key]`` (all training without one)."""
+def split_masks(
+    data: PerturbationData, adata: AnnData, split_key: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training, validation and test masks from ``adata.obs[split_key]`` (all training without
+    one)."""
     n = data.n_obs
     if split_key is None:
         return np.ones(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     check_obs_key(adata, split_key, "split_key")
     column = adata.obs[split_key]
     if column.isna().any():
-        raise ValueError(f"`adata.obs[{split_key!r}]` (`split_key`) has missing values; every cell needs 'train', 'val' or 'test'.")
+        raise ValueError(
+            f"`adata.obs[{split_key!r}]` (`split_key`) has missing values; every cell needs "
+            "'train', 'val' or 'test'."
+        )
     split = column.astype(str).str.strip().str.lower().to_numpy()
     unknown = sorted(set(np.unique(split)) - _SPLIT_VALUES)
     if unknown:
-        raise ValueError(f"`adata.obs[{split_key!r}]` holds values {unknown[:5]}; expected 'train', 'val' (or 'validation') and 'test'.")
+        raise ValueError(
+            f"`adata.obs[{split_key!r}]` holds values {unknown[:5]}; expected 'train', 'val' (or "
+            "'validation') and 'test'."
+        )
     return split == "train", np.isin(split, ["val", "validation"]), split == "test"
 
 
-def hold_out_groups(data: PerturbationData, train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def hold_out_groups(
+    data: PerturbationData, train: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
     """Cells of a random ``fraction`` of the training (perturbation, cell type) groups.
 
     At least one group and at most ``MAX_AUTO_VALIDATION_GROUPS``; a cell type keeps at least
     ``MIN_TRAINING_GROUPS_PER_CELL_TYPE`` training groups, so its context stays measured.
     """
     perturbed = train & ~data.is_control
-    frame = pd.DataFrame({"p": data.labels[perturbed].astype(str), "c": data.cell_types[perturbed].astype(str)})
+    frame = pd.DataFrame(
+        {"p": data.labels[perturbed].astype(str), "c": data.cell_types[perturbed].astype(str)}
+    )
     groups = frame.drop_duplicates().sort_values(["c", "p"]).reset_index(drop=True)
     rng = np.random.default_rng([seed, 7])
     order = rng.permutation(len(groups))
@@ -103,192 +117,94 @@ def hold_out_groups(data: PerturbationData, train: np.ndarray, fraction: float, 
     return held
 
 
-#: Trainer arguments `train` handles itself, or scvi-tools' runner takes, beside the Trainers' own.
-_RUNNER_KEYS = frozenset({"ckpt_path", "trainer_config", "callbacks"})
+@dataclass
+class Trained:
+    """What :func:`train` gives the model: its new state (memory and training perturbations)
+    and when the kept weights were reached."""
+
+    state: ModelState
+    best_step: int | None
+    best_epoch: int | None
+    validation_perturbations: np.ndarray
 
 
-def _trainer_arguments() -> set[str]:
-    import lightning.pytorch as pl
-    from scvi.train import Trainer
+def _seed(distributed: bool) -> int:
+    """The seed of the split and the sampling plans.
 
-    names = set(_RUNNER_KEYS)
-    for fn in (pl.Trainer.__init__, Trainer.__init__):
-        names |= {p.name for p in inspect.signature(fn).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return names - {"self"}
-
-
-def check_trainer_kwargs(trainer_kwargs: dict) -> None:
-    """Unknown Lightning arguments, callbacks that are not a list and a negative clip value fail here."""
-    unknown = sorted(set(trainer_kwargs) - _trainer_arguments())
-    if unknown:
-        known = sorted(_trainer_arguments() | {"max_epochs", "max_steps", "batch_size", "split_key", "validation_size", "plan_kwargs"})
-        hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
-        hint = "; ".join(f"did you mean `{h[0]}` for `{u}`?" for u, h in hints.items() if h)
-        raise TypeError(
-            f"`train()` got unknown argument(s) {unknown}: neither arguments of `train` nor of the "
-            f"Lightning Trainer.{' ' + hint if hint else ''}"
-        )
-    callbacks = trainer_kwargs.get("callbacks")
-    if callbacks is not None:
-        from lightning.pytorch.callbacks import Callback
-
-        if not isinstance(callbacks, list | tuple) or not all(isinstance(c, Callback) for c in callbacks):
-            raise TypeError(f"`callbacks` must be a list of Lightning `Callback` objects, got {callbacks!r}.")
-    clip = trainer_kwargs.get("gradient_clip_val")
-    if clip is not None:
-        finite_float("gradient_clip_val", clip, minimum=0.0)
-
-
-class _InterruptWatcher:
-    """Records whether Lightning handled a ``KeyboardInterrupt`` (it turns Ctrl+C into ``SystemExit``)."""
-
-    def __init__(self) -> None:
-        from lightning.pytorch.callbacks import Callback
-
-        watcher = self
-
-        class _Callback(Callback):
-            def on_exception(self, trainer, pl_module, exception):
-                if isinstance(exception, KeyboardInterrupt):
-                    watcher.interrupted = True
-
-        self.interrupted = False
-        self.callback = _Callback()
-
-
-@contextlib.contextmanager
-def _keep_sigint():
-    """Restore the Ctrl+C handler that Lightning sets to "ignore" when it handles an interrupt."""
-    main = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGINT) if main else None
-    try:
-        yield
-    finally:
-        if main and handler is not None and signal.getsignal(signal.SIGINT) != handler:
-            signal.signal(signal.SIGINT, handler)
-
-
-def runs_on_cpu(accelerator, devices) -> bool:
-    """Whether Lightning will train on the CPU with these device arguments."""
-    if isinstance(accelerator, str) and accelerator.lower() == "cpu":
-        return True
-    if accelerator not in (None, "auto"):
-        return False
-    mps = getattr(torch.backends, "mps", None)
-    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool):
-    """Use PyTorch's deterministic algorithms while the block runs (when ``enabled``).
-
-    On the CPU with more than one thread, the backward pass of an indexing with repeated
-    indices (``encoded[where]``: the same memory entry retrieved by several sets) adds the
-    gradients in whatever order the threads reach them, so two runs with the same seed drift
-    apart in the last bits after the first step, and early stopping can then pick another
-    step. The deterministic implementation (sorting the indices first) costs little here.
-    The previous setting is restored afterwards.
+    scvi-tools leaves its seed unset (None) until a user sets one: then sampling is random,
+    except under data-parallel training, where every process must draw the same split and the
+    same plans (with ``strategy="ddp"`` each process runs this code on its own).
     """
-    if not enabled:
-        yield
-        return
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
-
-
-def _snapshot(model) -> dict:
-    """Everything `train` may change, to restore when it fails or is interrupted."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
-        "memory": copy.deepcopy(model._memory_state),
-        "attributes": {
-            name: copy.deepcopy(getattr(model, name, None))
-            for name in (
-                "is_trained_",
-                "history_",
-                "training_perturbations_",
-                "training_cell_types_",
-                "validation_perturbations_",
-                "best_epoch_",
-                "best_step_",
-                "train_indices_",
-                "validation_indices_",
-                "test_indices_",
-            )
-        },
-        "training": model.module.training,
-    }
-
-
-def _restore(model, snapshot: dict) -> None:
-    model.memory_ = snapshot["memory"]
-    with torch.no_grad():
-        model.module.load_state_dict(snapshot["state"])
-    for name, value in snapshot["attributes"].items():
-        setattr(model, name, value)
-    model.module.train(snapshot["training"])
+    if scvi_settings.seed is not None:
+        return int(scvi_settings.seed)
+    if distributed:
+        logger.info(
+            "Data-parallel training without `scvi.settings.seed`: sampling with seed 0 on every "
+            "process."
+        )
+        return 0
+    return int(np.random.default_rng().integers(2**31))
 
 
 def train(
-    model,
+    state: ModelState,
+    module: PTRAGModule,
+    adata: AnnData,
     *,
-    max_epochs,
-    max_steps,
-    batch_size,
-    split_key,
-    validation_size,
-    early_stopping,
-    early_stopping_patience,
-    keep_best,
-    check_val_every_n_steps,
-    accelerator,
-    devices,
-    plan_kwargs,
-    trainer_kwargs,
-) -> None:
-    """The body of :meth:`PTRAG.train` (see there)."""
-    if model.adata is None:
-        raise ValueError("This model has no AnnData attached: load it with `PTRAG.load(dir, adata=...)` to train.")
+    runner: Callable[..., TrainRunner],
+    plan_cls: type[PTRAGTrainingPlan],
+    max_epochs: int | None,
+    max_steps: int | None,
+    batch_size: int,
+    split_key: str | None,
+    validation_size: float | None,
+    early_stopping: bool | None,
+    early_stopping_patience: int,
+    keep_best: bool,
+    check_val_every_n_steps: int | None,
+    accelerator: str,
+    devices: int | list[int] | str,
+    plan_kwargs: dict | None,
+    trainer_kwargs: dict,
+) -> Trained:
+    """The body of :meth:`PTRAG.train` (see there): checks, split, memory, sets, and scvi-tools'
+    ``runner`` (a :class:`~scvi.train.TrainRunner` of the model, given its other arguments).
+
+    If training fails or is interrupted, the network is left as it was.
+    """
     batch_size = positive_int("batch_size", batch_size)
     max_steps = positive_int("max_steps", max_steps, allow_none=True)
     max_epochs = positive_int("max_epochs", max_epochs, allow_none=True)
     early_stopping_patience = positive_int("early_stopping_patience", early_stopping_patience)
-    check_val_every_n_steps = positive_int("check_val_every_n_steps", check_val_every_n_steps, allow_none=True)
+    check_val_every_n_steps = positive_int(
+        "check_val_every_n_steps", check_val_every_n_steps, allow_none=True
+    )
     if validation_size is not None:
-        validation_size = finite_float("validation_size", validation_size, minimum=0.0, maximum=1.0)
+        validation_size = finite_float(
+            "validation_size", validation_size, minimum=0.0, maximum=1.0
+        )
     if plan_kwargs is not None and not isinstance(plan_kwargs, dict):
         raise TypeError(f"`plan_kwargs` must be a dict, got {type(plan_kwargs).__name__}.")
     check_trainer_kwargs(trainer_kwargs)
     # Built first: a typo in `plan_kwargs` fails here, before anything changes.
-    model._training_plan_cls(model.module, **(plan_kwargs or {}))
+    plan_cls(module, **(plan_kwargs or {}))
 
-    # scvi-tools leaves the seed unset (None) until a user sets one: then sampling is random,
-    # except under data-parallel training, where every process must draw the same split and
-    # the same plans (with `strategy="ddp"` each process runs this code on its own).
-    distributed = is_data_parallel(trainer_kwargs.get("strategy"))
-    if scvi_settings.seed is not None:
-        seed = int(scvi_settings.seed)
-    elif distributed:
-        seed = 0
-        logger.info("Data-parallel training without `scvi.settings.seed`: sampling with seed 0 on every process.")
-    else:
-        seed = int(np.random.default_rng().integers(2**31))
-    data = model._data(model.adata)
+    seed = _seed(is_data_parallel(trainer_kwargs.get("strategy")))
+    data = state.data(adata)
     # The AnnData may have changed since `setup_anndata` checked it.
-    check_expression(data.matrix, where="`adata.X`" if model._setup.layer is None else f"`adata.layers[{model._setup.layer!r}]`")
-    train_mask, val_mask, test_mask = split_masks(data, model.adata, split_key)
+    layer = state.setup.layer
+    where = "`adata.X`" if layer is None else f"`adata.layers[{layer!r}]`"
+    check_expression(data.matrix, where=where)
+    train_mask, val_mask, test_mask = split_masks(data, adata, split_key)
     is_control = data.is_control
     if not (train_mask & ~is_control).any():
         raise ValueError("The training split holds no perturbed cells.")
-    model._encoder.check(np.unique(data.labels[~is_control]), context=" in the training AnnData")
+    labels = np.unique(data.labels[~is_control])
+    state.encoder.check(labels, context=" in the training AnnData")
     auto_held = np.zeros(data.n_obs, dtype=bool)
     if not (val_mask & ~is_control).any() and validation_size != 0.0:
-        auto_held = hold_out_groups(data, train_mask, validation_size or DEFAULT_VALIDATION_SIZE, seed)
+        fraction = validation_size or DEFAULT_VALIDATION_SIZE
+        auto_held = hold_out_groups(data, train_mask, fraction, seed)
         val_mask = val_mask | auto_held
         train_mask = train_mask & ~auto_held
     has_val = bool((val_mask & ~is_control).any())
@@ -296,18 +212,23 @@ def train(
         early_stopping = has_val
     if early_stopping and not has_val:
         raise ValueError(
-            "`early_stopping=True` needs validation perturbations: give 'val' cells in `split_key`, "
-            "or leave `validation_size` at its default."
+            "`early_stopping=True` needs validation perturbations: give 'val' cells in "
+            "`split_key`, or leave `validation_size` at its default."
         )
 
-    snapshot = _snapshot(model)
-    watcher = _InterruptWatcher()
-    trainer_kwargs = {**trainer_kwargs, "callbacks": [*(trainer_kwargs.get("callbacks") or []), watcher.callback]}
-    with training(model), _keep_sigint():
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    mode = module.training
+    watcher = InterruptWatcher()
+    callbacks = [*(trainer_kwargs.get("callbacks") or []), watcher.callback]
+    trainer_kwargs = {**trainer_kwargs, "callbacks": callbacks}
+    with training(module), keep_sigint():
         try:
-            _fit(
-                model,
+            trained = _fit(
+                state,
+                module,
                 data,
+                runner=runner,
+                plan_cls=plan_cls,
                 train_mask=train_mask,
                 val_mask=val_mask,
                 test_mask=test_mask,
@@ -324,121 +245,98 @@ def train(
                 plan_kwargs=plan_kwargs,
                 trainer_kwargs=trainer_kwargs,
             )
-            if auto_held.any() and model.retrieval != "none":
+            if auto_held.any() and state.retrieval != "none":
                 # The held-out groups were training data: after model selection they join the
                 # memory, as evidence for predictions.
-                model.memory_ = _memory(model, data, train_mask | auto_held).to_dict()
+                memory = _install(
+                    module,
+                    trained.state.build_memory(
+                        data, train_mask | auto_held, module.n_response_components
+                    ),
+                )
+                trained.state = trained.state.replace(memory=memory)
         except BaseException as exc:
-            _restore(model, snapshot)
+            if state.memory is not None:
+                _install(module, state.memory)
+            with torch.no_grad():
+                module.load_state_dict(weights)
+            module.train(mode)
             if watcher.interrupted and isinstance(exc, SystemExit):
                 # Lightning answers Ctrl+C with `sys.exit(1)`, which would end a script or a
                 # notebook cell as if the program had finished: give back the interrupt.
-                raise KeyboardInterrupt("`train()` was interrupted; the model is as it was before the call.") from None
+                raise KeyboardInterrupt(
+                    "`train()` was interrupted; the model is as it was before the call."
+                ) from None
             raise
     held = data.labels[auto_held | (val_mask & ~is_control)]
-    model.validation_perturbations_ = np.unique(held.astype(str))
+    trained.validation_perturbations = np.unique(held.astype(str))
+    return trained
 
 
-def run_trainer(model, datamodule, *, plan_kwargs, max_epochs, accelerator, devices, early_stopping, trainer_kwargs) -> None:
-    """The body of ``PTRAG._run_trainer``: hand the data module and the training plan to scvi-tools' runner."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    training_plan = model._training_plan_cls(model.module, **(plan_kwargs or {}))
-    model.module.train()
-    with flush_denormal(), settings_threads(), quiet_lightning(settings.verbosity > logging.INFO):
-        try:
-            runner = model._train_runner_cls(
-                model,
-                training_plan=training_plan,
-                data_splitter=datamodule,
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                early_stopping=early_stopping,
-                **trainer_kwargs,
-            )
-        except (MisconfigurationException, ImportError, ValueError, TypeError) as exc:
-            extra = {k: trainer_kwargs[k] for k in ("strategy", "num_nodes", "precision") if k in trainer_kwargs}
-            raise ValueError(
-                f"The trainer cannot be set up with `accelerator={accelerator!r}`, `devices={devices!r}`"
-                + "".join(f", `{k}={v!r}`" for k, v in extra.items())
-                + f": {exc} Check these arguments of `train()` (`accelerator='cpu'` always works)."
-            ) from exc
-        runner()
-    model.module.eval()
-
-
-def _memory(model, data, train_mask):
-    return memory_from_cells(
-        model.memory_kind,
-        data,
-        train_mask,
-        model._encoder,
-        n_response_components=model.module.n_response_components,
-        annotations=model._annotations,
-        sep=model._setup.sep,
-        evidence=model.evidence,
-    )
+def _install(module: PTRAGModule, memory: RetrievalMemory) -> RetrievalMemory:
+    """The network's tables of ``memory`` (what its candidate encoder reads)."""
+    module.set_memory(memory.embeddings, memory.response_codes)
+    return memory
 
 
 def _fit(
-    model,
-    data,
+    state: ModelState,
+    module: PTRAGModule,
+    data: PerturbationData,
     *,
-    train_mask,
-    val_mask,
-    test_mask,
-    seed,
-    max_epochs,
-    max_steps,
-    batch_size,
-    early_stopping,
-    early_stopping_patience,
-    keep_best,
-    check_val_every_n_steps,
-    accelerator,
-    devices,
-    plan_kwargs,
-    trainer_kwargs,
-) -> None:
+    runner: Callable[..., TrainRunner],
+    plan_cls: type[PTRAGTrainingPlan],
+    train_mask: np.ndarray,
+    val_mask: np.ndarray,
+    test_mask: np.ndarray,
+    seed: int,
+    max_epochs: int | None,
+    max_steps: int | None,
+    batch_size: int,
+    early_stopping: bool,
+    early_stopping_patience: int,
+    keep_best: bool,
+    check_val_every_n_steps: int | None,
+    accelerator: str,
+    devices: int | list[int] | str,
+    plan_kwargs: dict | None,
+    trainer_kwargs: dict,
+) -> Trained:
     is_control = data.is_control
     perturbed_train = train_mask & ~is_control
-    model.training_perturbations_ = np.unique(data.labels[perturbed_train].astype(str))
-    model.training_cell_types_ = np.unique(data.cell_types[perturbed_train].astype(str))
-    model.memory_ = _memory(model, data, train_mask).to_dict() if model.retrieval != "none" else None
-    builder = model._builder()
+    memory = None
+    if state.retrieval != "none":
+        memory = _install(
+            module, state.build_memory(data, train_mask, module.n_response_components)
+        )
+    state = state.replace(
+        memory=memory,
+        training_perturbations=np.unique(data.labels[perturbed_train].astype(str)),
+        training_cell_types=np.unique(data.cell_types[perturbed_train].astype(str)),
+    )
+    builder = state.builder
     contexts = builder.control_contexts(data, is_control)
     train_groups = builder.training_groups(data, perturbed_train, is_control, contexts=contexts)
     val_groups = None
     if (val_mask & ~is_control).any():
-        val_groups = builder.training_groups(data, val_mask & ~is_control, is_control, contexts=contexts)
+        val_member = val_mask & ~is_control
+        val_groups = builder.training_groups(data, val_member, is_control, contexts=contexts)
     for name, groups in (("training", train_groups), ("validation", val_groups)):
         if groups is not None and int(groups.sizes.max()) < 2:
-            raise ValueError(f"Every {name} group has a single cell: sets need at least 2 cells per (perturbation, cell type).")
-    largest = int(pd.DataFrame({"p": data.labels[perturbed_train], "c": data.cell_types[perturbed_train]}).value_counts().max())
-    if model.cell_set_size > MAX_SET_OVERSAMPLING * largest:
-        raise ValueError(
-            f"`cell_set_size={model.cell_set_size}` is larger than every training group: the largest "
-            f"(perturbation, cell type) group has {largest} cells, so every set would only repeat cells "
-            f"(and cost memory for nothing). Build the model with `cell_set_size` <= {largest}."
-        )
-    if model.cell_set_size > largest:
-        # Small screens (e.g. 40 cells per group) with the default of 64: sets repeat some cells,
-        # which costs time but not correctness; say so rather than refuse the defaults.
-        warnings.warn(
-            f"`cell_set_size={model.cell_set_size}` is larger than every training group (the largest has "
-            f"{largest} cells): sets repeat cells. `cell_set_size={largest}` trains faster for the same data.",
-            UserWarning,
-            stacklevel=3,
-        )
+            raise ValueError(
+                f"Every {name} group has a single cell: sets need at least 2 cells per "
+                "(perturbation, cell type)."
+            )
+    _check_set_size(state.cell_set_size, data, perturbed_train)
 
     # The largest value a gene reaches in the training data bounds what the model generates.
     ceiling = data.column_stats(column_max(data.matrix, train_mask | is_control))
     baseline = train_groups.context if train_groups.context is not None else 0.0
     scale = float(np.mean(np.sum(np.square(train_groups.target_shift - baseline), axis=1)))
-    model.module.set_data_constants(ceiling, scale)
+    module.set_data_constants(ceiling, scale)
 
-    steps_per_pass = max(1, math.ceil(int(n_training_sets(train_groups.sizes, model.cell_set_size).sum()) / batch_size))
+    n_sets = int(n_training_sets(train_groups.sizes, state.cell_set_size).sum())
+    steps_per_pass = max(1, math.ceil(n_sets / batch_size))
     if max_steps is None:
         max_steps = max_epochs * steps_per_pass if max_epochs is not None else DEFAULT_MAX_STEPS
     interval = check_val_every_n_steps or int(np.clip(max_steps // 30, 10, 50))
@@ -450,7 +348,7 @@ def _fit(
         train_idx=np.flatnonzero(train_mask),
         val_idx=np.flatnonzero(val_mask),
         test_idx=np.flatnonzero(test_mask),
-        set_size=model.cell_set_size,
+        set_size=state.cell_set_size,
         batch_size=batch_size,
         seed=seed,
         steps_per_epoch=interval,
@@ -479,7 +377,15 @@ def _fit(
         # DDP the validation loss is reduced over the ranks, so every rank stops together.
         from lightning.pytorch.callbacks import EarlyStopping
 
-        callbacks.append(EarlyStopping(monitor="validation_loss", patience=early_stopping_patience, mode="min", min_delta=0.0, verbose=True))
+        callbacks.append(
+            EarlyStopping(
+                monitor="validation_loss",
+                patience=early_stopping_patience,
+                mode="min",
+                min_delta=0.0,
+                verbose=True,
+            )
+        )
         early_stopping = False
     distributed = is_data_parallel(trainer_kwargs.get("strategy"))
     log_dir = None
@@ -498,9 +404,10 @@ def _fit(
     try:
         with deterministic_algorithms(deterministic), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="early_stopping was automatically disabled")
-            model._run_trainer(
+            started = run_trainer(
+                runner,
+                plan_cls(module, **(plan_kwargs or {})),
                 datamodule,
-                plan_kwargs=plan_kwargs,
                 max_epochs=math.ceil(max_steps / interval),
                 accelerator=accelerator,
                 devices=devices,
@@ -515,5 +422,33 @@ def _fit(
         best_step, best_epoch = keeper.best_step, keeper.best_epoch
         if best_step is None:
             # `ddp_spawn`: the callback ran in the worker processes.
-            best_step, best_epoch = KeepBestWeights.from_metrics(model.trainer.callback_metrics)
-    model.best_epoch_, model.best_step_ = best_epoch, best_step
+            metrics = started.trainer.callback_metrics
+            best_step, best_epoch = KeepBestWeights.from_metrics(metrics)
+    return Trained(state, best_step, best_epoch, np.zeros(0, dtype=str))
+
+
+def _check_set_size(
+    cell_set_size: int, data: PerturbationData, perturbed_train: np.ndarray
+) -> None:
+    """Refuse sets far larger than every training group; warn when sets must repeat cells."""
+    groups = pd.DataFrame(
+        {"p": data.labels[perturbed_train], "c": data.cell_types[perturbed_train]}
+    )
+    largest = int(groups.value_counts().max())
+    if cell_set_size > MAX_SET_OVERSAMPLING * largest:
+        raise ValueError(
+            f"`cell_set_size={cell_set_size}` is larger than every training group: the largest "
+            f"(perturbation, cell type) group has {largest} cells, so every set would only "
+            f"repeat cells (and cost memory for nothing). Build the model with `cell_set_size` "
+            f"<= {largest}."
+        )
+    if cell_set_size > largest:
+        # Small screens (e.g. 40 cells per group) with the default of 64: sets repeat some
+        # cells, which costs time but not correctness; say so rather than refuse the defaults.
+        warnings.warn(
+            f"`cell_set_size={cell_set_size}` is larger than every training group (the largest "
+            f"has {largest} cells): sets repeat cells. `cell_set_size={largest}` trains faster "
+            "for the same data.",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -1,114 +1,34 @@
-"""Early checks on user input, with errors that name the argument or value at fault."""
+"""Checks of a model's options and size, with errors that name the value at fault."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import math
-import numbers
 import os
-import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from .._checks import check_choice, finite_float, positive_int
 from .._constants import BACKBONES, CONTEXT_MODES, INDEX_BACKENDS, LOSSES, MEMORY_KINDS, RETRIEVALS
-from ..data._cells import expression_matrix
-from ..data._fields import missing_obs_key_error
-from ..data._matrix import iter_row_chunks
-from ..data._perturbations import normalise_labels
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from anndata import AnnData
 
 __all__ = [
-    "check_anndata",
-    "check_categories",
-    "check_choice",
-    "check_control_label",
-    "check_controls_per_cell_type",
-    "check_expression",
-    "check_flag",
-    "check_genes",
     "check_model_options",
     "check_model_size",
-    "check_obs_key",
-    "check_seed",
-    "check_setup",
-    "check_setup_arguments",
-    "expression_matrix",
-    "positive_int",
+    "check_trained",
     "restore_on_error",
 ]
 
-#: Largest integer option accepted (sizes beyond it cannot be allocated or indexed).
-MAX_INT = 2**31 - 1
-#: Largest absolute value accepted in an expression matrix (log1p data stays below ~15).
-MAX_EXPRESSION = 1e4
-
-
-def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False):
-    """``value`` as an int ``>= minimum`` (booleans and fractions are refused)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral | float) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    if int(value) < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    if int(value) > MAX_INT:
-        raise ValueError(f"`{name}` must be an integer below 2**31, got {value!r}.")
-    return int(value)
-
-
-def finite_float(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None) -> float:
-    """``value`` as a finite float within bounds (``strict``: ``> minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-    value = float(value)
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"`{name}` must be {'>' if strict else '>='} {minimum}, got {value!r}.")
-    if maximum is not None and value >= maximum:
-        raise ValueError(f"`{name}` must be < {maximum}, got {value!r}.")
-    return value
-
-
-def check_flag(name: str, value) -> bool:
-    """``value`` as a bool (``True``/``False``, numpy booleans too); anything else is refused."""
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-    return bool(value)
-
-
-def check_seed(name: str, value, *, allow_none: bool = True) -> int | None:
-    """A seed: ``None`` (when allowed) or an integer ``>= 0``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0{' or None' if allow_none else ''}, got {value!r}.")
-    return int(value)
-
-
-def check_anndata(adata, argument: str = "adata", *, allow_none: bool = False) -> None:
-    """Raise a ``TypeError`` naming ``argument`` unless ``adata`` is an AnnData (or a MuData, resolved before)."""
-    from anndata import AnnData
-
-    if adata is None and allow_none:
-        return
-    if not isinstance(adata, AnnData):
-        hint = ""
-        if isinstance(adata, pd.DataFrame):
-            hint = " Build one with `anndata.AnnData(X=frame.to_numpy(), obs=..., var=pd.DataFrame(index=frame.columns))`."
-        raise TypeError(f"`{argument}` must be an AnnData (or a MuData), got {type(adata).__name__}.{hint}")
-
-
-def check_key_type(name: str, value, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, str):
-        raise TypeError(f"`{name}` must be a column name (str){' or None' if allow_none else ''}, got {value!r}.")
-
-
-def check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+def check_trained(model: object) -> None:
+    """Raise a ``RuntimeError`` unless ``model`` is trained."""
+    if not model.is_trained_:
+        raise RuntimeError("Model not trained. Call `model.train()` first.")
 
 
 def check_model_options(options: dict) -> dict:
@@ -129,28 +49,50 @@ def check_model_options(options: dict) -> dict:
     for name in ("n_hidden", "n_layers", "n_heads", "n_candidates", "n_set_tokens"):
         options[name] = positive_int(name, options[name])
     options["cell_set_size"] = positive_int("cell_set_size", options["cell_set_size"], minimum=2)
-    options["decoder_rank"] = positive_int("decoder_rank", options["decoder_rank"], allow_none=True)
-    options["n_scorer_hidden"] = positive_int("n_scorer_hidden", options["n_scorer_hidden"], allow_none=True)
+    options["decoder_rank"] = positive_int(
+        "decoder_rank", options["decoder_rank"], allow_none=True
+    )
+    options["n_scorer_hidden"] = positive_int(
+        "n_scorer_hidden", options["n_scorer_hidden"], allow_none=True
+    )
     if options["n_hidden"] % options["n_heads"]:
-        raise ValueError(f"`n_hidden` ({options['n_hidden']}) must be divisible by `n_heads` ({options['n_heads']}).")
-    options["sparsity_weight"] = finite_float("sparsity_weight", options["sparsity_weight"], minimum=0.0)
-    options["pseudobulk_weight"] = finite_float("pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0)
-    options["gumbel_tau"] = finite_float("gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True)
+        raise ValueError(
+            f"`n_hidden` ({options['n_hidden']}) must be divisible by `n_heads` "
+            f"({options['n_heads']})."
+        )
+    options["sparsity_weight"] = finite_float(
+        "sparsity_weight", options["sparsity_weight"], minimum=0.0
+    )
+    options["pseudobulk_weight"] = finite_float(
+        "pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0
+    )
+    options["gumbel_tau"] = finite_float(
+        "gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True
+    )
     options["dropout"] = finite_float("dropout", options["dropout"], minimum=0.0, maximum=1.0)
     check_choice("gene_annotations", options["gene_annotations"], ("go", None))
     if options["evidence"] is not None:
-        from ..data._evidence import SOURCES
+        from ..data._sources import SOURCES
 
         if isinstance(options["evidence"], str):
-            raise ValueError(f"`evidence` must be a list of source names, got the string {options['evidence']!r}.")
+            raise ValueError(
+                "`evidence` must be a list of source names, got the string "
+                f"{options['evidence']!r}."
+            )
         unknown = sorted(set(options["evidence"]) - set(SOURCES))
         if unknown:
-            raise ValueError(f"`evidence` names unknown source(s) {unknown}; choose from {list(SOURCES)}.")
+            raise ValueError(
+                f"`evidence` names unknown source(s) {unknown}; choose from {list(SOURCES)}."
+            )
     for name in ("match_batch",):
         if not isinstance(options[name], bool | np.bool_):
             raise ValueError(f"`{name}` must be True or False, got {options[name]!r}.")
-    if options["learned_shift"] is not None and not isinstance(options["learned_shift"], bool | np.bool_):
-        raise ValueError(f"`learned_shift` must be True, False or None, got {options['learned_shift']!r}.")
+    if options["learned_shift"] is not None and not isinstance(
+        options["learned_shift"], bool | np.bool_
+    ):
+        raise ValueError(
+            f"`learned_shift` must be True, False or None, got {options['learned_shift']!r}."
+        )
     similarity = options["similarity"]
     if isinstance(similarity, pd.DataFrame):
         from ..data._similarity import validate_similarity_table
@@ -161,20 +103,34 @@ def check_model_options(options: dict) -> dict:
 
         if not isinstance(similarity, str) or similarity not in SIMILARITIES:
             raise ValueError(
-                f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query genes as the index, "
-                f"candidate genes as the columns), got {similarity!r}."
+                f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query "
+                f"genes as the index, candidate genes as the columns), got {similarity!r}."
             )
     if not (isinstance(similarity, str) and similarity == "embedding"):
         if options["retrieval"] == "none":
-            raise ValueError("`similarity` chooses what stage 1 retrieves by; with `retrieval='none'` nothing is retrieved: leave it at 'embedding'.")
-        if isinstance(similarity, str) and similarity == "response" and options["memory"] != "response":
-            raise ValueError("`similarity='response'` compares measured responses: it needs `memory='response'`.")
+            raise ValueError(
+                "`similarity` chooses what stage 1 retrieves by; with `retrieval='none'` nothing "
+                "is retrieved: leave it at 'embedding'."
+            )
+        if (
+            isinstance(similarity, str)
+            and similarity == "response"
+            and options["memory"] != "response"
+        ):
+            raise ValueError(
+                "`similarity='response'` compares measured responses: it needs "
+                "`memory='response'`."
+            )
         if options["index_backend"] == "faiss":
-            raise ValueError("`index_backend='faiss'` searches gene embeddings only; with `similarity` other than 'embedding' use 'auto' or 'exact'.")
+            raise ValueError(
+                "`index_backend='faiss'` searches gene embeddings only; with `similarity` other "
+                "than 'embedding' use 'auto' or 'exact'."
+            )
     return options
 
 
-#: Options that size the network, tried one by one at their default to find which makes it too large.
+#: Options that size the network, tried one by one at their default to find which makes it too
+#: large.
 SIZE_OPTIONS = (
     "n_hidden",
     "n_layers",
@@ -194,21 +150,31 @@ def _physical_memory() -> int | None:
         return None
 
 
-def training_bytes(module_cls, options: dict, *, n_genes: int, n_dims: int, n_batch: int) -> float:
+def training_bytes(
+    module_cls: type, options: dict, *, n_genes: int, n_dims: int, n_batch: int
+) -> float:
     """Least memory a training step takes: the parameters with their gradients and two Adam
     moments, and the activations of one set (``batch_size=1``), forward and backward."""
     import torch
 
-    cells, hidden, candidates = options["cell_set_size"], options["n_hidden"], options["n_candidates"]
+    cells, hidden, candidates = (
+        options["cell_set_size"],
+        options["n_hidden"],
+        options["n_candidates"],
+    )
     scorer = options["n_scorer_hidden"] or hidden
     tokens = options["n_set_tokens"] + 1
     # Per cell: its hidden states, stage 2's (candidate x scorer) layer, predicted and observed
     # expression, and attention (over the pooled tokens, or every cell in each layer of the
     # full backbone); per set: the energy distance's three cell-by-cell matrices.
-    attention = options["n_heads"] * (tokens if options["backbone"] == "pooled" else options["n_layers"] * cells)
+    attention = options["n_heads"] * (
+        tokens if options["backbone"] == "pooled" else options["n_layers"] * cells
+    )
     per_cell = 16 * hidden + candidates * scorer + 2 * n_genes + attention
     pooled_layers = options["n_layers"] * 8 * hidden * tokens
-    activations = 4.0 * 3 * (cells * per_cell + 3 * cells**2 + candidates * n_genes + pooled_layers)
+    activations = (
+        4.0 * 3 * (cells * per_cell + 3 * cells**2 + candidates * n_genes + pooled_layers)
+    )
     # Parameters grow linearly with depth: two shallow networks built on the meta device
     # (nothing allocated) give the count for any depth.
     accepted = inspect.signature(module_cls.__init__).parameters
@@ -216,13 +182,15 @@ def training_bytes(module_cls, options: dict, *, n_genes: int, n_dims: int, n_ba
     counts = []
     for depth in (1, 2):
         with torch.device("meta"):
-            module = module_cls(n_genes, n_dims, n_batch=n_batch, **{**module_options, "n_layers": depth})
+            module = module_cls(
+                n_genes, n_dims, n_batch=n_batch, **{**module_options, "n_layers": depth}
+            )
         counts.append(sum(p.numel() for p in module.parameters()))
     n_params = counts[0] + (options["n_layers"] - 1) * (counts[1] - counts[0])
     return activations + 16.0 * n_params
 
 
-def check_model_size(model_cls, options: dict, **shape) -> None:
+def check_model_size(model_cls: type, options: dict, **shape: int) -> None:
     """Refuse sizes whose training cannot fit in this machine's memory, naming the option at fault.
 
     ``shape``: ``n_genes``, ``n_dims`` and ``n_batch`` of the data. The option named is the one
@@ -248,260 +216,19 @@ def check_model_size(model_cls, options: dict, **shape) -> None:
     if shrunk:
         name = min(shrunk, key=shrunk.get)
         raise ValueError(
-            f"`{name}={options[name]}` makes the model too large for this machine: training it, even one set "
-            f"at a time, needs at least {size(needed)} (parameters, gradients, optimiser state, "
-            f"activations) and there are {size(available)} of memory; with `{name}={defaults[name]}` "
-            f"(the default) it would need about {size(shrunk[name])}."
+            f"`{name}={options[name]}` makes the model too large for this machine: training it, "
+            f"even one set at a time, needs at least {size(needed)} (parameters, gradients, "
+            f"optimiser state, activations) and there are {size(available)} of memory; with "
+            f"`{name}={defaults[name]}` (the default) it would need about {size(shrunk[name])}."
         )
     raise ValueError(
-        f"The model for {shape['n_genes']} genes would need at least {size(needed)} to train, and there are "
-        f"{size(available)} of memory: select fewer genes (e.g. highly variable ones)."
+        f"The model for {shape['n_genes']} genes would need at least {size(needed)} to train, and "
+        f"there are {size(available)} of memory: select fewer genes (e.g. highly variable ones)."
     )
-
-
-def check_obs_key(adata, key: str | None, argument: str) -> None:
-    """Raise a ``KeyError`` listing the obs columns when ``key`` is not one of them."""
-    if key is not None and key not in adata.obs.columns:
-        raise missing_obs_key_error(adata, key, argument)
-
-
-def check_expression(X, *, where: str, warn_counts: bool = False) -> None:
-    """Reject NaN, infinite and negative expression values (streamed by chunks), naming the first bad cells.
-
-    The model generates non-negative log-normalised expression; raw counts must be normalised
-    (``sc.pp.normalize_total`` then ``sc.pp.log1p``) and z-scored data is not supported. With
-    ``warn_counts``, integer-valued data (raw counts) gets a warning saying so.
-    """
-    all_integer = warn_counts
-    largest = 0.0
-    for start, block in iter_row_chunks(X):
-        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
-        if values.size == 0:
-            continue
-        low, high, all_integer = _scan(values, all_integer)
-        # Cells are located only when something is wrong.
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0:
-            _raise_bad_values(block, values, start, where)
-        largest = max(largest, float(high))
-    if largest > MAX_EXPRESSION:
-        raise ValueError(
-            f"{where} holds values up to {largest:.3g}: PTRAG models log-normalised expression "
-            "(typically below 15). Run `sc.pp.normalize_total` + `sc.pp.log1p` first."
-        )
-    if warn_counts and all_integer and largest > 0:
-        warnings.warn(
-            f"{where} holds only integer values, which look like raw counts. PTRAG models "
-            "log-normalised expression: run `sc.pp.normalize_total(adata)` and `sc.pp.log1p(adata)` "
-            "(keep the counts in a layer) before `setup_anndata`.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-#: Values per slice in :func:`_scan`: a slice stays in cache between its reductions.
-_SLICE = 1 << 18
-
-
-def _scan(values: np.ndarray, integer: bool):
-    """Minimum and maximum of ``values`` (NaN when one is NaN) and whether all are integer.
-
-    One read of memory: each cache-sized slice is reduced twice while in cache. The integer
-    test (``floor(v) == v``; ``np.mod`` costs ~20x more per value) runs only while ``integer``
-    holds and stops at the first slice with a fraction, so log-normalised data settle it at
-    once and only integer data (raw counts) are tested through.
-    """
-    test = integer and values.dtype.kind == "f"  # other dtypes hold integers only
-    lows, highs = [], []
-    for i in range(0, values.size, _SLICE):
-        part = values[i : i + _SLICE]
-        lows.append(part.min())
-        highs.append(part.max())
-        if test:
-            integer = test = bool(np.array_equal(np.floor(part), part))
-    return np.min(lows), np.max(highs), integer
-
-
-def _raise_bad_values(block, values: np.ndarray, start: int, where: str) -> None:
-    """Raise the error of :func:`check_expression` for a chunk holding NaN, infinite or negative values."""
-    if sp.issparse(block):
-        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    else:
-        rows = np.repeat(np.arange(block.shape[0]), block.shape[1])
-    bad_nan = ~np.isfinite(values)
-    if bad_nan.any():
-        cells = np.unique(rows[bad_nan] + start)
-        raise ValueError(
-            f"{where} holds NaN or infinite values in {len(cells)}+ cell(s) (first rows: "
-            f"{cells[:5].tolist()}). Remove or impute them before registering."
-        )
-    bad_neg = values < 0
-    cells = np.unique(rows[bad_neg] + start)
-    raise ValueError(
-        f"{where} holds negative values in {len(cells)}+ cell(s) (first rows: "
-        f"{cells[:5].tolist()}, min {values.min():.3g}). PTRAG models non-negative "
-        "log-normalised expression: keep raw counts in a layer and run "
-        "`sc.pp.normalize_total` + `sc.pp.log1p`, not `sc.pp.scale`."
-    )
-
-
-def check_controls_per_cell_type(is_control: np.ndarray, cell_types: np.ndarray, *, where: str) -> None:
-    """Every cell type holding perturbed cells needs control cells."""
-    frame = pd.DataFrame({"ct": cell_types, "ctrl": is_control})
-    has_ctrl = frame.groupby("ct", observed=True)["ctrl"].any()
-    missing = has_ctrl.index[~has_ctrl.to_numpy()].astype(str).tolist()
-    if missing:
-        raise ValueError(
-            f"No control cells for cell type(s) {missing[:10]} in {where}: perturbed cells are "
-            "generated from control cells of their own cell type. Add control cells of these "
-            "cell types or drop their cells."
-        )
-
-
-def check_setup_arguments(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, where: str = "adata") -> None:
-    """The checks of :func:`check_setup` that read no obs column (``setup_mudata`` runs them first)."""
-    check_anndata(adata, where)
-    check_key_type("perturbation_key", perturbation_key, allow_none=False)
-    check_key_type("cell_type_key", cell_type_key, allow_none=True)
-    check_key_type("batch_key", batch_key, allow_none=True)
-    if layer is not None and not isinstance(layer, str):
-        raise TypeError(f"`layer` must be a layer name (str) or None, got {layer!r}.")
-    for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
-        if key is not None and key == perturbation_key:
-            raise ValueError(
-                f"`{argument}={key!r}` is also the `perturbation_key`: the perturbation labels cannot be "
-                f"the {argument.split('_key')[0].replace('_', ' ')} too. Pass the column that holds it "
-                "(or None)."
-            )
-    if adata.is_view:
-        raise ValueError(
-            f"`{where}` is a view of another AnnData; registration writes keys into it. Pass a copy: "
-            "`adata = adata[mask].copy()`."
-        )
-    if adata.n_vars == 0:
-        raise ValueError(f"`{where}` has no genes (n_vars = 0).")
-    if adata.n_obs == 0:
-        raise ValueError(f"`{where}` has no cells (n_obs = 0).")
-    if adata.var_names.has_duplicates:
-        dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"`{where}.var_names` has duplicated genes (e.g. {dup}); run `.var_names_make_unique()`.")
-    if not isinstance(control_group, str) or not control_group.strip():
-        raise ValueError(f"`control_group` must be a non-empty string, got {control_group!r}.")
-    if not isinstance(sep, str) or not sep or sep.isspace():
-        raise ValueError(f"`perturbation_sep` must be a non-empty string, got {sep!r}.")
-
-
-def check_setup(adata, *, perturbation_key, control_group, cell_type_key, batch_key, layer, sep, transfer: bool) -> None:
-    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
-    check_setup_arguments(
-        adata,
-        perturbation_key=perturbation_key,
-        control_group=control_group,
-        cell_type_key=cell_type_key,
-        batch_key=batch_key,
-        layer=layer,
-        sep=sep,
-    )
-    check_obs_key(adata, perturbation_key, "perturbation_key")
-    for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
-        check_obs_key(adata, key, argument)
-        if key is not None:
-            check_categories(adata.obs[key], f"`adata.obs[{key!r}]` (`{argument}`)", adata.obs_names)
-    raw = adata.obs[perturbation_key]
-    if raw.isna().any():
-        bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
-        raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has missing values in {int(raw.isna().sum())} cell(s), e.g. {bad}. "
-            f"Label every cell (controls as {control_group!r})."
-        )
-    X = expression_matrix(adata, layer)
-    check_expression(X, where="`adata.X`" if layer is None else f"`adata.layers[{layer!r}]`", warn_counts=not transfer)
-    if transfer:
-        return
-    labels = normalise_labels(raw.astype(str).to_numpy(), control_group=control_group, sep=sep)
-    empty = labels == ""
-    if empty.any():
-        bad = adata.obs_names[empty][:5].tolist()
-        raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has empty labels (blank or only separators) in "
-            f"{int(empty.sum())} cell(s), e.g. {bad}. Label every cell (controls as {control_group!r})."
-        )
-    is_control = labels == control_group
-    if not is_control.any():
-        values = sorted(map(str, pd.unique(raw.astype(str))))[:10]
-        raise ValueError(
-            f"No control cells: `control_group={control_group!r}` does not occur in "
-            f"`adata.obs[{perturbation_key!r}]`. Values present include {values}."
-        )
-    cell_types = adata.obs[cell_type_key].astype(str).to_numpy() if cell_type_key is not None else np.full(adata.n_obs, "all")
-    check_controls_per_cell_type(is_control, cell_types, where="the AnnData")
-
-
-def check_categories(values: pd.Series, where: str, cell_names) -> None:
-    """A cell-type or batch column scvi-tools can turn into categories: no missing value, and
-    no mix of strings with numbers (which cannot be sorted: ``'<' not supported``)."""
-    missing = values.isna().to_numpy()
-    if missing.any():
-        raise ValueError(f"{where} has missing values, e.g. in cells {list(cell_names[missing][:5])}.")
-    items = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
-    if items.dtype == object:
-        kinds = {"str" if isinstance(v, str) else "number" if isinstance(v, numbers.Number) else type(v).__name__ for v in pd.unique(items)}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"{where} mixes values of types {sorted(kinds)}, which cannot be ordered as categories. "
-                "Make it one type, e.g. `.astype(str)`."
-            )
-
-
-def check_genes(adata, var_names: np.ndarray, dir_path) -> None:
-    """``adata`` has exactly a saved model's genes, in the model's order."""
-    reference = pd.Index(np.asarray(var_names).astype(str))
-    genes = pd.Index(np.asarray(adata.var_names).astype(str))
-    if genes.equals(reference):
-        return
-    missing, extra = reference.difference(genes), genes.difference(reference)
-    if len(missing) == 0 and len(extra) == 0:
-        raise ValueError(
-            "The AnnData has the model's genes in a different order; predictions and training would "
-            "mix up genes. Reorder it first: `genes = PTRAG.load(dir_path, adata=False).var_names`, "
-            f"then `adata = adata[:, genes].copy()` (dir_path={str(dir_path)!r})."
-        )
-    raise ValueError(
-        f"The AnnData's genes differ from the {len(reference)} genes the model was trained on: "
-        f"{len(missing)} missing (e.g. {missing[:5].tolist()}), {len(extra)} extra (e.g. "
-        f"{extra[:5].tolist()}). If it holds all of them, subset it with `adata[:, model.var_names]` "
-        "(model loaded without an AnnData)."
-    )
-
-
-def check_control_label(adata, setup_args: dict, embeddings) -> None:
-    """Loading onto data labelled with another control label: say so, instead of blaming the model.
-
-    Without a cell labelled with the saved ``control_group``, labels that have no gene
-    embedding are most likely the data's own control label.
-    """
-    from ..data._perturbations import PerturbationEncoder
-
-    key, control = setup_args.get("perturbation_key"), setup_args.get("control_group")
-    sep = setup_args.get("perturbation_sep", "+")
-    if key not in adata.obs.columns or not isinstance(embeddings, pd.DataFrame) or adata.obs[key].isna().any():
-        return  # registration names these problems
-    raw = pd.unique(adata.obs[key].astype(str).to_numpy())
-    labels = normalise_labels(raw, control_group=control, sep=sep)
-    if (labels == control).any():
-        return
-    unknown = set(PerturbationEncoder(embeddings, sep=sep).missing(labels))
-    written = [r for r, label in zip(raw, labels, strict=True) if label in unknown]
-    if written:
-        raise ValueError(
-            f"No cell of `adata.obs[{key!r}]` has the control label {control!r} the model was saved with "
-            f"(`control_group`), and the label(s) {written[:5]} have no gene embedding. If they mark "
-            f"the control cells, relabel them: `adata.obs[{key!r}] = adata.obs[{key!r}]"
-            f".replace({{{written[0]!r}: {control!r}}})`."
-        )
 
 
 @contextlib.contextmanager
-def restore_on_error(adata):
+def restore_on_error(adata: AnnData | None) -> Iterator[None]:
     """Undo scvi-tools' registration keys written into ``adata`` if the block fails.
 
     Registration (``obs['_scvi_*']``, ``uns['_scvi_*']``) is the only write of ``setup_anndata``

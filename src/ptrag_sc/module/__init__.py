@@ -6,4 +6,11 @@ from ._evidence import SelectionOffsets
 from ._losses import energy_distance, pairwise_distances
 from ._module import PTRAGModule
 
-__all__ = ["TENSORS", "SelectionOffsets", "PTRAGModule", "apply_shift", "energy_distance", "pairwise_distances"]
+__all__ = [
+    "TENSORS",
+    "PTRAGModule",
+    "SelectionOffsets",
+    "apply_shift",
+    "energy_distance",
+    "pairwise_distances",
+]

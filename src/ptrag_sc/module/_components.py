@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(n_in: int, n_out: int, *, n_hidden: int, n_layers: int = 2, dropout: float = 0.0) -> nn.Sequential:
+def mlp(
+    n_in: int, n_out: int, *, n_hidden: int, n_layers: int = 2, dropout: float = 0.0
+) -> nn.Sequential:
     """``n_layers`` linear layers with GELU (and dropout) between them."""
     dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
     layers: list[nn.Module] = []
@@ -32,7 +34,9 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_hidden: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if n_hidden % n_heads:
-            raise ValueError(f"`n_hidden` ({n_hidden}) must be divisible by `n_heads` ({n_heads}).")
+            raise ValueError(
+                f"`n_hidden` ({n_hidden}) must be divisible by `n_heads` ({n_heads})."
+            )
         self.n_heads = n_heads
         self.query = nn.Linear(n_hidden, n_hidden)
         self.key_value = nn.Linear(n_hidden, 2 * n_hidden)
@@ -71,7 +75,9 @@ class FeedForward(nn.Module):
         return x + self.net(self.norm(x))
 
 
-def _encoder_stack(n_hidden: int, n_layers: int, n_heads: int, dropout: float) -> nn.TransformerEncoder:
+def _encoder_stack(
+    n_hidden: int, n_layers: int, n_heads: int, dropout: float
+) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(
         n_hidden,
         n_heads,
@@ -90,7 +96,9 @@ class FullSetTransformer(nn.Module):
     Every layer costs ``O(S * H^2 + S^2 * H)`` per set of ``S`` cells.
     """
 
-    def __init__(self, n_hidden: int, *, n_layers: int, n_heads: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, n_hidden: int, *, n_layers: int, n_heads: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.layers = _encoder_stack(n_hidden, n_layers, n_heads, dropout)
         self.norm = nn.LayerNorm(n_hidden)
@@ -112,7 +120,13 @@ class PooledSetTransformer(nn.Module):
     """
 
     def __init__(
-        self, n_hidden: int, *, n_layers: int, n_heads: int, n_set_tokens: int = 8, dropout: float = 0.0
+        self,
+        n_hidden: int,
+        *,
+        n_layers: int,
+        n_heads: int,
+        n_set_tokens: int = 8,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.seeds = nn.Parameter(torch.randn(n_set_tokens, n_hidden) * n_hidden**-0.5)

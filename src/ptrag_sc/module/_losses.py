@@ -10,7 +10,8 @@ _MIN_SQUARED_DISTANCE = 1e-8
 
 
 def _distances(gram: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances from the Gram matrix and the squared norms: ``|x|^2 + |y|^2 - 2 <x, y>``."""
+    """Euclidean distances from the Gram matrix and the squared norms: ``|x|^2 + |y|^2 - 2 <x,
+    y>``."""
     squared = x2.unsqueeze(-1) + y2.unsqueeze(-2) - 2.0 * gram
     return squared.clamp_min(_MIN_SQUARED_DISTANCE).sqrt()
 
@@ -27,7 +28,9 @@ def _gram_and_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Euclidean distances between the rows of two batches of sets, ``[B, N, M]``."""
-    return _distances(x @ y.transpose(-1, -2), torch.linalg.vecdot(x, x), torch.linalg.vecdot(y, y))
+    return _distances(
+        x @ y.transpose(-1, -2), torch.linalg.vecdot(x, x), torch.linalg.vecdot(y, y)
+    )
 
 
 def energy_distance(

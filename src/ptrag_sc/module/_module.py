@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -27,6 +29,9 @@ from ._components import FullSetTransformer, PooledSetTransformer, mlp
 from ._evidence import SelectionOffsets
 from ._losses import energy_distance
 from ._retriever import CrossAttentionContext, TwoStageSelector
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class PTRAGModule(BaseModuleClass):
@@ -154,14 +159,26 @@ class PTRAGModule(BaseModuleClass):
 
         self.uses_responses = retrieval != "none" and memory == "response"
         self.basal_encoder = mlp(n_genes, n_hidden, n_hidden=n_hidden, n_layers=2, dropout=dropout)
-        self.pert_encoder = mlp(n_embedding_dims, n_hidden, n_hidden=n_hidden, n_layers=2, dropout=dropout)
+        self.pert_encoder = mlp(
+            n_embedding_dims, n_hidden, n_hidden=n_hidden, n_layers=2, dropout=dropout
+        )
         self.batch_embedding = nn.Embedding(n_batch, n_hidden) if n_batch > 1 else None
         if backbone == "pooled":
-            self.backbone = PooledSetTransformer(n_hidden, n_layers=n_layers, n_heads=n_heads, n_set_tokens=n_set_tokens, dropout=dropout)
+            self.backbone = PooledSetTransformer(
+                n_hidden,
+                n_layers=n_layers,
+                n_heads=n_heads,
+                n_set_tokens=n_set_tokens,
+                dropout=dropout,
+            )
         else:
-            self.backbone = FullSetTransformer(n_hidden, n_layers=n_layers, n_heads=n_heads, dropout=dropout)
+            self.backbone = FullSetTransformer(
+                n_hidden, n_layers=n_layers, n_heads=n_heads, dropout=dropout
+            )
         self.decoder_rank = decoder_rank
-        self.learned_shift = learned_shift if learned_shift is not None else not self.uses_responses
+        self.learned_shift = (
+            learned_shift if learned_shift is not None else not self.uses_responses
+        )
         # Only what the configuration uses is built: data-parallel training requires every
         # parameter to take part in the loss.
         if decoder_rank is None:
@@ -169,35 +186,62 @@ class PTRAGModule(BaseModuleClass):
             self.set_decoder = None
         else:
             # No bias before the set mean is removed: the per-cell part has zero set mean.
-            self.decoder = nn.Sequential(nn.Linear(n_hidden, decoder_rank, bias=False), nn.Linear(decoder_rank, n_genes))
-            self.set_decoder = mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout) if self.learned_shift else None
+            self.decoder = nn.Sequential(
+                nn.Linear(n_hidden, decoder_rank, bias=False), nn.Linear(decoder_rank, n_genes)
+            )
+            self.set_decoder = (
+                mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout)
+                if self.learned_shift
+                else None
+            )
         # Start from "the control cells moved by the evidence"; the decoders learn corrections.
-        for last in (self.decoder[-1], self.set_decoder[-1] if self.set_decoder is not None else None):
+        for last in (
+            self.decoder[-1],
+            self.set_decoder[-1] if self.set_decoder is not None else None,
+        ):
             if last is not None:
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
         if decoder_rank is not None:
             self.decoder[-1].bias.requires_grad_(self.learned_shift)
 
-        self.selector = TwoStageSelector(n_hidden, n_scorer_hidden=n_scorer_hidden, tau=gumbel_tau) if retrieval == "ptrag" else None
+        self.selector = (
+            TwoStageSelector(n_hidden, n_scorer_hidden=n_scorer_hidden, tau=gumbel_tau)
+            if retrieval == "ptrag"
+            else None
+        )
         self.cross_attention = CrossAttentionContext(n_hidden) if retrieval == "vanilla" else None
         self.n_response_components = n_response_components
-        self.response_encoder = nn.Linear(n_response_components, n_hidden) if self.uses_responses else None
+        self.response_encoder = (
+            nn.Linear(n_response_components, n_hidden) if self.uses_responses else None
+        )
         self.same_cell_type = nn.Embedding(2, n_hidden) if self.uses_responses else None
         self.relation = nn.Embedding(N_RELATIONS, n_hidden) if retrieval != "none" else None
-        self.selection_offsets = SelectionOffsets() if self.uses_responses and self.selector is not None else None
+        self.selection_offsets = (
+            SelectionOffsets() if self.uses_responses and self.selector is not None else None
+        )
         # Filled by `set_memory`; not part of the state dict, since the memory is data saved
         # with the model, not a parameter.
-        self.register_buffer("memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False)
-        self.register_buffer("memory_embedding_row", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("memory_response_codes", torch.zeros(0, n_response_components), persistent=False)
+        self.register_buffer(
+            "memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False
+        )
+        self.register_buffer(
+            "memory_embedding_row", torch.zeros(0, dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "memory_response_codes", torch.zeros(0, n_response_components), persistent=False
+        )
         # Data-derived constants saved with the weights: the largest value each gene reaches in
         # the training data, and the typical squared size of a shift (the pseudobulk loss' unit).
         self.register_buffer("gene_ceiling", torch.full((n_genes,), float("inf")))
         self.register_buffer("shift_scale", torch.ones(()))
 
     # ------------------------------------------------------------------ memory
-    def set_memory(self, embeddings, response_codes=None) -> None:
+    def set_memory(
+        self,
+        embeddings: np.ndarray | torch.Tensor,
+        response_codes: np.ndarray | torch.Tensor | None = None,
+    ) -> None:
         """Install the retrieval memory.
 
         Parameters
@@ -223,7 +267,9 @@ class PTRAGModule(BaseModuleClass):
             codes[:, : response_codes.shape[1]] = response_codes[:, : self.n_response_components]
         self.memory_response_codes = codes
 
-    def set_data_constants(self, gene_ceiling, shift_scale: float) -> None:
+    def set_data_constants(
+        self, gene_ceiling: np.ndarray | torch.Tensor, shift_scale: float
+    ) -> None:
         """Install the per-gene ceiling of generated values and the unit of the pseudobulk loss."""
         self.gene_ceiling.copy_(torch.as_tensor(gene_ceiling, dtype=torch.float32))
         self.shift_scale.fill_(float(max(shift_scale, 1e-8)))
@@ -233,7 +279,7 @@ class PTRAGModule(BaseModuleClass):
         return self.retrieval != "none"
 
     # --------------------------------------------------------------- inference
-    def _get_inference_input(self, tensors: dict, **kwargs) -> dict:
+    def _get_inference_input(self, tensors: dict, **kwargs: object) -> dict:
         return {
             "x_ctrl": tensors[TENSORS.X_CTRL],
             "pert_embedding": tensors[TENSORS.PERT_EMBEDDING],
@@ -243,11 +289,18 @@ class PTRAGModule(BaseModuleClass):
             "context_response": tensors.get(TENSORS.CONTEXT_RESPONSE),
             "stacked_shift": tensors.get(TENSORS.STACKED_SHIFT),
             "candidate_similarity": tensors.get(TENSORS.CANDIDATE_SIMILARITY),
-            "candidate_annotation_similarity": tensors.get(TENSORS.CANDIDATE_ANNOTATION_SIMILARITY),
+            "candidate_annotation_similarity": tensors.get(
+                TENSORS.CANDIDATE_ANNOTATION_SIMILARITY
+            ),
             "batch": tensors.get(TENSORS.BATCH),
         }
 
-    def _encode_candidates(self, candidates, same_cell_type=None, relation=None):
+    def _encode_candidates(
+        self,
+        candidates: torch.Tensor,
+        same_cell_type: torch.Tensor | None = None,
+        relation: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``h_cand`` ``[B,K,H]`` and ``valid`` ``[B,K]`` of the stage-1 candidates."""
         valid = candidates >= 0
         index = candidates.clamp_min(0)
@@ -295,16 +348,32 @@ class PTRAGModule(BaseModuleClass):
                 raise ValueError("This model retrieves: the batch needs `candidates`.")
             if self.memory_embedding_row.shape[0] == 0:
                 raise RuntimeError("The retrieval memory is empty; call `set_memory` first.")
-            h_cand, valid = self._encode_candidates(candidates, candidate_same_cell_type, candidate_relation)
-            relation = candidate_relation if candidate_relation is not None else torch.zeros_like(candidates)
+            h_cand, valid = self._encode_candidates(
+                candidates, candidate_same_cell_type, candidate_relation
+            )
+            relation = (
+                candidate_relation
+                if candidate_relation is not None
+                else torch.zeros_like(candidates)
+            )
             if self.selector is not None:
                 sample = self.training if sample_retrieval is None else sample_retrieval
                 bias = None
                 if self.selection_offsets is not None:
-                    similarity = candidate_similarity if candidate_similarity is not None else torch.zeros_like(x0[:, 0, :1]).expand_as(candidates)
-                    annotation = candidate_annotation_similarity if candidate_annotation_similarity is not None else torch.zeros_like(similarity)
+                    similarity = (
+                        candidate_similarity
+                        if candidate_similarity is not None
+                        else torch.zeros_like(x0[:, 0, :1]).expand_as(candidates)
+                    )
+                    annotation = (
+                        candidate_annotation_similarity
+                        if candidate_annotation_similarity is not None
+                        else torch.zeros_like(similarity)
+                    )
                     bias = self.selection_offsets(relation, similarity, annotation)
-                selected = self.selector(h_ctrl, h_pert, h_cand, valid, sample=sample, logit_offset=bias)
+                selected = self.selector(
+                    h_ctrl, h_pert, h_cand, valid, sample=sample, logit_offset=bias
+                )
                 out[OUTPUTS.KEEP] = selected["keep"]
                 out[OUTPUTS.KEEP_PROBABILITY] = selected["keep_probability"]
                 # The fraction of the set's cells that keep each candidate.
@@ -319,7 +388,9 @@ class PTRAGModule(BaseModuleClass):
             x0 = x0 + context if self.context_mode == "add" else context
             if self.uses_responses:
                 if context_response is None or stacked_shift is None:
-                    raise ValueError("A response memory needs the batch's context response and evidence.")
+                    raise ValueError(
+                        "A response memory needs the batch's context response and evidence."
+                    )
                 out[OUTPUTS.DELTA] = context_response + stacked_shift
         if self.batch_embedding is not None and batch is not None:
             known = (batch >= 0)[:, None, None].to(x0.dtype)
@@ -328,7 +399,9 @@ class PTRAGModule(BaseModuleClass):
         return out
 
     # -------------------------------------------------------------- generative
-    def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
+    def _get_generative_input(
+        self, tensors: dict, inference_outputs: dict, **kwargs: object
+    ) -> dict:
         return {
             "x_ctrl": tensors[TENSORS.X_CTRL],
             "x0": inference_outputs["x0"],
@@ -361,7 +434,9 @@ class PTRAGModule(BaseModuleClass):
                 decoded = decoded + self.set_decoder(set_mean)
         if delta is not None and control_mean is not None:
             # The control cells moved by the evidence (see `apply_shift`).
-            scale, offset = shift_scale(x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling)
+            scale, offset = shift_scale(
+                x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling
+            )
             cells = x_ctrl * scale + offset + decoded
         else:
             cells = x_ctrl + decoded
@@ -369,7 +444,9 @@ class PTRAGModule(BaseModuleClass):
         if delta is not None and control_mean is not None:
             # Keeping the decoded cells inside [0, ceiling] moves the set's mean off the evidence
             # (on sparse genes, upwards); the same rule moves it back.
-            scale, offset = shift_scale(prediction, delta.unsqueeze(1), control_mean, self.gene_ceiling)
+            scale, offset = shift_scale(
+                prediction, delta.unsqueeze(1), control_mean, self.gene_ceiling
+            )
             prediction = torch.clamp(F.relu(prediction * scale + offset), max=self.gene_ceiling)
         result = {OUTPUTS.PREDICTION: prediction}
         if control_mean is not None:
@@ -394,7 +471,11 @@ class PTRAGModule(BaseModuleClass):
         target = tensors[TENSORS.X_PERT]
         prediction = generative_outputs[OUTPUTS.PREDICTION]
         target_shift = tensors.get(TENSORS.TARGET_SHIFT)
-        use_pseudobulk = self.pseudobulk_weight > 0 and target_shift is not None and OUTPUTS.MEAN_SHIFT in generative_outputs
+        use_pseudobulk = (
+            self.pseudobulk_weight > 0
+            and target_shift is not None
+            and OUTPUTS.MEAN_SHIFT in generative_outputs
+        )
         teacher = target
         if use_pseudobulk:
             # The observed set moved to its group's pseudobulk mean: the energy judges the
@@ -402,7 +483,9 @@ class PTRAGModule(BaseModuleClass):
             centre = tensors[TENSORS.CONTROL_MEAN] + target_shift
             teacher = target + (centre.unsqueeze(1) - target.mean(dim=1, keepdim=True))
         if self._sinkhorn is None:
-            objective = energy_distance(prediction, teacher, include_target_term=include_target_term)
+            objective = energy_distance(
+                prediction, teacher, include_target_term=include_target_term
+            )
             loss = objective.mean()
         else:
             objective = None
@@ -412,9 +495,13 @@ class PTRAGModule(BaseModuleClass):
             extra["energy"] = objective.detach().mean()
         else:
             with torch.no_grad():
-                extra["energy"] = energy_distance(prediction, target, include_target_term=True).mean()
+                extra["energy"] = energy_distance(
+                    prediction, target, include_target_term=True
+                ).mean()
         if use_pseudobulk:
-            error = (generative_outputs[OUTPUTS.MEAN_SHIFT] - target_shift).pow(2).sum(-1) / self.shift_scale
+            error = (generative_outputs[OUTPUTS.MEAN_SHIFT] - target_shift).pow(2).sum(
+                -1
+            ) / self.shift_scale
             loss = loss + self.pseudobulk_weight * error.mean()
             extra["mean_error"] = error.detach().mean()
         if OUTPUTS.KEEP in inference_outputs:
@@ -424,6 +511,13 @@ class PTRAGModule(BaseModuleClass):
                 # Means over the valid (cell, candidate) pairs; padding entries are zero.
                 # The penalty is on the expected keep rate: smooth, unlike the sampled one.
                 mask = valid[:, None, :].to(inference_outputs[OUTPUTS.KEEP].dtype)
-                loss = loss + self.sparsity_weight * (inference_outputs[OUTPUTS.KEEP_PROBABILITY] * mask).sum() / n_valid
-                extra["active_ratio"] = (inference_outputs[OUTPUTS.KEEP].detach() * mask).sum() / n_valid
+                loss = (
+                    loss
+                    + self.sparsity_weight
+                    * (inference_outputs[OUTPUTS.KEEP_PROBABILITY] * mask).sum()
+                    / n_valid
+                )
+                extra["active_ratio"] = (
+                    inference_outputs[OUTPUTS.KEEP].detach() * mask
+                ).sum() / n_valid
         return LossOutput(loss=loss, extra_metrics=extra, n_obs_minibatch=prediction.shape[0])

@@ -16,7 +16,9 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     return torch.rand_like(like).clamp_(1e-6, 1 - 1e-6).logit_()
 
 
-def hard_binary_concrete(logit: torch.Tensor, tau: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def hard_binary_concrete(
+    logit: torch.Tensor, tau: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Hard two-class Gumbel-Softmax sample of "keep" with a straight-through gradient.
 
     Equal in distribution to ``F.gumbel_softmax(stack([0, logit]), tau, hard=True)[..., 1]``:
@@ -53,7 +55,9 @@ class ConcatLayerNorm(nn.Module):
         """Mean and reciprocal standard deviation of the concatenation, shape ``[..., 1]``."""
         n_in = self.part_size * self.n_parts
         total = functools.reduce(operator.add, [p.sum(-1, keepdim=True) for p in parts])
-        total_sq = functools.reduce(operator.add, [torch.linalg.vecdot(p, p).unsqueeze(-1) for p in parts])
+        total_sq = functools.reduce(
+            operator.add, [torch.linalg.vecdot(p, p).unsqueeze(-1) for p in parts]
+        )
         mean = total / n_in
         return mean, torch.rsqrt((total_sq / n_in - mean.pow(2)).clamp_min(0) + self.eps)
 
@@ -131,7 +135,8 @@ class TwoStageSelector(nn.Module):
         (w_cell, w_pert, w_cand), w_sum, bias = self.norm.folded(self.scorer_hidden)
         cell_part = h_ctrl @ w_cell.T + (h_pert @ w_pert.T)[:, None, :]  # [B,S,Hs]
         cand_part = h_cand @ w_cand.T  # [B,K,Hs]
-        hidden = rstd * (cell_part.unsqueeze(2) + cand_part.unsqueeze(1) - mean * w_sum) + bias  # [B,S,K,Hs]
+        # [B,S,K,Hs]
+        hidden = rstd * (cell_part.unsqueeze(2) + cand_part.unsqueeze(1) - mean * w_sum) + bias
         logit = self.scorer_out(F.gelu(hidden)).squeeze(-1)  # [B,S,K], keep minus drop
         if logit_offset is not None:
             logit = logit + logit_offset[:, None, :]
@@ -142,7 +147,8 @@ class TwoStageSelector(nn.Module):
         else:
             keep = (logit > 0).to(logit.dtype) * mask
 
-        # z = sum_k keep_k * rstd_k * (P_cell + P_pert + P_cand_k - mean_k * w_sum) + bias * sum_k keep_k
+        # z = sum_k keep_k * rstd_k * (P_cell + P_pert + P_cand_k - mean_k * w_sum) + bias * sum_k
+        # keep_k
         (p_cell, p_pert, p_cand), p_sum, p_bias = self.norm.folded(self.projection)
         scaled = keep * rstd.squeeze(-1)  # [B,S,K]
         context = scaled.sum(-1, keepdim=True) * (

@@ -13,11 +13,11 @@ split.
 
 from __future__ import annotations
 
+from .._symbols import SymbolResolution, resolve_gene_symbols
 from ._embeddings import embed_gene_text, read_gene_embeddings
 from ._gene_text import gene_text_from_annotations, gene_texts, read_gene_summaries
 from ._guides import assign_guides
 from ._split import few_shot_preset, few_shot_split
-from ._symbols import SymbolResolution, resolve_gene_symbols
 
 __all__ = [
     "SymbolResolution",

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .._settings import settings
-from ._symbols import _format_list
+from .._symbols import _format_list
 
 if TYPE_CHECKING:
     from anndata import AnnData

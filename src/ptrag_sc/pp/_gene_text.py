@@ -12,7 +12,8 @@ from functools import lru_cache
 
 import pandas as pd
 
-from ._symbols import _as_str_list, _data_path, _format_list, resolve_gene_symbols
+from .._symbols import _as_str_list, _data_path, _format_list, resolve_gene_symbols
+from .._symbols import gene_table as _annotations
 
 __all__ = ["gene_text_from_annotations", "gene_texts", "read_gene_summaries"]
 
@@ -31,15 +32,6 @@ _TYPE_LABEL = {
     "scRNA": "small cytoplasmic RNA gene",
 }
 _GENE_SYMBOL_PREFIX = re.compile(r"^\s*Gene Symbol (\S+)")
-
-
-@lru_cache(maxsize=1)
-def _annotations() -> pd.DataFrame:
-    with _data_path("gene_annotations.tsv.gz").open("rb") as fh:
-        df = pd.read_csv(
-            fh, sep="\t", compression="gzip", dtype=str, keep_default_na=False, na_values=[]
-        )
-    return df.set_index("symbol")
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._constants import DEFAULT_CONTROL_GROUP
-from ._symbols import _format_list
+from .._symbols import _format_list
 
 if TYPE_CHECKING:
     from collections.abc import Callable

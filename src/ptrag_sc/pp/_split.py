@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import DEFAULT_CELL_TYPE_KEY, DEFAULT_CONTROL_GROUP, DEFAULT_PERTURBATION_KEY
-from ._symbols import _data_path, _format_list, resolve_gene_symbols
+from .._symbols import _data_path, _format_list, resolve_gene_symbols
 
 if TYPE_CHECKING:
     from anndata import AnnData

@@ -31,9 +31,11 @@ from ._utils import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from anndata import AnnData
+
+    from ..data._matrix import MatrixLike
 
 #: Names accepted by :func:`predict_baseline`.
 BASELINES = ("control", "other_cell_types", "context_mean", "linear", "knn", "additive")
@@ -76,7 +78,8 @@ def predict_baseline(
     (:func:`ptrag_sc.module.apply_shift`): each gene expressed in the matched controls is scaled
     so that their mean becomes ``mu(c) + delta(c, p)`` (never scaling a cell above the largest
     value the gene reaches in the training cells and controls), other genes are shifted
-    additively, and the result is clipped to ``[0, that largest value]``; it goes to ``adata.layers[key_added]``. ``m(i)`` is a control
+    additively, and the result is clipped to ``[0, that largest value]``; it goes to
+    ``adata.layers[key_added]``. ``m(i)`` is a control
     cell of the same cell type (and batch, with ``batch_key``) drawn by
     :func:`ptrag_sc.data._pairing.match_controls` with ``seed`` among all control cells of
     that context, whatever their split (control cells are the model's inputs, not targets).
@@ -183,7 +186,8 @@ def predict_baseline(
     >>> for name in ptrag_sc.tl.BASELINES:
     ...     ptrag_sc.tl.predict_baseline(adata, name, split_key="split", gene_embeddings=emb)
     >>> sorted(k for k in adata.layers if k.startswith("baseline_"))
-    ['baseline_additive', 'baseline_context_mean', 'baseline_control', 'baseline_knn', 'baseline_linear', 'baseline_other_cell_types']
+    ['baseline_additive', 'baseline_context_mean', 'baseline_control', 'baseline_knn',
+    'baseline_linear', 'baseline_other_cell_types']
     >>> res = ptrag_sc.tl.evaluate(adata, pred_layer="baseline_knn", split_key="split")
     >>> len(res)
     2
@@ -312,7 +316,9 @@ def predict_baseline(
     chunk = pd.Series(qidx).groupby([cell_target[qidx], ctx_code[qidx]]).indices
     for (t, code), positions in chunk.items():
         rows = qidx[positions]
-        out[rows] = _apply(_dense_float32(matrix[paired[rows]]), deltas[t], ctx_means[code], ceiling)
+        out[rows] = _apply(
+            _dense_float32(matrix[paired[rows]]), deltas[t], ctx_means[code], ceiling
+        )
 
     fell_back = np.zeros(adata.n_obs, dtype=bool)
     fell_back[qidx] = fallback[cell_target[qidx]]
@@ -346,7 +352,9 @@ def predict_baseline(
     return target if copy else None
 
 
-def _apply(x_ctrl: np.ndarray, delta: np.ndarray, control_mean: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
+def _apply(
+    x_ctrl: np.ndarray, delta: np.ndarray, control_mean: np.ndarray, ceiling: np.ndarray
+) -> np.ndarray:
     """The model's rule for applying a mean shift to a group's matched control cells."""
     ceiling = torch.from_numpy(ceiling)
     scaled, offset = apply_shift(
@@ -358,7 +366,7 @@ def _apply(x_ctrl: np.ndarray, delta: np.ndarray, control_mean: np.ndarray, ceil
     return torch.minimum(torch.relu(scaled + offset), ceiling)[0].numpy()
 
 
-def _dense_float32(matrix) -> np.ndarray:
+def _dense_float32(matrix: MatrixLike) -> np.ndarray:
     if sparse.issparse(matrix):
         return matrix.toarray().astype(np.float32, copy=False)
     return np.array(matrix, dtype=np.float32, copy=True)
@@ -367,7 +375,14 @@ def _dense_float32(matrix) -> np.ndarray:
 class _TrainingStats:
     """Training control means, per-(cell type, perturbation) shifts and context shifts."""
 
-    def __init__(self, matrix, pert, ct, is_ctrl, train) -> None:
+    def __init__(
+        self,
+        matrix: MatrixLike,
+        pert: np.ndarray,
+        ct: np.ndarray,
+        is_ctrl: np.ndarray,
+        train: np.ndarray,
+    ) -> None:
         self.cell_types = sorted(set(ct))
         ctrl_train = is_ctrl & train
         ctrl_codes = np.full(ct.shape[0], -1, dtype=np.int64)
@@ -407,7 +422,9 @@ class _Embedder:
     validated and missing genes raise a ValueError naming them.
     """
 
-    def __init__(self, table: pd.DataFrame, control_group: str, sep: str, needed) -> None:
+    def __init__(
+        self, table: pd.DataFrame, control_group: str, sep: str, needed: Iterable[str]
+    ) -> None:
         from ..data._perturbations import PerturbationEncoder
 
         self.encoder = PerturbationEncoder(table, sep=sep)

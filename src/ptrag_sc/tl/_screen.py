@@ -8,12 +8,18 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 
-from ..pp._symbols import _format_list
+from .._constants import OUTPUTS, TENSORS
+from .._symbols import _format_list
+from .._utils import progress_bar
+from ..data import normalise_labels
 
 if TYPE_CHECKING:
+    from ..data import ModelState, PerturbationData
     from ..model import PTRAG
+    from ..module import PTRAGModule
 
 Effect = Literal["shift_norm", "energy"]
 EFFECTS: tuple[str, ...] = ("shift_norm", "energy")
@@ -139,70 +145,74 @@ def screen(
     >>> ptrag_sc.PTRAG.setup_anndata(adata, perturbation_key="gene", cell_type_key="cell_line")
     >>> model = ptrag_sc.PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"])
     >>> model.train(max_steps=20)
-    >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG", signature={"up": ["CDKN1A"], "down": ["MKI67"]})
+    >>> signature = {"up": ["CDKN1A"], "down": ["MKI67"]}
+    >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG", signature=signature)
     >>> list(hits.columns[:4])
     ['cell_type', 'perturbation', 'score', 'rank']
     >>> int(hits["rank"].iloc[0])
     1
     """
+    from .._checks import check_choice, positive_int
     from .._settings import settings
+    from ..data._checks import check_controls_per_cell_type, check_expression
     from ..model import PTRAG as Model
-    from ..model._predict import _context_index, check_batch_size, screen_shifts
-    from ..model._validation import (
-        check_choice,
-        check_controls_per_cell_type,
-        check_expression,
-        positive_int,
-    )
+    from ..model._inference import check_batch_size, context_index
+    from ..model._mudata import model_input
 
     if not isinstance(model, Model):
-        hint = " The model comes first: `tl.screen(model, adata, ...)`." if isinstance(model, AnnData) else ""
-        raise TypeError(f"`model` must be a trained PTRAG model, got {type(model).__name__}.{hint}")
+        hint = ""
+        if isinstance(model, AnnData):
+            hint = " The model comes first: `tl.screen(model, adata, ...)`."
+        raise TypeError(
+            f"`model` must be a trained PTRAG model, got {type(model).__name__}.{hint}"
+        )
     if adata is not None and not isinstance(adata, AnnData) and type(adata).__name__ != "MuData":
-        raise TypeError(f"`adata` must be an AnnData (or a MuData) with control cells, got {type(adata).__name__}.")
-    adata = model._resolve_adata(adata)
-    model._require_trained()
-    adata = model.adata if adata is None else adata
+        raise TypeError(
+            "`adata` must be an AnnData (or a MuData) with control cells, got "
+            f"{type(adata).__name__}."
+        )
+    adata = model_input(model, adata)
     if adata is None:
         raise ValueError("Pass an AnnData with control cells: this model was loaded without one.")
+    state, module = model.state, model.module
     check_choice("effect", effect, EFFECTS)
     n_cells = positive_int("n_cells", n_cells)
     batch_size = check_batch_size(batch_size)
-    labels, shown = _requested(model, perturbations, combinations)
-    weights, signature_genes = _signature_weights(signature, model.var_names)
+    labels, shown = _requested(state, perturbations, combinations)
+    weights, signature_genes = _signature_weights(signature, state.var_names)
 
-    data = model._data(adata, require_labels=False)
-    cell_types = _cell_types(model, data, cell_type)
+    data = state.data(adata, require_labels=False)
+    cell_types = _cell_types(state, data, cell_type)
     check_controls_per_cell_type(data.is_control, data.cell_types, where="the AnnData to screen")
-    builder = model._builder()
-    keys, (context_names, context_means) = builder.control_contexts(data, data.is_control)
-    ceiling = model.module.gene_ceiling.detach().cpu().numpy().astype(np.float64)
-    fast = _fast_path(model, effect)
-    trained = np.isin(labels.astype(str), np.asarray(model.training_perturbations_).astype(str))
+    keys, (context_names, context_means) = state.builder.control_contexts(data, data.is_control)
+    ceiling = module.gene_ceiling.detach().cpu().numpy().astype(np.float64)
+    # Set means are known without decoding cells with a response memory and no learned shift.
+    fast = effect != "energy" and module.uses_responses and not module.learned_shift
+    trained = np.isin(labels.astype(str), np.asarray(state.training_perturbations).astype(str))
 
     tables, shift_frames = [], []
     for ct in cell_types:
         pool = np.flatnonzero(data.is_control & (data.cell_types == ct))
         # The same draw for a cell type whichever others are screened with it.
-        cells = np.sort(np.random.default_rng(seed).choice(pool, size=min(n_cells, pool.size), replace=False))
+        rng = np.random.default_rng(seed)
+        cells = np.sort(rng.choice(pool, size=min(n_cells, pool.size), replace=False))
         check_expression(data.expression.rows(cells).numpy(), where=f"the control cells of {ct!r}")
-        shifts, energy, distance, confidence = screen_shifts(
-            model,
-            builder,
+        shifts, energy, distance, confidence = _predicted(
+            state,
+            module,
             data,
             labels,
             ct,
             cells,
-            _context_index(context_names, keys[cells]),
+            context_index(context_names, keys[cells]),
             context_means,
             ceiling=ceiling,
             fast=fast,
             energy=effect == "energy" and weights is None,
             batch_size=batch_size,
             progress=settings.progress_bar and len(labels) > CHUNK_PERTURBATIONS,
-            chunk_size=CHUNK_PERTURBATIONS,
         )
-        observed, measured = _observed(model, data, labels, ct, cells, weights, effect)
+        observed, measured = _observed(state, data, labels, ct, cells, weights, effect)
         norm = np.linalg.norm(shifts, axis=1)
         if weights is not None:
             score = shifts @ weights
@@ -224,15 +234,17 @@ def screen(
             }
         )
         if weights is not None:
-            columns = model.var_names.get_indexer(signature_genes)
+            columns = state.var_names.get_indexer(signature_genes)
             for gene, column in zip(signature_genes, columns, strict=True):
                 table[SHIFT_PREFIX + gene] = shifts[:, column]
-        order = np.lexsort((np.arange(len(table)), -np.nan_to_num(table["score"].to_numpy(), nan=-np.inf)))
+        ranked = -np.nan_to_num(table["score"].to_numpy(), nan=-np.inf)
+        order = np.lexsort((np.arange(len(table)), ranked))
         table = table.iloc[order].reset_index(drop=True)
-        table.insert(3, "rank", table["score"].rank(ascending=False, method="min").astype(np.int64))
+        rank = table["score"].rank(ascending=False, method="min").astype(np.int64)
+        table.insert(3, "rank", rank)
         tables.append(table)
         if return_shifts:
-            shift_frames.append(pd.DataFrame(shifts[order], columns=model.var_names.copy()))
+            shift_frames.append(pd.DataFrame(shifts[order], columns=state.var_names.copy()))
     out = pd.concat(tables, ignore_index=True)
     if not return_shifts:
         return out
@@ -244,52 +256,147 @@ def screen(
     return out, shifts
 
 
-def _requested(model, perturbations, combinations) -> tuple[np.ndarray, np.ndarray]:
+def _predicted(
+    state: ModelState,
+    module: PTRAGModule,
+    data: PerturbationData,
+    labels: np.ndarray,
+    cell_type: str,
+    cells: np.ndarray,
+    context_index: np.ndarray,
+    context_means: np.ndarray,
+    *,
+    ceiling: np.ndarray,
+    fast: bool,
+    energy: bool,
+    batch_size: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted mean shift ``(P, G)``, energy ``(P,)``, retrieval distance ``(P,)`` and
+    confidence ``(P,)`` of every label.
+
+    :data:`CHUNK_PERTURBATIONS` perturbations at a time, each one set of the control ``cells``
+    of ``cell_type``; with ``fast`` the set mean comes from the evidence alone (no cells
+    decoded).
+    """
+    from ..model._inference import evaluating, run
+    from ..module import energy_distance
+
+    n_labels, n_cells = len(labels), cells.size
+    sums = np.zeros((n_labels, module.n_genes), dtype=np.float64)
+    energies = np.zeros(n_labels, dtype=np.float64)
+    distances = np.zeros(n_labels, dtype=np.float64)
+    confidences = np.full(n_labels, np.nan, dtype=np.float64)
+    weights = np.zeros(n_labels, dtype=np.float64)
+    description = f"Screening {cell_type}"
+    with (
+        evaluating(module) as device,
+        progress_bar(n_labels, description, "perturbation", progress) as advance,
+    ):
+        ceiling_t = torch.as_tensor(ceiling, dtype=torch.float32, device=device)
+        for start in range(0, n_labels, CHUNK_PERTURBATIONS):
+            chunk = labels[start : start + CHUNK_PERTURBATIONS]
+            sources = np.tile(cells, len(chunk))
+            groups = state.builder.prediction_groups(
+                labels=np.repeat(chunk, n_cells),
+                cell_types=np.full(sources.shape[0], cell_type, dtype=object),
+                batches=data.batches[sources],
+                context_index=np.tile(context_index, len(chunk)),
+                context_means=context_means,
+            )
+            row_of_group = start + pd.Index(chunk).get_indexer(groups.perturbation)
+            steps = run(
+                module,
+                device,
+                groups,
+                data.expression,
+                sources,
+                set_size=state.cell_set_size,
+                batch_size=batch_size,
+            )
+            for step in steps:
+                control_mean = step.batch[TENSORS.CONTROL_MEAN]
+                if fast:
+                    mean = control_mean + step.inference[OUTPUTS.DELTA]
+                    shift = torch.minimum(mean.clamp_min(0.0), ceiling_t) - control_mean
+                else:
+                    generated = step.decode(module)
+                    shift = generated[OUTPUTS.MEAN_SHIFT]
+                    if energy:
+                        e = energy_distance(
+                            generated[OUTPUTS.PREDICTION],
+                            step.batch[TENSORS.X_CTRL],
+                            include_target_term=True,
+                        )
+                        e = e.cpu().numpy().astype(np.float64) * step.rows.shape[1]
+                        np.add.at(energies, row_of_group[step.sets], e)
+                size = float(step.rows.shape[1])
+                rows = row_of_group[step.sets]
+                np.add.at(sums, rows, shift.cpu().numpy().astype(np.float64) * size)
+                np.add.at(weights, rows, size)
+                np.add.at(distances, rows, step.distance * size)
+                confidences[rows] = step.confidence
+            advance(len(chunk))
+    weights = np.maximum(weights, 1e-12)
+    energies = energies / weights if energy else np.full(n_labels, np.nan)
+    return (sums / weights[:, None]).astype(np.float32), energies, distances / weights, confidences
+
+
+def _requested(
+    state: ModelState,
+    perturbations: Sequence[str] | None,
+    combinations: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Canonical labels to screen and the labels shown in the table."""
-    from ..data import normalise_labels
-
-    setup = model._setup
-    if perturbations is None:
-        requested = [str(g) for g in model.perturbation_embeddings.index]
-    else:
-        requested = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
-        if not requested:
-            raise ValueError("`perturbations` is empty; pass labels, or None to screen every gene with an embedding.")
-    if combinations is not None:
-        extra = [combinations] if isinstance(combinations, str) else [str(c) for c in combinations]
-        requested += extra
-    canonical = normalise_labels(requested, control_group=setup.control_group, sep=setup.sep)
-    keep = canonical != setup.control_group
-    if perturbations is not None and not keep[: len(requested)].all():
-        raise ValueError(f"`perturbations` holds the control label {setup.control_group!r}; ask for genes.")
-    canonical, shown = canonical[keep], np.asarray(requested, dtype=object)[keep]
-    index = pd.Index(canonical)
-    if index.has_duplicates:
-        if perturbations is None and combinations is not None:
-            # a combination also in the table (e.g. an embedded "A+B" row): screen it once
-            first = ~index.duplicated()
-            canonical, shown = canonical[first], shown[first]
-        else:
-            dup = index[index.duplicated()].unique()[:5].tolist()
-            raise ValueError(f"The screen asks for the same perturbation twice (as written or after normalisation): {dup}.")
-    model._encoder.check(canonical, context=" requested")
-    return canonical.astype(object), shown
+    extra = (
+        []
+        if combinations is None
+        else [combinations]
+        if isinstance(combinations, str)
+        else list(combinations)
+    )
+    if perturbations is not None:
+        listed = [perturbations] if isinstance(perturbations, str) else list(perturbations)
+        if not listed:
+            raise ValueError(
+                "`perturbations` is empty; pass labels, or None to screen every gene with an "
+                "embedding."
+            )
+        shown, canonical = state.requested(listed + extra)
+        return canonical.astype(object), np.asarray(shown, dtype=object)
+    # Every gene with an embedding: the control label is not screened, and a combination also in
+    # the table (e.g. an embedded "A+B" row) is screened once.
+    setup = state.setup
+    shown = [str(g) for g in state.encoder.table.index] + [str(c) for c in extra]
+    canonical = normalise_labels(shown, control_group=setup.control_group, sep=setup.sep)
+    keep = (canonical != setup.control_group) & ~pd.Index(canonical).duplicated()
+    shown, canonical = state.requested(np.asarray(shown, dtype=object)[keep])
+    return canonical.astype(object), np.asarray(shown, dtype=object)
 
 
-def _signature_weights(signature, var_names: pd.Index) -> tuple[np.ndarray | None, list[str]]:
+def _signature_weights(
+    signature: Sequence[str] | Mapping[str, Sequence[str]] | pd.Series | None, var_names: pd.Index
+) -> tuple[np.ndarray | None, list[str]]:
     """Weights ``(G,)`` of the signature over the model's genes and its genes (model spelling)."""
     if signature is None:
         return None, []
     if isinstance(signature, pd.Series):
-        if not pd.api.types.is_numeric_dtype(signature) or not np.all(np.isfinite(signature.to_numpy(dtype=float))):
+        if not pd.api.types.is_numeric_dtype(signature) or not np.all(
+            np.isfinite(signature.to_numpy(dtype=float))
+        ):
             raise ValueError("A `signature` Series maps genes to finite numeric weights.")
         if signature.index.has_duplicates:
-            raise ValueError(f"The `signature` Series lists genes twice: {signature.index[signature.index.duplicated()][:5].tolist()}.")
+            raise ValueError(
+                "The `signature` Series lists genes twice: "
+                f"{signature.index[signature.index.duplicated()][:5].tolist()}."
+            )
         parts = [(list(map(str, signature.index)), signature.to_numpy(dtype=float), False)]
     elif isinstance(signature, Mapping):
         unknown = sorted(set(signature) - {"up", "down"})
         if unknown:
-            raise ValueError(f"A `signature` mapping has the keys 'up' and/or 'down', got {unknown}.")
+            raise ValueError(
+                f"A `signature` mapping has the keys 'up' and/or 'down', got {unknown}."
+            )
         parts = []
         for key, sign in (("up", 1.0), ("down", -1.0)):
             genes = signature.get(key)
@@ -307,8 +414,8 @@ def _signature_weights(signature, var_names: pd.Index) -> tuple[np.ndarray | Non
         parts = [(genes, np.ones(len(genes)), True)]
     else:
         raise TypeError(
-            "`signature` must be a list of genes, a {'up': [...], 'down': [...]} mapping or a pandas Series gene -> weight, "
-            f"got {type(signature).__name__}."
+            "`signature` must be a list of genes, a {'up': [...], 'down': [...]} mapping or a "
+            f"pandas Series gene -> weight, got {type(signature).__name__}."
         )
     upper = pd.Index(var_names.astype(str).str.upper())
     weights = np.zeros(len(var_names), dtype=np.float64)
@@ -317,11 +424,20 @@ def _signature_weights(signature, var_names: pd.Index) -> tuple[np.ndarray | Non
     positions = []
     for genes, _, _ in parts:
         position = var_names.get_indexer(genes)
-        fallback = upper.get_indexer([g.upper() for g in genes]) if not upper.has_duplicates else np.full(len(genes), -1)
+        fallback = (
+            upper.get_indexer([g.upper() for g in genes])
+            if not upper.has_duplicates
+            else np.full(len(genes), -1)
+        )
         positions.append(np.where(position >= 0, position, fallback))
-    # A gene listed twice (as written, in another case, or under 'up' and 'down') would count twice.
-    listed = pd.DataFrame({"gene": [g for genes, _, _ in parts for g in genes], "at": np.concatenate(positions)})
-    repeated = listed["gene"].duplicated(keep=False) | ((listed["at"] >= 0) & listed["at"].duplicated(keep=False))
+    # A gene listed twice (as written, in another case, or under 'up' and 'down') would count
+    # twice.
+    listed = pd.DataFrame(
+        {"gene": [g for genes, _, _ in parts for g in genes], "at": np.concatenate(positions)}
+    )
+    repeated = listed["gene"].duplicated(keep=False) | (
+        (listed["at"] >= 0) & listed["at"].duplicated(keep=False)
+    )
     twice = sorted(set(listed.loc[repeated, "gene"]))
     if twice:
         raise ValueError(
@@ -338,66 +454,86 @@ def _signature_weights(signature, var_names: pd.Index) -> tuple[np.ndarray | Non
         used += [str(var_names[p]) for p in position[present]]
     if not used:
         raise ValueError(
-            f"None of the signature genes is among the model's {len(var_names)} genes (e.g. {dropped[:5]}); "
-            f"the model predicts {var_names[:5].tolist()}..."
+            f"None of the signature genes is among the model's {len(var_names)} genes (e.g. "
+            f"{dropped[:5]}); the model predicts {var_names[:5].tolist()}..."
         )
     if dropped:
         warnings.warn(
-            f"{len(dropped)} signature gene(s) are not among the model's genes and are left out: {dropped[:10]}.",
+            f"{len(dropped)} signature gene(s) are not among the model's genes and are left out: "
+            f"{dropped[:10]}.",
             UserWarning,
             stacklevel=3,
         )
     return weights, list(dict.fromkeys(used))
 
 
-def _cell_types(model, data, cell_type) -> list[str]:
+def _cell_types(
+    state: ModelState, data: PerturbationData, cell_type: str | Sequence[str] | None
+) -> list[str]:
     """The cell types to screen (sets ``data.cell_types`` when the AnnData has no such column)."""
     from ..data import NO_CELL_TYPE
 
-    setup = model._setup
-    wanted = None if cell_type is None else ([cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type])
+    setup = state.setup
+    wanted = (
+        None
+        if cell_type is None
+        else ([cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type])
+    )
     if wanted is not None and not wanted:
         raise ValueError("`cell_type` is empty.")
     if not data.has_cell_types:
         if setup.cell_type_key is not None:
             if wanted is None or len(wanted) != 1:
                 raise ValueError(
-                    f"The AnnData has no column {setup.cell_type_key!r} (`cell_type_key`): pass one `cell_type=` naming its "
-                    f"control cells' cell type (trained: {_format_list(model.training_cell_types_, limit=10)})."
+                    f"The AnnData has no column {setup.cell_type_key!r} (`cell_type_key`): pass "
+                    "one `cell_type=` naming its control cells' cell type (trained: "
+                    f"{_format_list(state.training_cell_types, limit=10)})."
                 )
             data.cell_types = np.full(data.n_obs, wanted[0], dtype=object)
             return wanted
         if wanted not in (None, [NO_CELL_TYPE]):
-            raise ValueError(f"The model was set up without `cell_type_key`: leave `cell_type=None` (got {cell_type!r}).")
+            raise ValueError(
+                "The model was set up without `cell_type_key`: leave `cell_type=None` (got "
+                f"{cell_type!r})."
+            )
         return [NO_CELL_TYPE]
     with_controls = sorted(set(data.cell_types[data.is_control].astype(str)))
     if wanted is None:
         if len(with_controls) != 1:
             raise ValueError(
-                f"The AnnData has control cells of {len(with_controls)} cell types ({_format_list(with_controls, limit=10)}): pass `cell_type=` "
-                "naming the one(s) to screen."
+                f"The AnnData has control cells of {len(with_controls)} cell types "
+                f"({_format_list(with_controls, limit=10)}): pass `cell_type=` naming the one(s) "
+                "to screen."
             )
         return with_controls
     absent = [c for c in wanted if c not in with_controls]
     if absent:
         same_letters = [c for c in with_controls if c.lower() in {a.lower() for a in absent}]
         raise ValueError(
-            f"No control cells of cell type(s) {absent} in `adata.obs[{setup.cell_type_key!r}]` (cell types with control cells: "
-            f"{_format_list(with_controls, limit=10)})." + (f" Cell type names are case-sensitive: did you mean {_format_list(same_letters)}?" if same_letters else "")
+            f"No control cells of cell type(s) {absent} in `adata.obs[{setup.cell_type_key!r}]` "
+            f"(cell types with control cells: {_format_list(with_controls, limit=10)})."
+            + (
+                f" Cell type names are case-sensitive: did you mean {_format_list(same_letters)}?"
+                if same_letters
+                else ""
+            )
         )
     if len(set(wanted)) != len(wanted):
         raise ValueError(f"`cell_type` lists a cell type twice: {wanted}.")
     return wanted
 
 
-def _fast_path(model, effect) -> bool:
-    """Whether set means are known without decoding cells (response memory, no learned shift)."""
-    module = model.module
-    return effect != "energy" and module.uses_responses and not module.learned_shift
-
-
-def _observed(model, data, labels, cell_type, cells, weights, effect) -> tuple[np.ndarray, np.ndarray]:
-    """The score of the observed cells of measured labels (NaN otherwise) and which are measured."""
+def _observed(
+    state: ModelState,
+    data: PerturbationData,
+    labels: np.ndarray,
+    cell_type: str,
+    cells: np.ndarray,
+    weights: np.ndarray | None,
+    effect: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The score of the observed cells of measured labels (NaN otherwise) and which are
+    measured."""
     from ._metrics import energy_distance
 
     in_type = data.cell_types == cell_type
@@ -420,7 +556,7 @@ def _observed(model, data, labels, cell_type, cells, weights, effect) -> tuple[n
         observed[present] = shifts @ weights
     elif effect == "energy":
         # Sets as large as the predicted ones: the energy's V-statistic depends on the set size.
-        size = cells.size // -(-cells.size // model.cell_set_size)
+        size = cells.size // -(-cells.size // state.cell_set_size)
         rng = np.random.default_rng(0)
         controls = data.expression.rows(cells[:size]).numpy()
         for i in present:

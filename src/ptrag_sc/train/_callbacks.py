@@ -5,11 +5,18 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 
 from .._utils import is_interactive
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import TextIO
+
+    import lightning.pytorch as pl
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +25,8 @@ BEST_STEP_KEY, BEST_EPOCH_KEY = "keep_best_step", "keep_best_epoch"
 
 
 class KeepBestWeights(Callback):
-    """Keep, in memory, the module weights of the best validation check and restore them at the end.
+    """Keep, in memory, the module weights of the best validation check and restore them at the
+    end.
 
     Parameters
     ----------
@@ -41,37 +49,49 @@ class KeepBestWeights(Callback):
         self.best_step: int | None = None
         self._state: dict | None = None
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             return
         value = float(value)
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        better = self.best is None or (
+            value < self.best if self.mode == "min" else value > self.best
+        )
         if better:
-            self.best, self.best_epoch, self.best_step = value, trainer.current_epoch, trainer.global_step
+            self.best, self.best_epoch, self.best_step = (
+                value,
+                trainer.current_epoch,
+                trainer.global_step,
+            )
             self._state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._state is None:
             return
         with torch.no_grad():
             pl_module.module.load_state_dict(self._state)
         # Spawned data-parallel workers send `callback_metrics` back to the launching process,
         # whose copy of this callback never ran: the best step travels with them.
-        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in self.summary().items()})
-        logger.info("Restored the weights of step %s (%s = %.4g).", self.best_step, self.monitor, self.best)
+        trainer.callback_metrics.update(
+            {key: torch.tensor(value) for key, value in self.summary().items()}
+        )
+        logger.info(
+            "Restored the weights of step %s (%s = %.4g).", self.best_step, self.monitor, self.best
+        )
 
     def summary(self) -> dict[str, float]:
-        """``{BEST_STEP_KEY: step, BEST_EPOCH_KEY: epoch}`` of the restored weights (empty before)."""
+        """``{BEST_STEP_KEY: step, BEST_EPOCH_KEY: epoch}`` of the restored weights (empty
+        before)."""
         if self.best_step is None:
             return {}
         return {BEST_STEP_KEY: float(self.best_step), BEST_EPOCH_KEY: float(self.best_epoch)}
 
     @staticmethod
-    def from_metrics(metrics) -> tuple[int | None, int | None]:
-        """``(best_step, best_epoch)`` as :meth:`summary` left them in ``trainer.callback_metrics``."""
+    def from_metrics(metrics: Mapping[str, object]) -> tuple[int | None, int | None]:
+        """``(best_step, best_epoch)`` as :meth:`summary` left them in
+        ``trainer.callback_metrics``."""
         if BEST_STEP_KEY not in metrics:
             return None, None
         return int(metrics[BEST_STEP_KEY]), int(metrics[BEST_EPOCH_KEY])
@@ -90,7 +110,7 @@ class TrainingProgress(ProgressBar):
         Where to write; ``None`` (default) is ``sys.stderr`` at the start of training.
     """
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__()
         self._stream = stream
         self._enabled = True
@@ -112,33 +132,53 @@ class TrainingProgress(ProgressBar):
         return not self._enabled
 
     @property
-    def stream(self):
+    def stream(self) -> TextIO:
         return sys.stderr if self._stream is None else self._stream
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
         stream = self.stream
         if self._enabled and is_interactive(stream):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=trainer.max_steps, desc="Training", unit="step", file=stream, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=trainer.max_steps,
+                desc="Training",
+                unit="step",
+                file=stream,
+                dynamic_ncols=True,
+            )
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
         if self._bar is not None:
             self._bar.update(trainer.global_step - self._bar.n)
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loss = trainer.callback_metrics.get("validation_loss")
         if self._bar is not None and loss is not None and not trainer.sanity_checking:
             self._bar.set_postfix(validation_loss=f"{float(loss):.4g}", refresh=False)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._bar is not None:
             self._close()
         elif self._enabled:
-            print(f"Training: {training_summary(trainer)}, {time.perf_counter() - self._started:.0f} s", file=self.stream, flush=True)
+            print(
+                f"Training: {training_summary(trainer)}, "
+                f"{time.perf_counter() - self._started:.0f} s",
+                file=self.stream,
+                flush=True,
+            )
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._close()
 
     def _close(self) -> None:
@@ -147,10 +187,14 @@ class TrainingProgress(ProgressBar):
             self._bar = None
 
 
-def training_summary(trainer) -> str:
+def training_summary(trainer: pl.Trainer) -> str:
     """``"450/1500 steps (stopped early: no better validation_loss in 5 checks)"``."""
     text = f"{trainer.global_step}/{trainer.max_steps} steps"
     stopper = trainer.early_stopping_callback
-    if stopper is not None and trainer.global_step < trainer.max_steps and stopper.wait_count >= stopper.patience:
+    if (
+        stopper is not None
+        and trainer.global_step < trainer.max_steps
+        and stopper.wait_count >= stopper.patience
+    ):
         text += f" (stopped early: no better {stopper.monitor} in {stopper.patience} checks)"
     return text

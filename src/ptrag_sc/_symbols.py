@@ -1,4 +1,8 @@
-"""Gene-symbol resolution: exact, case-insensitive and alias / previous-symbol matching."""
+"""Gene symbols: resolution (exact, case-insensitive, aliases and previous symbols) and the
+shipped gene tables it reads (NCBI Gene via Bioconductor org.Hs.eg.db 3.16, in ``pp/data``).
+
+Below the data layer, which resolves labels and annotations through it; re-exported by
+:mod:`ptrag_sc.pp`."""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = ["SymbolResolution", "resolve_gene_symbols"]
 
@@ -18,8 +26,19 @@ _DATA = "data"
 _USER_PRIORITY = -1
 
 
-def _data_path(name: str):
-    return files("ptrag_sc.pp").joinpath(_DATA, name)
+def _data_path(name: str) -> Traversable:
+    """A shipped gene table (read from the package folder, without importing ``pp``)."""
+    return files("ptrag_sc") / "pp" / _DATA / name
+
+
+@lru_cache(maxsize=1)
+def gene_table() -> pd.DataFrame:
+    """The shipped table of human genes (name, type, GO terms), indexed by official symbol."""
+    with _data_path("gene_annotations.tsv.gz").open("rb") as fh:
+        df = pd.read_csv(
+            fh, sep="\t", compression="gzip", dtype=str, keep_default_na=False, na_values=[]
+        )
+    return df.set_index("symbol")
 
 
 @lru_cache(maxsize=1)
@@ -114,7 +133,8 @@ def resolve_gene_symbols(
     """Match gene symbols (e.g. perturbation labels) to the entries of a vocabulary.
 
     Each query is matched, in this order, (1) exactly, (2) case-insensitively and ignoring
-    surrounding whitespace (in queries and vocabulary alike: ``" stat1 "`` finds ``STAT1``), (3) through
+    surrounding whitespace (in queries and vocabulary alike: ``" stat1 "`` finds ``STAT1``), (3)
+    through
     gene aliases and previous symbols, in both directions: an old label finds the current
     symbol (``AARS`` -> ``AARS1``, ``KIAA1804`` -> ``MAP3K21``) and a current label finds an
     old vocabulary entry (``MAP3K21`` -> ``KIAA1804``). An official symbol is never re-read as
