@@ -182,9 +182,16 @@ def test_get_retrieval_table(trained):
     table = model.get_retrieval([query], cell_type="cell_line_0")
     assert list(table.columns) == [
         "query", "cell_type", "rank", "candidate", "candidate_cell_type", "similarity",
-        "keep_probability", "selected_fraction", "selected", "confidence",
+        "keep_probability", "selected_fraction", "selected", "confidence", "reliability",
     ]
     assert table["confidence"].nunique() == 1  # one number per query
+    # An unmeasured query's evidence has a scale (trust x gate, at least 0); a measured one reads
+    # its own entry's leave-one-out estimate, which has none.
+    assert table["reliability"].nunique() == 1
+    assert (table["reliability"] >= 0).all()
+    trained_query = str(model.training_perturbations_[0])
+    measured = model.get_retrieval([trained_query], cell_type="cell_line_0")
+    assert measured["reliability"].isna().all()
     assert len(table) == model.n_candidates
     assert table["rank"].tolist() == list(range(1, model.n_candidates + 1))
     assert table["similarity"].is_monotonic_decreasing

@@ -81,16 +81,9 @@ def measure(name: str, make, **model_kwargs) -> dict:
     same = (table["candidate"] == table["query"]).to_numpy()
     kept = table[table["selected"]].assign(case=name)
     n_queries = len(tests)
-    memory, evidence = model.memory, model.memory.evidence_model
+    evidence = model.memory.evidence_model
     trust = evidence.per_cell_type(np.array([cell_type]), evidence.cell_type_trust, evidence.trust_all)[0]
-    builder = model.state.builder
-    queries = np.array(tests)
-    annotations = None
-    if builder.annotations is not None and memory.annotation_terms is not None and len(memory.annotation_terms):
-        annotations, _ = builder.annotations.matrix(queries, sep=builder.encoder.sep, vocabulary=memory.annotation_terms)
-    reliability = memory.evidence(
-        queries, np.full(n_queries, cell_type), builder.encoder.embed(queries), annotations
-    )["reliability"]
+    reliability = table.groupby("query")["reliability"].first().loc[tests].to_numpy()
     return kept, {
         "case": name,
         "n_test_queries": n_queries,

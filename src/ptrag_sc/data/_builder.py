@@ -139,6 +139,7 @@ class SetBuilder:
                 context=evidence["context"],
                 stacked=evidence["stacked"],
                 confidence=evidence["confidence"],
+                reliability=evidence["reliability"],
             )
         out.update(
             candidates=cand,

@@ -56,6 +56,9 @@ class SetGroups:
     confidence
         ``(n_groups,)`` expected Pearson correlation of the group's predicted and measured mean
         shift (response memories).
+    reliability
+        ``(n_groups,)`` the scale of the stacked evidence of a query that is not a memory entry:
+        its cell type's trust times its gate (response memories; NaN for memory entries).
     target_shift
         ``(n_groups, G)`` observed mean of each group's cells minus its control mean (groups
         with observed cells: training and validation).
@@ -79,6 +82,7 @@ class SetGroups:
     context: np.ndarray | None = None
     stacked: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    reliability: np.ndarray | None = None
     target_shift: np.ndarray | None = None
 
     def __len__(self) -> int:

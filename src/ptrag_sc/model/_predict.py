@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import os
 
     from ..data import ModelState, PerturbationData
+    from ..data._sets import SetGroups
     from ..module import PTRAGModule
 
 #: obs column of a counterfactual output file: whether the row is a prediction (else a copy of
@@ -365,6 +366,7 @@ RETRIEVAL_COLUMNS = (
     "selected_fraction",
     "selected",
     "confidence",
+    "reliability",
 )
 
 
@@ -452,6 +454,7 @@ def retrieval_table(
                         "keep_probability": keep_p.ravel(),
                         "selected_fraction": selected.ravel(),
                         "confidence": np.repeat(step.confidence.astype(np.float64), k),
+                        "reliability": np.repeat(_reliability(groups, step.sets), k),
                     }
                 )
                 frames.append(frame[valid.ravel()])
@@ -467,5 +470,11 @@ def retrieval_table(
     out["selected"] = out["selected_fraction"] > 0.5
     out = out[list(RETRIEVAL_COLUMNS)]
     if memory.kind != "response":
-        out = out.drop(columns=["candidate_cell_type", "confidence"])
+        out = out.drop(columns=["candidate_cell_type", "confidence", "reliability"])
     return out
+
+
+def _reliability(groups: SetGroups, sets: np.ndarray) -> np.ndarray:
+    if groups.reliability is None:
+        return np.full(len(sets), np.nan)
+    return groups.reliability[sets].astype(np.float64)

@@ -514,8 +514,10 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         ``candidate_cell_type`` (response memory), ``similarity`` (cosine),
         ``keep_probability`` (mean over cells; vanilla RAG: mean attention weight),
         ``selected_fraction`` (fraction of cells keeping the candidate; NaN for vanilla RAG),
-        ``selected`` (``selected_fraction > 0.5``) and ``confidence`` (response memories: the
-        query's confidence, as in :meth:`predict`).
+        ``selected`` (``selected_fraction > 0.5``), and, with a response memory, ``confidence``
+        (the query's confidence, as in :meth:`predict`) and ``reliability`` (the scale of the
+        stacked evidence for the query: its cell type's trust times its gate; NaN for a query
+        measured in training, whose evidence is its own entry's).
         """
         adata = model_input(self, adata)
         return _predict.retrieval_table(

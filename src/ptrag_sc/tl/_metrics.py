@@ -87,7 +87,7 @@ def discrimination_l1(
     true_index: int,
     gene_mask: np.ndarray | None = None,
 ) -> float:
-    """Fraction of the other candidates whose observed shift is strictly closer (L1) than the truth.
+    """Fraction of other candidates whose observed shift is strictly closer (L1) than the truth.
 
     ``real_shifts`` is ``[n_candidates, n_genes]`` (observed shifts of the candidate
     perturbations, the true one at ``true_index``). 0 is best (the true perturbation is the

@@ -30,7 +30,7 @@ def check_obs_key(adata: AnnData, key: str, argument: str, *, where: str = "adat
 
 
 def check_anndata(value, argument: str = "adata") -> None:
-    """Raise a ``TypeError`` naming ``argument`` unless ``value`` is an AnnData (before it is read)."""
+    """Raise a ``TypeError`` naming ``argument`` unless ``value`` is an AnnData (before use)."""
     from anndata import AnnData
 
     if isinstance(value, AnnData):
@@ -93,7 +93,7 @@ def as_str_tuple(values: str | Iterable | None) -> tuple[str, ...] | None:
 def members(
     perturbation: str, control_group: str, sep: str = DEFAULT_PERTURBATION_SEP
 ) -> list[str]:
-    """Single genes of a perturbation label (``"A+B"`` -> ``["A", "B"]``), control members dropped."""
+    """Single genes of a label (``"A+B"`` -> ``["A", "B"]``), control members dropped."""
     parts = [p.strip() for p in str(perturbation).split(sep)]
     return [p for p in parts if p and p != control_group]
 
