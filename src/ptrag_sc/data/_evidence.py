@@ -35,7 +35,7 @@ the same features.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -182,6 +182,9 @@ class EvidenceModel:
         where no entry's gene is measured).
     trust_all, own_gene_ratio_all
         The same over all entries, for cell types without entries.
+    size_coef
+        ``(2,)`` Fisher-z line of the entries' accuracy on ``log1p`` of their estimate's size
+        over the typical one: the confidence of a combination (NaN: models that predate it).
     """
 
     sources: np.ndarray
@@ -196,13 +199,14 @@ class EvidenceModel:
     own_gene_ratio: np.ndarray
     trust_all: float
     own_gene_ratio_all: float
+    size_coef: np.ndarray = field(default_factory=lambda: np.full(2, np.nan))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, state: dict) -> EvidenceModel:
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
     def per_cell_type(
         self, cell_types: np.ndarray, values: np.ndarray, fallback: float
@@ -223,6 +227,18 @@ class EvidenceModel:
     def confidence(self, features: np.ndarray) -> np.ndarray:
         """Expected Pearson correlation of the predicted and the measured mean shift."""
         return np.clip(self.standardise(features) @ self.confidence_coef, -1.0, 1.0)
+
+    def combination_confidence(self, size: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        """Expected Pearson correlation of combinations' predictions from their size.
+
+        A combination's prediction is the additive sum of its members' shifts, not the
+        stacked estimate that :meth:`confidence` describes; what carries over is how the
+        accuracy of the entries' estimates grew with their size (over the cell type's typical
+        specific shift). ``fallback`` where the line was not fitted."""
+        intercept, slope = np.asarray(self.size_coef, np.float64)
+        if not (np.isfinite(intercept) and np.isfinite(slope)):
+            return fallback
+        return np.tanh(intercept + slope * np.log1p(size))
 
 
 def fit_gate(
@@ -250,6 +266,18 @@ def fit_gate(
         return value, grad
 
     return minimize(objective, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B").x
+
+
+def fit_size_line(sizes: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """``(intercept, slope)`` of ``arctanh(accuracy)`` on ``log1p(sizes)`` (least squares over
+    the finite entries; NaN with fewer than three or no spread in size)."""
+    finite = np.isfinite(sizes) & np.isfinite(accuracy)
+    x = np.log1p(sizes[finite])
+    if finite.sum() < 3 or np.ptp(x) <= 1e-12:
+        return np.full(2, np.nan)
+    y = np.arctanh(np.clip(accuracy[finite], -0.99, 0.99))
+    design = np.column_stack([np.ones(x.size), x])
+    return np.linalg.lstsq(design, y, rcond=None)[0]
 
 
 def fit_ridge(design: np.ndarray, target: np.ndarray, penalty: float) -> np.ndarray:
@@ -429,6 +457,7 @@ def fit(
     estimates = additive(memory, perturbations, cell_types, context, estimates, sep)
 
     accuracy = row_pearson(context + estimates, memory.responses)
+    sizes = np.linalg.norm(estimates, axis=1) / np.maximum(typical_size[type_code], 1e-12)
     memory.evidence_model = EvidenceModel(
         sources=np.asarray(names),
         stack_weights=stack_weights,
@@ -442,6 +471,7 @@ def fit(
         own_gene_ratio=own_ratio,
         trust_all=trust_all,
         own_gene_ratio_all=own_all,
+        size_coef=fit_size_line(sizes, accuracy),
     )
     memory.entry_estimates = estimates.astype(np.float32)
     memory.entry_confidence = memory.evidence_model.confidence(features).astype(np.float32)
@@ -510,6 +540,13 @@ def query(
             estimate = apply_own_gene(estimate, q_context, means, columns, ratio)
         stacked[idx] = additive(memory, q_pert, q_ct, q_context, estimate, sep)
         confidence[idx] = model.confidence(features)
+        combination = np.array([sep in label for label in q_pert], dtype=bool)
+        if combination.any():
+            typical = model.per_cell_type(q_ct[combination], model.typical_size, mean_size)
+            size = np.linalg.norm(stacked[idx][combination], axis=1) / np.maximum(typical, 1e-12)
+            confidence[idx[combination]] = model.combination_confidence(
+                size, confidence[idx[combination]]
+            )
     return {
         "context": context,
         "context_full": full,
