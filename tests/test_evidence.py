@@ -208,3 +208,30 @@ def test_combinations_follow_the_additive_model():
     np.testing.assert_allclose(shift[0], memory.responses[row["N0"]] + memory.responses[row["P0"]], rtol=1e-5, atol=1e-6)
     context = memory.context_full[0]
     np.testing.assert_allclose(shift[1], memory.responses[row["P1"]] + context, rtol=1e-5, atol=1e-6)
+
+
+def test_combination_confidence_follows_the_size_of_the_additive_sum():
+    """A combination is predicted by the additive sum of its members: two strong pathway members
+    sum to a large, accurate shift, two bystanders to noise around the context. The confidence
+    must read that sum (not the combination's own embedding, which sits between the two)."""
+    names, table, effects, rng = _pathway_and_bystanders(seed=6)
+    memory = _memory(names, table, effects, rng)
+    assert np.all(np.isfinite(memory.evidence_model.size_coef))
+    encoder = PerturbationEncoder(table)
+    queries = np.array(["P0+P1", "P2+P3", "N0+N1", "N2+N3"])
+    out = memory.evidence(queries, np.array(["t"] * 4), encoder.embed(queries), None)
+    confidence = out["confidence"]
+    assert np.all((confidence >= -1) & (confidence <= 1))
+    assert confidence[:2].min() > confidence[2:].max()
+    # A model file written before the line existed has no coefficients: the combination then
+    # reads the feature-based confidence, as it did.
+    state = {k: v for k, v in memory.to_dict().items() if k != "evidence_model.size_coef"}
+    older = type(memory).from_dict(state)
+    assert np.all(np.isnan(older.evidence_model.size_coef))
+    fallback = older.evidence(queries, np.array(["t"] * 4), encoder.embed(queries), None)
+    singles = np.array(["P0", "N0"])
+    np.testing.assert_array_equal(
+        older.evidence(singles, np.array(["t"] * 2), encoder.embed(singles), None)["confidence"],
+        memory.evidence(singles, np.array(["t"] * 2), encoder.embed(singles), None)["confidence"],
+    )
+    assert not np.array_equal(fallback["confidence"], confidence)
