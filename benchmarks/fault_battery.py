@@ -1816,7 +1816,7 @@ def key_added_input_layer(env):
 
 @case("predict", "indices with a duplicate")
 def indices_duplicate(env):
-    model, adata, ref = env.trained
+    model, adata, _ref = env.trained
     a = adata.copy()
     rows = np.flatnonzero(a.obs["gene"] != "non-targeting")[:5]
     idx = np.concatenate([rows, rows[:2]])
@@ -1881,7 +1881,7 @@ def genes_extra(env):
 
 @case("predict", "an AnnData view (inplace)")
 def predict_view(env):
-    model, adata, ref = env.trained
+    model, adata, _ref = env.trained
     parent = adata.copy()
     v = parent[:150]
 
@@ -1901,7 +1901,7 @@ def predict_view(env):
 
 @case("predict", "an AnnData view, inplace=False")
 def predict_view_not_inplace(env):
-    model, adata, ref = env.trained
+    model, adata, _ref = env.trained
     parent = adata.copy()
     v = parent[:150]
     return Trial(
@@ -2339,7 +2339,7 @@ def save_to_file(env):
 
 @case("save", "save then load predicts identically")
 def roundtrip(env):
-    model, adata, ref = env.trained
+    _model, adata, ref = env.trained
     a = adata.copy()
 
     def call():
@@ -2350,7 +2350,7 @@ def roundtrip(env):
 
 @case("save", "save with save_anndata=True, load without an AnnData")
 def roundtrip_with_adata(env):
-    model, adata, ref = env.trained
+    model, _adata, ref = env.trained
     path = env.path("with_adata")
     model.save(path, save_anndata=True)
     return Trial(
@@ -2443,7 +2443,7 @@ def load_pickle_bomb(env):
 
 @case("load", "a crafted model.pt next to a valid model", issue=True)
 def load_pickle_bomb_beside_model(env):
-    model, adata, ref = env.trained
+    _model, adata, ref = env.trained
     path = env.copy_saved()
     env.pickle_bomb(path / "model.pt")
     return Trial(
@@ -2567,7 +2567,7 @@ def load_wrong_prefix(env):
 
 @case("load", "an AnnData with the genes in reverse order", issue=True)
 def load_genes_reversed(env):
-    model, adata, ref = env.trained
+    _model, adata, ref = env.trained
     b = adata[:, adata.var_names[::-1]].copy()
     order = adata.var_names.get_indexer(b.var_names)
     return Trial(
@@ -2580,14 +2580,14 @@ def load_genes_reversed(env):
 
 @case("load", "an AnnData missing a gene")
 def load_gene_missing(env):
-    model, adata, _ = env.trained
+    _model, adata, _ = env.trained
     b = adata[:, 1:].copy()
     return Trial(_load(env.saved, b), ("GENE0001",), watch=(b,))
 
 
 @case("load", "an AnnData with a new cell type", issue=True)
 def load_new_cell_type(env):
-    model, adata, _ = env.trained
+    _model, adata, _ = env.trained
     b = adata.copy()
     b.obs["cell_line"] = (
         b.obs["cell_line"].astype(str).replace({"cell_line_1": "new_line"}).astype("category")
@@ -2602,7 +2602,7 @@ def load_new_cell_type(env):
 
 @case("load", "an AnnData without the perturbation column")
 def load_no_labels(env):
-    model, adata, _ = env.trained
+    _model, adata, _ = env.trained
     b = adata.copy()
     del b.obs["gene"]
     return Trial(_load(env.saved, b), ("gene", "perturbation_key"), watch=(b,))
@@ -2610,7 +2610,7 @@ def load_no_labels(env):
 
 @case("load", "an AnnData view")
 def load_view(env):
-    model, adata, _ = env.trained
+    _model, adata, _ = env.trained
     parent = adata.copy()
     v = parent[:150]
     return Trial(
@@ -2620,7 +2620,7 @@ def load_view(env):
 
 @case("load", "an AnnData with NaN")
 def load_nan(env):
-    model, adata, _ = env.trained
+    _model, adata, _ = env.trained
     b = adata.copy()
     b.X[0, 0] = np.nan
     return Trial(_load(env.saved, b), ("nan",), watch=(b,))
@@ -2628,7 +2628,7 @@ def load_nan(env):
 
 @case("load", "adata is a DataFrame")
 def load_dataframe(env):
-    model, adata, _ = env.trained
+    _model, adata, _ = env.trained
     frame = adata.to_df()
     return Trial(_load(env.saved, frame), ("adata", "AnnData"), watch=(frame,))
 
@@ -2637,7 +2637,7 @@ def load_dataframe(env):
 def load_then_train(env):
     from lightning.pytorch.callbacks import Callback
 
-    model, adata, _ = env.trained
+    _model, adata, _ = env.trained
     b = adata.copy()
     seen = []
 
@@ -2659,7 +2659,7 @@ def load_then_train(env):
 
 @case("load", "labels in lower case after load")
 def load_label_variants(env):
-    model, adata, ref = env.trained
+    _model, adata, ref = env.trained
     b = adata.copy()
     b.obs["gene"] = (
         b.obs["gene"]
@@ -2700,7 +2700,7 @@ def add_clash(env):
 
 @case("add_perturbation_embeddings", "a numpy array")
 def add_array(env):
-    model, adata = env.fit()
+    model, _adata = env.fit()
     return Trial(
         lambda: model.add_perturbation_embeddings(np.ones((2, 32))), ("DataFrame", "embeddings")
     )
@@ -3109,7 +3109,7 @@ def concurrent_processes(env):
 
 @case("save", "a link to a user file planted as adata.h5ad in the model folder", group=G1)
 def link_planted_adata(env):
-    model, adata, _ = env.trained
+    model, _adata, _ = env.trained
     path, outside = env.copy_saved(), env.path("precious.h5ad")
     outside.write_bytes(b"the user's own data")
     (path / "adata.h5ad").symlink_to(outside)
@@ -3207,7 +3207,7 @@ def overwrite_keeps_files(env):
 
 
 def _saved_with_adata(env, name):
-    model, adata, _ = env.trained
+    model, _adata, _ = env.trained
     path = env.path(name)
     model.save(path, save_anndata=True)
     return path

@@ -43,7 +43,8 @@ def pair(tmp_path_factory):
 
 def test_backed_training_and_prediction_equal_in_memory(pair):
     memory, model_memory, backed, model_backed, _ = pair
-    assert backed.isbacked and model_backed.state.data(backed).expression.backed
+    assert backed.isbacked
+    assert model_backed.state.data(backed).expression.backed
     for a, b in zip(model_memory.module.state_dict().values(), model_backed.module.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     np.testing.assert_array_equal(model_memory.predict(memory, inplace=False), model_backed.predict(backed, inplace=False))
@@ -53,14 +54,17 @@ def test_sparse_layer_and_output_file_equal_the_dense_layer(pair, tmp_path):
     _, _, backed, model, _ = pair
     dense = model.predict(backed, inplace=False)
     layer = model.predict(backed, inplace=False, sparse=True)
-    assert sp.issparse(layer) and layer.format == "csr"
+    assert sp.issparse(layer)
+    assert layer.format == "csr"
     np.testing.assert_array_equal(layer.toarray(), dense)
     out = model.predict(backed, output=tmp_path / "pred.h5ad")
-    assert out.isbacked and out.shape == backed.shape
+    assert out.isbacked
+    assert out.shape == backed.shape
     np.testing.assert_array_equal(out.X[:], dense)
     predicted = out.obs["ptrag_predicted"].to_numpy()
     np.testing.assert_array_equal(predicted, ~model.state.data(backed).is_control)
-    assert list(out.obs_names) == list(backed.obs_names) and out.uns["ptrag"]["mode"] == "counterfactual"
+    assert list(out.obs_names) == list(backed.obs_names)
+    assert out.uns["ptrag"]["mode"] == "counterfactual"
     out.file.close()
 
 
@@ -106,7 +110,8 @@ def test_output_file_is_not_overwritten_and_failures_leave_none(pair, tmp_path, 
     link = tmp_path / "link.h5ad"
     link.symlink_to(target)
     model.predict(backed, output=link, overwrite=True)  # the link is replaced, never written through
-    assert target.read_text() == "keep me" and not link.is_symlink()
+    assert target.read_text() == "keep me"
+    assert not link.is_symlink()
 
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")

@@ -86,7 +86,8 @@ def test_predict_during_training_is_refused_and_training_unchanged(trained):
         callback = _PredictEachStep(model, data)  # a trained model, trained further
         model.train(max_steps=3, callbacks=[callback] if with_callback else None)
         weights.append(model.module.state_dict())
-    assert len(callback.errors) == 3 and all("This model is training" in e and "deepcopy" in e for e in callback.errors)
+    assert len(callback.errors) == 3
+    assert all("This model is training" in e and "deepcopy" in e for e in callback.errors)
     assert callback.modes == [True, True, True]  # never switched to evaluation mode
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0)

@@ -147,7 +147,8 @@ def _check_data_parallel_run(ranks, tmp_path):
             assert ranks[0][name]["best_step"] == ranks[1][name]["best_step"]
         assert ranks[0][name]["best_step"] is not None
         history = ranks[0][name]["history"]
-        assert np.all(np.isfinite(history["train_loss"])) and len(history["validation_loss"]) == steps // (10 if name == "none" else 4)
+        assert np.all(np.isfinite(history["train_loss"]))
+        assert len(history["validation_loss"]) == steps // (10 if name == "none" else 4)
     # Two ranks with 2 sets each take the steps of one process with 4 sets: equal losses.
     for key in ("train_loss", "train_energy", "validation_loss", "validation_mean_error"):
         np.testing.assert_allclose(ranks[0]["none"]["history"][key], reference.history[key][key].astype(float), rtol=1e-5)

@@ -232,7 +232,8 @@ def test_constructor_checks_adata_and_converts_integral_floats(adata):
         PTRAG(None, perturbation_embeddings=emb, **SMALL_MODEL)
     PTRAG.setup_anndata(adata)
     model = PTRAG(adata, perturbation_embeddings=emb, **{**SMALL_MODEL, "n_hidden": 32.0, "n_candidates": 8.0})
-    assert model.module.n_hidden == 32 and isinstance(model.n_candidates, int)
+    assert model.module.n_hidden == 32
+    assert isinstance(model.n_candidates, int)
     with pytest.raises(ValueError, match=r"`n_hidden` must be an integer below 2\*\*31"):
         PTRAG(adata, perturbation_embeddings=emb, **{**SMALL_MODEL, "n_hidden": 1e30})
     with pytest.raises(ValueError, match=r"`perturbation_embeddings` has values up to .*e\+(29|30) .*beyond 1e\+06 .*Rescale the table"):
@@ -255,7 +256,8 @@ def test_train_arguments(adata, kwargs, error, message):
     model = PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **SMALL_MODEL)
     with pytest.raises(error, match=message):
         model.train(max_steps=2, **kwargs)
-    assert not model.is_trained_ and model.memory_ is None
+    assert not model.is_trained_
+    assert model.memory_ is None
 
 
 def test_train_checks_data_and_set_size(adata):
@@ -263,7 +265,8 @@ def test_train_checks_data_and_set_size(adata):
     model = PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **{**SMALL_MODEL, "cell_set_size": 10_000})
     with pytest.raises(ValueError, match=r"`cell_set_size=10000` is larger than every training group: the largest .* has 40 cells"):
         model.train(max_steps=2)
-    assert not model.is_trained_ and model.memory_ is None
+    assert not model.is_trained_
+    assert model.memory_ is None
     # A little larger than every group (e.g. the default 64 on a 40-cell screen): a warning, and it trains.
     model = PTRAG(adata, perturbation_embeddings=adata.uns["gene_embeddings"], **{**SMALL_MODEL, "cell_set_size": 64})
     with pytest.warns(UserWarning, match=r"`cell_set_size=64` is larger than every training group \(the largest has 40 cells\)"):

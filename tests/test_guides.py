@@ -123,7 +123,8 @@ def test_copy_and_layer():
     guides.X = sp.csr_matrix(guides.shape, dtype=np.float32)
     out = pp.assign_guides(guides, layer="umi", copy=True)
     assert isinstance(out, ad.AnnData)
-    assert "guide_status" in out.obs and "guide_status" not in guides.obs
+    assert "guide_status" in out.obs
+    assert "guide_status" not in guides.obs
     assert out.obs["guide_status"].tolist() == [c[1] for c in CASES]
     # from X (all zero) every cell is unassigned
     pp.assign_guides(guides)
@@ -190,7 +191,8 @@ def test_docstring_example():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = doctest.testmod(_guides, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
+    assert result.attempted > 0
+    assert result.failed == 0
 
 
 # Figures of the data's PROVENANCE.md (rule top >= 5 & top >= 3 * second).
@@ -211,7 +213,8 @@ def papalexi_guides(raw: ad.AnnData) -> ad.AnnData:
 def test_papalexi_assignment_matches_provenance():
     raw = ad.read_h5ad(PAPALEXI)
     guides = papalexi_guides(raw)
-    assert sp.issparse(guides.X) and guides.shape == (20729, 110)
+    assert sp.issparse(guides.X)
+    assert guides.shape == (20729, 110)
     pp.assign_guides(guides)
     obs = guides.obs
     assert obs["guide_status"].value_counts().to_dict() == {"assigned": 19351, "multiplet": 1378, "unassigned": 0}

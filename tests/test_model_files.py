@@ -182,7 +182,8 @@ def test_swap_without_an_exchange_call(tmp_path, monkeypatch):
     new.mkdir()
     (new / "a").write_text("new")
     _files.swap_in(new, target)
-    assert (target / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+    assert (target / "a").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
     new.mkdir()
     rename = os.rename
 

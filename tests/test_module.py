@@ -246,7 +246,8 @@ def test_response_memory_mean_moves_only_by_the_evidence():
     torch.manual_seed(0)
     module = PTRAGModule(10, 4, n_hidden=16, n_layers=1, n_heads=2, retrieval="ptrag", decoder_rank=3)
     module.set_memory(torch.randn(7, 4), torch.randn(7, 5))
-    assert module.set_decoder is None and not module.decoder[-1].bias.requires_grad
+    assert module.set_decoder is None
+    assert not module.decoder[-1].bias.requires_grad
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
     with torch.no_grad():

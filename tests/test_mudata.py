@@ -78,7 +78,8 @@ def test_setup_mudata_labels_cells_and_drops_the_rest():
     kept = status == "assigned"
     assert mdata.mod["rna"] is rna  # filtered in place, the same object
     assert rna.n_obs == kept.sum() == n - 21
-    assert gdo.n_obs == n and mdata.n_obs == n  # the guide modality keeps every cell
+    assert gdo.n_obs == n
+    assert mdata.n_obs == n
     assert (rna.obs["gene"].astype(str).to_numpy() == truth[kept]).all()
     assert not {"multiplet", "unassigned"} & set(rna.obs["gene"].astype(str))
     assert (gdo.obs["guide_status"].astype(str).to_numpy() == status).all()
@@ -86,7 +87,7 @@ def test_setup_mudata_labels_cells_and_drops_the_rest():
 
 
 def test_model_on_mudata(trained, tmp_path):
-    model, mdata, truth, status, embeddings = trained
+    model, mdata, truth, status, _embeddings = trained
     rna = mdata.mod["rna"]
     assert model.adata is rna
     # unassigned cells and multiplets are no perturbation, and no control either
@@ -100,9 +101,11 @@ def test_model_on_mudata(trained, tmp_path):
     controls = (rna.obs["gene"] == "non-targeting").to_numpy()
     np.testing.assert_array_equal(rna.layers["ptrag"][controls], rna.X[controls])
     generated = model.predict(mdata, perturbations=["PGENE0001", "GENE0016+PGENE0001"])
-    assert isinstance(generated, ad.AnnData) and generated.n_obs == 2 * controls.sum()
+    assert isinstance(generated, ad.AnnData)
+    assert generated.n_obs == 2 * controls.sum()
     table = model.get_retrieval(["PGENE0001"], adata=mdata)
-    assert set(table["query"]) == {"PGENE0001"} and len(table) > 0
+    assert set(table["query"]) == {"PGENE0001"}
+    assert len(table) > 0
     # A copy of the MuData (not registered): the modality with the model's genes is used.
     with md.set_options(pull_on_update=False):
         other = mdata.copy()
@@ -123,7 +126,8 @@ def test_model_on_mudata(trained, tmp_path):
 def test_resolver_passes_anndata_through_and_rejects_unclear_mudata(trained):
     model, mdata, *_ = trained
     rna = mdata.mod["rna"]
-    assert model._resolve_adata(rna) is rna and model._resolve_adata(None) is None
+    assert model._resolve_adata(rna) is rna
+    assert model._resolve_adata(None) is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the twins share var names
         twins = mudata({"a": rna.copy(), "b": rna.copy()})
@@ -167,7 +171,7 @@ def test_excluded_cells_raise():
 
 
 def test_cell_type_from_global_obs_and_rna_cells_without_guides():
-    mdata, truth, status, _ = synthetic_mudata()
+    mdata, _truth, status, _ = synthetic_mudata()
     rna = mdata.mod["rna"]
     line = pd.Series(rna.obs["cell_line"].astype(str).to_numpy(), index=rna.obs_names)
     del rna.obs["cell_line"]
@@ -204,7 +208,9 @@ def test_errors_leave_the_rna_modality_alone(kwargs, error, match):
         with pytest.raises(error, match=match):
             PTRAG.setup_mudata(mdata, **kwargs)
     rna = mdata.mod["rna"]
-    assert rna.n_obs == len(truth) and "gene" not in rna.obs and "_scvi_uuid" not in rna.uns
+    assert rna.n_obs == len(truth)
+    assert "gene" not in rna.obs
+    assert "_scvi_uuid" not in rna.uns
 
 
 def test_rejects_anndata():
@@ -217,7 +223,8 @@ def test_docstring_example():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = doctest.testmod(_mudata, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
+    assert result.attempted > 0
+    assert result.failed == 0
 
 
 @pytest.mark.skipif(not PAPALEXI.exists(), reason="Papalexi 2021 test data not available")
@@ -237,10 +244,12 @@ def test_papalexi_eccite_seq_end_to_end():
 
     PTRAG.setup_mudata(mdata, guide_mod="gdo", cell_type_key="cell_line", batch_key="bio_rep")
     confident = ((raw.obs["grna_top_umi"] >= 5) & (raw.obs["grna_top_umi"] >= 3 * raw.obs["grna_second_umi"])).to_numpy()
-    assert rna.n_obs == confident.sum() and mdata.mod["gdo"].n_obs == 3000
+    assert rna.n_obs == confident.sum()
+    assert mdata.mod["gdo"].n_obs == 3000
     assert (rna.obs["gene"].astype(str).to_numpy() == raw.obs["target_top"].astype(str).to_numpy()[confident]).all()
     status = mdata.mod["gdo"].obs["guide_status"].astype(str).value_counts()
-    assert status["multiplet"] == 3000 - confident.sum() and status.get("unassigned", 0) == 0
+    assert status["multiplet"] == 3000 - confident.sum()
+    assert status.get("unassigned", 0) == 0
 
     targets = sorted(set(rna.obs["gene"].astype(str)) - {"non-targeting"})
     embeddings = pd.DataFrame(rng.normal(size=(len(targets), 8)), index=targets)  # plumbing, not accuracy
@@ -248,7 +257,9 @@ def test_papalexi_eccite_seq_end_to_end():
     model.train(max_steps=5)
     model.predict(mdata)
     layer = mdata.mod["rna"].layers["ptrag"]
-    assert layer.shape == (confident.sum(), 299) and np.isfinite(layer).all() and (layer >= 0).all()
+    assert layer.shape == (confident.sum(), 299)
+    assert np.isfinite(layer).all()
+    assert (layer >= 0).all()
     generated = model.predict(mdata, perturbations=["STAT1", "IFNGR1"])
     assert generated.n_obs == 2 * (rna.obs["gene"] == "non-targeting").sum()
     assert set(model.get_retrieval(["STAT1"], adata=mdata)["cell_type"]) == {"THP-1"}

@@ -316,13 +316,15 @@ def test_every_training_runs_in_train_mode(tmp_path):
     assert not model.module.training  # after train(): evaluation mode
     mode = _Mode()
     model.train(max_steps=3, callbacks=[mode])
-    assert mode.seen and all(mode.seen)
+    assert mode.seen
+    assert all(mode.seen)
     model.save(tmp_path / "m")
     loaded = PTRAG.load(tmp_path / "m", adata=adata.copy())
     assert not loaded.module.training
     mode = _Mode()
     loaded.train(max_steps=3, callbacks=[mode])
-    assert mode.seen and all(mode.seen)
+    assert mode.seen
+    assert all(mode.seen)
 
 
 def test_deterministic_algorithms_are_restored():

@@ -233,7 +233,8 @@ def test_evidence_of_an_entry_leaves_its_own_response_out(encoder):
     # on all entries, may change).
     assert memory.evidence_model.stack_weights.shape == (len(EVIDENCE_SOURCES),)
     fresh = memory.evidence(np.array(["E"]), np.array(["t1"]), encoder.embed(["E"]), None)
-    assert fresh["stacked"].shape == (1, 3) and np.isfinite(fresh["stacked"]).all()
+    assert fresh["stacked"].shape == (1, 3)
+    assert np.isfinite(fresh["stacked"]).all()
 
 
 def test_combination_embedding_is_sum(encoder):

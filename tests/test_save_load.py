@@ -284,7 +284,8 @@ def test_round_trip(tiny, saved, with_adata):
         if name != "registry_" or not with_adata:  # with an AnnData the registry is the new registration's
             assert _same(original[name], restored[name]), name
     for (k, a), (k2, b) in zip(model.module.state_dict().items(), loaded.module.state_dict().items(), strict=True):
-        assert k == k2 and torch.equal(a, b)
+        assert k == k2
+        assert torch.equal(a, b)
     # Same predictions, both modes, and the same retrieval table.
     np.testing.assert_array_equal(loaded.predict(fresh, inplace=False), model.predict(data, inplace=False))
     controls = fresh[fresh.obs["gene"] == "non-targeting"].copy()
@@ -298,10 +299,12 @@ def test_memory_is_saved_field_by_field(saved):
     manifest = json.loads((saved / MANIFEST_FNAME).read_text())
     assert manifest["format_version"] == FORMAT_VERSION == max(MIGRATIONS)
     memory = manifest["attributes"]["memory_"]
-    assert memory["kind"] == "response" and memory["embeddings"] == {"$tensor": "data.memory_.embeddings"}
+    assert memory["kind"] == "response"
+    assert memory["embeddings"] == {"$tensor": "data.memory_.embeddings"}
     assert memory["perturbations"]["$strings"]
     names = set(load_file(str(saved / WEIGHTS_FNAME)))
-    assert "data.memory_.responses" in names and any(n.startswith("module.") for n in names)
+    assert "data.memory_.responses" in names
+    assert any(n.startswith("module.") for n in names)
     assert {p.name for p in saved.iterdir()} == {MANIFEST_FNAME, WEIGHTS_FNAME}
 
 
@@ -381,7 +384,8 @@ def test_save_anndata_is_checksummed(tiny, tmp_path):
     path = tmp_path / "m"
     model.save(path, save_anndata=True, compression="gzip")
     loaded = PTRAG.load(path)
-    assert loaded.adata is not None and loaded.adata.n_obs == data.n_obs
+    assert loaded.adata is not None
+    assert loaded.adata.n_obs == data.n_obs
     np.testing.assert_array_equal(loaded.predict(inplace=False), model.predict(data, inplace=False))
     raw = (path / ADATA_FNAME).read_bytes()
     (path / ADATA_FNAME).write_bytes(raw[: len(raw) // 2])
@@ -459,7 +463,8 @@ def test_save_overwrite_keeps_other_files(tiny, tmp_path):
     model.save(path, prefix="other_", overwrite=True)  # a second model beside the first
     (path / WEIGHTS_FNAME).write_bytes(b"damaged")
     model.save(path, overwrite=True)
-    assert (path / "notes.txt").read_text() == "mine" and (path / "figures" / "a.png").read_bytes() == b"png"
+    assert (path / "notes.txt").read_text() == "mine"
+    assert (path / "figures" / "a.png").read_bytes() == b"png"
     assert sorted(p.name for p in path.iterdir()) == sorted(
         [MANIFEST_FNAME, WEIGHTS_FNAME, "other_model.json", "other_model.safetensors", "notes.txt", "figures"]
     )

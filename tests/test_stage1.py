@@ -36,7 +36,8 @@ def test_approximate_search_recall_and_exclusion(kind):
     cts = np.where(np.arange(len(queries)) % 2, "a", "b") if kind == "response" else memory.cell_types
     exact = NeighbourIndex(memory, n_candidates=16, backend="exact").query(queries, memory.embeddings, cts)
     index = NeighbourIndex(memory, n_candidates=16, backend="faiss", approximate=True, n_probe=4)
-    assert index.approximate and index.n_probe == 4
+    assert index.approximate
+    assert index.n_probe == 4
     found = index.query(queries, memory.embeddings, cts)
     assert _recall(found[0], exact[0]) > 0.97
     # Never the query's own entry; similarities are the exact cosines of what was found.
@@ -74,6 +75,7 @@ def test_exact_search_is_chunked_by_pairs(monkeypatch):
     monkeypatch.setattr(index_module, "EXACT_PAIRS_PER_CHUNK", 5 * len(memory))
     monkeypatch.setattr(NeighbourIndex, "_exact", spy)
     chunked = NeighbourIndex(memory, n_candidates=8, backend="exact").query(queries, memory.embeddings, cts)
-    assert max(seen) <= 5 * len(memory) and len(seen) == -(-len(queries) // 5)
+    assert max(seen) <= 5 * len(memory)
+    assert len(seen) == -(-len(queries) // 5)
     for a, b in zip(whole, chunked, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -55,13 +55,15 @@ def test_summary_is_mean_and_sd_of_per_seed_means():
     per_seed = results[results.method == "STATE+GenePT"].groupby("seed")["pearson_delta"].mean()
     assert row["mean"] == pytest.approx(per_seed.mean())
     assert row["sd"] == pytest.approx(per_seed.std(ddof=1))
-    assert row["n_seeds"] == 3 and row["n_pairs"] == 3
+    assert row["n_seeds"] == 3
+    assert row["n_pairs"] == 3
 
 
 def test_refused_method_gets_no_cell_eval_mean():
     summary = _summary(_results())
     ce = summary[(summary.evaluator == "cell-eval") & (summary.method == "STATE+GenePT")].iloc[0]
-    assert np.isnan(ce["mean"]) and "27.9" in ce["error"]
+    assert np.isnan(ce["mean"])
+    assert "27.9" in ce["error"]
     lines = report.evaluator_table(summary, "cell-eval")
     assert any("STATE+GenePT | refused" in line for line in lines)
 
@@ -82,11 +84,13 @@ def test_tie_is_called_when_difference_is_within_the_larger_sd():
         }
     )
     r = report.ranking(summary, "ptrag_sc", "pearson_delta")
-    assert r["best"] == "a" and r["tied"] == ["a", "b"]
+    assert r["best"] == "a"
+    assert r["tied"] == ["a", "b"]
     assert "**tie**" in report.verdict(summary, "ptrag_sc", "pearson_delta", reference="b")
     summary.loc[1, "sd"] = 0.005
     text = report.verdict(summary, "ptrag_sc", "pearson_delta", reference="b")
-    assert "**a wins**" in text and "outside the noise" in text
+    assert "**a wins**" in text
+    assert "outside the noise" in text
     one_seed = summary.assign(sd=np.nan)
     assert "not measured" in report.verdict(one_seed, "ptrag_sc", "pearson_delta")
 
@@ -105,12 +109,18 @@ def test_make_tables_rewrites_only_the_marked_blocks(tmp_path):
     args = ["--results", str(tmp_path / "results"), "--readme", str(readme), "--docs", str(docs)]
     assert make_tables.main(args) == 0
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "OLDTABLE" not in text
-    assert "PT-RAG (default)" in text and "SMOKE TEST" in text and "±" in text
+    assert text.startswith("intro\n")
+    assert text.endswith("outro\n")
+    assert "OLDTABLE" not in text
+    assert "PT-RAG (default)" in text
+    assert "SMOKE TEST" in text
+    assert "±" in text
     assert "STATE+GenePT" not in text  # the README compares the default with the baselines only
     doc = docs.read_text()
     assert "STATE+GenePT | refused" in doc
-    assert "OLDDOCS" not in doc and doc.endswith("## After\n") and "### THP-1 (SMOKE TEST" in doc
+    assert "OLDDOCS" not in doc
+    assert doc.endswith("## After\n")
+    assert "### THP-1 (SMOKE TEST" in doc
     assert make_tables.main([*args, "--check"]) == 0  # idempotent
     readme.write_text(text.replace("±", "+-", 1))
     assert make_tables.main([*args, "--check"]) == 1
