@@ -1,14 +1,7 @@
-"""Model folders, written whole by an explicit schema and read back without running code.
-
-A folder holds, each name with ``prefix`` prepended: ``model.json`` (the manifest: header, the
-files below with size and SHA-256, and the model's values in the schema of
-:mod:`~ptrag_sc.model._schema`), ``model.safetensors`` (every array: ``module.*`` weights,
-``data.*`` values) and, with ``save_anndata=True``, ``adata.h5ad``. :data:`MIGRATIONS` reads
-each format version into the current form: a change to what is saved bumps
-:data:`FORMAT_VERSION` and adds the reader of the previous one. A save writes a new folder
-beside the target and swaps it in by rename (:mod:`ptrag_sc._files`); a load reads nothing
-through a link and never unpickles.
-"""
+"""Model folders, written whole by an explicit schema (:mod:`~ptrag_sc.model._schema`) and read
+back without running code: ``model.json`` (the manifest: header, files with size and SHA-256, and
+values), ``model.safetensors`` (every array) and optionally ``adata.h5ad``. A change to what is
+saved bumps ``FORMAT_VERSION`` and adds the reader of the previous one to :data:`MIGRATIONS`."""
 
 from __future__ import annotations
 
@@ -50,20 +43,24 @@ def _prefix(prefix: str | None) -> str:
 
 
 def save_model(
-    model: BaseModelClass, dir_path: PathArg, *, prefix: str | None, overwrite: bool,
-    save_anndata: bool, anndata_source: Path | None = None, **kwargs: object,
+    model: BaseModelClass,
+    dir_path: PathArg,
+    prefix: str | None,
+    overwrite: bool,
+    save_anndata: bool,
+    anndata_source: Path | None = None,
+    **kwargs: object,
 ) -> None:
     """Write ``model`` to ``dir_path`` whole or not at all (``anndata_source``: h5ad to copy)."""
     from safetensors.torch import save
 
-    prefix, adata_name = _prefix(prefix), f"{_prefix(prefix)}{ADATA_FNAME}"
+    prefix = _prefix(prefix)
+    adata_name = f"{prefix}{ADATA_FNAME}"
     values, tensors = _schema.serialise(model)  # every value checked before anything is written
     try:
         blob = save(tensors, metadata={"format": FORMAT_NAME})
     except (TypeError, ValueError) as exc:  # a dtype safetensors does not store
         raise TypeError(f"Cannot save the model's arrays in safetensors: {exc}") from exc
-    manifest = {**_schema.header(model), **values}
-    save_anndata = save_anndata or anndata_source is not None
     if save_anndata and anndata_source is None and model.adata is None:
         raise ValueError("`save_anndata=True` but the model has no AnnData attached.")
     target = Path(os.path.abspath(dir_path))
@@ -78,8 +75,7 @@ def save_model(
         replaced |= {adata_name} if ours else set()
     with _files.replacing_folder(target, overwrite=overwrite, keep_out=replaced) as staging:
         _files.write_bytes(staging, f"{prefix}{WEIGHTS_FNAME}", blob)
-        sha256 = hashlib.sha256(blob).hexdigest()
-        manifest["files"] = {WEIGHTS_FNAME: {"bytes": len(blob), "sha256": sha256}}
+        files = {WEIGHTS_FNAME: {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}}
         if anndata_source is not None:
             _files.write_bytes(staging, adata_name, _files.read_bytes(Path(anndata_source)))
         elif save_anndata:
@@ -87,7 +83,8 @@ def save_model(
             _files.fsync_path(staging / adata_name)
         if save_anndata:
             with open(staging / adata_name, "rb") as handle:
-                manifest["files"][ADATA_FNAME] = _files.digest(handle)
+                files[ADATA_FNAME] = _files.digest(handle)
+        manifest = {**_schema.header(model), **values, "files": files}
         text = json.dumps(manifest, indent=1, allow_nan=False).encode()
         _files.write_bytes(staging, f"{prefix}{MANIFEST_FNAME}", text)
 
@@ -124,11 +121,7 @@ def _read_manifest(source: Path, folder_fd: int) -> dict:
         manifest = json.loads(raw.decode("utf-8"), parse_constant=_schema.no_constant)
         return {**manifest, "written": _schema.check_header(manifest, MIGRATIONS)}
     except UnicodeDecodeError as exc:
-        raise file_error(
-            source, f"the file is not UTF-8 text (damaged? no model?): {exc}."
-        ) from None
-    except RecursionError:
-        raise file_error(source, "the JSON is nested too deeply.") from None
+        raise file_error(source, f"the file is not UTF-8 text (damaged?): {exc}.") from None
     except json.JSONDecodeError as exc:
         why = f"not valid JSON (truncated or damaged?): {exc}" if raw.strip() else "empty"
         raise file_error(source, f"the file is {why}.") from None
@@ -152,6 +145,12 @@ class _Folder:
 
     def close(self) -> None:
         os.close(self.fd)
+
+    def __enter__(self) -> _Folder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def open(self, name: str) -> BinaryIO:
         """The listed file ``name``, open, checked to be as recorded (size and SHA-256)."""
@@ -186,9 +185,10 @@ def _read(folder: _Folder) -> dict:
     content = _schema.deserialise(folder.manifest, folder.tensors())
     return {**content, "adata": ADATA_FNAME in folder.manifest["files"]}
 
-#: Format versions read (1: ptrag_sc 0.1.0; 3: the evidence sources' fits by source name), each
-#: by a function giving a folder's content in the current form: ``var_names``, ``registry``,
-#: ``attributes``, ``state`` (weights), ``adata``.
+
+#: Readers of each format version (1: ptrag_sc 0.1.0; 3: evidence fits by source name), giving
+#: the content in the current form: ``var_names``, ``registry``, ``attributes``, ``state``,
+#: ``adata``.
 MIGRATIONS = {
     1: _legacy.read_v1,
     2: lambda folder: _legacy.sources_by_name(_read(folder)),
@@ -206,7 +206,7 @@ def read_model_files(
         _files.download_missing(dir_path, [f"{prefix}{MANIFEST_FNAME}"], backup_url)
     source = _manifest_path(dir_path, prefix)
     try:
-        with contextlib.closing(_Folder(source, prefix)) as folder:
+        with _Folder(source, prefix) as folder:
             manifest = folder.manifest
             if backup_url is not None:
                 names = [f"{prefix}{name}" for name in manifest["files"]]
@@ -230,7 +230,7 @@ def _saved_adata(source: Path, manifest: dict, prefix: str) -> AnnData:
 
     path = source.with_name(f"{prefix}{ADATA_FNAME}")
     try:
-        with contextlib.closing(_Folder(source, prefix, manifest)) as folder:
+        with _Folder(source, prefix, manifest) as folder:
             if ADATA_FNAME in manifest["files"]:
                 handle = folder.open(ADATA_FNAME)
             else:  # format version 1 recorded no checksum
@@ -247,8 +247,7 @@ class SafeSaveMixin:
     """``save``/``load`` for scvi-tools models without pickle (safetensors and a JSON schema).
 
     Put it before :class:`~scvi.model.base.BaseModelClass` in the bases. Attributes ending in
-    ``_`` are saved and restored; ``save`` raises a ``TypeError`` naming one that the schema
-    (:mod:`~ptrag_sc.model._schema`) cannot hold.
+    ``_`` are saved and restored.
     """
 
     def save(
@@ -291,8 +290,7 @@ class SafeSaveMixin:
         for name in ("save_kwargs", "legacy_mudata_format", "datamodule"):
             if anndata_write_kwargs.pop(name, None) not in (None, False):
                 raise TypeError(f"`{name}` is an option of scvi-tools' `torch.save`, not used.")
-        save_model(self, dir_path, prefix=prefix, overwrite=overwrite, save_anndata=save_anndata,
-                   **anndata_write_kwargs)
+        save_model(self, dir_path, prefix, overwrite, save_anndata, **anndata_write_kwargs)
 
     @classmethod
     def load(
@@ -398,8 +396,13 @@ class SafeSaveMixin:
 
     @classmethod
     def convert_legacy_model(
-        cls, dir_path: PathArg, output_dir_path: PathArg, *, trust_pickle: bool = False,
-        prefix: str | None = None, overwrite: bool = False,
+        cls,
+        dir_path: PathArg,
+        output_dir_path: PathArg,
+        *,
+        trust_pickle: bool = False,
+        prefix: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         """Convert a model saved in scvi-tools' pickle format (``model.pt``) to the safe format.
 
@@ -435,5 +438,4 @@ class SafeSaveMixin:
             raise file_error(legacy, problem)
         model = build_model(cls, legacy, content, None, torch.device("cpu"))
         source = adata if adata.is_file() else None
-        options = {"prefix": prefix, "overwrite": overwrite, "save_anndata": source is not None}
-        save_model(model, output_dir_path, **options, anndata_source=source)
+        save_model(model, output_dir_path, prefix, overwrite, source is not None, source)

@@ -1,34 +1,15 @@
-"""Model files of earlier formats: ptrag_sc's format versions 1 and 2, and scvi-tools' pickle.
-
-Format version 1 (ptrag_sc 0.1.0) kept the manifest's values as a typed tree over
-``model_arrays.npz``; :func:`read_v1` reads it. Versions 1 and 2 kept what the evidence sources
-fitted under one prefix; :func:`sources_by_name` renames it (see
-:data:`~ptrag_sc.model._io.MIGRATIONS`). scvi-tools' ``model.pt`` is a pickle: only
-:func:`read_pickle`, behind ``convert_legacy_model(trust_pickle=True)``, opens one.
-"""
+"""Model files of earlier formats: ptrag_sc's format versions 1 and 2, and scvi-tools' pickle
+(opened only by ``convert_legacy_model(trust_pickle=True)``)."""
 
 from __future__ import annotations
 
 import io
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-
-if TYPE_CHECKING:
-    from typing import Protocol
-
-    class _Folder(Protocol):
-        """What is read of an open model folder (``model._io`` opens it)."""
-
-        manifest: dict
-
-        def read(self, name: str) -> bytes: ...
-
-        def tensors(self) -> dict[str, torch.Tensor]: ...
 
 #: Format version 1's arrays.
 V1_ARRAYS_FNAME = "model_arrays.npz"
@@ -40,8 +21,8 @@ _SOURCE_PREFIXES = {
 
 
 def sources_by_name(content: dict) -> dict:
-    """``content`` with the memory's ``sources.embedding_weights`` (format versions 1 and 2)
-    read as ``sources.linear_embedding.weights`` (version 3: by source name)."""
+    """``content`` with the memory's ``sources.embedding_weights`` (versions 1 and 2) renamed
+    ``sources.linear_embedding.weights`` (version 3: by source name)."""
     memory = content["attributes"].get("memory_")
     if isinstance(memory, dict):
         renamed = {}
@@ -90,12 +71,8 @@ def _value(node: object, path: str, arrays: dict[str, np.ndarray]) -> object:
     raise ValueError(f"{path}: node type {kind!r} is not read by this version of ptrag_sc")
 
 
-def read_v1(folder: _Folder) -> dict:
-    """A version-1 folder's content (``folder``: the open folder of ``_io``).
-
-    Raises ``ValueError`` / ``KeyError`` / ``TypeError`` for malformed content (the caller
-    names the file).
-    """
+def read_v1(folder: object) -> dict:
+    """The content of a version-1 folder (ptrag_sc 0.1.0: a typed tree over an npz file)."""
     raw = folder.read(V1_ARRAYS_FNAME)
     if not zipfile.is_zipfile(io.BytesIO(raw)):
         raise ValueError(f"{V1_ARRAYS_FNAME} is not a numpy .npz archive (truncated or damaged?)")
@@ -108,24 +85,15 @@ def read_v1(folder: _Folder) -> dict:
             f"{V1_ARRAYS_FNAME} is not a readable .npz archive of plain arrays ({why})"
         ) from None
     manifest = folder.manifest
+    content = {k: _value(manifest[k], k, arrays) for k in ("var_names", "registry")}
     attributes = {k: _value(v, k, arrays) for k, v in manifest["attributes"].items()}
-    return sources_by_name({
-        "var_names": _value(manifest["var_names"], "var_names", arrays),
-        "registry": _value(manifest["registry"], "registry", arrays),
-        "attributes": attributes,
-        "state": folder.tensors(),
-        "adata": manifest.get("anndata_saved") is True,
-    })
+    adata = manifest.get("anndata_saved") is True
+    state = folder.tensors()
+    return sources_by_name({**content, "attributes": attributes, "state": state, "adata": adata})
 
 
 def read_pickle(path: Path) -> dict:
-    """The content of scvi-tools' ``model.pt``: **runs any code the pickle holds**.
-
-    Raises
-    ------
-    ValueError
-        If the file is not a scvi-tools model file.
-    """
+    """The content of scvi-tools' ``model.pt``: **runs any code the pickle holds**."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
     state = payload.get("model_state_dict") if isinstance(payload, dict) else None
     attributes = dict(payload.get("attr_dict") or {}) if isinstance(payload, dict) else {}
@@ -134,9 +102,8 @@ def read_pickle(path: Path) -> dict:
             f"{path} is not a scvi-tools model file (expected a dict with 'model_state_dict' and "
             "'attr_dict' holding 'registry_')."
         )
-    return sources_by_name({
-        "var_names": np.asarray(payload.get("var_names", [])).astype(str),
-        "registry": attributes.pop("registry_"),
-        "attributes": attributes,
-        "state": {k: v for k, v in state.items() if k != "pyro_param_store"},
-    })
+    var_names = np.asarray(payload.get("var_names", [])).astype(str)
+    registry = attributes.pop("registry_")
+    state = {k: v for k, v in state.items() if k != "pyro_param_store"}
+    content = {"var_names": var_names, "registry": registry, "attributes": attributes}
+    return sources_by_name({**content, "state": state})

@@ -102,9 +102,7 @@ def predict(
     )
 
 
-def _check_layer_key(
-    state: ModelState, adata: AnnData, key_added: str, overwrite: bool
-) -> None:
+def _check_layer_key(state: ModelState, adata: AnnData, key_added: str, overwrite: bool) -> None:
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"`key_added` must be a non-empty string, got {key_added!r}.")
     if state.setup.layer is not None and key_added == state.setup.layer:

@@ -1,23 +1,11 @@
 """What a saved model is made of: the values of its manifest, and the checks of what is read.
 
-A value of the manifest is JSON (``None``, bool, int, finite float, str, list, dict with str
-keys) or one of four tagged forms, the whole schema:
-
-``{"$tensor": key}``
-    A number or boolean array, stored in the safetensors file under ``key``.
-``{"$strings": [...], "shape": [...]}``
-    A string array.
-``{"$float": "nan"}``
-    A non-finite float (``"nan"``, ``"inf"``, ``"-inf"``).
-``{"$frame": {"values": ..., "index": ..., "columns": ..., "names": [...]}}``
-    A DataFrame whose columns share one numpy dtype.
-
-Arrays of Python objects are kept when all their items are strings or all are numbers
-(``"object": true`` beside the tag). Anything else is refused when saving, with the path of
-the value at fault. Decoding checks every node; the model's own attributes must hold the
-kinds in :data:`KINDS`, its retrieval memory only fields of
-:class:`~ptrag_sc.data.RetrievalMemory` and all of those without a default, and its weights
-exactly the module's tensors. :func:`build_model` makes the model a checked content describes.
+A manifest value is JSON (``None``, bool, int, finite float, str, list, dict with str keys) or
+one of four tagged forms: ``{"$tensor": key}`` (a number or boolean array in the safetensors
+file), ``{"$strings": [...], "shape": [...]}``, ``{"$float": "nan" | "inf" | "-inf"}`` and
+``{"$frame": {"values", "index", "columns", "names"}}`` (a DataFrame of one numpy dtype). Object
+arrays of only strings or only numbers carry ``"object": true``. Anything else is refused when
+saving, naming the value's path; decoding checks every node.
 """
 
 from __future__ import annotations
@@ -27,7 +15,6 @@ import math
 import numbers
 from dataclasses import MISSING, fields
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
@@ -39,29 +26,10 @@ from ..data._sources import SOURCES
 
 if TYPE_CHECKING:
     from collections.abc import Container
+    from pathlib import Path
 
     from anndata import AnnData
     from scvi.model.base import BaseModelClass
-
-__all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "KINDS",
-    "MANIFEST_FNAME",
-    "WEIGHTS_FNAME",
-    "ModelFileError",
-    "build_model",
-    "check_content",
-    "check_header",
-    "check_state",
-    "constructor_arguments",
-    "decode",
-    "deserialise",
-    "encode",
-    "file_error",
-    "header",
-    "serialise",
-]
 
 MANIFEST_FNAME = "model.json"
 WEIGHTS_FNAME = "model.safetensors"
@@ -71,25 +39,18 @@ FORMAT_NAME = "ptrag_sc.model"
 FORMAT_VERSION = 3
 
 _TAGS = {"$tensor": {"object"}, "$strings": {"shape", "object"}, "$float": set(), "$frame": set()}
-_OPTIONAL = (type(None),)
+_OR_NONE = (np.ndarray, type(None))
 #: What the model's own attributes hold (others may hold any value of the schema).
 KINDS = {
     "init_params_": (dict,),
-    "history_": (dict, *_OPTIONAL),
-    "memory_": (dict, *_OPTIONAL),
+    "history_": (dict, type(None)),
+    "memory_": (dict, type(None)),
     "is_trained_": (bool, np.bool_),
-    **dict.fromkeys(("best_epoch_", "best_step_"), (numbers.Integral, *_OPTIONAL)),
-    **dict.fromkeys(
-        (
-            "train_indices_",
-            "validation_indices_",
-            "test_indices_",
-            "training_perturbations_",
-            "training_cell_types_",
-            "validation_perturbations_",
-        ),
-        (np.ndarray, *_OPTIONAL),
-    ),
+    "best_epoch_": (numbers.Integral, type(None)),
+    "best_step_": (numbers.Integral, type(None)),
+    **{f"{split}_indices_": _OR_NONE for split in ("train", "validation", "test")},
+    **{f"training_{what}_": _OR_NONE for what in ("perturbations", "cell_types")},
+    "validation_perturbations_": _OR_NONE,
 }
 
 
@@ -110,13 +71,8 @@ def _unsupported(path: str, why: str) -> TypeError:
 
 
 def encode(value: object, path: str, tensors: dict[str, torch.Tensor]) -> object:
-    """The JSON node of ``value``; its number arrays are added to ``tensors``.
-
-    Raises
-    ------
-    TypeError
-        Naming ``path`` (and the part of it) that the schema cannot hold.
-    """
+    """The JSON node of ``value``; its number arrays go to ``tensors``. ``TypeError`` names
+    the ``path`` of a value the schema cannot hold."""
     if isinstance(value, np.generic):
         value = value.item()
     if value is None or isinstance(value, bool | int | str):
@@ -129,25 +85,17 @@ def encode(value: object, path: str, tensors: dict[str, torch.Tensor]) -> object
         dtypes = list(value.dtypes)
         if len(set(map(str, dtypes))) > 1 or not all(isinstance(t, np.dtype) for t in dtypes):
             raise _unsupported(path, "DataFrames must have one numpy dtype for all columns")
-        parts = {
-            "values": value.to_numpy(),
-            "index": np.asarray(value.index),
-            "columns": np.asarray(value.columns),
-        }
-        node = {k: encode(v, f"{path}.{k}", tensors) for k, v in parts.items()}
-        node["names"] = [
-            encode(value.index.name, path, tensors),
-            encode(value.columns.name, path, tensors),
-        ]
-        return {"$frame": node}
+        parts = {"values": value.to_numpy(), "index": value.index, "columns": value.columns}
+        node = {k: encode(np.asarray(v), f"{path}.{k}", tensors) for k, v in parts.items()}
+        names = [value.index.name, value.columns.name]
+        return {"$frame": {**node, "names": [encode(n, path, tensors) for n in names]}}
     if isinstance(value, list | tuple):
         return [encode(v, f"{path}[{i}]", tensors) for i, v in enumerate(value)]
     if isinstance(value, dict):
         bad = [k for k in value if not isinstance(k, str) or k.startswith("$")]
         if bad:
-            raise _unsupported(
-                path, f"dict keys must be strings not starting with '$', got {bad[:3]}"
-            )
+            why = f"dict keys must be strings not starting with '$', got {bad[:3]}"
+            raise _unsupported(path, why)
         return {k: encode(v, f"{path}.{k}", tensors) for k, v in value.items()}
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
     raise _unsupported(path, f"values of type {kind} are not supported")
@@ -158,18 +106,14 @@ def _encode_array(array: np.ndarray, path: str, tensors: dict) -> dict:
     if array.dtype.kind == "O":
         items, node["object"] = array.ravel().tolist(), True
         if all(isinstance(x, str) for x in items):
-            array = (
-                np.asarray(items, dtype=str).reshape(array.shape)
-                if items
-                else np.zeros(array.shape, "U1")
-            )
+            shape = array.shape
+            array = np.asarray(items, dtype=str).reshape(shape) if items else np.zeros(shape, "U1")
         elif all(isinstance(x, int | float) and not isinstance(x, bool) for x in items):
             array = np.asarray(items, dtype=np.float64).reshape(array.shape)
         else:
             found = sorted({type(x).__name__ for x in items})
-            raise _unsupported(
-                path, f"an object array may hold only str or only numbers; it holds {found}"
-            )
+            why = f"an object array may hold only str or only numbers; it holds {found}"
+            raise _unsupported(path, why)
     if array.dtype.kind == "U":
         return {"$strings": array.ravel().tolist(), "shape": list(array.shape), **node}
     if array.dtype.kind not in "biuf" or array.dtype.fields is not None:
@@ -183,13 +127,8 @@ def _encode_array(array: np.ndarray, path: str, tensors: dict) -> dict:
 
 
 def decode(node: object, path: str, arrays: dict[str, np.ndarray], used: set[str]) -> object:
-    """Inverse of :func:`encode` (``arrays``: the file's arrays by key; keys read go to ``used``).
-
-    Raises
-    ------
-    ValueError
-        Naming ``path`` for any node that :func:`encode` does not write.
-    """
+    """Inverse of :func:`encode` (``arrays``: the file's arrays by key; keys read go to
+    ``used``). ``ValueError`` names the ``path`` of a node :func:`encode` does not write."""
     if node is None or isinstance(node, bool | int | float | str):
         return node
     if isinstance(node, list):
@@ -199,10 +138,9 @@ def decode(node: object, path: str, arrays: dict[str, np.ndarray], used: set[str
     tags = [k for k in node if k.startswith("$")]
     if not tags:
         return {k: decode(v, f"{path}.{k}", arrays, used) for k, v in node.items()}
-    tag = tags[0]
+    tag, value = tags[0], node[tags[0]]
     if len(tags) > 1 or tag not in _TAGS or set(node) - {tag} - _TAGS[tag]:
         raise ValueError(f"{path}: unknown tagged value with keys {sorted(node)}")
-    value = node[tag]
     if tag == "$float":
         if value not in ("nan", "inf", "-inf"):
             raise ValueError(f"{path}: invalid special float {value!r}")
@@ -211,18 +149,14 @@ def decode(node: object, path: str, arrays: dict[str, np.ndarray], used: set[str
         return _decode_frame(value, path, arrays, used)
     if tag == "$tensor":
         if not isinstance(value, str) or value not in arrays:
-            raise ValueError(
-                f"{path}: refers to array {value!r}, which the array file does not hold"
-            )
+            raise ValueError(f"{path}: refers to array {value!r}, which the array file lacks")
         used.add(value)
         array = arrays[value]
     else:
         shape = node.get("shape")
-        if not (
-            isinstance(value, list)
-            and all(isinstance(s, str) for s in value)
-            and isinstance(shape, list)
-        ):
+        if not isinstance(value, list) or not isinstance(shape, list):
+            raise ValueError(f"{path}: invalid string array")
+        if not all(isinstance(s, str) for s in value):
             raise ValueError(f"{path}: invalid string array")
         if not all(isinstance(n, int) and n >= 0 for n in shape) or math.prod(shape) != len(value):
             raise ValueError(f"{path}: shape {shape} does not fit {len(value)} strings")
@@ -230,31 +164,22 @@ def decode(node: object, path: str, arrays: dict[str, np.ndarray], used: set[str
     return array.astype(object) if node.get("object") else array
 
 
-def _decode_frame(value: dict, path: str, arrays: dict, used: set) -> pd.DataFrame:
-    if not isinstance(value, dict) or set(value) != {"values", "index", "columns", "names"}:
+def _decode_frame(value: object, path: str, arrays: dict, used: set) -> pd.DataFrame:
+    keys = ("values", "index", "columns", "names")
+    if not isinstance(value, dict) or set(value) != set(keys):
         raise ValueError(f"{path}: a frame has 'values', 'index', 'columns' and 'names'")
-    parts = {
-        k: decode(value[k], f"{path}.{k}", arrays, used) for k in ("values", "index", "columns")
-    }
-    names = decode(value["names"], f"{path}.names", arrays, used)
-    values, index, columns = parts["values"], parts["index"], parts["columns"]
-    if not (
-        isinstance(names, list)
-        and len(names) == 2
-        and all(isinstance(p, np.ndarray) for p in parts.values())
+    values, index, columns, names = (decode(value[k], f"{path}.{k}", arrays, used) for k in keys)
+    parts = (values, index, columns)
+    if not (isinstance(names, list) and len(names) == 2) or not all(
+        isinstance(p, np.ndarray) for p in parts
     ):
         raise ValueError(f"{path}: invalid frame")
     if values.shape != (len(index), len(columns)) or index.ndim != 1 or columns.ndim != 1:
-        raise ValueError(
-            f"{path}: frame values of shape {values.shape} do not fit its index and columns"
-        )
-    index = pd.Index(index, name=names[0], tupleize_cols=False)
-    return pd.DataFrame(
-        values,
-        index=index,
-        columns=pd.Index(columns, name=names[1], tupleize_cols=False),
-        copy=False,
+        raise ValueError(f"{path}: frame values of shape {values.shape} do not fit its axes")
+    index, columns = (
+        pd.Index(a, name=n, tupleize_cols=False) for a, n in zip(parts[1:], names, strict=True)
     )
+    return pd.DataFrame(values, index=index, columns=columns, copy=False)
 
 
 def no_constant(name: str) -> NoReturn:
@@ -279,13 +204,8 @@ def header(model: BaseModelClass) -> dict:
 
 
 def check_header(manifest: dict, readable: Container[int]) -> str:
-    """Who wrote ``manifest`` (``"format version N, ptrag_sc X"``).
-
-    Raises
-    ------
-    ValueError
-        If it is not a ptrag_sc manifest of a version in ``readable``, saying what to do.
-    """
+    """Who wrote ``manifest`` (``"format version N, ptrag_sc X"``); ``ValueError`` unless it is
+    a ptrag_sc manifest of a version in ``readable``, saying what to do."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(
             f'it is not a ptrag_sc model manifest (no "format": {FORMAT_NAME!r}); another tool?'
@@ -297,13 +217,11 @@ def check_header(manifest: dict, readable: Container[int]) -> str:
     written = f"format version {number}, ptrag_sc {writer}"
     if number not in readable:
         advice = (
-            "Upgrade ptrag_sc to load it"
-            if number > FORMAT_VERSION
-            else "Load it with the ptrag_sc that wrote it"
+            "Upgrade ptrag_sc" if number > FORMAT_VERSION else "Use the ptrag_sc that wrote it"
         )
         raise ValueError(
             f"it was written in {written}; this ptrag_sc reads format versions "
-            f"{sorted(readable)}. {advice}."
+            f"{sorted(readable)}. {advice} to load it."
         )
     kinds = {"files": dict, "attributes": dict, "registry": dict, "var_names": object}
     wrong = [k for k, t in kinds.items() if k not in manifest or not isinstance(manifest[k], t)]
@@ -313,14 +231,8 @@ def check_header(manifest: dict, readable: Container[int]) -> str:
 
 
 def serialise(model: BaseModelClass) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``model`` as manifest values (``var_names``, ``registry``, ``attributes``) and the tensors
-    they refer to, the module's ``state_dict`` under ``module.``.
-
-    Raises
-    ------
-    TypeError
-        Naming the first attribute (and the part of it) that the schema cannot hold.
-    """
+    """The manifest's ``var_names``, ``registry`` and ``attributes`` (those ending in ``_``),
+    and the tensors they refer to with the module's weights under ``module.``."""
     tensors: dict[str, torch.Tensor] = {}
     names = np.asarray(model.get_var_names()).astype(str)
     attributes = {
@@ -345,27 +257,20 @@ def serialise(model: BaseModelClass) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def deserialise(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    """Inverse of :func:`serialise`: ``var_names``, ``registry``, ``attributes``, ``state``, and
-    ``unused``, the arrays no value refers to (an error of :func:`check_content`).
-
-    Raises
-    ------
-    ValueError
-        For a value :func:`encode` does not write.
-    """
+    """Inverse of :func:`serialise`, with ``state`` (the weights) and ``unused`` (arrays no
+    value refers to)."""
     state = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
     arrays = {k: v.numpy() for k, v in tensors.items() if k.startswith("data.")}
     if len(state) + len(arrays) != len(tensors):
         raise ValueError("the array file holds tensors named neither 'module.*' nor 'data.*'")
     used: set[str] = set()
-    content = {
-        k: decode(manifest[k], k, arrays, used) for k in ("var_names", "registry", "attributes")
-    }
+    keys = ("var_names", "registry", "attributes")
+    content = {k: decode(manifest[k], k, arrays, used) for k in keys}
     return {**content, "state": state, "unused": sorted(set(arrays) - used)}
 
 
 def constructor_arguments(content: dict) -> dict:
-    """The constructor arguments saved in ``init_params_`` (checked by :func:`check_content`)."""
+    """The constructor arguments saved in ``init_params_``."""
     init_params = content["attributes"]["init_params_"]
     arguments = dict(init_params["non_kwargs"])
     for group in (init_params.get("kwargs") or {}).values():
@@ -374,19 +279,12 @@ def constructor_arguments(content: dict) -> dict:
 
 
 def check_content(content: dict, written: str) -> str | None:
-    """What is wrong with decoded model content, in words (``None``: nothing).
-
-    ``written`` says which version wrote it, for the message about the memory.
-    """
+    """What is wrong with decoded model content, in words (``written``: by which version)."""
     var_names, registry, attributes = (
-        content.get("var_names"),
-        content["registry"],
-        content["attributes"],
+        content.get(k) for k in ("var_names", "registry", "attributes")
     )
-    if (
-        not isinstance(var_names, np.ndarray)
-        or var_names.ndim != 1
-        or var_names.dtype.kind not in "UO"
+    if not (
+        isinstance(var_names, np.ndarray) and var_names.ndim == 1 and var_names.dtype.kind in "UO"
     ):
         return "var_names must be a 1-D array of strings."
     setup = registry.get("setup_args") if isinstance(registry, dict) else None
@@ -402,7 +300,9 @@ def check_content(content: dict, written: str) -> str | None:
         return "invalid 'init_params_.kwargs'."
     for name, value in attributes.items():
         if (
-            not (name.isidentifier() and name.endswith("_") and not name.startswith("_"))
+            not name.isidentifier()
+            or not name.endswith("_")
+            or name[0] == "_"
             or name == "registry_"
         ):
             return f"invalid attribute name {name!r} (saved attributes end in '_')."
@@ -411,22 +311,23 @@ def check_content(content: dict, written: str) -> str | None:
             return f"attribute {name!r} holds a {kind}, not what the model keeps there."
     memory = attributes.get("memory_")
     if isinstance(memory, dict):
-        # Fields by name (a nested part may be saved as "<field>.<name>"); the fields without
-        # a default are those the code cannot do without.
+        # Fields by name (a nested part is saved as "<field>.<name>"); those without a default
+        # are those the code cannot do without.
         known = {f.name: f for f in fields(RetrievalMemory)}
         saved = {str(k).split(".", 1)[0] for k in memory}
         required = {n for n, f in known.items() if MISSING is f.default is f.default_factory}
-        missing, unknown = sorted(required - saved), sorted(saved - set(known))
-        problems = [f"lacks the field(s) {missing} that this version needs"] if missing else []
-        problems += [f"has field(s) {unknown} this version does not know"] if unknown else []
         stacked = np.ravel(memory.get("evidence_model.sources", [])).astype(str)
-        foreign = sorted(map(str, set(stacked) - set(SOURCES)))
-        problems += [f"stacks evidence source(s) {foreign} this version does not have"] * bool(
-            foreign
-        )
-        if problems:
+        problems = {
+            "lacks the field(s) {} that this version needs": sorted(required - saved),
+            "has field(s) {} this version does not know": sorted(saved - set(known)),
+            "stacks evidence source(s) {} this version does not have": sorted(
+                map(str, set(stacked) - set(SOURCES))
+            ),
+        }
+        found = [text.format(names) for text, names in problems.items() if names]
+        if found:
             return (
-                f"its retrieval memory ({written}) {' and '.join(problems)}. Load it with the "
+                f"its retrieval memory ({written}) {' and '.join(found)}. Load it with the "
                 "ptrag_sc version that wrote it, or train the model again with this one."
             )
     if content.get("unused"):
@@ -434,26 +335,18 @@ def check_content(content: dict, written: str) -> str | None:
     return None
 
 
-def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
-    """What differs between the module's tensors and those read (names and shapes), in words."""
-    shapes = {k: tuple(v.shape) for k, v in expected.items()}
-    read = {k: tuple(v.shape) for k, v in found.items()}
-    missing, extra = sorted(set(shapes) - set(read)), sorted(set(read) - set(shapes))
-    other = [
-        f"{k} {read[k]} (expected {shapes[k]})"
-        for k in sorted(set(shapes) & set(read))
-        if read[k] != shapes[k]
-    ]
-    parts = [
-        f"{what} {names[:5]}"
-        for what, names in (
-            ("missing", missing),
-            ("unexpected", extra),
-            ("of another shape", other),
-        )
-        if names
-    ]
-    return "; ".join(parts) if parts else None
+def _state_problem(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    shapes, read = ({k: tuple(v.shape) for k, v in d.items()} for d in (expected, found))
+    parts = {
+        "missing": sorted(shapes.keys() - read.keys()),
+        "unexpected": sorted(read.keys() - shapes.keys()),
+        "of another shape": [
+            f"{k} {read[k]} (expected {shapes[k]})"
+            for k in sorted(shapes.keys() & read.keys())
+            if read[k] != shapes[k]
+        ],
+    }
+    return "; ".join(f"{what} {names[:5]}" for what, names in parts.items() if names)
 
 
 def build_model(
@@ -477,7 +370,7 @@ def build_model(
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
             raise file_error(source, f"attribute {name!r} cannot be restored: {why}") from exc
-    problem = check_state(model.module.state_dict(), content["state"])
+    problem = _state_problem(model.module.state_dict(), content["state"])
     if problem:
         weights = source.with_name(source.name.replace(MANIFEST_FNAME, WEIGHTS_FNAME))
         why = f"the weights ({content['written']}) do not fit the model {source.name} describes"

@@ -25,6 +25,7 @@ __all__ = [
     "restore_on_error",
 ]
 
+
 def check_trained(model: object) -> None:
     """Raise a ``RuntimeError`` unless ``model`` is trained."""
     if not model.is_trained_:
