@@ -1,12 +1,8 @@
-"""How a :class:`~ptrag_sc.PTRAG` is put together: its registration and its parts.
-
-The model class only wires; these functions hold what it wires: the registration of an AnnData,
-the network built for a :class:`~ptrag_sc.data.ModelState`, and the embedding table that users
-can extend.
-"""
+"""How a :class:`~ptrag_sc.PTRAG` is put together: registration, network, embedding table."""
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -28,75 +24,36 @@ if TYPE_CHECKING:
 
     from ..data import ModelState
 
-__all__ = [
-    "check_registered",
-    "embedding_frame",
-    "embedding_table",
-    "module",
-    "register",
-    "summary",
-]
 
-#: Constructor options handed to the module unchanged.
-MODULE_OPTIONS = (
-    "n_hidden",
-    "n_layers",
-    "n_heads",
-    "backbone",
-    "n_set_tokens",
-    "retrieval",
-    "memory",
-    "context_mode",
-    "gumbel_tau",
-    "n_scorer_hidden",
-    "decoder_rank",
-    "sparsity_weight",
-    "pseudobulk_weight",
-    "dropout",
-    "loss",
-    "learned_shift",
-)
+def module_kwargs(module_cls: type, options: dict) -> dict:
+    """The constructor ``options`` that the network class takes too (handed over unchanged)."""
+    accepted = inspect.signature(module_cls.__init__).parameters
+    return {k: v for k, v in options.items() if k in accepted}
 
 
-# ------------------------------------------------------------------ registration
-def register(
-    cls: type,
-    adata: AnnData,
-    setup_method_args: dict,
-    *,
-    perturbation_key: str,
-    control_group: str,
-    cell_type_key: str | None,
-    batch_key: str | None,
-    layer: str | None,
-    perturbation_sep: str,
-    kwargs: dict,
-) -> None:
+def register(cls: type, adata: AnnData, setup_method_args: dict, kwargs: dict) -> None:
     """The body of :meth:`PTRAG.setup_anndata`: check, declare the fields, register."""
-    if kwargs.get("source_registry") is not None:
+    args = setup_method_args["setup_args"]
+    transfer = kwargs.get("source_registry") is not None
+    if transfer:
         # A trained model meeting new data: cell types and batches it never saw are valid
         # (they are read by name, never as the registry's codes).
         kwargs.setdefault("extend_categories", True)
+    keys = ("perturbation_key", "control_group", "cell_type_key", "batch_key", "layer")
     check_setup(
-        adata,
-        perturbation_key=perturbation_key,
-        control_group=control_group,
-        cell_type_key=cell_type_key,
-        batch_key=batch_key,
-        layer=layer,
-        sep=perturbation_sep,
-        transfer=kwargs.get("source_registry") is not None,
+        adata, **{k: args[k] for k in keys}, sep=args["perturbation_sep"], transfer=transfer
+    )
+    perturbations = PerturbationField(
+        REGISTRY_KEYS.PERTURBATION_KEY,
+        args["perturbation_key"],
+        control_group=args["control_group"],
+        sep=args["perturbation_sep"],
     )
     fields = [
-        LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
-        PerturbationField(
-            REGISTRY_KEYS.PERTURBATION_KEY,
-            perturbation_key,
-            control_group=control_group,
-            sep=perturbation_sep,
-        ),
-        CategoricalObsField(SCVI_KEYS.LABELS_KEY, cell_type_key),
-        CategoricalObsField(SCVI_KEYS.BATCH_KEY, batch_key),
+        LayerField(REGISTRY_KEYS.X_KEY, args["layer"], is_count_data=False),
+        perturbations,
+        CategoricalObsField(SCVI_KEYS.LABELS_KEY, args["cell_type_key"]),
+        CategoricalObsField(SCVI_KEYS.BATCH_KEY, args["batch_key"]),
     ]
     adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
     adata_manager.register_fields(adata, **kwargs)
@@ -120,7 +77,6 @@ def check_registered(model_cls: type, adata: AnnData | None, registry: dict | No
             )
 
 
-# ------------------------------------------------------------------------ parts
 def module(
     module_cls: type, state: ModelState, n_genes: int, n_batch: int, options: dict
 ) -> BaseModuleClass:
@@ -129,7 +85,7 @@ def module(
         n_genes,
         state.encoder.n_dims,
         n_batch=n_batch if state.setup.batch_key is not None else 0,
-        **{name: options[name] for name in MODULE_OPTIONS},
+        **module_kwargs(module_cls, options),
     )
 
 

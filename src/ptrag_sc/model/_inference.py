@@ -95,9 +95,9 @@ def run(
     groups: SetGroups,
     expression: ExpressionMatrix,
     sources: np.ndarray,
-    *,
     set_size: int,
     batch_size: int,
+    *,
     encoded: tuple[np.ndarray, torch.Tensor] | None = None,
     sample_retrieval: bool = False,
 ) -> Iterator[Step]:

@@ -1,7 +1,5 @@
-"""What :meth:`PTRAG.predict` and :meth:`PTRAG.get_retrieval` do, on top of the data layer
-and the inference loop (:mod:`~ptrag_sc.model._inference`). The functions read the model's
-:class:`~ptrag_sc.data.ModelState` and its network, never the model.
-"""
+"""The bodies of :meth:`PTRAG.predict` and :meth:`PTRAG.get_retrieval`: they read the model's
+:class:`~ptrag_sc.data.ModelState` and its network, never the model."""
 
 from __future__ import annotations
 
@@ -33,15 +31,12 @@ if TYPE_CHECKING:
     import os
 
     from ..data import ModelState, PerturbationData
-    from ..data._sets import SetGroups
     from ..module import PTRAGModule
 
-#: obs column of a counterfactual output file: whether the row is a prediction (else a copy of
-#: the input).
+#: obs column of a counterfactual output file: whether the row is a prediction.
 OBS_PREDICTED = "ptrag_predicted"
 
 
-# ------------------------------------------------------------------ prediction
 def predict(
     state: ModelState,
     module: PTRAGModule,
@@ -59,7 +54,7 @@ def predict(
     output: str | os.PathLike | None,
     sparse: bool,
 ) -> AnnData | np.ndarray | object | None:
-    """The body of :meth:`PTRAG.predict`: check the arguments, then run the mode they ask for."""
+    """The body of :meth:`PTRAG.predict`."""
     if adata is None:
         raise ValueError("Pass an AnnData: this model was loaded without one.")
     check_anndata(adata)
@@ -88,18 +83,8 @@ def predict(
         return generation(state, module, adata, perturbations, cell_type, key_added, **options)
     if cell_type is not None:
         raise ValueError("`cell_type` applies to generation mode (with `perturbations=[...]`).")
-    return counterfactual(
-        state,
-        module,
-        adata,
-        indices,
-        key_added,
-        inplace,
-        overwrite,
-        output=output,
-        sparse=sparse,
-        **options,
-    )
+    options.update(output=output, sparse=sparse)
+    return counterfactual(state, module, adata, indices, key_added, inplace, overwrite, **options)
 
 
 def _check_layer_key(state: ModelState, adata: AnnData, key_added: str, overwrite: bool) -> None:
@@ -151,11 +136,10 @@ def counterfactual(
     batch_size: int,
     sample_retrieval: bool,
     seed: int | None,
-    output: str | os.PathLike | None = None,
-    sparse: bool = False,
+    output: str | os.PathLike | None,
+    sparse: bool,
 ) -> np.ndarray | object | None:
-    """Counterfactual prediction of every perturbed cell of ``adata`` (see
-    :meth:`PTRAG.predict`)."""
+    """Counterfactual prediction of every perturbed cell of ``adata`` (or of ``indices``)."""
     if inplace and output is None:
         _check_layer_key(state, adata, key_added, overwrite)
     data = state.data(adata)
@@ -227,15 +211,8 @@ def _file_writer(
     sample_retrieval: bool,
     seed: int | None,
 ) -> H5ADWriter:
-    """The writer of a counterfactual prediction to a new h5ad file (``output``)."""
-    uns = record(
-        state,
-        "counterfactual",
-        sample_retrieval,
-        seed,
-        cell_type_key=state.setup.cell_type_key or "",
-        layer="X",
-    )
+    ct_key = state.setup.cell_type_key or ""
+    uns = record(state, "counterfactual", sample_retrieval, seed, cell_type_key=ct_key, layer="X")
     obs = adata.obs.drop(columns=[c for c in adata.obs.columns if str(c).startswith("_scvi_")])
     obs[OBS_PREDICTED] = query
     return H5ADWriter(
@@ -263,7 +240,7 @@ def generation(
     sample_retrieval: bool,
     seed: int | None,
 ) -> AnnData:
-    """Generation of new cells from control cells (see :meth:`PTRAG.predict`)."""
+    """New cells generated from the control cells of ``adata``, one per perturbation."""
     setup = state.setup
     requested, canonical = state.requested(perturbations)
     data = state.data(adata, require_labels=False)
@@ -350,24 +327,6 @@ def generation(
     return result
 
 
-# ------------------------------------------------------------- retrieval table
-#: Columns of :meth:`PTRAG.get_retrieval`'s table (response memories; the others lack the two
-#: last but one and last).
-RETRIEVAL_COLUMNS = (
-    "query",
-    "cell_type",
-    "rank",
-    "candidate",
-    "candidate_cell_type",
-    "similarity",
-    "keep_probability",
-    "selected_fraction",
-    "selected",
-    "confidence",
-    "reliability",
-)
-
-
 def retrieval_table(
     state: ModelState,
     module: PTRAGModule,
@@ -418,15 +377,7 @@ def retrieval_table(
                 context_index=np.full(n_rows, context_index(context_names, [str(ct)])[0]),
                 context_means=means,
             )
-            steps = run(
-                module,
-                device,
-                groups,
-                data.expression,
-                sources,
-                set_size=cells.size,
-                batch_size=len(queries),
-            )
+            steps = run(module, device, groups, data.expression, sources, cells.size, len(queries))
             for step in steps:
                 inference = step.inference
                 if OUTPUTS.KEEP in inference:
@@ -436,23 +387,23 @@ def retrieval_table(
                     keep_p = inference[OUTPUTS.ATTENTION].mean(1).cpu().numpy()
                     selected = np.full_like(keep_p, np.nan)
                 cand = groups.candidates[step.sets]
-                valid = cand >= 0
-                k = cand.shape[1]
+                valid, entry, k = cand >= 0, np.maximum(cand, 0), cand.shape[1]
                 order = pd.Index(canonical).get_indexer(groups.perturbation[step.sets])
+                reliability = np.full(len(step.sets), np.nan)
+                if groups.reliability is not None:
+                    reliability = groups.reliability[step.sets].astype(np.float64)
                 frame = pd.DataFrame(
                     {
                         "query": np.repeat(np.asarray(queries, dtype=object)[order], k),
                         "cell_type": ct,
                         "rank": np.tile(np.arange(1, k + 1), len(step.sets)),
-                        "candidate": np.where(valid, names[np.maximum(cand, 0)], None).ravel(),
-                        "candidate_cell_type": np.where(
-                            valid, entry_cts[np.maximum(cand, 0)], None
-                        ).ravel(),
+                        "candidate": np.where(valid, names[entry], None).ravel(),
+                        "candidate_cell_type": np.where(valid, entry_cts[entry], None).ravel(),
                         "similarity": groups.similarity[step.sets].ravel().astype(np.float64),
                         "keep_probability": keep_p.ravel(),
                         "selected_fraction": selected.ravel(),
                         "confidence": np.repeat(step.confidence.astype(np.float64), k),
-                        "reliability": np.repeat(_reliability(groups, step.sets), k),
+                        "reliability": np.repeat(reliability, k),
                     }
                 )
                 frames.append(frame[valid.ravel()])
@@ -465,14 +416,7 @@ def retrieval_table(
         }
     )
     out = out.iloc[order.sort_values(["c", "q", "r"], kind="stable").index].reset_index(drop=True)
-    out["selected"] = out["selected_fraction"] > 0.5
-    out = out[list(RETRIEVAL_COLUMNS)]
+    out.insert(8, "selected", out["selected_fraction"] > 0.5)
     if memory.kind != "response":
         out = out.drop(columns=["candidate_cell_type", "confidence", "reliability"])
     return out
-
-
-def _reliability(groups: SetGroups, sets: np.ndarray) -> np.ndarray:
-    if groups.reliability is None:
-        return np.full(len(sets), np.nan)
-    return groups.reliability[sets].astype(np.float64)

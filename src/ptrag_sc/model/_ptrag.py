@@ -226,18 +226,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         with restore_on_error(adata if isinstance(adata, AnnData) else None):
-            _assembly.register(
-                cls,
-                adata,
-                setup_method_args,
-                perturbation_key=perturbation_key,
-                control_group=control_group,
-                cell_type_key=cell_type_key,
-                batch_key=batch_key,
-                layer=layer,
-                perturbation_sep=perturbation_sep,
-                kwargs=kwargs,
-            )
+            _assembly.register(cls, adata, setup_method_args, kwargs)
 
     # ------------------------------------------------------------- properties
     #: What retrieval and the data layer need (:class:`~ptrag_sc.data.ModelState`): prediction,
@@ -334,6 +323,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         interrupted, the model is left as it
         was before the call.
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         if self.adata is None:
             raise ValueError(
                 "This model has no AnnData attached: load it with `PTRAG.load(dir, adata=...)` "
@@ -347,19 +337,7 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
                 self.adata,
                 runner=functools.partial(self._train_runner_cls, self),
                 plan_cls=self._training_plan_cls,
-                max_epochs=max_epochs,
-                max_steps=max_steps,
-                batch_size=batch_size,
-                split_key=split_key,
-                validation_size=validation_size,
-                early_stopping=early_stopping,
-                early_stopping_patience=early_stopping_patience,
-                keep_best=keep_best,
-                check_val_every_n_steps=check_val_every_n_steps,
-                accelerator=accelerator,
-                devices=devices,
-                plan_kwargs=plan_kwargs,
-                trainer_kwargs=trainer_kwargs,
+                **arguments,
             )
         except BaseException:
             for name, value in written.items():
@@ -433,22 +411,11 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         Predictions are non-negative and never exceed the largest value each gene reaches in
         the training data.
         """
-        return _predict.predict(
-            self.state,
-            self.module,
-            model_input(self, adata),
-            perturbations,
-            cell_type=cell_type,
-            indices=indices,
-            batch_size=batch_size,
-            key_added=key_added,
-            inplace=inplace,
-            overwrite=overwrite,
-            sample_retrieval=sample_retrieval,
-            seed=seed,
-            output=output,
-            sparse=sparse,
-        )
+        options = {
+            k: v for k, v in locals().items() if k not in ("self", "adata", "perturbations")
+        }
+        adata = model_input(self, adata)
+        return _predict.predict(self.state, self.module, adata, perturbations, **options)
 
     def add_perturbation_embeddings(
         self, embeddings: pd.DataFrame, *, overwrite: bool = False

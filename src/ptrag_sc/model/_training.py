@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -119,8 +119,8 @@ def hold_out_groups(
 
 @dataclass
 class Trained:
-    """What :func:`train` gives the model: its new state (memory and training perturbations)
-    and when the kept weights were reached."""
+    """What :func:`train` gives the model: its new state and when the kept weights were
+    reached."""
 
     state: ModelState
     best_step: int | None
@@ -129,12 +129,8 @@ class Trained:
 
 
 def _seed(distributed: bool) -> int:
-    """The seed of the split and the sampling plans.
-
-    scvi-tools leaves its seed unset (None) until a user sets one: then sampling is random,
-    except under data-parallel training, where every process must draw the same split and the
-    same plans (with ``strategy="ddp"`` each process runs this code on its own).
-    """
+    """``scvi.settings.seed`` if set, else random; 0 under data-parallel training, where every
+    process must draw the same split and sets."""
     if scvi_settings.seed is not None:
         return int(scvi_settings.seed)
     if distributed:
@@ -167,18 +163,13 @@ def train(
     plan_kwargs: dict | None,
     trainer_kwargs: dict,
 ) -> Trained:
-    """The body of :meth:`PTRAG.train` (see there): checks, split, memory, sets, and scvi-tools'
-    ``runner`` (a :class:`~scvi.train.TrainRunner` of the model, given its other arguments).
-
-    If training fails or is interrupted, the network is left as it was.
-    """
+    """The body of :meth:`PTRAG.train`; ``runner`` is scvi-tools' runner for the model. If
+    training fails or is interrupted, the network is left as it was."""
     batch_size = positive_int("batch_size", batch_size)
     max_steps = positive_int("max_steps", max_steps, allow_none=True)
     max_epochs = positive_int("max_epochs", max_epochs, allow_none=True)
     early_stopping_patience = positive_int("early_stopping_patience", early_stopping_patience)
-    check_val_every_n_steps = positive_int(
-        "check_val_every_n_steps", check_val_every_n_steps, allow_none=True
-    )
+    interval = positive_int("check_val_every_n_steps", check_val_every_n_steps, allow_none=True)
     if validation_size is not None:
         validation_size = finite_float(
             "validation_size", validation_size, minimum=0.0, maximum=1.0
@@ -189,7 +180,8 @@ def train(
     # Built first: a typo in `plan_kwargs` fails here, before anything changes.
     plan_cls(module, **(plan_kwargs or {}))
 
-    seed = _seed(is_data_parallel(trainer_kwargs.get("strategy")))
+    distributed = is_data_parallel(trainer_kwargs.get("strategy"))
+    seed = _seed(distributed)
     data = state.data(adata)
     # The AnnData may have changed since `setup_anndata` checked it.
     layer = state.setup.layer
@@ -199,15 +191,15 @@ def train(
     is_control = data.is_control
     if not (train_mask & ~is_control).any():
         raise ValueError("The training split holds no perturbed cells.")
-    labels = np.unique(data.labels[~is_control])
-    state.encoder.check(labels, context=" in the training AnnData")
+    state.encoder.check(np.unique(data.labels[~is_control]), context=" in the training AnnData")
     auto_held = np.zeros(data.n_obs, dtype=bool)
     if not (val_mask & ~is_control).any() and validation_size != 0.0:
         fraction = validation_size or DEFAULT_VALIDATION_SIZE
         auto_held = hold_out_groups(data, train_mask, fraction, seed)
         val_mask = val_mask | auto_held
         train_mask = train_mask & ~auto_held
-    has_val = bool((val_mask & ~is_control).any())
+    perturbed_train, perturbed_val = train_mask & ~is_control, val_mask & ~is_control
+    has_val = bool(perturbed_val.any())
     if early_stopping is None:
         early_stopping = has_val
     if early_stopping and not has_val:
@@ -216,193 +208,94 @@ def train(
             "`split_key`, or leave `validation_size` at its default."
         )
 
-    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    mode = module.training
     watcher = InterruptWatcher()
-    callbacks = [*(trainer_kwargs.get("callbacks") or []), watcher.callback]
-    trainer_kwargs = {**trainer_kwargs, "callbacks": callbacks}
-    with training(module), keep_sigint():
-        try:
-            trained = _fit(
-                state,
-                module,
-                data,
-                runner=runner,
-                plan_cls=plan_cls,
-                train_mask=train_mask,
-                val_mask=val_mask,
-                test_mask=test_mask,
-                seed=seed,
-                max_epochs=max_epochs,
-                max_steps=max_steps,
-                batch_size=batch_size,
-                early_stopping=early_stopping,
-                early_stopping_patience=early_stopping_patience,
-                keep_best=keep_best and has_val,
-                check_val_every_n_steps=check_val_every_n_steps,
-                accelerator=accelerator,
-                devices=devices,
-                plan_kwargs=plan_kwargs,
-                trainer_kwargs=trainer_kwargs,
-            )
-            if auto_held.any() and state.retrieval != "none":
-                # The held-out groups were training data: after model selection they join the
-                # memory, as evidence for predictions.
-                memory = _install(
-                    module,
-                    trained.state.build_memory(
-                        data, train_mask | auto_held, module.n_response_components
-                    ),
+    old_memory = state.memory
+    with training(module), keep_sigint(), _undone_on_failure(module, old_memory, watcher):
+        n_components = module.n_response_components
+        memory = None
+        if state.retrieval != "none":
+            memory = _install(module, state.build_memory(data, train_mask, n_components))
+        state = state.replace(
+            memory=memory,
+            training_perturbations=np.unique(data.labels[perturbed_train].astype(str)),
+            training_cell_types=np.unique(data.cell_types[perturbed_train].astype(str)),
+        )
+        contexts = state.builder.control_contexts(data, is_control)
+        groups_of = state.builder.training_groups
+        train_groups = groups_of(data, perturbed_train, is_control, contexts=contexts)
+        val_groups = (
+            groups_of(data, perturbed_val, is_control, contexts=contexts) if has_val else None
+        )
+        for name, groups in (("training", train_groups), ("validation", val_groups)):
+            if groups is not None and int(groups.sizes.max()) < 2:
+                raise ValueError(
+                    f"Every {name} group has a single cell: sets need at least 2 cells per "
+                    "(perturbation, cell type)."
                 )
-                trained.state = trained.state.replace(memory=memory)
-        except BaseException as exc:
-            if state.memory is not None:
-                _install(module, state.memory)
-            with torch.no_grad():
-                module.load_state_dict(weights)
-            module.train(mode)
-            if watcher.interrupted and isinstance(exc, SystemExit):
-                # Lightning answers Ctrl+C with `sys.exit(1)`, which would end a script or a
-                # notebook cell as if the program had finished: give back the interrupt.
-                raise KeyboardInterrupt(
-                    "`train()` was interrupted; the model is as it was before the call."
-                ) from None
-            raise
-    held = data.labels[auto_held | (val_mask & ~is_control)]
-    trained.validation_perturbations = np.unique(held.astype(str))
-    return trained
+        _check_set_size(state.cell_set_size, data, perturbed_train)
 
+        # The largest value a gene reaches in the training data bounds what the model generates.
+        ceiling = data.column_stats(column_max(data.matrix, train_mask | is_control))
+        baseline = train_groups.context if train_groups.context is not None else 0.0
+        scale = float(np.mean(np.sum(np.square(train_groups.target_shift - baseline), axis=1)))
+        module.set_data_constants(ceiling, scale)
 
-def _install(module: PTRAGModule, memory: RetrievalMemory) -> RetrievalMemory:
-    """The network's tables of ``memory`` (what its candidate encoder reads)."""
-    module.set_memory(memory.embeddings, memory.response_codes)
-    return memory
-
-
-def _fit(
-    state: ModelState,
-    module: PTRAGModule,
-    data: PerturbationData,
-    *,
-    runner: Callable[..., TrainRunner],
-    plan_cls: type[PTRAGTrainingPlan],
-    train_mask: np.ndarray,
-    val_mask: np.ndarray,
-    test_mask: np.ndarray,
-    seed: int,
-    max_epochs: int | None,
-    max_steps: int | None,
-    batch_size: int,
-    early_stopping: bool,
-    early_stopping_patience: int,
-    keep_best: bool,
-    check_val_every_n_steps: int | None,
-    accelerator: str,
-    devices: int | list[int] | str,
-    plan_kwargs: dict | None,
-    trainer_kwargs: dict,
-) -> Trained:
-    is_control = data.is_control
-    perturbed_train = train_mask & ~is_control
-    memory = None
-    if state.retrieval != "none":
-        memory = _install(
-            module, state.build_memory(data, train_mask, module.n_response_components)
+        n_sets = int(n_training_sets(train_groups.sizes, state.cell_set_size).sum())
+        if max_steps is None and max_epochs is not None:
+            max_steps = max_epochs * max(1, math.ceil(n_sets / batch_size))
+        max_steps = max_steps or DEFAULT_MAX_STEPS
+        interval = min(interval or int(np.clip(max_steps // 30, 10, 50)), max_steps)
+        datamodule = SetDataModule(
+            data.expression,
+            train_groups,
+            val_groups,
+            train_idx=np.flatnonzero(train_mask),
+            val_idx=np.flatnonzero(val_mask),
+            test_idx=np.flatnonzero(test_mask),
+            set_size=state.cell_set_size,
+            batch_size=batch_size,
+            seed=seed,
+            steps_per_epoch=interval,
         )
-    state = state.replace(
-        memory=memory,
-        training_perturbations=np.unique(data.labels[perturbed_train].astype(str)),
-        training_cell_types=np.unique(data.cell_types[perturbed_train].astype(str)),
-    )
-    builder = state.builder
-    contexts = builder.control_contexts(data, is_control)
-    train_groups = builder.training_groups(data, perturbed_train, is_control, contexts=contexts)
-    val_groups = None
-    if (val_mask & ~is_control).any():
-        val_member = val_mask & ~is_control
-        val_groups = builder.training_groups(data, val_member, is_control, contexts=contexts)
-    for name, groups in (("training", train_groups), ("validation", val_groups)):
-        if groups is not None and int(groups.sizes.max()) < 2:
-            raise ValueError(
-                f"Every {name} group has a single cell: sets need at least 2 cells per "
-                "(perturbation, cell type)."
-            )
-    _check_set_size(state.cell_set_size, data, perturbed_train)
+        callbacks = [*(trainer_kwargs.get("callbacks") or []), watcher.callback]
+        trainer_kwargs = {**trainer_kwargs, "max_steps": max_steps}
+        trainer_kwargs["use_distributed_sampler"] = False
+        trainer_kwargs.setdefault("gradient_clip_val", 10.0)
+        trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
+        trainer_kwargs["check_val_every_n_epoch"] = 1 if has_val else None
+        if not has_val:
+            trainer_kwargs.setdefault("limit_val_batches", 0)
+        if trainer_kwargs["enable_progress_bar"] and "simple_progress_bar" not in trainer_kwargs:
+            from lightning.pytorch.callbacks import ProgressBar
 
-    # The largest value a gene reaches in the training data bounds what the model generates.
-    ceiling = data.column_stats(column_max(data.matrix, train_mask | is_control))
-    baseline = train_groups.context if train_groups.context is not None else 0.0
-    scale = float(np.mean(np.sum(np.square(train_groups.target_shift - baseline), axis=1)))
-    module.set_data_constants(ceiling, scale)
+            # Instead of scvi-tools' bar, which counts epochs (validation intervals) on stdout.
+            trainer_kwargs["simple_progress_bar"] = False
+            if not any(isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(TrainingProgress())
+        if early_stopping:
+            # Lightning's own callback, not scvi-tools' `early_stopping=True`, which prints its
+            # reason for stopping to stdout. Under DDP the validation loss is reduced over the
+            # ranks, so every rank stops together.
+            from lightning.pytorch.callbacks import EarlyStopping
 
-    n_sets = int(n_training_sets(train_groups.sizes, state.cell_set_size).sum())
-    steps_per_pass = max(1, math.ceil(n_sets / batch_size))
-    if max_steps is None:
-        max_steps = max_epochs * steps_per_pass if max_epochs is not None else DEFAULT_MAX_STEPS
-    interval = check_val_every_n_steps or int(np.clip(max_steps // 30, 10, 50))
-    interval = min(interval, max_steps)
-    datamodule = SetDataModule(
-        data.expression,
-        train_groups,
-        val_groups,
-        train_idx=np.flatnonzero(train_mask),
-        val_idx=np.flatnonzero(val_mask),
-        test_idx=np.flatnonzero(test_mask),
-        set_size=state.cell_set_size,
-        batch_size=batch_size,
-        seed=seed,
-        steps_per_epoch=interval,
-    )
-    trainer_kwargs = dict(trainer_kwargs)
-    trainer_kwargs["max_steps"] = max_steps
-    trainer_kwargs.setdefault("gradient_clip_val", 10.0)
-    trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
-    trainer_kwargs["use_distributed_sampler"] = False
-    if val_groups is None:
-        trainer_kwargs["check_val_every_n_epoch"] = None
-        trainer_kwargs.setdefault("limit_val_batches", 0)
-    else:
-        trainer_kwargs["check_val_every_n_epoch"] = 1
-    callbacks = list(trainer_kwargs.get("callbacks", []))
-    if trainer_kwargs["enable_progress_bar"] and "simple_progress_bar" not in trainer_kwargs:
-        from lightning.pytorch.callbacks import ProgressBar
-
-        # Instead of scvi-tools' bar, which counts epochs (here: validation intervals) on stdout.
-        trainer_kwargs["simple_progress_bar"] = False
-        if not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(TrainingProgress())
-    if early_stopping:
-        # Lightning's own callback, not scvi-tools' `early_stopping=True`, which prints its reason
-        # for stopping to stdout; Lightning's logs it, shown at `settings.verbosity` INFO. Under
-        # DDP the validation loss is reduced over the ranks, so every rank stops together.
-        from lightning.pytorch.callbacks import EarlyStopping
-
-        callbacks.append(
-            EarlyStopping(
-                monitor="validation_loss",
-                patience=early_stopping_patience,
-                mode="min",
-                min_delta=0.0,
-                verbose=True,
-            )
-        )
-        early_stopping = False
-    distributed = is_data_parallel(trainer_kwargs.get("strategy"))
-    log_dir = None
-    if distributed:
-        # The history travels from rank 0 through a file, in a temporary folder rather than the
-        # working directory.
-        log_dir = tempfile.mkdtemp(prefix="ptrag_sc_ddp_")
-        trainer_kwargs.setdefault("log_save_dir", log_dir)
-    keeper = KeepBestWeights("validation_loss") if keep_best else None
-    if keeper is not None:
-        callbacks.append(keeper)
-    trainer_kwargs["callbacks"] = callbacks
-    # Same seed and thread count -> the same weights, on the CPU (see deterministic_algorithms);
-    # a user's own `deterministic=` trainer argument is left to Lightning.
-    deterministic = "deterministic" not in trainer_kwargs and runs_on_cpu(accelerator, devices)
-    try:
-        with deterministic_algorithms(deterministic), warnings.catch_warnings():
+            patience = early_stopping_patience
+            callbacks.append(EarlyStopping("validation_loss", patience=patience, verbose=True))
+        keeper = KeepBestWeights("validation_loss") if keep_best and has_val else None
+        callbacks += [keeper] if keeper is not None else []
+        trainer_kwargs["callbacks"] = callbacks
+        # Same seed and thread count -> the same weights on the CPU; a user's own
+        # `deterministic=` trainer argument is left to Lightning.
+        deterministic = "deterministic" not in trainer_kwargs and runs_on_cpu(accelerator, devices)
+        with contextlib.ExitStack() as stack:
+            if distributed:
+                # The history travels from rank 0 through a file: a temporary folder, not the
+                # working directory.
+                log_dir = tempfile.TemporaryDirectory(
+                    prefix="ptrag_sc_ddp_", ignore_cleanup_errors=True
+                )
+                trainer_kwargs.setdefault("log_save_dir", stack.enter_context(log_dir))
+            stack.enter_context(deterministic_algorithms(deterministic))
+            stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message="early_stopping was automatically disabled")
             started = run_trainer(
                 runner,
@@ -411,20 +304,53 @@ def _fit(
                 max_epochs=math.ceil(max_steps / interval),
                 accelerator=accelerator,
                 devices=devices,
-                early_stopping=early_stopping,
+                early_stopping=False,
                 trainer_kwargs=trainer_kwargs,
             )
-    finally:
-        if log_dir is not None:
-            shutil.rmtree(log_dir, ignore_errors=True)
-    best_step = best_epoch = None
-    if keeper is not None:
-        best_step, best_epoch = keeper.best_step, keeper.best_epoch
-        if best_step is None:
-            # `ddp_spawn`: the callback ran in the worker processes.
-            metrics = started.trainer.callback_metrics
-            best_step, best_epoch = KeepBestWeights.from_metrics(metrics)
-    return Trained(state, best_step, best_epoch, np.zeros(0, dtype=str))
+        best_step = best_epoch = None
+        if keeper is not None:
+            best_step, best_epoch = keeper.best_step, keeper.best_epoch
+            if best_step is None:  # `ddp_spawn`: the callback ran in the worker processes.
+                best_step, best_epoch = KeepBestWeights.from_metrics(
+                    started.trainer.callback_metrics
+                )
+        if auto_held.any() and state.retrieval != "none":
+            # The held-out groups were training data: after model selection they join the
+            # memory, as evidence for predictions.
+            memory = state.build_memory(data, train_mask | auto_held, module.n_response_components)
+            state = state.replace(memory=_install(module, memory))
+    held = data.labels[auto_held | perturbed_val]
+    return Trained(state, best_step, best_epoch, np.unique(held.astype(str)))
+
+
+def _install(module: PTRAGModule, memory: RetrievalMemory) -> RetrievalMemory:
+    """``memory``, its tables installed in the network (what its candidate encoder reads)."""
+    module.set_memory(memory.embeddings, memory.response_codes)
+    return memory
+
+
+@contextlib.contextmanager
+def _undone_on_failure(
+    module: PTRAGModule, memory: RetrievalMemory | None, watcher: InterruptWatcher
+) -> Iterator[None]:
+    """Put back the network's weights, mode and memory tables if the block fails."""
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    mode = module.training
+    try:
+        yield
+    except BaseException as exc:
+        if memory is not None:
+            _install(module, memory)
+        with torch.no_grad():
+            module.load_state_dict(weights)
+        module.train(mode)
+        if watcher.interrupted and isinstance(exc, SystemExit):
+            # Lightning answers Ctrl+C with `sys.exit(1)`, which would end a script or a
+            # notebook cell as if the program had finished: give back the interrupt.
+            raise KeyboardInterrupt(
+                "`train()` was interrupted; the model is as it was before the call."
+            ) from None
+        raise
 
 
 def _check_set_size(

@@ -12,6 +12,7 @@ import pandas as pd
 
 from .._checks import check_choice, finite_float, positive_int
 from .._constants import BACKBONES, CONTEXT_MODES, INDEX_BACKENDS, LOSSES, MEMORY_KINDS, RETRIEVALS
+from ._assembly import module_kwargs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -178,8 +179,7 @@ def training_bytes(
     )
     # Parameters grow linearly with depth: two shallow networks built on the meta device
     # (nothing allocated) give the count for any depth.
-    accepted = inspect.signature(module_cls.__init__).parameters
-    module_options = {k: v for k, v in options.items() if k in accepted}
+    module_options = module_kwargs(module_cls, options)
     counts = []
     for depth in (1, 2):
         with torch.device("meta"):
