@@ -1,11 +1,5 @@
-"""MuData input for :class:`~ptrag_sc.PTRAG`: guide assignment, registration and resolution.
-
-Perturb-seq with guide capture (ECCITE-seq, CROP-seq) is kept by muon/pertpy users as a
-:class:`~mudata.MuData` with an RNA and a guide modality. :class:`MuDataMixin` gives the model
-``setup_mudata`` (guides -> labels -> registration of the RNA modality) and a resolver that maps
-a MuData argument to its RNA AnnData, so that ``PTRAG(mdata)``, ``predict(mdata)`` and
-``get_retrieval(adata=mdata)`` work on the RNA modality.
-"""
+"""MuData input for :class:`~ptrag_sc.PTRAG`: labels from guides, registration of the RNA
+modality, and the RNA AnnData that a MuData argument stands for."""
 
 from __future__ import annotations
 
@@ -38,13 +32,9 @@ from ._validation import check_trained
 if TYPE_CHECKING:
     from mudata import MuData
 
-__all__ = ["MuDataMixin", "is_mudata", "model_input", "rna_modality"]
-
 logger = logging.getLogger(__name__)
 
 _SCVI_UUID_KEY = "_scvi_uuid"
-#: Arguments of :func:`ptrag_sc.pp.assign_guides` that ``setup_mudata`` sets itself.
-_RESERVED_ASSIGN_KWARGS = ("inplace", "copy")
 
 
 def is_mudata(data: object) -> bool:
@@ -70,51 +60,25 @@ def rna_modality(
     var_names: pd.Index | None = None,
     default: str | None = None,
 ) -> AnnData:
-    """The RNA modality of ``mdata`` that a PTRAG model reads.
-
-    Tried in order: the modality that is ``model_adata`` (the model's own AnnData); the one
-    modality registered with ``model_cls`` (by :meth:`PTRAG.setup_mudata` or ``setup_anndata``
-    on the modality); the one modality whose genes are ``var_names``; the modality named
-    ``default``.
-
-    Raises
-    ------
-    ValueError
-        If none or several modalities qualify (the error lists the modalities).
-    """
+    """The RNA modality of ``mdata`` that a PTRAG model reads: the one that is ``model_adata``,
+    else the one registered with ``model_cls``, else the one whose genes are ``var_names``, else
+    the one named ``default``; ``ValueError`` listing the modalities if none or several."""
     mods = {name: mod for name, mod in mdata.mod.items() if isinstance(mod, AnnData)}
-    if model_adata is not None:
-        for mod in mods.values():
-            if mod is model_adata:
-                return mod
+    if any(mod is model_adata for mod in mods.values()):
+        return model_adata
     if model_cls is not None:
         store = getattr(model_cls, "_setup_adata_manager_store", {})
-        registered = [
-            name
-            for name, mod in mods.items()
-            if mod.uns.get(_SCVI_UUID_KEY) in store and store[mod.uns[_SCVI_UUID_KEY]].adata is mod
-        ]
-        if len(registered) == 1:
+        uuids = {name: mod.uns.get(_SCVI_UUID_KEY) for name, mod in mods.items()}
+        registered = [n for n, u in uuids.items() if u in store and store[u].adata is mods[n]]
+        if _the_one(registered, f"are registered with {model_cls.__name__}"):
             return mods[registered[0]]
-        if len(registered) > 1:
-            raise ValueError(
-                f"Several modalities of the MuData are registered with {model_cls.__name__}: "
-                f"{registered}. Pass the AnnData itself, e.g. `mdata.mod[{registered[0]!r}]`."
-            )
     if var_names is not None:
         reference = pd.Index(np.asarray(var_names).astype(str))
         same = [
-            name
-            for name, mod in mods.items()
-            if pd.Index(mod.var_names.astype(str)).equals(reference)
+            n for n, mod in mods.items() if pd.Index(mod.var_names.astype(str)).equals(reference)
         ]
-        if len(same) == 1:
+        if _the_one(same, "have the model's genes"):
             return mods[same[0]]
-        if len(same) > 1:
-            raise ValueError(
-                f"Several modalities of the MuData have the model's genes: {same}. Pass the "
-                f"AnnData itself, e.g. `mdata.mod[{same[0]!r}]`."
-            )
     if default is not None and default in mods:
         return mods[default]
     name = model_cls.__name__ if model_cls is not None else "PTRAG"
@@ -125,6 +89,16 @@ def rna_modality(
         + f". Call `{name}.setup_mudata(mdata, rna_mod=...)` or pass the RNA AnnData, e.g. "
         "`mdata.mod['rna']`."
     )
+
+
+def _the_one(names: list[str], what: str) -> bool:
+    """Whether ``names`` holds one modality; an error naming them if several."""
+    if len(names) > 1:
+        raise ValueError(
+            f"Several modalities of the MuData {what}: {names}. Pass the AnnData itself, e.g. "
+            f"`mdata.mod[{names[0]!r}]`."
+        )
+    return len(names) == 1
 
 
 class MuDataMixin:
@@ -270,11 +244,8 @@ class MuDataMixin:
         {'assigned': 4, 'unassigned': 1, 'multiplet': 1}
         """
         if not is_mudata(mdata):
-            hint = (
-                f" For an AnnData use `{cls.__name__}.setup_anndata`."
-                if isinstance(mdata, AnnData)
-                else ""
-            )
+            hint = f" For an AnnData use `{cls.__name__}.setup_anndata`."
+            hint = hint if isinstance(mdata, AnnData) else ""
             raise TypeError(f"`mdata` must be a MuData, got {type(mdata).__name__}.{hint}")
         if "modalities" in kwargs:
             raise TypeError(
@@ -288,6 +259,7 @@ class MuDataMixin:
             )
         _check_modality(mdata, rna_mod, "rna_mod")
         rna = mdata.mod[rna_mod]
+        mod = f"mdata.mod[{rna_mod!r}]"
         check_setup_arguments(
             rna,
             perturbation_key=perturbation_key,
@@ -296,10 +268,10 @@ class MuDataMixin:
             batch_key=batch_key,
             layer=layer,
             sep=perturbation_sep,
-            where=f"mdata.mod[{rna_mod!r}]",
+            where=mod,
         )
         assign_kwargs = dict(assign_kwargs or {})
-        reserved = sorted(set(assign_kwargs) & set(_RESERVED_ASSIGN_KWARGS))
+        reserved = sorted(set(assign_kwargs) & {"inplace", "copy"})
         if reserved:
             raise ValueError(
                 f"`assign_kwargs` must not set {reserved}: `setup_mudata` writes the assignment "
@@ -320,9 +292,9 @@ class MuDataMixin:
                 raise ValueError(f"`guide_mod` and `rna_mod` are the same modality ({rna_mod!r}).")
             if perturbation_key in rna.obs.columns and not overwrite:
                 raise ValueError(
-                    f"`mdata.mod[{rna_mod!r}].obs` already has a column {perturbation_key!r}. "
-                    "Pass `overwrite=True` to replace it with the guide assignment, choose "
-                    "another `perturbation_key`, or use it as it is with `guide_mod=None`."
+                    f"`{mod}.obs` already has a column {perturbation_key!r}. Pass "
+                    "`overwrite=True` to replace it with the guide assignment, choose another "
+                    "`perturbation_key`, or use it as it is with `guide_mod=None`."
                 )
             guides = mdata.mod[guide_mod]
             if not guides.obs_names.is_unique:
@@ -335,121 +307,91 @@ class MuDataMixin:
             columns = guide_columns(assign_kwargs.get("key_added", "guide"))
             status = assignment[columns["status"]].astype(object).reindex(rna.obs_names)
             labels = assignment[columns["target"]].astype(object).reindex(rna.obs_names).to_numpy()
-            missing_guides = status.isna().to_numpy()
+            missing = status.isna().to_numpy()  # cells without guide data count as unassigned
             status = status.fillna(unassigned).to_numpy()
             keep = status == GUIDE_ASSIGNED
-            counts = {
-                "assigned": int(keep.sum()),
-                "unassigned": int((status == unassigned).sum()),
-                "multiplet": int((status == multiplet).sum()),
-            }
             where = f"the guide assignment of `mdata.mod[{guide_mod!r}]`"
         else:
-            source = _obs_source(mdata, rna_mod, perturbation_key, "perturbation_key")
-            values = source[perturbation_key]
-            missing = values.isna().to_numpy()
-            labels = values.astype(object).to_numpy()
-            excluded = missing | np.isin(labels.astype(str), [unassigned, multiplet])
-            keep = ~excluded
-            counts = {
-                "assigned": int(keep.sum()),
-                "unassigned": int(
-                    (~missing & (labels.astype(str) == unassigned)).sum() + missing.sum()
-                ),
-                "multiplet": int((~missing & (labels.astype(str) == multiplet)).sum()),
-            }
-            missing_guides = np.zeros(rna.n_obs, dtype=bool)
+            values = _obs_source(mdata, rna_mod, perturbation_key, "perturbation_key")
+            labels = values[perturbation_key].astype(object).to_numpy()
+            status = np.where(values[perturbation_key].isna(), unassigned, labels.astype(str))
+            keep = ~np.isin(status, [unassigned, multiplet])
+            missing = np.zeros(rna.n_obs, dtype=bool)
             where = f"`obs[{perturbation_key!r}]` of the RNA modality"
+        n_unassigned, n_multiplets = (
+            int((status == unassigned).sum()),
+            int((status == multiplet).sum()),
+        )
         n_excluded = int((~keep).sum())
         if n_excluded and excluded_cells == "raise":
             raise ValueError(
-                f"{n_excluded} cell(s) of `mdata.mod[{rna_mod!r}]` have no single perturbation "
-                f"({counts['unassigned']} unassigned, {counts['multiplet']} multiplets) in "
-                f"{where}. Pass `excluded_cells='drop'` to remove them from the RNA modality, or "
-                "filter them first."
+                f"{n_excluded} cell(s) of `{mod}` have no single perturbation ({n_unassigned} "
+                f"unassigned, {n_multiplets} multiplets) in {where}. Pass `excluded_cells='drop'` "
+                "to remove them from the RNA modality, or filter them first."
             )
         if not keep.any():
-            raise ValueError(
-                f"No cell of `mdata.mod[{rna_mod!r}]` has a single perturbation in {where}."
-            )
+            raise ValueError(f"No cell of `{mod}` has a single perturbation in {where}.")
 
         # 2. Checks of the kept cells before anything is written.
         context = {}
         for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
             if key is not None:
                 context[key] = _obs_source(mdata, rna_mod, key, argument)[key]
-                where_key = (
-                    f"`obs[{key!r}]` (`{argument}`) of the kept cells of `mdata.mod[{rna_mod!r}]`"
-                )
+                where_key = f"`obs[{key!r}]` (`{argument}`) of the kept cells of `{mod}`"
                 check_categories(context[key][keep], where_key, rna.obs_names[keep])
         kept_labels = labels[keep].astype(str)
-        blank = (
-            normalise_labels(kept_labels, control_group=control_group, sep=perturbation_sep) == ""
+        normalised = normalise_labels(
+            kept_labels, control_group=control_group, sep=perturbation_sep
         )
+        blank = normalised == ""
         if blank.any():
             raise ValueError(
                 f"{int(blank.sum())} kept cell(s) of {where} have empty labels (blank or only "
                 f"separators), e.g. {rna.obs_names[keep][blank][:5].tolist()}."
             )
         if not (kept_labels == control_group).any():
-            found = sorted(set(kept_labels))[:10]
+            hint = (
+                " Control guides are those whose target is in "
+                "`assign_kwargs['control_targets']` (default ('non-targeting',))."
+            )
             raise ValueError(
                 f"No control cells: `control_group={control_group!r}` does not occur among the "
-                f"kept cells of {where}. Labels present include {found}."
-                + (
-                    " Control guides are those whose target is in "
-                    "`assign_kwargs['control_targets']` (default ('non-targeting',))."
-                    if guide_mod is not None
-                    else ""
-                )
+                f"kept cells of {where}. Labels present include {sorted(set(kept_labels))[:10]}."
+                + (hint if guide_mod is not None else "")
             )
-        cell_types = (
-            context[cell_type_key].astype(str).to_numpy()[keep]
-            if cell_type_key is not None
-            else np.full(keep.sum(), "all")
-        )
-        check_controls_per_cell_type(
-            kept_labels == control_group,
-            cell_types,
-            where=f"the kept cells of `mdata.mod[{rna_mod!r}]`",
-        )
-        X = expression_matrix(rna, layer)
-        check_expression(
-            X,
-            where=f"`mdata.mod[{rna_mod!r}].X`"
-            if layer is None
-            else f"`mdata.mod[{rna_mod!r}].layers[{layer!r}]`",
-        )
+        cell_types = np.full(keep.sum(), "all")
+        if cell_type_key is not None:
+            cell_types = context[cell_type_key].astype(str).to_numpy()[keep]
+        is_control = kept_labels == control_group
+        check_controls_per_cell_type(is_control, cell_types, where=f"the kept cells of `{mod}`")
+        in_layer = f"`{mod}.X`" if layer is None else f"`{mod}.layers[{layer!r}]`"
+        check_expression(expression_matrix(rna, layer), where=in_layer)
 
-        # 3. Write: the guide assignment, then drop the excluded cells, then the labels and
-        # context.
+        # 3. Write: the guide assignment, then drop the excluded cells, then labels and context.
         if guide_mod is not None:
             for column in assignment.columns:
                 guides.obs[column] = assignment[column].values  # positional (obs names may repeat)
         if n_excluded:
             rna._inplace_subset_obs(keep)
-        if guide_mod is not None:
-            rna.obs[perturbation_key] = pd.Categorical(kept_labels)
-        elif perturbation_key not in rna.obs.columns:
+        if guide_mod is not None or perturbation_key not in rna.obs.columns:
             rna.obs[perturbation_key] = pd.Categorical(kept_labels)
         elif isinstance(rna.obs[perturbation_key].dtype, pd.CategoricalDtype):
             rna.obs[perturbation_key] = rna.obs[perturbation_key].cat.remove_unused_categories()
         for key, values in context.items():
             if key not in rna.obs.columns:
-                rna.obs[key] = (
-                    values.to_numpy()[keep]
-                    if not isinstance(values.dtype, pd.CategoricalDtype)
-                    else values.array[keep]
-                )
+                categorical = isinstance(values.dtype, pd.CategoricalDtype)
+                rna.obs[key] = values.array[keep] if categorical else values.to_numpy()[keep]
         if n_excluded:
-            _update(mdata)
+            with warnings.catch_warnings():  # mudata's notice about its future pull default
+                warnings.filterwarnings("ignore", category=FutureWarning, module="mudata")
+                mdata.update()
             logger.info(
                 "setup_mudata: %d cell(s) kept; %d unassigned (%d without guide data) and %d "
                 "multiplet(s) removed from mdata.mod[%r].",
-                counts["assigned"],
-                counts["unassigned"],
-                int(missing_guides.sum()),
-                counts["multiplet"],
+                int(keep.sum()),
+                n_unassigned,
+                int(missing.sum()),
+                n_multiplets,
                 rna_mod,
             )
         cls.setup_anndata(
@@ -513,10 +455,3 @@ def _obs_source(mdata: MuData, rna_mod: str, key: str, argument: str) -> pd.Data
         f"({list(map(str, rna.obs.columns))[:30]}) nor of `mdata.obs` "
         f"({list(map(str, mdata.obs.columns))[:30]})."
     )
-
-
-def _update(mdata: MuData) -> None:
-    """``mdata.update()`` without mudata's notice about its future pull default."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module="mudata")
-        mdata.update()
