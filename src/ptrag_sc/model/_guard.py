@@ -1,10 +1,5 @@
-"""Who may use a model's network at a time: any number of predictions, or one training.
-
-Prediction switches the network to evaluation mode and training to training mode; done at
-the same time (two threads, or a Lightning callback that predicts) one would change the
-other's result. Predictions take a shared hold, ``train`` an exclusive one, and a call that
-cannot get its hold is refused with an error that says why, instead of waiting.
-"""
+"""Who may use a model's network at a time: any number of predictions (which switch it to
+evaluation mode), or one training; a call that cannot get its hold is refused, not queued."""
 
 from __future__ import annotations
 
@@ -12,17 +7,16 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["local_random", "predicting", "training"]
 
-
+@dataclass
 class _Usage:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.predictions = 0
-        self.training = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    predictions: int = 0
+    training: bool = False
 
 
 _USAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -96,11 +90,8 @@ class _Generator(torch.overrides.TorchFunctionMode):
 
 @contextlib.contextmanager
 def local_random(seed: int, device: torch.device) -> Iterator[None]:
-    """Random numbers drawn in this block come from a generator of its own, seeded with ``seed``.
-
-    torch's global generator is neither read nor advanced, so predictions in other threads
-    (function modes are per thread) draw the same numbers whatever runs beside them.
-    """
+    """Random numbers drawn in this block come from a generator of its own, seeded with
+    ``seed``: torch's global one is neither read nor advanced (function modes are per thread)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     with _Generator(generator):

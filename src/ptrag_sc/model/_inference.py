@@ -1,11 +1,5 @@
-"""The one inference loop of predictions, retrieval tables and screens.
-
-Every prediction, retrieval table and screen (:func:`ptrag_sc.tl.screen`) runs the network the
-same way: :func:`evaluating` holds it in evaluation mode on its device, :func:`run` passes the
-sets of a :class:`~ptrag_sc.data.SetGroups` through its inference, and each :class:`Step`
-carries the retrieval distance and confidence of its sets; :func:`generate` decodes cells from
-them, and :func:`record` is what a prediction notes in ``uns``.
-"""
+"""The one inference loop of predictions, retrieval tables and screens (:func:`run`), and the
+cells generated from it (:func:`generate`)."""
 
 from __future__ import annotations
 
@@ -40,17 +34,13 @@ def check_batch_size(batch_size: int | None) -> int:
     return positive_int("batch_size", batch_size)
 
 
-# ------------------------------------------------------------------- inference
 @contextlib.contextmanager
 def evaluating(
     module: PTRAGModule, *, sample_retrieval: bool = False, seed: int | None = None
 ) -> Iterator[torch.device]:
-    """The network in evaluation mode for one prediction, yielding its device.
-
-    A shared hold on the network (refused while it trains), no gradients, the package's thread
-    setting, and, with ``sample_retrieval``, random numbers from a generator of this call's own
-    (torch's global one is left alone, and predictions in other threads do not draw from it).
-    """
+    """The network in evaluation mode for one prediction, yielding its device: a shared hold
+    on it, no gradients, the package's threads, and with ``sample_retrieval`` a generator of
+    this call's own (torch's global one is left alone)."""
     device = next(module.parameters()).device
     sampling = contextlib.nullcontext()
     if sample_retrieval:
@@ -63,26 +53,14 @@ def evaluating(
 
 @dataclass
 class Step:
-    """One batch of sets through the network's inference.
-
-    Attributes
-    ----------
-    batch, inference
-        The batch's tensors and the inference outputs.
-    rows, sets
-        ``(B, S)`` output rows of each set and ``(B,)`` the group of each set.
-    distance, confidence
-        ``(B,)`` retrieval distance (``1 -`` the similarity of the candidates stage 2 kept,
-        weighted by their selection; NaN where nothing was kept or retrieved) and confidence
-        (NaN without a response memory) of each set.
-    """
+    """One batch of ``B`` sets through the network's inference."""
 
     batch: dict[str, torch.Tensor]
     inference: dict[str, torch.Tensor]
-    rows: np.ndarray
-    sets: np.ndarray
-    distance: np.ndarray
-    confidence: np.ndarray
+    rows: np.ndarray  # (B, S) output rows of each set
+    sets: np.ndarray  # (B,) group of each set
+    distance: np.ndarray  # (B,) retrieval distance, NaN where nothing was kept or retrieved
+    confidence: np.ndarray  # (B,) NaN without a response memory
 
     def decode(self, module: PTRAGModule) -> dict[str, torch.Tensor]:
         """The generative pass of this step's sets: cells decoded from the inference."""
@@ -101,12 +79,9 @@ def run(
     encoded: tuple[np.ndarray, torch.Tensor] | None = None,
     sample_retrieval: bool = False,
 ) -> Iterator[Step]:
-    """Pass every group through the network's inference, cut into sets of at most
-    ``set_size`` (see :func:`~ptrag_sc.data.prediction_batches`), inside :func:`evaluating`.
-
-    ``sources[row]`` is the control cell each output row is generated from; ``encoded``, from
-    :func:`encoded_sources`, their basal encodings.
-    """
+    """Pass every group through the network's inference in sets of at most ``set_size``, inside
+    :func:`evaluating` (``sources[row]``: the control cell of each output row; ``encoded``: from
+    :func:`encoded_sources`)."""
     for batch, rows, sets in prediction_batches(
         groups, expression, sources, set_size=set_size, batch_size=batch_size
     ):
@@ -118,21 +93,17 @@ def run(
         inference = module.inference(**inputs, h_ctrl=h_ctrl, sample_retrieval=sample_retrieval)
         distance = np.full(len(sets), np.nan)
         if OUTPUTS.SET_WEIGHTS in inference:
+            # 1 - the similarity of the candidates kept, weighted by their selection; NaN (not a
+            # reassuring 0) where nothing was kept.
             weights = inference[OUTPUTS.SET_WEIGHTS].cpu().numpy()
-            distance = _retrieval_distance(weights, groups.similarity[sets])
+            total = weights.sum(-1)
+            sims = np.nan_to_num(groups.similarity[sets], nan=0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                distance = np.where(total > 0, (weights * (1.0 - sims)).sum(-1) / total, np.nan)
         confidence = np.full(len(sets), np.nan)
         if groups.confidence is not None:
             confidence = groups.confidence[sets]
         yield Step(batch, inference, rows, sets, distance, confidence)
-
-
-def _retrieval_distance(weights: np.ndarray, similarity: np.ndarray) -> np.ndarray:
-    """One minus the similarity of the retrieved candidates, weighted by their selection, per
-    set; NaN where nothing was retrieved (no distance to speak of, rather than a reassuring 0)."""
-    total = weights.sum(-1)
-    sims = np.nan_to_num(similarity, nan=0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, (weights * (1.0 - sims)).sum(-1) / total, np.nan)
 
 
 def encoded_sources(
@@ -143,13 +114,8 @@ def encoded_sources(
     device: torch.device,
 ) -> tuple[np.ndarray, torch.Tensor] | None:
     """``(position of each row's source, encoded distinct sources)``, or ``None`` when sources
-    rarely repeat.
-
-    A control cell is the source of many predicted cells (every perturbation of a generation
-    run, and about one in (perturbed / control cells) of a counterfactual one); its basal
-    encoding, the widest matrix product of a prediction, does not depend on the set it joins.
-    Encoding each distinct source once saves that product for every repeat.
-    """
+    rarely repeat: a control cell's basal encoding, the widest matrix product of a prediction,
+    does not depend on the set it joins, so each distinct source is encoded once."""
     needed = sources[rows]
     distinct = np.unique(needed)
     too_large = distinct.size * module.n_hidden * 4 > _MAX_ENCODED_BYTES
@@ -182,12 +148,9 @@ def generate(
     progress: bool,
     write: Callable[[np.ndarray, np.ndarray], None],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Generate one cell per row from control cell ``sources[row]`` under ``labels[row]``.
-
-    Rows are grouped by (cell type, perturbation[, batch], control context) and cut into sets
-    of at most ``cell_set_size``; ``write(rows, predictions)`` receives each batch's output
-    (model gene order). Returns the retrieval distance and the confidence of every row.
-    """
+    """Generate one cell per row from control cell ``sources[row]`` under ``labels[row]``;
+    ``write(rows, predictions)`` receives each batch. Returns each row's retrieval distance and
+    confidence."""
     distance = np.full(labels.shape[0], np.nan, dtype=np.float32)
     confidence = np.full(labels.shape[0], np.nan, dtype=np.float32)
     size = state.cell_set_size
@@ -201,17 +164,8 @@ def generate(
         )
         total = count_prediction_batches(groups, size, batch_size)
         encoded = encoded_sources(module, data.expression, sources, groups.cells, device)
-        steps = run(
-            module,
-            device,
-            groups,
-            data.expression,
-            sources,
-            set_size=size,
-            batch_size=batch_size,
-            encoded=encoded,
-            sample_retrieval=sample_retrieval,
-        )
+        options = {"encoded": encoded, "sample_retrieval": sample_retrieval}
+        steps = run(module, device, groups, data.expression, sources, size, batch_size, **options)
         with progress_bar(total, "Predicting", "batch", progress) as advance:
             for step in steps:
                 generated = step.decode(module)
@@ -224,16 +178,14 @@ def generate(
 
 
 def context_index(names: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Position in ``names`` of each context key (object arrays of str, as the builder makes
-    them)."""
+    """Position in ``names`` of each context key."""
     return pd.Index(names).get_indexer(keys)
 
 
 def record(
     state: ModelState, mode: str, sample_retrieval: bool, seed: int | None, **columns: str
 ) -> dict:
-    """What a prediction records in ``uns["ptrag"]`` (``columns``: ``cell_type_key``,
-    ``layer``)."""
+    """What a prediction records in ``uns["ptrag"]``."""
     return {
         "mode": mode,
         "retrieval": state.retrieval,

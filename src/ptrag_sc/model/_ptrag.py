@@ -70,21 +70,13 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
     """Perturbation-aware two-stage retrieval-augmented generation (PT-RAG).
 
     A STATE-style set-to-set model: a set of control cells of one cell type and the gene
-    embedding of a perturbation are mapped to a set of perturbed cells. Before generation a
-    two-stage retriever adds context: stage 1 takes the ``n_candidates`` memory entries closest
-    to the query in the gene-embedding space; stage 2 decides, for each cell and candidate,
-    with a hard Gumbel-Softmax over a learned score, which candidates to keep (with a sparsity
-    penalty); the kept candidates enter the cells' encodings. With the default response
-    memory, the set's mean shift is the cell type's context response (the mean shift of its
-    other perturbations) plus the evidence's estimate of the perturbation's own shift: several
-    sources (``evidence``) stacked, scaled per cell type and per query by how well they
-    predicted similar training perturbations with their own entries left out (so a neighbour's
-    strong response is not lent to a perturbation it does not fit), the additive model for
-    combinations and, where the perturbed gene is measured, its typical relative change. Each
-    prediction carries a confidence, the Pearson correlation with the measured shift that the
-    same evidence reached on held-out training perturbations. The transformer shapes the cells
-    around that mean (energy distance, against the observed cells moved to their group's
-    pseudobulk mean).
+    embedding of a perturbation are mapped to a set of perturbed cells. A two-stage retriever
+    adds context: stage 1 takes the ``n_candidates`` memory entries closest to the query;
+    stage 2 keeps, per cell and candidate, those a learned score selects (hard Gumbel-Softmax
+    with a sparsity penalty). With the default response memory, the set's mean shift is the
+    cell type's context response plus stacked evidence for the perturbation's own shift, and
+    each prediction carries a confidence; the transformer shapes the cells around that mean
+    (see :doc:`/concepts`).
 
     Parameters
     ----------
@@ -298,18 +290,12 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         """Train the model on sets of cells, choosing its length on held-out perturbations.
 
         Each step draws ``batch_size`` sets of ``cell_set_size`` perturbed cells sharing
-        (cell type, perturbation[, batch]), each cell paired with a control cell of the same
-        cell type (and batch). The retrieval memory is built from the training cells only.
-
-        Model selection holds out perturbations, not cells: the validation score is the
-        training objective on (perturbation, cell type) groups the model never trained on and
-        the memory does not hold, which is the task of predicting an unseen perturbation.
-        With ``split_key`` the ``"val"`` cells are those groups; without validation cells a
-        ``validation_size`` fraction of the training groups (10%% by default, at least one) is
-        held out automatically, and put back into the memory after training. By default
-        training stops when the validation score has not improved for
-        ``early_stopping_patience`` checks, and the weights of the best check are kept, so
-        more steps cannot make the kept model worse on held-out perturbations.
+        (cell type, perturbation[, batch]), each paired with a control cell of the same cell
+        type (and batch). The retrieval memory holds the training cells only. Validation holds
+        out (perturbation, cell type) groups, not cells: the ``"val"`` cells of ``split_key``,
+        else a ``validation_size`` fraction of the training groups (10%% by default), put back
+        into the memory after training. By default training stops when the validation loss
+        has not improved for ``early_stopping_patience`` checks, and the best weights are kept.
 
         Parameters
         ----------
@@ -318,10 +304,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         Returns
         -------
         None. ``model.history`` holds ``train_loss``, ``train_energy``, ``train_mean_error``,
-        ``validation_loss``, ``validation_energy``, ``validation_mean_error`` and, for PT-RAG,
-        ``train_active_ratio`` and ``validation_active_ratio``. If training fails or is
-        interrupted, the model is left as it
-        was before the call.
+        their ``validation_`` counterparts and, for PT-RAG, ``train_active_ratio`` and
+        ``validation_active_ratio``. If training fails or is interrupted, the model is left as
+        it was before the call.
         """
         arguments = {k: v for k, v in locals().items() if k != "self"}
         if self.adata is None:
@@ -377,14 +362,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         AnnData is returned with one copy of these cells per requested perturbation. Any gene
         (or combination of genes) with an embedding can be asked for, measured or not.
 
-        **Data larger than memory.** ``adata`` may be opened with
-        ``anndata.read_h5ad(path, backed="r")``, hold a zarr-backed sparse ``X``
-        (``AnnData(X=anndata.io.sparse_dataset(zarr.open(path)["X"]), obs=..., var=...)``), or
-        be a view of either: only the rows a batch needs are read (control cells, which every
-        set draws from, are kept in memory when they fit in 1 GiB). The counterfactual result
-        can then go to a new h5ad file (``output=``), written batch by batch, so the whole
-        prediction is never in memory; a CSR layer (``sparse=True``) avoids a dense copy for
-        in-memory sparse data. The same holds for :meth:`train`.
+        ``adata`` may be backed (``read_h5ad(path, backed="r")``, a zarr-backed sparse ``X``, or
+        a view of either): only the rows a batch needs are read, and ``output=`` writes the
+        result to a new h5ad file batch by batch (see :doc:`/scaling`).
 
         Parameters
         ----------
@@ -395,21 +375,17 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         Counterfactual mode: ``None`` (``inplace=True``; writes ``adata.layers[key_added]``), an
         ``(n_obs, n_vars)`` float32 array (``inplace=False``; CSR with ``sparse=True``), or with
         ``output`` the new file opened with ``anndata.read_h5ad(output, backed="r")``. Generation
-        mode: a new :class:`~anndata.AnnData`
-        with the prediction in ``.X`` and ``.layers[key_added]``; obs: the perturbation and
-        cell-type columns, ``ptrag_source_cell`` (obs name of the control cell),
-        ``ptrag_unseen_perturbation`` (never measured in training),
-        ``ptrag_unseen_cell_type``, ``ptrag_retrieval_distance`` (``1 -`` cosine similarity
-        to the candidates stage 2 kept, weighted by the fraction of cells keeping them; NaN
-        when nothing was kept or for ``retrieval="none"``) and ``<key_added>_confidence``
-        (response memories: the Pearson correlation between the predicted and the measured
-        mean shift that the model expects, learned from how well the same evidence predicted
-        training perturbations with their own entries left out; one number per perturbation
-        and cell type); ``uns["ptrag"]`` records the settings. Counterfactual mode in place
-        also writes ``adata.obs[f"{key_added}_confidence"]`` (NaN for control cells; replaced
-        only with ``overwrite=True``).
-        Predictions are non-negative and never exceed the largest value each gene reaches in
-        the training data.
+        mode: a new :class:`~anndata.AnnData` with the prediction in ``.X`` and
+        ``.layers[key_added]``; obs: the perturbation and cell-type columns,
+        ``ptrag_source_cell`` (the control cell), ``ptrag_unseen_perturbation``,
+        ``ptrag_unseen_cell_type``, ``ptrag_retrieval_distance`` (``1 -`` the similarity of
+        the candidates stage 2 kept, weighted by their selection; NaN when nothing was kept)
+        and ``<key_added>_confidence`` (response memories: the Pearson correlation with the
+        measured mean shift the model expects, per perturbation and cell type);
+        ``uns["ptrag"]`` records the settings. Counterfactual mode in place also writes
+        ``adata.obs[f"{key_added}_confidence"]`` (NaN for control cells; replaced only with
+        ``overwrite=True``). Predictions are non-negative and never exceed the largest value
+        each gene reaches in the training data.
         """
         options = {
             k: v for k, v in locals().items() if k not in ("self", "adata", "perturbations")

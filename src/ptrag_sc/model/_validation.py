@@ -19,13 +19,6 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-__all__ = [
-    "check_model_options",
-    "check_model_size",
-    "check_trained",
-    "restore_on_error",
-]
-
 
 def check_trained(model: object) -> None:
     """Raise a ``RuntimeError`` unless ``model`` is trained."""
@@ -34,10 +27,8 @@ def check_trained(model: object) -> None:
 
 
 def check_model_options(options: dict) -> dict:
-    """Validate the constructor options of :class:`~ptrag_sc.PTRAG` in one place, one style.
-
-    Returns the options with integers and floats in their canonical types (``16.0`` -> ``16``).
-    """
+    """The checked constructor options of :class:`~ptrag_sc.PTRAG`, numbers in their canonical
+    types (``16.0`` -> ``16``)."""
     options = dict(options)
     for name, allowed in (
         ("retrieval", RETRIEVALS),
@@ -51,23 +42,15 @@ def check_model_options(options: dict) -> dict:
     for name in ("n_hidden", "n_layers", "n_heads", "n_candidates", "n_set_tokens"):
         options[name] = positive_int(name, options[name])
     options["cell_set_size"] = positive_int("cell_set_size", options["cell_set_size"], minimum=2)
-    options["decoder_rank"] = positive_int(
-        "decoder_rank", options["decoder_rank"], allow_none=True
-    )
-    options["n_scorer_hidden"] = positive_int(
-        "n_scorer_hidden", options["n_scorer_hidden"], allow_none=True
-    )
+    for name in ("decoder_rank", "n_scorer_hidden"):
+        options[name] = positive_int(name, options[name], allow_none=True)
     if options["n_hidden"] % options["n_heads"]:
         raise ValueError(
             f"`n_hidden` ({options['n_hidden']}) must be divisible by `n_heads` "
             f"({options['n_heads']})."
         )
-    options["sparsity_weight"] = finite_float(
-        "sparsity_weight", options["sparsity_weight"], minimum=0.0
-    )
-    options["pseudobulk_weight"] = finite_float(
-        "pseudobulk_weight", options["pseudobulk_weight"], minimum=0.0
-    )
+    for name in ("sparsity_weight", "pseudobulk_weight"):
+        options[name] = finite_float(name, options[name], minimum=0.0)
     options["gumbel_tau"] = finite_float(
         "gumbel_tau", options["gumbel_tau"], minimum=0.0, strict=True
     )
@@ -86,12 +69,9 @@ def check_model_options(options: dict) -> dict:
             raise ValueError(
                 f"`evidence` names unknown source(s) {unknown}; choose from {list(SOURCES)}."
             )
-    for name in ("match_batch",):
-        if not isinstance(options[name], bool | np.bool_):
-            raise ValueError(f"`{name}` must be True or False, got {options[name]!r}.")
-    if options["learned_shift"] is not None and not isinstance(
-        options["learned_shift"], bool | np.bool_
-    ):
+    if not isinstance(options["match_batch"], bool | np.bool_):
+        raise ValueError(f"`match_batch` must be True or False, got {options['match_batch']!r}.")
+    if not isinstance(options["learned_shift"], bool | np.bool_ | None):
         raise ValueError(
             f"`learned_shift` must be True, False or None, got {options['learned_shift']!r}."
         )
@@ -108,17 +88,14 @@ def check_model_options(options: dict) -> dict:
                 f"`similarity` must be one of {list(SIMILARITIES)} or a pandas DataFrame (query "
                 f"genes as the index, candidate genes as the columns), got {similarity!r}."
             )
-    if not (isinstance(similarity, str) and similarity == "embedding"):
+    named = similarity if isinstance(similarity, str) else "a table"
+    if named != "embedding":
         if options["retrieval"] == "none":
             raise ValueError(
                 "`similarity` chooses what stage 1 retrieves by; with `retrieval='none'` nothing "
                 "is retrieved: leave it at 'embedding'."
             )
-        if (
-            isinstance(similarity, str)
-            and similarity == "response"
-            and options["memory"] != "response"
-        ):
+        if named == "response" and options["memory"] != "response":
             raise ValueError(
                 "`similarity='response'` compares measured responses: it needs "
                 "`memory='response'`."
@@ -155,8 +132,8 @@ def _physical_memory() -> int | None:
 def training_bytes(
     module_cls: type, options: dict, *, n_genes: int, n_dims: int, n_batch: int
 ) -> float:
-    """Least memory a training step takes: the parameters with their gradients and two Adam
-    moments, and the activations of one set (``batch_size=1``), forward and backward."""
+    """Least memory a training step takes: parameters, gradients, two Adam moments, and the
+    activations of one set, forward and backward."""
     import torch
 
     cells, hidden, candidates = (
@@ -192,12 +169,8 @@ def training_bytes(
 
 
 def check_model_size(model_cls: type, options: dict, **shape: int) -> None:
-    """Refuse sizes whose training cannot fit in this machine's memory, naming the option at fault.
-
-    ``shape``: ``n_genes``, ``n_dims`` and ``n_batch`` of the data. The option named is the one
-    whose default shrinks the estimate most (an out-of-memory kill, or torch's "can't allocate",
-    would come much later and say nothing of it).
-    """
+    """Refuse sizes whose training cannot fit in this machine's memory, naming the option whose
+    default shrinks the estimate most (``shape``: ``n_genes``, ``n_dims``, ``n_batch``)."""
     available = _physical_memory()
     if available is None:
         return
@@ -230,12 +203,8 @@ def check_model_size(model_cls: type, options: dict, **shape: int) -> None:
 
 @contextlib.contextmanager
 def restore_on_error(adata: AnnData | None) -> Iterator[None]:
-    """Undo scvi-tools' registration keys written into ``adata`` if the block fails.
-
-    Registration (``obs['_scvi_*']``, ``uns['_scvi_*']``) is the only write of ``setup_anndata``
-    and ``load``; a refusal after it (scvi-tools' own checks, building the model) leaves the
-    AnnData as it was.
-    """
+    """Undo scvi-tools' registration keys (``obs['_scvi_*']``, ``uns['_scvi_*']``, the only
+    write of ``setup_anndata`` and ``load``) if the block fails."""
     if adata is None:
         yield
         return
