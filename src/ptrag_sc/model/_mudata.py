@@ -102,12 +102,8 @@ def _the_one(names: list[str], what: str) -> bool:
 
 
 class MuDataMixin:
-    """MuData support for a model class registered on its RNA AnnData.
-
-    Adds the classmethod :meth:`setup_mudata` and :meth:`_resolve_adata`, which the model
-    calls on entry of ``__init__``, ``predict`` and ``get_retrieval`` to turn a MuData into the
-    RNA AnnData (AnnData and ``None`` pass through), and lets :meth:`load` take a MuData.
-    """
+    """MuData support for a model class registered on its RNA AnnData: :meth:`setup_mudata`,
+    and :meth:`_resolve_adata`, which turns a MuData argument into its RNA AnnData."""
 
     @classmethod
     @setup_anndata_dsp.dedent
@@ -130,12 +126,10 @@ class MuDataMixin:
     ) -> None:
         """Label the cells of a MuData from its guides and register its RNA modality.
 
-        The MuData counterpart of :meth:`setup_anndata` for screens with guide capture
-        (ECCITE-seq, CROP-seq): perturbation labels come from the guide counts
-        (:func:`ptrag_sc.pp.assign_guides`) or from an obs column, cells without a confident
-        single guide are set aside, and the RNA modality is registered with
-        :meth:`setup_anndata`. Afterwards ``PTRAG(mdata, ...)``, ``model.predict(mdata)`` and
-        ``model.get_retrieval(..., adata=mdata)`` read the RNA modality.
+        For screens with guide capture (ECCITE-seq, CROP-seq): labels come from the guide counts
+        (:func:`ptrag_sc.pp.assign_guides`) or an obs column, cells without a confident single
+        guide are set aside, and the RNA modality is registered with :meth:`setup_anndata`.
+        ``PTRAG(mdata)``, ``predict(mdata)`` and ``get_retrieval(adata=mdata)`` then read it.
 
         Parameters
         ----------
@@ -171,9 +165,8 @@ class MuDataMixin:
         overwrite
             Replace an existing ``perturbation_key`` column of the RNA modality.
         excluded_cells
-            What to do with cells without a confident single guide (unassigned cells and
-            multiplets; without ``guide_mod``, cells whose label is missing or is the
-            ``unassigned`` / ``multiplet`` label): ``"drop"`` removes them from the RNA
+            Cells without a confident single guide (without ``guide_mod``: a missing,
+            ``unassigned`` or ``multiplet`` label): ``"drop"`` removes them from the RNA
             modality in place (see Notes); ``"raise"`` raises an error if there are any.
         **kwargs
             Passed to :meth:`setup_anndata`.
@@ -186,40 +179,26 @@ class MuDataMixin:
             If a modality, obs column or layer does not exist (the error lists those that do).
         ValueError
             If ``perturbation_key`` exists and ``overwrite=False``; with
-            ``excluded_cells="raise"`` and cells to exclude; if no cell (or no cell of a cell
-            type with perturbed cells) is a control; if a kept cell lacks a cell type or batch,
-            or its column mixes numbers and strings; if the expression holds NaN, infinite or
-            negative values.
+            ``excluded_cells="raise"`` and cells to exclude; if a cell type with perturbed cells
+            has no control; if a kept cell lacks a cell type or batch, or its column mixes
+            numbers and strings; if the expression holds NaN, infinite or negative values.
 
         Notes
         -----
-        Nothing is written before every check has passed, the guide assignment included.
+        Nothing is written before every check has passed. Written: the columns of
+        :func:`~ptrag_sc.pp.assign_guides` (e.g. ``guide_status``) in
+        ``mdata.mod[guide_mod].obs``, for every cell; ``mdata.mod[rna_mod].obs[perturbation_key]``
+        (with ``guide_mod``: each kept cell's target gene, ``control_group`` for control
+        guides); ``cell_type_key`` / ``batch_key`` copied from ``mdata.obs`` when only there;
+        the registration fields of :meth:`setup_anndata`.
 
-        Fields written:
+        Excluded cells (unassigned, multiplets, RNA cells absent from the guide modality) never
+        become a label or a control. ``"drop"`` removes them from ``mdata.mod[rna_mod]`` in
+        place (as muon's ``mu.pp.filter_obs``) and calls ``mdata.update()``; the guide modality
+        keeps them, its ``guide_status`` saying why. Rebuild the MuData to bring them back.
 
-        - ``mdata.mod[guide_mod].obs``: the columns of :func:`~ptrag_sc.pp.assign_guides`
-          (``guide_id``, ``guide_target``, ``guide_top_umi``, ``guide_second_umi``,
-          ``guide_status`` for the default ``key_added="guide"``), for every cell of the guide
-          modality, excluded ones included.
-        - ``mdata.mod[rna_mod].obs[perturbation_key]``: the target gene of each kept cell,
-          ``control_group`` for control guides (with ``guide_mod``).
-        - ``mdata.mod[rna_mod].obs[cell_type_key]`` / ``[batch_key]``: copied from
-          ``mdata.obs`` when only there.
-        - The registration fields of :meth:`setup_anndata` in the RNA modality.
-
-        **Excluded cells.** Unassigned cells and multiplets have no single perturbation, so
-        they never become a perturbation label (there is no perturbation called
-        ``"multiplet"``) and never serve as controls. With ``excluded_cells="drop"`` they are
-        removed from ``mdata.mod[rna_mod]`` in place (the AnnData object stays the same, as
-        with muon's ``mu.pp.filter_obs``) and ``mdata.update()`` is called; the guide modality
-        keeps all cells, so ``mdata.obs`` still lists them and ``guide_status`` says why each
-        was dropped. Cells of the RNA modality absent from the guide modality count as
-        unassigned. Dropped cells cannot come back by calling ``setup_mudata`` again with
-        looser thresholds: rebuild the MuData for that.
-
-        Unlike scvi-tools' own ``setup_mudata``, which registers the MuData with one field per
-        modality (``modalities={...}``), PTRAG reads one modality: the RNA AnnData is
-        registered and ``model.adata`` is that AnnData.
+        Unlike scvi-tools' ``setup_mudata`` (one field per modality), PTRAG registers the RNA
+        AnnData alone, and ``model.adata`` is that AnnData.
 
         Examples
         --------
