@@ -234,21 +234,19 @@ class MuDataMixin:
             )
         if excluded_cells not in ("drop", "raise"):
             raise ValueError(
-                f"`excluded_cells` must be 'drop' or 'raise', got {excluded_cells!r}."
+                f"`excluded_cells` must be 'drop' or 'raise', not {excluded_cells!r}."
             )
         _check_modality(mdata, rna_mod, "rna_mod")
         rna = mdata.mod[rna_mod]
         mod = f"mdata.mod[{rna_mod!r}]"
-        check_setup_arguments(
-            rna,
-            perturbation_key=perturbation_key,
-            control_group=control_group,
-            cell_type_key=cell_type_key,
-            batch_key=batch_key,
-            layer=layer,
-            sep=perturbation_sep,
-            where=mod,
-        )
+        keys = {
+            "perturbation_key": perturbation_key,
+            "control_group": control_group,
+            "cell_type_key": cell_type_key,
+            "batch_key": batch_key,
+            "layer": layer,
+        }
+        check_setup_arguments(rna, **keys, sep=perturbation_sep, where=mod)
         assign_kwargs = dict(assign_kwargs or {})
         reserved = sorted(set(assign_kwargs) & {"inplace", "copy"})
         if reserved:
@@ -373,16 +371,7 @@ class MuDataMixin:
                 n_multiplets,
                 rna_mod,
             )
-        cls.setup_anndata(
-            rna,
-            perturbation_key=perturbation_key,
-            control_group=control_group,
-            cell_type_key=cell_type_key,
-            batch_key=batch_key,
-            layer=layer,
-            perturbation_sep=perturbation_sep,
-            **kwargs,
-        )
+        cls.setup_anndata(rna, **keys, perturbation_sep=perturbation_sep, **kwargs)
 
     def _resolve_adata(self, adata: AnnData | MuData | None) -> AnnData | None:
         """``adata`` itself, or the RNA AnnData of a MuData (see :func:`rna_modality`)."""

@@ -30,7 +30,7 @@ from ._inference import check_batch_size, context_index, evaluating, generate, r
 if TYPE_CHECKING:
     import os
 
-    from ..data import ModelState, PerturbationData
+    from ..data import ModelState
     from ..module import PTRAGModule
 
 #: obs column of a counterfactual output file: whether the row is a prediction.
@@ -143,13 +143,13 @@ def counterfactual(
     if inplace and output is None:
         _check_layer_key(state, adata, key_added, overwrite)
     data = state.data(adata)
-    check_expression(data.matrix, where="the AnnData to predict", warn_counts=True)
+    where = "the AnnData to predict"
+    check_expression(data.matrix, where=where, warn_counts=True)
     is_control = data.is_control
     query = ~is_control
     if indices is not None:
         query &= _indices_mask(indices, data.n_obs)
     involved = query | is_control
-    where = "the AnnData to predict"
     check_controls_per_cell_type(is_control[involved], data.cell_types[involved], where=where)
     # Sorted like np.unique (the error lists them in this order), found by hashing: a sort of
     # every cell's label costs ~50 ms per 100k cells.
@@ -169,7 +169,23 @@ def counterfactual(
                 "`sparse=True` applies to the layer written in memory; with `output=` the "
                 "file's `X` is dense."
             )
-        writer = _file_writer(state, adata, data, query, output, overwrite, sample_retrieval, seed)
+        ct_key = state.setup.cell_type_key or ""
+        uns = record(
+            state, "counterfactual", sample_retrieval, seed, cell_type_key=ct_key, layer="X"
+        )
+        obs = adata.obs.drop(columns=[c for c in adata.obs.columns if str(c).startswith("_scvi_")])
+        obs[OBS_PREDICTED] = query
+        writer = H5ADWriter(
+            output,
+            obs=obs,
+            var=adata.var,
+            uns={UNS_KEY: uns},
+            matrix=data.matrix,
+            columns=data.columns,
+            predicted=query,
+            overwrite=overwrite,
+            input_file=adata.filename if adata.isbacked else None,
+        )
     try:
         _, confidence = generate(
             state,
@@ -199,33 +215,6 @@ def counterfactual(
         per_cell[rows] = confidence
         adata.obs[key_added + CONFIDENCE_SUFFIX] = per_cell
     return None
-
-
-def _file_writer(
-    state: ModelState,
-    adata: AnnData,
-    data: PerturbationData,
-    query: np.ndarray,
-    output: str | os.PathLike,
-    overwrite: bool,
-    sample_retrieval: bool,
-    seed: int | None,
-) -> H5ADWriter:
-    ct_key = state.setup.cell_type_key or ""
-    uns = record(state, "counterfactual", sample_retrieval, seed, cell_type_key=ct_key, layer="X")
-    obs = adata.obs.drop(columns=[c for c in adata.obs.columns if str(c).startswith("_scvi_")])
-    obs[OBS_PREDICTED] = query
-    return H5ADWriter(
-        output,
-        obs=obs,
-        var=adata.var,
-        uns={UNS_KEY: uns},
-        matrix=data.matrix,
-        columns=data.columns,
-        predicted=query,
-        overwrite=overwrite,
-        input_file=adata.filename if adata.isbacked else None,
-    )
 
 
 def generation(

@@ -45,8 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: Optimisation steps when neither ``max_steps`` nor ``max_epochs`` is given.
 DEFAULT_MAX_STEPS = 1500
-#: A ``cell_set_size`` beyond this many times the largest training group is refused (a mistake, and
-#: memory for nothing); between 1x and this it is a warning.
+#: A ``cell_set_size`` beyond this many times the largest training group is refused; between 1x
+#: and this it is a warning.
 MAX_SET_OVERSAMPLING = 4
 #: Fraction of the training (perturbation, cell type) groups held out for model selection.
 DEFAULT_VALIDATION_SIZE = 0.1
@@ -86,11 +86,9 @@ def split_masks(
 def hold_out_groups(
     data: PerturbationData, train: np.ndarray, fraction: float, seed: int
 ) -> np.ndarray:
-    """Cells of a random ``fraction`` of the training (perturbation, cell type) groups.
-
-    At least one group and at most ``MAX_AUTO_VALIDATION_GROUPS``; a cell type keeps at least
-    ``MIN_TRAINING_GROUPS_PER_CELL_TYPE`` training groups, so its context stays measured.
-    """
+    """Cells of a random ``fraction`` of the training (perturbation, cell type) groups (at least
+    one, at most ``MAX_AUTO_VALIDATION_GROUPS``; each cell type keeps a few, so its context
+    stays measured)."""
     perturbed = train & ~data.is_control
     frame = pd.DataFrame(
         {"p": data.labels[perturbed].astype(str), "c": data.cell_types[perturbed].astype(str)}
@@ -108,13 +106,8 @@ def hold_out_groups(
         if remaining[c] > MIN_TRAINING_GROUPS_PER_CELL_TYPE:
             chosen.append(i)
             remaining[c] -= 1
-    held = np.zeros(data.n_obs, dtype=bool)
-    if not chosen:
-        return held
-    keys = set(zip(groups.loc[chosen, "p"], groups.loc[chosen, "c"], strict=True))
     cell_keys = pd.MultiIndex.from_arrays([data.labels.astype(str), data.cell_types.astype(str)])
-    held[np.flatnonzero(perturbed)] = cell_keys[perturbed].isin(list(keys))
-    return held
+    return perturbed & cell_keys.isin(pd.MultiIndex.from_frame(groups.loc[chosen, ["p", "c"]]))
 
 
 @dataclass
