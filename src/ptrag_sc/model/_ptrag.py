@@ -10,10 +10,14 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scvi import REGISTRY_KEYS as SCVI_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
+from .._checks import check_anndata
 from .._constants import (
     DEFAULT_CELL_TYPE_KEY,
     DEFAULT_CONTROL_GROUP,
@@ -28,14 +32,15 @@ from .._constants import (
     MemoryKind,
     Retrieval,
 )
-from ..data import ModelState, PerturbationEncoder, RetrievalMemory
-from ..data._similarity import Similarity
+from ..data import ModelState, PerturbationEncoder, PerturbationField, RetrievalMemory
+from ..data._checks import check_setup
+from ..data._similarity import Similarity, describe
 from ..module import PTRAGModule
 from ..train import PTRAGTrainingPlan
-from . import _assembly, _docs, _predict, _training
+from . import _docs, _predict, _training
 from ._io import SafeSaveMixin
 from ._mudata import MuDataMixin, model_input
-from ._validation import check_model_options, check_model_size, restore_on_error
+from ._validation import check_model_options, check_model_size, module_kwargs, restore_on_error
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -149,7 +154,19 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         skip = ("self", "adata", "registry", "perturbation_embeddings", "__class__")
         options = check_model_options({k: v for k, v in locals().items() if k not in skip})
         adata = self._resolve_adata(adata)
-        _assembly.check_registered(type(self), adata, registry)
+        if adata is None and registry is None:
+            raise ValueError(
+                "Pass `adata`, an AnnData set up with `PTRAG.setup_anndata` (or load a saved "
+                "model with `PTRAG.load`)."
+            )
+        if adata is not None:
+            check_anndata(adata)
+            if self._get_most_recent_anndata_manager(adata, required=False) is None:
+                name = type(self).__name__
+                raise ValueError(
+                    f"`adata` is not set up for {name}: call `{name}.setup_anndata(adata, "
+                    "perturbation_key=..., cell_type_key=...)` first."
+                )
         super().__init__(adata, registry)
         n_genes = self.summary_stats.n_vars
         n_batch = self.summary_stats.n_batch if self.registry_["setup_args"]["batch_key"] else 0
@@ -165,10 +182,16 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
             field = self.registry_["field_registries"][REGISTRY_KEYS.PERTURBATION_KEY]
             registered = field["state_registry"]["perturbations"]
             self.state.encoder.check(registered, context=" in the registered AnnData")
-        self.module = _assembly.module(self._module_cls, self.state, n_genes, n_batch, options)
-        self.best_epoch_ = self.best_step_ = self.validation_perturbations_ = None
         n_dims = self.state.encoder.n_dims
-        self._model_summary_string = _assembly.summary(options, n_dims, n_genes)
+        module_options = module_kwargs(self._module_cls, options)
+        self.module = self._module_cls(n_genes, n_dims, n_batch=n_batch, **module_options)
+        self.best_epoch_ = self.best_step_ = self.validation_perturbations_ = None
+        shown = ("retrieval", "memory", "backbone", "n_hidden", "n_layers", "cell_set_size")
+        text = ", ".join(f"{k}={options[k]!r}" for k in (*shown, "n_candidates", "context_mode"))
+        text += f", similarity={describe(options['similarity'])}"
+        self._model_summary_string = (
+            f"PTRAG model: {text}, embedding dims={n_dims}, genes={n_genes}."
+        )
         # What the constructor was called with (canonical types: `16.0` is saved as `16`).
         arguments = {"perturbation_embeddings": perturbation_embeddings, **options}
         self.init_params_ = self._get_init_params(arguments)
@@ -217,8 +240,29 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
             has missing values, or the expression holds NaN, infinite or negative values.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        transfer = kwargs.get("source_registry") is not None
+        if transfer:
+            # A trained model meeting new data: cell types and batches it never saw are valid
+            # (they are read by name, never as the registry's codes).
+            kwargs.setdefault("extend_categories", True)
+        keys = dict(setup_method_args["setup_args"])
+        sep = keys.pop("perturbation_sep")
         with restore_on_error(adata if isinstance(adata, AnnData) else None):
-            _assembly.register(cls, adata, setup_method_args, kwargs)
+            check_setup(adata, **keys, sep=sep, transfer=transfer)
+            fields = [
+                LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+                PerturbationField(
+                    REGISTRY_KEYS.PERTURBATION_KEY,
+                    perturbation_key,
+                    control_group=control_group,
+                    sep=sep,
+                ),
+                CategoricalObsField(SCVI_KEYS.LABELS_KEY, cell_type_key),
+                CategoricalObsField(SCVI_KEYS.BATCH_KEY, batch_key),
+            ]
+            adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+            adata_manager.register_fields(adata, **kwargs)
+            cls.register_manager(adata_manager)
 
     # ------------------------------------------------------------- properties
     #: What retrieval and the data layer need (:class:`~ptrag_sc.data.ModelState`): prediction,
@@ -387,9 +431,8 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         ``overwrite=True``). Predictions are non-negative and never exceed the largest value
         each gene reaches in the training data.
         """
-        options = {
-            k: v for k, v in locals().items() if k not in ("self", "adata", "perturbations")
-        }
+        skip = ("self", "adata", "perturbations")
+        options = {k: v for k, v in locals().items() if k not in skip}
         adata = model_input(self, adata)
         return _predict.predict(self.state, self.module, adata, perturbations, **options)
 
@@ -409,8 +452,22 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         overwrite
             Replace the vectors of genes the model already has (default: error).
         """
-        table = _assembly.embedding_table(self.state, embeddings, overwrite=overwrite)
-        encoder = PerturbationEncoder(table, sep=self.state.encoder.sep)
+        encoder = self.state.encoder
+        new = PerturbationEncoder(embeddings).table
+        if new.shape[1] != encoder.n_dims:
+            raise ValueError(
+                f"The new embeddings have {new.shape[1]} dimensions; the model's have "
+                f"{encoder.n_dims}."
+            )
+        clash = new.index.intersection(encoder.table.index)
+        if len(clash) and not overwrite:
+            raise ValueError(
+                f"{len(clash)} gene(s) already have a vector, e.g. {clash[:5].tolist()}; pass "
+                "`overwrite=True` to replace them."
+            )
+        new.columns = encoder.table.columns
+        table = pd.concat([encoder.table.drop(index=clash), new])
+        encoder = PerturbationEncoder(table, sep=encoder.sep)
         self.state = self.state.replace(encoder=encoder)
         self.init_params_["non_kwargs"]["perturbation_embeddings"] = table
 
@@ -422,7 +479,11 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         -------
         DataFrame indexed by perturbation label, one column per embedding dimension.
         """
-        return _assembly.embedding_frame(self.state, perturbations)
+        labels = [perturbations] if isinstance(perturbations, str) else perturbations
+        labels = [str(p) for p in labels]
+        index = pd.Index(labels, name="perturbation")
+        embedded = self.state.encoder.embed(labels)
+        return pd.DataFrame(embedded, index=index, columns=self.state.encoder.table.columns)
 
     def get_retrieval(
         self,

@@ -12,7 +12,6 @@ import pandas as pd
 
 from .._checks import check_choice, finite_float, positive_int
 from .._constants import BACKBONES, CONTEXT_MODES, INDEX_BACKENDS, LOSSES, MEMORY_KINDS, RETRIEVALS
-from ._assembly import module_kwargs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -120,6 +119,12 @@ SIZE_OPTIONS = (
     "decoder_rank",
     "n_scorer_hidden",
 )
+
+
+def module_kwargs(module_cls: type, options: dict) -> dict:
+    """The constructor ``options`` that the network class takes too (handed over unchanged)."""
+    accepted = inspect.signature(module_cls.__init__).parameters
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def _physical_memory() -> int | None:
