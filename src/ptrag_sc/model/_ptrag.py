@@ -431,8 +431,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         ``overwrite=True``). Predictions are non-negative and never exceed the largest value
         each gene reaches in the training data.
         """
-        skip = ("self", "adata", "perturbations")
-        options = {k: v for k, v in locals().items() if k not in skip}
+        options = {
+            k: v for k, v in locals().items() if k not in ("self", "adata", "perturbations")
+        }
         adata = model_input(self, adata)
         return _predict.predict(self.state, self.module, adata, perturbations, **options)
 
