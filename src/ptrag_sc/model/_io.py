@@ -262,10 +262,8 @@ class SafeSaveMixin:
 
         Writes ``model.json`` (settings, registry, training state, gene names, sizes and SHA-256
         of the other files), ``model.safetensors`` (every array) and, with ``save_anndata``,
-        ``adata.h5ad``; nothing is pickled, the optimiser state is not saved. Atomic: a new
-        folder beside ``dir_path`` is written, synced and swapped in by rename, so a failure
-        leaves the previous model as it was; other files of the folder are kept; concurrent
-        saves take turns. Files get your umask's permissions.
+        ``adata.h5ad``; no pickle, no optimiser state. Atomic: a failure leaves the previous
+        model as it was; other files of the folder are kept (see :doc:`/errors_and_guarantees`).
 
         Parameters
         ----------
@@ -305,8 +303,8 @@ class SafeSaveMixin:
         """Load a model written by :meth:`save`, without running any code from the directory.
 
         Files are read never through a symbolic link and checked against the sizes and SHA-256
-        sums in ``model.json`` (the saved AnnData too). Folders of older ptrag_sc versions load
-        as they are; scvi-tools' pickle format is refused (see :meth:`convert_legacy_model`).
+        sums in ``model.json``. Folders of older ptrag_sc versions load as they are; scvi-tools'
+        pickle format is refused (see :meth:`convert_legacy_model`).
 
         Parameters
         ----------
@@ -407,7 +405,7 @@ class SafeSaveMixin:
         """Convert a model saved in scvi-tools' pickle format (``model.pt``) to the safe format.
 
         ``model.pt`` is read with ``torch.load(weights_only=False)``, which **runs any code the
-        file contains**: do this once, for files from a source you trust, and share the result.
+        file contains**: do this once, for files from a source you trust.
 
         Parameters
         ----------
