@@ -185,8 +185,8 @@ class MuDataMixin:
 
         Notes
         -----
-        Nothing is written before every check has passed. Written: the columns of
-        :func:`~ptrag_sc.pp.assign_guides` (e.g. ``guide_status``) in
+        Nothing is written before every check has passed. Written: the columns of the guide
+        assignment (:func:`~ptrag_sc.pp.assign_guides`, e.g. ``guide_status``) in
         ``mdata.mod[guide_mod].obs``, for every cell; ``mdata.mod[rna_mod].obs[perturbation_key]``
         (with ``guide_mod``: each kept cell's target gene, ``control_group`` for control
         guides); ``cell_type_key`` / ``batch_key`` copied from ``mdata.obs`` when only there;
