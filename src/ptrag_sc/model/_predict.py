@@ -259,18 +259,13 @@ def generation(
             f"{setup.control_group!r} in `obs[{setup.perturbation_key!r}]`" + of_type
         )
     controls = np.flatnonzero(keep)
-    backed = data.expression.backed
-    matrix = data.matrix[controls] if not backed else data.matrix
+    matrix = data.matrix if data.expression.backed else data.matrix[controls]
     check_expression(matrix, where="the control cells", warn_counts=True)
     keys, (names, means) = state.builder.control_contexts(data, keep)
     n_ctrl, n_pert = controls.shape[0], len(requested)
     sources = np.tile(controls, n_pert)
     labels = np.repeat(canonical, n_ctrl)
     out = np.empty((sources.shape[0], module.n_genes), dtype=np.float32)
-
-    def write(positions: np.ndarray, predictions: np.ndarray) -> None:
-        out[positions] = predictions
-
     distance, confidence = generate(
         state,
         module,
@@ -285,7 +280,7 @@ def generation(
         sample_retrieval=sample_retrieval,
         seed=seed,
         progress=settings.progress_bar and n_pert > 1,
-        write=write,
+        write=out.__setitem__,
     )
     pert_key = setup.perturbation_key
     ct_key = setup.cell_type_key or "cell_type"
