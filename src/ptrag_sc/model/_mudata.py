@@ -185,12 +185,13 @@ class MuDataMixin:
 
         Notes
         -----
-        Nothing is written before every check has passed. Written: the columns of the guide
-        assignment (:func:`~ptrag_sc.pp.assign_guides`, e.g. ``guide_status``) in
-        ``mdata.mod[guide_mod].obs``, for every cell; ``mdata.mod[rna_mod].obs[perturbation_key]``
-        (with ``guide_mod``: each kept cell's target gene, ``control_group`` for control
-        guides); ``cell_type_key`` / ``batch_key`` copied from ``mdata.obs`` when only there;
-        the registration fields of :meth:`setup_anndata`.
+        Nothing is written before every check has passed.
+
+        Written: the columns of the guide assignment (:func:`~ptrag_sc.pp.assign_guides`, e.g.
+        ``guide_status``) in ``mdata.mod[guide_mod].obs``, for every cell;
+        ``mdata.mod[rna_mod].obs[perturbation_key]`` (with ``guide_mod``: each kept cell's
+        target gene, ``control_group`` for control guides); ``cell_type_key`` / ``batch_key``
+        copied from ``mdata.obs`` when only there; the fields of :meth:`setup_anndata`.
 
         Excluded cells (unassigned, multiplets, RNA cells absent from the guide modality) never
         become a label or a control. ``"drop"`` removes them from ``mdata.mod[rna_mod]`` in
