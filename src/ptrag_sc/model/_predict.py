@@ -330,11 +330,8 @@ def retrieval_table(
     n_cells = positive_int("n_cells", n_cells)
     queries, canonical = state.requested(perturbations)
     data = state.data(adata, require_labels=False)
-    if cell_type is None:
-        wanted = list(state.training_cell_types)
-    else:
-        wanted = [cell_type] if isinstance(cell_type, str) else list(cell_type)
-    wanted = [str(ct) for ct in wanted]
+    wanted = [cell_type] if isinstance(cell_type, str) else cell_type
+    wanted = [str(ct) for ct in (state.training_cell_types if cell_type is None else wanted)]
     available = sorted(set(map(str, data.cell_types[data.is_control])))
     absent = [ct for ct in wanted if ct not in available]
     if absent:
