@@ -290,4 +290,3 @@ def count_prediction_batches(groups: SetGroups, set_size: int, batch_size: int) 
     _, lo, hi = prediction_sets(groups, set_size)
     _, counts = np.unique(hi - lo, return_counts=True)
     return int(np.sum(-(-counts // batch_size)))
-

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._fields import missing_obs_key_error
+from ._fields import read_labels, refuse_missing
 from ._matrix import ExpressionMatrix, RowSubset, group_means, is_backed
-from ._perturbations import normalise_labels
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -142,30 +141,12 @@ class PerturbationData:
         self.n_obs = adata.n_obs
         obs = adata.obs
         key = setup.perturbation_key
-        if key in obs.columns:
-            raw = obs[key]
-            if raw.isna().any():
-                bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
-                raise ValueError(
-                    f"`adata.obs[{key!r}]` has missing values, e.g. in cells {bad}. Label every "
-                    "cell."
-                )
-            self.labels = normalise_labels(
-                raw.astype(str).to_numpy(), control_group=setup.control_group, sep=setup.sep
-            )
-            empty = self.labels == ""
-            if empty.any():
-                bad = adata.obs_names[empty][:5].tolist()
-                raise ValueError(
-                    f"`adata.obs[{key!r}]` has empty labels (blank or only separators), e.g. in "
-                    f"cells {bad}. Label every cell."
-                )
-            self.has_labels = True
-        elif require_labels:
-            raise missing_obs_key_error(adata, key, "perturbation_key")
+        #: Whether the cells are labelled (generation mode accepts control cells without labels).
+        self.has_labels = key in obs.columns
+        if self.has_labels or require_labels:
+            self.labels = read_labels(adata, key, control_group=setup.control_group, sep=setup.sep)
         else:
             self.labels = np.full(self.n_obs, setup.control_group, dtype=object)
-            self.has_labels = False
         self.is_control = self.labels == setup.control_group
         self.cell_types = self._cell_types()
         self.has_cell_types = (
@@ -186,11 +167,7 @@ class PerturbationData:
         if key is None or key not in self.adata.obs.columns:
             return np.full(self.n_obs, NO_CELL_TYPE, dtype=object)
         values = self.adata.obs[key]
-        if values.isna().any():
-            bad = self.adata.obs_names[values.isna().to_numpy()][:5].tolist()
-            raise ValueError(
-                f"`adata.obs[{key!r}]` (`cell_type_key`) has missing values, e.g. in cells {bad}."
-            )
+        refuse_missing(values, f"`adata.obs[{key!r}]` (`cell_type_key`)", self.adata.obs_names)
         return values.astype(str).to_numpy().astype(object)
 
     def _batch_codes(self, categories: np.ndarray | None) -> np.ndarray:
@@ -198,11 +175,7 @@ class PerturbationData:
         if key is None or categories is None or key not in self.adata.obs.columns:
             return np.full(self.n_obs, -1, dtype=np.int64)
         values = self.adata.obs[key]
-        if values.isna().any():
-            bad = self.adata.obs_names[values.isna().to_numpy()][:5].tolist()
-            raise ValueError(
-                f"`adata.obs[{key!r}]` (`batch_key`) has missing values, e.g. in cells {bad}."
-            )
+        refuse_missing(values, f"`adata.obs[{key!r}]` (`batch_key`)", self.adata.obs_names)
         mapping = pd.Index(np.asarray(categories).astype(str))
         return mapping.get_indexer(values.astype(str).to_numpy()).astype(np.int64)
 

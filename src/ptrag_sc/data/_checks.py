@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from .._checks import check_anndata, check_key_type
 from ._cells import expression_matrix
-from ._fields import missing_obs_key_error
+from ._fields import missing_obs_key_error, read_labels, refuse_missing, refuse_no_controls
 from ._matrix import iter_row_chunks
 from ._perturbations import normalise_labels
 
@@ -190,41 +190,27 @@ def check_setup_arguments(
         raise ValueError(f"`perturbation_sep` must be a non-empty string, got {sep!r}.")
 
 
-def check_setup(
-    adata: AnnData,
-    *,
-    perturbation_key: str,
-    control_group: str,
-    cell_type_key: str | None,
-    batch_key: str | None,
-    layer: str | None,
-    sep: str,
-    transfer: bool,
-) -> None:
-    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
-    check_setup_arguments(
-        adata,
-        perturbation_key=perturbation_key,
-        control_group=control_group,
-        cell_type_key=cell_type_key,
-        batch_key=batch_key,
-        layer=layer,
-        sep=sep,
-    )
+def check_setup(adata: AnnData, *, transfer: bool, **arguments: str | None) -> None:
+    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData
+    (``arguments``: those of :func:`check_setup_arguments`)."""
+    check_setup_arguments(adata, **arguments)
+    perturbation_key, control_group = arguments["perturbation_key"], arguments["control_group"]
+    cell_type_key, layer = arguments["cell_type_key"], arguments["layer"]
     check_obs_key(adata, perturbation_key, "perturbation_key")
-    for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
+    for argument in ("cell_type_key", "batch_key"):
+        key = arguments[argument]
         check_obs_key(adata, key, argument)
         if key is not None:
             check_categories(
                 adata.obs[key], f"`adata.obs[{key!r}]` (`{argument}`)", adata.obs_names
             )
-    raw = adata.obs[perturbation_key]
-    if raw.isna().any():
-        bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
-        raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has missing values in {int(raw.isna().sum())} "
-            f"cell(s), e.g. {bad}. Label every cell (controls as {control_group!r})."
-        )
+    labels = read_labels(
+        adata,
+        perturbation_key,
+        control_group=control_group,
+        sep=arguments["sep"],
+        refuse_empty=not transfer,
+    )
     X = expression_matrix(adata, layer)
     check_expression(
         X,
@@ -233,38 +219,19 @@ def check_setup(
     )
     if transfer:
         return
-    labels = normalise_labels(raw.astype(str).to_numpy(), control_group=control_group, sep=sep)
-    empty = labels == ""
-    if empty.any():
-        bad = adata.obs_names[empty][:5].tolist()
-        raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has empty labels (blank or only separators) in "
-            f"{int(empty.sum())} cell(s), e.g. {bad}. Label every cell (controls as "
-            f"{control_group!r})."
-        )
-    is_control = labels == control_group
-    if not is_control.any():
-        values = sorted(map(str, pd.unique(raw.astype(str))))[:10]
-        raise ValueError(
-            f"No control cells: `control_group={control_group!r}` does not occur in "
-            f"`adata.obs[{perturbation_key!r}]`. Values present include {values}."
-        )
+    refuse_no_controls(adata, perturbation_key, labels, control_group)
     cell_types = (
         adata.obs[cell_type_key].astype(str).to_numpy()
         if cell_type_key is not None
         else np.full(adata.n_obs, "all")
     )
-    check_controls_per_cell_type(is_control, cell_types, where="the AnnData")
+    check_controls_per_cell_type(labels == control_group, cell_types, where="the AnnData")
 
 
 def check_categories(values: pd.Series, where: str, cell_names: pd.Index) -> None:
     """A cell-type or batch column scvi-tools can turn into categories: no missing value, and
     no mix of strings with numbers (which cannot be sorted: ``'<' not supported``)."""
-    missing = values.isna().to_numpy()
-    if missing.any():
-        raise ValueError(
-            f"{where} has missing values, e.g. in cells {list(cell_names[missing][:5])}."
-        )
+    refuse_missing(values, where, cell_names)
     items = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
     if items.dtype == object:
         kinds = {

@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.optimize import minimize
 
+from ._perturbations import label_members
 from ._sources import SOURCES, Rows, unit_rows
 
 if TYPE_CHECKING:
@@ -265,8 +266,7 @@ def own_gene_columns(
         index = index.where(~index.duplicated(keep=False), "")
     out = []
     for label in labels:
-        members = [m.strip().upper() for m in str(label).split(sep) if m.strip()]
-        cols = index.get_indexer(members)
+        cols = index.get_indexer(label_members(label, sep))
         out.append(cols[cols >= 0].astype(np.int64))
     return out
 
