@@ -1,8 +1,5 @@
-"""From cells to the sets the module consumes: groups, control pools, candidates and evidence.
-
-This is the data layer's one entry point for the model: training, validation and prediction
-sets are all built here, from a :class:`~ptrag_sc.data.PerturbationData` view of an AnnData.
-"""
+"""From cells to the sets the module consumes (training, validation and prediction): groups,
+control pools, candidates and evidence."""
 
 from __future__ import annotations
 
@@ -62,18 +59,12 @@ class SetBuilder:
         self.match_batch = match_batch
         self.annotations = annotations
 
-    # ----------------------------------------------------------------- contexts
     def control_contexts(
         self, data: PerturbationData, control_mask: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Context key of every cell and the mean control profile of every context.
-
-        A cell's context is its cell type, or (cell type, batch) when matching on batch and
-        that batch has control cells in ``control_mask``.
-
-        Returns ``(context key per cell, table of (keys, means))`` where means are
-        ``(n_contexts, G)`` float32 in the model's gene order.
-        """
+        """``(context of each cell, (contexts, (n_contexts, G) float32 control means))``; a
+        context is the cell type, or (cell type, batch) when matching on batch and that batch
+        has control cells in ``control_mask``."""
         # Object arrays of str throughout: each conversion to and from numpy's fixed-width
         # strings costs ~10 ms per 100k cells.
         keys = data.contexts(match_batch=False)
@@ -86,7 +77,6 @@ class SetBuilder:
         means = data.means(codes, len(uniques)).astype(np.float32)
         return keys, (np.asarray(uniques, dtype=object), means)
 
-    # ------------------------------------------------------------------ groups
     def _group_level(
         self,
         labels: np.ndarray,
@@ -158,12 +148,8 @@ class SetBuilder:
         *,
         contexts: tuple[np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> SetGroups:
-        """Groups of the ``member`` cells by (cell type, perturbation[, batch]), with control
-        pools.
-
-        Each group's controls are drawn from the ``control_mask`` cells of its context; its
-        target shift is the mean of its cells minus its context's control mean.
-        """
+        """Groups of the ``member`` cells by (cell type, perturbation[, batch]), with pools of
+        the ``control_mask`` cells of their context and their target shift."""
         keys, (context_names, context_means) = contexts or self.control_contexts(
             data, control_mask
         )
@@ -229,12 +215,8 @@ class SetBuilder:
         context_index: np.ndarray,
         context_means: np.ndarray,
     ) -> SetGroups:
-        """Groups of output rows by (cell type, perturbation[, batch]) for prediction.
-
-        Every row carries its own label, cell type, batch and the index of its context's
-        control mean in ``context_means``; the control cell each row is generated from is
-        chosen by the caller.
-        """
+        """Groups of output rows by (cell type, perturbation[, batch], context) for prediction;
+        ``context_index``: each row's control mean in ``context_means``."""
         use_batch = self.match_batch
         ct_codes = pd.factorize(cell_types, sort=True)[0]
         pert_codes = pd.factorize(labels, sort=True)[0]

@@ -37,10 +37,8 @@ class SetupArgs:
 def expression_matrix(adata: AnnData, layer: str | None) -> MatrixLike:
     """``adata.X`` or ``adata.layers[layer]``, with an error listing the layers if absent.
 
-    For a view of an AnnData whose ``X`` is on disk (``adata[mask]`` on
-    ``read_h5ad(path, backed="r")``, or on an AnnData whose ``X`` is a zarr-backed sparse
-    dataset) the on-disk ``X`` is wrapped in a :class:`~ptrag_sc.data._matrix.RowSubset`, read
-    by rows on demand, instead of anndata's ``view.X``, which loads all the view's rows at once.
+    The on-disk ``X`` of a view of a backed AnnData is read by rows on demand (anndata's
+    ``view.X`` would load all the view's rows at once).
     """
     if layer is None:
         lazy_view = _backed_view_matrix(adata)
@@ -58,11 +56,8 @@ def expression_matrix(adata: AnnData, layer: str | None) -> MatrixLike:
 
 
 def _backed_view_matrix(adata: AnnData) -> RowSubset | None:
-    """The rows of a view of an AnnData with an on-disk ``X`` as a lazy :class:`RowSubset`.
-
-    ``None`` for anything else (in-memory data, or an anndata without the view internals used
-    here, which then falls back to ``view.X``).
-    """
+    """The rows of a view of an AnnData with an on-disk ``X`` as a lazy :class:`RowSubset`
+    (``None`` for anything else, or an anndata without these view internals)."""
     if not getattr(adata, "is_view", False):
         return None
     parent = getattr(adata, "_adata_ref", None)
@@ -80,10 +75,8 @@ def _backed_view_matrix(adata: AnnData) -> RowSubset | None:
 
 
 def gene_columns(var_names: pd.Index, model_var_names: pd.Index) -> np.ndarray | None:
-    """Column of ``var_names`` holding each of the model's genes; ``None`` when already in order.
-
-    Raises a ``ValueError`` naming missing genes when the AnnData lacks some of them.
-    """
+    """Column of ``var_names`` holding each of the model's genes (``None``: already in order);
+    a ``ValueError`` names the missing ones."""
     var_names = pd.Index(np.asarray(var_names).astype(str))
     reference = pd.Index(np.asarray(model_var_names).astype(str))
     if var_names.equals(reference):

@@ -46,13 +46,8 @@ def check_obs_key(adata: AnnData, key: str | None, argument: str) -> None:
 
 
 def check_expression(X: MatrixLike, *, where: str, warn_counts: bool = False) -> None:
-    """Reject NaN, infinite and negative expression values (streamed by chunks), naming the first
-    bad cells.
-
-    The model generates non-negative log-normalised expression; raw counts must be normalised
-    (``sc.pp.normalize_total`` then ``sc.pp.log1p``) and z-scored data is not supported. With
-    ``warn_counts``, integer-valued data (raw counts) gets a warning saying so.
-    """
+    """Reject NaN, infinite, negative and huge expression values (streamed by chunks), naming
+    the first bad cells; with ``warn_counts``, warn about integer data (raw counts)."""
     all_integer = warn_counts
     largest = 0.0
     for start, block in iter_row_chunks(X):
@@ -86,10 +81,8 @@ _SLICE = 1 << 18
 def _scan(values: np.ndarray, integer: bool) -> tuple[float, float, bool]:
     """Minimum and maximum of ``values`` (NaN when one is NaN) and whether all are integer.
 
-    One read of memory: each cache-sized slice is reduced twice while in cache. The integer
-    test (``floor(v) == v``; ``np.mod`` costs ~20x more per value) runs only while ``integer``
-    holds and stops at the first slice with a fraction, so log-normalised data settle it at
-    once and only integer data (raw counts) are tested through.
+    Each cache-sized slice is reduced while in cache; the integer test (``floor(v) == v``,
+    20x cheaper than ``np.mod``) stops at the first slice with a fraction.
     """
     test = integer and values.dtype.kind == "f"  # other dtypes hold integers only
     lows, highs = [], []
@@ -105,8 +98,7 @@ def _scan(values: np.ndarray, integer: bool) -> tuple[float, float, bool]:
 def _raise_bad_values(
     block: np.ndarray | sp.csr_matrix, values: np.ndarray, start: int, where: str
 ) -> None:
-    """Raise the error of :func:`check_expression` for a chunk holding NaN, infinite or negative
-    values."""
+    """Raise the error of :func:`check_expression` for a chunk with NaN, inf or negative values."""
     if sp.issparse(block):
         rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
     else:
@@ -154,8 +146,7 @@ def check_setup_arguments(
     sep: str,
     where: str = "adata",
 ) -> None:
-    """The checks of :func:`check_setup` that read no obs column (``setup_mudata`` runs them
-    first)."""
+    """The checks of :func:`check_setup` that read no obs column."""
     check_anndata(adata, where)
     check_key_type("perturbation_key", perturbation_key, allow_none=False)
     check_key_type("cell_type_key", cell_type_key, allow_none=True)
@@ -229,8 +220,8 @@ def check_setup(adata: AnnData, *, transfer: bool, **arguments: str | None) -> N
 
 
 def check_categories(values: pd.Series, where: str, cell_names: pd.Index) -> None:
-    """A cell-type or batch column scvi-tools can turn into categories: no missing value, and
-    no mix of strings with numbers (which cannot be sorted: ``'<' not supported``)."""
+    """A cell-type or batch column scvi-tools can turn into categories: no missing value, no mix
+    of strings with numbers (which cannot be sorted)."""
     refuse_missing(values, where, cell_names)
     items = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
     if items.dtype == object:
@@ -272,11 +263,8 @@ def check_genes(adata: AnnData, var_names: np.ndarray, dir_path: str | os.PathLi
 
 
 def check_control_label(adata: AnnData, setup_args: dict, embeddings: pd.DataFrame | None) -> None:
-    """Loading onto data labelled with another control label: say so, instead of blaming the model.
-
-    Without a cell labelled with the saved ``control_group``, labels that have no gene
-    embedding are most likely the data's own control label.
-    """
+    """Loading onto data with another control label: labels without a gene embedding, where no
+    cell has the saved ``control_group``, are named as the likely control label."""
     from ._perturbations import PerturbationEncoder
 
     key, control = setup_args.get("perturbation_key"), setup_args.get("control_group")

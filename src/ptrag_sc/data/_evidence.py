@@ -19,7 +19,6 @@ from ._sources import SOURCES, Rows, unit_rows
 if TYPE_CHECKING:
     from ._annotations import GeneAnnotations
     from ._memory import RetrievalMemory
-    from ._sources import EvidenceSource
 
 #: What the gate and the confidence read about a query.
 GATE_FEATURES = (
@@ -264,11 +263,8 @@ def own_gene_columns(
     index = pd.Index(np.char.upper(np.asarray(gene_names).astype(str)))
     if index.has_duplicates:
         index = index.where(~index.duplicated(keep=False), "")
-    out = []
-    for label in labels:
-        cols = index.get_indexer(label_members(label, sep))
-        out.append(cols[cols >= 0].astype(np.int64))
-    return out
+    columns = [index.get_indexer(label_members(label, sep)) for label in labels]
+    return [c[c >= 0].astype(np.int64) for c in columns]
 
 
 def own_gene_ratios(
@@ -295,16 +291,6 @@ def apply_own_gene(
         if len(cols) and np.isfinite(ratio[i]):
             out[i, cols] = ratio[i] * control_mean[i, cols] - context[i, cols]
     return out
-
-
-def _source(name: str) -> EvidenceSource:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise ValueError(
-            f"The model's evidence stacks the source {name!r}, which this version of ptrag_sc "
-            f"does not have (it has {list(SOURCES)}). Load it with the version that wrote it."
-        ) from None
 
 
 def fit(
@@ -456,18 +442,18 @@ def query(
         )
         sources = np.zeros((len(names), len(idx), context.shape[1]), dtype=np.float32)
         for i, name in enumerate(names):
-            sources[i] = _source(name).queries(rows, (memory.sources or {}).get(name, {}))
+            sources[i] = SOURCES[name].queries(rows, (memory.sources or {}).get(name, {}))
         trusted = model.per_cell_type(q_ct, model.cell_type_trust, model.trust_all)
         columns = own_gene_columns(q_pert, memory.gene_names, sep)
         estimate = np.tensordot(model.stack_weights, sources, axes=1) * trusted[:, None]
-        mean_size = float(np.mean(model.typical_size))
+        typical = model.per_cell_type(q_ct, model.typical_size, np.mean(model.typical_size))
         measured = np.array([len(c) > 0 for c in columns], dtype=float)
         features = gate_features(
             rows,
             names,
             sources,
             estimate,
-            typical_size=model.per_cell_type(q_ct, model.typical_size, mean_size),
+            typical_size=typical,
             cell_type_trust=trusted,
             own_gene_measured=measured * (control_mean is not None),
             sep=sep,
@@ -484,8 +470,8 @@ def query(
         confidence[idx] = model.confidence(features)
         combination = np.array([sep in label for label in q_pert], dtype=bool)
         if combination.any():
-            typical = model.per_cell_type(q_ct[combination], model.typical_size, mean_size)
-            size = np.linalg.norm(stacked[idx][combination], axis=1) / np.maximum(typical, 1e-12)
+            size = np.linalg.norm(stacked[idx][combination], axis=1)
+            size = size / np.maximum(typical[combination], 1e-12)
             confidence[idx[combination]] = model.combination_confidence(
                 size, confidence[idx[combination]]
             )

@@ -37,14 +37,6 @@ def is_backed(matrix: MatrixLike) -> bool:
     return not isinstance(matrix, np.ndarray | np.matrix) and not sp.issparse(matrix)
 
 
-def _csr_group(matrix: MatrixLike) -> h5py.Group | None:
-    """The storage group of an on-disk CSR matrix (anndata's CSR dataset), else ``None``."""
-    group = getattr(matrix, "group", None)
-    if group is None or getattr(matrix, "format", None) != "csr":
-        return None
-    return group
-
-
 def _windows(starts: np.ndarray, stops: np.ndarray, max_gap: int) -> np.ndarray:
     """Sorted ``[starts, stops)`` ranges merged across gaps up to ``max_gap``: ``(n, 4)`` rows
     ``(first range, last range + 1, lo, hi)``, each window reading ``[lo, hi)``."""
@@ -64,8 +56,8 @@ class BackedReader:
     def __init__(self, matrix: MatrixLike) -> None:
         self.matrix = matrix
         self.shape = tuple(matrix.shape)
-        group = _csr_group(matrix)
-        self.sparse = group is not None
+        group = getattr(matrix, "group", None)
+        self.sparse = group is not None and getattr(matrix, "format", None) == "csr"
         if self.sparse:
             self._data = group["data"]
             self._indices = group["indices"]

@@ -99,8 +99,6 @@ class StageOneSimilarity:
     """A stage-1 prior other than the embedding cosine: subclasses implement :meth:`bind` and
     :meth:`values`; :meth:`scores` ranks by them, falling back to the cosine."""
 
-    name = "prior"
-
     def bind(self, memory: RetrievalMemory) -> StageOneSimilarity:
         """A copy of this similarity with what ``memory`` needs precomputed."""
         raise NotImplementedError
@@ -137,8 +135,6 @@ class StageOneSimilarity:
 class AnnotationSimilarity(StageOneSimilarity):
     """Jaccard similarity of GO annotations (``similarity="go"``)."""
 
-    name = "go"
-
     def __init__(self, annotations: GeneAnnotations, *, sep: str = "+") -> None:
         self.annotations = annotations
         self.sep = sep
@@ -169,8 +165,6 @@ class AnnotationSimilarity(StageOneSimilarity):
 
 class ResponseSimilarity(StageOneSimilarity):
     """Measured-response similarity in other cell types (``similarity="response"``)."""
-
-    name = "response"
 
     def __init__(self) -> None:
         self._unit: np.ndarray | None = None
@@ -220,8 +214,6 @@ class ResponseSimilarity(StageOneSimilarity):
 
 class TableSimilarity(StageOneSimilarity):
     """A user-supplied gene x gene similarity (``similarity=<DataFrame>``)."""
-
-    name = "table"
 
     def __init__(self, table: pd.DataFrame, *, sep: str = "+") -> None:
         self.table = validate_similarity_table(table)

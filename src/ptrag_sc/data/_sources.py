@@ -210,19 +210,13 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def neighbour_means(
-    similarity: np.ndarray,
-    allowed: np.ndarray,
-    responses: np.ndarray,
-    k: int = N_NEIGHBOURS,
+    similarity: np.ndarray, allowed: np.ndarray, responses: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, G)`` mean of ``responses`` over the ``k`` most similar allowed entries of each
-    query (zero similarity is never a neighbour; zero without any), and whether it had any."""
+    """``(n, G)`` mean of ``responses`` over the :data:`N_NEIGHBOURS` most similar allowed
+    entries of each query (zero similarity is never a neighbour; zero without any), and whether
+    it had any."""
     score = np.where(allowed & (similarity > 0), similarity, -np.inf)
-    k = min(k, score.shape[1])
-    if k == 0:
-        return np.zeros((score.shape[0], responses.shape[1]), np.float32), np.zeros(
-            score.shape[0], bool
-        )
+    k = min(N_NEIGHBOURS, score.shape[1])
     top = np.argpartition(-score, k - 1, axis=1)[:, :k]
     valid = np.isfinite(np.take_along_axis(score, top, axis=1))
     counts = valid.sum(axis=1)
