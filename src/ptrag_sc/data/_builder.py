@@ -4,6 +4,7 @@ control pools, candidates and evidence."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ._perturbations import PerturbationEncoder
 
 
+@dataclass(eq=False)
 class SetBuilder:
     """Builds :class:`~ptrag_sc.data.SetGroups` for a model.
 
@@ -42,22 +44,12 @@ class SetBuilder:
         Gene annotations of the evidence's annotation sources (``None``: not used).
     """
 
-    def __init__(
-        self,
-        encoder: PerturbationEncoder,
-        memory: RetrievalMemory | None,
-        index: NeighbourIndex | None,
-        *,
-        n_candidates: int,
-        match_batch: bool,
-        annotations: GeneAnnotations | None = None,
-    ) -> None:
-        self.encoder = encoder
-        self.memory = memory
-        self.index = index
-        self.n_candidates = n_candidates
-        self.match_batch = match_batch
-        self.annotations = annotations
+    encoder: PerturbationEncoder
+    memory: RetrievalMemory | None
+    index: NeighbourIndex | None
+    n_candidates: int = field(kw_only=True)
+    match_batch: bool = field(kw_only=True)
+    annotations: GeneAnnotations | None = field(default=None, kw_only=True)
 
     def control_contexts(
         self, data: PerturbationData, control_mask: np.ndarray

@@ -149,9 +149,7 @@ class PerturbationData:
         self.matrix = expression_matrix(adata, setup.layer)
         self.columns = gene_columns(adata.var_names, var_names)
         #: The model's genes, in the order expression is read.
-        self.var_names = np.asarray(adata.var_names if var_names is None else var_names).astype(
-            str
-        )
+        self.var_names = np.asarray(var_names).astype(str)
         # Control cells are drawn by every set: an on-disk matrix keeps them in memory.
         self.expression = ExpressionMatrix(self.matrix, self.columns, cache=self.is_control)
 

@@ -269,28 +269,17 @@ class SetBatchSampler(Sampler):
         )
 
     def _batches(self, rng: np.random.Generator) -> list:
-        group, cells, controls = plan_sets(self.groups, self.set_size, rng, shuffle=self.shuffle)
-        bounds = range(0, group.shape[0], self.batch_size)
-        return [
-            (
-                group[i : i + self.batch_size],
-                cells[i : i + self.batch_size],
-                controls[i : i + self.batch_size],
-            )
-            for i in bounds
-        ]
+        plan = plan_sets(self.groups, self.set_size, rng, shuffle=self.shuffle)
+        step = self.batch_size
+        return [tuple(part[i : i + step] for part in plan) for i in range(0, len(plan[0]), step)]
 
     def _validation_share(self, batches: list) -> list:
-        if self.num_replicas == 1:
-            return batches
         share = batches[self.rank :: self.num_replicas]
         if not share and batches:
             share = [(*batches[0], 0.0)]
         return share
 
     def _training_share(self, batches: list) -> list:
-        if self.num_replicas == 1:
-            return batches
         usable = len(batches) - len(batches) % self.num_replicas
         return batches[self.rank : usable : self.num_replicas]
 
