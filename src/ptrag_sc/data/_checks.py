@@ -24,17 +24,6 @@ if TYPE_CHECKING:
 
     from ._matrix import MatrixLike
 
-__all__ = [
-    "check_categories",
-    "check_control_label",
-    "check_controls_per_cell_type",
-    "check_expression",
-    "check_genes",
-    "check_obs_key",
-    "check_setup",
-    "check_setup_arguments",
-]
-
 #: Largest absolute value accepted in an expression matrix (log1p data stays below ~15).
 MAX_EXPRESSION = 1e4
 

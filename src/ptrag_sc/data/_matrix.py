@@ -247,18 +247,25 @@ def group_means(
     return means
 
 
+def iter_selected_rows(
+    matrix: MatrixLike, mask: np.ndarray, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[tuple[np.ndarray, np.ndarray | sp.csr_matrix]]:
+    """``(rows, block)`` of the rows of ``mask``, chunk by chunk (CSR or dense)."""
+    for start, block in iter_row_chunks(matrix, chunk_rows, mask=mask):
+        local = np.flatnonzero(mask[start : start + block.shape[0]])
+        yield start + local, block[local] if local.size < block.shape[0] else block
+
+
 def column_max(
     matrix: MatrixLike, mask: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS
 ) -> np.ndarray:
     """Largest value of each column over the rows of ``mask`` (all rows by default), float32."""
     out = np.zeros(matrix.shape[1], dtype=np.float32)
-    for start, block in iter_row_chunks(matrix, chunk_rows, mask=mask):
-        if mask is not None:
-            local = np.flatnonzero(mask[start : start + block.shape[0]])
-            if local.size < block.shape[0]:
-                block = block[local]
-        if block.shape[0] == 0:
-            continue
+    if mask is None:
+        blocks = iter_row_chunks(matrix, chunk_rows)
+    else:
+        blocks = iter_selected_rows(matrix, mask, chunk_rows)
+    for _, block in blocks:
         block_max = block.max(axis=0)
         block_max = (
             block_max.toarray().ravel()
@@ -337,9 +344,7 @@ class ExpressionMatrix:
             return
         blocks = []
         size = 0
-        for start, block in iter_row_chunks(self._source, mask=mask):
-            local = np.flatnonzero(mask[start : start + block.shape[0]])
-            block = block[local] if local.size < block.shape[0] else block
+        for _, block in iter_selected_rows(self._source, mask):
             block = (
                 sp.csr_matrix(block, dtype=np.float32)
                 if sp.issparse(block)

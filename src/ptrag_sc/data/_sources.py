@@ -14,8 +14,6 @@ from ._annotations import jaccard
 if TYPE_CHECKING:
     from ._memory import RetrievalMemory
 
-__all__ = ["SOURCES", "EvidenceSource", "Rows"]
-
 #: Neighbours averaged by the neighbour sources.
 N_NEIGHBOURS = 5
 #: Ridge penalties tried (times the mean squared singular value of the centred features); the

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from ._memory import RetrievalMemory
     from ._similarity import StageOneSimilarity
 
-__all__ = ["ModelState"]
-
 
 @dataclass(frozen=True)
 class ModelState:

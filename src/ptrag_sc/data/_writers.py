@@ -19,7 +19,7 @@ from ._matrix import (
     _read_backed,
     _to_dense,
     is_backed,
-    iter_row_chunks,
+    iter_selected_rows,
     read_rows,
 )
 
@@ -98,14 +98,9 @@ class _Writer:
         out[:, self.columns] = values
         return out
 
-    def _unpredicted_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+    def _unpredicted_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray | sp.csr_matrix]]:
         """``(rows, block)`` of the rows that are not predicted, chunk by chunk."""
-        keep = ~self.predicted
-        for start, block in iter_row_chunks(self.matrix, mask=keep):
-            local = np.flatnonzero(keep[start : start + block.shape[0]])
-            if local.size < block.shape[0]:
-                block = block[local]
-            yield start + local, block
+        return iter_selected_rows(self.matrix, ~self.predicted)
 
 
 class DenseLayerWriter(_Writer):
@@ -122,9 +117,8 @@ class DenseLayerWriter(_Writer):
             self.layer[rows] = _to_dense(block)
         if self._extra_genes:
             extra = np.setdiff1d(np.arange(self.shape[1]), self.columns)
-            for start, block in iter_row_chunks(matrix, mask=self.predicted):
-                local = np.flatnonzero(self.predicted[start : start + block.shape[0]])
-                self.layer[np.ix_(start + local, extra)] = _to_dense(block[local][:, extra])
+            for rows, block in iter_selected_rows(matrix, self.predicted):
+                self.layer[np.ix_(rows, extra)] = _to_dense(block[:, extra])
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         if self.columns is None:
