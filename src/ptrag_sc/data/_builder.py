@@ -81,11 +81,6 @@ class SetBuilder:
         embedding = (
             self.encoder.embed(labels) if n else np.zeros((0, self.encoder.n_dims), np.float32)
         )
-        out = {
-            "embedding": embedding,
-            "batch": batches.astype(np.int64),
-            "control_mean": control_mean,
-        }
         if self.index is not None and n:
             cand, sim, same, relation = self.index.query(labels, embedding, cell_types)
         else:
@@ -93,42 +88,36 @@ class SetBuilder:
             sim = np.full(cand.shape, np.nan, dtype=np.float32)
             same = np.zeros(cand.shape, dtype=bool)
             relation = np.zeros(cand.shape, dtype=np.int64)
-        annotation_similarity = np.zeros(cand.shape, dtype=np.float32)
-        annotations = None
-        memory = self.memory
-        if memory is not None and memory.kind == "response" and n:
-            if (
-                self.annotations is not None
-                and memory.annotation_terms is not None
-                and len(memory.annotation_terms)
-            ):
-                annotations, _ = self.annotations.matrix(
-                    labels, sep=self.encoder.sep, vocabulary=memory.annotation_terms
+        out = {
+            "embedding": embedding,
+            "batch": batches.astype(np.int64),
+            "control_mean": control_mean,
+            "candidates": cand,
+            "similarity": sim,
+            "annotation_similarity": np.zeros(cand.shape, dtype=np.float32),
+            "candidate_same_cell_type": same,
+            "candidate_relation": relation,
+        }
+        memory, annotations = self.memory, None
+        if memory is None or memory.kind != "response" or not n:
+            return out
+        terms = memory.annotation_terms
+        if self.annotations is not None and terms is not None and len(terms):
+            annotations, _ = self.annotations.matrix(
+                labels, sep=self.encoder.sep, vocabulary=terms
+            )
+            entries = memory.annotation_matrix()
+            for start in range(0, n, 1024):
+                rows = slice(start, start + 1024)
+                block = jaccard(annotations[rows], entries)
+                out["annotation_similarity"][rows] = np.where(
+                    cand[rows] >= 0, np.take_along_axis(block, np.maximum(cand[rows], 0), 1), 0.0
                 )
-                entries = memory.annotation_matrix()
-                for start in range(0, n, 1024):
-                    rows = slice(start, min(start + 1024, n))
-                    block = jaccard(annotations[rows], entries)
-                    annotation_similarity[rows] = np.where(
-                        cand[rows] >= 0,
-                        np.take_along_axis(block, np.maximum(cand[rows], 0), axis=1),
-                        0.0,
-                    )
-            evidence = memory.evidence(
-                labels, cell_types, embedding, annotations, control_mean, sep=self.encoder.sep
-            )
-            out.update(
-                context=evidence["context"],
-                stacked=evidence["stacked"],
-                confidence=evidence["confidence"],
-                reliability=evidence["reliability"],
-            )
+        evidence = memory.evidence(
+            labels, cell_types, embedding, annotations, control_mean, sep=self.encoder.sep
+        )
         out.update(
-            candidates=cand,
-            similarity=sim,
-            annotation_similarity=annotation_similarity,
-            candidate_same_cell_type=same,
-            candidate_relation=relation,
+            {key: evidence[key] for key in ("context", "stacked", "confidence", "reliability")}
         )
         return out
 
