@@ -14,10 +14,7 @@ from ._sets import SetGroups
 from ._sources import SOURCES
 from ._state import ModelState
 
-#: The evidence sources by name, in stacking order (``evidence=`` takes a list of these names):
-#: ridge maps from the gene embedding and from GO annotations, the means of the nearest
-#: neighbours by embedding and by annotation, and the other cell types' (specific and raw)
-#: shifts of the same perturbation. A new source is one class in ``data/_sources.py``.
+#: The evidence sources by name, in stacking order (``evidence=`` takes these names).
 EVIDENCE_SOURCES = SOURCES
 
 __all__ = [

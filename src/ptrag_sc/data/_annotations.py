@@ -37,29 +37,16 @@ class GeneAnnotations:
         self._index = pd.Index(self.terms.index.astype(str).str.upper())
         self._resolved: dict[str, list[str]] = {}
 
-    def _prefetch(self, genes: Iterable[str]) -> None:
-        """Resolve every not yet resolved gene that is not a symbol of the table in one call
-        (aliases)."""
-        unknown = sorted({g for g in genes if g not in self._resolved and g not in self._index})
-        if not unknown:
-            return
-        mapping = resolve_gene_symbols(unknown, self._index, warn=False).mapping
-        for gene in unknown:
-            symbol = mapping.get(gene)
-            self._resolved[gene] = (
-                [] if symbol is None else self.terms.iloc[self._index.get_loc(symbol)].split()
-            )
-
-    def _gene_terms(self, gene: str) -> list[str]:
-        if gene not in self._resolved:
-            symbol = gene if gene in self._index else None
-            if symbol is None:
-                symbol = resolve_gene_symbols([gene], self._index, warn=False).mapping.get(gene)
-            if symbol is None:
-                self._resolved[gene] = []
-            else:
-                self._resolved[gene] = self.terms.iloc[self._index.get_loc(symbol)].split()
-        return self._resolved[gene]
+    def _terms_of(self, genes: Iterable[str]) -> dict[str, list[str]]:
+        """Terms of each gene (through its aliases, resolved in one call for the new ones)."""
+        new = sorted({g for g in genes if g not in self._resolved})
+        unknown = [g for g in new if g not in self._index]
+        mapping = resolve_gene_symbols(unknown, self._index, warn=False).mapping if unknown else {}
+        for gene in new:
+            symbol = gene if gene in self._index else mapping.get(gene)
+            terms = [] if symbol is None else self.terms.iloc[self._index.get_loc(symbol)].split()
+            self._resolved[gene] = terms
+        return self._resolved
 
     def matrix(
         self,
@@ -74,21 +61,11 @@ class GeneAnnotations:
         Returns the matrix and the term vocabulary (``vocabulary`` when given: terms outside it
         are dropped, so queries are coded like the memory).
         """
-        labels = [str(label) for label in labels]
-        self._prefetch(
-            {m.strip() for label in labels for m in label.upper().split(sep) if m.strip()}
-        )
-        sets = [
-            sorted(
-                {
-                    t
-                    for m in label.upper().split(sep)
-                    if m.strip()
-                    for t in self._gene_terms(m.strip())
-                }
-            )
-            for label in labels
+        members = [
+            [m.strip() for m in str(label).upper().split(sep) if m.strip()] for label in labels
         ]
+        terms = self._terms_of(m for genes in members for m in genes)
+        sets = [sorted({t for m in genes for t in terms[m]}) for genes in members]
         if vocabulary is None:
             vocabulary = np.array(sorted({t for s in sets for t in s}), dtype=str)
         position = {t: i for i, t in enumerate(vocabulary)}
@@ -99,7 +76,7 @@ class GeneAnnotations:
             cols.extend(hit)
         data = np.ones(len(rows), dtype=np.float32)
         return sp.csr_matrix(
-            (data, (rows, cols)), shape=(len(labels), len(vocabulary))
+            (data, (rows, cols)), shape=(len(members), len(vocabulary))
         ), np.asarray(vocabulary, dtype=str)
 
 

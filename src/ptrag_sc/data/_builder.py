@@ -1,12 +1,10 @@
-"""From cells to the sets the module consumes: groups, control pools, candidates and evidence.
-
-This is the data layer's one entry point for the model: training, validation and prediction
-sets are all built here, from a :class:`~ptrag_sc.data.PerturbationData` view of an AnnData.
-"""
+"""From cells to the sets the module consumes (training, validation and prediction): groups,
+control pools, candidates and evidence."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +25,7 @@ if TYPE_CHECKING:
     from ._perturbations import PerturbationEncoder
 
 
+@dataclass(eq=False)
 class SetBuilder:
     """Builds :class:`~ptrag_sc.data.SetGroups` for a model.
 
@@ -45,35 +44,19 @@ class SetBuilder:
         Gene annotations of the evidence's annotation sources (``None``: not used).
     """
 
-    def __init__(
-        self,
-        encoder: PerturbationEncoder,
-        memory: RetrievalMemory | None,
-        index: NeighbourIndex | None,
-        *,
-        n_candidates: int,
-        match_batch: bool,
-        annotations: GeneAnnotations | None = None,
-    ) -> None:
-        self.encoder = encoder
-        self.memory = memory
-        self.index = index
-        self.n_candidates = n_candidates
-        self.match_batch = match_batch
-        self.annotations = annotations
+    encoder: PerturbationEncoder
+    memory: RetrievalMemory | None
+    index: NeighbourIndex | None
+    n_candidates: int = field(kw_only=True)
+    match_batch: bool = field(kw_only=True)
+    annotations: GeneAnnotations | None = field(default=None, kw_only=True)
 
-    # ----------------------------------------------------------------- contexts
     def control_contexts(
         self, data: PerturbationData, control_mask: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Context key of every cell and the mean control profile of every context.
-
-        A cell's context is its cell type, or (cell type, batch) when matching on batch and
-        that batch has control cells in ``control_mask``.
-
-        Returns ``(context key per cell, table of (keys, means))`` where means are
-        ``(n_contexts, G)`` float32 in the model's gene order.
-        """
+        """``(context of each cell, (contexts, (n_contexts, G) float32 control means))``; a
+        context is the cell type, or (cell type, batch) when matching on batch and that batch
+        has control cells in ``control_mask``."""
         # Object arrays of str throughout: each conversion to and from numpy's fixed-width
         # strings costs ~10 ms per 100k cells.
         keys = data.contexts(match_batch=False)
@@ -86,7 +69,6 @@ class SetBuilder:
         means = data.means(codes, len(uniques)).astype(np.float32)
         return keys, (np.asarray(uniques, dtype=object), means)
 
-    # ------------------------------------------------------------------ groups
     def _group_level(
         self,
         labels: np.ndarray,
@@ -99,11 +81,6 @@ class SetBuilder:
         embedding = (
             self.encoder.embed(labels) if n else np.zeros((0, self.encoder.n_dims), np.float32)
         )
-        out = {
-            "embedding": embedding,
-            "batch": batches.astype(np.int64),
-            "control_mean": control_mean,
-        }
         if self.index is not None and n:
             cand, sim, same, relation = self.index.query(labels, embedding, cell_types)
         else:
@@ -111,42 +88,36 @@ class SetBuilder:
             sim = np.full(cand.shape, np.nan, dtype=np.float32)
             same = np.zeros(cand.shape, dtype=bool)
             relation = np.zeros(cand.shape, dtype=np.int64)
-        annotation_similarity = np.zeros(cand.shape, dtype=np.float32)
-        annotations = None
-        memory = self.memory
-        if memory is not None and memory.kind == "response" and n:
-            if (
-                self.annotations is not None
-                and memory.annotation_terms is not None
-                and len(memory.annotation_terms)
-            ):
-                annotations, _ = self.annotations.matrix(
-                    labels, sep=self.encoder.sep, vocabulary=memory.annotation_terms
+        out = {
+            "embedding": embedding,
+            "batch": batches.astype(np.int64),
+            "control_mean": control_mean,
+            "candidates": cand,
+            "similarity": sim,
+            "annotation_similarity": np.zeros(cand.shape, dtype=np.float32),
+            "candidate_same_cell_type": same,
+            "candidate_relation": relation,
+        }
+        memory, annotations = self.memory, None
+        if memory is None or memory.kind != "response" or not n:
+            return out
+        terms = memory.annotation_terms
+        if self.annotations is not None and terms is not None and len(terms):
+            annotations, _ = self.annotations.matrix(
+                labels, sep=self.encoder.sep, vocabulary=terms
+            )
+            entries = memory.annotation_matrix()
+            for start in range(0, n, 1024):
+                rows = slice(start, start + 1024)
+                block = jaccard(annotations[rows], entries)
+                out["annotation_similarity"][rows] = np.where(
+                    cand[rows] >= 0, np.take_along_axis(block, np.maximum(cand[rows], 0), 1), 0.0
                 )
-                entries = memory.annotation_matrix()
-                for start in range(0, n, 1024):
-                    rows = slice(start, min(start + 1024, n))
-                    block = jaccard(annotations[rows], entries)
-                    annotation_similarity[rows] = np.where(
-                        cand[rows] >= 0,
-                        np.take_along_axis(block, np.maximum(cand[rows], 0), axis=1),
-                        0.0,
-                    )
-            evidence = memory.evidence(
-                labels, cell_types, embedding, annotations, control_mean, sep=self.encoder.sep
-            )
-            out.update(
-                context=evidence["context"],
-                stacked=evidence["stacked"],
-                confidence=evidence["confidence"],
-                reliability=evidence["reliability"],
-            )
+        evidence = memory.evidence(
+            labels, cell_types, embedding, annotations, control_mean, sep=self.encoder.sep
+        )
         out.update(
-            candidates=cand,
-            similarity=sim,
-            annotation_similarity=annotation_similarity,
-            candidate_same_cell_type=same,
-            candidate_relation=relation,
+            {key: evidence[key] for key in ("context", "stacked", "confidence", "reliability")}
         )
         return out
 
@@ -158,12 +129,8 @@ class SetBuilder:
         *,
         contexts: tuple[np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> SetGroups:
-        """Groups of the ``member`` cells by (cell type, perturbation[, batch]), with control
-        pools.
-
-        Each group's controls are drawn from the ``control_mask`` cells of its context; its
-        target shift is the mean of its cells minus its context's control mean.
-        """
+        """Groups of the ``member`` cells by (cell type, perturbation[, batch]), with pools of
+        the ``control_mask`` cells of their context and their target shift."""
         keys, (context_names, context_means) = contexts or self.control_contexts(
             data, control_mask
         )
@@ -229,12 +196,8 @@ class SetBuilder:
         context_index: np.ndarray,
         context_means: np.ndarray,
     ) -> SetGroups:
-        """Groups of output rows by (cell type, perturbation[, batch]) for prediction.
-
-        Every row carries its own label, cell type, batch and the index of its context's
-        control mean in ``context_means``; the control cell each row is generated from is
-        chosen by the caller.
-        """
+        """Groups of output rows by (cell type, perturbation[, batch], context) for prediction;
+        ``context_index``: each row's control mean in ``context_means``."""
         use_batch = self.match_batch
         ct_codes = pd.factorize(cell_types, sort=True)[0]
         pert_codes = pd.factorize(labels, sort=True)[0]
@@ -290,4 +253,3 @@ def count_prediction_batches(groups: SetGroups, set_size: int, batch_size: int) 
     _, lo, hi = prediction_sets(groups, set_size)
     _, counts = np.unique(hi - lo, return_counts=True)
     return int(np.sum(-(-counts // batch_size)))
-

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._fields import missing_obs_key_error
+from ._fields import read_labels, refuse_missing
 from ._matrix import ExpressionMatrix, RowSubset, group_means, is_backed
-from ._perturbations import normalise_labels
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -38,10 +37,8 @@ class SetupArgs:
 def expression_matrix(adata: AnnData, layer: str | None) -> MatrixLike:
     """``adata.X`` or ``adata.layers[layer]``, with an error listing the layers if absent.
 
-    For a view of an AnnData whose ``X`` is on disk (``adata[mask]`` on
-    ``read_h5ad(path, backed="r")``, or on an AnnData whose ``X`` is a zarr-backed sparse
-    dataset) the on-disk ``X`` is wrapped in a :class:`~ptrag_sc.data._matrix.RowSubset`, read
-    by rows on demand, instead of anndata's ``view.X``, which loads all the view's rows at once.
+    The on-disk ``X`` of a view of a backed AnnData is read by rows on demand (anndata's
+    ``view.X`` would load all the view's rows at once).
     """
     if layer is None:
         lazy_view = _backed_view_matrix(adata)
@@ -59,11 +56,8 @@ def expression_matrix(adata: AnnData, layer: str | None) -> MatrixLike:
 
 
 def _backed_view_matrix(adata: AnnData) -> RowSubset | None:
-    """The rows of a view of an AnnData with an on-disk ``X`` as a lazy :class:`RowSubset`.
-
-    ``None`` for anything else (in-memory data, or an anndata without the view internals used
-    here, which then falls back to ``view.X``).
-    """
+    """The rows of a view of an AnnData with an on-disk ``X`` as a lazy :class:`RowSubset`
+    (``None`` for anything else, or an anndata without these view internals)."""
     if not getattr(adata, "is_view", False):
         return None
     parent = getattr(adata, "_adata_ref", None)
@@ -81,10 +75,8 @@ def _backed_view_matrix(adata: AnnData) -> RowSubset | None:
 
 
 def gene_columns(var_names: pd.Index, model_var_names: pd.Index) -> np.ndarray | None:
-    """Column of ``var_names`` holding each of the model's genes; ``None`` when already in order.
-
-    Raises a ``ValueError`` naming missing genes when the AnnData lacks some of them.
-    """
+    """Column of ``var_names`` holding each of the model's genes (``None``: already in order);
+    a ``ValueError`` names the missing ones."""
     var_names = pd.Index(np.asarray(var_names).astype(str))
     reference = pd.Index(np.asarray(model_var_names).astype(str))
     if var_names.equals(reference):
@@ -142,30 +134,12 @@ class PerturbationData:
         self.n_obs = adata.n_obs
         obs = adata.obs
         key = setup.perturbation_key
-        if key in obs.columns:
-            raw = obs[key]
-            if raw.isna().any():
-                bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
-                raise ValueError(
-                    f"`adata.obs[{key!r}]` has missing values, e.g. in cells {bad}. Label every "
-                    "cell."
-                )
-            self.labels = normalise_labels(
-                raw.astype(str).to_numpy(), control_group=setup.control_group, sep=setup.sep
-            )
-            empty = self.labels == ""
-            if empty.any():
-                bad = adata.obs_names[empty][:5].tolist()
-                raise ValueError(
-                    f"`adata.obs[{key!r}]` has empty labels (blank or only separators), e.g. in "
-                    f"cells {bad}. Label every cell."
-                )
-            self.has_labels = True
-        elif require_labels:
-            raise missing_obs_key_error(adata, key, "perturbation_key")
+        #: Whether the cells are labelled (generation mode accepts control cells without labels).
+        self.has_labels = key in obs.columns
+        if self.has_labels or require_labels:
+            self.labels = read_labels(adata, key, control_group=setup.control_group, sep=setup.sep)
         else:
             self.labels = np.full(self.n_obs, setup.control_group, dtype=object)
-            self.has_labels = False
         self.is_control = self.labels == setup.control_group
         self.cell_types = self._cell_types()
         self.has_cell_types = (
@@ -175,9 +149,7 @@ class PerturbationData:
         self.matrix = expression_matrix(adata, setup.layer)
         self.columns = gene_columns(adata.var_names, var_names)
         #: The model's genes, in the order expression is read.
-        self.var_names = np.asarray(adata.var_names if var_names is None else var_names).astype(
-            str
-        )
+        self.var_names = np.asarray(var_names).astype(str)
         # Control cells are drawn by every set: an on-disk matrix keeps them in memory.
         self.expression = ExpressionMatrix(self.matrix, self.columns, cache=self.is_control)
 
@@ -186,11 +158,7 @@ class PerturbationData:
         if key is None or key not in self.adata.obs.columns:
             return np.full(self.n_obs, NO_CELL_TYPE, dtype=object)
         values = self.adata.obs[key]
-        if values.isna().any():
-            bad = self.adata.obs_names[values.isna().to_numpy()][:5].tolist()
-            raise ValueError(
-                f"`adata.obs[{key!r}]` (`cell_type_key`) has missing values, e.g. in cells {bad}."
-            )
+        refuse_missing(values, f"`adata.obs[{key!r}]` (`cell_type_key`)", self.adata.obs_names)
         return values.astype(str).to_numpy().astype(object)
 
     def _batch_codes(self, categories: np.ndarray | None) -> np.ndarray:
@@ -198,11 +166,7 @@ class PerturbationData:
         if key is None or categories is None or key not in self.adata.obs.columns:
             return np.full(self.n_obs, -1, dtype=np.int64)
         values = self.adata.obs[key]
-        if values.isna().any():
-            bad = self.adata.obs_names[values.isna().to_numpy()][:5].tolist()
-            raise ValueError(
-                f"`adata.obs[{key!r}]` (`batch_key`) has missing values, e.g. in cells {bad}."
-            )
+        refuse_missing(values, f"`adata.obs[{key!r}]` (`batch_key`)", self.adata.obs_names)
         mapping = pd.Index(np.asarray(categories).astype(str))
         return mapping.get_indexer(values.astype(str).to_numpy()).astype(np.int64)
 

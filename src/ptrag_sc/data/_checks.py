@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from .._checks import check_anndata, check_key_type
 from ._cells import expression_matrix
-from ._fields import missing_obs_key_error
+from ._fields import missing_obs_key_error, read_labels, refuse_missing, refuse_no_controls
 from ._matrix import iter_row_chunks
 from ._perturbations import normalise_labels
 
@@ -23,17 +23,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ._matrix import MatrixLike
-
-__all__ = [
-    "check_categories",
-    "check_control_label",
-    "check_controls_per_cell_type",
-    "check_expression",
-    "check_genes",
-    "check_obs_key",
-    "check_setup",
-    "check_setup_arguments",
-]
 
 #: Largest absolute value accepted in an expression matrix (log1p data stays below ~15).
 MAX_EXPRESSION = 1e4
@@ -46,13 +35,8 @@ def check_obs_key(adata: AnnData, key: str | None, argument: str) -> None:
 
 
 def check_expression(X: MatrixLike, *, where: str, warn_counts: bool = False) -> None:
-    """Reject NaN, infinite and negative expression values (streamed by chunks), naming the first
-    bad cells.
-
-    The model generates non-negative log-normalised expression; raw counts must be normalised
-    (``sc.pp.normalize_total`` then ``sc.pp.log1p``) and z-scored data is not supported. With
-    ``warn_counts``, integer-valued data (raw counts) gets a warning saying so.
-    """
+    """Reject NaN, infinite, negative and huge expression values (streamed by chunks), naming
+    the first bad cells; with ``warn_counts``, warn about integer data (raw counts)."""
     all_integer = warn_counts
     largest = 0.0
     for start, block in iter_row_chunks(X):
@@ -86,10 +70,8 @@ _SLICE = 1 << 18
 def _scan(values: np.ndarray, integer: bool) -> tuple[float, float, bool]:
     """Minimum and maximum of ``values`` (NaN when one is NaN) and whether all are integer.
 
-    One read of memory: each cache-sized slice is reduced twice while in cache. The integer
-    test (``floor(v) == v``; ``np.mod`` costs ~20x more per value) runs only while ``integer``
-    holds and stops at the first slice with a fraction, so log-normalised data settle it at
-    once and only integer data (raw counts) are tested through.
+    Each cache-sized slice is reduced while in cache; the integer test (``floor(v) == v``,
+    20x cheaper than ``np.mod``) stops at the first slice with a fraction.
     """
     test = integer and values.dtype.kind == "f"  # other dtypes hold integers only
     lows, highs = [], []
@@ -105,8 +87,7 @@ def _scan(values: np.ndarray, integer: bool) -> tuple[float, float, bool]:
 def _raise_bad_values(
     block: np.ndarray | sp.csr_matrix, values: np.ndarray, start: int, where: str
 ) -> None:
-    """Raise the error of :func:`check_expression` for a chunk holding NaN, infinite or negative
-    values."""
+    """Raise the error of :func:`check_expression` for a chunk with NaN, inf or negative values."""
     if sp.issparse(block):
         rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
     else:
@@ -154,8 +135,7 @@ def check_setup_arguments(
     sep: str,
     where: str = "adata",
 ) -> None:
-    """The checks of :func:`check_setup` that read no obs column (``setup_mudata`` runs them
-    first)."""
+    """The checks of :func:`check_setup` that read no obs column."""
     check_anndata(adata, where)
     check_key_type("perturbation_key", perturbation_key, allow_none=False)
     check_key_type("cell_type_key", cell_type_key, allow_none=True)
@@ -190,41 +170,27 @@ def check_setup_arguments(
         raise ValueError(f"`perturbation_sep` must be a non-empty string, got {sep!r}.")
 
 
-def check_setup(
-    adata: AnnData,
-    *,
-    perturbation_key: str,
-    control_group: str,
-    cell_type_key: str | None,
-    batch_key: str | None,
-    layer: str | None,
-    sep: str,
-    transfer: bool,
-) -> None:
-    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData."""
-    check_setup_arguments(
-        adata,
-        perturbation_key=perturbation_key,
-        control_group=control_group,
-        cell_type_key=cell_type_key,
-        batch_key=batch_key,
-        layer=layer,
-        sep=sep,
-    )
+def check_setup(adata: AnnData, *, transfer: bool, **arguments: str | None) -> None:
+    """Everything :meth:`~ptrag_sc.PTRAG.setup_anndata` checks before writing into the AnnData
+    (``arguments``: those of :func:`check_setup_arguments`)."""
+    check_setup_arguments(adata, **arguments)
+    perturbation_key, control_group = arguments["perturbation_key"], arguments["control_group"]
+    cell_type_key, layer = arguments["cell_type_key"], arguments["layer"]
     check_obs_key(adata, perturbation_key, "perturbation_key")
-    for key, argument in ((cell_type_key, "cell_type_key"), (batch_key, "batch_key")):
+    for argument in ("cell_type_key", "batch_key"):
+        key = arguments[argument]
         check_obs_key(adata, key, argument)
         if key is not None:
             check_categories(
                 adata.obs[key], f"`adata.obs[{key!r}]` (`{argument}`)", adata.obs_names
             )
-    raw = adata.obs[perturbation_key]
-    if raw.isna().any():
-        bad = adata.obs_names[raw.isna().to_numpy()][:5].tolist()
-        raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has missing values in {int(raw.isna().sum())} "
-            f"cell(s), e.g. {bad}. Label every cell (controls as {control_group!r})."
-        )
+    labels = read_labels(
+        adata,
+        perturbation_key,
+        control_group=control_group,
+        sep=arguments["sep"],
+        refuse_empty=not transfer,
+    )
     X = expression_matrix(adata, layer)
     check_expression(
         X,
@@ -233,38 +199,19 @@ def check_setup(
     )
     if transfer:
         return
-    labels = normalise_labels(raw.astype(str).to_numpy(), control_group=control_group, sep=sep)
-    empty = labels == ""
-    if empty.any():
-        bad = adata.obs_names[empty][:5].tolist()
-        raise ValueError(
-            f"`adata.obs[{perturbation_key!r}]` has empty labels (blank or only separators) in "
-            f"{int(empty.sum())} cell(s), e.g. {bad}. Label every cell (controls as "
-            f"{control_group!r})."
-        )
-    is_control = labels == control_group
-    if not is_control.any():
-        values = sorted(map(str, pd.unique(raw.astype(str))))[:10]
-        raise ValueError(
-            f"No control cells: `control_group={control_group!r}` does not occur in "
-            f"`adata.obs[{perturbation_key!r}]`. Values present include {values}."
-        )
+    refuse_no_controls(adata, perturbation_key, labels, control_group)
     cell_types = (
         adata.obs[cell_type_key].astype(str).to_numpy()
         if cell_type_key is not None
         else np.full(adata.n_obs, "all")
     )
-    check_controls_per_cell_type(is_control, cell_types, where="the AnnData")
+    check_controls_per_cell_type(labels == control_group, cell_types, where="the AnnData")
 
 
 def check_categories(values: pd.Series, where: str, cell_names: pd.Index) -> None:
-    """A cell-type or batch column scvi-tools can turn into categories: no missing value, and
-    no mix of strings with numbers (which cannot be sorted: ``'<' not supported``)."""
-    missing = values.isna().to_numpy()
-    if missing.any():
-        raise ValueError(
-            f"{where} has missing values, e.g. in cells {list(cell_names[missing][:5])}."
-        )
+    """A cell-type or batch column scvi-tools can turn into categories: no missing value, no mix
+    of strings with numbers (which cannot be sorted)."""
+    refuse_missing(values, where, cell_names)
     items = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
     if items.dtype == object:
         kinds = {
@@ -305,11 +252,8 @@ def check_genes(adata: AnnData, var_names: np.ndarray, dir_path: str | os.PathLi
 
 
 def check_control_label(adata: AnnData, setup_args: dict, embeddings: pd.DataFrame | None) -> None:
-    """Loading onto data labelled with another control label: say so, instead of blaming the model.
-
-    Without a cell labelled with the saved ``control_group``, labels that have no gene
-    embedding are most likely the data's own control label.
-    """
+    """Loading onto data with another control label: labels without a gene embedding, where no
+    cell has the saved ``control_group``, are named as the likely control label."""
     from ._perturbations import PerturbationEncoder
 
     key, control = setup_args.get("perturbation_key"), setup_args.get("control_group")

@@ -16,13 +16,6 @@ if TYPE_CHECKING:
     from ._sets import SetGroups
 
 
-def distributed_world() -> tuple[int, int]:
-    """``(world size, rank)`` of the current process group, ``(1, 0)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
 class SetDataModule(pl.LightningDataModule):
     """Serves training and validation sets; each data-parallel rank takes a disjoint share.
 
@@ -67,7 +60,8 @@ class SetDataModule(pl.LightningDataModule):
         self.steps_per_epoch = steps_per_epoch
 
     def _loader(self, groups: SetGroups, *, shuffle: bool) -> DataLoader:
-        world, rank = distributed_world()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
         sampler = SetBatchSampler(
             groups,
             set_size=self.set_size,
@@ -76,7 +70,7 @@ class SetDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             steps_per_epoch=self.steps_per_epoch if shuffle else None,
             num_replicas=world,
-            rank=rank,
+            rank=torch.distributed.get_rank() if distributed else 0,
         )
         return DataLoader(
             SetBatchDataset(self.expression, groups),

@@ -1,36 +1,6 @@
-"""Evidence for a perturbation's mean shift, fitted on the memory with each entry left out.
-
-Each *source* (:mod:`~ptrag_sc.data._sources`) estimates the specific shift of a query (q, c):
-its mean shift minus the context response of cell type c (the mean shift of c's other
-perturbations). :func:`fit` combines the sources in steps, each fitted on the memory's entries in
-exactly the situation of a held-out
-perturbation, that is with the entry's own response left out:
-
-1. **Stack.** Non-negative least-squares weights of the sources (stacked regression, Breiman
-   1996): a source that does not help on the training perturbations gets weight 0.
-2. **Trust.** The cell type's *trust* ``t(c)``: the least-squares scale of the stack on the
-   cell type's other entries, clipped at 0 and pulled towards the scale over all entries by a
-   prior of :data:`TRUST_PRIOR` entries. A cell type where the sources predicted nothing gets
-   its context response.
-3. **Gate.** A per-query reliability ``r(q) = 2 sigmoid(b . [1, z(q)])`` in (0, 2) scales
-   the trusted stack, where ``z`` describes what the query looks like (:data:`GATE_FEATURES`:
-   how similar its nearest measured neighbours are, whether the sources agree, whether its
-   own gene is measured...). ``b = 0`` (``r = 1``) is the plain stack; ``b`` is penalised
-   towards it. Where the evidence predicted perturbations like this one badly, ``r`` is near
-   0 and the query gets its context response: a neighbour's strong response is not lent to a
-   perturbation it does not fit.
-4. **Combinations.** ``A+B`` in cell type c is the additive model: the sum of its members'
-   shifts, each measured in c where it was and otherwise the context response of c (the
-   typical shift of a perturbation there), which is the standard bar for combinations and
-   needs no measured combination.
-5. **Own gene.** Where the perturbed gene is itself measured, its shift is the training
-   perturbations' median relative change of their own gene in that cell type (a knock-down or
-   knock-out lowers its target, an activation raises it), not what neighbours say.
-
-The **confidence** of a query is the Pearson correlation its predicted mean shift is expected to
-reach with the measured one, a ridge regression of the entries' leave-one-out correlations on
-the same features.
-"""
+"""Evidence for a perturbation's mean shift: the stack of the sources, the cell type's trust, the
+query's gate, the combination and own-gene rules and the confidence (docs/concepts.md), all
+fitted on the memory's entries with each entry's own response left out."""
 
 from __future__ import annotations
 
@@ -43,12 +13,12 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.optimize import minimize
 
+from ._perturbations import label_members
 from ._sources import SOURCES, Rows, unit_rows
 
 if TYPE_CHECKING:
     from ._annotations import GeneAnnotations
     from ._memory import RetrievalMemory
-    from ._sources import EvidenceSource
 
 #: What the gate and the confidence read about a query.
 GATE_FEATURES = (
@@ -99,12 +69,9 @@ def closest(similarity: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 def fit_stack(
     sources: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None
 ) -> np.ndarray:
-    """Non-negative least-squares weights of ``S`` sources for ``targets``.
-
-    ``sources`` is ``(S, M, G)``, ``targets`` ``(M, G)``; each entry counts with ``weights``
-    (default :func:`entry_weights`). Exact for small ``S``: every subset of sources is solved by
-    least squares and the best feasible solution is kept.
-    """
+    """Non-negative least-squares weights of the ``(S, M, G)`` ``sources`` for ``targets``, each
+    entry counting with ``weights`` (default :func:`entry_weights`); exact: every subset of
+    sources is solved and the best feasible solution kept."""
     n_sources = sources.shape[0]
     weight = entry_weights(targets) if weights is None else weights
     gram = np.einsum("smg,tmg,m->st", sources, sources, weight**2, dtype=np.float64)
@@ -129,62 +96,48 @@ def fit_stack(
 
 
 def gate_features(
-    sources: dict[str, np.ndarray],
+    rows: Rows,
+    names: list[str],
+    sources: np.ndarray,
     stacked: np.ndarray,
     *,
-    neighbour_cosine: np.ndarray,
-    neighbour_jaccard: np.ndarray,
-    annotation_depth: np.ndarray,
     typical_size: np.ndarray,
     cell_type_trust: np.ndarray,
     own_gene_measured: np.ndarray,
-    members_measured: np.ndarray,
+    sep: str,
 ) -> np.ndarray:
-    """``(n, F)`` values of :data:`GATE_FEATURES` for ``n`` queries (``sources``: their
-    ``(n, G)`` estimates by source name; a source the model lacks reads as zeros)."""
+    """``(n, F)`` values of :data:`GATE_FEATURES` for the ``n`` rows (``sources``: the named
+    sources' ``(S, n, G)`` estimates; a source the model lacks reads as zeros)."""
+    by_name = dict(zip(names, sources, strict=True))
     zeros = np.zeros_like(stacked)
     return np.column_stack(
         [
-            neighbour_cosine,
-            neighbour_jaccard,
+            closest(rows.cosine, rows.allowed),
+            closest(rows.jaccard, rows.allowed),
             row_cosines(
-                sources.get("linear_embedding", zeros), sources.get("linear_annotation", zeros)
+                by_name.get("linear_embedding", zeros), by_name.get("linear_annotation", zeros)
             ),
             np.linalg.norm(stacked, axis=1) / np.maximum(typical_size, 1e-12),
-            annotation_depth,
-            np.abs(sources.get("other_cell_types", zeros)).sum(axis=1) > 0,
+            rows.annotation_depth(),
+            np.abs(by_name.get("other_cell_types", zeros)).sum(axis=1) > 0,
             cell_type_trust,
             own_gene_measured,
-            members_measured,
+            members_measured(rows.memory, rows.perturbations, rows.cell_types, sep),
         ]
     ).astype(np.float64)
 
 
 @dataclass
 class EvidenceModel:
-    """The fitted combination of the evidence sources (see the module's docstring).
+    """The fitted combination of the evidence sources.
 
-    Attributes
-    ----------
-    sources
-        Names of the sources, aligned with ``stack_weights``.
-    stack_weights
-        Non-negative weight of each source.
-    feature_center, feature_scale
-        Standardisation of :data:`GATE_FEATURES`.
-    gate_coef
-        ``(1 + F,)`` coefficients (intercept first) of the gate's logit.
-    confidence_coef
-        ``(1 + F,)`` coefficients of the confidence.
-    cell_types, typical_size, cell_type_trust, own_gene_ratio
-        Per cell type with entries: the root mean square of its entries' specific shifts, the
-        trust in the stack there and the median relative change of the perturbed gene (NaN
-        where no entry's gene is measured).
-    trust_all, own_gene_ratio_all
-        The same over all entries, for cell types without entries.
-    size_coef
-        ``(2,)`` Fisher-z line of the entries' accuracy on ``log1p`` of their estimate's size
-        over the typical one: the confidence of a combination (NaN: models that predate it).
+    ``stack_weights`` weighs the named ``sources``; ``gate_coef`` and ``confidence_coef`` are
+    ``(1 + F,)`` (intercept first) on :data:`GATE_FEATURES` standardised by ``feature_center``
+    and ``feature_scale``. Per cell type with entries: the root mean square of its entries'
+    specific shifts (``typical_size``), the trust in the stack and the median relative change of
+    the perturbed gene (NaN where none is measured); ``trust_all`` and ``own_gene_ratio_all``
+    over all entries. ``size_coef``: the Fisher-z line of the entries' accuracy on ``log1p`` of
+    their estimate's relative size, for combinations (NaN in models that predate it).
     """
 
     sources: np.ndarray
@@ -211,8 +164,7 @@ class EvidenceModel:
     def per_cell_type(
         self, cell_types: np.ndarray, values: np.ndarray, fallback: float
     ) -> np.ndarray:
-        """``values`` (one per fitted cell type) looked up for ``cell_types``; ``fallback``
-        elsewhere."""
+        """``values`` (one per fitted cell type) of ``cell_types``, ``fallback`` elsewhere."""
         row = pd.Index(self.cell_types.astype(str)).get_indexer(np.asarray(cell_types).astype(str))
         return np.where(row >= 0, np.asarray(values, np.float64)[np.maximum(row, 0)], fallback)
 
@@ -229,12 +181,9 @@ class EvidenceModel:
         return np.clip(self.standardise(features) @ self.confidence_coef, -1.0, 1.0)
 
     def combination_confidence(self, size: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-        """Expected Pearson correlation of combinations' predictions from their size.
-
-        A combination's prediction is the additive sum of its members' shifts, not the
-        stacked estimate that :meth:`confidence` describes; what carries over is how the
-        accuracy of the entries' estimates grew with their size (over the cell type's typical
-        specific shift). ``fallback`` where the line was not fitted."""
+        """Expected Pearson correlation of combinations' predictions (additive sums, not the
+        stack that :meth:`confidence` describes) from their relative size; ``fallback`` where
+        the line was not fitted."""
         intercept, slope = np.asarray(self.size_coef, np.float64)
         if not (np.isfinite(intercept) and np.isfinite(slope)):
             return fallback
@@ -245,12 +194,8 @@ def fit_gate(
     trusted: np.ndarray, targets: np.ndarray, design: np.ndarray, weights: np.ndarray
 ) -> np.ndarray:
     """Coefficients ``b`` of the gate ``r = 2 sigmoid(design @ b)`` minimising
-    ``sum_m w_m^2 |y_m - r_m s_m|^2 / sum_m w_m^2 |y_m|^2 + GATE_PENALTY |b|^2 / M``
-    (``s``: the trusted stack of each entry).
-
-    Only three numbers per entry enter (``<y, s>``, ``|s|^2``, ``|y|^2``), so the fit is a small
-    smooth problem (L-BFGS from ``b = 0``, deterministic).
-    """
+    ``sum_m w_m^2 |y_m - r_m s_m|^2 / sum_m w_m^2 |y_m|^2 + GATE_PENALTY |b|^2 / M`` (``s``: the
+    trusted stack), by L-BFGS from ``b = 0`` on three numbers per entry."""
     w2 = np.asarray(weights, np.float64) ** 2
     cross = w2 * np.einsum("mg,mg->m", targets, trusted, dtype=np.float64)
     size = w2 * np.einsum("mg,mg->m", trusted, trusted, dtype=np.float64)
@@ -269,8 +214,8 @@ def fit_gate(
 
 
 def fit_size_line(sizes: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
-    """``(intercept, slope)`` of ``arctanh(accuracy)`` on ``log1p(sizes)`` (least squares over
-    the finite entries; NaN with fewer than three or no spread in size)."""
+    """``(intercept, slope)`` of ``arctanh(accuracy)`` on ``log1p(sizes)`` over the finite
+    entries (NaN with fewer than three or no spread in size)."""
     finite = np.isfinite(sizes) & np.isfinite(accuracy)
     x = np.log1p(sizes[finite])
     if finite.sum() < 3 or np.ptp(x) <= 1e-12:
@@ -281,8 +226,7 @@ def fit_size_line(sizes: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 
 
 def fit_ridge(design: np.ndarray, target: np.ndarray, penalty: float) -> np.ndarray:
-    """Ridge coefficients of ``target`` on ``design`` (its first column, the intercept,
-    unpenalised)."""
+    """Ridge coefficients of ``target`` on ``design`` (the intercept, first, unpenalised)."""
     reg = penalty * np.eye(design.shape[1])
     reg[0, 0] = 0.0
     return np.linalg.solve(design.T @ design + reg, design.T @ target)
@@ -291,13 +235,9 @@ def fit_ridge(design: np.ndarray, target: np.ndarray, penalty: float) -> np.ndar
 def trust(
     cross: np.ndarray, size: np.ndarray, groups: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Least-squares scale ``sum <y, s> / sum |s|^2`` of an estimate ``s`` of ``y``, per group.
-
-    ``cross`` and ``size`` hold each entry's (weighted) ``<y, s>`` and ``|s|^2``. A group's
-    scale is pulled towards the scale over all entries by :data:`TRUST_PRIOR` entries of
-    average size and clipped at 0. Returns ``(per group, per entry with the entry left out,
-    over all)``.
-    """
+    """Least-squares scale ``sum <y, s> / sum |s|^2`` (``cross``, ``size``: each entry's) per
+    group, pulled towards the overall one by :data:`TRUST_PRIOR` average entries, clipped at 0:
+    ``(per group, per entry with the entry left out, over all)``."""
     codes = np.unique(groups, return_inverse=True)[1]
     overall = float(max(cross.sum(), 0.0) / max(size.sum(), 1e-12))
     prior = TRUST_PRIOR * float(size.mean()) if size.size else 0.0
@@ -317,26 +257,20 @@ def trust(
 def own_gene_columns(
     labels: np.ndarray, gene_names: np.ndarray | None, sep: str
 ) -> list[np.ndarray]:
-    """For each label, the columns of its member genes among ``gene_names`` (matched
-    upper-case)."""
+    """Columns of each label's member genes among ``gene_names`` (matched upper-case)."""
     if gene_names is None or not len(gene_names):
         return [np.zeros(0, np.int64) for _ in labels]
     index = pd.Index(np.char.upper(np.asarray(gene_names).astype(str)))
     if index.has_duplicates:
         index = index.where(~index.duplicated(keep=False), "")
-    out = []
-    for label in labels:
-        members = [m.strip().upper() for m in str(label).split(sep) if m.strip()]
-        cols = index.get_indexer(members)
-        out.append(cols[cols >= 0].astype(np.int64))
-    return out
+    columns = [index.get_indexer(label_members(label, sep)) for label in labels]
+    return [c[c >= 0].astype(np.int64) for c in columns]
 
 
 def own_gene_ratios(
     responses: np.ndarray, control_means: np.ndarray, columns: list[np.ndarray]
 ) -> np.ndarray:
-    """Relative change ``shift / control mean`` of each single-gene entry's own gene (NaN
-    otherwise)."""
+    """``shift / control mean`` of each single-gene entry's own gene (NaN otherwise)."""
     ratios = np.full(len(columns), np.nan)
     for m, cols in enumerate(columns):
         if len(cols) == 1 and control_means[m, cols[0]] >= MIN_OWN_GENE_MEAN:
@@ -351,23 +285,12 @@ def apply_own_gene(
     columns: list[np.ndarray],
     ratio: np.ndarray,
 ) -> np.ndarray:
-    """Set each query's own genes to ``ratio * control mean`` (as a specific shift: minus the
-    context)."""
+    """Each query's own genes set to ``ratio * control mean`` (minus the context)."""
     out = specific.copy()
     for i, cols in enumerate(columns):
         if len(cols) and np.isfinite(ratio[i]):
             out[i, cols] = ratio[i] * control_mean[i, cols] - context[i, cols]
     return out
-
-
-def _source(name: str) -> EvidenceSource:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise ValueError(
-            f"The model's evidence stacks the source {name!r}, which this version of ptrag_sc "
-            f"does not have (it has {list(SOURCES)}). Load it with the version that wrote it."
-        ) from None
 
 
 def fit(
@@ -378,10 +301,9 @@ def fit(
     sep: str,
     use: tuple[str, ...] | None,
 ) -> None:
-    """Fit every source of :data:`~ptrag_sc.data._sources.SOURCES`, their stack, trust, gate,
-    own-gene rule and confidence on the memory's entries, each entry's own response left out;
-    sets the memory's annotations, ``sources``, ``evidence_model``, ``entry_estimates`` and
-    ``entry_confidence``. Sources outside ``use`` (all by default) get weight 0."""
+    """Fit the evidence on the memory's entries and set the memory's annotations, ``sources``,
+    ``evidence_model``, ``entry_estimates`` and ``entry_confidence``. Sources outside ``use``
+    (default: all) get weight 0."""
     perturbations = memory.perturbations.astype(str)
     cell_types = memory.cell_types.astype(str)
     n = len(memory)
@@ -393,7 +315,15 @@ def fit(
     memory.annotation_indptr = matrix.indptr.astype(np.int64)
     memory.annotation_indices = matrix.indices.astype(np.int64)
     context, _ = memory.contexts(perturbations, cell_types)
-    rows = Rows.of_entries(memory, specific, context)
+    rows = Rows.build(
+        memory,
+        perturbations,
+        cell_types,
+        memory.embeddings,
+        memory.annotation_matrix(),
+        context,
+        specific,
+    )
     names = tuple(SOURCES)
     sources = np.zeros((len(names), n, specific.shape[1]), dtype=np.float32)
     memory.sources = {}
@@ -417,17 +347,16 @@ def fit(
     columns = own_gene_columns(perturbations, memory.gene_names, sep)
     trusted = stacked * trust_per_entry[:, None]
     features = gate_features(
-        dict(zip(names, sources, strict=True)),
+        rows,
+        names,
+        sources,
         trusted,
-        neighbour_cosine=closest(rows.cosine, rows.allowed),
-        neighbour_jaccard=closest(rows.jaccard, rows.allowed),
-        annotation_depth=rows.annotation_depth(),
         typical_size=typical_size[type_code],
         # The cell type's trust, not the entry's leave-one-out one: how much that one moves
         # when the entry is left out depends on the entry's own fit.
         cell_type_trust=trust_per_type[type_code],
         own_gene_measured=np.array([len(c) > 0 for c in columns], dtype=float),
-        members_measured=members_measured(memory, perturbations, cell_types, sep),
+        sep=sep,
     )
     center = features.mean(axis=0)
     scale = np.where(features.std(axis=0) > 1e-9, features.std(axis=0), 1.0)
@@ -503,7 +432,7 @@ def query(
     for start in range(0, new.size, CHUNK):
         idx = new[start : start + CHUNK]
         q_pert, q_ct, q_context = perturbations[idx], cell_types[idx], context[idx]
-        rows = Rows.of_queries(
+        rows = Rows.build(
             memory,
             q_pert,
             q_ct,
@@ -513,22 +442,21 @@ def query(
         )
         sources = np.zeros((len(names), len(idx), context.shape[1]), dtype=np.float32)
         for i, name in enumerate(names):
-            sources[i] = _source(name).queries(rows, (memory.sources or {}).get(name, {}))
+            sources[i] = SOURCES[name].queries(rows, (memory.sources or {}).get(name, {}))
         trusted = model.per_cell_type(q_ct, model.cell_type_trust, model.trust_all)
         columns = own_gene_columns(q_pert, memory.gene_names, sep)
         estimate = np.tensordot(model.stack_weights, sources, axes=1) * trusted[:, None]
-        mean_size = float(np.mean(model.typical_size))
+        typical = model.per_cell_type(q_ct, model.typical_size, np.mean(model.typical_size))
         measured = np.array([len(c) > 0 for c in columns], dtype=float)
         features = gate_features(
-            dict(zip(names, sources, strict=True)),
+            rows,
+            names,
+            sources,
             estimate,
-            neighbour_cosine=closest(rows.cosine, rows.allowed),
-            neighbour_jaccard=closest(rows.jaccard, rows.allowed),
-            annotation_depth=rows.annotation_depth(),
-            typical_size=model.per_cell_type(q_ct, model.typical_size, mean_size),
+            typical_size=typical,
             cell_type_trust=trusted,
             own_gene_measured=measured * (control_mean is not None),
-            members_measured=members_measured(memory, q_pert, q_ct, sep),
+            sep=sep,
         )
         gate = model.gate(features)
         estimate = estimate * gate[:, None]
@@ -542,8 +470,8 @@ def query(
         confidence[idx] = model.confidence(features)
         combination = np.array([sep in label for label in q_pert], dtype=bool)
         if combination.any():
-            typical = model.per_cell_type(q_ct[combination], model.typical_size, mean_size)
-            size = np.linalg.norm(stacked[idx][combination], axis=1) / np.maximum(typical, 1e-12)
+            size = np.linalg.norm(stacked[idx][combination], axis=1)
+            size = size / np.maximum(typical[combination], 1e-12)
             confidence[idx[combination]] = model.combination_confidence(
                 size, confidence[idx[combination]]
             )
@@ -559,8 +487,7 @@ def query(
 def members_measured(
     memory: RetrievalMemory, perturbations: np.ndarray, cell_types: np.ndarray, sep: str
 ) -> np.ndarray:
-    """Fraction of each combination's members with an entry in its cell type (0 for single
-    perturbations)."""
+    """Fraction of each combination's members with an entry in its cell type (0 for singles)."""
     out = np.zeros(len(perturbations))
     for i, label in enumerate(perturbations):
         members = str(label).split(sep)
@@ -579,8 +506,7 @@ def additive(
     sep: str,
 ) -> np.ndarray:
     """Combinations' specific shifts by the additive model: the sum of the members' shifts in
-    the query's cell type (measured, or its context response where a member was not), minus
-    the query's context. Single perturbations keep ``estimate``."""
+    the cell type (measured, else its context response) minus the query's context."""
     members = [str(p).split(sep) for p in perturbations]
     combos = np.flatnonzero([len(m) > 1 for m in members])
     if combos.size == 0:

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import rich
-from scvi.data.fields import BaseAnnDataField
+from scvi.data.fields._dataframe_field import BaseDataFrameField
+
+from ._perturbations import normalise_labels
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -22,7 +24,47 @@ def missing_obs_key_error(adata: AnnData, key: str, argument: str) -> KeyError:
     )
 
 
-class PerturbationField(BaseAnnDataField):
+def refuse_missing(values: pd.Series, where: str, cell_names: pd.Index, hint: str = "") -> None:
+    """Raise a ``ValueError`` naming the first cells where ``values`` is missing."""
+    missing = values.isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"{where} has missing values in {int(missing.sum())} cell(s), e.g. "
+            f"{cell_names[missing][:5].tolist()}.{hint}"
+        )
+
+
+def read_labels(
+    adata: AnnData, key: str, *, control_group: str, sep: str, refuse_empty: bool = True
+) -> np.ndarray:
+    """Canonical labels of ``adata.obs[key]`` (the ``perturbation_key``), refusing missing and
+    (``refuse_empty``) empty ones."""
+    if key not in adata.obs.columns:
+        raise missing_obs_key_error(adata, key, "perturbation_key")
+    hint = f" Label every cell (controls as {control_group!r})."
+    refuse_missing(adata.obs[key], f"`adata.obs[{key!r}]`", adata.obs_names, hint)
+    raw = adata.obs[key].astype(str).to_numpy()
+    labels = normalise_labels(raw, control_group=control_group, sep=sep)
+    empty = labels == ""
+    if refuse_empty and empty.any():
+        raise ValueError(
+            f"`adata.obs[{key!r}]` has empty labels (blank or only separators) in "
+            f"{int(empty.sum())} cell(s), e.g. {adata.obs_names[empty][:5].tolist()}.{hint}"
+        )
+    return labels
+
+
+def refuse_no_controls(adata: AnnData, key: str, labels: np.ndarray, control_group: str) -> None:
+    """Raise a ``ValueError`` listing the labels present when none is ``control_group``."""
+    if not (labels == control_group).any():
+        values = sorted(map(str, pd.unique(adata.obs[key].astype(str))))[:10]
+        raise ValueError(
+            f"No control cells: `control_group={control_group!r}` does not occur in "
+            f"`adata.obs[{key!r}]`. Values present include {values}."
+        )
+
+
+class PerturbationField(BaseDataFrameField):
     """Perturbation labels in an obs column, with a control label and a combination separator.
 
     Labels are not turned into a closed list of categories: the model embeds them through the
@@ -42,53 +84,16 @@ class PerturbationField(BaseAnnDataField):
     """
 
     def __init__(self, registry_key: str, obs_key: str, *, control_group: str, sep: str) -> None:
-        super().__init__()
-        self._registry_key = registry_key
-        self._attr_key = obs_key
+        super().__init__(registry_key, obs_key, field_type="obs")
         self.control_group = control_group
         self.sep = sep
 
-    @property
-    def registry_key(self) -> str:
-        return self._registry_key
-
-    @property
-    def attr_name(self) -> str:
-        return "obs"
-
-    @property
-    def attr_key(self) -> str:
-        return self._attr_key
-
-    @property
-    def is_empty(self) -> bool:
-        return False
-
     def _labels(self, adata: AnnData) -> np.ndarray:
-        if self.attr_key not in adata.obs.columns:
-            raise missing_obs_key_error(adata, self.attr_key, "perturbation_key")
-        labels = adata.obs[self.attr_key]
-        if labels.isna().any():
-            bad = adata.obs_names[labels.isna().to_numpy()][:5].tolist()
-            raise ValueError(
-                f"`adata.obs[{self.attr_key!r}]` has missing values in {int(labels.isna().sum())} "
-                f"cell(s), e.g. {bad}. Label every cell (controls as {self.control_group!r})."
-            )
-        from ._perturbations import normalise_labels
-
-        return normalise_labels(
-            labels.astype(str).to_numpy(), control_group=self.control_group, sep=self.sep
-        )
+        options = {"control_group": self.control_group, "sep": self.sep, "refuse_empty": False}
+        return read_labels(adata, self.attr_key, **options)
 
     def validate_field(self, adata: AnnData) -> None:
-        labels = self._labels(adata)
-        if not (labels == self.control_group).any():
-            values = pd.unique(labels)
-            raise ValueError(
-                f"No control cells: `control_group={self.control_group!r}` does not occur in "
-                f"`adata.obs[{self.attr_key!r}]`. Values present include "
-                f"{sorted(map(str, values))[:10]}."
-            )
+        refuse_no_controls(adata, self.attr_key, self._labels(adata), self.control_group)
 
     def _state(self, adata: AnnData) -> dict:
         labels = self._labels(adata)

@@ -1,19 +1,5 @@
-"""Stage 1 of the retrieval: the memory entries nearest to each query, computed once per query.
-
-Three searches, chosen by ``index_backend`` and the size of the memory:
-
-- exact, by matrix products over chunks of queries (at most ``EXACT_PAIRS_PER_CHUNK`` scores,
-  float32, at a time: memory does not grow with the number of (query, entry) pairs);
-- exact with faiss (``IndexFlatIP``), for faiss users with memories up to
-  ``APPROXIMATE_THRESHOLD`` entries;
-- approximate, beyond ``APPROXIMATE_THRESHOLD`` entries with faiss: an inverted-file search.
-  faiss k-means (spherical, on a sample) cuts the entries into about ``sqrt(M)`` lists; a query
-  is scored exactly against the entries of the ``n_probe`` lists whose centroids are nearest to
-  the centroid of its own list. Queries of one list share their candidates, so they are scored
-  together by one matrix product: a neighbour table for many queries costs
-  ``M * n_probe / sqrt(M)`` multiply-adds per query at matrix-product speed, where a per-query
-  IVF search scans the lists one query at a time.
-"""
+"""Stage 1 of the retrieval: the memory entries nearest to each query, exact by chunked matrix
+products or, with faiss beyond ``APPROXIMATE_THRESHOLD`` entries, approximate by k-means lists."""
 
 from __future__ import annotations
 
@@ -29,6 +15,7 @@ from .._constants import (
     IndexBackend,
 )
 from ._memory import RetrievalMemory
+from ._perturbations import label_members
 from ._similarity import StageOneSimilarity
 from ._sources import unit_rows
 
@@ -47,8 +34,7 @@ KMEANS_ITERATIONS, KMEANS_POINTS_PER_LIST = 10, 40
 
 
 def n_lists_for(n_entries: int) -> int:
-    """Lists of the approximate search for ``n_entries`` entries: about ``sqrt(M)``, 1 to
-    65,536."""
+    """Lists of the approximate search: about ``sqrt(M)``, 1 to 65,536."""
     return int(np.clip(round(np.sqrt(n_entries)), 1, 65536))
 
 
@@ -59,8 +45,7 @@ class NeighbourIndex:
     perturbation, for a response memory only the exact (query perturbation, query cell type)
     entry, so the same perturbation measured in *other* cell types stays retrievable. For a
     response memory, ties in similarity are broken in favour of entries of the query's cell
-    type. Results depend only on the query, so callers compute them once per query key and
-    gather.
+    type. Results depend only on the query: callers compute them once per query key.
 
     Parameters
     ----------
@@ -70,22 +55,21 @@ class NeighbourIndex:
         Number of candidates ``K`` per query.
     backend
         ``"exact"`` (matrix products over chunks of queries), ``"faiss"`` (needs the ``faiss``
-        extra: exact ``IndexFlatIP`` up to ``APPROXIMATE_THRESHOLD`` entries, the approximate
-        list search beyond; see the module notes) or ``"auto"`` (faiss beyond
-        ``FAISS_AUTO_THRESHOLD`` entries when installed, else exact).
+        extra: the approximate search of faiss k-means lists beyond ``APPROXIMATE_THRESHOLD``
+        entries, the exact one below) or ``"auto"`` (faiss beyond ``FAISS_AUTO_THRESHOLD``
+        entries when installed, else exact).
     sep
         Separator of combination labels.
     approximate
-        With faiss, force the approximate search (``True``) or an exact one (``False``);
-        default (``None``): by size, as above. Ignored by the exact backend.
+        With faiss, force the approximate search (``True``) or the exact one (``False``);
+        default (``None``): by size, as above.
     n_probe
         Lists a query of the approximate search is scored against (default
-        ``DEFAULT_N_PROBE``): more is slower and closer to exact; all lists is exact.
+        ``DEFAULT_N_PROBE``): more is slower and closer to exact.
     similarity
-        What to rank entries by instead of the embedding cosine (a
-        :class:`~ptrag_sc.data._similarity.StageOneSimilarity`, e.g. from
-        :func:`~ptrag_sc.data._similarity.make_similarity`; ``None``: the embedding cosine). A
-        prior is searched exactly (``backend="auto"`` means ``"exact"`` then).
+        A stage-1 prior to rank entries by instead of the embedding cosine (from
+        :func:`~ptrag_sc.data._similarity.make_similarity`; ``None``: the cosine), searched
+        exactly (``backend="auto"`` means ``"exact"`` then).
     """
 
     def __init__(
@@ -131,7 +115,6 @@ class NeighbourIndex:
             )
         self.backend = backend
         self.approximate = False
-        self._faiss = None
         self._lists: _Lists | None = None
         if backend == "faiss":
             if not _faiss_available():
@@ -145,11 +128,6 @@ class NeighbourIndex:
                     n_lists_for(len(memory)),
                     DEFAULT_N_PROBE if n_probe is None else int(n_probe),
                 )
-            else:
-                import faiss
-
-                self._faiss = faiss.IndexFlatIP(self._keys.shape[1])
-                self._faiss.add(self._keys)
 
     @property
     def n_probe(self) -> int | None:
@@ -216,38 +194,20 @@ class NeighbourIndex:
         cand = np.full((n, k), -1, dtype=np.int64)
         sim = np.full((n, k), np.nan, dtype=np.float32)
         pert_codes, ct_codes = self._codes(perturbations, cell_types)
-        if self.similarity is not None:
-            # The prior is dense in float64: bound a chunk to about 16 M entries.
-            chunk_size = max(1, min(chunk_size, (1 << 24) // max(1, len(self.memory))))
-            for start in range(0, n, chunk_size):
-                rows = slice(start, min(start + chunk_size, n))
-                idx, val = self._exact(
-                    q[rows],
-                    pert_codes[rows],
-                    ct_codes[rows],
-                    prior=(perturbations[rows], cell_types[rows]),
-                )
-                cand[rows, : idx.shape[1]] = idx
-                sim[rows, : val.shape[1]] = val
-        elif self._lists is not None:
+        if self._lists is not None:
             self._search_lists(q, pert_codes, ct_codes, cand, sim)
         else:
-            if self._faiss is None:
-                chunk_size = max(
-                    1, min(chunk_size, EXACT_PAIRS_PER_CHUNK // max(1, len(self.memory)))
-                )
+            # A prior is dense in float64: about 16 M of its values at a time.
+            budget = EXACT_PAIRS_PER_CHUNK if self.similarity is None else 1 << 24
+            chunk_size = max(1, min(chunk_size, budget // max(1, len(self.memory))))
             for start in range(0, n, chunk_size):
-                stop = min(start + chunk_size, n)
-                if self._faiss is None:
-                    idx, val = self._exact(
-                        q[start:stop], pert_codes[start:stop], ct_codes[start:stop]
-                    )
-                else:
-                    idx, val = self._search_faiss(
-                        q[start:stop], pert_codes[start:stop], ct_codes[start:stop]
-                    )
-                cand[start:stop, : idx.shape[1]] = idx
-                sim[start:stop, : val.shape[1]] = val
+                rows = slice(start, start + chunk_size)
+                prior = (
+                    None if self.similarity is None else (perturbations[rows], cell_types[rows])
+                )
+                idx, val = self._exact(q[rows], pert_codes[rows], ct_codes[rows], prior)
+                cand[rows, : idx.shape[1]] = idx
+                sim[rows, : val.shape[1]] = val
         valid = cand >= 0
         sim[~valid] = np.nan
         same = np.zeros_like(valid)
@@ -263,7 +223,7 @@ class NeighbourIndex:
         if combination.size:
             mem_labels = self.memory.perturbations.astype(str)
             for row in combination:
-                members = [m.strip().upper() for m in perturbations[row].split(self.sep)]
+                members = label_members(perturbations[row], self.sep)
                 is_member = valid[row] & np.isin(np.char.upper(mem_labels[safe[row]]), members)
                 relation[row, is_member] = RELATION_MEMBER
         return cand, sim, same, relation
@@ -275,26 +235,15 @@ class NeighbourIndex:
         ct_codes: np.ndarray,
         prior: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``K`` of each query among all entries by one matrix product.
-
-        Holds one ``(n, M)`` float32 score matrix (plus a boolean one for response memories).
-        With ``prior`` (the queries' labels and cell types), entries are ranked by the stage-1
-        similarity prior instead, and the prior's values are reported.
-        """
+        """Top-``K`` of each query among all entries by one matrix product; with ``prior`` (the
+        queries' labels and cell types) ranked by and reporting the stage-1 prior."""
+        cosine = torch.from_numpy(q) @ torch.from_numpy(self._keys).T
         reported = None
-        if prior is None:
-            ranking = self._ranking(q, pert_codes, ct_codes)
-        else:
-            cosine = torch.from_numpy(q) @ torch.from_numpy(self._keys).T
+        if prior is not None:
             same = pert_codes[:, None] == self._mem_pert[None, :]
             similarity, order = self.similarity.scores(*prior, cosine.numpy(), same)
-            reported, ranking = torch.from_numpy(similarity), torch.from_numpy(np.array(order))
-            if self.memory.kind == "response":
-                ranking.add_(
-                    torch.from_numpy(ct_codes[:, None] == self._mem_ct[None, :]), alpha=1e-5
-                )
-            rows, excluded = self._excluded(pert_codes, ct_codes)
-            ranking[torch.from_numpy(rows), torch.from_numpy(excluded)] = -torch.inf
+            reported, cosine = torch.from_numpy(similarity), torch.from_numpy(np.array(order))
+        ranking = self._ranking(cosine, pert_codes, ct_codes)
         k = min(self.n_candidates, ranking.shape[1])
         top = torch.topk(ranking, k, dim=1)
         del ranking
@@ -308,8 +257,7 @@ class NeighbourIndex:
         return idx, val
 
     def _cosines(self, q: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """Cosine of each query with its entries ``idx`` (``(n, K)``; ``-1`` gives garbage), by
-        chunks."""
+        """Cosine of each query with its entries ``idx`` (``-1`` gives garbage), by chunks."""
         out = np.empty(idx.shape, dtype=np.float32)
         for start in range(0, idx.shape[0], chunk):
             rows = slice(start, start + chunk)
@@ -318,19 +266,17 @@ class NeighbourIndex:
 
     def _search_lists(
         self,
-        q: torch.Tensor,
-        pert_codes: torch.Tensor,
-        ct_codes: torch.Tensor,
+        q: np.ndarray,
+        pert_codes: np.ndarray,
+        ct_codes: np.ndarray,
         cand: np.ndarray,
         sim: np.ndarray,
     ) -> None:
         """Approximate search: each query against the entries of its ``n_probe`` nearest lists.
 
-        Organised by list: the queries probing a list are scored against its entries by one
-        matrix product, and each query keeps its running top ``K``. Lists are visited nearest
-        first for every query (all first choices, then all second choices, ...): after its
-        nearest list a query has a threshold (its ``K``-th best score so far), and a query
-        none of whose scores in a later list beats it skips the selection there.
+        The queries probing a list are scored against its entries by one matrix product, each
+        keeping its running top ``K``. Lists are visited nearest first for every query, so from
+        the second on a query none of whose scores beats its ``K``-th best skips the selection.
         """
         lists = self._lists
         k = self.n_candidates
@@ -348,13 +294,13 @@ class NeighbourIndex:
                     entries = lists.entries(lst)
                     if entries.size == 0:
                         continue
+                    keys = torch.from_numpy(self._keys[entries])
                     queries = order[bounds[lst] : bounds[lst + 1]]
                     step = max(1, EXACT_PAIRS_PER_CHUNK // entries.size)
                     for first in range(0, queries.size, step):
                         chosen = queries[first : first + step]
-                        rank = self._ranking(
-                            block_q[chosen], block_pert[chosen], block_ct[chosen], entries
-                        )
+                        scores = torch.from_numpy(block_q[chosen]) @ keys.T
+                        rank = self._ranking(scores, block_pert[chosen], block_ct[chosen], entries)
                         if choice:
                             better = (rank > best_rank[chosen, -1:]).any(dim=1).numpy()
                             if not better.any():
@@ -375,18 +321,16 @@ class NeighbourIndex:
 
     def _ranking(
         self,
-        q: torch.Tensor,
-        pert_codes: torch.Tensor,
-        ct_codes: torch.Tensor,
+        scores: torch.Tensor,
+        pert_codes: np.ndarray,
+        ct_codes: np.ndarray,
         entries: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """Scores of queries against all entries (or ``entries``, sorted): cosine, + 1e-5 for the
-        query's cell type (response memories), ``-inf`` for the query's own entries."""
-        keys = self._keys if entries is None else self._keys[entries]
-        ranking = torch.from_numpy(q) @ torch.from_numpy(keys).T
+        """``scores`` of queries against all entries (or ``entries``, sorted), + 1e-5 for the
+        query's cell type (response memories) and ``-inf`` for the query's own entries."""
         if self.memory.kind == "response":
             mem_ct = self._mem_ct if entries is None else self._mem_ct[entries]
-            ranking.add_(torch.from_numpy(ct_codes[:, None] == mem_ct[None, :]), alpha=1e-5)
+            scores.add_(torch.from_numpy(ct_codes[:, None] == mem_ct[None, :]), alpha=1e-5)
         rows, excluded = self._excluded(pert_codes, ct_codes)
         if rows.size and entries is not None:
             position = np.searchsorted(entries, excluded)
@@ -394,46 +338,13 @@ class NeighbourIndex:
                 entries[np.minimum(position, entries.size - 1)] == excluded
             )
             rows, excluded = rows[found], position[found]
-        ranking[torch.from_numpy(rows), torch.from_numpy(excluded)] = -torch.inf
-        return ranking
-
-    def _search_faiss(
-        self, q: np.ndarray, pert_codes: np.ndarray, ct_codes: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """faiss search for ``K`` plus room for the excluded entry and for ties between cell
-        types."""
-        extra = len(self._ct_vocab) if self.memory.kind == "response" else 1
-        k = min(self.n_candidates + extra, len(self.memory))
-        val, idx = self._faiss.search(q, k)
-        idx = idx.astype(np.int64)
-        safe = np.maximum(idx, 0)
-        excluded = (idx >= 0) & (self._mem_pert[safe] == pert_codes[:, None])
-        if self.memory.kind == "response":
-            excluded &= self._mem_ct[safe] == ct_codes[:, None]
-        idx[excluded] = -1
-        # Rank as the exact search does (similarity, then the query's cell type first); missing
-        # and excluded slots go to the end.
-        ranking = np.where(idx >= 0, val.astype(np.float64), -np.inf)
-        if self.memory.kind == "response":
-            ranking = ranking + 1e-5 * ((idx >= 0) & (self._mem_ct[safe] == ct_codes[:, None]))
-        order = np.argsort(-ranking, axis=1, kind="stable")
-        idx = np.take_along_axis(idx, order, axis=1)[:, : self.n_candidates]
-        val = np.take_along_axis(val, order, axis=1)[:, : self.n_candidates]
-        return idx, val
+        scores[torch.from_numpy(rows), torch.from_numpy(excluded)] = -torch.inf
+        return scores
 
 
 class _Lists:
-    """The entries cut into k-means lists (faiss), and the lists each list's queries search.
-
-    Parameters
-    ----------
-    keys
-        Unit-norm entry embeddings ``(M, D)``.
-    n_lists
-        Number of lists (at most ``M``).
-    n_probe
-        Lists searched per query (at most ``n_lists``).
-    """
+    """The unit-norm entry embeddings ``keys`` cut into ``n_lists`` faiss k-means lists, of
+    which a query searches the ``n_probe`` nearest."""
 
     def __init__(self, keys: np.ndarray, n_lists: int, n_probe: int) -> None:
         import faiss
@@ -464,8 +375,7 @@ class _Lists:
         self.set_probe(n_probe)
 
     def nearest(self, x: np.ndarray, k: int) -> np.ndarray:
-        """The ``k`` lists whose centroids are nearest to each row of ``x`` (matrix products by
-        chunks)."""
+        """The ``k`` lists whose centroids are nearest to each row of ``x``."""
         out = np.empty((x.shape[0], k), dtype=np.int64)
         step = max(1, EXACT_PAIRS_PER_CHUNK // self.n_lists)
         for start in range(0, x.shape[0], step):

@@ -1,14 +1,7 @@
-"""Row access and streaming statistics over an expression matrix that may not fit in memory.
-
-The matrix can be a dense numpy array, a scipy sparse matrix, an on-disk array of an AnnData
-opened with ``backed="r"`` (an h5py dataset or anndata's CSR dataset, h5ad or zarr), or a
-:class:`RowSubset` of one (what a view of a backed AnnData reads). Nothing here holds more than
-one chunk of rows of a matrix that is not already in memory.
-
-On-disk rows are read in runs: sorted row indices are merged into contiguous windows (a window
-may read a few unneeded rows when that saves a separate read), and one read per window fetches
-them, so a batch of scattered cells costs a handful of reads, not one per cell.
-"""
+"""Row access and streaming statistics over an expression matrix that may not fit in memory:
+dense, sparse, on disk (``backed="r"``: h5py, anndata's CSR datasets, zarr) or a
+:class:`RowSubset` of one. On-disk rows are read in merged contiguous windows, a few reads per
+batch of scattered cells."""
 
 from __future__ import annotations
 
@@ -44,20 +37,9 @@ def is_backed(matrix: MatrixLike) -> bool:
     return not isinstance(matrix, np.ndarray | np.matrix) and not sp.issparse(matrix)
 
 
-def _csr_group(matrix: MatrixLike) -> h5py.Group | None:
-    """The storage group of an on-disk CSR matrix (anndata's CSR dataset), else ``None``."""
-    group = getattr(matrix, "group", None)
-    if group is None or getattr(matrix, "format", None) != "csr":
-        return None
-    return group
-
-
 def _windows(starts: np.ndarray, stops: np.ndarray, max_gap: int) -> np.ndarray:
-    """Merge sorted ``[starts, stops)`` ranges whose gap is at most ``max_gap`` into windows.
-
-    Returns ``(n_windows, 4)`` int64 rows ``(first range, last range + 1, lo, hi)``: the
-    window reads ``[lo, hi)`` and serves ranges ``first .. last``.
-    """
+    """Sorted ``[starts, stops)`` ranges merged across gaps up to ``max_gap``: ``(n, 4)`` rows
+    ``(first range, last range + 1, lo, hi)``, each window reading ``[lo, hi)``."""
     if starts.size == 0:
         return np.zeros((0, 4), np.int64)
     new = np.ones(starts.size, dtype=bool)
@@ -68,22 +50,14 @@ def _windows(starts: np.ndarray, stops: np.ndarray, max_gap: int) -> np.ndarray:
 
 
 class BackedReader:
-    """Reads sets of rows of an on-disk matrix in contiguous windows.
-
-    For anndata's CSR datasets the row pointer is read once and kept (8 bytes per row); the
-    stored values of each window are read with one slice of ``data`` and one of ``indices``.
-
-    Parameters
-    ----------
-    matrix
-        An on-disk dense array (h5py, zarr) or an anndata CSR dataset.
-    """
+    """Reads sets of rows of an on-disk dense array or anndata CSR dataset in contiguous
+    windows (a CSR row pointer is read once and kept: 8 bytes per row)."""
 
     def __init__(self, matrix: MatrixLike) -> None:
         self.matrix = matrix
         self.shape = tuple(matrix.shape)
-        group = _csr_group(matrix)
-        self.sparse = group is not None
+        group = getattr(matrix, "group", None)
+        self.sparse = group is not None and getattr(matrix, "format", None) == "csr"
         if self.sparse:
             self._data = group["data"]
             self._indices = group["indices"]
@@ -146,7 +120,7 @@ class BackedReader:
 
 
 def _ranks(lengths: np.ndarray) -> np.ndarray:
-    """``0..n-1`` within each of consecutive runs of the given lengths, concatenated."""
+    """``0..n-1`` within each of consecutive runs of ``lengths``, concatenated."""
     total = int(lengths.sum())
     return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
@@ -158,20 +132,8 @@ def _to_dense(block: MatrixLike) -> np.ndarray:
 
 
 class RowSubset:
-    """Some rows (and optionally columns) of an on-disk matrix, read only when asked for.
-
-    What a view of a backed AnnData (``adata[mask]`` on ``read_h5ad(path, backed="r")``)
-    reads: anndata would load all of the view's rows at once on ``view.X``.
-
-    Parameters
-    ----------
-    matrix
-        The on-disk matrix of the parent AnnData.
-    rows
-        Parent row of each row of the subset (any order).
-    columns
-        Parent column of each column of the subset, or ``None`` for all.
-    """
+    """Some ``rows`` (and ``columns``; ``None``: all) of an on-disk matrix, read only when asked
+    for: what a view of a backed AnnData reads (anndata's ``view.X`` loads all its rows)."""
 
     def __init__(
         self, matrix: MatrixLike, rows: np.ndarray, columns: np.ndarray | None = None
@@ -187,8 +149,7 @@ class RowSubset:
         return np.dtype(np.float32)
 
     def read(self, positions: np.ndarray, *, sparse: bool = False) -> np.ndarray | sp.csr_matrix:
-        """Rows at ``positions`` (any order) of the subset; CSR when ``sparse`` and the source is
-        CSR."""
+        """Rows at ``positions`` (any order); CSR when ``sparse`` and the source is CSR."""
         parent = self.rows[np.asarray(positions, dtype=np.int64)]
         unique, inverse = np.unique(parent, return_inverse=True)
         if self._reader is not None:
@@ -210,11 +171,7 @@ class RowSubset:
 
 
 def read_rows(matrix: MatrixLike, rows: np.ndarray) -> np.ndarray:
-    """Rows ``rows`` of any supported matrix as dense float32 ``(len(rows), G)``.
-
-    On-disk arrays are read once per requested row, in sorted windows, and put back in the
-    requested order.
-    """
+    """Rows ``rows`` (any order) of any supported matrix as dense float32."""
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
         return np.zeros((0, matrix.shape[1]), dtype=np.float32)
@@ -236,12 +193,9 @@ def _read_backed(reader: BackedReader, rows: np.ndarray) -> np.ndarray:
 def iter_row_chunks(
     matrix: MatrixLike, chunk_rows: int = CHUNK_ROWS, mask: np.ndarray | None = None
 ) -> Iterator[tuple[int, np.ndarray | sp.csr_matrix]]:
-    """``(start, block)`` over consecutive row chunks; ``block`` is sparse CSR or dense.
-
-    With a boolean ``mask``, chunks without a selected row are skipped (not read) and each
-    chunk is trimmed to the span of its selected rows; ``block`` still holds every row of
-    that span, starting at row ``start``.
-    """
+    """``(start, block)`` over consecutive row chunks, CSR or dense. With a boolean ``mask``,
+    chunks without a selected row are not read and each is trimmed to the span of its selected
+    rows (``block`` holds every row of that span)."""
     n = matrix.shape[0]
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
@@ -262,9 +216,7 @@ def group_sums(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sum of the rows of each group (``codes < 0`` ignored), streamed by chunks.
 
-    Returns ``(sums float64 [n_groups, G], counts int64 [n_groups])``. A sparse indicator
-    product per chunk over the groups present in it: no loop over cells, no float64 copy of
-    the matrix, and chunks without a grouped row are not read.
+    Returns ``(sums float64 [n_groups, G], counts int64 [n_groups])``.
     """
     codes = np.asarray(codes, dtype=np.int64)
     sums = np.zeros((n_groups, matrix.shape[1]), dtype=np.float64)
@@ -295,18 +247,25 @@ def group_means(
     return means
 
 
+def iter_selected_rows(
+    matrix: MatrixLike, mask: np.ndarray, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[tuple[np.ndarray, np.ndarray | sp.csr_matrix]]:
+    """``(rows, block)`` of the rows of ``mask``, chunk by chunk (CSR or dense)."""
+    for start, block in iter_row_chunks(matrix, chunk_rows, mask=mask):
+        local = np.flatnonzero(mask[start : start + block.shape[0]])
+        yield start + local, block[local] if local.size < block.shape[0] else block
+
+
 def column_max(
     matrix: MatrixLike, mask: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS
 ) -> np.ndarray:
     """Largest value of each column over the rows of ``mask`` (all rows by default), float32."""
     out = np.zeros(matrix.shape[1], dtype=np.float32)
-    for start, block in iter_row_chunks(matrix, chunk_rows, mask=mask):
-        if mask is not None:
-            local = np.flatnonzero(mask[start : start + block.shape[0]])
-            if local.size < block.shape[0]:
-                block = block[local]
-        if block.shape[0] == 0:
-            continue
+    if mask is None:
+        blocks = iter_row_chunks(matrix, chunk_rows)
+    else:
+        blocks = iter_selected_rows(matrix, mask, chunk_rows)
+    for _, block in blocks:
         block_max = block.max(axis=0)
         block_max = (
             block_max.toarray().ravel()
@@ -320,25 +279,20 @@ def column_max(
 class ExpressionMatrix:
     """Row access to the registered expression as float32 tensors.
 
-    A dense in-memory matrix is used as is when it is float32 (shared, not copied) and copied
-    to float32 once otherwise; an in-memory sparse matrix is densified once when the dense
-    copy is smaller than ``DENSE_COPY_LIMIT``, else kept as CSR and densified per batch; an
-    on-disk matrix (backed AnnData, or a :class:`RowSubset` of one) is read per batch, only the
-    rows the batch needs, in contiguous windows.
+    A dense matrix is used as is when float32 (else copied once); a sparse one is densified once
+    up to ``DENSE_COPY_LIMIT`` bytes, else densified per batch; an on-disk one (or a
+    :class:`RowSubset`) is read per batch, only the rows it needs.
 
     Parameters
     ----------
     matrix
         ``adata.X`` or a layer.
     columns
-        Column of ``matrix`` for each of the model's genes (to read an AnnData whose genes are
-        in another order), or ``None`` for the identity.
+        Column of ``matrix`` for each of the model's genes, or ``None`` for the identity.
     cache
-        Boolean mask of rows of an on-disk matrix to keep in memory once first needed (the
-        control cells: every set draws from them, scattered over the file). They are read in
-        one pass (chunks without such rows are skipped) and kept as CSR (sparse source) or
-        dense, if that takes at most ``CACHE_LIMIT`` bytes; else they are read per batch like
-        the other rows. Ignored for in-memory matrices.
+        Rows of an on-disk matrix to keep in memory once first needed (the control cells, which
+        every set draws from), read in one pass if they fit in ``CACHE_LIMIT`` bytes. Ignored
+        for in-memory matrices.
     """
 
     def __init__(
@@ -390,9 +344,7 @@ class ExpressionMatrix:
             return
         blocks = []
         size = 0
-        for start, block in iter_row_chunks(self._source, mask=mask):
-            local = np.flatnonzero(mask[start : start + block.shape[0]])
-            block = block[local] if local.size < block.shape[0] else block
+        for _, block in iter_selected_rows(self._source, mask):
             block = (
                 sp.csr_matrix(block, dtype=np.float32)
                 if sp.issparse(block)
@@ -417,24 +369,20 @@ class ExpressionMatrix:
         if self._cache_mask is not None:
             self._load_cache()
         if self._cache is None:
-            return (
-                _read_backed(self._reader, flat)
-                if self._reader is not None
-                else read_rows(self._source, flat)
-            )
+            return self._read_source(flat)
         position = self._cache_position[flat]
         cached = position >= 0
         if cached.all():
             return _to_dense(self._cache[position])
         out = np.empty((flat.size, self._source.shape[1]), dtype=np.float32)
         out[cached] = _to_dense(self._cache[position[cached]])
-        rest = flat[~cached]
-        out[~cached] = (
-            _read_backed(self._reader, rest)
-            if self._reader is not None
-            else read_rows(self._source, rest)
-        )
+        out[~cached] = self._read_source(flat[~cached])
         return out
+
+    def _read_source(self, rows: np.ndarray) -> np.ndarray:
+        if self._reader is None:
+            return read_rows(self._source, rows)
+        return _read_backed(self._reader, rows)
 
     def rows(self, index: np.ndarray) -> torch.Tensor:
         """Rows ``index`` (any shape) as a float32 tensor of shape ``index.shape + (G,)``."""

@@ -1,16 +1,4 @@
-"""The retrieval memory, built from training cells only, and the evidence it precomputes.
-
-A response memory holds one entry per training (perturbation, cell type) pair with its measured
-mean shift from that cell type's controls. From it the model reads, for a query (q, c), with the
-query's own entry always left out:
-
-- the context response: the mean shift of the cell type's *other* perturbations;
-- the stage-1 candidates' perturbation-specific shifts (shift minus their cell type's context);
-- the stacked evidence: a non-negative combination of the sources of
-  :data:`~ptrag_sc.data.EVIDENCE_SOURCES` (ridge maps from the gene embedding, Ahlmann-Eltze et
-  al. 2025, and from GO annotations; nearest neighbours; the same gene in other cell types),
-  with weights fitted on the entries' leave-one-out estimates (stacked regression).
-"""
+"""The retrieval memory, built from training cells only, and the evidence it precomputes."""
 
 from __future__ import annotations
 
@@ -26,6 +14,8 @@ from . import _evidence as ev
 from ._matrix import group_means
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._annotations import GeneAnnotations
     from ._cells import PerturbationData
     from ._matrix import MatrixLike
@@ -36,41 +26,38 @@ if TYPE_CHECKING:
 class RetrievalMemory:
     """What stage 1 retrieves from, and the evidence derived from it.
 
+    The fields after ``n_cells`` are those of response memories (``None`` for embedding ones).
+
     Attributes
     ----------
     kind
-        ``"embedding"``: one entry per training perturbation carrying its gene embedding (the
-        paper). ``"response"``: one entry per training (perturbation, cell type) pair carrying
-        its gene embedding and its measured pseudobulk shift from that cell type's controls.
+        ``"embedding"``: one entry per training perturbation (the paper). ``"response"``: one
+        per training (perturbation, cell type) pair, with its measured mean shift from that cell
+        type's controls.
     perturbations, cell_types
-        Label and cell type of each entry, shape ``(M,)`` (cell type ``""`` for embedding
-        memories).
+        ``(M,)`` label and cell type of each entry (cell type ``""`` in embedding memories).
     embeddings
-        Gene embedding of each entry, ``(M, D)``.
+        ``(M, D)`` gene embedding of each entry.
     responses
-        Mean shift of each entry, ``(M, G)``; ``None`` for embedding memories.
+        ``(M, G)`` mean shift of each entry.
     n_cells
         Training cells behind each entry.
     gene_names
-        The ``G`` genes of the responses (the model's genes), to find a perturbed gene's own
-        column.
+        The model's ``G`` genes, to find a perturbed gene's own column.
     response_codes, response_basis
-        Specific shifts projected on their top principal directions ``(M, c)`` and the
-        ``(G, c)`` directions: what the candidate encoder reads.
+        ``(M, c)`` specific shifts on their top ``(G, c)`` principal directions (what the
+        candidate encoder reads).
     context_cell_types, context_sums, context_counts
-        Cell types with entries, the sum of their entries' responses ``(C, G)`` and how many.
+        Cell types with entries, the ``(C, G)`` sum of their entries' responses and how many.
     annotation_terms, annotation_indptr, annotation_indices
-        The entries' annotation terms (GO), as a CSR matrix ``(M, T)``.
+        The entries' ``(M, T)`` annotation terms (GO), as CSR.
     sources
-        What each evidence source fitted, by source name (:mod:`~ptrag_sc.data._sources`):
-        ``linear_embedding`` (``weights`` ``(D, G)``, ``center`` ``(D,)``, ridge penalty
-        ``alpha``), ``linear_annotation`` (``projection`` ``(T, r)``, ``weights`` ``(r, G)``,
-        ``center`` ``(r,)``, ``alpha``).
+        What each evidence source fitted, by source name.
     evidence_model
-        The fitted combination of the sources (:class:`~ptrag_sc.data._evidence.EvidenceModel`).
+        The fitted combination of the sources.
     entry_estimates, entry_confidence
-        Each entry's evidence estimate of its specific shift ``(M, G)`` and its confidence
-        ``(M,)``, computed with its own entry left out: what a training set of that entry reads.
+        ``(M, G)`` evidence estimate of each entry's specific shift and ``(M,)`` confidence,
+        with its own entry left out: what a training set of that entry reads.
     """
 
     kind: str
@@ -97,24 +84,24 @@ class RetrievalMemory:
         return int(self.perturbations.shape[0])
 
     def to_dict(self) -> dict:
-        """Plain arrays and numbers by name (strings as unicode arrays), for saving with the model.
-
-        What the sources fitted and the evidence model are flattened as
-        ``"sources.<source>.<name>"`` and ``"evidence_model.<name>"``.
-        """
+        """Plain arrays and numbers by name (strings as unicode arrays), for saving: the sources
+        and the evidence model flattened as ``"sources.<source>.<name>"`` and
+        ``"evidence_model.<name>"``."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "sources":
                 for source, fitted in (value or {}).items():
                     out.update({f"sources.{source}.{k}": v for k, v in fitted.items()})
-                continue
-            if f.name == "evidence_model":
+            elif f.name == "evidence_model":
                 if value is not None:
                     out.update({f"evidence_model.{k}": v for k, v in value.to_dict().items()})
-                continue
-            out[f.name] = _plain(value)
-        return {k: _plain(v) for k, v in out.items()}
+            else:
+                out[f.name] = value
+        return {
+            k: v.astype(str) if isinstance(v, np.ndarray) and v.dtype == object else v
+            for k, v in out.items()
+        }
 
     @classmethod
     def from_dict(cls, state: dict) -> RetrievalMemory:
@@ -138,11 +125,8 @@ class RetrievalMemory:
         """Readable name of each entry (``"GENE"`` or ``"GENE@cell type"``)."""
         if self.kind == "embedding":
             return self.perturbations.astype(str)
-        return np.char.add(
-            np.char.add(self.perturbations.astype(str), "@"), self.cell_types.astype(str)
-        )
+        return _entry_names(self.perturbations, self.cell_types)
 
-    # ------------------------------------------------------------------ evidence
     @property
     def context_full(self) -> np.ndarray:
         """``(C, G)`` mean response of each cell type's entries."""
@@ -163,26 +147,14 @@ class RetrievalMemory:
 
     def entry_index(self, perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
         """Entry of each (perturbation, cell type) query, ``-1`` when absent."""
-        names = np.char.add(
-            np.char.add(np.asarray(perturbations).astype(str), "@"),
-            np.asarray(cell_types).astype(str),
-        )
-        return pd.Index(self.entry_names()).get_indexer(names)
+        return pd.Index(self.entry_names()).get_indexer(_entry_names(perturbations, cell_types))
 
     def contexts(
         self, perturbations: np.ndarray, cell_types: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Context responses of queries: leaving the query's own entry out, and all entries.
-
-        For a query (q, c) the first is the mean of the memory's (p, c) responses over
-        ``p != q`` — the cell type's generic response to being perturbed, without the query's
-        own answer. A cell type without (other) entries gets the mean context of the other
-        cell types.
-
-        Returns
-        -------
-        ``(leave_one_out, full)``, each ``(n, G)`` float32.
-        """
+        """``(n, G)`` float32 context responses of queries (q, c), the mean response of c's
+        entries: ``(over p != q, over all)``. A cell type without (other) entries gets the mean
+        context of the others."""
         cell_types = np.asarray(cell_types).astype(str)
         n, n_genes = cell_types.shape[0], self.responses.shape[1]
         row = pd.Index(self.context_cell_types.astype(str)).get_indexer(cell_types)
@@ -226,31 +198,28 @@ class RetrievalMemory:
         Parameters
         ----------
         perturbations, cell_types, embeddings, annotations
-            The queries, their gene embeddings ``(n, D)`` and annotation rows ``(n, T)`` (in the
-            memory's term vocabulary; ``None``: none).
+            The queries, their ``(n, D)`` gene embeddings and ``(n, T)`` annotation rows in the
+            memory's term vocabulary (``None``: none).
         control_mean
-            ``(n, G)`` control mean of each query's cells, for the rule on the perturbed gene's
-            own expression (``None``: not applied).
+            ``(n, G)`` control mean of each query, for the rule on the perturbed gene's own
+            expression (``None``: not applied).
         sep
             Separator of combination labels.
 
         Returns
         -------
         ``context`` (leave-one-out context response), ``context_full`` and ``stacked`` (the
-        evidence's estimate of the specific shift), each ``(n, G)`` float32, ``confidence``
-        ``(n,)`` and ``reliability`` ``(n,)``, the cell type's trust times the query's gate (the
-        scale of the stacked sources; NaN for memory entries, whose estimates were computed
-        with their own entry left out).
+        estimate of the specific shift), each ``(n, G)`` float32; ``(n,)`` ``confidence`` and
+        ``reliability``, the cell type's trust times the query's gate (NaN for memory entries).
         """
         return ev.query(
             self, perturbations, cell_types, embeddings, annotations, control_mean, sep
         )
 
 
-def _plain(value: object) -> object:
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return value.astype(str)
-    return value
+def _entry_names(perturbations: np.ndarray, cell_types: np.ndarray) -> np.ndarray:
+    pairs = np.char.add(np.asarray(perturbations).astype(str), "@")
+    return np.char.add(pairs, np.asarray(cell_types).astype(str))
 
 
 def build_memory(
@@ -266,48 +235,18 @@ def build_memory(
 ) -> RetrievalMemory:
     """Build a memory from the training cells of an in-memory expression matrix.
 
-    A convenience for arrays; the model builds its memory with :func:`memory_from_cells`
-    (streamed expression, GO annotations, the ``evidence`` option). Here no annotations are
-    used (the annotation sources are zero) and the other evidence sources are all stacked. Only
-    cells with ``train_mask`` contribute, and the response of a (perturbation, cell type)
-    entry is the mean of its training cells minus the mean of that cell type's training
-    control cells. See :func:`memory_from_means` for the rest.
+    A convenience for arrays; the model uses :func:`memory_from_cells` (streamed expression,
+    GO annotations, the ``evidence`` option). Here the annotation sources are zero and the others
+    all stacked. An entry's response is the mean of its ``train_mask`` cells minus that of its
+    cell type's training controls; see :func:`memory_from_means` for the rest.
     """
-    perturbations = np.asarray(perturbations).astype(str)
-    cell_types = np.asarray(cell_types).astype(str)
-    perturbed = train_mask & ~is_control
-    if not perturbed.any():
-        raise ValueError(
-            "The training split holds no perturbed cells: nothing to build the memory from."
-        )
-    keys = pd.MultiIndex.from_arrays([perturbations[perturbed], cell_types[perturbed]])
-    codes, uniques = pd.factorize(keys, sort=True)
-    entry_of_cell = np.full(perturbations.shape[0], -1, dtype=np.int64)
-    entry_of_cell[perturbed] = codes
-    entry_pert = np.asarray(uniques.get_level_values(0), dtype=object)
-    entry_ct = np.asarray(uniques.get_level_values(1), dtype=object)
-    control_ct = pd.Index(np.unique(entry_ct))
-    ctrl_codes = np.full(perturbations.shape[0], -1, dtype=np.int64)
-    ctrl_mask = train_mask & is_control
-    ctrl_codes[ctrl_mask] = control_ct.get_indexer(cell_types[ctrl_mask])
-    ctrl_counts = np.bincount(ctrl_codes[ctrl_codes >= 0], minlength=len(control_ct))
-    if kind == "response" and np.any(ctrl_counts == 0):
-        missing = control_ct[ctrl_counts == 0].tolist()
-        raise ValueError(
-            f"No training control cells for cell type(s) {missing}: the response memory needs "
-            "them to measure shifts."
-        )
-    entry_means = group_means(X, entry_of_cell, len(uniques)) if kind == "response" else None
-    control_means = group_means(X, ctrl_codes, len(control_ct)) if kind == "response" else None
-    return memory_from_means(
+    return _from_training_cells(
         kind,
-        perturbations=entry_pert,
-        cell_types=entry_ct,
-        entry_means=entry_means,
-        control_means=None
-        if control_means is None
-        else control_means[control_ct.get_indexer(entry_ct)],
-        n_cells=np.bincount(codes, minlength=len(uniques)),
+        np.asarray(perturbations).astype(str),
+        np.asarray(cell_types).astype(str),
+        is_control,
+        train_mask,
+        lambda codes, n_groups: group_means(X, codes, n_groups),
         encoder=encoder,
         n_response_components=n_response_components,
     )
@@ -424,34 +363,56 @@ def memory_from_cells(
     Means are streamed by chunks from the expression (in memory, sparse or on disk) in the
     model's gene order; see :func:`memory_from_means`.
     """
-    perturbed = train_mask & ~data.is_control
+    return _from_training_cells(
+        kind,
+        data.labels,
+        data.cell_types,
+        data.is_control,
+        train_mask,
+        data.means,
+        encoder=encoder,
+        n_response_components=n_response_components,
+        annotations=annotations,
+        sep=sep,
+        evidence=evidence,
+        gene_names=data.var_names,
+    )
+
+
+def _from_training_cells(
+    kind: MemoryKind,
+    labels: np.ndarray,
+    cell_types: np.ndarray,
+    is_control: np.ndarray,
+    train_mask: np.ndarray,
+    means: Callable[[np.ndarray, int], np.ndarray],
+    **options: object,
+) -> RetrievalMemory:
+    """The memory of the training cells, ``means(codes, n_groups)`` giving group means."""
+    perturbed = train_mask & ~is_control
     if not perturbed.any():
         raise ValueError(
             "The training split holds no perturbed cells: nothing to build the memory from."
         )
     keys = pd.MultiIndex.from_arrays(
-        [data.labels[perturbed].astype(str), data.cell_types[perturbed].astype(str)]
+        [labels[perturbed].astype(str), cell_types[perturbed].astype(str)]
     )
     codes, uniques = pd.factorize(keys, sort=True)
-    entry_of_cell = np.full(data.n_obs, -1, dtype=np.int64)
+    n_entries = len(uniques)
+    entry_of_cell = np.full(len(labels), -1, dtype=np.int64)
     entry_of_cell[perturbed] = codes
-    entry_pert = np.asarray(uniques.get_level_values(0)).astype(str)
-    entry_ct = np.asarray(uniques.get_level_values(1)).astype(str)
-    n_cells = np.bincount(codes, minlength=len(uniques))
-    if kind == "embedding":
-        return memory_from_means(
-            kind,
-            perturbations=entry_pert,
-            cell_types=entry_ct,
-            entry_means=None,
-            control_means=None,
-            n_cells=n_cells,
-            encoder=encoder,
-        )
-    control_ct = pd.Index(np.unique(entry_ct))
-    ctrl_mask = train_mask & data.is_control
-    ctrl_codes = np.full(data.n_obs, -1, dtype=np.int64)
-    ctrl_codes[ctrl_mask] = control_ct.get_indexer(data.cell_types[ctrl_mask].astype(str))
+    entries = {
+        "perturbations": np.asarray(uniques.get_level_values(0)).astype(str),
+        "cell_types": np.asarray(uniques.get_level_values(1)).astype(str),
+        "n_cells": np.bincount(codes, minlength=n_entries),
+        "encoder": options.pop("encoder"),
+    }
+    if kind != "response":
+        return memory_from_means(kind, entry_means=None, control_means=None, **entries)
+    control_ct = pd.Index(np.unique(entries["cell_types"]))
+    ctrl_mask = train_mask & is_control
+    ctrl_codes = np.full(len(labels), -1, dtype=np.int64)
+    ctrl_codes[ctrl_mask] = control_ct.get_indexer(cell_types[ctrl_mask].astype(str))
     ctrl_counts = np.bincount(ctrl_codes[ctrl_codes >= 0], minlength=len(control_ct))
     if np.any(ctrl_counts == 0):
         missing = control_ct[ctrl_counts == 0].tolist()
@@ -461,21 +422,13 @@ def memory_from_cells(
         )
     # One streaming pass for the entries and the controls together.
     codes_all = np.where(
-        entry_of_cell >= 0, entry_of_cell, np.where(ctrl_codes >= 0, ctrl_codes + len(uniques), -1)
+        entry_of_cell >= 0, entry_of_cell, np.where(ctrl_codes >= 0, ctrl_codes + n_entries, -1)
     )
-    means = data.means(codes_all, len(uniques) + len(control_ct))
-    entry_means, control_means = means[: len(uniques)], means[len(uniques) :]
+    all_means = means(codes_all, n_entries + len(control_ct))
     return memory_from_means(
         kind,
-        perturbations=entry_pert,
-        cell_types=entry_ct,
-        entry_means=entry_means,
-        control_means=control_means[control_ct.get_indexer(entry_ct)],
-        n_cells=n_cells,
-        encoder=encoder,
-        n_response_components=n_response_components,
-        annotations=annotations,
-        sep=sep,
-        evidence=evidence,
-        gene_names=data.var_names,
+        entry_means=all_means[:n_entries],
+        control_means=all_means[n_entries:][control_ct.get_indexer(entries["cell_types"])],
+        **entries,
+        **options,
     )

@@ -1,9 +1,5 @@
-"""Perturbation labels -> gene-embedding vectors.
-
-Perturbations are encoded against the vocabulary of genes that have an embedding, not against a
-closed list of categories seen at set-up, so a perturbation never measured in training (or a new
-combination of measured genes) can be predicted as long as its genes have vectors.
-"""
+"""Perturbation labels: their canonical form and their gene-embedding vectors (any label whose
+genes have vectors, measured or not)."""
 
 from __future__ import annotations
 
@@ -32,9 +28,8 @@ def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
         If ``embeddings`` is not a :class:`~pandas.DataFrame`.
     ValueError
         If the table is empty, has blank or duplicated symbols (after stripping and upper-casing),
-        non-numeric
-        columns, NaN/inf values, values beyond ``1e6`` in absolute value (they overflow the
-        network in float32) or all-zero rows (a zero vector has no direction to retrieve by).
+        non-numeric columns, NaN/inf values, values beyond ``1e6`` in absolute value (they
+        overflow the network in float32) or all-zero rows (no direction to retrieve by).
     """
     if not isinstance(embeddings, pd.DataFrame):
         raise TypeError(
@@ -56,7 +51,6 @@ def validate_embedding_table(embeddings: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(
             f"`perturbation_embeddings` must hold numbers only; non-numeric columns: {columns[:5]}"
         ) from err
-    # Symbols are read as labels are: surrounding whitespace removed, upper-cased.
     symbols = pd.Index(embeddings.index.astype(str).str.strip().str.upper(), name="gene")
     if (symbols == "").any():
         raise ValueError(
@@ -119,8 +113,7 @@ class PerturbationEncoder:
         self._resolved: dict[str, str | None] = {}
 
     def _symbol(self, gene: str) -> str | None:
-        """The table's symbol for ``gene``: itself, or its current name through the alias table
-        (e.g. ``KIAA1804`` -> ``MAP3K21``); ``None`` when it has no vector."""
+        """``gene`` or its current name (alias table) in the table; ``None`` without a vector."""
         if gene in self._row.index:
             return gene
         if not self.aliases:
@@ -137,7 +130,7 @@ class PerturbationEncoder:
 
     def members(self, label: str) -> list[str]:
         """Gene symbols of a perturbation label (upper-cased, stripped)."""
-        return [m.strip().upper() for m in str(label).split(self.sep) if m.strip()]
+        return label_members(label, self.sep)
 
     def missing(self, labels: Iterable[str]) -> dict[str, list[str]]:
         """Labels that cannot be embedded, with their genes that lack a vector."""
@@ -183,12 +176,17 @@ class PerturbationEncoder:
         return vectors[inverse]
 
 
+def label_members(label: str, sep: str) -> list[str]:
+    """Gene symbols of a perturbation label (upper-cased, stripped)."""
+    return [m.strip().upper() for m in str(label).split(sep) if m.strip()]
+
+
 def normalise_label(label: str, *, control_group: str, sep: str = "+") -> str:
     """The canonical form of one perturbation label (see :func:`normalise_labels`)."""
     text = str(label).strip()
     if text == str(control_group).strip():
         return control_group
-    members = [m.strip().upper() for m in text.split(sep) if m.strip()]
+    members = label_members(text, sep)
     genes = [m for m in members if m != str(control_group).strip().upper()]
     if not genes:
         return control_group if members else ""

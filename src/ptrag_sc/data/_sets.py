@@ -1,10 +1,5 @@
-"""Groups of cells, the sets cut from them, and the tensor batches the module consumes.
-
-A *group* is the perturbed cells sharing (cell type, perturbation[, batch]); a *set* is ``S`` of
-them, each paired with a control cell of the same cell type (and batch, when matching on
-batch). Sampling plans are drawn as index arrays and gathered in one step per batch: nothing
-loops over cells in Python.
-"""
+"""Groups of cells, the sets cut from them (``S`` perturbed cells, each paired with a control
+cell of its context), and the tensor batches the module consumes."""
 
 from __future__ import annotations
 
@@ -25,16 +20,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class SetGroups:
-    """Groups of cells and what each set of a group needs.
+    """Groups of cells (a perturbation in a context) and what each set of a group needs.
 
     Attributes
     ----------
-    cells
-        Concatenated cell indices of all groups; group ``g`` owns
+    cells, cell_start
+        Concatenated cell indices of all groups: group ``g`` owns
         ``cells[cell_start[g]:cell_start[g + 1]]``.
     pool, pool_start, group_pool
-        Concatenated control-cell indices of all control pools (pool ``p`` owns
-        ``pool[pool_start[p]:pool_start[p + 1]]``) and the pool of each group.
+        Concatenated control-cell indices of all control pools, likewise, and each group's pool.
     perturbation, cell_type
         Labels of each group.
     embedding
@@ -43,25 +37,18 @@ class SetGroups:
         ``(n_groups, K)`` stage-1 candidates (``-1`` padding), their cell-type match and their
         relation to the query.
     similarity, annotation_similarity
-        ``(n_groups, K)`` stage-1 similarity of each candidate (NaN for padding) and the Jaccard
-        similarity of the query's and the candidate's annotations.
+        ``(n_groups, K)`` stage-1 similarity (NaN for padding) and annotation Jaccard
+        similarity of each candidate.
     batch
         ``(n_groups,)`` batch code (``-1`` when unknown or not used).
     control_mean
-        ``(n_groups, G)`` mean control profile of each group's control pool.
-    context, stacked
-        ``(n_groups, G)`` evidence of response memories (see
-        :meth:`~ptrag_sc.data.RetrievalMemory.evidence`): the cell type's context response
-        without the group's own entry, and the evidence's estimate of the specific shift.
-    confidence
-        ``(n_groups,)`` expected Pearson correlation of the group's predicted and measured mean
-        shift (response memories).
-    reliability
-        ``(n_groups,)`` the scale of the stacked evidence of a query that is not a memory entry:
-        its cell type's trust times its gate (response memories; NaN for memory entries).
+        ``(n_groups, G)`` mean control profile of each group's pool.
+    context, stacked, confidence, reliability
+        The evidence of response memories
+        (:meth:`~ptrag_sc.data.RetrievalMemory.evidence`).
     target_shift
-        ``(n_groups, G)`` observed mean of each group's cells minus its control mean (groups
-        with observed cells: training and validation).
+        ``(n_groups, G)`` observed mean of each group's cells minus its control mean (training
+        and validation groups).
     """
 
     cells: np.ndarray
@@ -104,11 +91,8 @@ class SetGroups:
 def index_groups(
     keys: list[np.ndarray], mask: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Group the cells of ``mask`` by the joint value of ``keys``.
-
-    Returns the sorted cell indices, the start offset of each group and the index of each
-    group's first cell (groups in ``np.unique`` order of the keys).
-    """
+    """Cells of ``mask`` grouped by the joint value of ``keys`` (in ``np.unique`` order): their
+    indices, the start of each group and each group's first cell."""
     idx = np.flatnonzero(mask)
     if idx.size == 0:
         return idx, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -127,12 +111,9 @@ def index_groups(
 
 
 def _joint_code(columns: list[np.ndarray]) -> np.ndarray | None:
-    """One int64 per row whose order is the lexicographic order of the integer ``columns``.
-
-    A mixed-radix number of the columns' offsets from their minimum: sorting it is several
-    times faster than ``np.unique(..., axis=0)`` over the stacked columns, with the same groups
-    in the same order. ``None`` when a column is not integer or the radix product would overflow.
-    """
+    """One int64 per row ordered as the integer ``columns`` are lexicographically (a
+    mixed-radix number, several times faster to sort than ``np.unique(..., axis=0)``); ``None``
+    when a column is not integer or the number would overflow."""
     code = np.zeros(columns[0].shape[0], dtype=np.int64)
     span = 1
     for column in columns:
@@ -157,14 +138,9 @@ def n_training_sets(sizes: np.ndarray, set_size: int) -> np.ndarray:
 def plan_sets(
     groups: SetGroups, set_size: int, rng: np.random.Generator, *, shuffle: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One epoch of training sets: every group yields ``ceil(n_g / S)`` sets of exactly ``S``
-    cells.
-
-    Cells are taken without replacement in a random order; the last set of a group (and every
-    set of a group smaller than ``S``) is completed by drawing from the group with replacement.
-
-    Returns group ``(n_sets,)``, cells ``(n_sets, S)``, controls ``(n_sets, S)``.
-    """
+    """One epoch of training sets: ``ceil(n_g / S)`` sets of ``S`` cells per group, drawn
+    without replacement and completed with replacement. Returns the group ``(n_sets,)``, cells
+    and controls ``(n_sets, S)`` of each set."""
     sizes = groups.sizes
     n_sets = n_training_sets(sizes, set_size)
     set_group = np.repeat(np.arange(len(groups)), n_sets)
@@ -193,11 +169,8 @@ def plan_sets(
 
 
 def prediction_sets(groups: SetGroups, set_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut every group into near-equal consecutive sets of at most ``set_size`` cells.
-
-    Returns the group of each set and the ``[lo, hi)`` positions of its cells in
-    ``groups.cells``.
-    """
+    """Every group cut into near-equal consecutive sets of at most ``set_size`` cells: the group
+    of each set and the ``[lo, hi)`` positions of its cells in ``groups.cells``."""
     sizes = groups.sizes
     n_sets = -(-sizes // set_size)
     set_group = np.repeat(np.arange(len(groups)), n_sets)
@@ -244,12 +217,8 @@ def make_batch(
 
 
 class SetBatchDataset(Dataset):
-    """Turns a batch plan ``(groups, cells, controls[, weight])`` into the module's tensor dict.
-
-    A plan with a ``weight`` (data-parallel validation pads a rank that has no batch of its
-    own with a copy of weight 0) adds ``TENSORS.METRIC_WEIGHT``: the weight of each set in the
-    logged metrics.
-    """
+    """Turns a batch plan ``(groups, cells, controls[, weight])`` into the module's tensor dict
+    (a ``weight`` becomes ``TENSORS.METRIC_WEIGHT``, each set's weight in the logged metrics)."""
 
     def __init__(self, expression: ExpressionMatrix, groups: SetGroups) -> None:
         self.expression = expression
@@ -267,33 +236,14 @@ class SetBatchDataset(Dataset):
 
 
 class SetBatchSampler(Sampler):
-    """Yields batch plans of ``batch_size`` sets; a new random epoch on every iteration.
+    """Yields plans of ``batch_size`` sets; a new random epoch on every iteration (training,
+    ``shuffle=True``) or one fixed plan (validation).
 
-    Under data-parallel training every rank draws the same plan (same seed) and takes a
-    disjoint share of its batches, every ``num_replicas``-th one. Training (``shuffle=True``)
-    with ``steps_per_epoch`` gives every rank exactly that many batches per epoch, chaining
-    passes over the groups as needed, so ranks step together and ``max_steps`` is exact.
-    Validation (``shuffle=False``) serves every set exactly once across the ranks; a rank left
-    without a batch (fewer batches than ranks) gets a copy of the first one with weight 0, so
-    that every rank takes part in the validation loop and the metrics reduced over ranks are
-    those of a single process.
-
-    Parameters
-    ----------
-    groups
-        The groups to draw sets from.
-    set_size
-        Cells per set.
-    batch_size
-        Sets per batch (per rank).
-    seed
-        Seed of the plans; the same on every rank.
-    shuffle
-        Random plans (training) or one fixed plan (validation).
-    steps_per_epoch
-        Batches per epoch and rank (training; default: one pass over the groups).
-    num_replicas, rank
-        Number of data-parallel ranks and this process' rank.
+    Every data-parallel rank draws the same plan (same ``seed``) and takes every
+    ``num_replicas``-th batch. In training ``steps_per_epoch`` (default: one pass over the
+    groups) gives every rank exactly that many batches, chaining passes, so ``max_steps`` is
+    exact. In validation each set is served once; a rank left without a batch gets a copy of the
+    first with weight 0, so every rank takes part and the reduced metrics are a single process's.
     """
 
     def __init__(
@@ -319,28 +269,17 @@ class SetBatchSampler(Sampler):
         )
 
     def _batches(self, rng: np.random.Generator) -> list:
-        group, cells, controls = plan_sets(self.groups, self.set_size, rng, shuffle=self.shuffle)
-        bounds = range(0, group.shape[0], self.batch_size)
-        return [
-            (
-                group[i : i + self.batch_size],
-                cells[i : i + self.batch_size],
-                controls[i : i + self.batch_size],
-            )
-            for i in bounds
-        ]
+        plan = plan_sets(self.groups, self.set_size, rng, shuffle=self.shuffle)
+        step = self.batch_size
+        return [tuple(part[i : i + step] for part in plan) for i in range(0, len(plan[0]), step)]
 
     def _validation_share(self, batches: list) -> list:
-        if self.num_replicas == 1:
-            return batches
         share = batches[self.rank :: self.num_replicas]
         if not share and batches:
             share = [(*batches[0], 0.0)]
         return share
 
     def _training_share(self, batches: list) -> list:
-        if self.num_replicas == 1:
-            return batches
         usable = len(batches) - len(batches) % self.num_replicas
         return batches[self.rank : usable : self.num_replicas]
 
@@ -352,8 +291,6 @@ class SetBatchSampler(Sampler):
         self.epoch += 1
         batches = self._batches(rng)
         if self.steps_per_epoch is not None:
-            # A fixed number of steps per epoch (one validation interval), whatever the size
-            # of the data and the number of ranks: passes over the groups are chained.
             needed = self.steps_per_epoch * self.num_replicas
             while len(batches) < needed:
                 batches += self._batches(rng)

@@ -1,31 +1,5 @@
-"""What stage 1 ranks memory entries by: the gene-embedding cosine, or another prior.
-
-The stage-1 retriever (:class:`~ptrag_sc.data.NeighbourIndex`) takes, for a query perturbation
-``q`` in cell type ``c``, the ``K`` memory entries most similar to it. By default "similar" is the
-cosine of the gene embeddings (the paper). This module provides the other choices of the
-``similarity`` option of :class:`~ptrag_sc.PTRAG`:
-
-``"go"``
-    Jaccard similarity of the GO terms of the two genes (the annotations shipped with the
-    package; a combination has the union of its genes' terms).
-``"response"``
-    Cosine between the query's measured response in the *other* cell types of the memory (the
-    mean of its perturbation-specific shifts there, its own cell type always left out) and each
-    entry's perturbation-specific shift (response memories only).
-a :class:`~pandas.DataFrame`
-    A user-supplied gene x gene similarity (a GRN, a PPI graph, co-essentiality...): rows are
-    query genes, columns candidate genes; it need not be square or symmetric.
-
-Every choice falls back to the embedding cosine where it says nothing, by the same rule:
-
-- a query the prior does not cover (a gene without GO terms, a perturbation measured in no other
-  cell type, a gene absent from the table's index) is ranked by the embedding cosine alone;
-- otherwise the entries the prior covers come first, in order of the prior (ties broken by the
-  embedding cosine), then the entries it does not cover (a gene without GO terms, absent from the
-  table's columns) in order of the embedding cosine, with similarity NaN;
-- the query perturbation measured in other cell types always comes first (for the embedding
-  cosine it does anyway: its cosine is 1).
-"""
+"""What stage 1 ranks memory entries by: the gene-embedding cosine, or another prior (the
+``similarity`` option; docs/screen.md describes the choices and the fallback to the cosine)."""
 
 from __future__ import annotations
 
@@ -34,6 +8,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from ._perturbations import label_members
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -66,11 +42,8 @@ def _canonical(names: Iterable[object], what: str) -> pd.Index:
 
 
 def validate_similarity_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Check a user-supplied gene x gene similarity and return it with canonical gene names.
-
-    Rows are query genes and columns candidate genes (symbols, matched upper-case like the
-    perturbation labels); the table need not be square or symmetric. Values must be finite
-    numbers; larger means more similar.
+    """Check a user-supplied gene x gene similarity (query genes x candidate genes, finite
+    numbers, larger = more similar) and return it with canonical (upper-case) gene names.
 
     Raises
     ------
@@ -123,14 +96,8 @@ def describe(similarity: str | pd.DataFrame) -> str:
 
 
 class StageOneSimilarity:
-    """A stage-1 prior other than the embedding cosine (see the module's description).
-
-    Subclasses implement :meth:`bind` (precompute what the memory needs) and :meth:`values`
-    (``(n, M)`` prior of each query and entry, NaN where it says nothing). :meth:`scores` turns
-    them into the similarity stage 1 reports and the ranking it sorts by.
-    """
-
-    name = "prior"
+    """A stage-1 prior other than the embedding cosine: subclasses implement :meth:`bind` and
+    :meth:`values`; :meth:`scores` ranks by them, falling back to the cosine."""
 
     def bind(self, memory: RetrievalMemory) -> StageOneSimilarity:
         """A copy of this similarity with what ``memory`` needs precomputed."""
@@ -147,18 +114,9 @@ class StageOneSimilarity:
         cosine: np.ndarray,
         same_perturbation: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The similarity stage 1 reports ``(n, M)`` float32 and the ranking it sorts by ``(n, M)``
-        float64.
-
-        Parameters
-        ----------
-        perturbations, cell_types
-            ``(n,)`` query labels and cell types.
-        cosine
-            ``(n, M)`` embedding cosine of each query and entry (the fallback).
-        same_perturbation
-            ``(n, M)`` bool, whether the entry is the query's perturbation.
-        """
+        """The ``(n, M)`` float32 similarity stage 1 reports and the float64 ranking it sorts
+        by, from the queries' embedding ``cosine`` to each entry and whether the entry is the
+        query's perturbation."""
         cosine = np.asarray(cosine, dtype=np.float64)
         prior = self.values(perturbations, cell_types)
         covered = np.isfinite(prior)
@@ -176,8 +134,6 @@ class StageOneSimilarity:
 
 class AnnotationSimilarity(StageOneSimilarity):
     """Jaccard similarity of GO annotations (``similarity="go"``)."""
-
-    name = "go"
 
     def __init__(self, annotations: GeneAnnotations, *, sep: str = "+") -> None:
         self.annotations = annotations
@@ -209,8 +165,6 @@ class AnnotationSimilarity(StageOneSimilarity):
 
 class ResponseSimilarity(StageOneSimilarity):
     """Measured-response similarity in other cell types (``similarity="response"``)."""
-
-    name = "response"
 
     def __init__(self) -> None:
         self._unit: np.ndarray | None = None
@@ -261,8 +215,6 @@ class ResponseSimilarity(StageOneSimilarity):
 class TableSimilarity(StageOneSimilarity):
     """A user-supplied gene x gene similarity (``similarity=<DataFrame>``)."""
 
-    name = "table"
-
     def __init__(self, table: pd.DataFrame, *, sep: str = "+") -> None:
         self.table = validate_similarity_table(table)
         self.sep = sep
@@ -271,16 +223,9 @@ class TableSimilarity(StageOneSimilarity):
         self._entry_map: sp.csr_matrix | None = None
         self._entry_covered: np.ndarray | None = None
 
-    def _members(self, label: str) -> list[str]:
-        return [m.strip().upper() for m in str(label).split(self.sep) if m.strip()]
-
     def _combine(self, labels: np.ndarray, index: pd.Index) -> tuple[sp.csr_matrix, np.ndarray]:
-        """``(n, len(index))`` averaging map of each label onto the index, and whether it is
-        covered.
-
-        A label is its own row / column when the table has it, else the mean of its genes' when
-        the table has all of them (a combination ``A+B``), else not covered.
-        """
+        """``(n, len(index))`` averaging map of each label onto ``index`` (itself, else the mean
+        of its genes when all are there), and whether it is covered."""
         rows, cols, vals = [], [], []
         covered = np.zeros(len(labels), dtype=bool)
         own = index.get_indexer(pd.Index([str(v).upper() for v in labels]))
@@ -291,7 +236,7 @@ class TableSimilarity(StageOneSimilarity):
                 vals.append(1.0)
                 covered[i] = True
                 continue
-            members = self._members(label)
+            members = label_members(label, self.sep)
             where = index.get_indexer(members) if members else np.array([-1])
             if members and np.all(where >= 0):
                 rows.extend([i] * len(where))

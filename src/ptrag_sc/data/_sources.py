@@ -1,18 +1,5 @@
-"""The evidence sources, one class each, registered by name in :data:`SOURCES`.
-
-A source estimates the *specific* shift of a query (q, c): its mean shift minus the context
-response of cell type c. It answers twice, from one :class:`Rows` description of what it may
-read:
-
-- :meth:`EvidenceSource.entries` for the memory's own entries, each with its own response left
-  out (the stack, trust and gate are fitted on these), returning what it fitted too (saved with
-  the model under its name);
-- :meth:`EvidenceSource.queries` for new queries, with what it fitted.
-
-To add a source, write its class here and add an instance to :data:`SOURCES`: it is computed,
-stacked (its weight fitted with the others'), saved and applied by name, and ``evidence=``
-accepts its name. A model saved before keeps the sources it was fitted with.
-"""
+"""The evidence sources, one class each, registered by name in :data:`SOURCES`: a new source
+is one class here (docs/contributing.md)."""
 
 from __future__ import annotations
 
@@ -27,8 +14,6 @@ from ._annotations import jaccard
 if TYPE_CHECKING:
     from ._memory import RetrievalMemory
 
-__all__ = ["SOURCES", "EvidenceSource", "Rows"]
-
 #: Neighbours averaged by the neighbour sources.
 N_NEIGHBOURS = 5
 #: Ridge penalties tried (times the mean squared singular value of the centred features); the
@@ -38,31 +23,13 @@ RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 @dataclass
 class Rows:
-    """What the sources read about ``n`` rows (queries, or the memory's entries) and the
-    memory's ``M`` entries.
+    """What the sources read about ``n`` rows (queries, or the memory's entries).
 
-    Attributes
-    ----------
-    memory
-        The memory.
-    perturbations, cell_types
-        ``(n,)`` the rows' labels.
-    embeddings
-        ``(n, D)`` their gene embeddings.
-    annotations
-        ``(n, T)`` their annotation terms in the memory's vocabulary (``None``: none known).
-    context
-        ``(n, G)`` each row's context response, its own entry left out.
-    entry_specific
-        ``(M, G)`` the entries' specific shifts.
-    cosine, jaccard
-        ``(n, M)`` embedding cosine and annotation Jaccard similarity to every entry.
-    allowed
-        ``(n, M)`` entries that may be a row's neighbours (never its own perturbation).
-    known
-        ``(n,)`` whether the row's cell type has entries.
-    other
-        ``(n, M)`` entries of the row's perturbation in other cell types.
+    ``context`` is each row's context response, its own entry left out; ``entry_specific`` the
+    memory's ``(M, G)`` specific shifts; ``cosine`` and ``jaccard`` the ``(n, M)`` embedding and
+    annotation similarity to every entry; ``allowed`` the entries that may be a row's
+    neighbours (never its own perturbation); ``known`` whether the row's cell type has entries;
+    ``other`` the entries of the row's perturbation in other cell types.
     """
 
     memory: RetrievalMemory
@@ -79,33 +46,7 @@ class Rows:
     other: np.ndarray
 
     @classmethod
-    def of_entries(
-        cls, memory: RetrievalMemory, specific: np.ndarray, context: np.ndarray
-    ) -> Rows:
-        """The memory's own entries (``specific``: their specific shifts)."""
-        perturbations = memory.perturbations.astype(str)
-        cell_types = memory.cell_types.astype(str)
-        matrix = memory.annotation_matrix()
-        cosine = unit_rows(memory.embeddings) @ unit_rows(memory.embeddings).T
-        same_ct = cell_types[:, None] == cell_types[None, :]
-        same_perturbation = perturbations[:, None] == perturbations[None, :]
-        return cls(
-            memory=memory,
-            perturbations=perturbations,
-            cell_types=cell_types,
-            embeddings=memory.embeddings,
-            annotations=matrix,
-            context=context,
-            entry_specific=specific,
-            cosine=cosine,
-            jaccard=jaccard(matrix, matrix) if matrix.nnz else np.zeros_like(cosine),
-            allowed=same_ct & ~same_perturbation,
-            known=np.ones(len(memory), dtype=bool),
-            other=same_perturbation & ~same_ct,
-        )
-
-    @classmethod
-    def of_queries(
+    def build(
         cls,
         memory: RetrievalMemory,
         perturbations: np.ndarray,
@@ -113,14 +54,13 @@ class Rows:
         embeddings: np.ndarray,
         annotations: sp.csr_matrix | None,
         context: np.ndarray,
+        specific: np.ndarray | None = None,
     ) -> Rows:
-        """New queries. A cell type without entries takes its neighbours from every cell
-        type, through their specific shifts."""
-        entry_ct = memory.cell_types.astype(str)
-        entry_pert = memory.perturbations.astype(str)
-        same_ct = cell_types[:, None] == entry_ct[None, :]
+        """Rows of queries, or of the memory's entries with their ``specific`` shifts. A cell
+        type without entries takes its neighbours from every cell type."""
+        same_ct = cell_types[:, None] == memory.cell_types.astype(str)[None, :]
         known = same_ct.any(axis=1)
-        same_perturbation = perturbations[:, None] == entry_pert[None, :]
+        same_perturbation = perturbations[:, None] == memory.perturbations.astype(str)[None, :]
         cosine = unit_rows(np.asarray(embeddings, np.float32)) @ unit_rows(memory.embeddings).T
         terms = memory.annotation_terms
         if annotations is None or terms is None or not len(terms):
@@ -134,7 +74,7 @@ class Rows:
             embeddings=embeddings,
             annotations=annotations,
             context=context,
-            entry_specific=memory.specific,
+            entry_specific=memory.specific if specific is None else specific,
             cosine=cosine,
             jaccard=similarity,
             allowed=np.where(known[:, None], same_ct, True) & ~same_perturbation,
@@ -143,7 +83,7 @@ class Rows:
         )
 
     def annotation_depth(self) -> np.ndarray:
-        """``(n,)`` log(1 + number of annotation terms) of each row (a gate feature)."""
+        """``(n,)`` log(1 + number of annotation terms) of each row."""
         if self.annotations is None:
             return np.zeros(len(self.perturbations))
         return np.log1p(np.asarray(self.annotations.sum(axis=1), dtype=np.float64).ravel())
@@ -154,8 +94,11 @@ class Rows:
 
 
 class EvidenceSource:
-    """A source of evidence (see the module's docstring). Subclasses set :attr:`name` and
-    :meth:`queries`; one that fits something overrides :meth:`entries` as well."""
+    """An estimate of a query's specific shift (its mean shift minus its cell type's context).
+
+    Subclasses set :attr:`name` and :meth:`queries`; one that fits something overrides
+    :meth:`entries` as well (what it returns is saved with the model under its name).
+    """
 
     #: The name ``evidence=`` and the saved model know the source by.
     name: str = ""
@@ -197,15 +140,13 @@ class LinearAnnotation(EvidenceSource):
     name = "linear_annotation"
 
     def entries(self, rows: Rows) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        matrix, n_genes = rows.annotations, rows.context.shape[1]
-        projection = np.zeros((matrix.shape[1], 0), dtype=np.float32)
-        loo = rows.zeros()
-        weights, center, alpha = np.zeros((0, n_genes)), np.zeros(0), float("nan")
-        if matrix.shape[1] and matrix.nnz:
-            projection = principal_directions(matrix, n_components=256)
-            features = np.asarray(matrix @ projection)
+        if rows.annotations is None:
+            loo, projection = rows.zeros(), np.zeros((0, 0))
+            weights, center, alpha = np.zeros((0, rows.context.shape[1])), np.zeros(0), np.nan
+        else:
+            projection = principal_directions(rows.annotations, n_components=256)
             loo, weights, center, alpha = ridge_leave_one_out(
-                features, rows.entry_specific, rows.cell_types
+                np.asarray(rows.annotations @ projection), rows.entry_specific, rows.cell_types
             )
         fitted = {"projection": projection, "weights": weights, "center": center, "alpha": alpha}
         return loo, _stored(fitted)
@@ -218,8 +159,8 @@ class LinearAnnotation(EvidenceSource):
 
 
 class Neighbours(EvidenceSource):
-    """Mean shift of the :data:`N_NEIGHBOURS` most similar
-    perturbations of the cell type (by ``similarity``, a field of :class:`Rows`)."""
+    """Mean shift of the :data:`N_NEIGHBOURS` most similar perturbations of the cell type (by
+    ``similarity``, a field of :class:`Rows`)."""
 
     def __init__(self, name: str, similarity: str) -> None:
         self.name, self.similarity = name, similarity
@@ -266,24 +207,14 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-
 def neighbour_means(
-    similarity: np.ndarray,
-    allowed: np.ndarray,
-    responses: np.ndarray,
-    k: int = N_NEIGHBOURS,
+    similarity: np.ndarray, allowed: np.ndarray, responses: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of ``responses`` over the ``k`` most similar allowed entries of each query.
-
-    Entries with zero similarity are never neighbours. Returns ``(means (n, G), has_neighbours
-    (n,))``; rows without neighbours are zero.
-    """
+    """``(n, G)`` mean of ``responses`` over the :data:`N_NEIGHBOURS` most similar allowed
+    entries of each query (zero similarity is never a neighbour; zero without any), and whether
+    it had any."""
     score = np.where(allowed & (similarity > 0), similarity, -np.inf)
-    k = min(k, score.shape[1])
-    if k == 0:
-        return np.zeros((score.shape[0], responses.shape[1]), np.float32), np.zeros(
-            score.shape[0], bool
-        )
+    k = min(N_NEIGHBOURS, score.shape[1])
     top = np.argpartition(-score, k - 1, axis=1)[:, :k]
     valid = np.isfinite(np.take_along_axis(score, top, axis=1))
     counts = valid.sum(axis=1)
@@ -292,29 +223,20 @@ def neighbour_means(
     return means.astype(np.float32), counts > 0
 
 
-
 def ridge_leave_one_out(
     features: np.ndarray,
     targets: np.ndarray,
     groups: np.ndarray,
     grid: tuple[float, ...] = RIDGE_GRID,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Ridge map from features to specific shifts, with exact leave-one-out predictions.
+    """Ridge map ``(x - x_bar) W`` to specific shifts: ``(leave-one-out predictions (M, G),
+    W (D, G), x_bar (D,), penalty)``, the penalty of ``grid`` with the lowest leave-one-out error.
 
-    The map is ``(x - x_bar) W``: ridge regression with an unpenalised intercept on the
-    centred features. ``targets`` are specific shifts, each entry's shift minus the mean of its
-    ``groups`` (its cell type). The leave-one-out prediction of entry ``m`` is that of the map
-    refitted on the other entries *and* with their specific shifts recomputed without ``m``
-    (removing ``m`` moves its cell type's context, which shifts the other targets of that cell
-    type by ``y_m / (n_c - 1)``), so no part of ``y_m`` reaches its own prediction. Through the
-    thin SVD ``X - x_bar = U S V^T`` each penalty ``a`` of ``grid`` (times the mean squared
-    singular value) costs one pass: with ``H = 11^T / M + U diag(s^2 / (s^2 + a)) U^T``, the
-    refitted prediction is ``(H y - h y_m) / (1 - h)`` plus ``(H 1_c - h) / (1 - h)`` times that
-    shift. The penalty with the lowest leave-one-out squared error is kept.
-
-    Returns
-    -------
-    ``(leave-one-out predictions (M, G), weights (D, G), centre (D,), penalty)``.
+    Entry ``m`` is predicted by the map refitted without it *and* with the other specific shifts
+    of its cell type (``groups``) recomputed without it (they move by ``y_m / (n_c - 1)``), so no
+    part of ``y_m`` reaches its own prediction. With the thin SVD ``X - x_bar = U S V^T`` and
+    ``H = 11^T / M + U diag(s^2 / (s^2 + a)) U^T`` that is ``(H y - h y_m) / (1 - h)`` plus
+    ``(H 1_c - h) / (1 - h)`` times that move: one pass per penalty.
     """
     X = np.asarray(features, dtype=np.float64)
     Y = np.asarray(targets, dtype=np.float64)
@@ -349,7 +271,6 @@ def ridge_leave_one_out(
     _, alpha, loo, gain = best
     weights = (Vt.T * gain) @ projected
     return loo, weights, center, alpha
-
 
 
 def principal_directions(matrix: sp.csr_matrix, n_components: int) -> np.ndarray:

@@ -1,11 +1,4 @@
-"""What a model's retrieval and data layer need, in one object: :class:`ModelState`.
-
-Prediction, training, screens and saving read the model's registration, gene order, gene
-encoder, annotations, stage-1 similarity, memory, index and set builder from here, never from
-the model. The state is immutable: training, loading and new gene vectors make a new one
-(:meth:`ModelState.replace`), so the index and the set builder, derived on first use, always
-belong to the memory and the encoder they were built from.
-"""
+"""What a model's retrieval and data layer need, in one immutable object: :class:`ModelState`."""
 
 from __future__ import annotations
 
@@ -35,12 +28,14 @@ if TYPE_CHECKING:
     from ._memory import RetrievalMemory
     from ._similarity import StageOneSimilarity
 
-__all__ = ["ModelState"]
-
 
 @dataclass(frozen=True)
 class ModelState:
     """A model's registration, gene encoder, retrieval options and retrieval memory.
+
+    Prediction, training, screens and saving read these from here, never from the model. It is
+    immutable: training, loading and new gene vectors make a new one (:meth:`replace`), so the
+    index and the set builder, derived on first use, belong to its memory and encoder.
 
     Attributes
     ----------

@@ -1,18 +1,5 @@
-"""Where counterfactual predictions go, batch by batch: a dense layer, a sparse layer or a file.
-
-A counterfactual prediction has the shape of the AnnData it was made for: predicted rows hold the
-model's output (in the model's genes; other genes keep their input values), the other rows
-(control cells, cells left out by ``indices``) keep their input values. The writers receive the
-predictions one batch at a time, in the order the model makes them (grouped by perturbation,
-not by row), and fill the rest from the input matrix chunk by chunk:
-
-- :class:`DenseLayerWriter`: a float32 array in memory (what ``adata.layers[key]`` gets by
-default);
-- :class:`SparseLayerWriter`: a CSR matrix built from per-batch pieces; no dense copy of the
-  whole layer is ever made (zeros of the non-negative output stay implicit);
-- :class:`H5ADWriter`: a new h5ad file whose ``X`` is the prediction, written row by row to its
-  place on disk (memory holds one batch), under a temporary name renamed into place at the end.
-"""
+"""Where counterfactual predictions go, batch by batch (in the model's order, not by row): a dense
+layer, a sparse layer or an h5ad file. Rows and genes not predicted keep their input values."""
 
 from __future__ import annotations
 
@@ -32,7 +19,7 @@ from ._matrix import (
     _read_backed,
     _to_dense,
     is_backed,
-    iter_row_chunks,
+    iter_selected_rows,
     read_rows,
 )
 
@@ -46,20 +33,16 @@ if TYPE_CHECKING:
 
 #: Encoding of an h5ad dense array (anndata's on-disk format).
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
-
-
 #: Layers from this size up are allocated with their pages committed at once (Linux).
 _COMMIT_AT_ONCE_BYTES = 64 * 2**20
 
 
 def committed_zeros(shape: tuple[int, int], dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """A zero-filled array whose memory the kernel commits in one call.
+    """A zero-filled array whose memory the kernel commits in one call (Linux, large arrays).
 
-    A fresh ``np.zeros`` array has its pages committed one fault at a time as predictions are
-    written into it (about 0.5 s for 800 MB here), or, under NumPy's huge-page advice, with
-    compaction stalls that took up to 2.7 s for the same write. On Linux large layers are an
-    anonymous ``MAP_POPULATE`` mapping instead (about 0.4 s, and steady); elsewhere, and for
-    small layers, ``np.zeros``.
+    ``np.zeros`` pages are committed one fault at a time as predictions are written (0.5 s for
+    800 MB here, up to 2.7 s with huge-page compaction stalls); an anonymous ``MAP_POPULATE``
+    mapping takes 0.4 s, steadily.
     """
     dtype = np.dtype(dtype)
     n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -71,8 +54,7 @@ def committed_zeros(shape: tuple[int, int], dtype: np.dtype | type = np.float32)
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
-    """Runs of consecutive values in sorted ``rows``: ``(position of first, row of first,
-    length)``."""
+    """Runs of consecutive values in sorted ``rows``: ``(position, first row, length)``."""
     if rows.size == 0:
         return []
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -82,18 +64,8 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 class _Writer:
-    """Shared by the writers: maps the model's genes to the AnnData's columns.
-
-    Parameters
-    ----------
-    matrix
-        The input expression (``adata.X`` or the registered layer), whose values the rows that
-        are not predicted keep.
-    columns
-        Column of ``matrix`` of each model gene (``None``: the same genes in the same order).
-    predicted
-        Boolean mask of the rows that will be predicted.
-    """
+    """Shared by the writers: the input ``matrix`` (whose values what is not predicted keeps),
+    the ``columns`` of the model's genes in it (``None``: the same) and the ``predicted`` rows."""
 
     def __init__(
         self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray
@@ -126,23 +98,14 @@ class _Writer:
         out[:, self.columns] = values
         return out
 
-    def _unpredicted_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """``(rows, block)`` for the rows that are not predicted, chunk by chunk (CSR or dense)."""
-        keep = ~self.predicted
-        for start, block in iter_row_chunks(self.matrix, mask=keep):
-            local = np.flatnonzero(keep[start : start + block.shape[0]])
-            if local.size < block.shape[0]:
-                block = block[local]
-            yield start + local, block
+    def _unpredicted_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray | sp.csr_matrix]]:
+        """``(rows, block)`` of the rows that are not predicted, chunk by chunk."""
+        return iter_selected_rows(self.matrix, ~self.predicted)
 
 
 class DenseLayerWriter(_Writer):
     """Predictions into a dense float32 array the shape of the input (``adata.layers[key]`` by
-    default).
-
-    Only what the predictions do not overwrite is copied from the input: the rows that are not
-    predicted, and the predicted rows' values in genes the model does not predict.
-    """
+    default); only what they do not overwrite is copied from the input."""
 
     def __init__(
         self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray
@@ -154,9 +117,8 @@ class DenseLayerWriter(_Writer):
             self.layer[rows] = _to_dense(block)
         if self._extra_genes:
             extra = np.setdiff1d(np.arange(self.shape[1]), self.columns)
-            for start, block in iter_row_chunks(matrix, mask=self.predicted):
-                local = np.flatnonzero(self.predicted[start : start + block.shape[0]])
-                self.layer[np.ix_(start + local, extra)] = _to_dense(block[local][:, extra])
+            for rows, block in iter_selected_rows(matrix, self.predicted):
+                self.layer[np.ix_(rows, extra)] = _to_dense(block[:, extra])
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         if self.columns is None:
@@ -172,11 +134,8 @@ class DenseLayerWriter(_Writer):
 
 
 class SparseLayerWriter(_Writer):
-    """Predictions into a CSR matrix, assembled from per-batch pieces without a dense copy.
-
-    Peak memory is about the size of the result plus one batch: pieces are released as they
-    are copied into the final arrays, whose pages are only committed as they are filled.
-    """
+    """Predictions into a CSR matrix, assembled from per-batch pieces without a dense copy (peak
+    memory: about the result plus one batch)."""
 
     def __init__(
         self, matrix: MatrixLike, columns: np.ndarray | None, predicted: np.ndarray
@@ -221,8 +180,8 @@ class SparseLayerWriter(_Writer):
 
 
 def _check_writable(frames: dict, uns: dict) -> None:
-    """Raise a ``ValueError`` naming the column of ``frames`` (or the ``uns`` entry) that the h5ad
-    format cannot store, found by writing them to a file in memory before anything is written."""
+    """Raise a ``ValueError`` naming the column of ``frames`` (or ``uns``) that an h5ad file
+    cannot store, by writing them to a file in memory first."""
     import h5py
     from anndata.io import write_elem
 
@@ -256,10 +215,8 @@ def _check_writable(frames: dict, uns: dict) -> None:
 class H5ADWriter(_Writer):
     """Predictions into a new h5ad file whose ``X`` (dense float32) is the counterfactual matrix.
 
-    The file gets ``obs`` and ``var`` of the AnnData predicted, ``uns`` as given, and an ``X``
-    stored contiguously on disk: each batch of rows is written straight to its place (one write
-    per run of consecutive rows), so memory holds one batch whatever the size of the data.
-    Open the result with ``anndata.read_h5ad(path, backed="r")``.
+    ``X`` is stored contiguously and each batch written straight to its place, so memory holds
+    one batch; the file is written under a temporary name and renamed into place at the end.
 
     Parameters
     ----------
@@ -270,7 +227,7 @@ class H5ADWriter(_Writer):
     uns
         Unstructured annotations to record (e.g. the prediction settings).
     matrix, columns, predicted
-        See :class:`_Writer`.
+        The input expression, the columns of the model's genes in it and the predicted rows.
     overwrite
         Replace an existing file at ``path`` (kept as it was if writing fails).
     input_file
@@ -339,8 +296,7 @@ class H5ADWriter(_Writer):
             with h5py.File(self._partial, "w-") as f:
                 f.attrs["encoding-type"] = "anndata"
                 f.attrs["encoding-version"] = "0.1.0"
-                # Contiguous storage, allocated now and never pre-filled: every row is written
-                # once.
+                # Contiguous, allocated now, never pre-filled: every row is written once.
                 dcpl = h5p.create(h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
                 dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
@@ -378,8 +334,7 @@ class H5ADWriter(_Writer):
         self._write_rows(rows, self._full_rows(rows, values))
 
     def finish(self) -> AnnData:
-        """Copy the rows that were not predicted, put the file in place and open it
-        ``backed="r"``."""
+        """Copy the rows not predicted, put the file in place and open it ``backed="r"``."""
         import anndata
 
         try:
@@ -397,8 +352,7 @@ class H5ADWriter(_Writer):
         return anndata.read_h5ad(self.path, backed="r")
 
     def abort(self) -> None:
-        """Close and delete the unfinished file (prediction failed or was interrupted); an existing
-        file at ``path`` is left as it was."""
+        """Close and delete the unfinished file; an existing file at ``path`` is left as it was."""
         self._close()
         Path(self._partial).unlink(missing_ok=True)
 
