@@ -147,4 +147,4 @@ def confidence(
         f"Spearman {rho:.2f}, n = {len(pairs)}" if np.isfinite(rho) else f"n = {len(pairs)}",
         fontsize="medium",
     )
-    return finish(fig, ax_, show=show, save=save, created=ax is None)
+    return finish(fig, ax_, show=show, save=save, ax=ax)

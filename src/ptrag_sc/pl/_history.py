@@ -121,7 +121,6 @@ def training_history(
                 f"Panel {panel!r} needs {list(PANELS[panel])} in the history, which holds "
                 f"{sorted(history)}."
             )
-    created = ax is None
     fig, axes = grid(len(panels), len(panels), panel_size, ax=ax, what="panels")
     for axis, panel in zip(axes, panels, strict=True):
         for key, style in zip(PANELS[panel], ({}, {"marker": "o", "markersize": 3}), strict=True):
@@ -135,8 +134,7 @@ def training_history(
         axis.set_ylabel(_YLABEL[panel])
         axis.set_title(panel)
         axis.legend(fontsize="small", frameon=False)
-    result = axes[0] if len(axes) == 1 else axes
-    return finish(fig, result, show=show, save=save, created=created)
+    return finish(fig, axes, show=show, save=save, ax=ax)
 
 
 def _history(obj: object) -> tuple[dict, int | None]:

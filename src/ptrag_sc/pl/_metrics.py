@@ -157,7 +157,6 @@ def metric_comparison(
     step = width / len(hues)
     if figsize is None:
         figsize = (max(3.0, 0.9 * len(methods) * max(1, len(hues) * 0.6) + 1.5), 3.6)
-    created = ax is None
     fig, axis = single_ax(ax, figsize)
     rng = np.random.default_rng(seed)
     colors = [f"C{i % 10}" for i in range(len(hues))]
@@ -215,7 +214,7 @@ def metric_comparison(
     axis.set_title(f"{metric}: {what}", fontsize="medium")
     if hue is not None:
         axis.legend(title=hue, fontsize="small", frameon=False)
-    return finish(fig, axis, show=show, save=save, created=created)
+    return finish(fig, axis, show=show, save=save, ax=ax)
 
 
 def _levels(column: pd.Series, order: Sequence[str] | None, argument: str, name: str) -> list[str]:

@@ -225,7 +225,6 @@ def retrieval_heatmap(
     n_cols = max(m.shape[1] for m in matrices.values())
     n_rows = max(m.shape[0] for m in matrices.values())
     panel = (2.5 + 0.28 * n_cols, 1.6 + 0.3 * n_rows + 0.09 * _longest_label(matrices))
-    created = ax is None
     fig, axes = grid(len(matrices), 1, panel, ax=ax, what="cell types")
     selected = _selected(retrieval_df, matrices) if mark_selected else {}
     for axis, (ct, matrix) in zip(axes, matrices.items(), strict=True):
@@ -246,8 +245,7 @@ def retrieval_heatmap(
             axis.scatter(
                 cols, rows, s=14, c="white", edgecolors="black", linewidths=0.5, label="selected"
             )
-    result = axes[0] if len(axes) == 1 else axes
-    return finish(fig, result, show=show, save=save, created=created)
+    return finish(fig, axes, show=show, save=save, ax=ax)
 
 
 def _longest_label(matrices: dict[str, pd.DataFrame]) -> int:

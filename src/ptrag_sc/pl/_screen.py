@@ -112,11 +112,10 @@ def screen(
     if unknown:
         raise ValueError(f"`highlight` names perturbation(s) not in the table: {unknown[:10]}.")
 
-    created = ax is None
     fig, axes = grid(len(wanted), ncols, (5.0, 3.6), ax=ax, what="cell types")
     for panel, ct in zip(axes, wanted, strict=True):
         _panel(panel, df[df["_ct"] == ct].sort_values("rank", kind="stable"), ct, n_top, highlight)
-    return finish(fig, axes[0] if len(axes) == 1 else axes, show=show, save=save, created=created)
+    return finish(fig, axes, show=show, save=save, ax=ax)
 
 
 def _panel(ax: Axes, df: pd.DataFrame, cell_type: str, n_top: int, highlight: list[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,14 +14,8 @@ from .._constants import (
     DEFAULT_PRED_LAYER,
 )
 from ..tl import _metrics as M
-from ..tl._evaluate import resolve_inputs
-from ..tl._utils import (
-    as_str_tuple,
-    check_obs_key,
-    dense_rows,
-    finite_rows,
-    in_values,
-)
+from ..tl._evaluate import select_groups
+from ..tl._utils import as_str_tuple, dense_rows
 from ._utils import check_save, finish, grid, single_ax, symmetric_limits
 
 if TYPE_CHECKING:
@@ -66,96 +59,47 @@ def compute_shifts(
     :func:`ptrag_sc.tl.evaluate` (same helpers, same order of operations), so
     ``Shift.pearson`` equals its ``pearson_delta``.
     """
-    inputs = resolve_inputs(
-        adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group
+    sel = select_groups(
+        adata,
+        reference,
+        pred_layer=pred_layer,
+        real_layer=real_layer,
+        perturbation_key=perturbation_key,
+        cell_type_key=cell_type_key,
+        control_group=control_group,
+        perturbations=perturbations,
+        split_key=split_key,
+        split_values=split_values,
+        cell_types=cell_type,
+        stacklevel=4,
     )
-    pred_mat, real_mat, ref, where_ref, gene_idx = inputs[:5]
-    pert_p, ct_p, pert_r, ct_r, ctrl_r = inputs[5:]
-
-    wanted_ct = as_str_tuple(cell_type)
-    if wanted_ct is not None:
-        unknown = [c for c in wanted_ct if c not in set(ct_p)]
-        if unknown:
-            raise ValueError(
-                f"`cell_type` {unknown} not found in adata.obs[{cell_type_key!r}]; existing: "
-                f"{sorted(set(ct_p))}."
-            )
-    wanted_p = as_str_tuple(perturbations)
-    ok_p = pert_p != control_group
-    ok_r = ~ctrl_r
-    if wanted_p is not None:
-        ok_p &= in_values(pert_p, wanted_p)
-        ok_r &= in_values(pert_r, wanted_p)
-    if wanted_ct is not None:
-        ok_p &= in_values(ct_p, wanted_ct)
-        ok_r &= in_values(ct_r, wanted_ct)
-    split_values = as_str_tuple(split_values)
-    if split_key is not None:
-        check_obs_key(ref, split_key, "split_key", where=where_ref)
-        in_split = in_values(ref.obs[split_key].astype(str).to_numpy(), split_values)
-        ok_r &= in_split
-        if reference is None:
-            ok_p &= in_split
-    cand = np.flatnonzero(ok_p)
-    cand = cand[finite_rows(pred_mat, cand)]
-    if reference is None:
-        sel_r = np.zeros(adata.n_obs, bool)
-        sel_r[cand] = True
-    else:
-        sel_r = ok_r
-
-    pred_groups: dict[tuple[str, str], list[int]] = {}
-    for i in cand:
-        pred_groups.setdefault((ct_p[i], pert_p[i]), []).append(i)
-    real_groups: dict[tuple[str, str], list[int]] = {}
-    for i in np.flatnonzero(sel_r):
-        real_groups.setdefault((ct_r[i], pert_r[i]), []).append(i)
-    no_real = sorted(k for k in pred_groups if k not in real_groups)
-    if no_real:
-        warnings.warn(
-            f"{len(no_real)} (cell type, perturbation) group(s) have predicted cells but no real "
-            f"cell in the selection and are skipped, e.g. {no_real[:5]}.",
-            UserWarning,
-            stacklevel=3,
-        )
-    keys = sorted(k for k in pred_groups if k in real_groups)
+    keys, wanted_p = sel.keys, sel.perturbations
     if wanted_p is not None:
         found = {p for _, p in keys}
         absent = [p for p in wanted_p if p not in found]
         if absent:
-            available = sorted({p for _, p in real_groups} & {p for _, p in pred_groups})
+            available = sorted(
+                {p for _, p in sel.real_index.index} & {p for _, p in sel.pred_index.index}
+            )
             raise ValueError(
                 f"No predicted and real cells to compare for perturbation(s) {absent} "
                 f"(pred_layer={pred_layer!r}, split_key={split_key!r}, "
-                f"split_values={split_values}); perturbations with both: {available[:20]}."
+                f"split_values={sel.split_values}); perturbations with both: {available[:20]}."
             )
         order = {p: i for i, p in enumerate(wanted_p)}
-        keys.sort(key=lambda k: (order[k[1]], k[0]))
+        keys = sorted(keys, key=lambda k: (order[k[1]], k[0]))
     if not keys:
         raise ValueError(
             "Nothing to plot: no perturbed cell with a finite prediction in "
             f"layers[{pred_layer!r}] matches the selection (perturbations={wanted_p}, "
-            f"cell_type={wanted_ct}, split_key={split_key!r}, split_values={split_values})."
+            f"cell_type={as_str_tuple(cell_type)}, split_key={split_key!r}, "
+            f"split_values={sel.split_values})."
         )
-
-    def real_rows(idx: np.ndarray) -> np.ndarray:
-        rows = dense_rows(real_mat, idx)
-        return rows if gene_idx is None else rows[:, gene_idx]
-
-    ctrl_means: dict[str, np.ndarray] = {}
     shifts = []
     for c, p in keys:
-        if c not in ctrl_means:
-            ctrl_idx = np.flatnonzero(ctrl_r & (ct_r == c))
-            if ctrl_idx.size == 0:
-                raise ValueError(
-                    f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell "
-                    f"type {c!r} (obs[{cell_type_key!r}]) in {where_ref}; cannot compute shifts."
-                )
-            ctrl_means[c] = real_rows(ctrl_idx).mean(axis=0)
-        pi, ri = np.asarray(pred_groups[(c, p)]), np.asarray(real_groups[(c, p)])
-        dp = dense_rows(pred_mat, pi).mean(axis=0) - ctrl_means[c]
-        dr = real_rows(ri).mean(axis=0) - ctrl_means[c]
+        pi, ri = sel.pred_index[(c, p)], sel.real_index[(c, p)]
+        dp = dense_rows(sel.pred_mat, pi).mean(axis=0) - sel.control_mean(c)
+        dr = sel.real_rows(ri).mean(axis=0) - sel.control_mean(c)
         shifts.append(Shift(c, p, dp, dr, M.pearson(dp, dr), len(pi), len(ri)))
     return shifts, np.asarray(adata.var_names, dtype=str)
 
@@ -288,7 +232,6 @@ def shift_scatter(
         real_layer=real_layer,
         reference=reference,
     )
-    created = ax is None
     if overlay:
         fig, axis = single_ax(ax, (panel_size[0] * 1.6, panel_size[1] * 1.5))
         for shift in shifts:
@@ -304,7 +247,7 @@ def shift_scatter(
         _decorate(axis, shifts)
         axis.set_title("Predicted vs observed shift from control")
         axis.legend(fontsize="small", frameon=False, loc="best")
-        return finish(fig, axis, show=show, save=save, created=created)
+        return finish(fig, axis, show=show, save=save, ax=ax)
 
     if len(shifts) > max_panels:
         raise ValueError(
@@ -320,8 +263,7 @@ def shift_scatter(
         _annotate(axis, shift, var_names, annotate)
         _decorate(axis, [shift])
         axis.set_title(f"{_group_name(shift)}\nr = {shift.pearson:.2f}", fontsize="medium")
-    result = axes[0] if len(axes) == 1 else axes
-    return finish(fig, result, show=show, save=save, created=created)
+    return finish(fig, axes, show=show, save=save, ax=ax)
 
 
 def _group_name(shift: Shift) -> str:

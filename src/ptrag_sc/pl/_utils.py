@@ -38,10 +38,7 @@ def single_ax(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
     import matplotlib.pyplot as plt
 
     check_ax(ax)
-    if ax is not None:
-        return ax.figure, ax
-    fig, new = plt.subplots(figsize=figsize)
-    return fig, new
+    return (ax.figure, ax) if ax is not None else plt.subplots(figsize=figsize)
 
 
 def grid(
@@ -89,11 +86,11 @@ def finish(
     *,
     show: bool | None,
     save: str | os.PathLike[str] | None,
-    created: bool,
+    ax: Axes | None,
 ) -> Axes | list[Axes] | None:
-    """Save and/or show the figure; return the Axes unless the figure was shown.
+    """Save and/or show the figure; return the Axes (a single one unwrapped) unless shown.
 
-    ``show=None`` shows the figure when the function made it (``created``), scanpy-style;
+    ``show=None`` shows the figure when the function made it (no ``ax`` given), scanpy-style;
     a figure drawn into a caller's ``ax`` is left for the caller to finish.
     """
     import matplotlib
@@ -102,13 +99,12 @@ def finish(
     if save is not None:
         fig.savefig(os.fspath(save), bbox_inches="tight")
     if show is None:
-        show = created
+        show = ax is None
     if show:
-        backend = matplotlib.get_backend().lower()
-        if backend not in _NON_INTERACTIVE:
+        if matplotlib.get_backend().lower() not in _NON_INTERACTIVE:
             plt.show()
         return None
-    return axes
+    return axes[0] if isinstance(axes, list) and len(axes) == 1 else axes
 
 
 def symmetric_limits(ax: Axes, *values: np.ndarray, margin: float = 0.05) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
+    from ..data._matrix import MatrixLike
+
 #: Metric columns of :func:`evaluate`, in output order.
 METRIC_COLUMNS = (
     "pearson_delta",
@@ -59,21 +62,59 @@ LOWER_IS_BETTER = frozenset(
 )
 
 
-def resolve_inputs(
+@dataclass
+class Selection:
+    """The (cell type, perturbation) groups scored by :func:`evaluate` and ``pl.shift_scatter``."""
+
+    pred_mat: MatrixLike
+    real_mat: MatrixLike
+    gene_idx: np.ndarray | None  # adata's genes in the reference, None when in the same order
+    pert_r: np.ndarray
+    ct_r: np.ndarray
+    ctrl_r: np.ndarray
+    where_ref: str
+    perturbations: tuple[str, ...] | None
+    split_values: tuple[str, ...]
+    pred_index: pd.Series  # (cell type, perturbation) -> row indices, sorted
+    real_index: pd.Series
+    keys: list[tuple[str, str]]  # groups with predicted and real cells, sorted
+    keys_of_obs: tuple[str, str | None, str]  # perturbation_key, cell_type_key, control_group
+    _control_means: dict = field(default_factory=dict)
+
+    def real_rows(self, idx: np.ndarray) -> np.ndarray:
+        rows = dense_rows(self.real_mat, idx)
+        return rows if self.gene_idx is None else rows[:, self.gene_idx]
+
+    def control_mean(self, cell_type: str) -> np.ndarray:
+        if cell_type not in self._control_means:
+            ctrl_idx = np.flatnonzero(self.ctrl_r & (self.ct_r == cell_type))
+            if ctrl_idx.size == 0:
+                perturbation_key, cell_type_key, control_group = self.keys_of_obs
+                raise ValueError(
+                    f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell "
+                    f"type {cell_type!r} (obs[{cell_type_key!r}]) in {self.where_ref}; cannot "
+                    "compute shifts."
+                )
+            self._control_means[cell_type] = self.real_rows(ctrl_idx).mean(axis=0)
+        return self._control_means[cell_type]
+
+
+def select_groups(
     adata: AnnData,
     reference: AnnData | None,
+    *,
     pred_layer: str,
     real_layer: str | None,
     perturbation_key: str,
     cell_type_key: str | None,
     control_group: str,
-) -> tuple:
-    """Matrices and labels shared by :func:`evaluate` and :func:`ptrag_sc.pl.shift_scatter`.
-
-    Returns ``(pred matrix, real matrix, reference AnnData, its name in messages, gene index
-    into the reference or None, perturbation and cell-type labels of adata, the same of the
-    reference, control mask of the reference)``.
-    """
+    perturbations: Sequence[str] | str | None,
+    split_key: str | None,
+    split_values: Sequence[str] | str,
+    cell_types: Sequence[str] | str | None = None,
+    stacklevel: int,
+) -> Selection:
+    """The selected perturbed cells with a finite prediction, grouped, and their real cells."""
     check_anndata(adata)
     if reference is not None:
         check_anndata(reference, "reference")
@@ -85,10 +126,9 @@ def resolve_inputs(
     if reference is not None:
         idx = reference.var_names.get_indexer(adata.var_names)
         if np.any(idx < 0):
-            missing = list(adata.var_names[idx < 0][:10])
             raise ValueError(
                 f"{int(np.sum(idx < 0))} gene(s) of adata are not in reference.var_names, "
-                f"e.g. {missing}."
+                f"e.g. {list(adata.var_names[idx < 0][:10])}."
             )
         if not np.array_equal(idx, np.arange(reference.n_vars)):
             gene_idx = idx
@@ -105,7 +145,59 @@ def resolve_inputs(
             f"No control cells: no cell of {where_ref} has "
             f"obs[{perturbation_key!r}] == {control_group!r} (`control_group`)."
         )
-    return pred_mat, real_mat, ref, where_ref, gene_idx, pert_p, ct_p, pert_r, ct_r, ctrl_r
+
+    cell_types = as_str_tuple(cell_types)
+    if cell_types is not None:
+        unknown = [c for c in cell_types if c not in set(ct_p)]
+        if unknown:
+            raise ValueError(
+                f"`cell_type` {unknown} not found in adata.obs[{cell_type_key!r}]; existing: "
+                f"{sorted(set(ct_p))}."
+            )
+    perturbations = as_str_tuple(perturbations)
+    ok_p = pert_p != control_group
+    ok_p &= in_values(pert_p, perturbations) & in_values(ct_p, cell_types)
+    ok_r = ~ctrl_r & in_values(pert_r, perturbations) & in_values(ct_r, cell_types)
+    split_values = as_str_tuple(split_values)
+    if split_key is not None:
+        check_obs_key(ref, split_key, "split_key", where=where_ref)
+        in_split = in_values(ref.obs[split_key].astype(str).to_numpy(), split_values)
+        ok_r &= in_split
+        if reference is None:
+            ok_p &= in_split
+    cand = np.flatnonzero(ok_p)
+    cand = cand[finite_rows(pred_mat, cand)]
+    sel_p = np.zeros(adata.n_obs, bool)
+    sel_p[cand] = True
+    sel_r = sel_p if reference is None else ok_r
+
+    pred_groups = pd.DataFrame({"c": ct_p[sel_p], "p": pert_p[sel_p], "i": cand})
+    real_groups = pd.DataFrame({"c": ct_r[sel_r], "p": pert_r[sel_r], "i": np.flatnonzero(sel_r)})
+    pred_index = pred_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
+    real_index = real_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
+    no_real = [k for k in pred_index.index if k not in real_index.index]
+    if no_real:
+        warnings.warn(
+            f"{len(no_real)} (cell type, perturbation) group(s) have predicted cells but no real "
+            f"cell in the selection and are skipped, e.g. {no_real[:5]}.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return Selection(
+        pred_mat,
+        real_mat,
+        gene_idx,
+        pert_r,
+        ct_r,
+        ctrl_r,
+        where_ref,
+        perturbations,
+        split_values,
+        pred_index,
+        real_index,
+        [k for k in pred_index.index if k in real_index.index],
+        (perturbation_key, cell_type_key, control_group),
+    )
 
 
 def evaluate(
@@ -282,76 +374,37 @@ def evaluate(
             "`n_top_de` and `n_pcs` must be >= 1, `ot_max_cells` and `pca_max_cells` >= 2."
         )
 
-    inputs = resolve_inputs(
-        adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group
+    sel = select_groups(
+        adata,
+        reference,
+        pred_layer=pred_layer,
+        real_layer=real_layer,
+        perturbation_key=perturbation_key,
+        cell_type_key=cell_type_key,
+        control_group=control_group,
+        perturbations=perturbations,
+        split_key=split_key,
+        split_values=split_values,
+        stacklevel=3,
     )
-    pred_mat, real_mat, ref, where_ref, gene_idx = inputs[:5]
-    pert_p, ct_p, pert_r, ct_r, ctrl_r = inputs[5:]
-    var_names = np.asarray(adata.var_names, dtype=str)
-
-    perts_wanted = as_str_tuple(perturbations)
-    pert_ok_p = (
-        np.ones(adata.n_obs, bool) if perts_wanted is None else in_values(pert_p, perts_wanted)
-    )
-    pert_ok_r = (
-        pert_ok_p
-        if reference is None
-        else (
-            np.ones(ref.n_obs, bool) if perts_wanted is None else in_values(pert_r, perts_wanted)
-        )
-    )
-    split_ok_r = np.ones(ref.n_obs, bool)
-    split_values = as_str_tuple(split_values)
-    if split_key is not None:
-        check_obs_key(ref, split_key, "split_key", where=where_ref)
-        split_ok_r = in_values(ref.obs[split_key].astype(str).to_numpy(), split_values)
-    split_ok_p = split_ok_r if reference is None else np.ones(adata.n_obs, bool)
-
-    cand_p = np.flatnonzero((pert_p != control_group) & pert_ok_p & split_ok_p)
-    cand_p = cand_p[finite_rows(pred_mat, cand_p)]
-    sel_p = np.zeros(adata.n_obs, bool)
-    sel_p[cand_p] = True
-    sel_r = sel_p if reference is None else (~ctrl_r & pert_ok_r & split_ok_r)
-
-    pred_groups = pd.DataFrame({"c": ct_p[sel_p], "p": pert_p[sel_p], "i": np.flatnonzero(sel_p)})
-    real_groups = pd.DataFrame({"c": ct_r[sel_r], "p": pert_r[sel_r], "i": np.flatnonzero(sel_r)})
-    pred_index = pred_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
-    real_index = real_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
-    no_real = [k for k in pred_index.index if k not in real_index.index]
-    if no_real:
-        warnings.warn(
-            f"{len(no_real)} (cell type, perturbation) group(s) have predicted cells but no real "
-            f"cell in the selection and are skipped, e.g. {no_real[:5]}.",
-            UserWarning,
-            stacklevel=2,
-        )
-    keys = [k for k in pred_index.index if k in real_index.index]
-    if not keys:
+    if not sel.keys:
         raise ValueError(
             "Nothing to evaluate: no perturbed cell with a finite prediction in "
-            f"layers[{pred_layer!r}] matches the selection (perturbations={perts_wanted}, "
-            f"split_key={split_key!r}, split_values={split_values})."
+            f"layers[{pred_layer!r}] matches the selection (perturbations={sel.perturbations}, "
+            f"split_key={split_key!r}, split_values={sel.split_values})."
         )
-
-    def real_rows(idx: np.ndarray) -> np.ndarray:
-        rows = dense_rows(real_mat, idx)
-        return rows if gene_idx is None else rows[:, gene_idx]
+    var_names = np.asarray(adata.var_names, dtype=str)
+    ct_r, ctrl_r, pert_r = sel.ct_r, sel.ctrl_r, sel.pert_r
 
     cell_type_col = cell_type_key or "cell_type"
     label = method if method is not None else pred_layer
     records: list[dict] = []
     by_cell_type: dict[str, list[str]] = {}
-    for c, p in keys:
+    for c, p in sel.keys:
         by_cell_type.setdefault(c, []).append(p)
 
     for c, perts in by_cell_type.items():
-        ctrl_idx = np.flatnonzero(ctrl_r & (ct_r == c))
-        if ctrl_idx.size == 0:
-            raise ValueError(
-                f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell type "
-                f"{c!r} (obs[{cell_type_key!r}]) in {where_ref}; cannot compute shifts."
-            )
-        ctrl_mean = real_rows(ctrl_idx).mean(axis=0)
+        ctrl_mean = sel.control_mean(c)
 
         # PCA of the cell type, fitted on its real cells (controls + all perturbed, any split).
         fit_idx = np.flatnonzero(ct_r == c)
@@ -359,14 +412,14 @@ def evaluate(
             fit_idx = np.sort(
                 group_rng(seed, "pca", c).choice(fit_idx, pca_max_cells, replace=False)
             )
-        pca_mean, comps = M.fit_pca(real_rows(fit_idx), n_pcs, seed=seed)
+        pca_mean, comps = M.fit_pca(sel.real_rows(fit_idx), n_pcs, seed=seed)
 
         pred_means, real_means, group_rows = [], [], []
         for p in perts:
             rng = group_rng(seed, c, p)
-            pi, ri = pred_index[(c, p)], real_index[(c, p)]
-            pred_cells = dense_rows(pred_mat, pi)
-            real_cells = real_rows(ri)
+            pi, ri = sel.pred_index[(c, p)], sel.real_index[(c, p)]
+            pred_cells = dense_rows(sel.pred_mat, pi)
+            real_cells = sel.real_rows(ri)
             pm, rm = pred_cells.mean(axis=0), real_cells.mean(axis=0)
             dp, dr = pm - ctrl_mean, rm - ctrl_mean
             err = pm - rm
@@ -427,9 +480,9 @@ def evaluate(
             cidx = np.flatnonzero((ct_r == c) & ~ctrl_r)
             cand_names = sorted(set(pert_r[cidx]))
             codes = pd.Categorical(pert_r[cidx], categories=cand_names).codes
-            sub_means = group_means(real_mat[cidx], codes, len(cand_names))
-            if gene_idx is not None:
-                sub_means = sub_means[:, gene_idx]
+            sub_means = group_means(sel.real_mat[cidx], codes, len(cand_names))
+            if sel.gene_idx is not None:
+                sub_means = sub_means[:, sel.gene_idx]
             cand_shifts = sub_means - ctrl_mean
         position = {name: i for i, name in enumerate(cand_names)}
         for row, pm in zip(group_rows, pred_means, strict=True):
