@@ -224,78 +224,55 @@ def evaluate(
 ) -> pd.DataFrame:
     """Score predicted cells against real cells, per (cell type, perturbation).
 
-    The prediction is ``adata.layers[pred_layer]`` (written by ``PTRAG.predict`` or
-    :func:`ptrag_sc.tl.predict_baseline`); the real expression is ``adata.X`` (or
-    ``real_layer``) of the same cells. Evaluated cells are the perturbed cells (label
-    ``!= control_group``) whose ``split_key`` value is in ``split_values`` (when given), whose
-    label is in ``perturbations`` (when given) and whose predicted row is finite (rows holding
-    NaN count as "not predicted" and are left out on both sides). One row is returned per
-    (cell type, perturbation) with evaluated cells.
+    The prediction is ``layers[pred_layer]``, the real expression ``X`` (or ``real_layer``) of
+    the same cells (or of ``reference``). Evaluated: the perturbed cells in ``split_values``
+    and ``perturbations`` (when given) whose predicted row is finite (NaN rows count as not
+    predicted, on both sides).
 
-    Notation, for cell type ``c`` and perturbation ``p``: ``P`` the predicted cells, ``R`` the
-    real cells (the same cells in counterfactual mode), ``C`` the real control cells of ``c``
-    (all of them, whatever their split), ``mean(.)`` the mean profile over cells, the predicted
-    shift ``dp = mean(P) - mean(C)`` and the observed shift ``dr = mean(R) - mean(C)`` (the same
-    control mean on both sides, as cell-eval does when the control cells are shared). Unless said
-    otherwise a metric uses all genes of ``adata``.
+    Notation for cell type ``c`` and perturbation ``p``: ``P`` the predicted cells, ``R`` the
+    real ones, ``C`` all real control cells of ``c`` (any split), ``mean(.)`` the mean profile,
+    ``dp = mean(P) - mean(C)`` and ``dr = mean(R) - mean(C)`` (the same control mean on both
+    sides, as cell-eval). Metrics use all genes unless said otherwise. Columns:
 
-    Output columns:
-
-    - ``method``: ``method`` or, by default, ``pred_layer`` (so concatenated outputs of several
-      layers can be summarised per method);
-    - ``cell_type_key`` (``"cell_type"`` holding ``"all"`` when ``cell_type_key=None``) and
-      ``perturbation_key``: the group;
-    - ``n_cells`` / ``n_cells_real``: number of predicted / real cells of the group;
-    - ``pearson_delta``, ``spearman_delta``: Pearson / Spearman (average ranks) correlation of
-      ``dp`` and ``dr`` over all genes;
-    - ``pearson_delta_de``: Pearson of ``dp`` and ``dr`` over the observed top-``n_top_de``
-      genes ranked by ``|dr|`` (the largest observed absolute shifts, not a test statistic);
-    - ``pearson_pert_centred``: Pearson over all genes of ``mean(P_p) - avg_q mean(P_q)`` and
-      ``mean(R_p) - avg_q mean(R_q)``, ``q`` running over the evaluated perturbations of ``c``
-      (no control cell enters); NaN with a single perturbation or a constant side. A method
-      that predicts one shift for all perturbations still gets a (near-zero, noisy) value when
-      its cells are built on different matched control cells;
-    - ``mse``, ``rmse``, ``mae``: mean squared / root mean squared / mean absolute error between
-      ``mean(P)`` and ``mean(R)`` over genes. The same errors computed on ``dp`` and ``dr`` are
-      identical by construction (same control mean on both sides) and are not repeated;
-    - ``mse_pca``: mean over principal components of the squared difference between ``mean(P)``
-      and ``mean(R)`` projected on a PCA with ``n_pcs`` components fitted on the real cells of
-      ``c`` (controls and every perturbation, any split; a seeded random subset of at most
-      ``pca_max_cells`` cells);
-    - ``w1``: exact 1-Wasserstein distance (``ot.emd2``, cost ``|x - y|``, uniform weights)
-      between ``P`` and ``R`` in that PCA space;
-    - ``w2``: square root of the exact optimal transport cost with cost ``|x - y|²`` (a distance,
-      in the units of ``w1``; ``w2 >= w1``) in that PCA space. When a side holds more than
-      ``ot_max_cells`` cells, ``ot_large="subsample"`` draws ``ot_max_cells`` cells of it
-      (seeded, without replacement) and ``ot_large="sinkhorn"`` uses ``ot.sinkhorn2`` on all
-      cells with regularisation ``sinkhorn_reg`` relative to the largest cost (upper bound);
-    - ``mmd``: biased (V-statistic) MMD² with the RBF kernel ``exp(-|x-y|² / (2 sigma²))``,
-      ``sigma`` the median of the non-zero pairwise distances of the pooled cells, in the PCA
-      space (on at most ``ot_max_cells`` cells per side);
-    - ``energy``: energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (Euclidean, V-statistics:
-      means over all pairs including ``i = j``) in the PCA space (at most ``ot_max_cells`` cells
-      per side). This is twice geomloss' ``SamplesLoss("energy")`` (which carries a 1/2) and the
-      same estimator as cell-eval's ``edistance``;
-    - ``de_overlap``: fraction of the observed top-``n_top_de`` genes by ``|dr|`` found among
-      the predicted top-``n_top_de`` genes by ``|dp|``;
-    - ``de_direction``: fraction of the observed top-``n_top_de`` genes with
-      ``sign(dp) == sign(dr)``;
+    - ``method`` (``method`` or ``pred_layer``), the cell type (``cell_type_key``, or
+      ``"cell_type"`` holding ``"all"``) and ``perturbation_key``;
+    - ``n_cells`` / ``n_cells_real``: predicted / real cells of the group;
+    - ``pearson_delta``, ``spearman_delta``: Pearson / Spearman (average ranks) of ``dp`` and
+      ``dr``;
+    - ``pearson_delta_de``: Pearson of ``dp`` and ``dr`` over the top-``n_top_de`` genes by
+      ``|dr|``;
+    - ``pearson_pert_centred``: Pearson of ``mean(P_p) - avg_q mean(P_q)`` and
+      ``mean(R_p) - avg_q mean(R_q)``, ``q`` over the evaluated perturbations of ``c``; NaN
+      with a single one;
+    - ``mse``, ``rmse``, ``mae``: errors between ``mean(P)`` and ``mean(R)`` (equal to those on
+      ``dp`` and ``dr``);
+    - ``mse_pca``: mean squared difference of ``mean(P)`` and ``mean(R)`` over the components
+      of an ``n_pcs`` PCA fitted on the real cells of ``c`` (controls and every perturbation,
+      any split; at most ``pca_max_cells``, seeded);
+    - ``w1``, ``w2``: exact 1- and 2-Wasserstein distances (``ot.emd2``, uniform weights,
+      ``w2`` the square root of the cost with ``|x - y|²``) between ``P`` and ``R`` in that
+      PCA space. Above ``ot_max_cells`` cells on a side, ``ot_large="subsample"`` draws
+      ``ot_max_cells`` of them (seeded) and ``"sinkhorn"`` uses ``ot.sinkhorn2`` on all cells
+      (an upper bound);
+    - ``mmd``: biased MMD² with the RBF kernel, bandwidth the median non-zero pairwise
+      distance of the pooled cells, in the PCA space (at most ``ot_max_cells`` per side);
+    - ``energy``: energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (V-statistics) in the PCA
+      space (at most ``ot_max_cells`` per side): twice geomloss' ``SamplesLoss("energy")``,
+      cell-eval's ``edistance``;
+    - ``de_overlap``: fraction of the top-``n_top_de`` genes by ``|dr|`` among the top ones by
+      ``|dp|``; ``de_direction``: fraction of them with ``sign(dp) == sign(dr)``;
     - ``discrimination_l1``: fraction of the other candidate perturbations of ``c`` whose
-      observed shift is strictly closer in L1 distance to ``dp`` than the observed shift of
-      ``p`` itself; 0 is best, 1 worst, NaN with a single candidate. Candidates are the
-      evaluated perturbations of ``c`` (``discrimination_reference="evaluated"``, as cell-eval)
-      or every perturbation with real cells in ``c`` (``"all"``, using all their cells). The
-      target gene(s) of ``p`` are left out of the distance, as in cell-eval. cell-eval's
-      ``discrimination_score_l1`` equals ``1 - discrimination_l1 * (n - 1) / n`` without ties;
-    - ``split_half_pearson``: the Pearson correlation between the mean shifts from control
-      (``mean(C)``) of two disjoint random halves of a perturbation's real cells (``R``,
-      ``floor(n/2)`` cells each, seeded; NaN with fewer than 4): how noisy the observed shift
-      is (1: no noise). It is not a ceiling for ``pearson_delta``, which compares a prediction
-      with the mean of all the real cells, less noisy than either half.
+      observed shift is strictly closer (L1, target genes of ``p`` left out) to ``dp`` than
+      ``dr`` is; 0 best. Candidates: the evaluated perturbations
+      (``discrimination_reference="evaluated"``, as cell-eval, whose
+      ``discrimination_score_l1`` is ``1 - discrimination_l1 * (n - 1) / n`` without ties) or
+      every perturbation with real cells in ``c`` (``"all"``);
+    - ``split_half_pearson``: Pearson of the shifts from ``mean(C)`` of two disjoint random
+      halves of ``R`` (NaN below 4 cells): how noisy the observed shift is, not a ceiling of
+      ``pearson_delta``.
 
-    Random draws use ``seed`` and the group's name, so a group's values do not depend on
-    which other groups are evaluated (except ``pearson_pert_centred`` and
-    ``discrimination_l1``, which compare perturbations by definition).
+    Random draws use ``seed`` and the group's name, so a group's values do not depend on the
+    other groups (except ``pearson_pert_centred`` and ``discrimination_l1``).
 
     Parameters
     ----------
@@ -313,10 +290,9 @@ def evaluate(
     real_layer
         Layer holding the real expression (log1p); ``None`` uses ``X``.
     reference
-        Optional AnnData holding the real cells when ``adata`` is not the same cells (e.g. the
-        output of generation-mode ``PTRAG.predict``): real cells, controls, the PCA and the
-        split filter then come from ``reference`` (which must contain every gene of ``adata``),
-        the predicted cells from ``adata``.
+        AnnData of the real cells when ``adata`` holds other cells (e.g. generation-mode
+        ``PTRAG.predict``): real cells, controls, PCA and split then come from it (it must
+        hold every gene of ``adata``).
     perturbations
         Restrict rows to these perturbation labels.
     split_key
@@ -327,9 +303,8 @@ def evaluate(
     method
         Label written to the ``method`` column; defaults to ``pred_layer``.
     n_top_de
-        Number of top observed genes (by ``|dr|``) used by ``pearson_delta_de``,
-        ``de_overlap`` and ``de_direction``. Default 20, the usual "top-20 DE genes" of
-        perturbation benchmarks (GEARS and successors).
+        Top observed genes (by ``|dr|``) of ``pearson_delta_de``, ``de_overlap`` and
+        ``de_direction`` (the usual "top-20 DE genes" of GEARS and successors).
     n_pcs
         Number of principal components of the distributional metrics and ``mse_pca``.
     pca_max_cells
@@ -414,6 +389,9 @@ def evaluate(
             )
         pca_mean, comps = M.fit_pca(sel.real_rows(fit_idx), n_pcs, seed=seed)
 
+        def project(cells: np.ndarray, mean=pca_mean, axes=comps) -> np.ndarray:
+            return (cells - mean) @ axes.T
+
         pred_means, real_means, group_rows = [], [], []
         for p in perts:
             rng = group_rng(seed, c, p)
@@ -424,16 +402,14 @@ def evaluate(
             dp, dr = pm - ctrl_mean, rm - ctrl_mean
             err = pm - rm
             top = M.top_n_genes(dr, n_top_de)
-            proj_err = err @ comps.T
-            ps = _subsample(pred_cells, ot_max_cells, rng)
-            rs = _subsample(real_cells, ot_max_cells, rng)
-            pz = (ps - pca_mean) @ comps.T
-            rz = (rs - pca_mean) @ comps.T
-            dist = M.distribution_metrics(pz, rz)
+            dist = M.distribution_metrics(
+                project(_subsample(pred_cells, ot_max_cells, rng)),
+                project(_subsample(real_cells, ot_max_cells, rng)),
+            )
             if ot_large == "sinkhorn" and max(len(pi), len(ri)) > ot_max_cells:
                 dist["w1"], dist["w2"] = M.wasserstein(
-                    (pred_cells - pca_mean) @ comps.T,
-                    (real_cells - pca_mean) @ comps.T,
+                    project(pred_cells),
+                    project(real_cells),
                     method="sinkhorn",
                     sinkhorn_reg=sinkhorn_reg,
                 )
@@ -450,11 +426,8 @@ def evaluate(
                 "mse": float(np.mean(err**2)),
                 "rmse": float(np.sqrt(np.mean(err**2))),
                 "mae": float(np.mean(np.abs(err))),
-                "mse_pca": float(np.mean(proj_err**2)),
-                "w1": dist["w1"],
-                "w2": dist["w2"],
-                "mmd": dist["mmd"],
-                "energy": dist["energy"],
+                "mse_pca": float(np.mean((err @ comps.T) ** 2)),
+                **dist,  # w1, w2, mmd, energy
                 "de_overlap": M.de_overlap(dp, dr, n_top_de),
                 "de_direction": M.de_direction(dp, dr, n_top_de),
                 "discrimination_l1": np.nan,
