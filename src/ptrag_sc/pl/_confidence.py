@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import DEFAULT_CELL_TYPE_KEY, DEFAULT_PERTURBATION_KEY
-from ._utils import check_save, finish, single_ax
+from ._utils import check_frame, check_save, finish, single_ax
 
 if TYPE_CHECKING:
     import os
@@ -33,12 +33,9 @@ def confidence(
 ) -> Axes | None:
     """A prediction's confidence against its measured accuracy, one point per perturbation.
 
-    The confidence is what :meth:`ptrag_sc.PTRAG.predict` writes next to its prediction
-    (``adata.obs[f"{key_added}_confidence"]``: the Pearson correlation between the predicted and
-    the measured mean shift the model expects); the accuracy is ``metric`` of
-    :func:`ptrag_sc.tl.evaluate` for the same prediction. A confidence that ranks predictions
-    well puts the points on a rising line; the title gives the Spearman correlation and the
-    number of pairs.
+    The confidence is ``obs[f"{key_added}_confidence"]`` of :meth:`ptrag_sc.PTRAG.predict`
+    (the Pearson correlation with the measured mean shift the model expects), the accuracy
+    ``metric`` of :func:`ptrag_sc.tl.evaluate`; the title gives their Spearman correlation.
 
     Parameters
     ----------
@@ -89,11 +86,7 @@ def confidence(
     from scipy.stats import spearmanr
 
     check_save(save)
-    if not isinstance(results, pd.DataFrame):
-        raise TypeError(
-            "`results` must be the DataFrame of `ptrag_sc.tl.evaluate`, got "
-            f"{type(results).__name__}."
-        )
+    check_frame(results, "results", "`ptrag_sc.tl.evaluate`")
     if confidence_key not in adata.obs.columns:
         raise ValueError(
             f"`adata.obs` has no column {confidence_key!r}: predict in place with a response "

@@ -44,23 +44,19 @@ def training_history(
     """Training and validation curves over epochs.
 
     Panels: ``"energy"`` (energy distance between predicted and observed sets), ``"loss"``
-    (the optimised objective: the energy term, the pseudobulk mean-shift error and the sparsity
-    penalty; its validation value, ``validation_loss``, is what model selection watches) and
-    ``"active_ratio"`` (fraction of stage-1 candidates that stage 2 keeps; PT-RAG only).
-    Training values are per epoch (one check interval); validation values at each check.
+    (the objective, whose validation value model selection watches) and ``"active_ratio"``
+    (fraction of stage-1 candidates stage 2 keeps), per epoch (one check interval).
 
     Parameters
     ----------
     model_or_history
-        A trained :class:`ptrag_sc.PTRAG` or its ``model.history`` (a dict of one-column
-        DataFrames indexed by epoch: ``train_loss``, ``train_energy``, ``train_mean_error``,
-        ``train_active_ratio`` and their ``validation_`` counterparts).
+        A trained :class:`ptrag_sc.PTRAG` or its ``model.history`` (one-column DataFrames
+        indexed by epoch).
     panels
         Panels to draw, in order. Default: ``"energy"`` and, when recorded,
         ``"active_ratio"``.
     mark_best
-        Mark ``model.best_epoch_`` (the validation whose weights were kept, see
-        ``keep_best`` in :meth:`ptrag_sc.PTRAG.train`) with a vertical line.
+        Mark ``model.best_epoch_`` (whose weights were kept) with a vertical line.
     panel_size
         Width and height of one panel, in inches.
     ax

@@ -53,12 +53,8 @@ def compute_shifts(
     real_layer: str | None = None,
     reference: AnnData | None = None,
 ) -> tuple[list[Shift], np.ndarray]:
-    """Shifts of every selected group and the gene names.
-
-    The cell selection, control mean and correlation are those of
-    :func:`ptrag_sc.tl.evaluate` (same helpers, same order of operations), so
-    ``Shift.pearson`` equals its ``pearson_delta``.
-    """
+    """Shifts of every selected group and the gene names, selected and computed as
+    :func:`ptrag_sc.tl.evaluate` does (``Shift.pearson`` is its ``pearson_delta``)."""
     sel = select_groups(
         adata,
         reference,
@@ -129,20 +125,15 @@ def shift_scatter(
 ) -> Axes | list[Axes] | None:
     """Predicted vs observed mean shift from control, one point per gene.
 
-    For every selected (cell type ``c``, perturbation ``p``) group, the observed shift
-    ``dr = mean(R) - mean(C)`` (x axis) is plotted against the predicted shift
-    ``dp = mean(P) - mean(C)`` (y axis), one point per gene, where ``P`` are the predicted
-    cells (``layers[pred_layer]``), ``R`` the real cells and ``C`` all real control cells of
-    ``c``. The Pearson correlation ``r`` shown in each title (or legend) is
-    :func:`ptrag_sc.tl.evaluate`'s ``pearson_delta``: the cells are selected and the shifts
-    computed exactly as there. The dashed line is ``y = x``.
+    For each selected (cell type, perturbation) group, the observed shift ``dr`` (x) against
+    the predicted shift ``dp`` (y) of :func:`ptrag_sc.tl.evaluate`, whose ``pearson_delta`` is
+    the ``r`` of each title (or legend); the dashed line is ``y = x``.
 
     Parameters
     ----------
     adata
         Cells with real expression in ``X`` (or ``real_layer``) and the prediction in
-        ``layers[pred_layer]``, e.g. after ``model.predict(adata)`` or
-        :func:`ptrag_sc.tl.predict_baseline`. Never modified.
+        ``layers[pred_layer]``. Never modified.
     pred_layer
         Layer holding the prediction.
     perturbation_key
@@ -152,20 +143,20 @@ def shift_scatter(
     cell_type_key
         obs column with the cell type; ``None`` treats all cells as one cell type.
     perturbations
-        Perturbations to plot, in this order (default: every evaluated perturbation). A
-        requested perturbation without predicted and real cells is an error.
+        Perturbations to plot, in this order (default: all); each needs predicted and real
+        cells.
     cell_type
         Cell type(s) to plot (default: all).
     split_key
-        obs column with the data split; only cells whose value is in ``split_values`` are
-        plotted (control cells are always used as controls).
+        obs column with the data split; only cells in ``split_values`` are plotted (controls
+        always serve).
     split_values
         Split values to plot.
     real_layer
         Layer with the real expression; ``None`` uses ``X``.
     reference
-        AnnData with the real cells when ``adata`` holds only predictions (e.g. the output
-        of generation-mode ``PTRAG.predict``), as in :func:`ptrag_sc.tl.evaluate`.
+        AnnData with the real cells when ``adata`` holds only predictions, as in
+        :func:`ptrag_sc.tl.evaluate`.
     overlay
         Draw all groups on one Axes (with ``r`` in the legend) instead of one panel each.
     annotate
@@ -173,8 +164,7 @@ def shift_scatter(
     ncols
         Panels per row.
     max_panels
-        Refuse to draw more panels than this (pass ``perturbations=`` or ``cell_type=`` to
-        choose, or raise it).
+        Refuse to draw more panels than this.
     point_size
         Marker area of the points.
     panel_size
@@ -189,8 +179,8 @@ def shift_scatter(
     Returns
     -------
     ``None`` when the figure is shown; otherwise the Axes (one panel or ``overlay=True``) or
-    a list of Axes, one per (cell type, perturbation) group, sorted by cell type then
-    perturbation (or in the order of ``perturbations``).
+    one per group, sorted by cell type then perturbation (or in the order of
+    ``perturbations``).
 
     Raises
     ------

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -31,6 +33,35 @@ def check_save(save: object) -> None:
             f"`save` must be a file path (e.g. 'figure.png') or None, got {save!r}; the file "
             "format follows the extension."
         )
+
+
+def check_frame(frame: object, argument: str, source: str, required: Sequence[str] = ()) -> None:
+    """Raise unless ``frame`` is a non-empty DataFrame of ``source`` with ``required`` columns."""
+    import pandas as pd
+
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(
+            f"`{argument}` must be the DataFrame of {source}, got {type(frame).__name__}."
+        )
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"`{argument}` lacks column(s) {missing}; expected the output of {source} (columns: "
+            f"{list(frame.columns)})."
+        )
+    if frame.empty:
+        raise ValueError(f"`{argument}` is empty.")
+
+
+def pick(present: list[str], wanted: Sequence[str] | str | None, argument: str, where: str):
+    """``wanted`` as a list of str, each checked to be in ``present`` (``present`` if None)."""
+    if wanted is None:
+        return present
+    wanted = [wanted] if isinstance(wanted, str) else [str(w) for w in wanted]
+    unknown = [w for w in wanted if w not in present]
+    if unknown:
+        raise ValueError(f"`{argument}` {unknown} not in {where}; values there: {present[:20]}.")
+    return wanted
 
 
 def single_ax(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
