@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,35 +40,12 @@ class Shift:
 
 
 def compute_shifts(
-    adata: AnnData,
-    *,
-    pred_layer: str = DEFAULT_PRED_LAYER,
-    perturbation_key: str = DEFAULT_PERTURBATION_KEY,
-    control_group: str = DEFAULT_CONTROL_GROUP,
-    cell_type_key: str | None = DEFAULT_CELL_TYPE_KEY,
-    perturbations: Sequence[str] | str | None = None,
-    cell_type: Sequence[str] | str | None = None,
-    split_key: str | None = None,
-    split_values: Sequence[str] | str = ("test",),
-    real_layer: str | None = None,
-    reference: AnnData | None = None,
+    adata: AnnData, *, cell_type: Sequence[str] | str | None = None, **selection: Any
 ) -> tuple[list[Shift], np.ndarray]:
     """Shifts of every selected group and the gene names, selected and computed as
-    :func:`ptrag_sc.tl.evaluate` does (``Shift.pearson`` is its ``pearson_delta``)."""
-    sel = select_groups(
-        adata,
-        reference,
-        pred_layer=pred_layer,
-        real_layer=real_layer,
-        perturbation_key=perturbation_key,
-        cell_type_key=cell_type_key,
-        control_group=control_group,
-        perturbations=perturbations,
-        split_key=split_key,
-        split_values=split_values,
-        cell_types=cell_type,
-        stacklevel=4,
-    )
+    :func:`ptrag_sc.tl.evaluate` does (``Shift.pearson`` is its ``pearson_delta``); the
+    ``selection`` arguments are :func:`shift_scatter`'s."""
+    sel = select_groups(adata, cell_types=cell_type, stacklevel=4, **selection)
     keys, wanted_p = sel.keys, sel.perturbations
     if wanted_p is not None:
         found = {p for _, p in keys}
@@ -79,18 +56,13 @@ def compute_shifts(
             )
             raise ValueError(
                 f"No predicted and real cells to compare for perturbation(s) {absent} "
-                f"(pred_layer={pred_layer!r}, split_key={split_key!r}, "
+                f"(pred_layer={sel.pred_layer!r}, split_key={sel.split_key!r}, "
                 f"split_values={sel.split_values}); perturbations with both: {available[:20]}."
             )
         order = {p: i for i, p in enumerate(wanted_p)}
         keys = sorted(keys, key=lambda k: (order[k[1]], k[0]))
     if not keys:
-        raise ValueError(
-            "Nothing to plot: no perturbed cell with a finite prediction in "
-            f"layers[{pred_layer!r}] matches the selection (perturbations={wanted_p}, "
-            f"cell_type={as_str_tuple(cell_type)}, split_key={split_key!r}, "
-            f"split_values={sel.split_values})."
-        )
+        raise sel.nothing("plot", cell_type=as_str_tuple(cell_type))
     shifts = []
     for c, p in keys:
         pi, ri = sel.pred_index[(c, p)], sel.real_index[(c, p)]

@@ -73,13 +73,24 @@ class Selection:
     ct_r: np.ndarray
     ctrl_r: np.ndarray
     where_ref: str
+    pred_layer: str
     perturbations: tuple[str, ...] | None
+    split_key: str | None
     split_values: tuple[str, ...]
     pred_index: pd.Series  # (cell type, perturbation) -> row indices, sorted
     real_index: pd.Series
     keys: list[tuple[str, str]]  # groups with predicted and real cells, sorted
     keys_of_obs: tuple[str, str | None, str]  # perturbation_key, cell_type_key, control_group
     _control_means: dict = field(default_factory=dict)
+
+    def nothing(self, what: str, **selection: object) -> ValueError:
+        listed = {"perturbations": self.perturbations, **selection, "split_key": self.split_key}
+        return ValueError(
+            f"Nothing to {what}: no perturbed cell with a finite prediction in "
+            f"layers[{self.pred_layer!r}] matches the selection ("
+            + ", ".join(f"{k}={v!r}" for k, v in listed.items())
+            + f", split_values={self.split_values})."
+        )
 
     def real_rows(self, idx: np.ndarray) -> np.ndarray:
         rows = dense_rows(self.real_mat, idx)
@@ -101,18 +112,18 @@ class Selection:
 
 def select_groups(
     adata: AnnData,
-    reference: AnnData | None,
     *,
-    pred_layer: str,
-    real_layer: str | None,
-    perturbation_key: str,
-    cell_type_key: str | None,
-    control_group: str,
-    perturbations: Sequence[str] | str | None,
-    split_key: str | None,
-    split_values: Sequence[str] | str,
+    reference: AnnData | None = None,
+    pred_layer: str = DEFAULT_PRED_LAYER,
+    real_layer: str | None = None,
+    perturbation_key: str = DEFAULT_PERTURBATION_KEY,
+    cell_type_key: str | None = DEFAULT_CELL_TYPE_KEY,
+    control_group: str = DEFAULT_CONTROL_GROUP,
+    perturbations: Sequence[str] | str | None = None,
+    split_key: str | None = None,
+    split_values: Sequence[str] | str = ("test",),
     cell_types: Sequence[str] | str | None = None,
-    stacklevel: int,
+    stacklevel: int = 3,
 ) -> Selection:
     """The selected perturbed cells with a finite prediction, grouped, and their real cells."""
     check_anndata(adata)
@@ -191,7 +202,9 @@ def select_groups(
         ct_r,
         ctrl_r,
         where_ref,
+        pred_layer,
         perturbations,
+        split_key,
         split_values,
         pred_index,
         real_index,
@@ -351,7 +364,7 @@ def evaluate(
 
     sel = select_groups(
         adata,
-        reference,
+        reference=reference,
         pred_layer=pred_layer,
         real_layer=real_layer,
         perturbation_key=perturbation_key,
@@ -360,14 +373,9 @@ def evaluate(
         perturbations=perturbations,
         split_key=split_key,
         split_values=split_values,
-        stacklevel=3,
     )
     if not sel.keys:
-        raise ValueError(
-            "Nothing to evaluate: no perturbed cell with a finite prediction in "
-            f"layers[{pred_layer!r}] matches the selection (perturbations={sel.perturbations}, "
-            f"split_key={split_key!r}, split_values={sel.split_values})."
-        )
+        raise sel.nothing("evaluate")
     var_names = np.asarray(adata.var_names, dtype=str)
     ct_r, ctrl_r, pert_r = sel.ct_r, sel.ctrl_r, sel.pert_r
 
