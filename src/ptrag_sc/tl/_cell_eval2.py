@@ -412,11 +412,15 @@ def _score_one_context(
         ref = _references(
             cell_eval2, real, cfg, members, n_splits=n_splits, seed=seed, cache=cache
         )
+
+    def aggregate_of(config: Any) -> Any:
+        tidy = cell_eval2.compute_metrics(pred, real, config=config)
+        return aggregate_metrics_wide(tidy, metrics=metric_output_names(config))
+
     refusals = dict(ref["refusals"])
     member_refusals = dict(ref["member_refusals"])
     try:
-        tidy = cell_eval2.compute_metrics(pred, real, config=cfg)
-        user_agg = aggregate_metrics_wide(tidy, metrics=metric_output_names(cfg))
+        user_agg = aggregate_of(cfg)
         u = _mean_row(user_agg)
     except ValueError as exc:
         # One member's refusal (e.g. a reference panel without a measurable effect for the
@@ -424,18 +428,10 @@ def _score_one_context(
         refusals = {"prediction": _refusal(exc), **refusals}
         user_agg = None
         u, member_refusals["prediction"] = _member_by_member(
-            members,
-            cfg,
-            lambda config: _mean_row(
-                aggregate_metrics_wide(
-                    cell_eval2.compute_metrics(pred, real, config=config),
-                    metrics=metric_output_names(config),
-                )
-            ),
+            members, cfg, lambda config: _mean_row(aggregate_of(config))
         )
 
     official = {}
-    scoring_refusal = ""
     if user_agg is not None and ref["anchor"] is not None and "baseline" not in refusals:
         splits, anchor, meta = ref["anchor"]
         with tempfile.TemporaryDirectory(prefix="ptrag_cell_eval2_anchor_") as directory:
@@ -452,18 +448,12 @@ def _score_one_context(
                     for m, v in zip(scored["metric"], scored["from_replicate"], strict=True)
                 }
             except ValueError as exc:
-                scoring_refusal = _refusal(exc)
-
-    if scoring_refusal:
-        refusals["score_metrics"] = scoring_refusal
+                refusals["score_metrics"] = _refusal(exc)
     context_refusal = "; ".join(f"{what}: {text}" for what, text in refusals.items())
     rows = []
     for member in members:
-        b, r, value = (
-            ref["baseline"].get(member, math.nan),
-            ref["replicate"].get(member, math.nan),
-            u.get(member, math.nan),
-        )
+        b, r = ref["baseline"].get(member, math.nan), ref["replicate"].get(member, math.nan)
+        value = u.get(member, math.nan)
         # The replicate scale of this member, as cell-eval2 builds it (score._replicate_entries).
         policy = CATALOG[_NAME_TO_CANONICAL.get(member, member)].scoring
         on_replicate = _replicate_policy(policy, r)
