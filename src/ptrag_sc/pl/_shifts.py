@@ -196,36 +196,32 @@ def shift_scatter(
     )
     if overlay:
         fig, axis = single_ax(ax, (panel_size[0] * 1.6, panel_size[1] * 1.5))
-        for shift in shifts:
-            axis.scatter(
-                shift.observed,
-                shift.predicted,
-                s=point_size,
-                alpha=0.7,
-                linewidths=0,
-                label=f"{_group_name(shift)}, r = {shift.pearson:.2f}",
-            )
-            _annotate(axis, shift, var_names, annotate)
-        _decorate(axis, shifts)
-        axis.set_title("Predicted vs observed shift from control")
-        axis.legend(fontsize="small", frameon=False, loc="best")
-        return finish(fig, axis, show=show, save=save, ax=ax)
-
-    if len(shifts) > max_panels:
+        axes = [axis] * len(shifts)
+    elif len(shifts) > max_panels:
         raise ValueError(
             f"{len(shifts)} (cell type, perturbation) groups to plot, more than "
             f"`max_panels={max_panels}`; choose some with `perturbations=` / `cell_type=`, "
             "use `overlay=True`, or raise `max_panels`."
         )
-    fig, axes = grid(
-        len(shifts), ncols, panel_size, ax=ax, what="(cell type, perturbation) groups"
-    )
+    else:
+        fig, axes = grid(
+            len(shifts), ncols, panel_size, ax=ax, what="(cell type, perturbation) groups"
+        )
     for axis, shift in zip(axes, shifts, strict=True):
-        axis.scatter(shift.observed, shift.predicted, s=point_size, alpha=0.7, linewidths=0)
+        label = f"{_group_name(shift)}, r = {shift.pearson:.2f}" if overlay else None
+        axis.scatter(
+            shift.observed, shift.predicted, s=point_size, alpha=0.7, linewidths=0, label=label
+        )
         _annotate(axis, shift, var_names, annotate)
-        _decorate(axis, [shift])
-        axis.set_title(f"{_group_name(shift)}\nr = {shift.pearson:.2f}", fontsize="medium")
-    return finish(fig, axes, show=show, save=save, ax=ax)
+        if not overlay:
+            _decorate(axis, [shift])
+            axis.set_title(f"{_group_name(shift)}\nr = {shift.pearson:.2f}", fontsize="medium")
+    if not overlay:
+        return finish(fig, axes, show=show, save=save, ax=ax)
+    _decorate(axis, shifts)
+    axis.set_title("Predicted vs observed shift from control")
+    axis.legend(fontsize="small", frameon=False, loc="best")
+    return finish(fig, axis, show=show, save=save, ax=ax)
 
 
 def _group_name(shift: Shift) -> str:
@@ -242,10 +238,7 @@ def _decorate(ax: Axes, shifts: list[Shift]) -> None:
 
 
 def _annotate(ax: Axes, shift: Shift, var_names: np.ndarray, n: int) -> None:
-    if n == 0:
-        return
-    top = M.top_n_genes(shift.observed, n)
-    for g in top:
+    for g in M.top_n_genes(shift.observed, n):
         ax.annotate(
             var_names[g],
             (shift.observed[g], shift.predicted[g]),

@@ -370,12 +370,7 @@ class _TrainingStats:
 
 
 class _Embedder:
-    """Perturbation embeddings through the model's :class:`PerturbationEncoder`.
-
-    Control members of a label are dropped first (``"A+non-targeting"`` embeds as ``"A"``); a
-    combination without its own row embeds as the sum of its members' vectors; the table is
-    validated and missing genes raise a ValueError naming them.
-    """
+    """Embeddings of perturbation labels (control members dropped) by the model's encoder."""
 
     def __init__(
         self, table: pd.DataFrame, control_group: str, sep: str, needed: Iterable[str]

@@ -262,10 +262,9 @@ def _predicted(
     distances = np.zeros(n_labels, dtype=np.float64)
     confidences = np.full(n_labels, np.nan, dtype=np.float64)
     weights = np.zeros(n_labels, dtype=np.float64)
-    description = f"Screening {cell_type}"
     with (
         evaluating(module) as device,
-        progress_bar(n_labels, description, "perturbation", progress) as advance,
+        progress_bar(n_labels, f"Screening {cell_type}", "perturbation", progress) as advance,
     ):
         for start in range(0, n_labels, CHUNK_PERTURBATIONS):
             chunk = labels[start : start + CHUNK_PERTURBATIONS]
@@ -278,7 +277,7 @@ def _predicted(
                 context_means=context_means,
             )
             row_of_group = start + pd.Index(chunk).get_indexer(groups.perturbation)
-            steps = run(
+            for step in run(
                 module,
                 device,
                 groups,
@@ -286,8 +285,7 @@ def _predicted(
                 sources,
                 set_size=state.cell_set_size,
                 batch_size=batch_size,
-            )
-            for step in steps:
+            ):
                 control_mean = step.batch[TENSORS.CONTROL_MEAN]
                 if fast:
                     mean = control_mean + step.inference[OUTPUTS.DELTA]

@@ -60,14 +60,9 @@ def summarize(
     >>> ptrag_sc.pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=["MAPK1", "SGK1"])
     >>> for name in ("control", "context_mean"):
     ...     ptrag_sc.tl.predict_baseline(adata, name, split_key="split", key_added=name)
-    >>> res = pd.concat(
-    ...     [
-    ...         ptrag_sc.tl.evaluate(adata, pred_layer=k, split_key="split")
-    ...         for k in ("control", "context_mean")
-    ...     ]
-    ... )
-    >>> metrics = ["pearson_delta", "energy"]
-    >>> table = ptrag_sc.tl.summarize(res, by="method", metrics=metrics, n_boot=200)
+    >>> res = pd.concat([ptrag_sc.tl.evaluate(adata, pred_layer=k, split_key="split")
+    ...                  for k in ("control", "context_mean")])
+    >>> table = ptrag_sc.tl.summarize(res, metrics=["pearson_delta", "energy"], n_boot=200)
     >>> table.pivot(index="method", columns="metric", values="mean").shape
     (2, 2)
     """
