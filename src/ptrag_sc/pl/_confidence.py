@@ -86,19 +86,15 @@ def confidence(
     from scipy.stats import spearmanr
 
     check_save(save)
-    check_frame(results, "results", "`ptrag_sc.tl.evaluate`")
+    cell_type_col = cell_type_key or "cell_type"
+    required = (metric, perturbation_key, cell_type_col)
+    check_frame(results, "results", "`ptrag_sc.tl.evaluate`", required)
     if confidence_key not in adata.obs.columns:
         raise ValueError(
             f"`adata.obs` has no column {confidence_key!r}: predict in place with a response "
             "memory (`model.predict(adata, key_added=...)` writes "
             "`obs[key_added + '_confidence']`) or pass `confidence_key=`."
         )
-    cell_type_col = cell_type_key or "cell_type"
-    for column in (metric, perturbation_key, cell_type_col):
-        if column not in results.columns:
-            raise ValueError(
-                f"`results` has no column {column!r} (columns: {list(results.columns)})."
-            )
     obs = adata.obs
     keys = {perturbation_key: obs[perturbation_key].astype(str).to_numpy()}
     keys[cell_type_col] = (

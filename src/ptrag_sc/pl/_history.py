@@ -98,11 +98,7 @@ def training_history(
     check_save(save)
     history, best = _history(model_or_history)
     if panels is None:
-        panels = [
-            p
-            for p in ("energy", "active_ratio")
-            if PANELS[p][0] in history or PANELS[p][1] in history
-        ]
+        panels = [p for p in ("energy", "active_ratio") if set(PANELS[p]) & set(history)]
     else:
         panels = [panels] if isinstance(panels, str) else list(panels)
     if not panels:
