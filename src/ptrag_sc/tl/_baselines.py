@@ -31,11 +31,13 @@ from ._utils import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from anndata import AnnData
 
     from ..data._matrix import MatrixLike
+
+    Embed = Callable[[Sequence[str]], np.ndarray]
 
 #: Names accepted by :func:`predict_baseline`.
 BASELINES = ("control", "other_cell_types", "context_mean", "linear", "knn", "additive")
@@ -230,7 +232,7 @@ def predict_baseline(
     cell_target = grouped.ngroup().to_numpy()
     if method in ("linear", "knn"):
         needed = {q for _, q in targets} | {q for _, q in stats.keys}
-        embed = _Embedder(gene_embeddings, control_group, perturbation_sep, needed)
+        embed = _embedder(gene_embeddings, control_group, perturbation_sep, needed)
         if method == "linear":
             alpha, per_cell_type = float(options["alpha"]), bool(options["per_cell_type"])
             learned = _linear_deltas(stats, embed, targets, alpha, per_cell_type)
@@ -369,24 +371,17 @@ class _TrainingStats:
         }
 
 
-class _Embedder:
+def _embedder(table: pd.DataFrame, control_group: str, sep: str, needed: Iterable[str]) -> Embed:
     """Embeddings of perturbation labels (control members dropped) by the model's encoder."""
+    from ..data._perturbations import PerturbationEncoder
 
-    def __init__(
-        self, table: pd.DataFrame, control_group: str, sep: str, needed: Iterable[str]
-    ) -> None:
-        from ..data._perturbations import PerturbationEncoder
-
-        self.encoder = PerturbationEncoder(table, sep=sep)
-        self.canonical = {p: sep.join(members(p, control_group, sep)) for p in needed}
-        empty = sorted(p for p, c in self.canonical.items() if not c)
-        if empty:
-            raise ValueError(f"Perturbation label(s) {empty[:10]} have no gene to embed.")
-        self.encoder.check(sorted(set(self.canonical.values())), context=" (baseline)")
-
-    def __call__(self, perts: Sequence[str]) -> np.ndarray:
-        labels_ = [self.canonical[p] for p in perts]
-        return self.encoder.embed(labels_).astype(np.float64)
+    encoder = PerturbationEncoder(table, sep=sep)
+    canonical = {p: sep.join(members(p, control_group, sep)) for p in needed}
+    empty = sorted(p for p, c in canonical.items() if not c)
+    if empty:
+        raise ValueError(f"Perturbation label(s) {empty[:10]} have no gene to embed.")
+    encoder.check(sorted(set(canonical.values())), context=" (baseline)")
+    return lambda perts: encoder.embed([canonical[p] for p in perts]).astype(np.float64)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -402,7 +397,7 @@ def _by_cell_type(targets: list[tuple[str, str]]) -> dict[str, list[int]]:
 
 
 def _knn_deltas(
-    stats: _TrainingStats, embed: _Embedder, targets: list[tuple[str, str]], k: int
+    stats: _TrainingStats, embed: Embed, targets: list[tuple[str, str]], k: int
 ) -> list[np.ndarray | None]:
     """Mean training shift of the ``k`` most cosine-similar other training perturbations."""
     out: list[np.ndarray | None] = [None] * len(targets)
@@ -424,7 +419,7 @@ def _knn_deltas(
 
 def _linear_deltas(
     stats: _TrainingStats,
-    embed: _Embedder,
+    embed: Embed,
     targets: list[tuple[str, str]],
     alpha: float,
     per_cell_type: bool,
