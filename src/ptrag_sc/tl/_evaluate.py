@@ -281,8 +281,9 @@ def evaluate(
       ``discrimination_score_l1`` is ``1 - discrimination_l1 * (n - 1) / n`` without ties) or
       every perturbation with real cells in ``c`` (``"all"``);
     - ``split_half_pearson``: Pearson of the shifts from ``mean(C)`` of two disjoint random
-      halves of ``R`` (NaN below 4 cells): how noisy the observed shift is, not a ceiling of
-      ``pearson_delta``.
+      halves of ``R`` (NaN below 4 cells): how noisy the observed shift is (1: no noise). It is
+      not a ceiling for ``pearson_delta``, which compares a prediction with the mean of all the
+      real cells, less noisy than either half.
 
     Random draws use ``seed`` and the group's name, so a group's values do not depend on the
     other groups (except ``pearson_pert_centred`` and ``discrimination_l1``).
