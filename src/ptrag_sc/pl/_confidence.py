@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import DEFAULT_CELL_TYPE_KEY, DEFAULT_PERTURBATION_KEY
-from ._utils import check_frame, check_save, finish, single_ax
+from ._utils import check_frame, check_save, finish, shared_doc, single_ax
 
 if TYPE_CHECKING:
     import os
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 
+@shared_doc
 def confidence(
     adata: AnnData,
     results: pd.DataFrame,
@@ -54,12 +55,7 @@ def confidence(
         Write each perturbation's name next to its point.
     figsize
         Figure size when a new figure is made.
-    ax
-        Axes to draw into; default: a new figure.
-    show
-        Show the figure (default: when this function made it).
-    save
-        File to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------

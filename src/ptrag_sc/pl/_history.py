@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._utils import check_save, finish, grid
+from ._utils import check_save, finish, grid, shared_doc
 
 if TYPE_CHECKING:
     import os
@@ -31,6 +31,7 @@ _YLABEL = {
 }
 
 
+@shared_doc
 def training_history(
     model_or_history: PTRAG | Mapping[str, pd.DataFrame],
     *,
@@ -59,12 +60,7 @@ def training_history(
         Mark ``model.best_epoch_`` (whose weights were kept) with a vertical line.
     panel_size
         Width and height of one panel, in inches.
-    ax
-        Axes to draw into (one panel only); default: a new figure.
-    show
-        Show the figure; default: when the function made it.
-    save
-        File path to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------

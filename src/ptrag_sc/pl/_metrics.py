@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..tl import LOWER_IS_BETTER, METRIC_COLUMNS, summarize
-from ._utils import check_frame, check_save, finish, pick, single_ax
+from ._utils import check_frame, check_save, finish, pick, shared_doc, single_ax
 
 if TYPE_CHECKING:
     import os
@@ -24,6 +24,7 @@ def is_summary(frame: pd.DataFrame) -> bool:
     return all(c in frame.columns for c in _SUMMARY_COLUMNS)
 
 
+@shared_doc
 def metric_comparison(
     results_or_summary: pd.DataFrame,
     *,
@@ -68,12 +69,7 @@ def metric_comparison(
         Passed to :func:`ptrag_sc.tl.summarize` (``tl.evaluate`` input only).
     figsize
         Figure size when a new figure is made.
-    ax
-        Axes to draw into; default: a new figure.
-    show
-        Show the figure; default: when the function made it.
-    save
-        File path to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._utils import check_frame, check_save, finish, grid, pick
+from ._utils import check_frame, check_save, finish, grid, pick, shared_doc
 
 if TYPE_CHECKING:
     import os
@@ -87,6 +87,7 @@ def retrieval_matrix(
     return out
 
 
+@shared_doc
 def retrieval_heatmap(
     retrieval_df: pd.DataFrame,
     *,
@@ -131,12 +132,7 @@ def retrieval_heatmap(
     cmap, vmin, vmax
         Colour map and range, shared by all heatmaps (default: ``[0, 1]`` for probabilities
         and fractions, else the data range).
-    ax
-        Axes to draw into (one cell type only); default: a new figure.
-    show
-        Show the figure; default: when the function made it.
-    save
-        File path to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------

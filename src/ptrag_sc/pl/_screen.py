@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._utils import check_frame, check_save, finish, grid, pick
+from ._utils import check_frame, check_save, finish, grid, pick, shared_doc
 
 if TYPE_CHECKING:
     import os
@@ -20,6 +20,7 @@ _MEASURED = "#d95f02"
 _UNMEASURED = "#7570b3"
 
 
+@shared_doc
 def screen(
     screen_df: pd.DataFrame,
     *,
@@ -49,12 +50,7 @@ def screen(
         Further perturbations to label (e.g. known hits), wherever they rank.
     ncols
         Panels per row.
-    ax
-        Axes to draw into (a single cell type only).
-    show
-        Show the figure (default: when the function made it).
-    save
-        File to save the figure to.
+    %(ax_show_save)s
 
     Returns
     -------

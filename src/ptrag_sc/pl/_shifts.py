@@ -16,7 +16,7 @@ from .._constants import (
 from ..tl import _metrics as M
 from ..tl._evaluate import select_groups
 from ..tl._utils import as_str_tuple, dense_rows
-from ._utils import check_save, finish, grid, single_ax, symmetric_limits
+from ._utils import check_save, finish, grid, shared_doc, single_ax, symmetric_limits
 
 if TYPE_CHECKING:
     import os
@@ -72,6 +72,7 @@ def compute_shifts(
     return shifts, np.asarray(adata.var_names, dtype=str)
 
 
+@shared_doc
 def shift_scatter(
     adata: AnnData,
     *,
@@ -141,12 +142,7 @@ def shift_scatter(
         Marker area of the points.
     panel_size
         Width and height of one panel, in inches.
-    ax
-        Axes to draw into (one panel, or ``overlay=True``); default: a new figure.
-    show
-        Show the figure; default: when the function made it.
-    save
-        File path to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -14,8 +15,26 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+#: The parameters every plot shares, put into its docstring's ``%(ax_show_save)s`` field.
+_SHARED_PARAMETERS = {
+    "ax_show_save": """\
+ax
+    Axes to draw into, for a plot of a single panel; default: a new figure.
+show
+    Show the figure; default: when the function made it.
+save
+    File path to save the figure to (format from the extension)."""
+}
+_Documented = TypeVar("_Documented")
+
 #: Backends that cannot display a window; ``plt.show()`` would only warn there.
 _NON_INTERACTIVE = ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template")
+
+
+def shared_doc(func: _Documented) -> _Documented:
+    """Fill the shared parameters into ``func``'s docstring (as ``model._docs.fill`` does)."""
+    func.__doc__ = inspect.cleandoc(func.__doc__) % _SHARED_PARAMETERS
+    return func
 
 
 def check_ax(ax: object) -> None:
