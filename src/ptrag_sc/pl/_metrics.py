@@ -141,8 +141,8 @@ def metric_comparison(
         figsize = (max(3.0, 0.9 * len(methods) * max(1, len(hues) * 0.6) + 1.5), 3.6)
     fig, axis = single_ax(ax, figsize)
     rng = np.random.default_rng(seed)
-    colors = [f"C{i % 10}" for i in range(len(hues))]
-    for h_i, (level, color) in enumerate(zip(hues, colors, strict=True)):
+    for h_i, level in enumerate(hues):
+        color = f"C{h_i % 10}"
         offset = -width / 2 + step * (h_i + 0.5) if hue is not None else 0.0
         sub = table if level is None else table[table[hue].astype(str) == level]
         stats = sub.set_index(sub[method_key].astype(str)).reindex(methods)
@@ -176,7 +176,7 @@ def metric_comparison(
             capsize=4,
             markersize=6,
             zorder=3,
-            label=None if level is None else level,
+            label=level,
         )
     axis.set_xticks(
         np.arange(len(methods)),

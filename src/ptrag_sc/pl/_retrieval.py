@@ -169,16 +169,17 @@ def retrieval_heatmap(
         raise ValueError(
             "`mark_selected=True` needs a `selected` column; pass `mark_selected=False`."
         )
-    probability = value in ("keep_probability", "selected_fraction")
     values = np.concatenate([m.to_numpy().ravel() for m in matrices.values()])
     finite = values[np.isfinite(values)]
-    if vmin is None:
-        vmin = 0.0 if probability or finite.size == 0 else float(finite.min())
-    if vmax is None:
-        vmax = 1.0 if probability or finite.size == 0 else float(finite.max())
+    if value in ("keep_probability", "selected_fraction") or finite.size == 0:
+        low, high = 0.0, 1.0
+    else:
+        low, high = float(finite.min()), float(finite.max())
+    vmin, vmax = low if vmin is None else vmin, high if vmax is None else vmax
     n_cols = max(m.shape[1] for m in matrices.values())
     n_rows = max(m.shape[0] for m in matrices.values())
-    panel = (2.5 + 0.28 * n_cols, 1.6 + 0.3 * n_rows + 0.09 * _longest_label(matrices))
+    longest = max((len(str(c)) for m in matrices.values() for c in m.columns), default=0)
+    panel = (2.5 + 0.28 * n_cols, 1.6 + 0.3 * n_rows + 0.09 * longest)
     fig, axes = grid(len(matrices), 1, panel, ax=ax, what="cell types")
     selected = _selected(retrieval_df, matrices) if mark_selected else {}
     for axis, (ct, matrix) in zip(axes, matrices.items(), strict=True):
@@ -194,16 +195,12 @@ def retrieval_heatmap(
             f"{ct}: {value}" if ct != _ALL or "cell_type" in retrieval_df.columns else value
         )
         axis.figure.colorbar(image, ax=axis, label=value, shrink=0.8)
-        rows, cols = selected.get(ct, (np.array([], int), np.array([], int)))
-        if rows.size:
+        rows, cols = selected.get(ct, ((), ()))
+        if len(rows):
             axis.scatter(
                 cols, rows, s=14, c="white", edgecolors="black", linewidths=0.5, label="selected"
             )
     return finish(fig, axes, show=show, save=save, ax=ax)
-
-
-def _longest_label(matrices: dict[str, pd.DataFrame]) -> int:
-    return max((len(str(c)) for m in matrices.values() for c in m.columns), default=0)
 
 
 def _selected(retrieval_df: pd.DataFrame, matrices: dict[str, pd.DataFrame]) -> dict:
@@ -214,9 +211,7 @@ def _selected(retrieval_df: pd.DataFrame, matrices: dict[str, pd.DataFrame]) -> 
         cell_type=list(matrices),
         queries=None,
     )
-    out = {}
-    for ct, matrix in matrices.items():
-        flag = flags[ct].reindex(index=matrix.index, columns=matrix.columns).to_numpy()
-        rows, cols = np.nonzero(np.nan_to_num(flag) > 0.5)
-        out[ct] = (rows, cols)
-    return out
+    return {
+        ct: np.nonzero(np.nan_to_num(flags[ct].reindex_like(matrix).to_numpy()) > 0.5)
+        for ct, matrix in matrices.items()
+    }
