@@ -467,24 +467,12 @@ def _score_one_context(
             score, how = score_one(value, b, on_replicate), BY_HAND
         else:
             score, how = math.nan, NOT_RESCALED
-        rows.append(
-            {
-                "metric": member,
-                "prediction": value,
-                "baseline": b,
-                "replicate": r,
-                "score": score,
-                "score_linear": linear,
-                "scored_by": how,
-                "refusal": context_refusal,
-                "member_refusal": "; ".join(
-                    f"{what} of {member} alone: {texts[member]}"
-                    for what, texts in member_refusals.items()
-                    if member in texts
-                ),
-                "n_members": 1,
-            }
+        alone = "; ".join(
+            f"{what} of {member} alone: {texts[member]}"
+            for what, texts in member_refusals.items()
+            if member in texts
         )
+        rows.append([member, value, b, r, score, linear, how, context_refusal, alone, 1])
     frame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
     rescaled = frame[frame["scored_by"] != NOT_RESCALED]
     if "avg_score" in official and len(rescaled) == len(frame):
