@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import DEFAULT_CELL_TYPE_KEY, DEFAULT_PERTURBATION_KEY
-from ._utils import check_save, finish, single_ax
+from ._utils import check_frame, check_save, finish, shared_doc, single_ax
 
 if TYPE_CHECKING:
     import os
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 
+@shared_doc
 def confidence(
     adata: AnnData,
     results: pd.DataFrame,
@@ -33,12 +34,9 @@ def confidence(
 ) -> Axes | None:
     """A prediction's confidence against its measured accuracy, one point per perturbation.
 
-    The confidence is what :meth:`ptrag_sc.PTRAG.predict` writes next to its prediction
-    (``adata.obs[f"{key_added}_confidence"]``: the Pearson correlation between the predicted and
-    the measured mean shift the model expects); the accuracy is ``metric`` of
-    :func:`ptrag_sc.tl.evaluate` for the same prediction. A confidence that ranks predictions
-    well puts the points on a rising line; the title gives the Spearman correlation and the
-    number of pairs.
+    The confidence is ``obs[f"{key_added}_confidence"]`` of :meth:`ptrag_sc.PTRAG.predict`
+    (the Pearson correlation with the measured mean shift the model expects), the accuracy
+    ``metric`` of :func:`ptrag_sc.tl.evaluate`; the title gives their Spearman correlation.
 
     Parameters
     ----------
@@ -57,12 +55,7 @@ def confidence(
         Write each perturbation's name next to its point.
     figsize
         Figure size when a new figure is made.
-    ax
-        Axes to draw into; default: a new figure.
-    show
-        Show the figure (default: when this function made it).
-    save
-        File to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------
@@ -89,23 +82,15 @@ def confidence(
     from scipy.stats import spearmanr
 
     check_save(save)
-    if not isinstance(results, pd.DataFrame):
-        raise TypeError(
-            "`results` must be the DataFrame of `ptrag_sc.tl.evaluate`, got "
-            f"{type(results).__name__}."
-        )
+    cell_type_col = cell_type_key or "cell_type"
+    required = (metric, perturbation_key, cell_type_col)
+    check_frame(results, "results", "`ptrag_sc.tl.evaluate`", required)
     if confidence_key not in adata.obs.columns:
         raise ValueError(
             f"`adata.obs` has no column {confidence_key!r}: predict in place with a response "
             "memory (`model.predict(adata, key_added=...)` writes "
             "`obs[key_added + '_confidence']`) or pass `confidence_key=`."
         )
-    cell_type_col = cell_type_key or "cell_type"
-    for column in (metric, perturbation_key, cell_type_col):
-        if column not in results.columns:
-            raise ValueError(
-                f"`results` has no column {column!r} (columns: {list(results.columns)})."
-            )
     obs = adata.obs
     keys = {perturbation_key: obs[perturbation_key].astype(str).to_numpy()}
     keys[cell_type_col] = (
@@ -147,4 +132,4 @@ def confidence(
         f"Spearman {rho:.2f}, n = {len(pairs)}" if np.isfinite(rho) else f"n = {len(pairs)}",
         fontsize="medium",
     )
-    return finish(fig, ax_, show=show, save=save, created=ax is None)
+    return finish(fig, ax_, show=show, save=save, ax=ax)

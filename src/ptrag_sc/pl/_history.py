@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._utils import check_save, finish, grid
+from ._utils import check_save, finish, grid, shared_doc
 
 if TYPE_CHECKING:
     import os
@@ -31,6 +31,7 @@ _YLABEL = {
 }
 
 
+@shared_doc
 def training_history(
     model_or_history: PTRAG | Mapping[str, pd.DataFrame],
     *,
@@ -44,31 +45,22 @@ def training_history(
     """Training and validation curves over epochs.
 
     Panels: ``"energy"`` (energy distance between predicted and observed sets), ``"loss"``
-    (the optimised objective: the energy term, the pseudobulk mean-shift error and the sparsity
-    penalty; its validation value, ``validation_loss``, is what model selection watches) and
-    ``"active_ratio"`` (fraction of stage-1 candidates that stage 2 keeps; PT-RAG only).
-    Training values are per epoch (one check interval); validation values at each check.
+    (the objective, whose validation value model selection watches) and ``"active_ratio"``
+    (fraction of stage-1 candidates stage 2 keeps), per epoch (one check interval).
 
     Parameters
     ----------
     model_or_history
-        A trained :class:`ptrag_sc.PTRAG` or its ``model.history`` (a dict of one-column
-        DataFrames indexed by epoch: ``train_loss``, ``train_energy``, ``train_mean_error``,
-        ``train_active_ratio`` and their ``validation_`` counterparts).
+        A trained :class:`ptrag_sc.PTRAG` or its ``model.history`` (one-column DataFrames
+        indexed by epoch).
     panels
         Panels to draw, in order. Default: ``"energy"`` and, when recorded,
         ``"active_ratio"``.
     mark_best
-        Mark ``model.best_epoch_`` (the validation whose weights were kept, see
-        ``keep_best`` in :meth:`ptrag_sc.PTRAG.train`) with a vertical line.
+        Mark ``model.best_epoch_`` (whose weights were kept) with a vertical line.
     panel_size
         Width and height of one panel, in inches.
-    ax
-        Axes to draw into (one panel only); default: a new figure.
-    show
-        Show the figure; default: when the function made it.
-    save
-        File path to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------
@@ -102,11 +94,7 @@ def training_history(
     check_save(save)
     history, best = _history(model_or_history)
     if panels is None:
-        panels = [
-            p
-            for p in ("energy", "active_ratio")
-            if PANELS[p][0] in history or PANELS[p][1] in history
-        ]
+        panels = [p for p in ("energy", "active_ratio") if set(PANELS[p]) & set(history)]
     else:
         panels = [panels] if isinstance(panels, str) else list(panels)
     if not panels:
@@ -121,7 +109,6 @@ def training_history(
                 f"Panel {panel!r} needs {list(PANELS[panel])} in the history, which holds "
                 f"{sorted(history)}."
             )
-    created = ax is None
     fig, axes = grid(len(panels), len(panels), panel_size, ax=ax, what="panels")
     for axis, panel in zip(axes, panels, strict=True):
         for key, style in zip(PANELS[panel], ({}, {"marker": "o", "markersize": 3}), strict=True):
@@ -135,8 +122,7 @@ def training_history(
         axis.set_ylabel(_YLABEL[panel])
         axis.set_title(panel)
         axis.legend(fontsize="small", frameon=False)
-    result = axes[0] if len(axes) == 1 else axes
-    return finish(fig, result, show=show, save=save, created=created)
+    return finish(fig, axes, show=show, save=save, ax=ax)
 
 
 def _history(obj: object) -> tuple[dict, int | None]:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..tl import LOWER_IS_BETTER, METRIC_COLUMNS, summarize
-from ._utils import check_save, finish, single_ax
+from ._utils import check_frame, check_save, finish, pick, shared_doc, single_ax
 
 if TYPE_CHECKING:
     import os
@@ -24,6 +24,7 @@ def is_summary(frame: pd.DataFrame) -> bool:
     return all(c in frame.columns for c in _SUMMARY_COLUMNS)
 
 
+@shared_doc
 def metric_comparison(
     results_or_summary: pd.DataFrame,
     *,
@@ -43,15 +44,9 @@ def metric_comparison(
 ) -> Axes | None:
     """Methods compared on one metric: mean with a bootstrap interval, and the per-row values.
 
-    Two inputs are accepted:
-
-    - rows of :func:`ptrag_sc.tl.evaluate` (one per cell type and perturbation; several
-      methods concatenated, told apart by the ``method`` column): each row is drawn as a
-      point (jittered horizontally), and the mean with its percentile bootstrap interval is
-      computed with :func:`ptrag_sc.tl.summarize` (``ci``, ``n_boot``, ``seed``) and drawn as
-      a marker with error bars;
-    - the output of :func:`ptrag_sc.tl.summarize` (columns ``metric``, ``mean``, ``ci_low``,
-      ``ci_high`` and the grouping columns): the mean and the interval ``[ci_low, ci_high]``.
+    From rows of :func:`ptrag_sc.tl.evaluate` (several methods concatenated), each row is a
+    jittered point and the mean with its interval comes from :func:`ptrag_sc.tl.summarize`;
+    from a ``tl.summarize`` table, its ``mean`` and ``[ci_low, ci_high]`` are drawn.
 
     Parameters
     ----------
@@ -71,22 +66,15 @@ def metric_comparison(
     show_points
         Draw the per-row values (``tl.evaluate`` input only).
     ci, n_boot, seed
-        Interval coverage, bootstrap resamples and seed, passed to :func:`ptrag_sc.tl.summarize`
-        (``tl.evaluate`` input only).
+        Passed to :func:`ptrag_sc.tl.summarize` (``tl.evaluate`` input only).
     figsize
         Figure size when a new figure is made.
-    ax
-        Axes to draw into; default: a new figure.
-    show
-        Show the figure; default: when the function made it.
-    save
-        File path to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------
-    ``None`` when the figure is shown; otherwise the Axes. Its error bars are the
-    ``ErrorbarContainer`` objects in ``ax.containers``, one per ``hue`` value (one in all
-    without ``hue``), with the methods in x order.
+    ``None`` when the figure is shown; otherwise the Axes. Its error bars are in
+    ``ax.containers``, one per ``hue`` value, methods in x order.
 
     Examples
     --------
@@ -110,13 +98,7 @@ def metric_comparison(
     """
     check_save(save)
     frame = results_or_summary
-    if not isinstance(frame, pd.DataFrame):
-        raise TypeError(
-            "`results_or_summary` must be a DataFrame from `tl.evaluate` or `tl.summarize`, got "
-            f"{type(frame).__name__}."
-        )
-    if frame.empty:
-        raise ValueError("`results_or_summary` is empty.")
+    check_frame(frame, "results_or_summary", "`tl.evaluate` or `tl.summarize`")
     if method_key not in frame.columns:
         raise ValueError(
             f"`method_key={method_key!r}` is not a column; columns: {list(frame.columns)}."
@@ -151,25 +133,22 @@ def metric_comparison(
         table = summarize(frame, by=by, metrics=[metric], n_boot=n_boot, ci=ci, seed=seed)
 
     source = table if rows is None else rows  # order of appearance in the user's frame
-    methods = _levels(source[method_key], order, "order", method_key)
-    hues = [None] if hue is None else _levels(source[hue], hue_order, "hue_order", hue)
+    methods = pick(_present(source[method_key]), order, "order", f"column {method_key!r}")
+    hues = [None] if hue is None else pick(_present(source[hue]), hue_order, "hue_order", hue)
     width = 0.8
     step = width / len(hues)
     if figsize is None:
         figsize = (max(3.0, 0.9 * len(methods) * max(1, len(hues) * 0.6) + 1.5), 3.6)
-    created = ax is None
     fig, axis = single_ax(ax, figsize)
     rng = np.random.default_rng(seed)
-    colors = [f"C{i % 10}" for i in range(len(hues))]
-    for h_i, (level, color) in enumerate(zip(hues, colors, strict=True)):
+    for h_i, level in enumerate(hues):
+        color = f"C{h_i % 10}"
         offset = -width / 2 + step * (h_i + 0.5) if hue is not None else 0.0
         sub = table if level is None else table[table[hue].astype(str) == level]
-        means, lows, highs = [], [], []
-        for m in methods:
-            row = sub[sub[method_key].astype(str) == m]
-            means.append(float(row["mean"].iloc[0]) if len(row) else np.nan)
-            lows.append(float(row["ci_low"].iloc[0]) if len(row) else np.nan)
-            highs.append(float(row["ci_high"].iloc[0]) if len(row) else np.nan)
+        stats = sub.set_index(sub[method_key].astype(str)).reindex(methods)
+        means, lows, highs = (
+            stats[c].to_numpy(dtype=float) for c in ("mean", "ci_low", "ci_high")
+        )
         x = np.arange(len(methods)) + offset
         if rows is not None and show_points:
             for x_i, m in zip(x, methods, strict=True):
@@ -183,14 +162,13 @@ def metric_comparison(
                     axis.scatter(
                         x_i + jitter, values, s=12, color=color, alpha=0.35, linewidths=0, zorder=2
                     )
-        means_a, lows_a, highs_a = np.asarray(means), np.asarray(lows), np.asarray(highs)
-        has_ci = np.isfinite(lows_a) & np.isfinite(highs_a)
+        has_ci = np.isfinite(lows) & np.isfinite(highs)
         yerr = np.vstack(
-            [np.where(has_ci, means_a - lows_a, 0.0), np.where(has_ci, highs_a - means_a, 0.0)]
+            [np.where(has_ci, means - lows, 0.0), np.where(has_ci, highs - means, 0.0)]
         )
         axis.errorbar(
             x,
-            means_a,
+            means,
             yerr=yerr,
             fmt="o",
             color=color,
@@ -198,7 +176,7 @@ def metric_comparison(
             capsize=4,
             markersize=6,
             zorder=3,
-            label=None if level is None else level,
+            label=level,
         )
     axis.set_xticks(
         np.arange(len(methods)),
@@ -215,20 +193,11 @@ def metric_comparison(
     axis.set_title(f"{metric}: {what}", fontsize="medium")
     if hue is not None:
         axis.legend(title=hue, fontsize="small", frameon=False)
-    return finish(fig, axis, show=show, save=save, created=created)
+    return finish(fig, axis, show=show, save=save, ax=ax)
 
 
-def _levels(column: pd.Series, order: Sequence[str] | None, argument: str, name: str) -> list[str]:
-    present = list(dict.fromkeys(column.astype(str)))
-    if order is None:
-        return present
-    order = [str(o) for o in order]
-    unknown = [o for o in order if o not in present]
-    if unknown:
-        raise ValueError(
-            f"`{argument}` {unknown} not found in column {name!r}; values: {present}."
-        )
-    return order
+def _present(column: pd.Series) -> list[str]:
+    return list(dict.fromkeys(column.astype(str)))
 
 
 def _metric_label(metric: str) -> str:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._utils import check_save, finish, grid
+from ._utils import check_frame, check_save, finish, grid, pick, shared_doc
 
 if TYPE_CHECKING:
     import os
@@ -31,29 +31,11 @@ def retrieval_matrix(
     max_rank: int | None = None,
     show_context: bool = True,
 ) -> dict[str, pd.DataFrame]:
-    """Queries x candidates matrices of ``value``, one per cell type (what the heatmap shows).
-
-    Candidate labels are ``"GENE @ cell type"`` when the frame has ``candidate_cell_type``
-    (response memory), else ``"GENE"``; a context entry ``"<context mean>"``, if the table has
-    one, keeps its name. Rows follow the order of first appearance of the queries (or
-    ``queries``), columns the best (lowest) rank a candidate reaches, ties by label, with the
-    context entry last. A candidate not retrieved for a query is NaN.
-    """
-    if not isinstance(retrieval_df, pd.DataFrame):
-        raise TypeError(
-            "`retrieval_df` must be the DataFrame returned by `model.get_retrieval(...)`, got "
-            f"{type(retrieval_df).__name__}."
-        )
-    missing = [c for c in (*_REQUIRED, value) if c not in retrieval_df.columns]
-    if missing:
-        raise ValueError(
-            f"`retrieval_df` lacks column(s) {missing}; expected the output of "
-            f"`model.get_retrieval(...)` (columns: {list(retrieval_df.columns)})."
-        )
+    """Queries x candidates matrices of ``value``, one per cell type, as the heatmap shows them
+    (NaN: not retrieved for that query)."""
+    check_frame(retrieval_df, "retrieval_df", "`model.get_retrieval(...)`", (*_REQUIRED, value))
     if not pd.api.types.is_numeric_dtype(retrieval_df[value]):
         raise ValueError(f"`value={value!r}` must name a numeric column of `retrieval_df`.")
-    if retrieval_df.empty:
-        raise ValueError("`retrieval_df` is empty: nothing was retrieved.")
     if max_rank is not None and max_rank < 1:
         raise ValueError(f"`max_rank` must be >= 1 or None, got {max_rank}.")
 
@@ -72,29 +54,10 @@ def retrieval_matrix(
     if max_rank is not None:
         df = df[(df["rank"] <= max_rank) | (df["_label"] == CONTEXT_CANDIDATE)]
 
-    wanted_ct = (
-        None
-        if cell_type is None
-        else ([cell_type] if isinstance(cell_type, str) else list(cell_type))
-    )
-    cts = list(dict.fromkeys(df["_ct"]))
-    if wanted_ct is not None:
-        unknown = [c for c in wanted_ct if c not in cts]
-        if unknown:
-            raise ValueError(
-                f"`cell_type` {unknown} not in `retrieval_df`; cell types there: {cts}."
-            )
-        cts = wanted_ct
-    all_queries = list(dict.fromkeys(df["_query"]))
+    cts = pick(list(dict.fromkeys(df["_ct"])), cell_type, "cell_type", "`retrieval_df`")
+    all_queries = pick(list(dict.fromkeys(df["_query"])), queries, "queries", "`retrieval_df`")
     if queries is not None:
-        queries = [str(q) for q in queries]
-        unknown = [q for q in queries if q not in all_queries]
-        if unknown:
-            raise ValueError(
-                f"`queries` {unknown} not in `retrieval_df`; queries there: {all_queries}."
-            )
-        df = df[df["_query"].isin(queries)]
-        all_queries = queries
+        df = df[df["_query"].isin(all_queries)]
 
     out: dict[str, pd.DataFrame] = {}
     for ct in cts:
@@ -124,6 +87,7 @@ def retrieval_matrix(
     return out
 
 
+@shared_doc
 def retrieval_heatmap(
     retrieval_df: pd.DataFrame,
     *,
@@ -142,20 +106,15 @@ def retrieval_heatmap(
 ) -> Axes | list[Axes] | None:
     """Queries x retrieved candidates, coloured by keep probability (or another column).
 
-    One heatmap per cell type of ``retrieval_df`` (the output of
-    :meth:`ptrag_sc.PTRAG.get_retrieval`): rows are the query perturbations, columns the
-    stage-1 candidates (``"GENE @ cell type"`` for a response memory, where the same gene
-    measured in different cell types is a different entry), ordered by the best rank they
-    reach (a ``"<context mean>"`` row, if the table has one, comes last). Blank cells: candidate
-    not retrieved for that query. With ``mark_selected``, a white dot marks the candidates that
-    stage 2 keeps for most cells (``selected``).
+    One heatmap per cell type of :meth:`ptrag_sc.PTRAG.get_retrieval`'s table: rows are the
+    queries (in order of appearance), columns the stage-1 candidates (``"GENE @ cell type"``
+    for a response memory) by the best rank they reach, a ``"<context mean>"`` entry last.
+    Blank: not retrieved for that query; a white dot: kept by stage 2 for most cells.
 
     Parameters
     ----------
     retrieval_df
-        Long DataFrame from ``model.get_retrieval(...)`` (columns ``query``, ``cell_type``,
-        ``rank``, ``candidate``, ``candidate_cell_type``, ``similarity``,
-        ``keep_probability``, ``selected_fraction``, ``selected``, ``confidence``).
+        The DataFrame of ``model.get_retrieval(...)``.
     value
         Numeric column to colour by: ``"keep_probability"`` (stage 2, mean over cells; the
         mean attention weight for vanilla RAG), ``"selected_fraction"`` or ``"similarity"``
@@ -171,14 +130,9 @@ def retrieval_heatmap(
     mark_selected
         Mark the ``selected`` candidates (needs the ``selected`` column).
     cmap, vmin, vmax
-        Colour map and range (default range: ``[0, 1]`` for probabilities and fractions, the
-        data range otherwise), shared by all heatmaps.
-    ax
-        Axes to draw into (one cell type only); default: a new figure.
-    show
-        Show the figure; default: when the function made it.
-    save
-        File path to save the figure to (format from the extension).
+        Colour map and range, shared by all heatmaps (default: ``[0, 1]`` for probabilities
+        and fractions, else the data range).
+    %(ax_show_save)s
 
     Returns
     -------
@@ -215,17 +169,17 @@ def retrieval_heatmap(
         raise ValueError(
             "`mark_selected=True` needs a `selected` column; pass `mark_selected=False`."
         )
-    probability = value in ("keep_probability", "selected_fraction")
     values = np.concatenate([m.to_numpy().ravel() for m in matrices.values()])
     finite = values[np.isfinite(values)]
-    if vmin is None:
-        vmin = 0.0 if probability or finite.size == 0 else float(finite.min())
-    if vmax is None:
-        vmax = 1.0 if probability or finite.size == 0 else float(finite.max())
+    if value in ("keep_probability", "selected_fraction") or finite.size == 0:
+        low, high = 0.0, 1.0
+    else:
+        low, high = float(finite.min()), float(finite.max())
+    vmin, vmax = low if vmin is None else vmin, high if vmax is None else vmax
     n_cols = max(m.shape[1] for m in matrices.values())
     n_rows = max(m.shape[0] for m in matrices.values())
-    panel = (2.5 + 0.28 * n_cols, 1.6 + 0.3 * n_rows + 0.09 * _longest_label(matrices))
-    created = ax is None
+    longest = max((len(str(c)) for m in matrices.values() for c in m.columns), default=0)
+    panel = (2.5 + 0.28 * n_cols, 1.6 + 0.3 * n_rows + 0.09 * longest)
     fig, axes = grid(len(matrices), 1, panel, ax=ax, what="cell types")
     selected = _selected(retrieval_df, matrices) if mark_selected else {}
     for axis, (ct, matrix) in zip(axes, matrices.items(), strict=True):
@@ -241,17 +195,12 @@ def retrieval_heatmap(
             f"{ct}: {value}" if ct != _ALL or "cell_type" in retrieval_df.columns else value
         )
         axis.figure.colorbar(image, ax=axis, label=value, shrink=0.8)
-        rows, cols = selected.get(ct, (np.array([], int), np.array([], int)))
-        if rows.size:
+        rows, cols = selected.get(ct, ((), ()))
+        if len(rows):
             axis.scatter(
                 cols, rows, s=14, c="white", edgecolors="black", linewidths=0.5, label="selected"
             )
-    result = axes[0] if len(axes) == 1 else axes
-    return finish(fig, result, show=show, save=save, created=created)
-
-
-def _longest_label(matrices: dict[str, pd.DataFrame]) -> int:
-    return max((len(str(c)) for m in matrices.values() for c in m.columns), default=0)
+    return finish(fig, axes, show=show, save=save, ax=ax)
 
 
 def _selected(retrieval_df: pd.DataFrame, matrices: dict[str, pd.DataFrame]) -> dict:
@@ -262,9 +211,7 @@ def _selected(retrieval_df: pd.DataFrame, matrices: dict[str, pd.DataFrame]) -> 
         cell_type=list(matrices),
         queries=None,
     )
-    out = {}
-    for ct, matrix in matrices.items():
-        flag = flags[ct].reindex(index=matrix.index, columns=matrix.columns).to_numpy()
-        rows, cols = np.nonzero(np.nan_to_num(flag) > 0.5)
-        out[ct] = (rows, cols)
-    return out
+    return {
+        ct: np.nonzero(np.nan_to_num(flags[ct].reindex_like(matrix).to_numpy()) > 0.5)
+        for ct, matrix in matrices.items()
+    }

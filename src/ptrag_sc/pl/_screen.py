@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._utils import check_save, finish, grid
+from ._utils import check_frame, check_save, finish, grid, pick, shared_doc
 
 if TYPE_CHECKING:
     import os
@@ -20,6 +20,7 @@ _MEASURED = "#d95f02"
 _UNMEASURED = "#7570b3"
 
 
+@shared_doc
 def screen(
     screen_df: pd.DataFrame,
     *,
@@ -49,12 +50,7 @@ def screen(
         Further perturbations to label (e.g. known hits), wherever they rank.
     ncols
         Panels per row.
-    ax
-        Axes to draw into (a single cell type only).
-    show
-        Show the figure (default: when the function made it).
-    save
-        File to save the figure to.
+    %(ax_show_save)s
 
     Returns
     -------
@@ -74,66 +70,32 @@ def screen(
     >>> hits = ptrag_sc.tl.screen(model, cell_type="U87MG")
     >>> ax = ptrag_sc.pl.screen(hits, n_top=5, show=False)
     """
-    if not isinstance(screen_df, pd.DataFrame):
-        raise TypeError(
-            "`screen_df` must be the DataFrame returned by `ptrag_sc.tl.screen(...)`, got "
-            f"{type(screen_df).__name__}."
-        )
-    missing = [c for c in _REQUIRED if c not in screen_df.columns]
-    if missing:
-        raise ValueError(
-            f"`screen_df` lacks column(s) {missing}; expected the output of "
-            "`ptrag_sc.tl.screen(...)` "
-            f"(columns: {list(screen_df.columns)})."
-        )
-    if screen_df.empty:
-        raise ValueError("`screen_df` is empty: nothing was screened.")
+    check_frame(screen_df, "screen_df", "`ptrag_sc.tl.screen(...)`", _REQUIRED)
     if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 0:
         raise ValueError(f"`n_top` must be an integer >= 0, got {n_top!r}.")
     check_save(save)
     df = screen_df.copy()
     df["_ct"] = df["cell_type"].astype(str) if "cell_type" in df.columns else ""
-    present = list(dict.fromkeys(df["_ct"]))
-    if cell_type is None:
-        wanted = present
-    else:
-        wanted = [cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type]
-        absent = [c for c in wanted if c not in present]
-        if absent:
-            raise ValueError(
-                f"`cell_type` {absent} not in the table (cell types: {present[:10]})."
-            )
-    highlight = (
-        []
-        if highlight is None
-        else ([highlight] if isinstance(highlight, str) else [str(h) for h in highlight])
+    wanted = pick(list(dict.fromkeys(df["_ct"])), cell_type, "cell_type", "the table")
+    perturbations = list(dict.fromkeys(df["perturbation"].astype(str)))
+    highlight = pick(
+        perturbations, [] if highlight is None else highlight, "highlight", "the table"
     )
-    unknown = sorted(set(highlight) - set(df["perturbation"].astype(str)))
-    if unknown:
-        raise ValueError(f"`highlight` names perturbation(s) not in the table: {unknown[:10]}.")
 
-    created = ax is None
     fig, axes = grid(len(wanted), ncols, (5.0, 3.6), ax=ax, what="cell types")
     for panel, ct in zip(axes, wanted, strict=True):
         _panel(panel, df[df["_ct"] == ct].sort_values("rank", kind="stable"), ct, n_top, highlight)
-    return finish(fig, axes[0] if len(axes) == 1 else axes, show=show, save=save, created=created)
+    return finish(fig, axes, show=show, save=save, ax=ax)
 
 
 def _panel(ax: Axes, df: pd.DataFrame, cell_type: str, n_top: int, highlight: list[str]) -> None:
     rank = df["rank"].to_numpy(dtype=float)
     score = df["score"].to_numpy(dtype=float)
+    many = {"s": 6, "color": _UNMEASURED, "linewidths": 0, "rasterized": len(df) > 2000}
     if "measured_in_cell_type" in df.columns:
         measured = df["measured_in_cell_type"].to_numpy(dtype=bool)
-        ax.scatter(
-            rank[~measured],
-            score[~measured],
-            s=6,
-            color=_UNMEASURED,
-            alpha=0.6,
-            linewidths=0,
-            label="predicted only",
-            rasterized=len(df) > 2000,
-        )
+        ax.scatter(rank[~measured], score[~measured], alpha=0.6, label="predicted only", **many)
+        label = "measured in this cell type"
         ax.scatter(
             rank[measured],
             score[measured],
@@ -141,13 +103,11 @@ def _panel(ax: Axes, df: pd.DataFrame, cell_type: str, n_top: int, highlight: li
             color=_MEASURED,
             alpha=0.9,
             linewidths=0,
-            label="measured in this cell type",
+            label=label,
         )
         ax.legend(loc="upper right", fontsize=7, frameon=False)
     else:
-        ax.scatter(
-            rank, score, s=6, color=_UNMEASURED, alpha=0.7, linewidths=0, rasterized=len(df) > 2000
-        )
+        ax.scatter(rank, score, alpha=0.7, **many)
     names = df["perturbation"].astype(str).to_numpy()
     labelled = list(range(min(n_top, len(df)))) + [
         i for i in np.flatnonzero(np.isin(names, highlight)) if i >= n_top

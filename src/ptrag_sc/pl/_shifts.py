@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,15 +14,9 @@ from .._constants import (
     DEFAULT_PRED_LAYER,
 )
 from ..tl import _metrics as M
-from ..tl._evaluate import resolve_inputs
-from ..tl._utils import (
-    as_str_tuple,
-    check_obs_key,
-    dense_rows,
-    finite_rows,
-    in_values,
-)
-from ._utils import check_save, finish, grid, single_ax, symmetric_limits
+from ..tl._evaluate import select_groups
+from ..tl._utils import as_str_tuple, dense_rows
+from ._utils import check_save, finish, grid, shared_doc, single_ax, symmetric_limits
 
 if TYPE_CHECKING:
     import os
@@ -47,119 +40,39 @@ class Shift:
 
 
 def compute_shifts(
-    adata: AnnData,
-    *,
-    pred_layer: str = DEFAULT_PRED_LAYER,
-    perturbation_key: str = DEFAULT_PERTURBATION_KEY,
-    control_group: str = DEFAULT_CONTROL_GROUP,
-    cell_type_key: str | None = DEFAULT_CELL_TYPE_KEY,
-    perturbations: Sequence[str] | str | None = None,
-    cell_type: Sequence[str] | str | None = None,
-    split_key: str | None = None,
-    split_values: Sequence[str] | str = ("test",),
-    real_layer: str | None = None,
-    reference: AnnData | None = None,
+    adata: AnnData, *, cell_type: Sequence[str] | str | None = None, **selection: Any
 ) -> tuple[list[Shift], np.ndarray]:
-    """Shifts of every selected group and the gene names.
-
-    The cell selection, control mean and correlation are those of
-    :func:`ptrag_sc.tl.evaluate` (same helpers, same order of operations), so
-    ``Shift.pearson`` equals its ``pearson_delta``.
-    """
-    inputs = resolve_inputs(
-        adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group
-    )
-    pred_mat, real_mat, ref, where_ref, gene_idx = inputs[:5]
-    pert_p, ct_p, pert_r, ct_r, ctrl_r = inputs[5:]
-
-    wanted_ct = as_str_tuple(cell_type)
-    if wanted_ct is not None:
-        unknown = [c for c in wanted_ct if c not in set(ct_p)]
-        if unknown:
-            raise ValueError(
-                f"`cell_type` {unknown} not found in adata.obs[{cell_type_key!r}]; existing: "
-                f"{sorted(set(ct_p))}."
-            )
-    wanted_p = as_str_tuple(perturbations)
-    ok_p = pert_p != control_group
-    ok_r = ~ctrl_r
-    if wanted_p is not None:
-        ok_p &= in_values(pert_p, wanted_p)
-        ok_r &= in_values(pert_r, wanted_p)
-    if wanted_ct is not None:
-        ok_p &= in_values(ct_p, wanted_ct)
-        ok_r &= in_values(ct_r, wanted_ct)
-    split_values = as_str_tuple(split_values)
-    if split_key is not None:
-        check_obs_key(ref, split_key, "split_key", where=where_ref)
-        in_split = in_values(ref.obs[split_key].astype(str).to_numpy(), split_values)
-        ok_r &= in_split
-        if reference is None:
-            ok_p &= in_split
-    cand = np.flatnonzero(ok_p)
-    cand = cand[finite_rows(pred_mat, cand)]
-    if reference is None:
-        sel_r = np.zeros(adata.n_obs, bool)
-        sel_r[cand] = True
-    else:
-        sel_r = ok_r
-
-    pred_groups: dict[tuple[str, str], list[int]] = {}
-    for i in cand:
-        pred_groups.setdefault((ct_p[i], pert_p[i]), []).append(i)
-    real_groups: dict[tuple[str, str], list[int]] = {}
-    for i in np.flatnonzero(sel_r):
-        real_groups.setdefault((ct_r[i], pert_r[i]), []).append(i)
-    no_real = sorted(k for k in pred_groups if k not in real_groups)
-    if no_real:
-        warnings.warn(
-            f"{len(no_real)} (cell type, perturbation) group(s) have predicted cells but no real "
-            f"cell in the selection and are skipped, e.g. {no_real[:5]}.",
-            UserWarning,
-            stacklevel=3,
-        )
-    keys = sorted(k for k in pred_groups if k in real_groups)
+    """Shifts of every selected group and the gene names, selected and computed as
+    :func:`ptrag_sc.tl.evaluate` does (``Shift.pearson`` is its ``pearson_delta``); the
+    ``selection`` arguments are :func:`shift_scatter`'s."""
+    sel = select_groups(adata, cell_types=cell_type, stacklevel=4, **selection)
+    keys, wanted_p = sel.keys, sel.perturbations
     if wanted_p is not None:
         found = {p for _, p in keys}
         absent = [p for p in wanted_p if p not in found]
         if absent:
-            available = sorted({p for _, p in real_groups} & {p for _, p in pred_groups})
+            available = sorted(
+                {p for _, p in sel.real_index.index} & {p for _, p in sel.pred_index.index}
+            )
             raise ValueError(
                 f"No predicted and real cells to compare for perturbation(s) {absent} "
-                f"(pred_layer={pred_layer!r}, split_key={split_key!r}, "
-                f"split_values={split_values}); perturbations with both: {available[:20]}."
+                f"(pred_layer={sel.pred_layer!r}, split_key={sel.split_key!r}, "
+                f"split_values={sel.split_values}); perturbations with both: {available[:20]}."
             )
         order = {p: i for i, p in enumerate(wanted_p)}
-        keys.sort(key=lambda k: (order[k[1]], k[0]))
+        keys = sorted(keys, key=lambda k: (order[k[1]], k[0]))
     if not keys:
-        raise ValueError(
-            "Nothing to plot: no perturbed cell with a finite prediction in "
-            f"layers[{pred_layer!r}] matches the selection (perturbations={wanted_p}, "
-            f"cell_type={wanted_ct}, split_key={split_key!r}, split_values={split_values})."
-        )
-
-    def real_rows(idx: np.ndarray) -> np.ndarray:
-        rows = dense_rows(real_mat, idx)
-        return rows if gene_idx is None else rows[:, gene_idx]
-
-    ctrl_means: dict[str, np.ndarray] = {}
+        raise sel.nothing("plot", cell_type=as_str_tuple(cell_type))
     shifts = []
     for c, p in keys:
-        if c not in ctrl_means:
-            ctrl_idx = np.flatnonzero(ctrl_r & (ct_r == c))
-            if ctrl_idx.size == 0:
-                raise ValueError(
-                    f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell "
-                    f"type {c!r} (obs[{cell_type_key!r}]) in {where_ref}; cannot compute shifts."
-                )
-            ctrl_means[c] = real_rows(ctrl_idx).mean(axis=0)
-        pi, ri = np.asarray(pred_groups[(c, p)]), np.asarray(real_groups[(c, p)])
-        dp = dense_rows(pred_mat, pi).mean(axis=0) - ctrl_means[c]
-        dr = real_rows(ri).mean(axis=0) - ctrl_means[c]
+        pi, ri = sel.pred_index[(c, p)], sel.real_index[(c, p)]
+        dp = dense_rows(sel.pred_mat, pi).mean(axis=0) - sel.control_mean(c)
+        dr = sel.real_rows(ri).mean(axis=0) - sel.control_mean(c)
         shifts.append(Shift(c, p, dp, dr, M.pearson(dp, dr), len(pi), len(ri)))
     return shifts, np.asarray(adata.var_names, dtype=str)
 
 
+@shared_doc
 def shift_scatter(
     adata: AnnData,
     *,
@@ -185,20 +98,15 @@ def shift_scatter(
 ) -> Axes | list[Axes] | None:
     """Predicted vs observed mean shift from control, one point per gene.
 
-    For every selected (cell type ``c``, perturbation ``p``) group, the observed shift
-    ``dr = mean(R) - mean(C)`` (x axis) is plotted against the predicted shift
-    ``dp = mean(P) - mean(C)`` (y axis), one point per gene, where ``P`` are the predicted
-    cells (``layers[pred_layer]``), ``R`` the real cells and ``C`` all real control cells of
-    ``c``. The Pearson correlation ``r`` shown in each title (or legend) is
-    :func:`ptrag_sc.tl.evaluate`'s ``pearson_delta``: the cells are selected and the shifts
-    computed exactly as there. The dashed line is ``y = x``.
+    For each selected (cell type, perturbation) group, the observed shift ``dr`` (x) against
+    the predicted shift ``dp`` (y) of :func:`ptrag_sc.tl.evaluate`, whose ``pearson_delta`` is
+    the ``r`` of each title (or legend); the dashed line is ``y = x``.
 
     Parameters
     ----------
     adata
         Cells with real expression in ``X`` (or ``real_layer``) and the prediction in
-        ``layers[pred_layer]``, e.g. after ``model.predict(adata)`` or
-        :func:`ptrag_sc.tl.predict_baseline`. Never modified.
+        ``layers[pred_layer]``. Never modified.
     pred_layer
         Layer holding the prediction.
     perturbation_key
@@ -208,20 +116,20 @@ def shift_scatter(
     cell_type_key
         obs column with the cell type; ``None`` treats all cells as one cell type.
     perturbations
-        Perturbations to plot, in this order (default: every evaluated perturbation). A
-        requested perturbation without predicted and real cells is an error.
+        Perturbations to plot, in this order (default: all); each needs predicted and real
+        cells.
     cell_type
         Cell type(s) to plot (default: all).
     split_key
-        obs column with the data split; only cells whose value is in ``split_values`` are
-        plotted (control cells are always used as controls).
+        obs column with the data split; only cells in ``split_values`` are plotted (controls
+        always serve).
     split_values
         Split values to plot.
     real_layer
         Layer with the real expression; ``None`` uses ``X``.
     reference
-        AnnData with the real cells when ``adata`` holds only predictions (e.g. the output
-        of generation-mode ``PTRAG.predict``), as in :func:`ptrag_sc.tl.evaluate`.
+        AnnData with the real cells when ``adata`` holds only predictions, as in
+        :func:`ptrag_sc.tl.evaluate`.
     overlay
         Draw all groups on one Axes (with ``r`` in the legend) instead of one panel each.
     annotate
@@ -229,24 +137,18 @@ def shift_scatter(
     ncols
         Panels per row.
     max_panels
-        Refuse to draw more panels than this (pass ``perturbations=`` or ``cell_type=`` to
-        choose, or raise it).
+        Refuse to draw more panels than this.
     point_size
         Marker area of the points.
     panel_size
         Width and height of one panel, in inches.
-    ax
-        Axes to draw into (one panel, or ``overlay=True``); default: a new figure.
-    show
-        Show the figure; default: when the function made it.
-    save
-        File path to save the figure to (format from the extension).
+    %(ax_show_save)s
 
     Returns
     -------
     ``None`` when the figure is shown; otherwise the Axes (one panel or ``overlay=True``) or
-    a list of Axes, one per (cell type, perturbation) group, sorted by cell type then
-    perturbation (or in the order of ``perturbations``).
+    one per group, sorted by cell type then perturbation (or in the order of
+    ``perturbations``).
 
     Raises
     ------
@@ -288,40 +190,34 @@ def shift_scatter(
         real_layer=real_layer,
         reference=reference,
     )
-    created = ax is None
     if overlay:
         fig, axis = single_ax(ax, (panel_size[0] * 1.6, panel_size[1] * 1.5))
-        for shift in shifts:
-            axis.scatter(
-                shift.observed,
-                shift.predicted,
-                s=point_size,
-                alpha=0.7,
-                linewidths=0,
-                label=f"{_group_name(shift)}, r = {shift.pearson:.2f}",
-            )
-            _annotate(axis, shift, var_names, annotate)
-        _decorate(axis, shifts)
-        axis.set_title("Predicted vs observed shift from control")
-        axis.legend(fontsize="small", frameon=False, loc="best")
-        return finish(fig, axis, show=show, save=save, created=created)
-
-    if len(shifts) > max_panels:
+        axes = [axis] * len(shifts)
+    elif len(shifts) > max_panels:
         raise ValueError(
             f"{len(shifts)} (cell type, perturbation) groups to plot, more than "
             f"`max_panels={max_panels}`; choose some with `perturbations=` / `cell_type=`, "
             "use `overlay=True`, or raise `max_panels`."
         )
-    fig, axes = grid(
-        len(shifts), ncols, panel_size, ax=ax, what="(cell type, perturbation) groups"
-    )
+    else:
+        fig, axes = grid(
+            len(shifts), ncols, panel_size, ax=ax, what="(cell type, perturbation) groups"
+        )
     for axis, shift in zip(axes, shifts, strict=True):
-        axis.scatter(shift.observed, shift.predicted, s=point_size, alpha=0.7, linewidths=0)
+        label = f"{_group_name(shift)}, r = {shift.pearson:.2f}" if overlay else None
+        axis.scatter(
+            shift.observed, shift.predicted, s=point_size, alpha=0.7, linewidths=0, label=label
+        )
         _annotate(axis, shift, var_names, annotate)
-        _decorate(axis, [shift])
-        axis.set_title(f"{_group_name(shift)}\nr = {shift.pearson:.2f}", fontsize="medium")
-    result = axes[0] if len(axes) == 1 else axes
-    return finish(fig, result, show=show, save=save, created=created)
+        if not overlay:
+            _decorate(axis, [shift])
+            axis.set_title(f"{_group_name(shift)}\nr = {shift.pearson:.2f}", fontsize="medium")
+    if not overlay:
+        return finish(fig, axes, show=show, save=save, ax=ax)
+    _decorate(axis, shifts)
+    axis.set_title("Predicted vs observed shift from control")
+    axis.legend(fontsize="small", frameon=False, loc="best")
+    return finish(fig, axis, show=show, save=save, ax=ax)
 
 
 def _group_name(shift: Shift) -> str:
@@ -338,10 +234,7 @@ def _decorate(ax: Axes, shifts: list[Shift]) -> None:
 
 
 def _annotate(ax: Axes, shift: Shift, var_names: np.ndarray, n: int) -> None:
-    if n == 0:
-        return
-    top = M.top_n_genes(shift.observed, n)
-    for g in top:
+    for g in M.top_n_genes(shift.observed, n):
         ax.annotate(
             var_names[g],
             (shift.observed[g], shift.predicted[g]),

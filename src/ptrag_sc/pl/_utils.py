@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+#: The parameters every plot shares, put into its docstring's ``%(ax_show_save)s`` field.
+_SHARED_PARAMETERS = {
+    "ax_show_save": """\
+ax
+    Axes to draw into, for a plot of a single panel; default: a new figure.
+show
+    Show the figure; default: when the function made it.
+save
+    File path to save the figure to (format from the extension)."""
+}
+_Documented = TypeVar("_Documented")
+
 #: Backends that cannot display a window; ``plt.show()`` would only warn there.
 _NON_INTERACTIVE = ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template")
+
+
+def shared_doc(func: _Documented) -> _Documented:
+    """Fill the shared parameters into ``func``'s docstring (as ``model._docs.fill`` does)."""
+    func.__doc__ = inspect.cleandoc(func.__doc__) % _SHARED_PARAMETERS
+    return func
 
 
 def check_ax(ax: object) -> None:
@@ -33,15 +54,41 @@ def check_save(save: object) -> None:
         )
 
 
+def check_frame(frame: object, argument: str, source: str, required: Sequence[str] = ()) -> None:
+    """Raise unless ``frame`` is a non-empty DataFrame of ``source`` with ``required`` columns."""
+    import pandas as pd
+
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(
+            f"`{argument}` must be the DataFrame of {source}, got {type(frame).__name__}."
+        )
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"`{argument}` lacks column(s) {missing}; expected the output of {source} (columns: "
+            f"{list(frame.columns)})."
+        )
+    if frame.empty:
+        raise ValueError(f"`{argument}` is empty.")
+
+
+def pick(present: list[str], wanted: Sequence[str] | str | None, argument: str, where: str):
+    """``wanted`` as a list of str, each checked to be in ``present`` (``present`` if None)."""
+    if wanted is None:
+        return present
+    wanted = [wanted] if isinstance(wanted, str) else [str(w) for w in wanted]
+    unknown = [w for w in wanted if w not in present]
+    if unknown:
+        raise ValueError(f"`{argument}` {unknown} not in {where}; values there: {present[:20]}.")
+    return wanted
+
+
 def single_ax(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     """The given Axes and its figure, or a new figure with one Axes."""
     import matplotlib.pyplot as plt
 
     check_ax(ax)
-    if ax is not None:
-        return ax.figure, ax
-    fig, new = plt.subplots(figsize=figsize)
-    return fig, new
+    return (ax.figure, ax) if ax is not None else plt.subplots(figsize=figsize)
 
 
 def grid(
@@ -89,11 +136,11 @@ def finish(
     *,
     show: bool | None,
     save: str | os.PathLike[str] | None,
-    created: bool,
+    ax: Axes | None,
 ) -> Axes | list[Axes] | None:
-    """Save and/or show the figure; return the Axes unless the figure was shown.
+    """Save and/or show the figure; return the Axes (a single one unwrapped) unless shown.
 
-    ``show=None`` shows the figure when the function made it (``created``), scanpy-style;
+    ``show=None`` shows the figure when the function made it (no ``ax`` given), scanpy-style;
     a figure drawn into a caller's ``ax`` is left for the caller to finish.
     """
     import matplotlib
@@ -102,13 +149,12 @@ def finish(
     if save is not None:
         fig.savefig(os.fspath(save), bbox_inches="tight")
     if show is None:
-        show = created
+        show = ax is None
     if show:
-        backend = matplotlib.get_backend().lower()
-        if backend not in _NON_INTERACTIVE:
+        if matplotlib.get_backend().lower() not in _NON_INTERACTIVE:
             plt.show()
         return None
-    return axes
+    return axes[0] if isinstance(axes, list) and len(axes) == 1 else axes
 
 
 def symmetric_limits(ax: Axes, *values: np.ndarray, margin: float = 0.05) -> None:

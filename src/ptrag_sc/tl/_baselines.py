@@ -31,11 +31,13 @@ from ._utils import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from anndata import AnnData
 
     from ..data._matrix import MatrixLike
+
+    Embed = Callable[[Sequence[str]], np.ndarray]
 
 #: Names accepted by :func:`predict_baseline`.
 BASELINES = ("control", "other_cell_types", "context_mean", "linear", "knn", "additive")
@@ -72,66 +74,41 @@ def predict_baseline(
 ) -> AnnData | None:
     """Predict every perturbed cell with a simple baseline, in the model's output format.
 
-    Each baseline estimates a mean shift ``delta(c, p)`` of perturbation ``p`` in cell type
-    ``c`` from **training cells only**, then applies it to the matched control cells ``x[m(i)]``
-    of the perturbed cells ``i`` of ``(c, p)`` with the model's rule
-    (:func:`ptrag_sc.module.apply_shift`): each gene expressed in the matched controls is scaled
-    so that their mean becomes ``mu(c) + delta(c, p)`` (never scaling a cell above the largest
-    value the gene reaches in the training cells and controls), other genes are shifted
-    additively, and the result is clipped to ``[0, that largest value]``; it goes to
-    ``adata.layers[key_added]``. ``m(i)`` is a control
-    cell of the same cell type (and batch, with ``batch_key``) drawn by
-    :func:`ptrag_sc.data._pairing.match_controls` with ``seed`` among all control cells of
-    that context, whatever their split (control cells are the model's inputs, not targets).
-    Adding ``delta`` to every cell and clipping at 0 instead would lose most of a negative shift
-    in sparse genes.
-    Predicted cells are therefore built on real control cells exactly as the model's
-    counterfactual predictions are, so distributional metrics compare like with like. Control
+    Each baseline estimates a mean shift ``delta(c, p)`` of perturbation ``p`` in cell type ``c``
+    from **training cells only** and applies it, with the model's rule
+    (:func:`ptrag_sc.module.apply_shift`, see :doc:`/concepts`), to control cells of the same
+    cell type (and batch, with ``batch_key``) matched to each perturbed cell with ``seed``, any
+    split. Predicted cells are thus built on real control cells as the model's are; control
     cells keep their own values.
 
-    Training statistics (``T`` = training cells):
-
-    - control mean ``mu(c)``: mean of the training control cells of ``c`` (all control cells of
-      ``c`` when none is a training cell: controls are inputs, not targets);
-    - training shift ``s(c, q) = mean of training cells of (c, q) - mu(c)`` for every
-      perturbation ``q`` with training cells in ``c``;
-    - context shift ``ctx(c)``: the unweighted mean of ``s(c, q)`` over the training
-      perturbations ``q`` of ``c`` (each perturbation counts once, as cell-eval's mean
-      baseline); undefined when ``c`` has no training perturbed cell.
+    Training statistics: the control mean ``mu(c)`` (training controls of ``c``, or all its
+    controls when none trains); the training shift ``s(c, q)`` = mean of the training cells of
+    ``(c, q)`` minus ``mu(c)``; the context shift ``ctx(c)``, the unweighted mean of ``s(c, q)``
+    over the training perturbations of ``c`` (as cell-eval's mean baseline).
 
     Methods (``delta(c, p)``):
 
     - ``"control"``: 0 (no effect).
-    - ``"other_cell_types"``: mean of ``s(c', p)`` over the other cell types ``c' != c`` where
-      ``p`` has training cells (unweighted over cell types). Fallback: ``ctx(c)``.
-    - ``"context_mean"``: ``ctx(c)``, the same shift for every perturbation.
-    - ``"linear"``: ridge regression from the perturbation's gene embedding to its shift
-      (Ahlmann-Eltze, Huber & Anders, Nat. Methods 2025), with the context shift as intercept:
-      ``delta(c, p) = ctx(c) + (e_p - e_bar) W``, where ``W`` minimises
-      ``sum_(c,q) |s(c, q) - ctx(c) - (e_q - e_bar) W|² + alpha |W|²`` over the training
-      pairs ``(c, q)`` (closed form), ``e_bar`` is their mean embedding. Pooled across cell types
-      by default (the cell types share ``W`` and differ by their intercept ``ctx(c)``), which
-      is what a few-shot cell type needs; ``per_cell_type=True`` fits one ``W`` per cell type.
-      Keyword arguments: ``alpha`` (default 0.1), ``per_cell_type`` (default False).
+    - ``"other_cell_types"``: unweighted mean of ``s(c', p)`` over the other cell types where
+      ``p`` trains. Fallback: ``ctx(c)``.
+    - ``"context_mean"``: ``ctx(c)`` for every perturbation.
+    - ``"linear"``: ridge regression from the gene embedding to the shift (Ahlmann-Eltze, Huber
+      & Anders, Nat. Methods 2025): ``ctx(c) + (e_p - e_bar) W``, ``W`` minimising
+      ``sum_(c,q) |s(c, q) - ctx(c) - (e_q - e_bar) W|² + alpha |W|²`` over the training pairs
+      (closed form), pooled across cell types unless ``per_cell_type=True``. Options ``alpha``
+      (default 0.1), ``per_cell_type`` (default False).
     - ``"knn"``: unweighted mean of ``s(c, q)`` over the ``k`` training perturbations ``q != p``
-      of ``c`` with the highest cosine similarity of gene embeddings (ties: label order; fewer
-      than ``k`` candidates: all of them). Keyword argument ``k`` (default 5). Fallback when
-      ``c`` has no other training perturbation: ``ctx(c)``.
-    - ``"additive"``: for ``p = "A+B"`` (any number of members, control members ignored), the
-      sum of the single-gene training shifts ``s(c, A) + s(c, B)``. When some members have no
-      training cells in ``c`` the available ones are summed and the cells are flagged; when none
-      has, fallback ``ctx(c)``. A single perturbation gets ``s(c, p)`` when trained in ``c``.
+      of ``c`` with the most cosine-similar gene embeddings (ties: label order). Option ``k``
+      (default 5). Fallback: ``ctx(c)``.
+    - ``"additive"``: for ``p = "A+B"`` (control members ignored) ``s(c, A) + s(c, B)``; members
+      without training cells in ``c`` are left out of the sum and the cells flagged; with none,
+      fallback ``ctx(c)``.
 
-    When the fallback itself is undefined (``c`` has no training perturbed cell) the cells get
-    ``delta = 0`` (control). Fallback cells are flagged in
-    ``obs[f"{key_added}_fallback"]`` and counted in a warning and in ``uns[key_added]``.
-
-    Gene embeddings (``"linear"``, ``"knn"``): a DataFrame indexed by gene symbol, read with
-    the model's ``PerturbationEncoder`` (symbols upper-cased, the table validated); a
-    combination embeds as its own row if the table has one, else as the sum of its members'
-    vectors (control members dropped). Every perturbation that is needed (the ones to predict
-    and the training ones) must have a vector: otherwise a ValueError names the genes (they
-    are never replaced by zeros).
+    Where the fallback is undefined too (``c`` has no training perturbed cell) ``delta = 0``.
+    Fallback cells are flagged in ``obs[f"{key_added}_fallback"]``, counted in a warning and in
+    ``uns[key_added]``. Gene embeddings are read as the model reads them (symbols upper-cased;
+    a combination without its own row is the sum of its members' vectors); a perturbation
+    without one is a ValueError naming it, never a zero vector.
 
     Parameters
     ----------
@@ -245,40 +222,32 @@ def predict_baseline(
             )
     else:
         train = np.ones(adata.n_obs, dtype=bool)
-    in_sample = train_mask is None and split_key is None
 
     query = ~is_ctrl
     paired = match_controls(is_ctrl, *context, seed=seed, query=query)
-
     stats = _TrainingStats(matrix, pert, ct, is_ctrl, train)
-    targets = sorted(set(zip(ct[query], pert[query], strict=True)))
-    embed = None
+    qidx = np.flatnonzero(query)
+    grouped = pd.DataFrame({"c": ct[qidx], "p": pert[qidx]}).groupby(["c", "p"], sort=True)
+    targets: list[tuple[str, str]] = list(grouped.size().index)
+    cell_target = grouped.ngroup().to_numpy()
     if method in ("linear", "knn"):
         needed = {q for _, q in targets} | {q for _, q in stats.keys}
-        embed = _Embedder(gene_embeddings, control_group, perturbation_sep, needed)
+        embed = _embedder(gene_embeddings, control_group, perturbation_sep, needed)
+        if method == "linear":
+            alpha, per_cell_type = float(options["alpha"]), bool(options["per_cell_type"])
+            learned = _linear_deltas(stats, embed, targets, alpha, per_cell_type)
+        else:
+            learned = _knn_deltas(stats, embed, targets, int(options["k"]))
 
-    n_vars = adata.n_vars
-    deltas = np.zeros((len(targets), n_vars), dtype=np.float64)
+    deltas = np.zeros((len(targets), adata.n_vars), dtype=np.float64)
     fallback = np.zeros(len(targets), dtype=bool)
-    batch: list[np.ndarray | None] = []
-    if method == "linear":
-        batch = _linear_deltas(
-            stats,
-            embed,
-            targets,
-            alpha=float(options["alpha"]),
-            per_cell_type=bool(options["per_cell_type"]),
-        )
-    elif method == "knn":
-        batch = _knn_deltas(stats, embed, targets, int(options["k"]))
     for t, (c, p) in enumerate(targets):
+        partial = False
         if method == "control":
             continue
         if method == "context_mean":
             delta = stats.ctx.get(c)
-            deltas[t], fallback[t] = (0.0, True) if delta is None else (delta, False)
-            continue
-        if method == "other_cell_types":
+        elif method == "other_cell_types":
             rows = [
                 stats.shift[(c2, p)]
                 for c2 in stats.cell_types
@@ -289,31 +258,20 @@ def predict_baseline(
             genes = members(p, control_group, perturbation_sep)
             rows = [stats.shift[(c, g)] for g in genes if (c, g) in stats.shift]
             delta = np.sum(rows, axis=0) if rows else None
-            if rows and len(rows) < len(genes):
-                deltas[t], fallback[t] = delta, True
-                continue
-        else:  # linear, knn
-            delta = batch[t]
-        if delta is None:
-            fallback[t] = True
-            ctx = stats.ctx.get(c)
-            delta = 0.0 if ctx is None else ctx
-        deltas[t] = delta
-
-    target_index = {key: i for i, key in enumerate(targets)}
-    cell_target = np.full(adata.n_obs, -1, dtype=np.int64)
-    qidx = np.flatnonzero(query)
-    cell_target[qidx] = [target_index[(c, p)] for c, p in zip(ct[qidx], pert[qidx], strict=True)]
+            partial = len(rows) < len(genes)
+        else:
+            delta = learned[t]
+        fallback[t] = delta is None or partial
+        deltas[t] = stats.ctx.get(c, 0.0) if delta is None else delta
 
     # Shifts are applied per (target, control context): the set's mean becomes the mean of the
-    # controls it was matched from plus the shift, as in the model.
+    # controls it was matched from plus the shift, as in the model, and no value exceeds the
+    # largest the training data (and the controls) reach for that gene.
     out = _dense_float32(matrix)
-    # As in the model: no predicted value exceeds the largest the training data (and the
-    # controls) reach for that gene.
     ceiling = column_max(matrix, train | is_ctrl)
-    ctx_code = context_codes(*context) if context else np.zeros(adata.n_obs, dtype=np.int64)
+    ctx_code = context_codes(*context)
     ctx_means = group_means(matrix, np.where(is_ctrl, ctx_code, -1), int(ctx_code.max()) + 1)
-    chunk = pd.Series(qidx).groupby([cell_target[qidx], ctx_code[qidx]]).indices
+    chunk = pd.Series(qidx).groupby([cell_target, ctx_code[qidx]]).indices
     for (t, code), positions in chunk.items():
         rows = qidx[positions]
         out[rows] = _apply(
@@ -321,7 +279,7 @@ def predict_baseline(
         )
 
     fell_back = np.zeros(adata.n_obs, dtype=bool)
-    fell_back[qidx] = fallback[cell_target[qidx]]
+    fell_back[qidx] = fallback[cell_target]
     fallback_groups = [f"{c}/{p}" for (c, p), f in zip(targets, fallback, strict=True) if f]
     if fallback_groups:
         warnings.warn(
@@ -338,16 +296,16 @@ def predict_baseline(
     target.obs[f"{key_added}_fallback"] = fell_back
     info: dict[str, Any] = {
         "method": method,
-        "options": dict(options),
+        "options": options,
         "seed": int(seed),
         "n_train_cells": int(train.sum()),
-        "in_sample": bool(in_sample),
+        "in_sample": train_mask is None and split_key is None,
         "n_fallback_cells": int(fell_back.sum()),
         "fallback_groups": fallback_groups,
     }
     if split_key is not None:
         info["split_key"] = split_key
-        info["train_values"] = list(as_str_tuple(train_values))
+        info["train_values"] = list(train_values)
     target.uns[key_added] = info
     return target if copy else None
 
@@ -383,21 +341,20 @@ class _TrainingStats:
         is_ctrl: np.ndarray,
         train: np.ndarray,
     ) -> None:
-        self.cell_types = sorted(set(ct))
+        cell_types, ct_code = np.unique(ct, return_inverse=True)
+        self.cell_types = list(cell_types)
+        # Controls are inputs, not targets: all of a cell type's controls when none trains.
         ctrl_train = is_ctrl & train
-        ctrl_codes = np.full(ct.shape[0], -1, dtype=np.int64)
-        position = {c: i for i, c in enumerate(self.cell_types)}
-        ct_code = np.array([position[c] for c in ct], dtype=np.int64)
-        has_train_ctrl = np.bincount(ct_code[ctrl_train], minlength=len(self.cell_types)) > 0
+        has_train_ctrl = np.bincount(ct_code[ctrl_train], minlength=len(cell_types)) > 0
         use = np.where(has_train_ctrl[ct_code], ctrl_train, is_ctrl)
-        ctrl_codes[use] = ct_code[use]
-        ctrl_means = group_means(matrix, ctrl_codes, len(self.cell_types))
-        self.control_mean = {c: ctrl_means[i] for i, c in enumerate(self.cell_types)}
+        ctrl_means = group_means(matrix, np.where(use, ct_code, -1), len(cell_types))
+        self.control_mean = dict(zip(self.cell_types, ctrl_means, strict=True))
 
         pert_train = train & ~is_ctrl
-        frame = pd.DataFrame({"c": ct[pert_train], "p": pert[pert_train]})
+        grouped = pd.DataFrame({"c": ct[pert_train], "p": pert[pert_train]}).groupby(
+            ["c", "p"], sort=True
+        )
         codes = np.full(ct.shape[0], -1, dtype=np.int64)
-        grouped = frame.groupby(["c", "p"], sort=True)
         codes[pert_train] = grouped.ngroup().to_numpy()
         self.keys: list[tuple[str, str]] = list(grouped.size().index)
         means = group_means(matrix, codes, len(self.keys))
@@ -414,29 +371,17 @@ class _TrainingStats:
         }
 
 
-class _Embedder:
-    """Perturbation embeddings through the model's :class:`PerturbationEncoder`.
+def _embedder(table: pd.DataFrame, control_group: str, sep: str, needed: Iterable[str]) -> Embed:
+    """Embeddings of perturbation labels (control members dropped) by the model's encoder."""
+    from ..data._perturbations import PerturbationEncoder
 
-    Control members of a label are dropped first (``"A+non-targeting"`` embeds as ``"A"``); a
-    combination without its own row embeds as the sum of its members' vectors; the table is
-    validated and missing genes raise a ValueError naming them.
-    """
-
-    def __init__(
-        self, table: pd.DataFrame, control_group: str, sep: str, needed: Iterable[str]
-    ) -> None:
-        from ..data._perturbations import PerturbationEncoder
-
-        self.encoder = PerturbationEncoder(table, sep=sep)
-        self.canonical = {p: sep.join(members(p, control_group, sep)) for p in needed}
-        empty = sorted(p for p, c in self.canonical.items() if not c)
-        if empty:
-            raise ValueError(f"Perturbation label(s) {empty[:10]} have no gene to embed.")
-        self.encoder.check(sorted(set(self.canonical.values())), context=" (baseline)")
-
-    def __call__(self, perts: Sequence[str]) -> np.ndarray:
-        labels_ = [self.canonical[p] for p in perts]
-        return self.encoder.embed(labels_).astype(np.float64)
+    encoder = PerturbationEncoder(table, sep=sep)
+    canonical = {p: sep.join(members(p, control_group, sep)) for p in needed}
+    empty = sorted(p for p, c in canonical.items() if not c)
+    if empty:
+        raise ValueError(f"Perturbation label(s) {empty[:10]} have no gene to embed.")
+    encoder.check(sorted(set(canonical.values())), context=" (baseline)")
+    return lambda perts: encoder.embed([canonical[p] for p in perts]).astype(np.float64)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -452,7 +397,7 @@ def _by_cell_type(targets: list[tuple[str, str]]) -> dict[str, list[int]]:
 
 
 def _knn_deltas(
-    stats: _TrainingStats, embed: _Embedder, targets: list[tuple[str, str]], k: int
+    stats: _TrainingStats, embed: Embed, targets: list[tuple[str, str]], k: int
 ) -> list[np.ndarray | None]:
     """Mean training shift of the ``k`` most cosine-similar other training perturbations."""
     out: list[np.ndarray | None] = [None] * len(targets)
@@ -474,9 +419,8 @@ def _knn_deltas(
 
 def _linear_deltas(
     stats: _TrainingStats,
-    embed: _Embedder,
+    embed: Embed,
     targets: list[tuple[str, str]],
-    *,
     alpha: float,
     per_cell_type: bool,
 ) -> list[np.ndarray | None]:

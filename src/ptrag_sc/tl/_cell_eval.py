@@ -51,28 +51,18 @@ def to_cell_eval(
 ) -> tuple[AnnData, AnnData]:
     """Build the ``(adata_pred, adata_real)`` pair that ``cell_eval.MetricsEvaluator`` reads.
 
-    Both objects hold the same cells in the same order and the same genes in the same order
-    (``adata.var``), log1p values as dense float32 ``X``, and the perturbation label in
-    ``obs[pert_col]`` with controls renamed ``control_pert``. Cells: the perturbed cells
-    selected by ``cell_types`` / ``perturbations`` / ``split_key`` whose predicted row is
-    finite, plus every control cell of the selected cell type(s). In ``adata_real``, ``X`` is the
-    real expression (``real_layer`` or ``X``); in ``adata_pred`` the perturbed cells carry
-    ``layers[pred_layer]`` and the control cells carry their own real values, so cell-eval's
-    control means are identical on both sides (as in :func:`ptrag_sc.tl.evaluate`).
+    Both hold the same cells and genes in the same order, log1p values as dense float32 ``X``
+    and the label in ``obs[pert_col]`` (controls renamed ``control_pert``). Cells: the selected
+    perturbed cells with a finite prediction, plus every control cell of their cell type(s).
+    ``adata_real`` carries the real expression; ``adata_pred`` the prediction on perturbed cells
+    and the real values on controls, so both sides share their control means (as
+    :func:`ptrag_sc.tl.evaluate`).
 
-    cell-eval compares every perturbation with a single control group. With ``cell_type_key``
-    set, the control cells of every cell type that has selected perturbed cells are exported
-    and ``obs[cell_type_key]`` is kept: a pair holding one cell type can go straight to
-    ``MetricsEvaluator``; a pair holding several must be split per cell type first (cell-eval's
-    CLI does it with ``--celltype-col <cell_type_key>``; in Python use
-    ``cell_eval.utils.split_anndata_on_celltype``), otherwise cell-eval would pool the control
-    cells of all cell types. With ``cell_type_key=None`` all cells are one context.
-
-    Run cell-eval on the pair with
-    ``MetricsEvaluator(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert)``
-    (or ``cell-eval run -ap pred.h5ad -ar real.h5ad --pert-col target_gene ...`` on the files).
-    cell-eval treats data without fractional values as raw counts and re-normalises it, and
-    rejects log1p data with values >= 15 or < 0 (a warning is given here in that case).
+    cell-eval compares every perturbation with one control group: with several cell types
+    (``obs[cell_type_key]`` is kept), split the pair per cell type first (cell-eval's
+    ``--celltype-col`` or ``cell_eval.utils.split_anndata_on_celltype``). cell-eval treats
+    data without fractional values as counts and rejects log1p values >= 15 or < 0 (warned
+    here).
 
     Parameters
     ----------
@@ -98,7 +88,7 @@ def to_cell_eval(
     real_layer
         Layer with the real expression; ``None`` uses ``X``.
     path
-        Optional directory; ``pred.h5ad`` and ``real.h5ad`` are written there.
+        Optional directory to write ``pred.h5ad`` and ``real.h5ad`` to.
     pert_col
         Name of the perturbation column in the exported objects (cell-eval's ``pert_col``).
     control_pert
@@ -120,7 +110,8 @@ def to_cell_eval(
     >>> sorted(set(pred.obs["target_gene"])), pred.shape == real.shape
     (['MAPK1', 'SGK1', 'non-targeting'], True)
 
-    With cell-eval installed (``pip install "ptrag-sc[cell-eval]"``)::
+    With cell-eval installed (``pip install "ptrag-sc[cell-eval]"``; or ``cell-eval run -ap
+    pred.h5ad -ar real.h5ad --pert-col target_gene`` on the written files)::
 
         from cell_eval import MetricsEvaluator
         ev = MetricsEvaluator(pred, real, pert_col="target_gene", control_pert="non-targeting")
@@ -137,23 +128,19 @@ def to_cell_eval(
             f"No control cells: no cell has obs[{perturbation_key!r}] == {control_group!r} "
             "(`control_group`); cell-eval needs control cells in both objects."
         )
-    keep_ct = np.ones(adata.n_obs, bool)
+    keep = ~is_ctrl & in_values(pert, as_str_tuple(perturbations))
     if cell_types is not None and cell_type_key is None:
         raise ValueError("`cell_types` needs `cell_type_key` (the obs column of cell types).")
     if cell_type_key is not None:
         ct = labels(adata, cell_type_key, "cell_type_key")
         wanted = as_str_tuple(cell_types)
-        if wanted is not None:
-            unknown = [c for c in wanted if c not in set(ct)]
-            if unknown:
-                raise ValueError(
-                    f"`cell_types` {unknown} not found in obs[{cell_type_key!r}]; existing: "
-                    f"{sorted(set(ct))}."
-                )
-            keep_ct = in_values(ct, wanted)
-    keep = ~is_ctrl & keep_ct
-    if perturbations is not None:
-        keep &= in_values(pert, as_str_tuple(perturbations))
+        unknown = [c for c in wanted or () if c not in set(ct)]
+        if unknown:
+            raise ValueError(
+                f"`cell_types` {unknown} not found in obs[{cell_type_key!r}]; existing: "
+                f"{sorted(set(ct))}."
+            )
+        keep &= in_values(ct, wanted)
     if split_key is not None:
         check_obs_key(adata, split_key, "split_key")
         keep &= in_values(adata.obs[split_key].astype(str).to_numpy(), as_str_tuple(split_values))
@@ -204,8 +191,7 @@ def to_cell_eval(
     adata_real = ad.AnnData(X=real_x, obs=obs.copy(), var=var.copy())
     adata_pred = ad.AnnData(X=pred_x, obs=obs.copy(), var=var.copy())
     if path is not None:
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        adata_pred.write_h5ad(out / CELL_EVAL_FILES[0])
-        adata_real.write_h5ad(out / CELL_EVAL_FILES[1])
+        Path(path).mkdir(parents=True, exist_ok=True)
+        adata_pred.write_h5ad(Path(path) / CELL_EVAL_FILES[0])
+        adata_real.write_h5ad(Path(path) / CELL_EVAL_FILES[1])
     return adata_pred, adata_real

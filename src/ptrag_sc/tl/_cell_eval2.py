@@ -15,7 +15,7 @@ import pandas as pd
 
 from .._constants import DEFAULT_CONTROL_GROUP, DEFAULT_PERTURBATION_KEY, DEFAULT_PRED_LAYER
 from ._cell_eval import to_cell_eval
-from ._utils import as_str_tuple, labels
+from ._utils import as_str_tuple, in_values, labels
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -74,34 +74,22 @@ def score_cell_eval2(
     """Does a prediction beat the mean response of the data, on the scale of a replicate?
 
     Scores ``layers[pred_layer]`` with the six scored members of cell-eval2's ``vcc2026``
-    profile (the 2026 Virtual Cell Challenge suite: ``pds_cosine``,
-    ``expr_mse_unbiased_capped_norm``, ``de_wilcoxon_direction_fidelity_yield_raw``,
-    ``de_wilcoxon_direction_reach_raw``, ``de_wilcoxon_sig_jaccard``, ``de_wilcoxon_lfc_nmae``)
-    and rescales each member ``u`` to ``(u - b) / (r - b)``. ``b`` is the member's value for
-    cell-eval2's generic response (the mean response of the evaluated perturbations, given
-    identically to every perturbation: an oracle comparator, since a model cannot see the
-    held-out responses) and ``r`` its value for the split-half replicate (one half of the
-    measured cells scored as a prediction of the other, averaged over ``n_splits`` splits).
-    So 0 is the mean response and 1 a repeat of the experiment; above 0 the prediction beats
-    the mean response.
+    profile (the 2026 Virtual Cell Challenge suite) and rescales each member ``u`` to
+    ``(u - b) / (r - b)``: ``b`` its value for cell-eval2's generic response (the mean response
+    of the evaluated perturbations given to each of them: an oracle comparator) and ``r`` for
+    the split-half replicate (half of the measured cells predicting the other half, averaged
+    over ``n_splits`` splits). 0 is the mean response, 1 a repeat of the experiment.
 
-    cell-eval2 is run on CPU: log1p input (``input_type="lognorm"``), Wilcoxon DE by pdex
-    (``de.backend="pdex"``), the generic response emitted with ``emit="tile"`` (the only
-    emission cell-eval2 defines for log1p input; it warns that it is biased), the replicate
-    anchor of ``cell_eval2.anchor.compute_replicate_anchor``. The ``(pred, real)`` pair is
-    :func:`ptrag_sc.tl.to_cell_eval`'s, one cell type at a time, so the control cells are the
-    same real cells on both sides. A perturbation label that is not a gene of ``adata``
-    (a double ``"A+B"``, an unmeasured target) is declared to cell-eval2 as having no target
-    gene: nothing is excluded for it.
+    cell-eval2 runs on CPU with log1p input, pdex Wilcoxon DE, the generic response emitted
+    with ``emit="tile"`` and ``cell_eval2.anchor.compute_replicate_anchor``, on the pair of
+    :func:`ptrag_sc.tl.to_cell_eval`, one cell type at a time. A label that is not a gene of
+    ``adata`` (a double ``"A+B"``) is declared as having no target gene.
 
-    cell-eval2 **refuses** to build its comparators on some data (for instance a degenerate
-    baseline or an empty DE gate at ~100 cells per group, with a ``ValueError``). A refusal is
-    never hidden: its text is in ``refusal``. Then each member whose two ends are finite and
-    ordered (the replicate on the better side of the baseline) is rescaled by hand with the
-    member's own cell-eval2 policy (the same ``score_one`` cell-eval2 applies on its replicate
-    scale) and marked ``scored_by="by hand"``; the others are ``"not rescaled"`` (``score``
-    NaN). When cell-eval2 refuses the replicate or the prediction's scores as a whole, each
-    member is computed alone, so one refused member does not take the others with it.
+    Where cell-eval2 **refuses** a comparator (e.g. a degenerate baseline at ~100 cells per
+    group), its text is in ``refusal``, and each member whose two ends are finite and ordered
+    is rescaled by hand with the member's own cell-eval2 policy (``scored_by="by hand"``); the
+    others are ``"not rescaled"``. A replicate or prediction refused as a whole is computed
+    member by member, so one refused member does not take the others with it.
 
     Parameters
     ----------
@@ -121,9 +109,8 @@ def score_cell_eval2(
         Cell type(s) to score (needs ``cell_type_key``); default: every cell type with
         selected perturbed cells.
     perturbations
-        Perturbations to score (default: all). A cell type with a single one gets its raw
-        values only: cell-eval2's generic response would be that perturbation's own measured
-        response (``refusal`` says so).
+        Perturbations to score (default: all). A cell type with a single one gets raw values
+        only (its generic response would be its own measured response; ``refusal`` says so).
     split_key
         obs column with the data split; perturbed cells whose value is not in
         ``split_values`` are left out (controls are kept).
@@ -139,8 +126,7 @@ def score_cell_eval2(
         Threads of the pdex DE test (-1: all CPUs).
     reference_cache
         A dict kept by the caller to score several predictions of the same cells: the
-        baseline and the replicate of a cell type depend on the real cells only and are
-        computed once (keyed by a hash of those cells). ``None``: computed at every call.
+        baseline and replicate of a cell type (real cells only) are computed once.
 
     Returns
     -------
@@ -148,21 +134,17 @@ def score_cell_eval2(
     columns ``cell_type_key`` (``"cell_type"`` holding ``"all"`` when ``None``) and
 
     - ``metric``: the member, or ``"mean"`` (the mean of the rescaled members);
-    - ``prediction``, ``baseline``, ``replicate``: the raw values ``u``, ``b``, ``r`` (the
-      panel aggregate, as cell-eval2 reports it);
-    - ``score``: the rescaled value. With ``scored_by="cell-eval2"`` it is cell-eval2's
-      ``score_metrics`` ``from_replicate`` column, which applies each member's policy: linear
-      ``(u - b) / (r - b)``, except ``expr_mse_unbiased_capped_norm`` (clamped to [0, 1]) and
-      ``de_wilcoxon_lfc_nmae`` (floored at -6), and a non-finite ``u`` taking the member's worst
-      value;
-    - ``score_linear``: ``(u - b) / (r - b)`` without clamp, where the three are finite and
-      ordered;
-    - ``scored_by``: ``"cell-eval2"``, ``"by hand"`` or ``"not rescaled"``;
-    - ``refusal``: cell-eval2's refusal text(s) for the cell type ("" when none): of the
-      prediction, the baseline, the replicate anchor or ``score_metrics``;
-    - ``member_refusal``: when the replicate or the prediction was refused as a whole, why
-      this member alone was refused too ("" when it was not);
-    - ``n_members``: on the mean row, how many of the six members it averages (1 elsewhere).
+    - ``prediction``, ``baseline``, ``replicate``: the raw panel aggregates ``u``, ``b``, ``r``;
+    - ``score``: the rescaled value, with each member's cell-eval2 policy (linear, except
+      ``expr_mse_unbiased_capped_norm`` clamped to [0, 1], ``de_wilcoxon_lfc_nmae`` floored at
+      -6, a non-finite ``u`` the member's worst value);
+    - ``score_linear``: ``(u - b) / (r - b)`` unclamped, where the three are finite and ordered;
+    - ``scored_by``: ``"cell-eval2"`` (its ``score_metrics``), ``"by hand"`` or
+      ``"not rescaled"``;
+    - ``refusal``: cell-eval2's refusal text(s) for the cell type ("" when none);
+    - ``member_refusal``: why this member alone was refused too, when the replicate or the
+      prediction was refused as a whole ("" otherwise);
+    - ``n_members``: on the mean row, how many members it averages (1 elsewhere).
 
     Examples
     --------
@@ -189,10 +171,9 @@ def score_cell_eval2(
         # 5                   de_wilcoxon_sig_jaccard    0.0       by hand
         # 6                                      mean    0.0       by hand
 
-    The context mean is no better than the generic response here (0), and at ~90 cells per
-    group cell-eval2 refuses both comparators: ``scores["refusal"]`` holds its texts (a
-    degenerate baseline on three members; no lfc_nmae reference for the replicate), so only two
-    members are rescaled, by hand.
+    The context mean is no better than the generic response here (0); at ~90 cells per group
+    cell-eval2 refuses both comparators (``scores["refusal"]``), so two members are rescaled
+    by hand.
     """
     cell_eval2 = _import_cell_eval2()
     if n_splits < 1:
@@ -206,14 +187,11 @@ def score_cell_eval2(
         wanted = list(as_str_tuple(cell_types) or ())
         if not wanted:
             pert = labels(adata, perturbation_key, "perturbation_key")
-            ct = labels(adata, cell_type_key, "cell_type_key")
-            chosen = pert != control_group
+            chosen = (pert != control_group) & in_values(pert, as_str_tuple(perturbations))
             if split_key is not None:
                 split = labels(adata, split_key, "split_key")
-                chosen &= np.isin(split, as_str_tuple(split_values))
-            if perturbations is not None:
-                chosen &= np.isin(pert, as_str_tuple(perturbations))
-            wanted = sorted(set(ct[chosen]))
+                chosen &= in_values(split, as_str_tuple(split_values))
+            wanted = sorted(set(labels(adata, cell_type_key, "cell_type_key")[chosen]))
             if not wanted:
                 raise ValueError(
                     "Nothing to score: no perturbed cell matches the selection "
@@ -319,10 +297,7 @@ def _refusal(exc: Exception) -> str:
 def _member_by_member(
     members: list[str], cfg: Any, values_of: Callable[[Any], dict[str, float]]
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Each member computed alone with ``values_of(config) -> {metric: value}``.
-
-    Returns the values and, for the members cell-eval2 refused, the refusal text.
-    """
+    """Each member's value computed alone, and the refusal texts of those cell-eval2 refused."""
     values, refusals = {}, {}
     for member in members:
         try:
@@ -358,11 +333,12 @@ def _references(
             real, config=config, emit="tile", allow_degenerate=allow_degenerate
         )
 
-    def replicate_of(config: Any) -> dict[str, float]:
-        _, anchor = compute_replicate_anchor(
+    def replicate_of(config: Any) -> tuple[Any, Any, dict[str, float]]:
+        splits, anchor = compute_replicate_anchor(
             real, config=config, base_seed=seed, n_splits=n_splits
         )
-        return dict(zip(anchor["metric"], anchor["replicate"], strict=True))
+        values = zip(anchor["metric"], anchor["replicate"], strict=True)
+        return splits, anchor, {m: _float(v) for m, v in values}
 
     ref = {"refusals": {}, "member_refusals": {}, "baseline_agg": None, "anchor": None}
     try:
@@ -381,12 +357,7 @@ def _references(
             members, cfg, lambda config: _mean_row(baseline_of(config).agg)
         )
     try:
-        splits, anchor = compute_replicate_anchor(
-            real, config=cfg, base_seed=seed, n_splits=n_splits
-        )
-        ref["replicate"] = {
-            m: _float(v) for m, v in zip(anchor["metric"], anchor["replicate"], strict=True)
-        }
+        splits, anchor, ref["replicate"] = replicate_of(cfg)
         names, _ = resolve_metrics(cfg.metrics, version=cfg.version)
         meta = build_meta(
             real_ad=real,
@@ -401,7 +372,7 @@ def _references(
     except ValueError as exc:
         ref["refusals"]["replicate anchor"] = _refusal(exc)
         ref["replicate"], ref["member_refusals"]["replicate"] = _member_by_member(
-            members, cfg, replicate_of
+            members, cfg, lambda config: replicate_of(config)[2]
         )
     cache[key] = ref
     return ref
@@ -441,11 +412,15 @@ def _score_one_context(
         ref = _references(
             cell_eval2, real, cfg, members, n_splits=n_splits, seed=seed, cache=cache
         )
+
+    def aggregate_of(config: Any) -> Any:
+        tidy = cell_eval2.compute_metrics(pred, real, config=config)
+        return aggregate_metrics_wide(tidy, metrics=metric_output_names(config))
+
     refusals = dict(ref["refusals"])
     member_refusals = dict(ref["member_refusals"])
     try:
-        tidy = cell_eval2.compute_metrics(pred, real, config=cfg)
-        user_agg = aggregate_metrics_wide(tidy, metrics=metric_output_names(cfg))
+        user_agg = aggregate_of(cfg)
         u = _mean_row(user_agg)
     except ValueError as exc:
         # One member's refusal (e.g. a reference panel without a measurable effect for the
@@ -453,18 +428,10 @@ def _score_one_context(
         refusals = {"prediction": _refusal(exc), **refusals}
         user_agg = None
         u, member_refusals["prediction"] = _member_by_member(
-            members,
-            cfg,
-            lambda config: _mean_row(
-                aggregate_metrics_wide(
-                    cell_eval2.compute_metrics(pred, real, config=config),
-                    metrics=metric_output_names(config),
-                )
-            ),
+            members, cfg, lambda config: _mean_row(aggregate_of(config))
         )
 
     official = {}
-    scoring_refusal = ""
     if user_agg is not None and ref["anchor"] is not None and "baseline" not in refusals:
         splits, anchor, meta = ref["anchor"]
         with tempfile.TemporaryDirectory(prefix="ptrag_cell_eval2_anchor_") as directory:
@@ -481,18 +448,12 @@ def _score_one_context(
                     for m, v in zip(scored["metric"], scored["from_replicate"], strict=True)
                 }
             except ValueError as exc:
-                scoring_refusal = _refusal(exc)
-
-    if scoring_refusal:
-        refusals["score_metrics"] = scoring_refusal
+                refusals["score_metrics"] = _refusal(exc)
     context_refusal = "; ".join(f"{what}: {text}" for what, text in refusals.items())
     rows = []
     for member in members:
-        b, r, value = (
-            ref["baseline"].get(member, math.nan),
-            ref["replicate"].get(member, math.nan),
-            u.get(member, math.nan),
-        )
+        b, r = ref["baseline"].get(member, math.nan), ref["replicate"].get(member, math.nan)
+        value = u.get(member, math.nan)
         # The replicate scale of this member, as cell-eval2 builds it (score._replicate_entries).
         policy = CATALOG[_NAME_TO_CANONICAL.get(member, member)].scoring
         on_replicate = _replicate_policy(policy, r)
@@ -506,24 +467,12 @@ def _score_one_context(
             score, how = score_one(value, b, on_replicate), BY_HAND
         else:
             score, how = math.nan, NOT_RESCALED
-        rows.append(
-            {
-                "metric": member,
-                "prediction": value,
-                "baseline": b,
-                "replicate": r,
-                "score": score,
-                "score_linear": linear,
-                "scored_by": how,
-                "refusal": context_refusal,
-                "member_refusal": "; ".join(
-                    f"{what} of {member} alone: {texts[member]}"
-                    for what, texts in member_refusals.items()
-                    if member in texts
-                ),
-                "n_members": 1,
-            }
+        alone = "; ".join(
+            f"{what} of {member} alone: {texts[member]}"
+            for what, texts in member_refusals.items()
+            if member in texts
         )
+        rows.append([member, value, b, r, score, linear, how, context_refusal, alone, 1])
     frame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
     rescaled = frame[frame["scored_by"] != NOT_RESCALED]
     if "avg_score" in official and len(rescaled) == len(frame):
@@ -532,19 +481,17 @@ def _score_one_context(
         mean, how = float(rescaled["score"].mean()), BY_HAND
     else:
         mean, how = math.nan, NOT_RESCALED
-    linear_values = rescaled["score_linear"].to_numpy(dtype=float)
+    linear = rescaled["score_linear"].to_numpy(dtype=float)
     mean_row = {
         "metric": MEAN_ROW,
-        "prediction": math.nan,
-        "baseline": math.nan,
-        "replicate": math.nan,
         "score": mean,
-        "score_linear": float(linear_values.mean())
-        if len(rescaled) and np.isfinite(linear_values).all()
+        "score_linear": float(linear.mean())
+        if len(linear) and np.isfinite(linear).all()
         else math.nan,
         "scored_by": how,
         "refusal": context_refusal,
         "member_refusal": "",
         "n_members": len(rescaled),
     }
-    return pd.concat([frame, pd.DataFrame([mean_row])], ignore_index=True)
+    mean_frame = pd.DataFrame([mean_row], columns=list(SCORE_COLUMNS))
+    return pd.concat([frame, mean_frame], ignore_index=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
+    from ..data._matrix import MatrixLike
+
 #: Metric columns of :func:`evaluate`, in output order.
 METRIC_COLUMNS = (
     "pearson_delta",
@@ -59,21 +62,70 @@ LOWER_IS_BETTER = frozenset(
 )
 
 
-def resolve_inputs(
-    adata: AnnData,
-    reference: AnnData | None,
-    pred_layer: str,
-    real_layer: str | None,
-    perturbation_key: str,
-    cell_type_key: str | None,
-    control_group: str,
-) -> tuple:
-    """Matrices and labels shared by :func:`evaluate` and :func:`ptrag_sc.pl.shift_scatter`.
+@dataclass
+class Selection:
+    """The (cell type, perturbation) groups scored by :func:`evaluate` and ``pl.shift_scatter``."""
 
-    Returns ``(pred matrix, real matrix, reference AnnData, its name in messages, gene index
-    into the reference or None, perturbation and cell-type labels of adata, the same of the
-    reference, control mask of the reference)``.
-    """
+    pred_mat: MatrixLike
+    real_mat: MatrixLike
+    gene_idx: np.ndarray | None  # adata's genes in the reference, None when in the same order
+    pert_r: np.ndarray
+    ct_r: np.ndarray
+    ctrl_r: np.ndarray
+    where_ref: str
+    pred_layer: str
+    perturbations: tuple[str, ...] | None
+    split_key: str | None
+    split_values: tuple[str, ...]
+    pred_index: pd.Series  # (cell type, perturbation) -> row indices, sorted
+    real_index: pd.Series
+    keys: list[tuple[str, str]]  # groups with predicted and real cells, sorted
+    keys_of_obs: tuple[str, str | None, str]  # perturbation_key, cell_type_key, control_group
+    _control_means: dict = field(default_factory=dict)
+
+    def nothing(self, what: str, **selection: object) -> ValueError:
+        listed = {"perturbations": self.perturbations, **selection, "split_key": self.split_key}
+        return ValueError(
+            f"Nothing to {what}: no perturbed cell with a finite prediction in "
+            f"layers[{self.pred_layer!r}] matches the selection ("
+            + ", ".join(f"{k}={v!r}" for k, v in listed.items())
+            + f", split_values={self.split_values})."
+        )
+
+    def real_rows(self, idx: np.ndarray) -> np.ndarray:
+        rows = dense_rows(self.real_mat, idx)
+        return rows if self.gene_idx is None else rows[:, self.gene_idx]
+
+    def control_mean(self, cell_type: str) -> np.ndarray:
+        if cell_type not in self._control_means:
+            ctrl_idx = np.flatnonzero(self.ctrl_r & (self.ct_r == cell_type))
+            if ctrl_idx.size == 0:
+                perturbation_key, cell_type_key, control_group = self.keys_of_obs
+                raise ValueError(
+                    f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell "
+                    f"type {cell_type!r} (obs[{cell_type_key!r}]) in {self.where_ref}; cannot "
+                    "compute shifts."
+                )
+            self._control_means[cell_type] = self.real_rows(ctrl_idx).mean(axis=0)
+        return self._control_means[cell_type]
+
+
+def select_groups(
+    adata: AnnData,
+    *,
+    reference: AnnData | None = None,
+    pred_layer: str = DEFAULT_PRED_LAYER,
+    real_layer: str | None = None,
+    perturbation_key: str = DEFAULT_PERTURBATION_KEY,
+    cell_type_key: str | None = DEFAULT_CELL_TYPE_KEY,
+    control_group: str = DEFAULT_CONTROL_GROUP,
+    perturbations: Sequence[str] | str | None = None,
+    split_key: str | None = None,
+    split_values: Sequence[str] | str = ("test",),
+    cell_types: Sequence[str] | str | None = None,
+    stacklevel: int = 3,
+) -> Selection:
+    """The selected perturbed cells with a finite prediction, grouped, and their real cells."""
     check_anndata(adata)
     if reference is not None:
         check_anndata(reference, "reference")
@@ -85,10 +137,9 @@ def resolve_inputs(
     if reference is not None:
         idx = reference.var_names.get_indexer(adata.var_names)
         if np.any(idx < 0):
-            missing = list(adata.var_names[idx < 0][:10])
             raise ValueError(
                 f"{int(np.sum(idx < 0))} gene(s) of adata are not in reference.var_names, "
-                f"e.g. {missing}."
+                f"e.g. {list(adata.var_names[idx < 0][:10])}."
             )
         if not np.array_equal(idx, np.arange(reference.n_vars)):
             gene_idx = idx
@@ -105,7 +156,61 @@ def resolve_inputs(
             f"No control cells: no cell of {where_ref} has "
             f"obs[{perturbation_key!r}] == {control_group!r} (`control_group`)."
         )
-    return pred_mat, real_mat, ref, where_ref, gene_idx, pert_p, ct_p, pert_r, ct_r, ctrl_r
+
+    cell_types = as_str_tuple(cell_types)
+    if cell_types is not None:
+        unknown = [c for c in cell_types if c not in set(ct_p)]
+        if unknown:
+            raise ValueError(
+                f"`cell_type` {unknown} not found in adata.obs[{cell_type_key!r}]; existing: "
+                f"{sorted(set(ct_p))}."
+            )
+    perturbations = as_str_tuple(perturbations)
+    ok_p = pert_p != control_group
+    ok_p &= in_values(pert_p, perturbations) & in_values(ct_p, cell_types)
+    ok_r = ~ctrl_r & in_values(pert_r, perturbations) & in_values(ct_r, cell_types)
+    split_values = as_str_tuple(split_values)
+    if split_key is not None:
+        check_obs_key(ref, split_key, "split_key", where=where_ref)
+        in_split = in_values(ref.obs[split_key].astype(str).to_numpy(), split_values)
+        ok_r &= in_split
+        if reference is None:
+            ok_p &= in_split
+    cand = np.flatnonzero(ok_p)
+    cand = cand[finite_rows(pred_mat, cand)]
+    sel_p = np.zeros(adata.n_obs, bool)
+    sel_p[cand] = True
+    sel_r = sel_p if reference is None else ok_r
+
+    pred_groups = pd.DataFrame({"c": ct_p[sel_p], "p": pert_p[sel_p], "i": cand})
+    real_groups = pd.DataFrame({"c": ct_r[sel_r], "p": pert_r[sel_r], "i": np.flatnonzero(sel_r)})
+    pred_index = pred_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
+    real_index = real_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
+    no_real = [k for k in pred_index.index if k not in real_index.index]
+    if no_real:
+        warnings.warn(
+            f"{len(no_real)} (cell type, perturbation) group(s) have predicted cells but no real "
+            f"cell in the selection and are skipped, e.g. {no_real[:5]}.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return Selection(
+        pred_mat,
+        real_mat,
+        gene_idx,
+        pert_r,
+        ct_r,
+        ctrl_r,
+        where_ref,
+        pred_layer,
+        perturbations,
+        split_key,
+        split_values,
+        pred_index,
+        real_index,
+        [k for k in pred_index.index if k in real_index.index],
+        (perturbation_key, cell_type_key, control_group),
+    )
 
 
 def evaluate(
@@ -132,78 +237,56 @@ def evaluate(
 ) -> pd.DataFrame:
     """Score predicted cells against real cells, per (cell type, perturbation).
 
-    The prediction is ``adata.layers[pred_layer]`` (written by ``PTRAG.predict`` or
-    :func:`ptrag_sc.tl.predict_baseline`); the real expression is ``adata.X`` (or
-    ``real_layer``) of the same cells. Evaluated cells are the perturbed cells (label
-    ``!= control_group``) whose ``split_key`` value is in ``split_values`` (when given), whose
-    label is in ``perturbations`` (when given) and whose predicted row is finite (rows holding
-    NaN count as "not predicted" and are left out on both sides). One row is returned per
-    (cell type, perturbation) with evaluated cells.
+    The prediction is ``layers[pred_layer]``, the real expression ``X`` (or ``real_layer``) of
+    the same cells (or of ``reference``). Evaluated: the perturbed cells in ``split_values``
+    and ``perturbations`` (when given) whose predicted row is finite (NaN rows count as not
+    predicted, on both sides).
 
-    Notation, for cell type ``c`` and perturbation ``p``: ``P`` the predicted cells, ``R`` the
-    real cells (the same cells in counterfactual mode), ``C`` the real control cells of ``c``
-    (all of them, whatever their split), ``mean(.)`` the mean profile over cells, the predicted
-    shift ``dp = mean(P) - mean(C)`` and the observed shift ``dr = mean(R) - mean(C)`` (the same
-    control mean on both sides, as cell-eval does when the control cells are shared). Unless said
-    otherwise a metric uses all genes of ``adata``.
+    Notation for cell type ``c`` and perturbation ``p``: ``P`` the predicted cells, ``R`` the
+    real ones, ``C`` all real control cells of ``c`` (any split), ``mean(.)`` the mean profile,
+    ``dp = mean(P) - mean(C)`` and ``dr = mean(R) - mean(C)`` (the same control mean on both
+    sides, as cell-eval). Metrics use all genes unless said otherwise. Columns:
 
-    Output columns:
-
-    - ``method``: ``method`` or, by default, ``pred_layer`` (so concatenated outputs of several
-      layers can be summarised per method);
-    - ``cell_type_key`` (``"cell_type"`` holding ``"all"`` when ``cell_type_key=None``) and
-      ``perturbation_key``: the group;
-    - ``n_cells`` / ``n_cells_real``: number of predicted / real cells of the group;
-    - ``pearson_delta``, ``spearman_delta``: Pearson / Spearman (average ranks) correlation of
-      ``dp`` and ``dr`` over all genes;
-    - ``pearson_delta_de``: Pearson of ``dp`` and ``dr`` over the observed top-``n_top_de``
-      genes ranked by ``|dr|`` (the largest observed absolute shifts, not a test statistic);
-    - ``pearson_pert_centred``: Pearson over all genes of ``mean(P_p) - avg_q mean(P_q)`` and
-      ``mean(R_p) - avg_q mean(R_q)``, ``q`` running over the evaluated perturbations of ``c``
-      (no control cell enters); NaN with a single perturbation or a constant side. A method
-      that predicts one shift for all perturbations still gets a (near-zero, noisy) value when
-      its cells are built on different matched control cells;
-    - ``mse``, ``rmse``, ``mae``: mean squared / root mean squared / mean absolute error between
-      ``mean(P)`` and ``mean(R)`` over genes. The same errors computed on ``dp`` and ``dr`` are
-      identical by construction (same control mean on both sides) and are not repeated;
-    - ``mse_pca``: mean over principal components of the squared difference between ``mean(P)``
-      and ``mean(R)`` projected on a PCA with ``n_pcs`` components fitted on the real cells of
-      ``c`` (controls and every perturbation, any split; a seeded random subset of at most
-      ``pca_max_cells`` cells);
-    - ``w1``: exact 1-Wasserstein distance (``ot.emd2``, cost ``|x - y|``, uniform weights)
-      between ``P`` and ``R`` in that PCA space;
-    - ``w2``: square root of the exact optimal transport cost with cost ``|x - y|²`` (a distance,
-      in the units of ``w1``; ``w2 >= w1``) in that PCA space. When a side holds more than
-      ``ot_max_cells`` cells, ``ot_large="subsample"`` draws ``ot_max_cells`` cells of it
-      (seeded, without replacement) and ``ot_large="sinkhorn"`` uses ``ot.sinkhorn2`` on all
-      cells with regularisation ``sinkhorn_reg`` relative to the largest cost (upper bound);
-    - ``mmd``: biased (V-statistic) MMD² with the RBF kernel ``exp(-|x-y|² / (2 sigma²))``,
-      ``sigma`` the median of the non-zero pairwise distances of the pooled cells, in the PCA
-      space (on at most ``ot_max_cells`` cells per side);
-    - ``energy``: energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (Euclidean, V-statistics:
-      means over all pairs including ``i = j``) in the PCA space (at most ``ot_max_cells`` cells
-      per side). This is twice geomloss' ``SamplesLoss("energy")`` (which carries a 1/2) and the
-      same estimator as cell-eval's ``edistance``;
-    - ``de_overlap``: fraction of the observed top-``n_top_de`` genes by ``|dr|`` found among
-      the predicted top-``n_top_de`` genes by ``|dp|``;
-    - ``de_direction``: fraction of the observed top-``n_top_de`` genes with
-      ``sign(dp) == sign(dr)``;
+    - ``method`` (``method`` or ``pred_layer``), the cell type (``cell_type_key``, or
+      ``"cell_type"`` holding ``"all"``) and ``perturbation_key``;
+    - ``n_cells`` / ``n_cells_real``: predicted / real cells of the group;
+    - ``pearson_delta``, ``spearman_delta``: Pearson / Spearman (average ranks) of ``dp`` and
+      ``dr``;
+    - ``pearson_delta_de``: Pearson of ``dp`` and ``dr`` over the top-``n_top_de`` genes by
+      ``|dr|``;
+    - ``pearson_pert_centred``: Pearson of ``mean(P_p) - avg_q mean(P_q)`` and
+      ``mean(R_p) - avg_q mean(R_q)``, ``q`` over the evaluated perturbations of ``c``; NaN
+      with a single one;
+    - ``mse``, ``rmse``, ``mae``: errors between ``mean(P)`` and ``mean(R)`` (equal to those on
+      ``dp`` and ``dr``);
+    - ``mse_pca``: mean squared difference of ``mean(P)`` and ``mean(R)`` over the components
+      of an ``n_pcs`` PCA fitted on the real cells of ``c`` (controls and every perturbation,
+      any split; at most ``pca_max_cells``, seeded);
+    - ``w1``, ``w2``: exact 1- and 2-Wasserstein distances (``ot.emd2``, uniform weights,
+      ``w2`` the square root of the cost with ``|x - y|²``) between ``P`` and ``R`` in that
+      PCA space. Above ``ot_max_cells`` cells on a side, ``ot_large="subsample"`` draws
+      ``ot_max_cells`` of them (seeded) and ``"sinkhorn"`` uses ``ot.sinkhorn2`` on all cells
+      (an upper bound);
+    - ``mmd``: biased MMD² with the RBF kernel, bandwidth the median non-zero pairwise
+      distance of the pooled cells, in the PCA space (at most ``ot_max_cells`` per side);
+    - ``energy``: energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (V-statistics) in the PCA
+      space (at most ``ot_max_cells`` per side): twice geomloss' ``SamplesLoss("energy")``,
+      cell-eval's ``edistance``;
+    - ``de_overlap``: fraction of the top-``n_top_de`` genes by ``|dr|`` among the top ones by
+      ``|dp|``; ``de_direction``: fraction of them with ``sign(dp) == sign(dr)``;
     - ``discrimination_l1``: fraction of the other candidate perturbations of ``c`` whose
-      observed shift is strictly closer in L1 distance to ``dp`` than the observed shift of
-      ``p`` itself; 0 is best, 1 worst, NaN with a single candidate. Candidates are the
-      evaluated perturbations of ``c`` (``discrimination_reference="evaluated"``, as cell-eval)
-      or every perturbation with real cells in ``c`` (``"all"``, using all their cells). The
-      target gene(s) of ``p`` are left out of the distance, as in cell-eval. cell-eval's
-      ``discrimination_score_l1`` equals ``1 - discrimination_l1 * (n - 1) / n`` without ties;
-    - ``split_half_pearson``: the Pearson correlation between the mean shifts from control
-      (``mean(C)``) of two disjoint random halves of a perturbation's real cells (``R``,
-      ``floor(n/2)`` cells each, seeded; NaN with fewer than 4): how noisy the observed shift
-      is (1: no noise). It is not a ceiling for ``pearson_delta``, which compares a prediction
-      with the mean of all the real cells, less noisy than either half.
+      observed shift is strictly closer (L1, target genes of ``p`` left out) to ``dp`` than
+      ``dr`` is; 0 best. Candidates: the evaluated perturbations
+      (``discrimination_reference="evaluated"``, as cell-eval, whose
+      ``discrimination_score_l1`` is ``1 - discrimination_l1 * (n - 1) / n`` without ties) or
+      every perturbation with real cells in ``c`` (``"all"``);
+    - ``split_half_pearson``: Pearson of the shifts from ``mean(C)`` of two disjoint random
+      halves of ``R`` (NaN below 4 cells): how noisy the observed shift is (1: no noise). It is
+      not a ceiling for ``pearson_delta``, which compares a prediction with the mean of all the
+      real cells, less noisy than either half.
 
-    Random draws use ``seed`` and the group's name, so a group's values do not depend on
-    which other groups are evaluated (except ``pearson_pert_centred`` and
-    ``discrimination_l1``, which compare perturbations by definition).
+    Random draws use ``seed`` and the group's name, so a group's values do not depend on the
+    other groups (except ``pearson_pert_centred`` and ``discrimination_l1``).
 
     Parameters
     ----------
@@ -221,10 +304,9 @@ def evaluate(
     real_layer
         Layer holding the real expression (log1p); ``None`` uses ``X``.
     reference
-        Optional AnnData holding the real cells when ``adata`` is not the same cells (e.g. the
-        output of generation-mode ``PTRAG.predict``): real cells, controls, the PCA and the
-        split filter then come from ``reference`` (which must contain every gene of ``adata``),
-        the predicted cells from ``adata``.
+        AnnData of the real cells when ``adata`` holds other cells (e.g. generation-mode
+        ``PTRAG.predict``): real cells, controls, PCA and split then come from it (it must
+        hold every gene of ``adata``).
     perturbations
         Restrict rows to these perturbation labels.
     split_key
@@ -235,9 +317,8 @@ def evaluate(
     method
         Label written to the ``method`` column; defaults to ``pred_layer``.
     n_top_de
-        Number of top observed genes (by ``|dr|``) used by ``pearson_delta_de``,
-        ``de_overlap`` and ``de_direction``. Default 20, the usual "top-20 DE genes" of
-        perturbation benchmarks (GEARS and successors).
+        Top observed genes (by ``|dr|``) of ``pearson_delta_de``, ``de_overlap`` and
+        ``de_direction`` (the usual "top-20 DE genes" of GEARS and successors).
     n_pcs
         Number of principal components of the distributional metrics and ``mse_pca``.
     pca_max_cells
@@ -282,76 +363,32 @@ def evaluate(
             "`n_top_de` and `n_pcs` must be >= 1, `ot_max_cells` and `pca_max_cells` >= 2."
         )
 
-    inputs = resolve_inputs(
-        adata, reference, pred_layer, real_layer, perturbation_key, cell_type_key, control_group
+    sel = select_groups(
+        adata,
+        reference=reference,
+        pred_layer=pred_layer,
+        real_layer=real_layer,
+        perturbation_key=perturbation_key,
+        cell_type_key=cell_type_key,
+        control_group=control_group,
+        perturbations=perturbations,
+        split_key=split_key,
+        split_values=split_values,
     )
-    pred_mat, real_mat, ref, where_ref, gene_idx = inputs[:5]
-    pert_p, ct_p, pert_r, ct_r, ctrl_r = inputs[5:]
+    if not sel.keys:
+        raise sel.nothing("evaluate")
     var_names = np.asarray(adata.var_names, dtype=str)
-
-    perts_wanted = as_str_tuple(perturbations)
-    pert_ok_p = (
-        np.ones(adata.n_obs, bool) if perts_wanted is None else in_values(pert_p, perts_wanted)
-    )
-    pert_ok_r = (
-        pert_ok_p
-        if reference is None
-        else (
-            np.ones(ref.n_obs, bool) if perts_wanted is None else in_values(pert_r, perts_wanted)
-        )
-    )
-    split_ok_r = np.ones(ref.n_obs, bool)
-    split_values = as_str_tuple(split_values)
-    if split_key is not None:
-        check_obs_key(ref, split_key, "split_key", where=where_ref)
-        split_ok_r = in_values(ref.obs[split_key].astype(str).to_numpy(), split_values)
-    split_ok_p = split_ok_r if reference is None else np.ones(adata.n_obs, bool)
-
-    cand_p = np.flatnonzero((pert_p != control_group) & pert_ok_p & split_ok_p)
-    cand_p = cand_p[finite_rows(pred_mat, cand_p)]
-    sel_p = np.zeros(adata.n_obs, bool)
-    sel_p[cand_p] = True
-    sel_r = sel_p if reference is None else (~ctrl_r & pert_ok_r & split_ok_r)
-
-    pred_groups = pd.DataFrame({"c": ct_p[sel_p], "p": pert_p[sel_p], "i": np.flatnonzero(sel_p)})
-    real_groups = pd.DataFrame({"c": ct_r[sel_r], "p": pert_r[sel_r], "i": np.flatnonzero(sel_r)})
-    pred_index = pred_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
-    real_index = real_groups.groupby(["c", "p"], sort=True)["i"].apply(np.asarray)
-    no_real = [k for k in pred_index.index if k not in real_index.index]
-    if no_real:
-        warnings.warn(
-            f"{len(no_real)} (cell type, perturbation) group(s) have predicted cells but no real "
-            f"cell in the selection and are skipped, e.g. {no_real[:5]}.",
-            UserWarning,
-            stacklevel=2,
-        )
-    keys = [k for k in pred_index.index if k in real_index.index]
-    if not keys:
-        raise ValueError(
-            "Nothing to evaluate: no perturbed cell with a finite prediction in "
-            f"layers[{pred_layer!r}] matches the selection (perturbations={perts_wanted}, "
-            f"split_key={split_key!r}, split_values={split_values})."
-        )
-
-    def real_rows(idx: np.ndarray) -> np.ndarray:
-        rows = dense_rows(real_mat, idx)
-        return rows if gene_idx is None else rows[:, gene_idx]
+    ct_r, ctrl_r, pert_r = sel.ct_r, sel.ctrl_r, sel.pert_r
 
     cell_type_col = cell_type_key or "cell_type"
     label = method if method is not None else pred_layer
     records: list[dict] = []
     by_cell_type: dict[str, list[str]] = {}
-    for c, p in keys:
+    for c, p in sel.keys:
         by_cell_type.setdefault(c, []).append(p)
 
     for c, perts in by_cell_type.items():
-        ctrl_idx = np.flatnonzero(ctrl_r & (ct_r == c))
-        if ctrl_idx.size == 0:
-            raise ValueError(
-                f"No control cells (obs[{perturbation_key!r}] == {control_group!r}) for cell type "
-                f"{c!r} (obs[{cell_type_key!r}]) in {where_ref}; cannot compute shifts."
-            )
-        ctrl_mean = real_rows(ctrl_idx).mean(axis=0)
+        ctrl_mean = sel.control_mean(c)
 
         # PCA of the cell type, fitted on its real cells (controls + all perturbed, any split).
         fit_idx = np.flatnonzero(ct_r == c)
@@ -359,28 +396,29 @@ def evaluate(
             fit_idx = np.sort(
                 group_rng(seed, "pca", c).choice(fit_idx, pca_max_cells, replace=False)
             )
-        pca_mean, comps = M.fit_pca(real_rows(fit_idx), n_pcs, seed=seed)
+        pca_mean, comps = M.fit_pca(sel.real_rows(fit_idx), n_pcs, seed=seed)
+
+        def project(cells: np.ndarray, mean=pca_mean, axes=comps) -> np.ndarray:
+            return (cells - mean) @ axes.T
 
         pred_means, real_means, group_rows = [], [], []
         for p in perts:
             rng = group_rng(seed, c, p)
-            pi, ri = pred_index[(c, p)], real_index[(c, p)]
-            pred_cells = dense_rows(pred_mat, pi)
-            real_cells = real_rows(ri)
+            pi, ri = sel.pred_index[(c, p)], sel.real_index[(c, p)]
+            pred_cells = dense_rows(sel.pred_mat, pi)
+            real_cells = sel.real_rows(ri)
             pm, rm = pred_cells.mean(axis=0), real_cells.mean(axis=0)
             dp, dr = pm - ctrl_mean, rm - ctrl_mean
             err = pm - rm
             top = M.top_n_genes(dr, n_top_de)
-            proj_err = err @ comps.T
-            ps = _subsample(pred_cells, ot_max_cells, rng)
-            rs = _subsample(real_cells, ot_max_cells, rng)
-            pz = (ps - pca_mean) @ comps.T
-            rz = (rs - pca_mean) @ comps.T
-            dist = M.distribution_metrics(pz, rz)
+            dist = M.distribution_metrics(
+                project(_subsample(pred_cells, ot_max_cells, rng)),
+                project(_subsample(real_cells, ot_max_cells, rng)),
+            )
             if ot_large == "sinkhorn" and max(len(pi), len(ri)) > ot_max_cells:
                 dist["w1"], dist["w2"] = M.wasserstein(
-                    (pred_cells - pca_mean) @ comps.T,
-                    (real_cells - pca_mean) @ comps.T,
+                    project(pred_cells),
+                    project(real_cells),
                     method="sinkhorn",
                     sinkhorn_reg=sinkhorn_reg,
                 )
@@ -397,11 +435,8 @@ def evaluate(
                 "mse": float(np.mean(err**2)),
                 "rmse": float(np.sqrt(np.mean(err**2))),
                 "mae": float(np.mean(np.abs(err))),
-                "mse_pca": float(np.mean(proj_err**2)),
-                "w1": dist["w1"],
-                "w2": dist["w2"],
-                "mmd": dist["mmd"],
-                "energy": dist["energy"],
+                "mse_pca": float(np.mean((err @ comps.T) ** 2)),
+                **dist,  # w1, w2, mmd, energy
                 "de_overlap": M.de_overlap(dp, dr, n_top_de),
                 "de_direction": M.de_direction(dp, dr, n_top_de),
                 "discrimination_l1": np.nan,
@@ -427,9 +462,9 @@ def evaluate(
             cidx = np.flatnonzero((ct_r == c) & ~ctrl_r)
             cand_names = sorted(set(pert_r[cidx]))
             codes = pd.Categorical(pert_r[cidx], categories=cand_names).codes
-            sub_means = group_means(real_mat[cidx], codes, len(cand_names))
-            if gene_idx is not None:
-                sub_means = sub_means[:, gene_idx]
+            sub_means = group_means(sel.real_mat[cidx], codes, len(cand_names))
+            if sel.gene_idx is not None:
+                sub_means = sub_means[:, sel.gene_idx]
             cand_shifts = sub_means - ctrl_mean
         position = {name: i for i, name in enumerate(cand_names)}
         for row, pm in zip(group_rows, pred_means, strict=True):

@@ -1,17 +1,5 @@
-"""Array-level metrics used by :func:`ptrag_sc.tl.evaluate`.
-
-Every function takes plain numpy arrays, so each estimator can be checked by hand on tiny inputs.
-Conventions (repeated in :func:`ptrag_sc.tl.evaluate`):
-
-- correlations return NaN when a side is constant (zero variance, up to 1e-10 relative);
-- distances between cells are Euclidean;
-- MMD is the biased (V-statistic) estimate of MMD² with an RBF kernel whose bandwidth is the
-  median of the pooled pairwise distances (the median heuristic);
-- the energy distance is ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (V-statistics, all pairs including
-  ``i = j``), i.e. twice geomloss' ``SamplesLoss("energy")`` with uniform weights;
-- W1 is the exact optimal-transport cost with cost ``|x - y|``; W2 is the square root of the
-  exact optimal-transport cost with cost ``|x - y|²`` (a distance, in the same units as W1).
-"""
+"""Array-level metrics of :func:`ptrag_sc.tl.evaluate`, on plain numpy arrays (definitions in
+its docstring; correlations are NaN when a side is constant, distances Euclidean)."""
 
 from __future__ import annotations
 
@@ -87,12 +75,8 @@ def discrimination_l1(
     true_index: int,
     gene_mask: np.ndarray | None = None,
 ) -> float:
-    """Fraction of other candidates whose observed shift is strictly closer (L1) than the truth.
-
-    ``real_shifts`` is ``[n_candidates, n_genes]`` (observed shifts of the candidate
-    perturbations, the true one at ``true_index``). 0 is best (the true perturbation is the
-    nearest), 1 worst; NaN with fewer than two candidates. ``gene_mask`` restricts the genes.
-    """
+    """Fraction of the other rows of ``real_shifts`` strictly closer (L1) to ``pred_shift`` than
+    row ``true_index``, over ``gene_mask``; NaN with fewer than two rows."""
     real_shifts = np.asarray(real_shifts, dtype=np.float64)
     n_cand = real_shifts.shape[0]
     if n_cand < 2:
@@ -107,14 +91,9 @@ def discrimination_l1(
 
 
 def mean_cosine_to_others(shifts: np.ndarray) -> np.ndarray:
-    """Per row of ``shifts`` ``[n, n_genes]``: the mean cosine similarity to the other rows.
-
-    The mean of the result is the mean pairwise cosine of the rows: near 1 when every
-    perturbation is given (nearly) the same shift, lower when the shifts differ. A row of zero
-    (or non-finite) norm has no direction: its cosines are NaN and it is left out of the other
-    rows' means.
-    All NaN with fewer than two rows.
-    """
+    """Per row of ``shifts``: the mean cosine similarity to the other rows (near 1 when every
+    perturbation gets the same shift). Rows without a direction (zero or non-finite norm) are
+    NaN and left out of the others' means; all NaN with fewer than two rows."""
     shifts = np.asarray(shifts, dtype=np.float64)
     n = shifts.shape[0]
     out = np.full(n, np.nan)
@@ -134,11 +113,8 @@ def mean_cosine_to_others(shifts: np.ndarray) -> np.ndarray:
 def split_half_pearson(
     cells: np.ndarray, control_mean: np.ndarray, rng: np.random.Generator
 ) -> float:
-    """Pearson between the shifts (vs ``control_mean``) of two disjoint random halves of cells.
-
-    The cells are permuted with ``rng``; each half has ``floor(n / 2)`` cells (one cell is left
-    out when ``n`` is odd). NaN with fewer than 4 cells.
-    """
+    """Pearson between the shifts (vs ``control_mean``) of two disjoint random halves of
+    ``floor(n / 2)`` cells (permuted with ``rng``); NaN with fewer than 4 cells."""
     n = cells.shape[0]
     if n < 4:
         return float("nan")
@@ -150,13 +126,16 @@ def split_half_pearson(
 
 
 def pairwise_sq_dist(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances ``[len(x), len(y)]`` (from coordinate differences)."""
+    """Squared Euclidean distances ``[len(x), len(y)]``."""
     from scipy.spatial.distance import cdist
 
     return cdist(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), "sqeuclidean")
 
 
-def _sq_dist_blocks(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sq_dist_blocks(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """Squared distances within ``x``, within ``y`` and between them; None if one is empty."""
+    if len(x) == 0 or len(y) == 0:
+        return None
     dxx = pairwise_sq_dist(x, x)
     dyy = pairwise_sq_dist(y, y)
     np.fill_diagonal(dxx, 0.0)
@@ -165,17 +144,10 @@ def _sq_dist_blocks(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
-    """Biased (V-statistic) MMD² between samples ``x`` and ``y`` with an RBF kernel.
-
-    ``k(a, b) = exp(-|a - b|² / (2 sigma²))``; ``MMD² = mean K_xx + mean K_yy - 2 mean K_xy``
-    over all pairs including ``i = j``. ``sigma`` is ``bandwidth`` or, by default, the median of
-    the non-zero pairwise distances of the pooled sample (MMD² = 0 when all points coincide).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.shape[0] == 0 or y.shape[0] == 0:
-        return float("nan")
-    return _mmd_from_blocks(*_sq_dist_blocks(x, y), bandwidth=bandwidth)
+    """Biased (V-statistic) MMD² with the kernel ``exp(-|a - b|² / (2 sigma²))``, ``sigma`` the
+    ``bandwidth`` or the median non-zero pairwise distance of the pooled sample."""
+    blocks = _sq_dist_blocks(x, y)
+    return float("nan") if blocks is None else _mmd_from_blocks(*blocks, bandwidth=bandwidth)
 
 
 def _mmd_from_blocks(dxx, dyy, dxy, bandwidth: float | None = None) -> float:
@@ -198,16 +170,10 @@ def _mmd_from_blocks(dxx, dyy, dxy, bandwidth: float | None = None) -> float:
 
 
 def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (V-statistics, Euclidean).
-
-    Twice the value of geomloss ``SamplesLoss("energy")`` with uniform weights, and the same
-    estimator as cell-eval's ``edistance`` (means over all pairs, including ``i = j``).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.shape[0] == 0 or y.shape[0] == 0:
-        return float("nan")
-    return _energy_from_blocks(*_sq_dist_blocks(x, y))
+    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (V-statistics): twice geomloss'
+    ``SamplesLoss("energy")``, cell-eval's ``edistance``."""
+    blocks = _sq_dist_blocks(x, y)
+    return float("nan") if blocks is None else _energy_from_blocks(*blocks)
 
 
 def _energy_from_blocks(dxx, dyy, dxy) -> float:
@@ -217,11 +183,10 @@ def _energy_from_blocks(dxx, dyy, dxy) -> float:
 
 def distribution_metrics(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """``w1``, ``w2`` (exact), ``mmd`` and ``energy`` of two samples, sharing one distance pass."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.shape[0] == 0 or y.shape[0] == 0:
+    blocks = _sq_dist_blocks(x, y)
+    if blocks is None:
         return dict.fromkeys(("w1", "w2", "mmd", "energy"), float("nan"))
-    dxx, dyy, dxy = _sq_dist_blocks(x, y)
+    dxx, dyy, dxy = blocks
     w1, w2 = _ot_from_cost(dxy, "exact", 0.0)
     return {
         "w1": w1,
@@ -238,17 +203,9 @@ def wasserstein(
     method: Literal["exact", "sinkhorn"] = "exact",
     sinkhorn_reg: float = 0.05,
 ) -> tuple[float, float]:
-    """W1 and W2 between the empirical (uniform-weight) distributions of ``x`` and ``y``.
-
-    ``method="exact"`` solves the transport problem exactly with POT's ``ot.emd2``;
-    ``"sinkhorn"`` uses ``ot.sinkhorn2`` on the cost divided by its maximum with regularisation
-    ``sinkhorn_reg`` (so the value is the transport cost of the entropic plan, an upper bound of
-    the exact one) and rescales. Returns ``(W1, W2)`` with W1 = min E|X - Y| and
-    W2 = sqrt(min E|X - Y|²).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.shape[0] == 0 or y.shape[0] == 0:
+    """``(W1, W2)`` between the uniform-weight samples ``x`` and ``y``: exact (``ot.emd2``) or
+    the entropic plan's cost (``ot.sinkhorn2`` on the cost over its maximum, an upper bound)."""
+    if len(x) == 0 or len(y) == 0:
         return float("nan"), float("nan")
     if method not in ("exact", "sinkhorn"):
         raise ValueError(f"`method={method!r}` must be 'exact' or 'sinkhorn'.")
@@ -277,14 +234,9 @@ def _ot_from_cost(cost2: np.ndarray, method: str, sinkhorn_reg: float) -> tuple[
 
 
 def fit_pca(cells: np.ndarray, n_pcs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Principal axes of ``cells``: returns ``(mean [G], components [k, G])``.
-
-    ``k = min(n_pcs, n_cells - 1, n_genes)`` (at least 1), fewer if the data has lower rank.
-    Exact when ``min(n_cells, n_genes) <= 2000`` (eigen-decomposition of the smaller Gram
-    matrix), otherwise scikit-learn's randomized SVD seeded with ``seed``. Projection:
-    ``(x - mean) @ components.T``; component signs are arbitrary (distances do not depend on
-    them).
-    """
+    """``(mean [G], components [k, G])`` of ``cells``, ``k = min(n_pcs, n_cells - 1, n_genes)``
+    or the rank: exact (eigen-decomposition of the smaller Gram matrix) up to 2000 cells or
+    genes, else scikit-learn's randomized SVD seeded with ``seed``."""
     cells = np.asarray(cells, dtype=np.float64)
     mean = cells.mean(axis=0)
     centred = cells - mean
@@ -297,16 +249,12 @@ def fit_pca(cells: np.ndarray, n_pcs: int, seed: int = 0) -> tuple[np.ndarray, n
             centred, n_components=k, n_oversamples=20, n_iter=7, random_state=seed
         )
         return mean, components
+    evals, evecs = np.linalg.eigh(centred.T @ centred if g <= n else centred @ centred.T)
+    order = np.argsort(evals)[::-1][:k]
+    order = order[evals[order] > 1e-12 * max(float(evals.max()), 1e-300)]
     if g <= n:
-        evals, evecs = np.linalg.eigh(centred.T @ centred)
-        order = np.argsort(evals)[::-1][:k]
-        keep = evals[order] > 1e-12 * max(float(evals.max()), 1e-300)
-        components = evecs[:, order[keep]].T
+        components = evecs[:, order].T
     else:
-        evals, evecs = np.linalg.eigh(centred @ centred.T)
-        order = np.argsort(evals)[::-1][:k]
-        keep = evals[order] > 1e-12 * max(float(evals.max()), 1e-300)
-        order = order[keep]
         components = (evecs[:, order] / np.sqrt(evals[order])).T @ centred
     if components.shape[0] == 0:  # all cells identical: no direction of variance
         components = np.zeros((1, g))

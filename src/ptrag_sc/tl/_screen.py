@@ -15,6 +15,7 @@ from .._constants import OUTPUTS, TENSORS
 from .._symbols import _format_list
 from .._utils import progress_bar
 from ..data import normalise_labels
+from ._utils import as_str_tuple
 
 if TYPE_CHECKING:
     from ..data import ModelState, PerturbationData
@@ -47,19 +48,12 @@ def screen(
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """In-silico screen: predict every perturbation for a cell type and rank it by its effect.
 
-    For the control cells of a cell type, every requested perturbation (by default every gene
-    with an embedding, measured or not, plus ``combinations``) is predicted and scored, either
-    by its effect on a target ``signature`` or, without one, by the size of its predicted
-    effect. "Which perturbation should I run next?": the top of the table.
-
-    The work is done per perturbation, not per cell: each perturbation is one set of ``n_cells``
-    control cells (the same cells for every perturbation), batched ``batch_size`` sets at a
-    time. With the default response memory the set's predicted mean is known without decoding
-    cells (``control mean + delta`` from the evidence and the stage-2 retrieval, bounded to
-    ``[0, ceiling]`` gene by gene), so only the encoders and stage 2 run. Models without a
-    response memory (``retrieval="none"`` or ``memory="embedding"``, or
-    ``learned_shift=True``), and ``effect="energy"``, need the generative pass: the mean of the
-    generated cells is used, which is several times slower.
+    Every requested perturbation (by default every gene with an embedding, plus
+    ``combinations``) is predicted for the same ``n_cells`` control cells of the cell type and
+    scored by its effect on a target ``signature`` or, without one, by the size of its predicted
+    effect. One set per perturbation: with the default response memory the set's mean comes
+    without decoding cells; models without one, ``learned_shift=True`` and ``effect="energy"``
+    need the (slower) generative pass. See :doc:`/screen`.
 
     Parameters
     ----------
@@ -85,16 +79,15 @@ def screen(
           shift of the ``down`` genes (either may be omitted);
         - a :class:`~pandas.Series` gene -> weight: the weighted sum of the shifts.
 
-        Genes the model does not predict are dropped with a warning. ``None``: the score is the
-        size of the effect (``effect``).
+        Genes the model does not predict are dropped with a warning. ``None``: the score is
+        ``effect``.
     effect
-        Without a signature: ``"shift_norm"``, the Euclidean norm of the predicted mean shift
-        from control over all genes; or ``"energy"``, the energy distance between the
-        generated cells and the control cells they come from (generative pass).
+        Without a signature: ``"shift_norm"``, the norm of the predicted mean shift from
+        control; or ``"energy"``, the energy distance between the generated cells and their
+        control cells.
     n_cells
-        Control cells per perturbation, drawn once (without replacement, ``seed``) from the
-        cell type's control cells in ``adata`` and shared by all perturbations; sets of more
-        than ``cell_set_size`` cells are cut into several sets whose results are averaged.
+        Control cells per perturbation, drawn once (``seed``) and shared by all perturbations;
+        more than ``cell_set_size`` are cut into sets whose results are averaged.
     batch_size
         Sets per forward pass.
     seed
@@ -108,8 +101,7 @@ def screen(
     columns
 
     ``cell_type``, ``perturbation``
-        The screened pair (the label as requested; the default list uses the embedding
-        table's upper-case symbols).
+        The screened pair (the label as requested, or the embedding table's symbol).
     ``score``, ``rank``
         The signature score (or the effect size) and its rank (1 = highest score).
     ``shift_norm``
@@ -117,25 +109,22 @@ def screen(
     ``measured_in_cell_type``
         Whether ``adata`` holds perturbed cells of this perturbation in this cell type.
     ``observed_score``
-        For measured perturbations, the same score computed on the observed cells (the
-        observed mean shift; for ``effect="energy"``, the energy distance between up to
-        ``n_cells`` observed cells and the control cells); NaN otherwise.
+        The same score on the observed cells of a measured perturbation (for
+        ``effect="energy"``, on up to ``n_cells`` of them); NaN otherwise.
     ``trained``
         Whether the model trained on this perturbation (in any cell type).
     ``retrieval_distance``
-        ``1 -`` the stage-1 similarity of the candidates stage 2 kept, weighted by their weight
-        in the prediction; NaN when nothing was kept or for ``retrieval="none"``.
+        ``1 -`` the stage-1 similarity of the kept candidates, weighted by their weight; NaN
+        when nothing was kept or for ``retrieval="none"``.
     ``confidence``
         The Pearson correlation the predicted mean shift is expected to reach with a measured
-        one, learned from how well the same evidence predicted the training perturbations with
-        their own entries left out (see ``PTRAG.predict``); NaN without a response memory.
-        Rank candidates by ``score`` and trust those with a high ``confidence``.
+        one (see ``PTRAG.predict``); NaN without a response memory.
     ``shift_<gene>``
         With a signature: the predicted mean shift of each signature gene.
 
-    With ``return_shifts=True``, a tuple ``(table, shifts)``: ``shifts`` is a DataFrame of the
-    predicted mean shifts (rows in the table's order, indexed by perturbation, or by
-    (cell type, perturbation) for several cell types; columns the model's genes).
+    With ``return_shifts=True``, a tuple ``(table, shifts)``: the predicted mean shifts, rows in
+    the table's order (indexed by perturbation, or by (cell type, perturbation) for several
+    cell types), columns the model's genes.
 
     Examples
     --------
@@ -185,7 +174,6 @@ def screen(
     cell_types = _cell_types(state, data, cell_type)
     check_controls_per_cell_type(data.is_control, data.cell_types, where="the AnnData to screen")
     keys, (context_names, context_means) = state.builder.control_contexts(data, data.is_control)
-    ceiling = module.gene_ceiling.detach().cpu().numpy().astype(np.float64)
     # Set means are known without decoding cells with a response memory and no learned shift.
     fast = effect != "energy" and module.uses_responses and not module.learned_shift
     trained = np.isin(labels.astype(str), np.asarray(state.training_perturbations).astype(str))
@@ -206,7 +194,6 @@ def screen(
             cells,
             context_index(context_names, keys[cells]),
             context_means,
-            ceiling=ceiling,
             fast=fast,
             energy=effect == "energy" and weights is None,
             batch_size=batch_size,
@@ -214,12 +201,7 @@ def screen(
         )
         observed, measured = _observed(state, data, labels, ct, cells, weights, effect)
         norm = np.linalg.norm(shifts, axis=1)
-        if weights is not None:
-            score = shifts @ weights
-        elif effect == "energy":
-            score = energy
-        else:
-            score = norm
+        score = shifts @ weights if weights is not None else energy if effect == "energy" else norm
         table = pd.DataFrame(
             {
                 "cell_type": ct,
@@ -237,8 +219,7 @@ def screen(
             columns = state.var_names.get_indexer(signature_genes)
             for gene, column in zip(signature_genes, columns, strict=True):
                 table[SHIFT_PREFIX + gene] = shifts[:, column]
-        ranked = -np.nan_to_num(table["score"].to_numpy(), nan=-np.inf)
-        order = np.lexsort((np.arange(len(table)), ranked))
+        order = np.argsort(-np.nan_to_num(table["score"].to_numpy(), nan=-np.inf), kind="stable")
         table = table.iloc[order].reset_index(drop=True)
         rank = table["score"].rank(ascending=False, method="min").astype(np.int64)
         table.insert(3, "rank", rank)
@@ -266,19 +247,12 @@ def _predicted(
     context_index: np.ndarray,
     context_means: np.ndarray,
     *,
-    ceiling: np.ndarray,
     fast: bool,
     energy: bool,
     batch_size: int,
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Predicted mean shift ``(P, G)``, energy ``(P,)``, retrieval distance ``(P,)`` and
-    confidence ``(P,)`` of every label.
-
-    :data:`CHUNK_PERTURBATIONS` perturbations at a time, each one set of the control ``cells``
-    of ``cell_type``; with ``fast`` the set mean comes from the evidence alone (no cells
-    decoded).
-    """
+    """Predicted mean shift ``(P, G)``, energy, retrieval distance and confidence ``(P,)``."""
     from ..model._inference import evaluating, run
     from ..module import energy_distance
 
@@ -288,12 +262,10 @@ def _predicted(
     distances = np.zeros(n_labels, dtype=np.float64)
     confidences = np.full(n_labels, np.nan, dtype=np.float64)
     weights = np.zeros(n_labels, dtype=np.float64)
-    description = f"Screening {cell_type}"
     with (
         evaluating(module) as device,
-        progress_bar(n_labels, description, "perturbation", progress) as advance,
+        progress_bar(n_labels, f"Screening {cell_type}", "perturbation", progress) as advance,
     ):
-        ceiling_t = torch.as_tensor(ceiling, dtype=torch.float32, device=device)
         for start in range(0, n_labels, CHUNK_PERTURBATIONS):
             chunk = labels[start : start + CHUNK_PERTURBATIONS]
             sources = np.tile(cells, len(chunk))
@@ -305,7 +277,7 @@ def _predicted(
                 context_means=context_means,
             )
             row_of_group = start + pd.Index(chunk).get_indexer(groups.perturbation)
-            steps = run(
+            for step in run(
                 module,
                 device,
                 groups,
@@ -313,12 +285,11 @@ def _predicted(
                 sources,
                 set_size=state.cell_set_size,
                 batch_size=batch_size,
-            )
-            for step in steps:
+            ):
                 control_mean = step.batch[TENSORS.CONTROL_MEAN]
                 if fast:
                     mean = control_mean + step.inference[OUTPUTS.DELTA]
-                    shift = torch.minimum(mean.clamp_min(0.0), ceiling_t) - control_mean
+                    shift = torch.minimum(mean.clamp_min(0.0), module.gene_ceiling) - control_mean
                 else:
                     generated = step.decode(module)
                     shift = generated[OUTPUTS.MEAN_SHIFT]
@@ -348,29 +319,23 @@ def _requested(
     combinations: Sequence[str] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Canonical labels to screen and the labels shown in the table."""
-    extra = (
-        []
-        if combinations is None
-        else [combinations]
-        if isinstance(combinations, str)
-        else list(combinations)
-    )
+    extra = list(as_str_tuple(combinations) or ())
     if perturbations is not None:
-        listed = [perturbations] if isinstance(perturbations, str) else list(perturbations)
+        listed = list(as_str_tuple(perturbations))
         if not listed:
             raise ValueError(
                 "`perturbations` is empty; pass labels, or None to screen every gene with an "
                 "embedding."
             )
         shown, canonical = state.requested(listed + extra)
-        return canonical.astype(object), np.asarray(shown, dtype=object)
-    # Every gene with an embedding: the control label is not screened, and a combination also in
-    # the table (e.g. an embedded "A+B" row) is screened once.
-    setup = state.setup
-    shown = [str(g) for g in state.encoder.table.index] + [str(c) for c in extra]
-    canonical = normalise_labels(shown, control_group=setup.control_group, sep=setup.sep)
-    keep = (canonical != setup.control_group) & ~pd.Index(canonical).duplicated()
-    shown, canonical = state.requested(np.asarray(shown, dtype=object)[keep])
+    else:
+        # Every gene with an embedding: not the control label, and a combination also in the
+        # table (e.g. an embedded "A+B" row) once.
+        setup = state.setup
+        shown = np.asarray([str(g) for g in state.encoder.table.index] + extra, dtype=object)
+        canonical = normalise_labels(shown, control_group=setup.control_group, sep=setup.sep)
+        keep = (canonical != setup.control_group) & ~pd.Index(canonical).duplicated()
+        shown, canonical = state.requested(shown[keep])
     return canonical.astype(object), np.asarray(shown, dtype=object)
 
 
@@ -380,6 +345,7 @@ def _signature_weights(
     """Weights ``(G,)`` of the signature over the model's genes and its genes (model spelling)."""
     if signature is None:
         return None, []
+    # (genes, weights, whether the weights are shared out over the genes found)
     if isinstance(signature, pd.Series):
         if not pd.api.types.is_numeric_dtype(signature) or not np.all(
             np.isfinite(signature.to_numpy(dtype=float))
@@ -399,16 +365,13 @@ def _signature_weights(
             )
         parts = []
         for key, sign in (("up", 1.0), ("down", -1.0)):
-            genes = signature.get(key)
-            if genes is None:
-                continue
-            genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+            genes = list(as_str_tuple(signature.get(key)) or ())
             if genes:
                 parts.append((genes, np.full(len(genes), sign), True))
         if not parts:
             raise ValueError("The `signature` mapping lists no gene under 'up' or 'down'.")
-    elif isinstance(signature, str) or isinstance(signature, Sequence | np.ndarray | pd.Index):
-        genes = [signature] if isinstance(signature, str) else [str(g) for g in signature]
+    elif isinstance(signature, str | Sequence | np.ndarray | pd.Index):
+        genes = list(as_str_tuple(signature))
         if not genes:
             raise ValueError("`signature` is empty; pass genes, or None to rank by effect size.")
         parts = [(genes, np.ones(len(genes)), True)]
@@ -418,18 +381,14 @@ def _signature_weights(
             f"pandas Series gene -> weight, got {type(signature).__name__}."
         )
     upper = pd.Index(var_names.astype(str).str.upper())
-    weights = np.zeros(len(var_names), dtype=np.float64)
-    used: list[str] = []
-    dropped: list[str] = []
     positions = []
     for genes, _, _ in parts:
         position = var_names.get_indexer(genes)
-        fallback = (
-            upper.get_indexer([g.upper() for g in genes])
-            if not upper.has_duplicates
-            else np.full(len(genes), -1)
-        )
-        positions.append(np.where(position >= 0, position, fallback))
+        if not upper.has_duplicates:  # the case-insensitive match, when it is unambiguous
+            position = np.where(
+                position >= 0, position, upper.get_indexer([g.upper() for g in genes])
+            )
+        positions.append(position)
     # A gene listed twice (as written, in another case, or under 'up' and 'down') would count
     # twice.
     listed = pd.DataFrame(
@@ -444,15 +403,15 @@ def _signature_weights(
             f"`signature` lists the same gene more than once: {twice[:10]}. List each gene once "
             "(for weights, pass a pandas Series gene -> weight)."
         )
-    for (genes, values, average), position in zip(parts, positions, strict=True):
-        dropped += [g for g, p in zip(genes, position, strict=True) if p < 0]
+    weights = np.zeros(len(var_names), dtype=np.float64)
+    for (_, values, average), position in zip(parts, positions, strict=True):
         present = position >= 0
-        if not present.any():
-            continue
-        share = values[present] / (present.sum() if average else 1.0)
-        np.add.at(weights, position[present], share)
-        used += [str(var_names[p]) for p in position[present]]
-    if not used:
+        if present.any():
+            share = values[present] / (present.sum() if average else 1.0)
+            np.add.at(weights, position[present], share)
+    found = listed["at"].to_numpy()
+    dropped = listed["gene"][found < 0].tolist()
+    if not (found >= 0).any():
         raise ValueError(
             f"None of the signature genes is among the model's {len(var_names)} genes (e.g. "
             f"{dropped[:5]}); the model predicts {var_names[:5].tolist()}..."
@@ -464,7 +423,7 @@ def _signature_weights(
             UserWarning,
             stacklevel=3,
         )
-    return weights, list(dict.fromkeys(used))
+    return weights, list(dict.fromkeys(str(var_names[p]) for p in found[found >= 0]))
 
 
 def _cell_types(
@@ -474,12 +433,8 @@ def _cell_types(
     from ..data import NO_CELL_TYPE
 
     setup = state.setup
-    wanted = (
-        None
-        if cell_type is None
-        else ([cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type])
-    )
-    if wanted is not None and not wanted:
+    wanted = None if cell_type is None else list(as_str_tuple(cell_type))
+    if wanted == []:
         raise ValueError("`cell_type` is empty.")
     if not data.has_cell_types:
         if setup.cell_type_key is not None:
@@ -532,8 +487,7 @@ def _observed(
     weights: np.ndarray | None,
     effect: str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The score of the observed cells of measured labels (NaN otherwise) and which are
-    measured."""
+    """Score of the observed cells of each measured label (else NaN), and which are measured."""
     from ._metrics import energy_distance
 
     in_type = data.cell_types == cell_type

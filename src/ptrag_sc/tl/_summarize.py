@@ -43,17 +43,14 @@ def summarize(
     ci
         Coverage of the interval, in (0, 1).
     seed
-        Seed of the bootstrap (each group and metric draws from a generator seeded by ``seed``
-        and its names, and values are sorted first, so results do not depend on the order of
-        groups or rows).
+        Seed of the bootstrap (with the group's and metric's names, on sorted values: results
+        do not depend on the order of groups or rows).
 
     Returns
     -------
     Long :class:`pandas.DataFrame` with columns ``*by, metric, n, mean, std, ci_low, ci_high``:
-    ``n`` counts the non-NaN values (NaN rows are dropped per metric), ``std`` is the sample
-    standard deviation (``ddof=1``) and ``[ci_low, ci_high]`` the percentile bootstrap interval
-    of the mean (resampling rows with replacement). The interval is NaN when ``n < 2`` or
-    ``n_boot == 0``; ``mean`` is NaN when ``n == 0``.
+    ``n`` the non-NaN values, ``std`` with ``ddof=1``, ``[ci_low, ci_high]`` the percentile
+    bootstrap interval of the mean (NaN when ``n < 2`` or ``n_boot == 0``).
 
     Examples
     --------
@@ -63,14 +60,9 @@ def summarize(
     >>> ptrag_sc.pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=["MAPK1", "SGK1"])
     >>> for name in ("control", "context_mean"):
     ...     ptrag_sc.tl.predict_baseline(adata, name, split_key="split", key_added=name)
-    >>> res = pd.concat(
-    ...     [
-    ...         ptrag_sc.tl.evaluate(adata, pred_layer=k, split_key="split")
-    ...         for k in ("control", "context_mean")
-    ...     ]
-    ... )
-    >>> metrics = ["pearson_delta", "energy"]
-    >>> table = ptrag_sc.tl.summarize(res, by="method", metrics=metrics, n_boot=200)
+    >>> res = pd.concat([ptrag_sc.tl.evaluate(adata, pred_layer=k, split_key="split")
+    ...                  for k in ("control", "context_mean")])
+    >>> table = ptrag_sc.tl.summarize(res, metrics=["pearson_delta", "energy"], n_boot=200)
     >>> table.pivot(index="method", columns="metric", values="mean").shape
     (2, 2)
     """
@@ -121,17 +113,6 @@ def summarize(
                 rng = group_rng(seed, *map(str, key), metric)
                 boot = values[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
                 low, high = (float(v) for v in np.quantile(boot, [lo_q, hi_q]))
-            record = dict(zip(by_cols, key, strict=True))
-            record.update(
-                {
-                    "metric": metric,
-                    "n": n,
-                    "mean": mean,
-                    "std": std,
-                    "ci_low": low,
-                    "ci_high": high,
-                }
-            )
-            records.append(record)
+            records.append([*key, metric, n, mean, std, low, high])
     columns = [*by_cols, "metric", "n", "mean", "std", "ci_low", "ci_high"]
-    return pd.DataFrame.from_records(records, columns=columns)
+    return pd.DataFrame(records, columns=columns)

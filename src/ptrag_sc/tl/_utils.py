@@ -120,6 +120,8 @@ def finite_rows(matrix, idx: np.ndarray, chunk: int = 8192) -> np.ndarray:
     return out
 
 
-def in_values(values: np.ndarray, allowed: Sequence[str]) -> np.ndarray:
-    """Boolean mask: which ``values`` (str) are in ``allowed``."""
+def in_values(values: np.ndarray, allowed: Sequence[str] | None) -> np.ndarray:
+    """Boolean mask: which ``values`` (str) are in ``allowed`` (all when ``allowed`` is None)."""
+    if allowed is None:
+        return np.ones(len(values), dtype=bool)
     return np.isin(np.asarray(values, dtype=object).astype(str), np.asarray(allowed, dtype=str))
