@@ -118,8 +118,6 @@ def assign_guides(
 
     Notes
     -----
-    The top two counts are found without a loop over cells: for sparse counts by sorting the
-    stored values per row, for dense counts with :func:`numpy.partition` in blocks of rows.
     Among tied top guides the one with the lowest column index is reported (a tie is a
     multiplet anyway).
 
