@@ -70,9 +70,12 @@ def _match_requested(
     requested: Sequence[str], labels: Sequence[str], what: str, held_out: Sequence[str]
 ) -> list[str]:
     """Map requested perturbations to labels of the held-out cells (exact, then via aliases)."""
-    res = resolve_gene_symbols(requested, labels, warn=False)
-    exact_first = sorted(res.mapping, key=lambda g: res.method[g] != "exact")
-    matched, absent = [res.mapping[g] for g in exact_first], res.missing
+    label_set = set(labels)
+    exact = [g for g in requested if g in label_set]
+    rest = [g for g in requested if g not in label_set]
+    res = resolve_gene_symbols(rest, labels, warn=False) if rest else None
+    matched = exact + ([res.mapping[g] for g in rest if g in res.mapping] if res else [])
+    absent = res.missing if res else []
     if not matched:
         raise ValueError(
             f"None of the {len(requested)} `{what}` perturbations is measured in the held-out "
