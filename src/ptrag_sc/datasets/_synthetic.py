@@ -401,18 +401,14 @@ def _validate(params: dict[str, Any], seed: int) -> None:
         params[name] = int(value)
 
     def check_float(
-        name: str, low: float, high: float = math.inf, open_high: bool = False
+        name: str, low: float, high: float = math.inf, *, open_high: bool = False
     ) -> None:
         try:
             value = float(params[name])
         except (TypeError, ValueError):
             raise ValueError(f"`{name}` must be a number, got {params[name]!r}.") from None
-        if (
-            not math.isfinite(value)
-            or value < low
-            or value > high
-            or (open_high and value == high)
-        ):
+        bad_high = value >= high if open_high else value > high
+        if not math.isfinite(value) or value < low or bad_high:
             bracket = ")" if open_high else "]"
             raise ValueError(f"`{name}` must lie in [{low}, {high}{bracket}, got {value!r}.")
         params[name] = value
@@ -430,7 +426,7 @@ def _validate(params: dict[str, Any], seed: int) -> None:
     check_float("batch_effect", 0.0)
     check_float("combination_interaction", 0.0)
     check_float("target_overlap", 0.0, 1.0)
-    check_float("knockdown", 0.0, 1.0, True)
+    check_float("knockdown", 0.0, 1.0, open_high=True)
     if not params["library_size"] > 0 or not math.isfinite(params["library_size"]):
         raise ValueError(f"`library_size` must be positive, got {params['library_size']!r}.")
     n_pert = params["n_perturbations"]
@@ -455,8 +451,7 @@ def _cell_line_names(preset: str | None, n: int) -> list[str]:
 
 
 def _unrank_pairs(pair_id: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(i, j)`` of the lexicographic ranks of the pairs ``i < j`` of ``range(n)``, without
-    listing all pairs."""
+    """Map ranks of the unordered pairs ``i < j`` of ``range(n)`` (lexicographic) to ``(i, j)``."""
 
     def start(i: np.ndarray) -> np.ndarray:  # number of pairs whose first element is < i
         return i * n - i * (i + 1) // 2
