@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
     from typing import NoReturn
 
 #: Tasks of ``ptrag-sc demo`` (``ptrag_sc._demo.TASKS``, named here to keep ``--help`` light).
@@ -23,7 +23,7 @@ DEMO_TIME = "about 2 minutes"
 
 
 def _version() -> str:
-    """The installed distribution's version, or the package's own when not installed."""
+    """The installed distribution's version, else the package's own."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -32,31 +32,6 @@ def _version() -> str:
         from . import __version__
 
         return __version__
-
-
-class _VersionAction(argparse.Action):
-    """``--version`` that looks the version up only when asked."""
-
-    def __init__(
-        self,
-        option_strings: Sequence[str],
-        dest: str = argparse.SUPPRESS,
-        default: str = argparse.SUPPRESS,
-        help: str | None = None,
-    ) -> None:
-        super().__init__(
-            option_strings=option_strings, dest=dest, default=default, nargs=0, help=help
-        )
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> NoReturn:
-        print(f"{parser.prog} {_version()}")
-        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="PT-RAG for single-cell perturbation prediction (a scvi-tools model).",
         epilog="Example: ptrag-sc demo --output demo_output",
     )
-    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_version()}",
+        help="print the version and exit",
+    )
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
@@ -159,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _integer(minimum: int, maximum: int | None, expected: str) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers from ``minimum`` to ``maximum``."""
 
     def convert(text: str) -> int:
         try:
@@ -180,10 +159,7 @@ _seed = _integer(0, 2**32 - 1, "an integer from 0 to 2**32-1")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ptrag-sc`` console script and of ``python -m ptrag_sc``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args, parser)
-    return 0  # pragma: no cover - argparse requires a command
+    return _demo(parser.parse_args(argv), parser)  # the only command
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -196,17 +172,15 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # runtime loads, so before torch is imported).
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from ._demo import PhaseLog, prepare_output
+    from . import settings
+    from ._demo import PhaseLog, prepare_output, run_demo
+    from ._demo_report import bottom_line_text
 
     tasks = tuple(args.task)
     try:
         prepare_output(args.output, tasks, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as exc:
         parser.exit(2, f"ptrag-sc demo: error: {exc}\n")
-
-    from . import settings
-    from ._demo import run_demo
-    from ._demo_report import bottom_line_text
 
     settings.num_threads = args.threads
     settings.progress_bar = not args.quiet

@@ -1,5 +1,4 @@
-"""Checks of user arguments, with errors that name the argument at fault (every layer uses
-them)."""
+"""Checks of user arguments, with errors that name the argument at fault."""
 
 from __future__ import annotations
 
@@ -8,16 +7,6 @@ import numbers
 
 import numpy as np
 import pandas as pd
-
-__all__ = [
-    "check_anndata",
-    "check_choice",
-    "check_flag",
-    "check_key_type",
-    "check_seed",
-    "finite_float",
-    "positive_int",
-]
 
 #: Largest integer option accepted (sizes beyond it cannot be allocated or indexed).
 MAX_INT = 2**31 - 1
@@ -33,9 +22,8 @@ def positive_int(
         isinstance(value, bool)
         or not isinstance(value, numbers.Integral | float)
         or (isinstance(value, float) and not value.is_integer())
+        or int(value) < minimum
     ):
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    if int(value) < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     if int(value) > MAX_INT:
         raise ValueError(f"`{name}` must be an integer below 2**31, got {value!r}.")
@@ -51,11 +39,7 @@ def finite_float(
     maximum: float | None = None,
 ) -> float:
     """``value`` as a finite float within bounds (``strict``: ``> minimum``)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(float(value))
-    ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     value = float(value)
     if minimum is not None and (value <= minimum if strict else value < minimum):
@@ -84,8 +68,8 @@ def check_seed(name: str, value: object, *, allow_none: bool = True) -> int | No
 
 
 def check_anndata(adata: object, argument: str = "adata", *, allow_none: bool = False) -> None:
-    """Raise a ``TypeError`` naming ``argument`` unless ``adata`` is an AnnData (or a MuData,
-    resolved before)."""
+    """``TypeError`` naming ``argument`` unless ``adata`` is an AnnData (MuData: resolved
+    before)."""
     from anndata import AnnData
 
     if adata is None and allow_none:

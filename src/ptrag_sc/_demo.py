@@ -44,11 +44,8 @@ ONE_SHIFT_BASELINES = ("control", "context_mean")
 
 @dataclass(frozen=True)
 class Task:
-    """One prediction task of the demo.
-
-    ``prepare(seed)`` returns the AnnData with ``obs["split"]`` (train / val / test), the cell
-    type whose test perturbations are predicted and the test perturbations.
-    """
+    """A demo task; ``prepare(seed)`` gives the data with ``obs["split"]``, the cell type
+    predicted and its test perturbations."""
 
     name: str
     title: str
@@ -60,8 +57,7 @@ class Task:
 def _glioblastoma(seed: int) -> tuple[AnnData, str, list[str]]:
     from . import datasets, pp
 
-    adata = datasets.perturbench_devel()
-    test = ["MAP2K3", "MAPK1", "SGK1", "TGFBR2"]
+    adata, test = datasets.perturbench_devel(), ["MAP2K3", "MAPK1", "SGK1", "TGFBR2"]
     pp.few_shot_split(adata, held_out="U87MG", val=["PLK4"], test=test)
     return adata, "U87MG", test
 
@@ -69,8 +65,7 @@ def _glioblastoma(seed: int) -> tuple[AnnData, str, list[str]]:
 def _thp1(seed: int) -> tuple[AnnData, str, list[str]]:
     from . import datasets
 
-    adata = datasets.papalexi_thp1()
-    test = datasets.papalexi_thp1_folds()[0]
+    adata, test = datasets.papalexi_thp1(), datasets.papalexi_thp1_folds()[0]
     adata.obs["split"] = pd.Categorical(np.where(adata.obs["gene"].isin(test), "test", "train"))
     return adata, "THP-1", test
 
@@ -126,7 +121,6 @@ TASKS = {
 DEFAULT_TASKS = ("glioblastoma", "thp1")
 
 
-# ------------------------------------------------------------------ output
 def planned_paths(output: Path, tasks: tuple[str, ...]) -> list[Path]:
     """Every file and folder :func:`run_demo` writes for ``tasks`` into ``output``."""
     return [output / REPORT, *(output / task / name for task in tasks for name in FILES.values())]
@@ -135,15 +129,9 @@ def planned_paths(output: Path, tasks: tuple[str, ...]) -> list[Path]:
 def prepare_output(
     output: str | os.PathLike[str], tasks: tuple[str, ...], *, overwrite: bool
 ) -> Path:
-    """Check the output folder before anything runs and create it.
-
-    Raises
-    ------
-    ValueError
-        An empty name, an existing file, or a folder that cannot be created or written.
-    FileExistsError
-        Files of an earlier run are there and ``overwrite`` is False.
-    """
+    """Check and create the output folder before anything runs: ``ValueError`` for an empty
+    name, a file or a folder that cannot be created or written; ``FileExistsError`` for files
+    of an earlier run without ``overwrite``."""
     if not isinstance(output, str | os.PathLike) or not str(output).strip():
         raise ValueError(f"The output folder must be a non-empty path, got {output!r}.")
     output = Path(output)
@@ -170,22 +158,16 @@ def prepare_output(
 
 
 class PhaseLog:
-    """One line per phase on ``stream`` (default ``sys.stderr``):
-    ``"[task] phase: outcome; 12 s"``.
+    """One line per phase on ``stream`` (default stderr): ``"[task] phase: outcome; 12 s"``.
 
-    When the stream is not interactive (a log file, a pipe), the line starts when the phase
-    starts and ends when it ends, so a long phase shows what runs; on a terminal, where the
-    training bar draws over the line, it is written whole at the end.
+    Off a terminal the line starts with the phase, so a long phase shows what runs; on a
+    terminal, where the training bar draws over it, it is written whole at the end.
     """
 
     def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
         self.enabled = enabled
         self.stream = sys.stderr if stream is None else stream
         self.interactive = is_interactive(self.stream)
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=self.stream, flush=True)
 
     @contextlib.contextmanager
     def phase(self, label: str) -> Iterator[list[str]]:
@@ -202,13 +184,10 @@ class PhaseLog:
                 print("failed", file=self.stream, flush=True)
             raise
         text = "; ".join([*outcome, f"{time.perf_counter() - start:.0f} s"])
-        if early:
-            print(text, file=self.stream, flush=True)
-        else:
-            self.line(f"{label}: {text}")
+        if self.enabled:
+            print(text if early else f"{label}: {text}", file=self.stream, flush=True)
 
 
-# -------------------------------------------------------------------- run
 def run_demo(
     output: str | Path = "demo_output",
     *,
@@ -224,13 +203,9 @@ def run_demo(
     Parameters
     ----------
     output
-        Folder for ``report.md`` (a bottom line per task, then results in sentences and
-        tables, linking the figures) and one subfolder per task with ``metrics.csv`` (one row
-        per method, cell type and perturbation), ``summary.csv`` (means with bootstrap
-        intervals), ``retrieval.csv`` (:meth:`ptrag_sc.PTRAG.get_retrieval`), ``history.csv``,
-        the figures ``shift_scatter.png``, ``retrieval_heatmap.png`` and
-        ``training_history.png``, and the saved model (``model/``). Other files there are
-        left alone.
+        Folder for ``report.md`` and one subfolder per task with the tables (``metrics.csv``,
+        ``summary.csv``, ``retrieval.csv``, ``history.csv``), figures and the saved model
+        (``model/``); other files there are left alone.
     tasks
         Names from :data:`TASKS`: ``"glioblastoma"`` (a few-shot cell line) and ``"thp1"``
         (unseen knockouts) by default; ``"synthetic"`` is a quick check on simulated data.
@@ -270,16 +245,8 @@ def run_demo(
     for i, name in enumerate(tasks, 1):
         with quiet_lightning(True):  # Lightning's "Seed set to 0"
             scvi.settings.seed = seed
-        outcomes.append(
-            _run_task(
-                TASKS[name],
-                output / name,
-                max_steps=max_steps,
-                seed=seed,
-                log=log,
-                label=f"[{i}/{len(tasks)} {name}]",
-            )
-        )
+        label = f"[{i}/{len(tasks)} {name}]"
+        outcomes.append(_run_task(TASKS[name], output / name, max_steps, seed, log, label))
     with log.phase("report written") as done:
         settings = {
             "tasks": list(tasks),
@@ -297,7 +264,7 @@ def run_demo(
 
 
 def _run_task(
-    task: Task, folder: Path, *, max_steps: int | None, seed: int, log: PhaseLog, label: str
+    task: Task, folder: Path, max_steps: int | None, seed: int, log: PhaseLog, label: str
 ) -> dict:
     from . import PTRAG, tl
     from .train import training_summary
@@ -307,12 +274,8 @@ def _run_task(
         embeddings = adata.uns["gene_embeddings"]
         PTRAG.setup_anndata(adata, **KEYS)
         obs = adata.obs
-        in_cell_type = (
-            (obs["cell_line"] == cell_type)
-            & (obs["split"] == "train")
-            & (obs["gene"] != KEYS["control_group"])
-        )
-        n_train = obs.loc[in_cell_type, "gene"].nunique()
+        train = obs[(obs["cell_line"] == cell_type) & (obs["split"] == "train")]
+        n_train = train.loc[train["gene"] != KEYS["control_group"], "gene"].nunique()
         done.append(
             f"{adata.n_obs:,} cells x {adata.n_vars} genes; {n_train} training perturbations in "
             f"{cell_type}; test {', '.join(test)}"
@@ -324,11 +287,9 @@ def _run_task(
         # On a terminal the model's bar shows the steps; elsewhere this phase's line does.
         _settings.progress_bar = progress and log.interactive
         t0 = time.perf_counter()
+        steps = {} if max_steps is None else {"max_steps": int(max_steps)}
         try:
-            if max_steps is None:
-                model.train(split_key="split")
-            else:
-                model.train(max_steps=int(max_steps), split_key="split")
+            model.train(**steps, split_key="split")
         finally:
             _settings.progress_bar = progress
         train_seconds = time.perf_counter() - t0
@@ -354,14 +315,13 @@ def _run_task(
         done.append(f"{MODEL_NAME} and {len(task.baselines)} baselines")
 
     with log.phase(f"{label} save and reload") as done:
-        model.save(folder / FILES["model"], overwrite=True)
-        reloaded = PTRAG.load(folder / FILES["model"], adata)
-        again = reloaded.predict(adata, inplace=False)
+        saved = folder / FILES["model"]
+        model.save(saved, overwrite=True)
+        again = PTRAG.load(saved, adata).predict(adata, inplace=False)
         if not np.array_equal(again, adata.layers["ptrag"]):
             raise RuntimeError(
-                f"The model reloaded from '{folder / FILES['model']}' predicts differently from "
-                "the model that was saved (largest difference "
-                f"{np.max(np.abs(again - adata.layers['ptrag'])):.3g})."
+                f"The model reloaded from '{saved}' predicts differently from the model that was "
+                f"saved (largest difference {np.max(np.abs(again - adata.layers['ptrag'])):.3g})."
             )
         done.append(f"{again.size:,} predicted values identical after reloading")
 
@@ -388,9 +348,7 @@ def _run_task(
         retrieval.to_csv(folder / FILES["retrieval"], index=False)
         history_frame = pd.concat([v.astype(float) for v in model.history.values()], axis=1)
         history_frame.to_csv(folder / FILES["history"])
-        _save_figures(
-            folder, adata=adata, model=model, retrieval=retrieval, layers=layers, summary=summary
-        )
+        _save_figures(folder, adata, model, retrieval, layers, summary)
         done.append(f"{len(layers)} methods x {len(test)} test perturbations")
 
     one_shift = [m for m in ONE_SHIFT_BASELINES if m in task.baselines]
@@ -420,17 +378,15 @@ def _run_task(
     }
 
 
-# ------------------------------------------------------------------ figures
 def _save_figures(
     folder: Path,
-    *,
     adata: AnnData,
     model: PTRAG,
     retrieval: pd.DataFrame,
     layers: dict,
     summary: pd.DataFrame,
 ) -> None:
-    """Write the three figures of a task (closed afterwards, so notebooks do not show them)."""
+    """Write a task's three figures (closed, so notebooks do not show them)."""
     import matplotlib.pyplot as plt
 
     from . import pl

@@ -1,4 +1,4 @@
-"""The text of the demo's report: headline sentences, tables and notes (``report.md``)."""
+"""The text of the demo's report (``report.md``): headline sentences, tables and notes."""
 
 from __future__ import annotations
 
@@ -65,23 +65,16 @@ def method_means(summary: pd.DataFrame, metric: str) -> pd.Series:
     return summary[summary["metric"] == metric].set_index("method")["mean"].dropna()
 
 
-def _lower_is_better(metric: str) -> bool:
-    from .tl import LOWER_IS_BETTER
-
-    return metric in LOWER_IS_BETTER
-
-
 def _paired_difference(
     results: pd.DataFrame, metric: str, a: str, b: str, seed: int
 ) -> tuple[float, float, float]:
-    """Mean and 95% bootstrap CI of ``metric(a) - metric(b)`` over the shared (cell type,
+    """Mean and 95% bootstrap CI of ``metric(a) - metric(b)`` over shared (cell type,
     perturbation) rows."""
     from .tl import summarize
 
     groups = [KEYS["cell_type_key"], KEYS["perturbation_key"]]
-    wide = results.pivot_table(index=groups, columns="method", values=metric, aggfunc="first")[
-        [a, b]
-    ].dropna()
+    wide = results.pivot_table(index=groups, columns="method", values=metric, aggfunc="first")
+    wide = wide[[a, b]].dropna()
     diff = pd.DataFrame({"method": f"{a} - {b}", "difference": (wide[a] - wide[b]).to_numpy()})
     row = summarize(diff, by="method", metrics=["difference"], seed=seed).iloc[0]
     return float(row["mean"]), float(row["ci_low"]), float(row["ci_high"])
@@ -98,27 +91,30 @@ def headline_sentence(
     """One plain sentence: which method wins on ``metric``, by how much and over how many
     perturbations, or which methods tie.
 
-    The best mean wins; every other method whose paired difference from it (over the same
-    cell type and perturbation rows) has a 95% bootstrap interval containing 0 ties with it.
-    For ``pearson_pert_centred`` the ``one_shift`` methods (one predicted shift for every
-    perturbation) are not ranked, and when no other method's own 95% interval lies above 0 the
-    sentence says that no method has perturbation-specific signal.
+    The best mean wins; every other method whose paired difference from it (same cell type and
+    perturbation rows) has a 95% bootstrap interval containing 0 ties with it. For
+    ``pearson_pert_centred`` the ``one_shift`` methods are not ranked, and when no other
+    method's own 95% interval lies above 0 the sentence says that no method has
+    perturbation-specific signal.
     """
-    lower = _lower_is_better(metric)
-    name = HEADLINE_METRICS[metric][0] if metric in HEADLINE_METRICS else metric
+    from .tl import LOWER_IS_BETTER
+
+    lower = metric in LOWER_IS_BETTER
+    name = HEADLINE_METRICS.get(metric, (metric,))[0]
     rows = summary[summary["metric"] == metric].set_index("method")
     n = int(rows["n"].max()) if len(rows) else 0
-    direction = "lower" if lower else "higher"
-    label = f"**{name}** (`{metric}`, {direction} is better; n = {n} test perturbations)"
+    label = (
+        f"**{name}** (`{metric}`, {'lower' if lower else 'higher'} is better; "
+        f"n = {n} test perturbations)"
+    )
     excluded = ""
     if metric == "pearson_pert_centred":
         shown = [m for m in one_shift if m in rows.index]
         rows = rows.drop(index=shown)
         if shown:
             excluded = (
-                f" It is undefined for {_join(shown)}, which "
-                f"predict{'s' if len(shown) == 1 else ''} one shift "
-                "for every perturbation, so they are not ranked."
+                f" It is undefined for {_join(shown)}, which predict{'s' * (len(shown) == 1)} "
+                "one shift for every perturbation, so they are not ranked."
             )
     means = rows["mean"].dropna()
     if means.empty:
@@ -133,12 +129,14 @@ def headline_sentence(
         )
     if len(ranked) == 1:
         return f"{label}: only {best} was scored ({ranked.iloc[0]:.3f}).{excluded}"
-    tied, intervals = [], {}
-    for other in ranked.index[1:]:
-        intervals[other] = _paired_difference(results, metric, best, str(other), seed)
-        _, lo, hi = intervals[other]
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo <= 0 <= hi:
-            tied.append(str(other))
+    intervals = {
+        m: _paired_difference(results, metric, best, str(m), seed) for m in ranked.index[1:]
+    }
+    tied = [
+        str(m)
+        for m, (_, lo, hi) in intervals.items()
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo <= 0 <= hi
+    ]
     if not tied:
         runner = str(ranked.index[1])
         diff, lo, hi = intervals[runner]
@@ -149,19 +147,16 @@ def headline_sentence(
             "0."
         )
     else:
-        group = [best, *tied]
-        names = (
-            ", ".join(f"**{m}** ({ranked[m]:.3f})" for m in group[:-1])
-            + f" and **{group[-1]}** ({ranked[group[-1]]:.3f})"
-        )
-        largest = max(abs(intervals[m][0]) for m in tied)
-        no_ci = [m for m in tied if not np.isfinite(intervals[m][1])]
-        why = (
-            "too few test perturbations for a bootstrap interval"
-            if no_ci
-            else f"the differences from {best} (up to {largest:.3f}) lie inside their 95% "
-            "bootstrap intervals"
-        )
+        group = [f"**{m}** ({ranked[m]:.3f})" for m in [best, *tied]]
+        names = ", ".join(group[:-1]) + f" and {group[-1]}"
+        if any(not np.isfinite(intervals[m][1]) for m in tied):
+            why = "too few test perturbations for a bootstrap interval"
+        else:
+            largest = max(abs(intervals[m][0]) for m in tied)
+            why = (
+                f"the differences from {best} (up to {largest:.3f}) lie inside their 95% "
+                "bootstrap intervals"
+            )
         sentence = f"{label}: a tie between {names}: {why}."
     if MODEL_NAME in means.index and MODEL_NAME != best and MODEL_NAME not in tied:
         gap = abs(ranked[MODEL_NAME] - ranked[best])
@@ -177,21 +172,21 @@ def _join(names: list[str]) -> str:
 
 def knn_note(adata: AnnData, held_out: str) -> str | None:
     """Say when ``knn`` equals ``context_mean``: k covers every training perturbation."""
-    info = adata.uns.get("knn", {})
-    k = int(info.get("options", {}).get("k", 5))
+    k = int(adata.uns.get("knn", {}).get("options", {}).get("k", 5))
     obs = adata.obs
-    train = (obs["split"].astype(str) == "train") & (
-        obs[KEYS["perturbation_key"]].astype(str) != KEYS["control_group"]
+    perturbation = obs[KEYS["perturbation_key"]]
+    train = (
+        (obs["split"].astype(str) == "train")
+        & (perturbation.astype(str) != KEYS["control_group"])
+        & (obs[KEYS["cell_type_key"]].astype(str) == held_out)
     )
-    n_train = obs.loc[
-        train & (obs[KEYS["cell_type_key"]].astype(str) == held_out), KEYS["perturbation_key"]
-    ].nunique()
+    n_train = perturbation[train].nunique()
     if n_train > k:
         return None
     return (
         f"`knn` equals `context_mean` here: it averages the shifts of the k = {k} training "
         f"perturbations of {held_out} closest in gene-embedding space, and {held_out} has only "
-        f"{n_train} training perturbation{'s' if n_train != 1 else ''}, so it averages all of "
+        f"{n_train} training perturbation{'s' * (n_train != 1)}, so it averages all of "
         "them, which is the context mean."
     )
 
@@ -199,34 +194,18 @@ def knn_note(adata: AnnData, held_out: str) -> str | None:
 def fallback_note(adata: AnnData, baselines: tuple[str, ...]) -> str | None:
     """Name the baselines that used their documented fallback for some test cells."""
     test = adata.obs["split"].astype(str).to_numpy() == "test"
-    used = {}
-    for method in baselines:
-        column = f"{method}_fallback"
-        if column in adata.obs:
-            n = int(adata.obs[column].to_numpy(dtype=bool)[test].sum())
-            if n:
-                used[method] = n
-    if not used:
+    used = {
+        m: int(adata.obs[f"{m}_fallback"].to_numpy(dtype=bool)[test].sum())
+        for m in baselines
+        if f"{m}_fallback" in adata.obs
+    }
+    listed = ", ".join(f"`{m}` ({n} cells)" for m, n in used.items() if n)
+    if not listed:
         return None
-    listed = ", ".join(f"`{m}` ({n} cells)" for m, n in used.items())
     return (
         f"Some test cells could not be predicted as the baseline intends and used its documented "
         f"fallback (see `ptrag_sc.tl.predict_baseline`): {listed}."
     )
-
-
-def bottom_line(outcome: dict, *, seed: int) -> list[str]:
-    """The headline sentences of one task (one per metric of :data:`HEADLINE_METRICS`)."""
-    return [
-        headline_sentence(
-            outcome["results"],
-            outcome["summary"],
-            metric,
-            seed=seed,
-            one_shift=outcome["one_shift"],
-        )
-        for metric in HEADLINE_METRICS
-    ]
 
 
 def bottom_line_text(report_path: str | Path) -> str:
@@ -246,7 +225,15 @@ def report(outcomes: list[dict], *, settings: dict, seed: int) -> str:
             f"{outcome['cell_type']}):",
             "",
         ]
-        lines += [f"- {sentence}" for sentence in bottom_line(outcome, seed=seed)]
+        for metric in HEADLINE_METRICS:
+            sentence = headline_sentence(
+                outcome["results"],
+                outcome["summary"],
+                metric,
+                seed=seed,
+                one_shift=outcome["one_shift"],
+            )
+            lines.append(f"- {sentence}")
         lines.append("")
     lines += [
         "A difference counts as a win only when the 95% bootstrap interval of the paired "
@@ -256,6 +243,7 @@ def report(outcomes: list[dict], *, settings: dict, seed: int) -> str:
     ]
     for i, outcome in enumerate(outcomes, 1):
         lines += _task_section(i, outcome)
+    model = FILES["model"]
     lines += [
         "## Settings",
         "",
@@ -265,11 +253,10 @@ def report(outcomes: list[dict], *, settings: dict, seed: int) -> str:
         "",
         "## Files",
         "",
-        "One folder per task, each with "
-        f"`{FILES['metrics']}` (one row per method, cell type and perturbation), "
-        f"`{FILES['summary']}` (means and bootstrap intervals), `{FILES['retrieval']}` "
-        f"(every retrieved candidate), `{FILES['history']}`, the figures, and the saved model "
-        f'`{FILES["model"]}/` (`ptrag_sc.PTRAG.load("<task>/{FILES["model"]}", adata)`).',
+        f"One folder per task, each with `{FILES['metrics']}` (one row per method, cell type and "
+        f"perturbation), `{FILES['summary']}` (means and bootstrap intervals), "
+        f"`{FILES['retrieval']}` (every retrieved candidate), `{FILES['history']}`, the figures, "
+        f'and the saved model `{model}/` (`ptrag_sc.PTRAG.load("<task>/{model}", adata)`).',
         "",
     ]
     return "\n".join(lines)
@@ -277,51 +264,41 @@ def report(outcomes: list[dict], *, settings: dict, seed: int) -> str:
 
 def _task_section(number: int, outcome: dict) -> list[str]:
     task, summary, results = outcome["task"], outcome["summary"], outcome["results"]
-    folder = task.name
-    methods = list(dict.fromkeys(results["method"]))
+    cell_type, one_shift = outcome["cell_type"], outcome["one_shift"]
     table = summary.assign(
         value=[
             f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
             for m, lo, hi in summary[["mean", "ci_low", "ci_high"]].to_numpy()
         ]
     )
-    one_shift = outcome["one_shift"]
-    table.loc[
-        (table["metric"] == "pearson_pert_centred") & table["method"].isin(one_shift), "value"
-    ] = "undefined"
-    wide = table.pivot(index="method", columns="metric", values="value").reindex(methods)
+    undefined = (table["metric"] == "pearson_pert_centred") & table["method"].isin(one_shift)
+    table.loc[undefined, "value"] = "undefined"
+    wide = table.pivot(index="method", columns="metric", values="value")
+    wide = wide.reindex(list(dict.fromkeys(results["method"])))
     wide = wide[[m for m in REPORT_METRICS if m in wide.columns and m != "split_half_pearson"]]
-    n = int(summary["n"].max())
+    validation = ", ".join(outcome["settings"]["validation_perturbations"])
+    if outcome["auto_validation"]:
+        validation += " (held out from the training split by the model itself)"
+    undefined_note = ""
+    if one_shift:
+        they = "it predicts" if len(one_shift) == 1 else "they predict"
+        undefined_note = (
+            f" `pearson_pert_centred` is undefined for {_join(one_shift)}: {they} one shift for "
+            "every perturbation."
+        )
     lines = [
         f"## {number}. {task.title} ({task.name})",
         "",
         task.question,
         "",
-        f"Test perturbations in {outcome['cell_type']} (n = {len(outcome['test'])}): "
-        f"{', '.join(outcome['test'])}. "
-        f"Other perturbations of {outcome['cell_type']} in the training split: "
-        f"{outcome['n_train']}. "
-        "Validation (chooses when to stop): "
-        f"{', '.join(outcome['settings']['validation_perturbations'])}"
-        + (
-            " (held out from the training split by the model itself)."
-            if outcome["auto_validation"]
-            else "."
-        ),
+        f"Test perturbations in {cell_type} (n = {len(outcome['test'])}): "
+        f"{', '.join(outcome['test'])}. Other perturbations of {cell_type} in the training "
+        f"split: {outcome['n_train']}. Validation (chooses when to stop): {validation}.",
         "",
         "Every method is scored by `ptrag_sc.tl.evaluate` on the same test cells. Values are "
-        "means "
-        f"over the n = {n} test perturbations with a 95% bootstrap interval in brackets (the n "
-        "values "
-        "resampled). Higher is better for the Pearson correlations, lower for the distances "
-        "(`energy`, `w1`, `w2`) and `mse`."
-        + (
-            f" `pearson_pert_centred` is undefined for {_join(one_shift)}: "
-            f"{'it predicts' if len(one_shift) == 1 else 'they predict'} one shift for every "
-            "perturbation."
-            if one_shift
-            else ""
-        ),
+        f"means over the n = {int(summary['n'].max())} test perturbations with a 95% bootstrap "
+        "interval in brackets (the n values resampled). Higher is better for the Pearson "
+        "correlations, lower for the distances (`energy`, `w1`, `w2`) and `mse`." + undefined_note,
         "",
         _markdown(wide.reset_index()),
         "",
@@ -330,36 +307,34 @@ def _task_section(number: int, outcome: dict) -> list[str]:
     if not split_half.empty:
         row = split_half.iloc[0]
         r = method_means(summary, "pearson_delta")
-        above = int((r > row["mean"]).sum())
         lines += [
             f"**How noisy is the observed shift?** `split_half_pearson` = {row['mean']:.3f} "
             f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n = {int(row['n'])}) is "
-            f"{SPLIT_HALF_DEFINITION}: {above} of {len(r)} methods score above it here.",
+            f"{SPLIT_HALF_DEFINITION}: {int((r > row['mean']).sum())} of {len(r)} methods score "
+            "above it here.",
             "",
         ]
     for note in outcome["notes"]:
         lines += [note, ""]
     shift, heatmap, history = (
-        f"{folder}/{FILES[k]}" for k in ("shift_figure", "retrieval_figure", "history_figure")
+        f"{task.name}/{FILES[k]}" for k in ("shift_figure", "retrieval_figure", "history_figure")
     )
     lines += [
         f"![Predicted vs observed mean shift]({shift})",
         "",
         f"[`{shift}`]({shift}): predicted vs observed mean shift from control, one point per gene "
-        "and "
-        "one colour per test perturbation; one panel per method, with its mean `pearson_delta` in "
-        "the title. The dashed line is y = x.",
+        "and one colour per test perturbation; one panel per method, with its mean "
+        "`pearson_delta` in the title. The dashed line is y = x.",
         "",
         f"![Retrieval heatmap]({heatmap})",
         "",
-        f"[`{heatmap}`]({heatmap}): for each test perturbation in {outcome['cell_type']} (rows), "
-        "the "
+        f"[`{heatmap}`]({heatmap}): for each test perturbation in {cell_type} (rows), the "
         'stage-1 candidates (columns, "gene @ cell type") coloured by the stage-2 keep '
         "probability; dots mark the candidates kept for most cells. A white cell is a candidate "
         "that stage 1 did not retrieve for that query (each query retrieves its own nearest "
         "candidates; the columns are their union).",
         "",
-        _retrieval_table(outcome["retrieval"], folder),
+        _retrieval_table(outcome["retrieval"], task.name),
         "",
         f"![Training history]({history})",
         "",
@@ -374,33 +349,19 @@ def _task_section(number: int, outcome: dict) -> list[str]:
 
 def _retrieval_table(retrieval: pd.DataFrame, folder: str) -> str:
     """The candidates with the highest keep probability per query, with their cell type."""
-    cols = [
-        c
-        for c in (
-            "query",
-            "rank",
-            "candidate",
-            "candidate_cell_type",
-            "similarity",
-            "keep_probability",
-            "selected_fraction",
-        )
-        if c in retrieval.columns
-    ]
+    numbers = ("similarity", "keep_probability", "selected_fraction")
+    cols = ["query", "rank", "candidate", "candidate_cell_type", *numbers]
     order = [c for c in ("keep_probability", "rank") if c in retrieval.columns]
     top = (
         retrieval.sort_values(order, ascending=[False, True][: len(order)], kind="stable")
         .groupby("query", sort=False)
         .head(RETRIEVAL_ROWS)
     )
-    queries = list(dict.fromkeys(retrieval["query"]))
-    top = top.assign(_q=top["query"].map({q: i for i, q in enumerate(queries)})).sort_values(
-        "_q", kind="stable"
-    )
-    frame = top[cols].reset_index(drop=True)
-    for c in ("similarity", "keep_probability", "selected_fraction"):
-        if c in frame:
-            frame[c] = [f"{v:.3f}" if np.isfinite(v) else "" for v in frame[c].astype(float)]
+    query_order = {q: i for i, q in enumerate(dict.fromkeys(retrieval["query"]))}
+    top = top.sort_values("query", key=lambda q: q.map(query_order), kind="stable")
+    frame = top[[c for c in cols if c in retrieval.columns]].reset_index(drop=True)
+    for c in frame.columns.intersection(numbers):
+        frame[c] = [f"{v:.3f}" if np.isfinite(v) else "" for v in frame[c].astype(float)]
     if "rank" in frame:
         frame["rank"] = [
             str(int(v)) if np.isfinite(v) else "" for v in frame["rank"].astype(float)
@@ -425,5 +386,5 @@ def _markdown(frame: pd.DataFrame) -> str:
 
     header = "| " + " | ".join(map(cell, frame.columns)) + " |"
     rule = "|" + "|".join(["---"] * frame.shape[1]) + "|"
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.to_numpy()]
+    rows = ["| " + " | ".join(map(cell, row)) + " |" for row in frame.to_numpy()]
     return "\n".join([header, rule, *rows])

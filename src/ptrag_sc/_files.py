@@ -1,12 +1,9 @@
 """Files written whole or not at all, never through a link, with the user's permissions.
 
-Model folders (:mod:`ptrag_sc.model._io`) and prediction files (:mod:`ptrag_sc.data._writers`)
-are written under a fresh, unique temporary name beside their target, synced to disk, then
-renamed into place: a failure or a crash leaves the old content, a reader sees the old or the
-new one, and two writers never share a temporary name. Files are created exclusively
-(``O_EXCL``) and opened without following links (``O_NOFOLLOW``), so a link planted where a
-file goes is never written through. Modes are ``0o666`` / ``0o777`` filtered by the process
-umask: the permissions any other file the user creates gets.
+Model folders and prediction files are written under a unique temporary name beside their
+target, synced, then renamed into place: a crash leaves the old content and a reader sees the
+old or the new one. Files are created with ``O_EXCL`` and opened with ``O_NOFOLLOW`` (a planted
+link is never written through), with modes ``0o666`` / ``0o777`` filtered by the umask.
 """
 
 from __future__ import annotations
@@ -25,24 +22,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from typing import BinaryIO
 
-__all__ = [
-    "LinkError",
-    "carry_over",
-    "digest",
-    "download_missing",
-    "folder_lock",
-    "fsync_path",
-    "make_sibling_folder",
-    "open_file",
-    "open_folder",
-    "open_verified",
-    "read_bytes",
-    "replacing_folder",
-    "sibling_name",
-    "swap_in",
-    "write_bytes",
-]
-
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -58,7 +37,7 @@ def sibling_name(target: Path, tag: str) -> Path:
 
 
 def make_sibling_folder(target: Path, tag: str) -> Path:
-    """Create an empty folder with a unique hidden name beside ``target`` (mode 0o777 & ~umask)."""
+    """Create an empty folder with a unique hidden name beside ``target``."""
     for _ in range(16):
         path = sibling_name(target, tag)
         try:
@@ -122,8 +101,8 @@ def digest(handle: BinaryIO) -> dict:
 
 
 def open_verified(name: str, dir_fd: int, expected: dict, recorded_in: str) -> BinaryIO:
-    """The plain file ``name`` of the folder ``dir_fd``, open, if its size and SHA-256 are
-    ``expected`` (as :func:`digest` gives them); else a ``ValueError`` saying how it differs."""
+    """The plain file ``name`` of the folder ``dir_fd``, open, if its :func:`digest` is
+    ``expected``; else a ``ValueError`` saying how it differs."""
     handle = open_file(name, dir_fd)
     found = digest(handle)
     if found == expected:
@@ -157,11 +136,8 @@ def fsync_path(path: Path) -> None:
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (``flock``), so writers beside each other take turns.
-
-    Without ``fcntl`` (Windows) or on file systems without locks, nothing is locked: each writer
-    still writes its own temporary folder and swaps it in whole.
-    """
+    """Hold an exclusive ``flock`` on ``folder`` so writers take turns (where locks exist; each
+    writer still swaps in its own whole folder)."""
     try:
         import fcntl
     except ImportError:
@@ -169,10 +145,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
         return
     fd = open_folder(folder)
     try:
-        try:
+        with contextlib.suppress(OSError):  # a file system without locks
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -194,11 +168,10 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def swap_in(new: Path, target: Path) -> None:
-    """Put the complete folder ``new`` at ``target``; the old ``target`` (if any) is deleted after.
+    """Put the complete folder ``new`` at ``target`` and delete the old one.
 
-    Where the system swaps two names in one step, a reader of ``target`` always finds a whole
-    folder; elsewhere ``target`` is missing for the moment between two renames, and the old
-    folder is put back if the second one fails.
+    Where the system swaps two names in one step a reader always finds a whole folder; elsewhere
+    ``target`` is missing between two renames, and the old folder is put back if the second fails.
     """
     if not os.path.lexists(target):
         os.rename(new, target)
@@ -218,18 +191,11 @@ def swap_in(new: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def replacing_folder(target: Path, *, overwrite: bool, keep_out: set[str]) -> Iterator[Path]:
-    """A new, empty folder to fill; when the block succeeds it replaces ``target`` whole.
+    """A new folder to fill that replaces ``target`` whole when the block succeeds.
 
-    The entries of an existing ``target`` other than ``keep_out`` are carried over (hard links),
-    so its other files survive. Writers beside each other take turns (:func:`folder_lock`);
-    a failure leaves ``target`` as it was and removes the new folder.
-
-    Raises
-    ------
-    ValueError
-        If ``target`` is a symbolic link, or exists and ``overwrite`` is False.
-    NotADirectoryError
-        If ``target`` exists and is not a folder.
+    The entries of an existing ``target`` other than ``keep_out`` are carried over (hard links);
+    a failure leaves ``target`` as it was. ``ValueError`` for a link or, without ``overwrite``,
+    an existing ``target``; ``NotADirectoryError`` for a file.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(target.parent):
@@ -286,11 +252,8 @@ def carry_over(old: Path, new: Path, skip: set[str]) -> None:
 
 
 def download_missing(folder: Path, names: list[str], source: str | Mapping[str, str]) -> None:
-    """Download the files ``names`` absent from ``folder``, each written whole or not at all.
-
-    ``source`` is a base URL (names appended) or a mapping of name to URL (names it lacks are
-    skipped).
-    """
+    """Download the files ``names`` absent from ``folder``, each written whole or not at all,
+    from a base URL or a mapping name -> URL (names it lacks are skipped)."""
     import urllib.error
     import urllib.request
 

@@ -13,8 +13,6 @@ DEFAULT_NUM_THREADS = 1
 
 def _as_level(level: int | str) -> int:
     """A logging level from an int or a name such as ``"info"``."""
-    if isinstance(level, bool):
-        raise TypeError(f"`verbosity` must be a logging level (int or name), got {level!r}.")
     if isinstance(level, str):
         value = logging.getLevelName(level.upper())
         if not isinstance(value, int):
@@ -23,13 +21,11 @@ def _as_level(level: int | str) -> int:
                 "'info', 'warning' or 'error'."
             )
         return value
-    if isinstance(level, int):
-        if level < 0:
-            raise ValueError(f"`verbosity` must be a non-negative logging level, got {level}.")
-        return level
-    raise TypeError(
-        f"`verbosity` must be a logging level (int or name), got {type(level).__name__}."
-    )
+    if isinstance(level, bool) or not isinstance(level, int):
+        raise TypeError(f"`verbosity` must be a logging level (int or name), got {level!r}.")
+    if level < 0:
+        raise ValueError(f"`verbosity` must be a non-negative logging level, got {level}.")
+    return level
 
 
 class PTRAGSettings:
@@ -97,14 +93,11 @@ class PTRAGSettings:
 
     @num_threads.setter
     def num_threads(self, value: int | None) -> None:
-        if value is not None:
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
-                value = int(value)
-            else:
-                raise ValueError(
-                    f"`num_threads` must be a positive integer or None, got {value!r}."
-                )
-        self._num_threads = value
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1
+        ):
+            raise ValueError(f"`num_threads` must be a positive integer or None, got {value!r}.")
+        self._num_threads = None if value is None else int(value)
 
     def __repr__(self) -> str:
         return (

@@ -1,8 +1,5 @@
-"""Gene symbols: resolution (exact, case-insensitive, aliases and previous symbols) and the
-shipped gene tables it reads (NCBI Gene via Bioconductor org.Hs.eg.db 3.16, in ``pp/data``).
-
-Below the data layer, which resolves labels and annotations through it; re-exported by
-:mod:`ptrag_sc.pp`."""
+"""Gene symbol resolution (exact, case, aliases) over the shipped NCBI Gene tables (``pp/data``);
+below the data layer, re-exported by :mod:`ptrag_sc.pp`."""
 
 from __future__ import annotations
 
@@ -21,14 +18,13 @@ if TYPE_CHECKING:
 
 __all__ = ["SymbolResolution", "resolve_gene_symbols"]
 
-_DATA = "data"
 #: Priority given to user-supplied aliases (preferred over the shipped table).
 _USER_PRIORITY = -1
 
 
 def _data_path(name: str) -> Traversable:
     """A shipped gene table (read from the package folder, without importing ``pp``)."""
-    return files("ptrag_sc") / "pp" / _DATA / name
+    return files("ptrag_sc") / "pp" / "data" / name
 
 
 @lru_cache(maxsize=1)
@@ -54,10 +50,8 @@ def _alias_table() -> dict[str, tuple[tuple[str, int], ...]]:
 
 @lru_cache(maxsize=1)
 def _official_symbols() -> dict[str, str]:
-    """Upper-case official symbol -> official symbol (NCBI Gene via org.Hs.eg.db 3.16)."""
-    with _data_path("gene_annotations.tsv.gz").open("rb") as fh:
-        df = pd.read_csv(fh, sep="\t", compression="gzip", usecols=["symbol"], dtype=str)
-    return {s.upper(): s for s in df["symbol"]}
+    """Upper-case official symbol -> official symbol."""
+    return {s.upper(): s for s in gene_table().index}
 
 
 @dataclass(frozen=True)
@@ -174,9 +168,8 @@ def resolve_gene_symbols(
     ['NOT_A_GENE']
     """
     if isinstance(vocabulary, pd.DataFrame | pd.Series):
-        vocab = _as_str_list(vocabulary.index, "vocabulary")
-    else:
-        vocab = _as_str_list(vocabulary, "vocabulary")
+        vocabulary = vocabulary.index
+    vocab = _as_str_list(vocabulary, "vocabulary")
     queries = list(dict.fromkeys(_as_str_list(symbols, "symbols")))
 
     vocab_set = set(vocab)
@@ -204,22 +197,17 @@ def resolve_gene_symbols(
         cands = user.get(upper, []) + list(base.get(upper, ()))
         return [(s.upper(), p) for s, p in cands]
 
-    vocab_by_canon: dict[str, list[str]] = {}
-    built: list[bool] = []
-
+    @lru_cache(maxsize=1)
     def vocab_index() -> dict[str, list[str]]:
         """Vocabulary entries by the official symbol they stand for (best priority only)."""
-        if not built:
-            built.append(True)
-            for upper, entries in by_upper.items():
-                cands = canonical(upper)
-                if not cands:
-                    continue
-                best = min(p for _, p in cands)
-                targets = {s for s, p in cands if p == best}
-                if len(targets) == 1:
-                    vocab_by_canon.setdefault(targets.pop(), []).extend(entries)
-        return vocab_by_canon
+        index: dict[str, list[str]] = defaultdict(list)
+        for upper, entries in by_upper.items():
+            cands = canonical(upper)
+            best = min((p for _, p in cands), default=None)
+            targets = {s for s, p in cands if p == best}
+            if len(targets) == 1:
+                index[targets.pop()].extend(entries)
+        return index
 
     mapping: dict[str, str] = {}
     method: dict[str, str] = {}

@@ -18,10 +18,6 @@ __all__ = ["papalexi_thp1", "papalexi_thp1_folds"]
 _COUNTS = "papalexi2021_thp1.npz"
 _EMBEDDINGS = "papalexi2021_thp1_gene_embeddings.npz"
 CELL_LINE = "THP-1"
-ATTRIBUTION = (
-    "Papalexi et al., Nat Genet 53:322 (2021), ECCITE-seq of THP-1 cells; subset from the "
-    "sceptredata R package (Katsevich-Lab/sceptredata, commit ec722d5, MIT licence)."
-)
 
 
 def papalexi_thp1() -> AnnData:
@@ -81,7 +77,7 @@ def papalexi_thp1() -> AnnData:
             "cell_line": pd.Categorical([CELL_LINE] * len(gene)),
             "bio_rep": pd.Categorical(bio_rep),
         },
-        index=pd.Index([f"cell{i}" for i in range(len(gene))]),
+        index=[f"cell{i}" for i in range(len(gene))],
     )
     adata = anndata.AnnData(X=counts.copy(), obs=obs, var=pd.DataFrame(index=pd.Index(var_names)))
     adata.layers["counts"] = counts
@@ -90,9 +86,9 @@ def papalexi_thp1() -> AnnData:
     adata.X = np.asarray(adata.X.toarray(), dtype=np.float32)
     adata.uns.pop("log1p", None)
 
-    embeddings, source = read_gene_embeddings(_EMBEDDINGS)
-    adata.uns["gene_embeddings"] = embeddings
-    adata.uns["gene_embedding_source"] = source
+    adata.uns["gene_embeddings"], adata.uns["gene_embedding_source"] = read_gene_embeddings(
+        _EMBEDDINGS
+    )
     adata.uns["dataset"] = {
         "name": "papalexi_thp1",
         "source": (

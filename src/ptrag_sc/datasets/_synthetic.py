@@ -9,12 +9,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._constants import (
-    DEFAULT_CELL_TYPE_KEY,
-    DEFAULT_CONTROL_GROUP,
-    DEFAULT_PERTURBATION_KEY,
-    DEFAULT_PERTURBATION_SEP,
-)
+from .._constants import DEFAULT_CELL_TYPE_KEY, DEFAULT_CONTROL_GROUP, DEFAULT_PERTURBATION_KEY
+from .._constants import DEFAULT_PERTURBATION_SEP as SEP
 from ._synthetic_model import (
     _BASE_SD,
     _CELL_TYPE_BASE_SD,
@@ -51,7 +47,7 @@ _DEFAULTS: dict[str, Any] = {
     "combination_interaction": 0.2,
     "target_overlap": 0.5,
     "knockdown": 0.8,
-    "library_size": None,
+    "library_size": _LIBRARY_SIZE,
     "sparse": False,
 }
 
@@ -255,33 +251,13 @@ def synthetic(
     >>> adata.uns["true_effects"].shape
     (39, 200)
     """
-    params = _resolve_params(
-        preset,
-        n_cell_types=n_cell_types,
-        n_perturbations=n_perturbations,
-        n_genes=n_genes,
-        n_cells_per_perturbation=n_cells_per_perturbation,
-        n_control_cells=n_control_cells,
-        embedding_dim=embedding_dim,
-        n_programs=n_programs,
-        effect_size=effect_size,
-        embedding_smoothness=embedding_smoothness,
-        cell_type_specificity=cell_type_specificity,
-        n_batches=n_batches,
-        batch_effect=batch_effect,
-        n_combinations=n_combinations,
-        combination_interaction=combination_interaction,
-        target_overlap=target_overlap,
-        knockdown=knockdown,
-        library_size=library_size,
-        sparse=sparse,
-    )
+    arguments = {k: v for k, v in locals().items() if k not in ("preset", "seed")}
+    params = _resolve_params(preset, arguments)
     _validate(params, seed)
     rng = np.random.default_rng(seed)
     n_ct, n_pert, n_genes_ = params["n_cell_types"], params["n_perturbations"], params["n_genes"]
     n_batch, n_comb = params["n_batches"], params["n_combinations"]
 
-    # --- names -------------------------------------------------------------------------------
     width = max(4, len(str(n_genes_)))
     var_names = np.array([f"GENE{i + 1:0{width}d}" for i in range(n_genes_)], dtype=object)
     n_measured_targets = round(params["target_overlap"] * n_pert)
@@ -296,7 +272,6 @@ def synthetic(
     cell_lines = _cell_line_names(preset, n_ct)
     batches = [f"batch{b + 1}" for b in range(n_batch)]
 
-    # --- gene embeddings -----------------------------------------------------------------------
     dim, n_prog = params["embedding_dim"], params["n_programs"]
     centres = rng.normal(0.0, 1.0 / math.sqrt(dim), size=(n_prog, dim))
     program = rng.permutation(np.arange(n_pert) % n_prog)
@@ -304,33 +279,20 @@ def synthetic(
     emb = centres[program] + noise
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
 
-    # --- latent effects ------------------------------------------------------------------------
     lam = params["embedding_smoothness"]
     w_map = rng.normal(size=(dim, _N_LATENT))
     own = rng.normal(size=(n_pert, _N_LATENT))
     z_single = math.sqrt(lam) * (emb @ w_map) + math.sqrt(1.0 - lam) * own
+    pair_id = np.zeros(0, dtype=np.int64)
     if n_comb:
-        n_pairs = n_pert * (n_pert - 1) // 2
-        pair_id = np.sort(rng.choice(n_pairs, size=n_comb, replace=False))
-        first, second = _unrank_pairs(pair_id, n_pert)
-        z_comb = (
-            z_single[first]
-            + z_single[second]
-            + params["combination_interaction"] * rng.normal(size=(n_comb, _N_LATENT))
-        )
-        combos = [
-            f"{singles[a]}{DEFAULT_PERTURBATION_SEP}{singles[b]}"
-            for a, b in zip(first, second, strict=True)
-        ]
-    else:
-        first = second = np.zeros(0, dtype=np.int64)
-        z_comb = np.zeros((0, _N_LATENT))
-        combos = []
-    z_all = np.vstack([z_single, z_comb])  # [P + n_comb, L]
+        pair_id = np.sort(rng.choice(n_pert * (n_pert - 1) // 2, size=n_comb, replace=False))
+    first, second = _unrank_pairs(pair_id, n_pert)
+    interaction = params["combination_interaction"] * rng.normal(size=(n_comb, _N_LATENT))
+    z_all = np.vstack([z_single, z_single[first] + z_single[second] + interaction])
+    combos = [SEP.join((singles[a], singles[b])) for a, b in zip(first, second, strict=True)]
     groups = [DEFAULT_CONTROL_GROUP, *singles, *combos]  # group 0 is the control
     n_groups = len(groups)
 
-    # --- log-rate shifts -----------------------------------------------------------------------
     q = min(1.0, _PROGRAMS_PER_GENE / _N_LATENT)
     gamma = params["cell_type_specificity"]
 
@@ -351,7 +313,6 @@ def synthetic(
         for t in {int(target_of[a]), int(target_of[b])} - {-1}:
             delta[:, 1 + n_pert + j, t] += log_kd
 
-    # --- baselines, batches ------------------------------------------------------------------
     base = rng.normal(0.0, _BASE_SD, size=n_genes_) + rng.normal(
         0.0, _CELL_TYPE_BASE_SD, size=(n_ct, n_genes_)
     )
@@ -361,13 +322,10 @@ def synthetic(
     lse = np.log(np.exp(base).sum(axis=1))
     rest_logit = lse + math.log((1.0 - frac) / frac)  # per cell line
 
-    # --- cell design ---------------------------------------------------------------------------
     n_per = params["n_cells_per_perturbation"]
     sizes = np.tile(np.r_[params["n_control_cells"], np.full(n_groups - 1, n_per)], n_ct)
-    group_of_block = np.tile(np.arange(n_groups), n_ct)
-    line_of_block = np.repeat(np.arange(n_ct), n_groups)
-    cell_group = np.repeat(group_of_block, sizes)
-    cell_line = np.repeat(line_of_block, sizes)
+    cell_group = np.repeat(np.tile(np.arange(n_groups), n_ct), sizes)
+    cell_line = np.repeat(np.repeat(np.arange(n_ct), n_groups), sizes)
     n_obs = int(sizes.sum())
     block = np.repeat(np.arange(sizes.size), sizes)
     rank = np.arange(n_obs) - np.repeat(np.cumsum(sizes) - sizes, sizes)
@@ -376,8 +334,6 @@ def synthetic(
     cell_batch[shuffled] = rank % n_batch  # balanced batches within each group
     size_factor = lib * np.exp(_SIZE_SD * rng.standard_normal(n_obs) - _SIZE_SD**2 / 2)
 
-    # --- counts -> log1p(normalised), chunkwise ------------------------------------------------
-    chunk = max(1, _CHUNK_ELEMENTS // n_genes_)
     X = _simulate_expression(
         rng,
         cell_line=cell_line,
@@ -388,25 +344,18 @@ def synthetic(
         rest_logit=rest_logit,
         delta=delta,
         batch_offset=batch_offset,
-        chunk=chunk,
+        chunk=max(1, _CHUNK_ELEMENTS // n_genes_),
         sparse=params["sparse"],
     )
 
-    # --- true effects --------------------------------------------------------------------------
-    true = _true_effects(
-        base=base,
-        rest_logit=rest_logit,
-        delta=delta,
-        batch_offset=batch_offset,
-        library_size=lib,
-    )
+    true = _true_effects(base, rest_logit, delta, batch_offset, lib)[:, 1:]
     del delta
-    index = [f"{cl}:{g}" for cl in cell_lines for g in groups[1:]]
     true_effects = pd.DataFrame(
-        true[:, 1:].reshape(-1, n_genes_), index=index, columns=pd.Index(var_names, dtype=str)
+        true.reshape(-1, n_genes_),
+        index=[f"{cl}:{g}" for cl in cell_lines for g in groups[1:]],
+        columns=pd.Index(var_names, dtype=str),
     )
 
-    # --- assemble ------------------------------------------------------------------------------
     obs = pd.DataFrame(
         {
             DEFAULT_PERTURBATION_KEY: pd.Categorical.from_codes(cell_group, categories=groups),
@@ -415,13 +364,12 @@ def synthetic(
         },
         index=pd.Index([f"cell{i:07d}" for i in range(n_obs)], dtype=str),
     )
-    var = pd.DataFrame(index=pd.Index(var_names, dtype=str))
     embeddings = pd.DataFrame(
         emb.astype(np.float32),
         index=pd.Index(singles, dtype=str),
         columns=[f"dim{i}" for i in range(dim)],
     )
-    info = {k: v for k, v in params.items()}
+    info = dict(params)
     info.update(
         seed=int(seed),
         preset=preset or "",
@@ -432,20 +380,14 @@ def synthetic(
         embedding_program=program.astype(np.int64),
     )
     uns = {"gene_embeddings": embeddings, "true_effects": true_effects, "synthetic": info}
-    return AnnData(X=X, obs=obs, var=var, uns=uns)
+    return AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(var_names, dtype=str)), uns=uns)
 
 
-def _resolve_params(preset: str | None, **explicit: Any) -> dict[str, Any]:
-    params = dict(_DEFAULTS)
-    if preset is not None:
-        if preset not in _PRESETS:
-            raise ValueError(
-                f"Unknown preset={preset!r}; expected None or one of {sorted(_PRESETS)}."
-            )
-        params.update(_PRESETS[preset])
+def _resolve_params(preset: str | None, explicit: dict[str, Any]) -> dict[str, Any]:
+    if preset is not None and preset not in _PRESETS:
+        raise ValueError(f"Unknown preset={preset!r}; expected None or one of {sorted(_PRESETS)}.")
+    params = {**_DEFAULTS, **_PRESETS.get(preset, {})}
     params.update({k: v for k, v in explicit.items() if v is not None})
-    if params["library_size"] is None:
-        params["library_size"] = _LIBRARY_SIZE
     params["library_size"] = float(params["library_size"])
     params["sparse"] = bool(params["sparse"])
     return params
@@ -461,9 +403,8 @@ def _validate(params: dict[str, Any], seed: int) -> None:
     def check_float(
         name: str, low: float, high: float = math.inf, *, open_high: bool = False
     ) -> None:
-        value = params[name]
         try:
-            value = float(value)
+            value = float(params[name])
         except (TypeError, ValueError):
             raise ValueError(f"`{name}` must be a number, got {params[name]!r}.") from None
         bad_high = value >= high if open_high else value > high

@@ -1,5 +1,5 @@
-"""The generative model of :func:`~ptrag_sc.datasets.synthetic`: its fixed constants, the
-sampling of the expression matrix and the exact expected effects."""
+"""The generative model of :func:`~ptrag_sc.datasets.synthetic`: constants, sampling of the
+expression and the exact expected effects."""
 
 from __future__ import annotations
 
@@ -26,11 +26,8 @@ _CHUNK_ELEMENTS = 1 << 22  # cells x genes per generation chunk
 
 
 def _log_probs(logits: np.ndarray, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Log-softmax over the genes (last axis) plus one extra "rest" category.
-
-    Returns the log probabilities of the genes and of the rest (``rest`` broadcasts against
-    ``logits[..., :1]``).
-    """
+    """Log-softmax over the genes (last axis) and one extra ``rest`` category (broadcast
+    against ``logits[..., :1]``): the log probabilities of the genes and of the rest."""
     top = np.maximum(logits.max(axis=-1, keepdims=True), rest)
     lse = top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True) + np.exp(rest - top))
     return logits - lse, rest - lse
@@ -50,6 +47,8 @@ def _simulate_expression(
     chunk: int,
     sparse: bool,
 ) -> np.ndarray | sp.csr_matrix:
+    """``log1p`` of the normalised counts, sampled by chunks of ``chunk`` cells (keyword
+    arguments: ``benchmarks/scale.py`` streams the chunks to a file)."""
     n_obs, n_genes = cell_line.size, base.shape[1]
     dense = None if sparse else np.empty((n_obs, n_genes), dtype=np.float32)
     row_nnz = np.zeros(n_obs, dtype=np.int64)
@@ -123,15 +122,13 @@ def _nb_log1p_table(mean_grid: np.ndarray, size_nodes: np.ndarray) -> np.ndarray
 
 
 def _true_effects(
-    *,
     base: np.ndarray,
     rest_logit: np.ndarray,
     delta: np.ndarray,
     batch_offset: np.ndarray,
     library_size: float,
 ) -> np.ndarray:
-    """Expected mean of ``X`` per (cell line, group) minus that of the controls,
-    ``[C, n_groups, G]``."""
+    """Expected mean of ``X`` per (cell line, group) minus the controls', ``[C, groups, G]``."""
     n_ct, n_groups, n_genes = delta.shape
     n_batch = batch_offset.shape[0]
     nodes, weights = np.polynomial.hermite_e.hermegauss(_N_QUADRATURE)

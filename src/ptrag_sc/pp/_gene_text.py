@@ -43,18 +43,14 @@ def _go_terms() -> dict[int, tuple[str, str]]:
 
 def _annotation_text(symbol: str, row: pd.Series, max_terms: Mapping[str, int]) -> str:
     parts = [f"Gene Symbol {symbol} {row['name']}."]
-    type_label = _TYPE_LABEL.get(row["type"])
-    if type_label:
-        parts.append(f"This is a {type_label}.")
-    terms = _go_terms()
+    if row["type"] in _TYPE_LABEL:
+        parts.append(f"This is a {_TYPE_LABEL[row['type']]}.")
     by_ont: dict[str, list[str]] = {"BP": [], "MF": [], "CC": []}
-    for go in row["go"].split():
-        ont, term = terms[int(go)]
+    terms = _go_terms()
+    for ont, term in (terms[int(go)] for go in row["go"].split()):
         if len(by_ont[ont]) < max_terms.get(ont, 0):
             by_ont[ont].append(term)
-    for ont, names in by_ont.items():
-        if names:
-            parts.append(f"{_ONTOLOGY_LABEL[ont]}: {'; '.join(names)}.")
+    parts += [f"{_ONTOLOGY_LABEL[o]}: {'; '.join(names)}." for o, names in by_ont.items() if names]
     return " ".join(parts)
 
 
@@ -100,9 +96,7 @@ def gene_text_from_annotations(
     Gene Symbol MAP3K21 mitogen-activated protein kinase kinase kinase 21. Biol
     """
     queries = list(dict.fromkeys(_as_str_list(genes, "genes")))
-    if max_terms is None:
-        caps: dict[str, int] = {"BP": 10**6, "MF": 10**6, "CC": 10**6}
-    elif isinstance(max_terms, Mapping):
+    if isinstance(max_terms, Mapping):
         unknown = sorted(set(max_terms) - set(_ONTOLOGY_LABEL))
         if unknown:
             raise ValueError(
@@ -110,7 +104,7 @@ def gene_text_from_annotations(
             )
         caps = {k: int(max_terms.get(k, 0)) for k in _ONTOLOGY_LABEL}
     else:
-        caps = dict.fromkeys(_ONTOLOGY_LABEL, int(max_terms))
+        caps = dict.fromkeys(_ONTOLOGY_LABEL, 10**6 if max_terms is None else int(max_terms))
     if any(v < 0 for v in caps.values()):
         raise ValueError(f"`max_terms` must be non-negative, got {max_terms!r}.")
 
@@ -184,8 +178,8 @@ def read_gene_summaries(
         new = m.group(1) if m else key
         if new in out:
             conflicts.append(f"{key} -> {new}")
-            continue
-        out[new] = text
+        else:
+            out[new] = text
     if conflicts:
         raise ValueError(
             "Several summaries describe the same gene after re-keying by their 'Gene Symbol' "

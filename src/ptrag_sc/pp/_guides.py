@@ -1,5 +1,4 @@
-"""Guide assignment: which gRNA (and so which target gene) each cell of a Perturb-seq screen
-got."""
+"""Guide assignment: which gRNA (and so which target gene) each cell of a screen got."""
 
 from __future__ import annotations
 
@@ -28,21 +27,10 @@ _CHUNK_ROWS = 65536
 
 
 def guide_columns(key_added: str = "guide") -> dict[str, str]:
-    """Names of the obs columns :func:`assign_guides` writes, for a given ``key_added``.
-
-    Returns
-    -------
-    ``{"guide": ..., "target": ..., "top_umi": ..., "second_umi": ..., "status": ...}``, e.g.
-    ``"guide_id"``, ``"guide_target"``, ``"guide_top_umi"``, ``"guide_second_umi"`` and
-    ``"guide_status"`` for the default prefix.
-    """
-    return {
-        "guide": f"{key_added}_id",
-        "target": f"{key_added}_target",
-        "top_umi": f"{key_added}_top_umi",
-        "second_umi": f"{key_added}_second_umi",
-        "status": f"{key_added}_status",
-    }
+    """The obs columns :func:`assign_guides` writes: ``{"guide": "<key_added>_id", "target":
+    "<key_added>_target", ...}`` for ``top_umi``, ``second_umi`` and ``status`` too."""
+    suffixes = ("id", "target", "top_umi", "second_umi", "status")
+    return {("guide" if s == "id" else s): f"{key_added}_{s}" for s in suffixes}
 
 
 def assign_guides(
@@ -130,8 +118,6 @@ def assign_guides(
 
     Notes
     -----
-    The top two counts are found without a loop over cells: for sparse counts by sorting the
-    stored values per row, for dense counts with :func:`numpy.partition` in blocks of rows.
     Among tied top guides the one with the lowest column index is reported (a tie is a
     multiplet anyway).
 
@@ -216,12 +202,12 @@ def assign_guides(
             raise ValueError(
                 "`guides.X` is empty; pass `layer=` naming the layer with guide counts."
             )
+    elif layer not in guides.layers:
+        raise KeyError(
+            f"`layer={layer!r}` is not in `guides.layers`. Existing layers: "
+            f"{list(guides.layers.keys())}."
+        )
     else:
-        if layer not in guides.layers:
-            raise KeyError(
-                f"`layer={layer!r}` is not in `guides.layers`. Existing layers: "
-                f"{list(guides.layers.keys())}."
-            )
         X, where = guides.layers[layer], f"`guides.layers[{layer!r}]`"
     top_idx, top, second = _top_two(X, where)
 
@@ -229,8 +215,7 @@ def assign_guides(
     status = np.where(
         top < min_umi, unassigned, np.where(assigned, GUIDE_ASSIGNED, multiplet)
     ).astype(object)
-    guide = status.copy()
-    target = status.copy()
+    guide, target = status.copy(), status.copy()
     guide[assigned] = guide_names[top_idx[assigned]]
     target[assigned] = guide_labels[top_idx[assigned]]
     names = guide_columns(key_added)
@@ -241,7 +226,7 @@ def assign_guides(
             names["top_umi"]: top,
             names["second_umi"]: second,
             names["status"]: pd.Categorical(
-                status, categories=_unique([GUIDE_ASSIGNED, unassigned, multiplet])
+                status, categories=list(dict.fromkeys([GUIDE_ASSIGNED, unassigned, multiplet]))
             ),
         },
         index=guides.obs_names.copy(),
@@ -262,10 +247,6 @@ def _check_number(name: str, value: object) -> float:
     if not np.isfinite(value):
         raise ValueError(f"`{name}` must be finite, got {value}.")
     return value
-
-
-def _unique(values: list[str]) -> list[str]:
-    return list(dict.fromkeys(values))
 
 
 def _check_labels(
@@ -296,21 +277,16 @@ def _check_counts(
     values: np.ndarray, rows: Callable[[np.ndarray], np.ndarray], where: str
 ) -> None:
     """Reject NaN, infinite and negative counts; ``rows(mask)`` gives the rows of bad values."""
-    bad = ~np.isfinite(values)
-    if bad.any():
-        cells = rows(bad)
-        raise ValueError(
-            f"{where} holds NaN or infinite guide counts in {len(cells)}+ cell(s) (first rows: "
-            f"{cells[:5].tolist()})."
-        )
-    bad = values < 0
-    if bad.any():
-        cells = rows(bad)
-        raise ValueError(
-            f"{where} holds negative guide counts in {len(cells)}+ cell(s) (first rows: "
-            f"{cells[:5].tolist()}, "
-            f"min {values.min():.3g}); pass raw UMI counts."
-        )
+    for bad, what, hint in (
+        (~np.isfinite(values), "NaN or infinite", ""),
+        (values < 0, "negative", f", min {values.min(initial=0):.3g}); pass raw UMI counts"),
+    ):
+        if bad.any():
+            cells = rows(bad)
+            raise ValueError(
+                f"{where} holds {what} guide counts in {len(cells)}+ cell(s) (first rows: "
+                f"{cells[:5].tolist()}{hint or ')'}."
+            )
 
 
 def _top_two(X: np.ndarray | sp.spmatrix, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

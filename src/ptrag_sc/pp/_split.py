@@ -177,21 +177,20 @@ def few_shot_split(
             f"keeps training perturbations, got {val_fraction} + {test_fraction}."
         )
 
-    pert = adata.obs[perturbation_key]
-    ctype = adata.obs[cell_type_key]
-    for key, col in ((perturbation_key, pert), (cell_type_key, ctype)):
-        if col.isna().any():
+    for key in (perturbation_key, cell_type_key):
+        if adata.obs[key].isna().any():
             raise ValueError(
-                f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values; label every cell."
+                f"adata.obs[{key!r}] has {int(adata.obs[key].isna().sum())} missing values; "
+                "label every cell."
             )
-    pert = pert.astype(str)
-    ctype = ctype.astype(str)
+    pert = adata.obs[perturbation_key].astype(str)
+    ctype = adata.obs[cell_type_key].astype(str)
 
     held = [held_out] if isinstance(held_out, str) else list(dict.fromkeys(held_out))
     if not held:
         raise ValueError("`held_out` is empty: name at least one cell type.")
     available = sorted(ctype.unique())
-    unknown = [h for h in held if h not in set(available)]
+    unknown = [h for h in held if h not in available]
     if unknown:
         raise ValueError(
             f"Held-out cell type(s) {unknown} not found in adata.obs[{cell_type_key!r}]; "
@@ -208,10 +207,9 @@ def few_shot_split(
     if not labels:
         raise ValueError(f"Held-out cell type(s) {held} have no perturbed cells.")
 
-    chosen: dict[str, list[str] | None] = {}
+    chosen: dict[str, list[str] | None] = {"val": None, "test": None}
     for what, req in (("val", val), ("test", test)):
         if req is None:
-            chosen[what] = None
             continue
         req_list = [req] if isinstance(req, str) else list(req)
         if control_group in req_list:
@@ -231,8 +229,7 @@ def few_shot_split(
             continue
         taken = {g for lst in chosen.values() if lst for g in lst}
         pool = [g for g in labels if g not in taken]
-        n = round(frac * n_total)
-        n = max(n, 1) if frac > 0 else 0
+        n = max(round(frac * n_total), 1) if frac > 0 else 0
         n = min(n, max(len(pool) - 1, 0))  # keep at least one training perturbation
         chosen[what] = sorted(rng.choice(pool, size=n, replace=False).tolist()) if n else []
     if not set(labels) - set(chosen["val"]) - set(chosen["test"]):
@@ -247,6 +244,7 @@ def few_shot_split(
     split[in_held & pert.isin(chosen["val"]).to_numpy()] = "val"
     split[in_held & pert.isin(chosen["test"]).to_numpy()] = "test"
 
+    target = adata
     if copy:
         try:
             target = adata.copy()
@@ -256,10 +254,8 @@ def few_shot_split(
                 "`read_replogle_nadig(..., backed=True)`?); use copy=False, which only writes "
                 "obs and uns."
             ) from err
-    else:
-        target = adata
     target.obs[key_added] = pd.Categorical(split, categories=list(SPLIT_CATEGORIES))
-    params = {
+    target.uns[f"{key_added}_params"] = {
         "held_out": held,
         "val": list(chosen["val"]),
         "test": list(chosen["test"]),
@@ -267,8 +263,6 @@ def few_shot_split(
         "cell_type_key": cell_type_key,
         "control_group": control_group,
         "seed": int(seed),
+        **({} if preset is None else {"preset": preset}),
     }
-    if preset is not None:
-        params["preset"] = preset
-    target.uns[f"{key_added}_params"] = params
     return target if copy else None
