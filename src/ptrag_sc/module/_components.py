@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(
-    n_in: int, n_out: int, *, n_hidden: int, n_layers: int = 2, dropout: float = 0.0
-) -> nn.Sequential:
-    """``n_layers`` linear layers with GELU (and dropout) between them."""
-    dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(dims)):
-        layers.append(nn.Linear(a, b))
-        if i < n_layers - 1:
-            layers.append(nn.GELU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
+def mlp(n_in: int, n_out: int, n_hidden: int, dropout: float) -> nn.Sequential:
+    """Two linear layers with GELU (and dropout) between them."""
+    dropout_layer = [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(
+        nn.Linear(n_in, n_hidden), nn.GELU(), *dropout_layer, nn.Linear(n_hidden, n_out)
+    )
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with separate query and key/value projections.
-
-    Keeping the projections separate lets a caller project the many cells of a set once and
-    the few set-level tokens once, instead of projecting everything for every role.
-    """
+    """Multi-head attention with separate query and key/value projections (the many cells of
+    a set and the few set-level tokens are each projected once)."""
 
     def __init__(self, n_hidden: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
