@@ -25,8 +25,7 @@ BEST_STEP_KEY, BEST_EPOCH_KEY = "keep_best_step", "keep_best_epoch"
 
 
 class KeepBestWeights(Callback):
-    """Keep, in memory, the module weights of the best validation check and restore them at the
-    end.
+    """Keep the module weights of the best validation check in memory; restore them at the end.
 
     Parameters
     ----------
@@ -85,11 +84,9 @@ class KeepBestWeights(Callback):
 
 
 class TrainingProgress(ProgressBar):
-    """Training progress on stderr, counted in optimisation steps.
-
-    On a terminal or in a notebook: a bar over the steps, with the last validation loss. Otherwise
-    (a log file, a pipe, CI): one line when training ends, with the steps run, the time and why
-    it stopped, instead of carriage-return updates.
+    """Training progress on stderr, in optimisation steps: on a terminal or in a notebook, a bar
+    with the last validation loss; otherwise (a log file, a pipe) one line at the end with the
+    steps run, the time and why training stopped.
 
     Parameters
     ----------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import inspect
 import logging
 import signal
 import threading
@@ -18,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from .._checks import finite_float
 from .._settings import settings
 from .._utils import flush_denormal, quiet_lightning, settings_threads
+from ._trainingplan import _parameters
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningDataModule, Trainer
@@ -33,15 +33,9 @@ def is_data_parallel(strategy: object) -> bool:
     return isinstance(strategy, DDPStrategy)
 
 
-#: Arguments of `train` itself, and those scvi-tools' runner takes beside the Trainers' own.
-_OWN_KEYS = {
-    "max_epochs",
-    "max_steps",
-    "batch_size",
-    "split_key",
-    "validation_size",
-    "plan_kwargs",
-}
+#: Arguments of `train` itself (for suggestions), and those scvi-tools' runner takes beside the
+#: Trainers' own.
+_OWN_KEYS = set("max_epochs max_steps batch_size split_key validation_size plan_kwargs".split())
 _RUNNER_KEYS = {"ckpt_path", "trainer_config", "callbacks"}
 
 
@@ -51,12 +45,7 @@ def check_trainer_kwargs(trainer_kwargs: dict) -> None:
     import lightning.pytorch as pl
     from scvi.train import Trainer
 
-    accepted = _RUNNER_KEYS | {
-        p.name
-        for fn in (pl.Trainer.__init__, Trainer.__init__)
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"
-    }
+    accepted = _RUNNER_KEYS | _parameters(pl.Trainer.__init__) | _parameters(Trainer.__init__)
     unknown = sorted(set(trainer_kwargs) - accepted)
     if unknown:
         known = sorted(accepted | _OWN_KEYS)

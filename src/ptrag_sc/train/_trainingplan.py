@@ -1,5 +1,4 @@
-"""Lightning training plan: energy and pseudobulk objectives, logged per epoch into
-``model.history``."""
+"""Lightning training plan: the module's loss, its metrics logged per epoch."""
 
 from __future__ import annotations
 
@@ -14,9 +13,10 @@ from .._checks import finite_float
 from .._constants import TENSORS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from scvi.module.base import BaseModuleClass
+    from torch.optim import Optimizer
 
 #: Metrics logged per epoch, as ``{train,validation}_{name}`` (those a module reports).
 METRICS = ("loss", "energy", "mean_error", "active_ratio")
@@ -28,6 +28,7 @@ class NonFiniteLossError(FloatingPointError, RuntimeError):
 
 
 def _parameters(fn: Callable) -> set[str]:
+    """Names of ``fn``'s arguments, without ``self``, ``*args`` and ``**kwargs``."""
     params = inspect.signature(fn).parameters.values()
     return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
 
@@ -38,8 +39,8 @@ _ALIASES = {
     "learningrate": "lr",
     "wd": "weight_decay",
     "l2": "weight_decay",
+    "optim": "optimizer",
 }
-_ALIASES["optim"] = "optimizer"
 #: scvi-tools' plan arguments that do not apply: the KL warm-up of VAEs (set by this plan).
 _NOT_PASSED = {"module", "loss_kwargs", "n_steps_kl_warmup", "n_epochs_kl_warmup"}
 _NOT_PASSED |= {"max_kl_weight", "min_kl_weight"}
@@ -145,36 +146,24 @@ class PTRAGTrainingPlan(TrainingPlan):
             f"module.{name}" for name, _ in module.named_buffers()
         ]
 
-    def configure_optimizers(self) -> dict:
-        """AdamW (fused kernels) with a faster, undecayed group for the evidence weights."""
-        evidence = getattr(self.module, "evidence", None)
-        fast = {id(p) for p in evidence.parameters()} if evidence is not None else set()
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if id(p) not in fast]}]
-        if fast:
-            groups.append(
-                {
-                    "params": [p for p in params if id(p) in fast],
-                    "lr": self.evidence_lr,
-                    "weight_decay": 0.0,
-                }
-            )
+    def get_optimizer_creator(self) -> Callable[[Iterable[torch.nn.Parameter]], Optimizer]:
+        """AdamW or Adam with fused kernels, and a faster, undecayed group for the parameters
+        of the module's ``evidence`` submodule, if it has one."""
         cls = torch.optim.AdamW if self.optimizer_name == "AdamW" else torch.optim.Adam
-        optimizer = cls(
-            groups, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True
-        )
-        config = {"optimizer": optimizer}
-        if self.reduce_lr_on_plateau:
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer,
-                patience=self.lr_patience,
-                factor=self.lr_factor,
-                threshold=self.lr_threshold,
-                min_lr=self.lr_min,
-                threshold_mode="abs",
+
+        def create(params: Iterable[torch.nn.Parameter]) -> Optimizer:
+            params = list(params)
+            evidence = getattr(self.module, "evidence", None)
+            fast = {id(p) for p in evidence.parameters()} if evidence is not None else set()
+            groups = [{"params": [p for p in params if id(p) not in fast]}]
+            if fast:
+                fast_params = [p for p in params if id(p) in fast]
+                groups.append({"params": fast_params, "lr": self.evidence_lr, "weight_decay": 0.0})
+            return cls(
+                groups, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True
             )
-            config["lr_scheduler"] = {"scheduler": scheduler, "monitor": self.lr_scheduler_metric}
-        return config
+
+        return create
 
     def _step(self, batch: dict, prefix: str) -> torch.Tensor:
         """The loss of a batch of sets; its metrics, weighted by its sets, join the epoch sums."""
@@ -221,19 +210,15 @@ class PTRAGTrainingPlan(TrainingPlan):
                 )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One optimisation step on a batch of sets."""
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """The objective on a batch of held-out sets."""
         self._step(batch, "validation")
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's training metrics."""
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
-        """Log the validation metrics (the same on every rank)."""
         self._log_epoch("validation")
 
     def on_fit_start(self) -> None:
