@@ -79,14 +79,9 @@ def _encoder_stack(
 
 
 class FullSetTransformer(nn.Module):
-    """STATE's backbone: bidirectional self-attention over all cells of a set, no positions.
+    """STATE's backbone: self-attention over all cells of a set (``O(S^2 H)`` per layer)."""
 
-    Every layer costs ``O(S * H^2 + S^2 * H)`` per set of ``S`` cells.
-    """
-
-    def __init__(
-        self, n_hidden: int, *, n_layers: int, n_heads: int, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, n_hidden: int, *, n_layers: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         self.layers = _encoder_stack(n_hidden, n_layers, n_heads, dropout)
         self.norm = nn.LayerNorm(n_hidden)
@@ -99,22 +94,14 @@ class FullSetTransformer(nn.Module):
 class PooledSetTransformer(nn.Module):
     """Set transformer that does its deep work once per set instead of once per cell.
 
-    Learned seed tokens pool the set by attention (PMA, Lee et al. 2019), ``n_layers``
-    self-attention layers run over the pooled tokens and the context tokens (the query
-    perturbation), and each cell reads the result back through one cross-attention and one
-    feed-forward block. Per cell this costs about one transformer layer whatever ``n_layers``
-    is; the cells still interact, through the pooled tokens. The output is equivariant to the
-    order of the cells.
+    Seed tokens pool the set by attention (PMA, Lee et al. 2019), ``n_layers`` self-attention
+    layers run over them and the context tokens, and each cell reads the result back through
+    one cross-attention and one feed-forward block: about one layer of work per cell. The
+    output is equivariant to the order of the cells.
     """
 
     def __init__(
-        self,
-        n_hidden: int,
-        *,
-        n_layers: int,
-        n_heads: int,
-        n_set_tokens: int = 8,
-        dropout: float = 0.0,
+        self, n_hidden: int, *, n_layers: int, n_heads: int, n_set_tokens: int, dropout: float
     ) -> None:
         super().__init__()
         self.seeds = nn.Parameter(torch.randn(n_set_tokens, n_hidden) * n_hidden**-0.5)

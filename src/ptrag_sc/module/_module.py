@@ -150,16 +150,11 @@ class PTRAGModule(BaseModuleClass):
         self.basal_encoder = mlp(n_genes, n_hidden, n_hidden, dropout)
         self.pert_encoder = mlp(n_embedding_dims, n_hidden, n_hidden, dropout)
         self.batch_embedding = nn.Embedding(n_batch, n_hidden) if n_batch > 1 else None
+        layers = {"n_layers": n_layers, "n_heads": n_heads, "dropout": dropout}
         self.backbone = (
-            PooledSetTransformer(
-                n_hidden,
-                n_layers=n_layers,
-                n_heads=n_heads,
-                n_set_tokens=n_set_tokens,
-                dropout=dropout,
-            )
+            PooledSetTransformer(n_hidden, n_set_tokens=n_set_tokens, **layers)
             if backbone == "pooled"
-            else FullSetTransformer(n_hidden, n_layers=n_layers, n_heads=n_heads, dropout=dropout)
+            else FullSetTransformer(n_hidden, **layers)
         )
         self.decoder_rank = decoder_rank
         self.learned_shift = (
@@ -201,21 +196,17 @@ class PTRAGModule(BaseModuleClass):
         )
         # Filled by `set_memory`; not part of the state dict, since the memory is data saved
         # with the model, not a parameter.
-        self.register_buffer(
-            "memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False
-        )
-        self.register_buffer(
-            "memory_embedding_row", torch.zeros(0, dtype=torch.long), persistent=False
-        )
-        self.register_buffer(
-            "memory_response_codes", torch.zeros(0, n_response_components), persistent=False
-        )
+        for name, empty in (
+            ("memory_embeddings", torch.zeros(0, n_embedding_dims)),
+            ("memory_embedding_row", torch.zeros(0, dtype=torch.long)),
+            ("memory_response_codes", torch.zeros(0, n_response_components)),
+        ):
+            self.register_buffer(name, empty, persistent=False)
         # Data-derived constants saved with the weights: the largest value each gene reaches in
         # the training data, and the typical squared size of a shift (the pseudobulk loss' unit).
         self.register_buffer("gene_ceiling", torch.full((n_genes,), float("inf")))
         self.register_buffer("shift_scale", torch.ones(()))
 
-    # ------------------------------------------------------------------ memory
     def set_memory(
         self,
         embeddings: np.ndarray | torch.Tensor,
@@ -232,17 +223,15 @@ class PTRAGModule(BaseModuleClass):
             (zero-padded here).
         """
         device = self.memory_embeddings.device
-        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-        embeddings = as_tensor(embeddings)
+        embeddings = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
         # Entries of one perturbation in several cell types share a row: candidates are encoded
         # per distinct row (see `_encode_candidates`).
-        unique, inverse = torch.unique(embeddings, dim=0, return_inverse=True)
-        self.memory_embeddings = unique
-        self.memory_embedding_row = inverse
-        n = embeddings.shape[0]
-        codes = torch.zeros(n, self.n_response_components, device=device)
+        self.memory_embeddings, self.memory_embedding_row = torch.unique(
+            embeddings, dim=0, return_inverse=True
+        )
+        codes = torch.zeros(embeddings.shape[0], self.n_response_components, device=device)
         if response_codes is not None:
-            response_codes = as_tensor(response_codes)
+            response_codes = torch.as_tensor(response_codes, dtype=torch.float32, device=device)
             codes[:, : response_codes.shape[1]] = response_codes[:, : self.n_response_components]
         self.memory_response_codes = codes
 
@@ -253,7 +242,6 @@ class PTRAGModule(BaseModuleClass):
         self.gene_ceiling.copy_(torch.as_tensor(gene_ceiling, dtype=torch.float32))
         self.shift_scale.fill_(float(max(shift_scale, 1e-8)))
 
-    # --------------------------------------------------------------- inference
     def _get_inference_input(self, tensors: dict, **kwargs: object) -> dict:
         return {
             "x_ctrl": tensors[TENSORS.X_CTRL],
@@ -354,7 +342,6 @@ class PTRAGModule(BaseModuleClass):
         out["x0"] = x0
         return out
 
-    # -------------------------------------------------------------- generative
     def _get_generative_input(
         self, tensors: dict, inference_outputs: dict, **kwargs: object
     ) -> dict:
@@ -405,7 +392,6 @@ class PTRAGModule(BaseModuleClass):
             result[OUTPUTS.MEAN_SHIFT] = prediction.mean(dim=1) - control_mean
         return result
 
-    # -------------------------------------------------------------------- loss
     def loss(
         self,
         tensors: dict,

@@ -10,21 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def logistic_noise(like: torch.Tensor) -> torch.Tensor:
-    """Standard logistic noise shaped like ``like`` (the difference of two Gumbel variables)."""
-    return torch.rand_like(like).clamp_(1e-6, 1 - 1e-6).logit_()
-
-
 def hard_binary_concrete(
     logit: torch.Tensor, tau: float, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Hard two-class Gumbel-Softmax sample of "keep" with a straight-through gradient.
 
-    Equal in distribution to ``F.gumbel_softmax(stack([0, logit]), tau, hard=True)[..., 1]``:
-    the difference of two Gumbel variables is logistic. ``mask`` (broadcast against ``logit``)
-    multiplies the sample and its gradient.
+    Equal in distribution to ``F.gumbel_softmax(stack([0, logit]), tau, hard=True)[..., 1]``
+    (the difference of two Gumbel variables is logistic). ``mask`` multiplies the sample and its
+    gradient.
     """
-    perturbed = logit + logistic_noise(logit)
+    perturbed = logit + torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6).logit_()
     hard = (perturbed > 0).to(logit.dtype)
     soft = torch.sigmoid(perturbed / tau)
     # Straight through: the value is `hard`, the gradient the soft sample's. In this order (not
