@@ -401,10 +401,8 @@ class PTRAGModule(BaseModuleClass):
     ) -> LossOutput:
         """Energy distance per set (mean over sets), pseudobulk mean error and sparsity.
 
-        ``extra_metrics``: ``energy`` (in training: the objective's energy term; in
-        evaluation: against the observed set as it is), ``mean_error``
-        (squared error of the mean shift over the typical squared shift) and, for PT-RAG,
-        ``active_ratio``.
+        ``extra_metrics``: ``energy`` (in evaluation: against the observed set as it is),
+        ``mean_error`` (over the typical squared shift) and, for PT-RAG, ``active_ratio``.
         """
         target = tensors[TENSORS.X_PERT]
         prediction = generative_outputs[OUTPUTS.PREDICTION]
