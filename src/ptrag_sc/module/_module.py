@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
+from .._checks import check_choice
 from .._constants import (
     BACKBONES,
     CONTEXT_MODES,
@@ -127,15 +128,11 @@ class PTRAGModule(BaseModuleClass):
         learned_shift: bool | None = None,
     ) -> None:
         super().__init__()
-        for name, value, allowed in (
-            ("retrieval", retrieval, RETRIEVALS),
-            ("memory", memory, MEMORY_KINDS),
-            ("context_mode", context_mode, CONTEXT_MODES),
-            ("backbone", backbone, BACKBONES),
-            ("loss", loss, LOSSES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+        check_choice("retrieval", retrieval, RETRIEVALS)
+        check_choice("memory", memory, MEMORY_KINDS)
+        check_choice("context_mode", context_mode, CONTEXT_MODES)
+        check_choice("backbone", backbone, BACKBONES)
+        check_choice("loss", loss, LOSSES)
         self.n_genes, self.n_hidden = n_genes, n_hidden
         self.retrieval, self.context_mode = retrieval, context_mode
         self.sparsity_weight = sparsity_weight

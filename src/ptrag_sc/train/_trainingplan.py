@@ -71,11 +71,11 @@ def _check_plan_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
 class PTRAGTrainingPlan(TrainingPlan):
     """Training plan of :class:`~ptrag_sc.PTRAG`.
 
-    Logs per epoch (one validation interval) ``{train,validation}_loss`` (the objective;
-    ``validation_loss`` is what model selection watches), ``_energy`` (its energy term; in
-    validation against the observed sets), ``_mean_error`` (squared error of the sets' mean
+    Logs per epoch (one validation interval), prefixed ``train_`` or ``validation_``: ``loss``
+    (the objective; ``validation_loss`` is what model selection watches), ``energy`` (its energy
+    term; in validation, to the observed sets), ``mean_error`` (squared error of the sets' mean
     shift against their groups' pseudobulk, over the typical squared shift) and, for PT-RAG,
-    ``_active_ratio`` (fraction of candidates kept). Each is the mean over the epoch's sets, of
+    ``active_ratio`` (fraction of candidates kept). Each is the mean over the epoch's sets, of
     every rank under data-parallel training.
 
     Parameters
