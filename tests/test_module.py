@@ -282,7 +282,7 @@ def test_paper_context_mode_replaces_encodings():
     batch = _batch()
     with torch.no_grad():
         inference = module.inference(**module._get_inference_input(batch))
-        h_cand = module._encode_candidates(batch[TENSORS.CANDIDATES], relation=batch[TENSORS.CANDIDATE_RELATION])[0]
+        h_cand = module._encode_candidates(batch[TENSORS.CANDIDATES].clamp_min(0), None, batch[TENSORS.CANDIDATE_RELATION])
         attended = module.cross_attention(inference["h_ctrl"] + inference["h_pert"][:, None], h_cand, batch[TENSORS.CANDIDATES] >= 0)
     torch.testing.assert_close(inference["x0"], attended["context"])
     assert "delta" not in inference  # embedding memories carry no measured responses

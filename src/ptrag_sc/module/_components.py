@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(
-    n_in: int, n_out: int, *, n_hidden: int, n_layers: int = 2, dropout: float = 0.0
-) -> nn.Sequential:
-    """``n_layers`` linear layers with GELU (and dropout) between them."""
-    dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(dims)):
-        layers.append(nn.Linear(a, b))
-        if i < n_layers - 1:
-            layers.append(nn.GELU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
+def mlp(n_in: int, n_out: int, n_hidden: int, dropout: float) -> nn.Sequential:
+    """Two linear layers with GELU (and dropout) between them."""
+    dropout_layer = [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(
+        nn.Linear(n_in, n_hidden), nn.GELU(), *dropout_layer, nn.Linear(n_hidden, n_out)
+    )
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with separate query and key/value projections.
-
-    Keeping the projections separate lets a caller project the many cells of a set once and
-    the few set-level tokens once, instead of projecting everything for every role.
-    """
+    """Multi-head attention with separate query and key/value projections (the many cells of
+    a set and the few set-level tokens are each projected once)."""
 
     def __init__(self, n_hidden: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -91,14 +79,9 @@ def _encoder_stack(
 
 
 class FullSetTransformer(nn.Module):
-    """STATE's backbone: bidirectional self-attention over all cells of a set, no positions.
+    """STATE's backbone: self-attention over all cells of a set (``O(S^2 H)`` per layer)."""
 
-    Every layer costs ``O(S * H^2 + S^2 * H)`` per set of ``S`` cells.
-    """
-
-    def __init__(
-        self, n_hidden: int, *, n_layers: int, n_heads: int, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, n_hidden: int, *, n_layers: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         self.layers = _encoder_stack(n_hidden, n_layers, n_heads, dropout)
         self.norm = nn.LayerNorm(n_hidden)
@@ -111,22 +94,14 @@ class FullSetTransformer(nn.Module):
 class PooledSetTransformer(nn.Module):
     """Set transformer that does its deep work once per set instead of once per cell.
 
-    Learned seed tokens pool the set by attention (PMA, Lee et al. 2019), ``n_layers``
-    self-attention layers run over the pooled tokens and the context tokens (the query
-    perturbation), and each cell reads the result back through one cross-attention and one
-    feed-forward block. Per cell this costs about one transformer layer whatever ``n_layers``
-    is; the cells still interact, through the pooled tokens. The output is equivariant to the
-    order of the cells.
+    Seed tokens pool the set by attention (PMA, Lee et al. 2019), ``n_layers`` self-attention
+    layers run over them and the context tokens, and each cell reads the result back through
+    one cross-attention and one feed-forward block: about one layer of work per cell. The
+    output is equivariant to the order of the cells.
     """
 
     def __init__(
-        self,
-        n_hidden: int,
-        *,
-        n_layers: int,
-        n_heads: int,
-        n_set_tokens: int = 8,
-        dropout: float = 0.0,
+        self, n_hidden: int, *, n_layers: int, n_heads: int, n_set_tokens: int, dropout: float
     ) -> None:
         super().__init__()
         self.seeds = nn.Parameter(torch.randn(n_set_tokens, n_hidden) * n_hidden**-0.5)

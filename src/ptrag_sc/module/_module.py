@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
+from .._checks import check_choice
 from .._constants import (
     BACKBONES,
     CONTEXT_MODES,
@@ -33,11 +34,13 @@ from ._retriever import CrossAttentionContext, TwoStageSelector
 if TYPE_CHECKING:
     import numpy as np
 
+#: Arguments of `inference` read from the batch when present (named as their `TENSORS` keys).
+_OPTIONAL_INPUTS = """candidates candidate_same_cell_type candidate_relation context_response
+stacked_shift candidate_similarity candidate_annotation_similarity batch""".split()
+
 
 class PTRAGModule(BaseModuleClass):
-    """Set-to-set perturbation response generator with retrieval.
-
-    Per set of ``S`` cells sharing a cell type and a perturbation::
+    """Set-to-set perturbation response generator with retrieval; per set of ``S`` cells::
 
         h_ctrl = BasalEncoder(x_ctrl)                      [B,S,H]
         h_pert = PertEncoder(e_p)                          [B,H]   once per set
@@ -47,20 +50,12 @@ class PTRAGModule(BaseModuleClass):
         delta  = context + evidence                        [B,G]    response memories
         y      = min(ReLU(Shift(x_ctrl, delta) + Decoder(r + h_ctrl)), ceiling)   [B,S,G]
 
-    With a response memory the set's mean is ``control mean + delta``: the cell type's context
-    response plus the evidence's estimate of the perturbation-specific shift, both computed by
-    the data layer with the query's own entry left out (see
-    :meth:`~ptrag_sc.data.RetrievalMemory.evidence`). The decoder shapes the cells around that
-    mean (its per-cell part has zero set mean) and stage 2's selection enters the cells'
-    encodings through ``z``; the mean itself is not learned, since a network that sees which
-    perturbation it predicts can learn the training perturbations' answers but not when
-    evidence transfers. Without a response memory, a set-level decoder learns the mean shift.
-    The loss is the energy distance between each predicted set and its observed set,
-    plus ``pseudobulk_weight`` times the squared error of the set's mean shift against the
-    group's pseudobulk shift (the mean over all the group's cells, not the 64 of the set),
-    normalised by the typical size of a shift, plus ``sparsity_weight`` times the mean keep
-    rate for PT-RAG. The energy is computed against the observed set moved to the group's
-    pseudobulk mean, so both terms agree on where the mean is.
+    With a response memory the set's mean is ``control mean + delta`` (computed by the data
+    layer, see :meth:`~ptrag_sc.data.RetrievalMemory.evidence`) and the decoder only shapes the
+    cells around it; without one, a set-level decoder learns the mean shift. The loss is the
+    energy distance to the observed set moved to its group's pseudobulk mean, plus
+    ``pseudobulk_weight`` times the normalised squared error of the mean shift, plus
+    ``sparsity_weight`` times the mean keep rate (PT-RAG); see the concepts page.
 
     Parameters
     ----------
@@ -75,13 +70,12 @@ class PTRAGModule(BaseModuleClass):
     n_heads
         Attention heads.
     backbone
-        ``"pooled"`` (deep layers over pooled set tokens; about one layer of work per cell) or
-        ``"full"`` (STATE: every layer attends over all cells).
+        ``"pooled"`` (deep layers over pooled set tokens) or ``"full"`` (STATE: every layer
+        attends over all cells).
     n_set_tokens
         Pooled tokens per set for ``backbone="pooled"``.
     retrieval
-        ``"none"`` (STATE with gene embeddings), ``"vanilla"`` (cross-attention over the
-        candidates) or ``"ptrag"`` (two-stage selection).
+        ``"none"`` (STATE), ``"vanilla"`` (cross-attention) or ``"ptrag"`` (two-stage selection).
     memory
         ``"embedding"`` or ``"response"`` (entries also carry measured shifts).
     context_mode
@@ -93,23 +87,20 @@ class PTRAGModule(BaseModuleClass):
     n_scorer_hidden
         Width of the stage-2 scorer's hidden layer (``None``: ``n_hidden``, as the paper).
     decoder_rank
-        Rank of the per-cell part of the decoder. ``None`` decodes every cell at full rank
-        (STATE); an integer decodes each cell's deviation from the set mean through a
-        rank-``decoder_rank`` map.
+        Rank of the map that decodes each cell's deviation from the set mean (``None``: every
+        cell at full rank, as STATE).
     n_response_components
         Size of the response codes the candidate encoder reads.
     sparsity_weight
         Weight of the mean keep rate in the loss.
     pseudobulk_weight
-        Weight of the mean-shift error against the group's pseudobulk (0: the energy distance
-        alone, as the paper).
+        Weight of the mean-shift error against the group's pseudobulk (0: as the paper).
     dropout
         Dropout rate.
     loss
         ``"energy"`` or ``"sinkhorn"`` (geomloss' debiased Sinkhorn divergence, blur 0.05).
     learned_shift
-        Let a set-level decoder add a learned mean shift. ``None``: only without a response
-        memory (with one, the mean comes from the evidence).
+        Let a set-level decoder add a learned mean shift (``None``: without a response memory).
     """
 
     def __init__(
@@ -137,20 +128,15 @@ class PTRAGModule(BaseModuleClass):
         learned_shift: bool | None = None,
     ) -> None:
         super().__init__()
-        for name, value, allowed in (
-            ("retrieval", retrieval, RETRIEVALS),
-            ("memory", memory, MEMORY_KINDS),
-            ("context_mode", context_mode, CONTEXT_MODES),
-            ("backbone", backbone, BACKBONES),
-            ("loss", loss, LOSSES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+        check_choice("retrieval", retrieval, RETRIEVALS)
+        check_choice("memory", memory, MEMORY_KINDS)
+        check_choice("context_mode", context_mode, CONTEXT_MODES)
+        check_choice("backbone", backbone, BACKBONES)
+        check_choice("loss", loss, LOSSES)
         self.n_genes, self.n_hidden = n_genes, n_hidden
-        self.retrieval, self.memory_kind, self.context_mode = retrieval, memory, context_mode
+        self.retrieval, self.context_mode = retrieval, context_mode
         self.sparsity_weight = sparsity_weight
         self.pseudobulk_weight = pseudobulk_weight
-        self.loss_name = loss
         self._sinkhorn = None
         if loss == "sinkhorn":
             from geomloss import SamplesLoss
@@ -158,52 +144,37 @@ class PTRAGModule(BaseModuleClass):
             self._sinkhorn = SamplesLoss("sinkhorn", p=2, blur=0.05, debias=True)
 
         self.uses_responses = retrieval != "none" and memory == "response"
-        self.basal_encoder = mlp(n_genes, n_hidden, n_hidden=n_hidden, n_layers=2, dropout=dropout)
-        self.pert_encoder = mlp(
-            n_embedding_dims, n_hidden, n_hidden=n_hidden, n_layers=2, dropout=dropout
-        )
+        self.basal_encoder = mlp(n_genes, n_hidden, n_hidden, dropout)
+        self.pert_encoder = mlp(n_embedding_dims, n_hidden, n_hidden, dropout)
         self.batch_embedding = nn.Embedding(n_batch, n_hidden) if n_batch > 1 else None
-        if backbone == "pooled":
-            self.backbone = PooledSetTransformer(
-                n_hidden,
-                n_layers=n_layers,
-                n_heads=n_heads,
-                n_set_tokens=n_set_tokens,
-                dropout=dropout,
-            )
-        else:
-            self.backbone = FullSetTransformer(
-                n_hidden, n_layers=n_layers, n_heads=n_heads, dropout=dropout
-            )
+        layers = {"n_layers": n_layers, "n_heads": n_heads, "dropout": dropout}
+        self.backbone = (
+            PooledSetTransformer(n_hidden, n_set_tokens=n_set_tokens, **layers)
+            if backbone == "pooled"
+            else FullSetTransformer(n_hidden, **layers)
+        )
         self.decoder_rank = decoder_rank
         self.learned_shift = (
             learned_shift if learned_shift is not None else not self.uses_responses
         )
         # Only what the configuration uses is built: data-parallel training requires every
-        # parameter to take part in the loss.
+        # parameter to take part in the loss. The last layers start at zero: the prediction
+        # starts as "the control cells moved by the evidence", the decoders learn corrections.
+        self.set_decoder = None
         if decoder_rank is None:
-            self.decoder = mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout)
-            self.set_decoder = None
+            self.decoder = mlp(n_hidden, n_genes, n_hidden, dropout)
         else:
             # No bias before the set mean is removed: the per-cell part has zero set mean.
             self.decoder = nn.Sequential(
                 nn.Linear(n_hidden, decoder_rank, bias=False), nn.Linear(decoder_rank, n_genes)
             )
-            self.set_decoder = (
-                mlp(n_hidden, n_genes, n_hidden=n_hidden, n_layers=2, dropout=dropout)
-                if self.learned_shift
-                else None
-            )
-        # Start from "the control cells moved by the evidence"; the decoders learn corrections.
-        for last in (
-            self.decoder[-1],
-            self.set_decoder[-1] if self.set_decoder is not None else None,
-        ):
-            if last is not None:
-                nn.init.zeros_(last.weight)
-                nn.init.zeros_(last.bias)
-        if decoder_rank is not None:
+            if self.learned_shift:
+                self.set_decoder = mlp(n_hidden, n_genes, n_hidden, dropout)
+                nn.init.zeros_(self.set_decoder[-1].weight)
+                nn.init.zeros_(self.set_decoder[-1].bias)
             self.decoder[-1].bias.requires_grad_(self.learned_shift)
+        nn.init.zeros_(self.decoder[-1].weight)
+        nn.init.zeros_(self.decoder[-1].bias)
 
         self.selector = (
             TwoStageSelector(n_hidden, n_scorer_hidden=n_scorer_hidden, tau=gumbel_tau)
@@ -222,21 +193,17 @@ class PTRAGModule(BaseModuleClass):
         )
         # Filled by `set_memory`; not part of the state dict, since the memory is data saved
         # with the model, not a parameter.
-        self.register_buffer(
-            "memory_embeddings", torch.zeros(0, n_embedding_dims), persistent=False
-        )
-        self.register_buffer(
-            "memory_embedding_row", torch.zeros(0, dtype=torch.long), persistent=False
-        )
-        self.register_buffer(
-            "memory_response_codes", torch.zeros(0, n_response_components), persistent=False
-        )
+        for name, empty in (
+            ("memory_embeddings", torch.zeros(0, n_embedding_dims)),
+            ("memory_embedding_row", torch.zeros(0, dtype=torch.long)),
+            ("memory_response_codes", torch.zeros(0, n_response_components)),
+        ):
+            self.register_buffer(name, empty, persistent=False)
         # Data-derived constants saved with the weights: the largest value each gene reaches in
         # the training data, and the typical squared size of a shift (the pseudobulk loss' unit).
         self.register_buffer("gene_ceiling", torch.full((n_genes,), float("inf")))
         self.register_buffer("shift_scale", torch.ones(()))
 
-    # ------------------------------------------------------------------ memory
     def set_memory(
         self,
         embeddings: np.ndarray | torch.Tensor,
@@ -253,17 +220,15 @@ class PTRAGModule(BaseModuleClass):
             (zero-padded here).
         """
         device = self.memory_embeddings.device
-        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-        embeddings = as_tensor(embeddings)
+        embeddings = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
         # Entries of one perturbation in several cell types share a row: candidates are encoded
         # per distinct row (see `_encode_candidates`).
-        unique, inverse = torch.unique(embeddings, dim=0, return_inverse=True)
-        self.memory_embeddings = unique
-        self.memory_embedding_row = inverse
-        n = embeddings.shape[0]
-        codes = torch.zeros(n, self.n_response_components, device=device)
+        self.memory_embeddings, self.memory_embedding_row = torch.unique(
+            embeddings, dim=0, return_inverse=True
+        )
+        codes = torch.zeros(embeddings.shape[0], self.n_response_components, device=device)
         if response_codes is not None:
-            response_codes = as_tensor(response_codes)
+            response_codes = torch.as_tensor(response_codes, dtype=torch.float32, device=device)
             codes[:, : response_codes.shape[1]] = response_codes[:, : self.n_response_components]
         self.memory_response_codes = codes
 
@@ -274,38 +239,17 @@ class PTRAGModule(BaseModuleClass):
         self.gene_ceiling.copy_(torch.as_tensor(gene_ceiling, dtype=torch.float32))
         self.shift_scale.fill_(float(max(shift_scale, 1e-8)))
 
-    @property
-    def uses_retrieval(self) -> bool:
-        return self.retrieval != "none"
-
-    # --------------------------------------------------------------- inference
     def _get_inference_input(self, tensors: dict, **kwargs: object) -> dict:
         return {
             "x_ctrl": tensors[TENSORS.X_CTRL],
             "pert_embedding": tensors[TENSORS.PERT_EMBEDDING],
-            "candidates": tensors.get(TENSORS.CANDIDATES),
-            "candidate_same_cell_type": tensors.get(TENSORS.CANDIDATE_SAME_CELL_TYPE),
-            "candidate_relation": tensors.get(TENSORS.CANDIDATE_RELATION),
-            "context_response": tensors.get(TENSORS.CONTEXT_RESPONSE),
-            "stacked_shift": tensors.get(TENSORS.STACKED_SHIFT),
-            "candidate_similarity": tensors.get(TENSORS.CANDIDATE_SIMILARITY),
-            "candidate_annotation_similarity": tensors.get(
-                TENSORS.CANDIDATE_ANNOTATION_SIMILARITY
-            ),
-            "batch": tensors.get(TENSORS.BATCH),
+            **{name: tensors.get(getattr(TENSORS, name.upper())) for name in _OPTIONAL_INPUTS},
         }
 
     def _encode_candidates(
-        self,
-        candidates: torch.Tensor,
-        same_cell_type: torch.Tensor | None = None,
-        relation: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h_cand`` ``[B,K,H]`` and ``valid`` ``[B,K]`` of the stage-1 candidates."""
-        valid = candidates >= 0
-        index = candidates.clamp_min(0)
-        if relation is None:
-            relation = torch.zeros_like(index)
+        self, index: torch.Tensor, same_cell_type: torch.Tensor | None, relation: torch.Tensor
+    ) -> torch.Tensor:
+        """``h_cand`` ``[B,K,H]`` of the stage-1 candidates (``index``: padding clamped to 0)."""
         # Stage 1 returns the same gene in several cell types and overlapping neighbours across
         # sets: encode each distinct embedding of the batch once.
         rows, where = torch.unique(self.memory_embedding_row[index], return_inverse=True)
@@ -313,9 +257,9 @@ class PTRAGModule(BaseModuleClass):
         if self.response_encoder is not None:
             h_cand = h_cand + self.response_encoder(self.memory_response_codes[index])
             if same_cell_type is None:
-                same_cell_type = torch.zeros_like(valid)
+                same_cell_type = torch.zeros_like(index)
             h_cand = h_cand + self.same_cell_type(same_cell_type.long())
-        return h_cand, valid
+        return h_cand
 
     @auto_move_data
     def inference(
@@ -343,49 +287,46 @@ class PTRAGModule(BaseModuleClass):
         h_pert = self.pert_encoder(pert_embedding)
         x0 = h_ctrl + h_pert[:, None, :]
         out: dict[str, torch.Tensor] = {"h_ctrl": h_ctrl, "h_pert": h_pert}
-        if self.uses_retrieval:
+        if self.retrieval != "none":
             if candidates is None:
                 raise ValueError("This model retrieves: the batch needs `candidates`.")
             if self.memory_embedding_row.shape[0] == 0:
                 raise RuntimeError("The retrieval memory is empty; call `set_memory` first.")
-            h_cand, valid = self._encode_candidates(
-                candidates, candidate_same_cell_type, candidate_relation
-            )
+            valid = candidates >= 0
+            index = candidates.clamp_min(0)
             relation = (
-                candidate_relation
-                if candidate_relation is not None
-                else torch.zeros_like(candidates)
+                torch.zeros_like(index) if candidate_relation is None else candidate_relation
             )
+            h_cand = self._encode_candidates(index, candidate_same_cell_type, relation)
             if self.selector is not None:
-                sample = self.training if sample_retrieval is None else sample_retrieval
-                bias = None
+                offset = None
                 if self.selection_offsets is not None:
-                    similarity = (
-                        candidate_similarity
-                        if candidate_similarity is not None
-                        else torch.zeros_like(x0[:, 0, :1]).expand_as(candidates)
+                    zeros = torch.zeros_like(candidates, dtype=x0.dtype)
+                    offset = self.selection_offsets(
+                        relation,
+                        zeros if candidate_similarity is None else candidate_similarity,
+                        zeros
+                        if candidate_annotation_similarity is None
+                        else candidate_annotation_similarity,
                     )
-                    annotation = (
-                        candidate_annotation_similarity
-                        if candidate_annotation_similarity is not None
-                        else torch.zeros_like(similarity)
-                    )
-                    bias = self.selection_offsets(relation, similarity, annotation)
                 selected = self.selector(
-                    h_ctrl, h_pert, h_cand, valid, sample=sample, logit_offset=bias
+                    h_ctrl,
+                    h_pert,
+                    h_cand,
+                    valid,
+                    sample=self.training if sample_retrieval is None else sample_retrieval,
+                    logit_offset=offset,
                 )
                 out[OUTPUTS.KEEP] = selected["keep"]
                 out[OUTPUTS.KEEP_PROBABILITY] = selected["keep_probability"]
                 # The fraction of the set's cells that keep each candidate.
-                set_weights = selected["keep"].mean(dim=1)
+                out[OUTPUTS.SET_WEIGHTS] = selected["keep"].mean(dim=1)
             else:
                 selected = self.cross_attention(x0, h_cand, valid)
                 out[OUTPUTS.ATTENTION] = selected["attention"]
-                set_weights = selected["attention"].mean(dim=1)
+                out[OUTPUTS.SET_WEIGHTS] = selected["attention"].mean(dim=1)
             out[OUTPUTS.VALID] = valid
-            out[OUTPUTS.SET_WEIGHTS] = set_weights
-            context = selected["context"]
-            x0 = x0 + context if self.context_mode == "add" else context
+            x0 = x0 + selected["context"] if self.context_mode == "add" else selected["context"]
             if self.uses_responses:
                 if context_response is None or stacked_shift is None:
                     raise ValueError(
@@ -398,7 +339,6 @@ class PTRAGModule(BaseModuleClass):
         out["x0"] = x0
         return out
 
-    # -------------------------------------------------------------- generative
     def _get_generative_input(
         self, tensors: dict, inference_outputs: dict, **kwargs: object
     ) -> dict:
@@ -432,28 +372,23 @@ class PTRAGModule(BaseModuleClass):
             decoded = self.decoder(latent - set_mean)
             if self.set_decoder is not None:
                 decoded = decoded + self.set_decoder(set_mean)
-        if delta is not None and control_mean is not None:
-            # The control cells moved by the evidence (see `apply_shift`).
-            scale, offset = shift_scale(
-                x_ctrl, delta.unsqueeze(1), control_mean, self.gene_ceiling
-            )
-            cells = x_ctrl * scale + offset + decoded
+        ceiling = self.gene_ceiling
+        if delta is None or control_mean is None:
+            prediction = torch.clamp(F.relu(x_ctrl + decoded), max=ceiling)
         else:
-            cells = x_ctrl + decoded
-        prediction = torch.clamp(F.relu(cells), max=self.gene_ceiling)
-        if delta is not None and control_mean is not None:
-            # Keeping the decoded cells inside [0, ceiling] moves the set's mean off the evidence
-            # (on sparse genes, upwards); the same rule moves it back.
-            scale, offset = shift_scale(
-                prediction, delta.unsqueeze(1), control_mean, self.gene_ceiling
-            )
-            prediction = torch.clamp(F.relu(prediction * scale + offset), max=self.gene_ceiling)
+            # The control cells moved by the evidence (see `apply_shift`); keeping the decoded
+            # cells inside [0, ceiling] moves the set's mean off the evidence (on sparse genes,
+            # upwards), so the same rule moves it back.
+            delta = delta.unsqueeze(1)
+            scale, offset = shift_scale(x_ctrl, delta, control_mean, ceiling)
+            prediction = torch.clamp(F.relu(x_ctrl * scale + offset + decoded), max=ceiling)
+            scale, offset = shift_scale(prediction, delta, control_mean, ceiling)
+            prediction = torch.clamp(F.relu(prediction * scale + offset), max=ceiling)
         result = {OUTPUTS.PREDICTION: prediction}
         if control_mean is not None:
             result[OUTPUTS.MEAN_SHIFT] = prediction.mean(dim=1) - control_mean
         return result
 
-    # -------------------------------------------------------------------- loss
     def loss(
         self,
         tensors: dict,
@@ -463,10 +398,8 @@ class PTRAGModule(BaseModuleClass):
     ) -> LossOutput:
         """Energy distance per set (mean over sets), pseudobulk mean error and sparsity.
 
-        ``extra_metrics``: ``energy`` (in training: the objective's energy term; in
-        evaluation: against the observed set as it is), ``mean_error``
-        (squared error of the mean shift over the typical squared shift) and, for PT-RAG,
-        ``active_ratio``.
+        ``extra_metrics``: ``energy`` (in evaluation: against the observed set as it is),
+        ``mean_error`` (over the typical squared shift) and, for PT-RAG, ``active_ratio``.
         """
         target = tensors[TENSORS.X_PERT]
         prediction = generative_outputs[OUTPUTS.PREDICTION]
@@ -482,42 +415,30 @@ class PTRAGModule(BaseModuleClass):
             # shape, and agrees with the pseudobulk term about the mean.
             centre = tensors[TENSORS.CONTROL_MEAN] + target_shift
             teacher = target + (centre.unsqueeze(1) - target.mean(dim=1, keepdim=True))
-        if self._sinkhorn is None:
+        if self._sinkhorn is not None:
+            loss = self._sinkhorn(prediction, teacher).mean()
+        else:
             objective = energy_distance(
                 prediction, teacher, include_target_term=include_target_term
             )
             loss = objective.mean()
-        else:
-            objective = None
-            loss = self._sinkhorn(prediction, teacher).mean()
-        extra = {}
-        if self.training and objective is not None:
-            extra["energy"] = objective.detach().mean()
+        if self.training and self._sinkhorn is None:
+            extra = {"energy": objective.detach().mean()}
         else:
             with torch.no_grad():
-                extra["energy"] = energy_distance(
-                    prediction, target, include_target_term=True
-                ).mean()
+                extra = {"energy": energy_distance(prediction, target).mean()}
         if use_pseudobulk:
-            error = (generative_outputs[OUTPUTS.MEAN_SHIFT] - target_shift).pow(2).sum(
-                -1
-            ) / self.shift_scale
+            error = (generative_outputs[OUTPUTS.MEAN_SHIFT] - target_shift).pow(2).sum(-1)
+            error = error / self.shift_scale
             loss = loss + self.pseudobulk_weight * error.mean()
             extra["mean_error"] = error.detach().mean()
         if OUTPUTS.KEEP in inference_outputs:
-            valid = inference_outputs[OUTPUTS.VALID]
-            n_valid = valid.sum() * inference_outputs[OUTPUTS.KEEP].shape[1]
+            keep = inference_outputs[OUTPUTS.KEEP]
+            n_valid = inference_outputs[OUTPUTS.VALID].sum() * keep.shape[1]
             if n_valid > 0:
-                # Means over the valid (cell, candidate) pairs; padding entries are zero.
-                # The penalty is on the expected keep rate: smooth, unlike the sampled one.
-                mask = valid[:, None, :].to(inference_outputs[OUTPUTS.KEEP].dtype)
-                loss = (
-                    loss
-                    + self.sparsity_weight
-                    * (inference_outputs[OUTPUTS.KEEP_PROBABILITY] * mask).sum()
-                    / n_valid
-                )
-                extra["active_ratio"] = (
-                    inference_outputs[OUTPUTS.KEEP].detach() * mask
-                ).sum() / n_valid
+                # Means over the valid (cell, candidate) pairs (the selector zeroes padding), of
+                # the expected keep rate in the loss: smooth, unlike the sampled one.
+                keep_probability = inference_outputs[OUTPUTS.KEEP_PROBABILITY]
+                loss = loss + self.sparsity_weight * keep_probability.sum() / n_valid
+                extra["active_ratio"] = keep.detach().sum() / n_valid
         return LossOutput(loss=loss, extra_metrics=extra, n_obs_minibatch=prediction.shape[0])

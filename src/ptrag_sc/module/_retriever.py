@@ -1,5 +1,4 @@
-"""Stage 2 of the retrieval: per-cell differentiable selection (PT-RAG) or cross-attention
-(vanilla RAG) over the candidates stage 1 returned."""
+"""Stage 2 of the retrieval: per-cell selection (PT-RAG) or cross-attention (vanilla RAG)."""
 
 from __future__ import annotations
 
@@ -11,21 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def logistic_noise(like: torch.Tensor) -> torch.Tensor:
-    """Standard logistic noise shaped like ``like`` (the difference of two Gumbel variables)."""
-    return torch.rand_like(like).clamp_(1e-6, 1 - 1e-6).logit_()
-
-
 def hard_binary_concrete(
     logit: torch.Tensor, tau: float, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Hard two-class Gumbel-Softmax sample of "keep" with a straight-through gradient.
 
-    Equal in distribution to ``F.gumbel_softmax(stack([0, logit]), tau, hard=True)[..., 1]``:
-    the difference of two Gumbel variables is logistic. ``mask`` (broadcast against ``logit``)
-    multiplies the sample and its gradient.
+    Equal in distribution to ``F.gumbel_softmax(stack([0, logit]), tau, hard=True)[..., 1]``
+    (the difference of two Gumbel variables is logistic). ``mask`` multiplies the sample and its
+    gradient.
     """
-    perturbed = logit + logistic_noise(logit)
+    perturbed = logit + torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6).logit_()
     hard = (perturbed > 0).to(logit.dtype)
     soft = torch.sigmoid(perturbed / tau)
     # Straight through: the value is `hard`, the gradient the soft sample's. In this order (not
@@ -39,10 +33,9 @@ class ConcatLayerNorm(nn.Module):
     """``LayerNorm(concat(parts))`` followed by linear maps, without building the concatenation.
 
     The parts broadcast against each other (cell ``[B,S,1,H]``, set ``[B,1,1,H]``, candidate
-    ``[B,1,K,H]``). The norm's statistics are sums of per-part sums, and a linear map of the
-    normalised concatenation is a sum of per-part projections, so each part is projected once at
-    its own size. This is the hot path of stage 2: materialising ``[B,S,K,3H]`` and projecting
-    it would cost ``S*K*3H*n_out`` multiply-adds per set.
+    ``[B,1,K,H]``): the norm's statistics are sums of per-part sums, and a linear map of the
+    normalised concatenation is a sum of per-part projections, each at its part's own size (the
+    hot path of stage 2: ``[B,S,K,3H]`` would cost ``S*K*3H*n_out`` multiply-adds per set).
     """
 
     def __init__(self, part_size: int, n_parts: int, eps: float = 1e-5) -> None:
@@ -71,14 +64,10 @@ class ConcatLayerNorm(nn.Module):
 class TwoStageSelector(nn.Module):
     """PT-RAG stage 2: for each cell and candidate, keep or drop with a hard Gumbel-Softmax.
 
-    ``c_k = LayerNorm([h_ctrl, h_pert, h_cand_k])``, keep/drop logits from an MLP
-    ``3H -> n_scorer_hidden -> 2`` of ``c_k``, ``w_k`` in {0, 1} (straight-through during
-    training; ``p_keep > 0.5`` at inference unless sampling is asked for), and the context
-    ``z = sum_k w_k * Projection(c_k)``.
-
-    The logits are not normalised across the batch (one set's selection never depends on
-    another set); the temperature is fixed. ``z`` is computed from per-part projections and
-    ``[B,S,K]`` weights, so no ``[B,S,K,H]`` tensor is built for it.
+    ``c_k = LayerNorm([h_ctrl, h_pert, h_cand_k])``, a keep logit from an MLP of ``c_k``,
+    ``w_k`` in {0, 1} and the context ``z = sum_k w_k * Projection(c_k)``, computed from
+    per-part projections so that no ``[B,S,K,H]`` tensor is built. One set's selection never
+    depends on another set's.
     """
 
     def __init__(
@@ -104,29 +93,9 @@ class TwoStageSelector(nn.Module):
         sample: bool,
         logit_offset: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Select candidates.
-
-        Parameters
-        ----------
-        h_ctrl
-            ``[B, S, H]`` encoded control cells.
-        h_pert
-            ``[B, H]`` encoded query perturbation.
-        h_cand
-            ``[B, K, H]`` encoded candidates.
-        valid
-            ``[B, K]`` bool, False for padding slots.
-        sample
-            Draw hard Gumbel-Softmax samples (training) instead of thresholding ``p_keep``.
-        logit_offset
-            ``[B, K]`` offset added to every cell's keep logit (what stage 1 knows about the
-            candidate), or ``None``.
-
-        Returns
-        -------
-        dict with ``context`` ``[B,S,H]``, ``keep`` ``[B,S,K]`` (0/1, straight-through when
-        sampling), ``keep_probability`` ``[B,S,K]``.
-        """
+        """``context`` ``[B,S,H]``, ``keep`` ``[B,S,K]`` (0/1, straight-through when
+        ``sample``: else ``p_keep > 0.5``) and ``keep_probability`` ``[B,S,K]``, zero where not
+        ``valid``. ``logit_offset`` ``[B,K]`` is added to every cell's keep logit."""
         cell, pert, cand = h_ctrl.unsqueeze(2), h_pert[:, None, None, :], h_cand.unsqueeze(1)
         mean, rstd = self.norm.statistics([cell, pert, cand])  # [B,S,K,1]
 
@@ -135,7 +104,6 @@ class TwoStageSelector(nn.Module):
         (w_cell, w_pert, w_cand), w_sum, bias = self.norm.folded(self.scorer_hidden)
         cell_part = h_ctrl @ w_cell.T + (h_pert @ w_pert.T)[:, None, :]  # [B,S,Hs]
         cand_part = h_cand @ w_cand.T  # [B,K,Hs]
-        # [B,S,K,Hs]
         hidden = rstd * (cell_part.unsqueeze(2) + cand_part.unsqueeze(1) - mean * w_sum) + bias
         logit = self.scorer_out(F.gelu(hidden)).squeeze(-1)  # [B,S,K], keep minus drop
         if logit_offset is not None:
@@ -147,8 +115,8 @@ class TwoStageSelector(nn.Module):
         else:
             keep = (logit > 0).to(logit.dtype) * mask
 
-        # z = sum_k keep_k * rstd_k * (P_cell + P_pert + P_cand_k - mean_k * w_sum) + bias * sum_k
-        # keep_k
+        # z = sum_k keep_k * rstd_k * (P_cell + P_pert + P_cand_k - mean_k * p_sum)
+        #     + p_bias * sum_k keep_k
         (p_cell, p_pert, p_cand), p_sum, p_bias = self.norm.folded(self.projection)
         scaled = keep * rstd.squeeze(-1)  # [B,S,K]
         context = scaled.sum(-1, keepdim=True) * (

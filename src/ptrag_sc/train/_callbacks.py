@@ -25,8 +25,7 @@ BEST_STEP_KEY, BEST_EPOCH_KEY = "keep_best_step", "keep_best_epoch"
 
 
 class KeepBestWeights(Callback):
-    """Keep, in memory, the module weights of the best validation check and restore them at the
-    end.
+    """Keep the module weights of the best validation check in memory; restore them at the end.
 
     Parameters
     ----------
@@ -50,16 +49,11 @@ class KeepBestWeights(Callback):
         self._state: dict | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        if trainer.sanity_checking or value is None:
             return
         value = float(value)
-        better = self.best is None or (
-            value < self.best if self.mode == "min" else value > self.best
-        )
-        if better:
+        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
             self.best, self.best_epoch, self.best_step = (
                 value,
                 trainer.current_epoch,
@@ -74,23 +68,15 @@ class KeepBestWeights(Callback):
             pl_module.module.load_state_dict(self._state)
         # Spawned data-parallel workers send `callback_metrics` back to the launching process,
         # whose copy of this callback never ran: the best step travels with them.
-        trainer.callback_metrics.update(
-            {key: torch.tensor(value) for key, value in self.summary().items()}
-        )
+        trainer.callback_metrics[BEST_STEP_KEY] = torch.tensor(float(self.best_step))
+        trainer.callback_metrics[BEST_EPOCH_KEY] = torch.tensor(float(self.best_epoch))
         logger.info(
             "Restored the weights of step %s (%s = %.4g).", self.best_step, self.monitor, self.best
         )
 
-    def summary(self) -> dict[str, float]:
-        """``{BEST_STEP_KEY: step, BEST_EPOCH_KEY: epoch}`` of the restored weights (empty
-        before)."""
-        if self.best_step is None:
-            return {}
-        return {BEST_STEP_KEY: float(self.best_step), BEST_EPOCH_KEY: float(self.best_epoch)}
-
     @staticmethod
     def from_metrics(metrics: Mapping[str, object]) -> tuple[int | None, int | None]:
-        """``(best_step, best_epoch)`` as :meth:`summary` left them in
+        """``(best_step, best_epoch)`` as :meth:`on_train_end` left them in
         ``trainer.callback_metrics``."""
         if BEST_STEP_KEY not in metrics:
             return None, None
@@ -98,11 +84,9 @@ class KeepBestWeights(Callback):
 
 
 class TrainingProgress(ProgressBar):
-    """Training progress on stderr, counted in optimisation steps.
-
-    On a terminal or in a notebook: a bar over the steps, with the last validation loss. Otherwise
-    (a log file, a pipe, CI): one line when training ends, with the steps run, the time and why
-    it stopped, instead of carriage-return updates.
+    """Training progress on stderr, in optimisation steps: on a terminal or in a notebook, a bar
+    with the last validation loss; otherwise (a log file, a pipe) one line at the end with the
+    steps run, the time and why training stopped.
 
     Parameters
     ----------
@@ -113,50 +97,31 @@ class TrainingProgress(ProgressBar):
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__()
         self._stream = stream
-        self._enabled = True
+        self.is_enabled = True
         self._bar = None
         self._started = 0.0
 
     def disable(self) -> None:
-        self._enabled = False
+        self.is_enabled = False
 
     def enable(self) -> None:
-        self._enabled = True
-
-    @property
-    def is_enabled(self) -> bool:
-        return self._enabled
-
-    @property
-    def is_disabled(self) -> bool:
-        return not self._enabled
-
-    @property
-    def stream(self) -> TextIO:
-        return sys.stderr if self._stream is None else self._stream
+        self.is_enabled = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
-        stream = self.stream
-        if self._enabled and is_interactive(stream):
+        self._out = sys.stderr if self._stream is None else self._stream
+        if self.is_enabled and is_interactive(self._out):
             from tqdm import tqdm
 
             self._bar = tqdm(
                 total=trainer.max_steps,
                 desc="Training",
                 unit="step",
-                file=stream,
+                file=self._out,
                 dynamic_ncols=True,
             )
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: object,
-        batch: object,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if self._bar is not None:
             self._bar.update(trainer.global_step - self._bar.n)
 
@@ -166,25 +131,18 @@ class TrainingProgress(ProgressBar):
             self._bar.set_postfix(validation_loss=f"{float(loss):.4g}", refresh=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._bar is not None:
-            self._close()
-        elif self._enabled:
-            print(
-                f"Training: {training_summary(trainer)}, "
-                f"{time.perf_counter() - self._started:.0f} s",
-                file=self.stream,
-                flush=True,
-            )
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+        if self._bar is None and self.is_enabled:
+            seconds = time.perf_counter() - self._started
+            text = f"Training: {training_summary(trainer)}, {seconds:.0f} s"
+            print(text, file=self._out, flush=True)
         self._close()
 
-    def _close(self) -> None:
+    def _close(self, *args: object) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    on_exception = _close
 
 
 def training_summary(trainer: pl.Trainer) -> str:

@@ -1,11 +1,10 @@
-"""How a model drives Lightning: the trainer arguments it accepts, Ctrl+C, deterministic
-algorithms on the CPU, and the call of scvi-tools' runner."""
+"""How a model drives Lightning: trainer arguments, Ctrl+C, CPU determinism, scvi-tools'
+runner."""
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import inspect
 import logging
 import signal
 import threading
@@ -13,24 +12,16 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from .._checks import finite_float
 from .._settings import settings
 from .._utils import flush_denormal, quiet_lightning, settings_threads
+from ._trainingplan import _parameters
 
 if TYPE_CHECKING:
-    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+    from lightning.pytorch import LightningDataModule, Trainer
     from scvi.train import TrainingPlan, TrainRunner
-
-__all__ = [
-    "InterruptWatcher",
-    "check_trainer_kwargs",
-    "deterministic_algorithms",
-    "is_data_parallel",
-    "keep_sigint",
-    "run_trainer",
-    "runs_on_cpu",
-]
 
 
 def is_data_parallel(strategy: object) -> bool:
@@ -42,40 +33,22 @@ def is_data_parallel(strategy: object) -> bool:
     return isinstance(strategy, DDPStrategy)
 
 
-#: Trainer arguments `train` handles itself, or scvi-tools' runner takes, beside the Trainers' own.
-_RUNNER_KEYS = frozenset({"ckpt_path", "trainer_config", "callbacks"})
-
-
-def _trainer_arguments() -> set[str]:
-    import lightning.pytorch as pl
-    from scvi.train import Trainer
-
-    names = set(_RUNNER_KEYS)
-    for fn in (pl.Trainer.__init__, Trainer.__init__):
-        names |= {
-            p.name
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        }
-    return names - {"self"}
+#: Arguments of `train` itself (for suggestions), and those scvi-tools' runner takes beside the
+#: Trainers' own.
+_OWN_KEYS = set("max_epochs max_steps batch_size split_key validation_size plan_kwargs".split())
+_RUNNER_KEYS = {"ckpt_path", "trainer_config", "callbacks"}
 
 
 def check_trainer_kwargs(trainer_kwargs: dict) -> None:
     """Unknown Lightning arguments, callbacks that are not a list and a negative clip value fail
     here."""
-    unknown = sorted(set(trainer_kwargs) - _trainer_arguments())
+    import lightning.pytorch as pl
+    from scvi.train import Trainer
+
+    accepted = _RUNNER_KEYS | _parameters(pl.Trainer.__init__) | _parameters(Trainer.__init__)
+    unknown = sorted(set(trainer_kwargs) - accepted)
     if unknown:
-        known = sorted(
-            _trainer_arguments()
-            | {
-                "max_epochs",
-                "max_steps",
-                "batch_size",
-                "split_key",
-                "validation_size",
-                "plan_kwargs",
-            }
-        )
+        known = sorted(accepted | _OWN_KEYS)
         hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
         hint = "; ".join(f"did you mean `{h[0]}` for `{u}`?" for u, h in hints.items() if h)
         raise TypeError(
@@ -83,38 +56,31 @@ def check_trainer_kwargs(trainer_kwargs: dict) -> None:
             f"the Lightning Trainer.{' ' + hint if hint else ''}"
         )
     callbacks = trainer_kwargs.get("callbacks")
-    if callbacks is not None:
-        from lightning.pytorch.callbacks import Callback
-
-        if not isinstance(callbacks, list | tuple) or not all(
-            isinstance(c, Callback) for c in callbacks
-        ):
-            raise TypeError(
-                f"`callbacks` must be a list of Lightning `Callback` objects, got {callbacks!r}."
-            )
+    if callbacks is not None and (
+        not isinstance(callbacks, list | tuple)
+        or not all(isinstance(c, Callback) for c in callbacks)
+    ):
+        raise TypeError(
+            f"`callbacks` must be a list of Lightning `Callback` objects, got {callbacks!r}."
+        )
     clip = trainer_kwargs.get("gradient_clip_val")
     if clip is not None:
         finite_float("gradient_clip_val", clip, minimum=0.0)
 
 
-class InterruptWatcher:
+class InterruptWatcher(Callback):
     """Records whether Lightning handled a ``KeyboardInterrupt`` (it turns Ctrl+C into
     ``SystemExit``)."""
 
-    def __init__(self) -> None:
-        from lightning.pytorch.callbacks import Callback
+    interrupted = False
 
-        watcher = self
+    def on_exception(self, trainer: Trainer, pl_module: object, exception: BaseException) -> None:
+        self.interrupted = self.interrupted or isinstance(exception, KeyboardInterrupt)
 
-        class _Callback(Callback):
-            def on_exception(
-                self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-            ) -> None:
-                if isinstance(exception, KeyboardInterrupt):
-                    watcher.interrupted = True
-
-        self.interrupted = False
-        self.callback = _Callback()
+    @property
+    def callback(self) -> InterruptWatcher:
+        """The watcher itself, to put in the trainer's callbacks."""
+        return self
 
 
 @contextlib.contextmanager
@@ -135,20 +101,16 @@ def runs_on_cpu(accelerator: object, devices: object) -> bool:
         return True
     if accelerator not in (None, "auto"):
         return False
-    mps = getattr(torch.backends, "mps", None)
-    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """Use PyTorch's deterministic algorithms while the block runs (when ``enabled``).
 
-    On the CPU with more than one thread, the backward pass of an indexing with repeated
-    indices (``encoded[where]``: the same memory entry retrieved by several sets) adds the
-    gradients in whatever order the threads reach them, so two runs with the same seed drift
-    apart in the last bits after the first step, and early stopping can then pick another
-    step. The deterministic implementation (sorting the indices first) costs little here.
-    The previous setting is restored afterwards.
+    On the CPU with several threads, the backward pass of an indexing with repeated indices
+    (one memory entry retrieved by several sets) adds gradients in thread order, so two runs
+    with one seed drift apart and early stopping can pick another step.
     """
     if not enabled:
         yield
