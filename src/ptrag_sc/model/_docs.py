@@ -145,7 +145,7 @@ accelerator, devices
     Lightning device arguments; ``strategy="ddp"`` trains data-parallel.
 plan_kwargs
     Passed to :class:`~ptrag_sc.train.PTRAGTrainingPlan` (``lr``, ``weight_decay``,
-    ``evidence_lr``...).
+    ``optimizer``...).
 **trainer_kwargs
     Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``,
     ``gradient_clip_val``; default clip 10)."""

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
+#: ``__init__`` arguments that are not options of the network.
+_NOT_MODULE_OPTIONS = ("self", "adata", "registry", "perturbation_embeddings", "__class__")
 #: What scvi-tools' runner writes on the model; put back when training fails.
 _RUNNER_WRITES = (
     "is_trained_",
@@ -151,8 +153,9 @@ class PTRAG(MuDataMixin, SafeSaveMixin, BaseModelClass):
         learned_shift: bool | None = None,
         similarity: Similarity | pd.DataFrame = "embedding",
     ) -> None:
-        skip = ("self", "adata", "registry", "perturbation_embeddings", "__class__")
-        options = check_model_options({k: v for k, v in locals().items() if k not in skip})
+        options = check_model_options(
+            {k: v for k, v in locals().items() if k not in _NOT_MODULE_OPTIONS}
+        )
         adata = self._resolve_adata(adata)
         if adata is None and registry is None:
             raise ValueError(

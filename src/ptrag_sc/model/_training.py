@@ -250,7 +250,7 @@ def train(
             seed=seed,
             steps_per_epoch=interval,
         )
-        callbacks = [*(trainer_kwargs.get("callbacks") or []), watcher.callback]
+        callbacks = [*(trainer_kwargs.get("callbacks") or []), watcher]
         trainer_kwargs = {**trainer_kwargs, "max_steps": max_steps}
         trainer_kwargs["use_distributed_sampler"] = False
         trainer_kwargs.setdefault("gradient_clip_val", 10.0)
@@ -278,7 +278,7 @@ def train(
         trainer_kwargs["callbacks"] = callbacks
         # Same seed and thread count -> the same weights on the CPU; a user's own
         # `deterministic=` trainer argument is left to Lightning.
-        deterministic = "deterministic" not in trainer_kwargs and runs_on_cpu(accelerator, devices)
+        deterministic = "deterministic" not in trainer_kwargs and runs_on_cpu(accelerator)
         with contextlib.ExitStack() as stack:
             if distributed:
                 # The history travels from rank 0 through a file: a temporary folder, not the

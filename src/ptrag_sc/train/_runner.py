@@ -77,11 +77,6 @@ class InterruptWatcher(Callback):
     def on_exception(self, trainer: Trainer, pl_module: object, exception: BaseException) -> None:
         self.interrupted = self.interrupted or isinstance(exception, KeyboardInterrupt)
 
-    @property
-    def callback(self) -> InterruptWatcher:
-        """The watcher itself, to put in the trainer's callbacks."""
-        return self
-
 
 @contextlib.contextmanager
 def keep_sigint() -> Iterator[None]:
@@ -95,8 +90,8 @@ def keep_sigint() -> Iterator[None]:
             signal.signal(signal.SIGINT, handler)
 
 
-def runs_on_cpu(accelerator: object, devices: object) -> bool:
-    """Whether Lightning will train on the CPU with these device arguments."""
+def runs_on_cpu(accelerator: object) -> bool:
+    """Whether Lightning will train on the CPU with this ``accelerator``."""
     if isinstance(accelerator, str) and accelerator.lower() == "cpu":
         return True
     if accelerator not in (None, "auto"):

@@ -86,9 +86,6 @@ class PTRAGTrainingPlan(TrainingPlan):
         Learning rate.
     weight_decay
         Weight decay (decoupled, with ``optimizer="AdamW"``).
-    evidence_lr
-        Learning rate, without weight decay, of the parameters of the module's ``evidence``
-        submodule if it has one (:class:`~ptrag_sc.module.PTRAGModule` has none: no effect).
     optimizer
         ``"Adam"`` or ``"AdamW"``.
     eps
@@ -109,14 +106,13 @@ class PTRAGTrainingPlan(TrainingPlan):
         *,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
-        evidence_lr: float = 2e-2,
         optimizer: Literal["Adam", "AdamW"] = "AdamW",
         eps: float = 1e-8,
         reduce_lr_on_plateau: bool = False,
         lr_scheduler_metric: str = "validation_loss",
         **kwargs: object,
     ) -> None:
-        for name, value in (("lr", lr), ("evidence_lr", evidence_lr), ("eps", eps)):
+        for name, value in (("lr", lr), ("eps", eps)):
             finite_float(f"plan_kwargs['{name}']", value, minimum=0.0, strict=True)
         finite_float("plan_kwargs['weight_decay']", weight_decay, minimum=0.0)
         if optimizer not in ("Adam", "AdamW"):
@@ -136,7 +132,6 @@ class PTRAGTrainingPlan(TrainingPlan):
             n_steps_kl_warmup=None,
             **kwargs,
         )
-        self.evidence_lr = evidence_lr
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._flushing = False
         # The module's buffers (the retrieval memory, the data constants) are set before
@@ -147,20 +142,16 @@ class PTRAGTrainingPlan(TrainingPlan):
         ]
 
     def get_optimizer_creator(self) -> Callable[[Iterable[torch.nn.Parameter]], Optimizer]:
-        """AdamW or Adam with fused kernels, and a faster, undecayed group for the parameters
-        of the module's ``evidence`` submodule, if it has one."""
+        """AdamW or Adam with PyTorch's fused kernels."""
         cls = torch.optim.AdamW if self.optimizer_name == "AdamW" else torch.optim.Adam
 
         def create(params: Iterable[torch.nn.Parameter]) -> Optimizer:
-            params = list(params)
-            evidence = getattr(self.module, "evidence", None)
-            fast = {id(p) for p in evidence.parameters()} if evidence is not None else set()
-            groups = [{"params": [p for p in params if id(p) not in fast]}]
-            if fast:
-                fast_params = [p for p in params if id(p) in fast]
-                groups.append({"params": fast_params, "lr": self.evidence_lr, "weight_decay": 0.0})
             return cls(
-                groups, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True
+                [{"params": list(params)}],
+                lr=self.lr,
+                eps=self.eps,
+                weight_decay=self.weight_decay,
+                fused=True,
             )
 
         return create
