@@ -405,7 +405,7 @@ def _digits(values: Iterable[float]) -> int:
     if not finite:
         return 3
     top = max(finite)
-    return 3 if top >= 0.1 else min(6, 2 - int(math.floor(math.log10(top))) + 1)
+    return 3 if top >= 0.1 else min(6, 2 - math.floor(math.log10(top)) + 1)
 
 
 def fmt(mean, sd, digits: int = 3) -> str:
@@ -765,7 +765,7 @@ def readme_table(blocks: Sequence[tuple[str, pd.DataFrame, dict]]) -> str:
             tied = set(ranking(summary, evaluator, metric, shown)["tied"])
             digits = _digits(sub["mean"])
 
-            def show(method, prefix=""):
+            def show(method, prefix="", cell=cell, evaluator=evaluator, digits=digits, tied=tied):
                 r = cell.get(method)
                 if r is None:
                     return "n/a"

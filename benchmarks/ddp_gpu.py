@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report as report  # noqa: E402
+import _report as report
 
 
 def _synchronize(device: torch.device) -> None:

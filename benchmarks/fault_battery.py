@@ -2986,10 +2986,9 @@ def _failing_save(env, name: str, fail: Callable[[], None], description: str):
             left = [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
             return not left, f"temporary folder(s) left: {left}"
 
-        interrupted = lambda result: (
-            result == "interrupted",
-            "the interrupt did not reach the caller",
-        )  # noqa: E731
+        def interrupted(result: object) -> tuple[bool, str]:
+            return result == "interrupted", "the interrupt did not reach the caller"
+
         return Trial(
             call, ("space", "I/O", "too large"), check=interrupted, keep=(path,), after=after
         )

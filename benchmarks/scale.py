@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report as report  # noqa: E402
+import _report as report
 
 RESULTS = Path(__file__).parent / "results" / "scale"
 N_PERTURBATIONS = 2000  # the preset's

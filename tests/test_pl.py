@@ -433,7 +433,7 @@ def test_confidence_plots_each_pairs_mean_confidence_against_its_accuracy(traine
     assert ax.get_title() == f"Spearman {rho:.2f}, n = {len(results)}"
     with pytest.raises(ValueError, match="no column 'ptrag_confidence'"):
         pl.confidence(data, results, show=False)
-    with pytest.raises(TypeError, match="tl.evaluate"):
+    with pytest.raises(TypeError, match=r"tl\.evaluate"):
         pl.confidence(data, results.to_dict(), confidence_key="pred_confidence", show=False)
 
 

@@ -72,7 +72,9 @@ def check_frame(frame: object, argument: str, source: str, required: Sequence[st
         raise ValueError(f"`{argument}` is empty.")
 
 
-def pick(present: list[str], wanted: Sequence[str] | str | None, argument: str, where: str):
+def pick(
+    present: list[str], wanted: Sequence[str] | str | None, argument: str, where: str
+) -> list[str]:
     """``wanted`` as a list of str, each checked to be in ``present`` (``present`` if None)."""
     if wanted is None:
         return present

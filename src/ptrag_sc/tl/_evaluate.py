@@ -398,7 +398,9 @@ def evaluate(
             )
         pca_mean, comps = M.fit_pca(sel.real_rows(fit_idx), n_pcs, seed=seed)
 
-        def project(cells: np.ndarray, mean=pca_mean, axes=comps) -> np.ndarray:
+        def project(
+            cells: np.ndarray, mean: np.ndarray = pca_mean, axes: np.ndarray = comps
+        ) -> np.ndarray:
             return (cells - mean) @ axes.T
 
         pred_means, real_means, group_rows = [], [], []

@@ -150,7 +150,9 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> flo
     return float("nan") if blocks is None else _mmd_from_blocks(*blocks, bandwidth=bandwidth)
 
 
-def _mmd_from_blocks(dxx, dyy, dxy, bandwidth: float | None = None) -> float:
+def _mmd_from_blocks(
+    dxx: np.ndarray, dyy: np.ndarray, dxy: np.ndarray, bandwidth: float | None = None
+) -> float:
     if bandwidth is None:
         n, m = dxx.shape[0], dyy.shape[0]
         pooled = np.concatenate(
@@ -176,7 +178,7 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     return float("nan") if blocks is None else _energy_from_blocks(*blocks)
 
 
-def _energy_from_blocks(dxx, dyy, dxy) -> float:
+def _energy_from_blocks(dxx: np.ndarray, dyy: np.ndarray, dxy: np.ndarray) -> float:
     value = 2.0 * np.sqrt(dxy).mean() - np.sqrt(dxx).mean() - np.sqrt(dyy).mean()
     return float(max(value, 0.0))
 

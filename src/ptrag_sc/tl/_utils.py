@@ -29,7 +29,7 @@ def check_obs_key(adata: AnnData, key: str, argument: str, *, where: str = "adat
         )
 
 
-def check_anndata(value, argument: str = "adata") -> None:
+def check_anndata(value: object, argument: str = "adata") -> None:
     """Raise a ``TypeError`` naming ``argument`` unless ``value`` is an AnnData (before use)."""
     from anndata import AnnData
 
@@ -44,7 +44,9 @@ def check_anndata(value, argument: str = "adata") -> None:
     raise TypeError(f"`{argument}` must be an AnnData, got {kind}.{hint}")
 
 
-def get_matrix(adata: AnnData, layer: str | None, argument: str, *, where: str = "adata"):
+def get_matrix(
+    adata: AnnData, layer: str | None, argument: str, *, where: str = "adata"
+) -> np.ndarray | sparse.spmatrix:
     """Return ``adata.X`` (``layer=None``) or ``adata.layers[layer]`` with a clear error."""
     check_anndata(adata, where)
     if layer is None:
@@ -59,7 +61,11 @@ def get_matrix(adata: AnnData, layer: str | None, argument: str, *, where: str =
     return adata.layers[layer]
 
 
-def dense_rows(matrix, idx: np.ndarray | None = None, dtype=np.float64) -> np.ndarray:
+def dense_rows(
+    matrix: np.ndarray | sparse.spmatrix,
+    idx: np.ndarray | None = None,
+    dtype: np.dtype | type = np.float64,
+) -> np.ndarray:
     """Rows ``idx`` (all rows if None) of a dense or sparse matrix, as a dense array."""
     sub = matrix if idx is None else matrix[np.asarray(idx)]
     if sparse.issparse(sub):
@@ -104,7 +110,9 @@ def group_rng(seed: int, *key: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), digest])
 
 
-def finite_rows(matrix, idx: np.ndarray, chunk: int = 8192) -> np.ndarray:
+def finite_rows(
+    matrix: np.ndarray | sparse.spmatrix, idx: np.ndarray, chunk: int = 8192
+) -> np.ndarray:
     """Boolean mask over ``idx``: rows of ``matrix`` with no NaN/inf value (read in chunks)."""
     idx = np.asarray(idx)
     out = np.ones(idx.shape[0], dtype=bool)
