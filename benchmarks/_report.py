@@ -541,6 +541,19 @@ def _refused(evaluator: str, row) -> str | None:
     return None
 
 
+def _readme_cell(row, tied: bool, evaluator: str, digits: int, prefix: str = "") -> str:
+    """One README table cell: mean ± sd (bold when tied with the best), or the refusal."""
+    if row is None:
+        return "n/a"
+    refused = _refused(evaluator, row)
+    if refused:
+        by = f"by {evaluator}" if evaluator == CELL_EVAL else f"({evaluator} refused)"
+        return f"{refused} {by}"
+    text = fmt(row.mean, row.sd, digits)
+    text = f"**{text}**" if tied else text
+    return f"{prefix}{text}" + (" †" if _by_hand(row) else "")
+
+
 def _by_hand(row) -> bool:
     return "by hand" in str(getattr(row, "scored_by", "") or "")
 
@@ -765,23 +778,15 @@ def readme_table(blocks: Sequence[tuple[str, pd.DataFrame, dict]]) -> str:
             tied = set(ranking(summary, evaluator, metric, shown)["tied"])
             digits = _digits(sub["mean"])
 
-            def show(method, prefix="", cell=cell, evaluator=evaluator, digits=digits, tied=tied):
-                r = cell.get(method)
-                if r is None:
-                    return "n/a"
-                refused = _refused(evaluator, r)
-                if refused:
-                    return (
-                        f"{refused} by {evaluator}"
-                        if evaluator == CELL_EVAL
-                        else f"{refused} ({evaluator} refused)"
-                    )
-                text = fmt(r.mean, r.sd, digits)
-                text = f"**{text}**" if method in tied else text
-                return f"{prefix}{text}" + (" †" if _by_hand(r) else "")
-
-            values = [show(m) for m in README_MODELS]
-            values.append(show(rb["best"], f"{rb['best']} ") if rb["best"] else "n/a")
+            values = [
+                _readme_cell(cell.get(m), m in tied, evaluator, digits) for m in README_MODELS
+            ]
+            best = rb["best"]
+            values.append(
+                _readme_cell(cell.get(best), best in tied, evaluator, digits, f"{best} ")
+                if best
+                else "n/a"
+            )
             label_ds = f"{settings.get('short', name)} ({n_pairs})" if first else ""
             lines.append(f"| {label_ds} | {label} | " + " | ".join(values) + " |")
             first = False
